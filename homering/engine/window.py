@@ -1,0 +1,286 @@
+"""``LayerWindow``: one layer window of a model on the llama-cpp-python low-level API.
+
+How a window talks to llama.cpp (design.md, facts 2, 3, 5 and 6):
+
+- input is token ids (``first``/``whole`` windows) or hidden states: a
+  ``llama_batch`` created with ``embd = n_embd`` carries float rows and the
+  graph skips the embedding lookup;
+- output is logits (``last``/``whole`` windows, last token of the batch) or
+  hidden states: the context's ``cb_eval`` callback asks for the node
+  ``l_out-<n_layer-1>``, copies it out with ``ggml_backend_tensor_get`` and
+  returns false, which stops the scheduler before the output norm and the
+  vocabulary projection. Every token is then marked as an output, or the last
+  layer would keep only the output rows;
+- decode releases the GIL, so :meth:`LayerWindow.aforward` runs it in a
+  worker thread and the asyncio loop keeps serving MQTT and TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import llama_cpp
+from llama_cpp import _ggml
+
+from homering.errors import HomeringError
+
+_lib = _ggml.libggml
+_lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+_lib.ggml_get_name.restype = ctypes.c_char_p
+_lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+_lib.ggml_nbytes.restype = ctypes.c_size_t
+_lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+_lib.ggml_backend_tensor_get.restype = None
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _init_backend(verbose: bool) -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            if not verbose:
+                llama_cpp.llama_log_set(_silent_log, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+@llama_cpp.llama_log_callback
+def _silent_log(level, text, user_data):  # pragma: no cover - C callback
+    return None
+
+
+class DecodeError(HomeringError):
+    """llama_decode failed (for example: no KV slot left, the context is full)."""
+
+
+@dataclass
+class WindowOutput:
+    """What one forward pass returns.
+
+    Exactly one of the fields is set:
+        hidden: (n_tokens, n_embd) float32, the residual stream after the
+            window's last layer;
+        logits: (n_vocab,) float32, the last token's logits (``last``/``whole``).
+    """
+
+    hidden: np.ndarray | None = None
+    logits: np.ndarray | None = None
+
+
+class LayerWindow:
+    """A llama.cpp model + context that runs one layer window.
+
+    Args:
+        path: a window GGUF (see :mod:`homering.models.slicing`) or a whole model.
+        takes_tokens: the window starts at layer 0 (it embeds token ids).
+        gives_logits: the window ends at the model's last layer and computes logits.
+        n_ctx: KV cache size in tokens (shared by all sequences).
+        n_batch: the largest batch one llama_decode gets; longer inputs are
+            split (a ubatch equals a batch, so the hidden-state hook sees
+            whole batches).
+        n_threads: CPU threads for decode.
+        n_seq_max: sequences (seq_id 0 … n_seq_max-1) the KV cache holds.
+        n_gpu_layers: layers to offload when llama.cpp has a GPU backend.
+
+    Each window has its own KV cache; positions are explicit, so a window
+    can be fed any part of a sequence in order.
+
+    Raises:
+        HomeringError: the file cannot be loaded by llama.cpp.
+    """
+
+    def __init__(self, path: str | Path, *, takes_tokens: bool, gives_logits: bool,
+                 n_ctx: int = 2048, n_batch: int = 256, n_threads: int = 2,
+                 n_seq_max: int = 1, n_gpu_layers: int = 0, verbose: bool = False):
+        _init_backend(verbose)
+        self.path = Path(path)
+        self.takes_tokens = takes_tokens
+        self.gives_logits = gives_logits
+        self.n_batch = n_batch
+        self._lock = threading.Lock()
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        mparams.use_mmap = True
+        mparams.use_mlock = False
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise HomeringError(f"llama.cpp could not load {self.path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_layer = llama_cpp.llama_model_n_layer(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self._target = f"l_out-{self.n_layer - 1}".encode()
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq_max
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.no_perf = True
+        self._captured: np.ndarray | None = None
+        self._cb = None
+        if not gives_logits:
+            self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._eval_callback)
+            cparams.cb_eval = self._cb
+            cparams.cb_eval_user_data = None
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise HomeringError(f"llama.cpp could not create a context for {self.path} (n_ctx={n_ctx})")
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        embd = 0 if takes_tokens else self.n_embd
+        self._batch = llama_cpp.llama_batch_init(n_batch, embd, 1)
+        self._closed = False
+
+    # ------------------------------------------------------------ hook
+    def _eval_callback(self, tensor, ask, user_data):
+        name = _lib.ggml_get_name(tensor)
+        if ask:
+            return name == self._target
+        if name != self._target:
+            return True
+        out = self._captured
+        nbytes = _lib.ggml_nbytes(tensor)
+        if out is None or out.nbytes != nbytes:
+            return False
+        _lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, nbytes)
+        return False  # stop: the rest of the graph (output norm, head) is not needed
+
+    # ------------------------------------------------------------ forward
+    def forward(self, inputs: np.ndarray, pos: int, seq_id: int = 0) -> WindowOutput:
+        """Run the window on a contiguous run of one sequence's tokens.
+
+        Args:
+            inputs: token ids, shape (n,) int32, for token windows; hidden
+                states, shape (n, n_embd) float32, otherwise.
+            pos: position of the first input; the inputs get pos, pos+1, …
+            seq_id: the sequence (KV cache stream) these tokens belong to.
+
+        Returns:
+            :class:`WindowOutput`: hidden states for every input, or the
+            logits of the last input.
+
+        Raises:
+            DecodeError: llama_decode failed (context full, …).
+            ValueError: inputs of the wrong shape or dtype.
+        """
+        inputs = self._check_inputs(inputs)
+        n = inputs.shape[0]
+        with self._lock:
+            if self._closed:
+                raise DecodeError("window is closed")
+            hidden = None if self.gives_logits else np.empty((n, self.n_embd), dtype=np.float32)
+            logits = None
+            for start in range(0, n, self.n_batch):
+                chunk = inputs[start:start + self.n_batch]
+                last_chunk = start + self.n_batch >= n
+                self._fill_batch(chunk, pos + start, seq_id, all_outputs=not self.gives_logits)
+                if hidden is not None:
+                    self._captured = np.empty((len(chunk), self.n_embd), dtype=np.float32)
+                rc = llama_cpp.llama_decode(self._ctx, self._batch)
+                if rc != 0:
+                    raise DecodeError(f"llama_decode failed with code {rc} at pos {pos + start} "
+                                      f"(n_ctx={self.n_ctx})")
+                if hidden is not None:
+                    hidden[start:start + len(chunk)] = self._captured
+                elif last_chunk:
+                    ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+                    logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+            self._captured = None
+        return WindowOutput(hidden=hidden, logits=logits)
+
+    async def aforward(self, inputs: np.ndarray, pos: int, seq_id: int = 0) -> WindowOutput:
+        """:meth:`forward` in a worker thread (llama_decode releases the GIL)."""
+        return await asyncio.to_thread(self.forward, inputs, pos, seq_id)
+
+    def _check_inputs(self, inputs: np.ndarray) -> np.ndarray:
+        if self.takes_tokens:
+            arr = np.ascontiguousarray(inputs, dtype=np.int32)
+            if arr.ndim != 1 or arr.size == 0:
+                raise ValueError(f"token window wants (n,) token ids, got shape {arr.shape}")
+            if arr.min() < 0 or arr.max() >= self.n_vocab:
+                raise ValueError("token id out of the vocabulary")
+            return arr
+        arr = np.ascontiguousarray(inputs, dtype=np.float32)
+        if arr.ndim != 2 or arr.shape[1] != self.n_embd or arr.shape[0] == 0:
+            raise ValueError(f"hidden-state window wants (n, {self.n_embd}) float32, got {arr.shape}")
+        return arr
+
+    def _fill_batch(self, chunk: np.ndarray, pos: int, seq_id: int, all_outputs: bool) -> None:
+        b = self._batch
+        n = chunk.shape[0]
+        b.n_tokens = n
+        if self.takes_tokens:
+            ctypes.memmove(b.token, chunk.ctypes.data, chunk.nbytes)
+        else:
+            ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)
+        for i in range(n):
+            b.pos[i] = pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq_id
+            b.logits[i] = all_outputs or i == n - 1
+
+    # ------------------------------------------------------------ KV cache
+    def kv_clear(self) -> None:
+        """Forget every sequence in this window's KV cache."""
+        with self._lock:
+            llama_cpp.llama_memory_clear(self._mem, True)
+
+    def kv_remove(self, seq_id: int, p0: int = 0) -> None:
+        """Drop positions >= ``p0`` of ``seq_id`` (p0 = 0 clears the sequence)."""
+        with self._lock:
+            llama_cpp.llama_memory_seq_rm(self._mem, seq_id, p0, -1)
+
+    # ------------------------------------------------------------ vocabulary
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (needs a window with a vocabulary)."""
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes of a token's text (special tokens rendered as text are not included)."""
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    @property
+    def ctx(self):
+        """The raw ``llama_context`` pointer (for llama.cpp samplers)."""
+        return self._ctx
+
+    # ------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Free the batch, the context and the model. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+
+    def __enter__(self) -> "LayerWindow":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass

