@@ -243,6 +243,12 @@ class LayerWindow:
         with self._lock:
             llama_cpp.llama_memory_seq_rm(self._mem, seq_id, p0, -1)
 
+    def sample(self, sampler) -> int:
+        """Sample the next token from the last forward's logits with a
+        :class:`~homering.engine.sampling.SamplerChain` (``last``/``whole`` windows)."""
+        with self._lock:
+            return sampler.sample(self._ctx)
+
     # ------------------------------------------------------------ vocabulary
     def is_eog(self, token: int) -> bool:
         """True for end-of-generation tokens (needs a window with a vocabulary)."""

@@ -1,0 +1,3 @@
+from homering.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""User-facing front ends: the terminal chat and one-shot prompts."""

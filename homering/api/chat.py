@@ -1,0 +1,140 @@
+"""``homering chat``: a rich terminal chat, and the one-shot prompt of ``homering up --prompt``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+from homering.cluster import mqtt
+from homering.cluster.client import ClusterClient, new_request_id
+from homering.cluster.schema import ChatMessage, GenerateRequest, Plan, Sampling, StreamEvent
+from homering.errors import HomeringError
+
+HELP = "commands: /plan shows the layer assignment, /reset forgets the conversation, /quit (or Ctrl-D) exits"
+
+
+@dataclass
+class Answer:
+    """A finished answer: text, token ids and timings (from the head's ``done`` event)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    prompt_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    ttft_ms: float | None = None
+    ms_per_token: float | None = None
+
+    def add(self, event: StreamEvent) -> None:
+        if event.type == "error":
+            raise HomeringError(event.error or "the cluster failed")
+        self.text += event.text
+        if event.type == "done":
+            self.token_ids = event.token_ids or []
+            self.prompt_token_ids = event.prompt_token_ids or []
+            self.finish_reason = event.finish_reason
+            self.ttft_ms = event.ttft_ms
+            self.ms_per_token = event.ms_per_token
+
+
+def plan_table(plan: Plan) -> Table:
+    """The ring as a table: agent, address, layer windows, role."""
+    table = Table(title=f"plan {plan.plan_id} ({plan.planner}, {plan.n_layers} layers, ctx {plan.n_ctx})")
+    for col in ("#", "agent", "data port", "layers", "role"):
+        table.add_column(col)
+    for i, a in enumerate(plan.ring):
+        role = "head (output, sampling)" if i == len(plan.ring) - 1 else ("embeds tokens" if i == 0 else "")
+        layers = ", ".join(f"[{w.start}, {w.end})" for w in a.windows)
+        table.add_row(str(i), a.name, f"{a.host}:{a.data_port}", layers, role)
+    return table
+
+
+async def ask(client: ClusterClient, request: GenerateRequest, on_text=None) -> Answer:
+    """Send one request and gather the answer, calling ``on_text(delta)`` as tokens arrive."""
+    answer = Answer()
+    async for event in client.generate(request):
+        answer.add(event)
+        if on_text and event.text:
+            on_text(event.text)
+    return answer
+
+
+async def one_shot(broker: mqtt.BrokerURL, text: str, *, raw: bool, sampling: Sampling, as_json: bool,
+                   ready_timeout: float = 180.0) -> int:
+    """``homering up --prompt``: print the completion (or one JSON object) to stdout."""
+    async with ClusterClient(broker) as client:
+        await client.wait_ready(ready_timeout)
+        request = GenerateRequest(request_id=new_request_id(), sampling=sampling,
+                                  prompt=text if raw else None,
+                                  messages=None if raw else [ChatMessage(role="user", content=text)])
+
+        def echo(delta: str) -> None:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+
+        answer = await ask(client, request, None if as_json else echo)
+        if as_json:
+            print(json.dumps({
+                "text": answer.text, "prompt_token_ids": answer.prompt_token_ids,
+                "token_ids": answer.token_ids, "ttft_ms": answer.ttft_ms,
+                "ms_per_token": answer.ms_per_token, "finish_reason": answer.finish_reason,
+                "plan": client.plan.model_dump() if client.plan else None,
+            }))
+        else:
+            print()
+    return 0
+
+
+async def chat(broker: mqtt.BrokerURL, *, sampling: Sampling, system: str | None = None,
+               console: Console | None = None, ready_timeout: float = 180.0) -> int:
+    """The interactive chat loop. Returns the exit code."""
+    console = console or Console()
+    async with ClusterClient(broker) as client:
+        with console.status("waiting for the cluster…"):
+            status = await client.wait_ready(ready_timeout)
+        console.print(f"[bold]homering[/] · model [cyan]{status.model}[/] · "
+                      f"{len(client.plan.ring)} agent(s) · ctx {status.n_ctx}")
+        console.print(f"[dim]{HELP}[/]")
+        history: list[ChatMessage] = [ChatMessage(role="system", content=system)] if system else []
+        while True:
+            try:
+                line = await asyncio.to_thread(console.input, "[bold green]you>[/] ")
+            except (EOFError, KeyboardInterrupt):
+                console.print()
+                return 0
+            cmd = line.strip()
+            if not cmd:
+                continue
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/plan":
+                console.print(plan_table(client.plan))
+                continue
+            if cmd == "/reset":
+                history = history[:1] if system else []
+                continue
+            if cmd.startswith("/"):
+                console.print(f"[yellow]unknown command {cmd}[/] ({HELP})")
+                continue
+            history.append(ChatMessage(role="user", content=line))
+            request = GenerateRequest(request_id=new_request_id(), messages=history, sampling=sampling)
+            console.print("[bold blue]ai>[/] ", end="")
+            t0 = time.perf_counter()
+            try:
+                answer = await ask(client, request, lambda d: console.print(d, end="", markup=False,
+                                                                            highlight=False))
+            except HomeringError as exc:
+                console.print(f"\n[red]error:[/] {exc}")
+                history.pop()
+                continue
+            wall = time.perf_counter() - t0
+            n = len(answer.token_ids)
+            tps = 1000.0 / answer.ms_per_token if answer.ms_per_token else 0.0
+            console.print(f"\n[dim]{n} tokens · {tps:.1f} tokens/s · TTFT {answer.ttft_ms or 0:.0f} ms · "
+                          f"{wall:.1f} s[/]")
+            history.append(ChatMessage(role="assistant", content=answer.text))

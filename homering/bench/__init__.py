@@ -1,0 +1,1 @@
+"""Benchmarks (``homering bench …``): print numbers and write JSON."""

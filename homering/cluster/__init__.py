@@ -1,0 +1,1 @@
+"""The cluster: MQTT control plane, TCP data plane, agents and the controller."""

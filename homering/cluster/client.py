@@ -1,0 +1,121 @@
+"""A client of the cluster over MQTT: what ``homering chat`` and ``homering up`` use."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import aiomqtt
+
+from homering.cluster import mqtt
+from homering.cluster.schema import (
+    ControllerStatus, GenerateRequest, MalformedMessage, Plan, StreamEvent, Topics,
+)
+from homering.errors import HomeringError
+
+
+class ClusterClient:
+    """Sends :class:`GenerateRequest` s and yields the :class:`StreamEvent` s of the answer.
+
+    Use as ``async with ClusterClient(broker) as c: await c.wait_ready(); async for ev in c.generate(req)``.
+    """
+
+    def __init__(self, broker: mqtt.BrokerURL):
+        self.broker = broker
+        self.status: ControllerStatus | None = None
+        self.plan: Plan | None = None
+        self._client = mqtt.client(broker, identifier=f"homering-client-{uuid.uuid4().hex[:8]}")
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._changed = asyncio.Event()
+        self._reader: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "ClusterClient":
+        try:
+            await self._client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise mqtt.connect_error(self.broker, exc) from None
+        await self._client.subscribe(Topics.CONTROLLER, qos=1)
+        await self._client.subscribe(Topics.PLAN, qos=1)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._reader:
+            self._reader.cancel()
+        try:
+            await self._client.__aexit__(*exc)
+        except aiomqtt.MqttError:
+            pass
+
+    async def _read(self) -> None:
+        async for message in self._client.messages:
+            try:
+                if message.topic.matches(Topics.CONTROLLER) and message.payload:
+                    self.status = ControllerStatus.load(message.payload)
+                elif message.topic.matches(Topics.PLAN) and message.payload:
+                    self.plan = Plan.load(message.payload)
+                else:
+                    event = StreamEvent.load(message.payload)
+                    queue = self._streams.get(event.request_id)
+                    if queue is not None:
+                        queue.put_nowait(event)
+            except MalformedMessage:
+                continue
+            self._changed.set()
+
+    async def wait_ready(self, timeout: float = 120.0) -> ControllerStatus:
+        """Wait until the controller says ``ready``.
+
+        Raises:
+            HomeringError: timeout, or the controller reported an error.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            st = self.status
+            if st is not None and st.state == "ready" and self.plan is not None and self.plan.plan_id == st.plan_id:
+                return st
+            if st is not None and st.state == "error":
+                raise HomeringError(f"the controller failed: {st.detail}")
+            left = deadline - loop.time()
+            if left <= 0:
+                state = st.state if st else "no controller"
+                raise HomeringError(f"the cluster was not ready within {timeout:.0f} s ({state}) "
+                                    f"on {self.broker}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+            except TimeoutError:
+                pass
+
+    async def generate(self, request: GenerateRequest, *, timeout: float = 300.0) -> AsyncIterator[StreamEvent]:
+        """Publish ``request`` and yield its events up to and including ``done`` or ``error``.
+
+        Raises:
+            HomeringError: no event for ``timeout`` seconds.
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = queue
+        topic = Topics.stream(request.request_id)
+        await self._client.subscribe(topic, qos=1)
+        try:
+            await self._client.publish(Topics.REQUESTS, request.dump(), qos=1)
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout)
+                except TimeoutError:
+                    raise HomeringError(f"no answer from the cluster for {timeout:.0f} s") from None
+                yield event
+                if event.type in ("done", "error"):
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+            try:
+                await self._client.unsubscribe(topic)
+            except aiomqtt.MqttError:
+                pass
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]

@@ -1,0 +1,98 @@
+"""A whole cluster on this machine: the processes ``homering up`` starts and stops."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from homering.cluster.broker import free_port, wait_for_port
+from homering.cluster.mqtt import BrokerURL
+from homering.errors import HomeringError
+
+log = logging.getLogger("homering.up")
+
+
+class LocalCluster:
+    """Starts an optional embedded broker, a controller and N agents as subprocesses.
+
+    A context manager: every process it started is stopped on exit (SIGTERM,
+    then SIGKILL after ``grace`` seconds), Ctrl-C and errors included.
+
+    Args:
+        model_path: the model file.
+        n_agents: agent processes to start.
+        broker: an existing broker, or None to start an embedded one on a free loopback port.
+        threads: llama.cpp threads per agent.
+        n_ctx: context size in tokens.
+        log_args: ``-v``/``-q`` flags passed on to the children.
+        log_file: an open file for the children's output [default: this process's stderr].
+    """
+
+    def __init__(self, model_path: Path, *, n_agents: int = 3, broker: BrokerURL | None = None,
+                 threads: int | None = None, n_ctx: int = 2048, planner: str = "proportional",
+                 log_args: tuple[str, ...] = (), grace: float = 5.0, log_file=None):
+        if n_agents < 1:
+            raise HomeringError("--agents must be at least 1")
+        self.model_path = model_path
+        self.n_agents = n_agents
+        self.broker = broker
+        self.threads = threads or os.cpu_count() or 1
+        self.n_ctx = n_ctx
+        self.planner = planner
+        self.log_args = list(log_args)
+        self.grace = grace
+        self.procs: list[subprocess.Popen] = []
+        self.log_file = log_file
+
+    def _spawn(self, *args: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "homering", *self.log_args, *args]
+        out = self.log_file.fileno() if self.log_file is not None else sys.stderr.fileno()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> "LocalCluster":
+        try:
+            if self.broker is None:
+                port = free_port()
+                self._spawn("broker", "--port", str(port))
+                if not wait_for_port("127.0.0.1", port):
+                    raise HomeringError("the embedded MQTT broker did not start")
+                self.broker = BrokerURL("127.0.0.1", port)
+            url = str(self.broker)
+            self._spawn("controller", "--broker", url, "--model", str(self.model_path),
+                        "--agents", str(self.n_agents), "--ctx", str(self.n_ctx), "--planner", self.planner)
+            for i in range(self.n_agents):
+                self._spawn("agent", "--broker", url, "--name", f"agent-{i}", "--threads", str(self.threads))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def check(self) -> None:
+        """Raise HomeringError if a child already exited."""
+        for p in self.procs:
+            if p.poll() is not None:
+                raise HomeringError(f"a cluster process exited with code {p.returncode}: {' '.join(p.args[3:5])}")
+
+    def stop(self) -> None:
+        """Stop every child: SIGTERM, wait ``grace`` seconds, then SIGKILL."""
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        for p in self.procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,281 @@
+"""The wire format: every MQTT topic and message, and the binary data-plane frame.
+
+This module is the only place the wire format is defined.
+
+MQTT (JSON payloads, pydantic models; ``<p>`` is the topic prefix, ``homering``):
+
+=================================  ==========  ===================================
+topic                              retained    payload
+=================================  ==========  ===================================
+``<p>/agents/<name>/profile``      yes         :class:`AgentProfile`
+``<p>/agents/<name>/status``       yes (will)  :class:`AgentStatus`
+``<p>/agents/<name>/generate``     no          :class:`GenerateJob` (head only)
+``<p>/plan``                       yes         :class:`Plan`
+``<p>/controller/status``          yes (will)  :class:`ControllerStatus`
+``<p>/requests``                   no          :class:`GenerateRequest`
+``<p>/streams/<request_id>``       no          :class:`StreamEvent`
+=================================  ==========  ===================================
+
+Data plane (TCP between ring neighbours, TCP_NODELAY): a :data:`HEADER`
+followed by the payload, ``n_tokens`` int32 token ids or
+``n_tokens × n_embd`` float32 hidden states (little-endian).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PREFIX = "homering"
+SCHEMA_VERSION = 1
+
+
+class Topics:
+    """Topic names (see the module table)."""
+
+    @staticmethod
+    def profile(name: str) -> str:
+        return f"{PREFIX}/agents/{name}/profile"
+
+    @staticmethod
+    def status(name: str) -> str:
+        return f"{PREFIX}/agents/{name}/status"
+
+    @staticmethod
+    def generate(name: str) -> str:
+        return f"{PREFIX}/agents/{name}/generate"
+
+    ALL_PROFILES = f"{PREFIX}/agents/+/profile"
+    ALL_STATUS = f"{PREFIX}/agents/+/status"
+    PLAN = f"{PREFIX}/plan"
+    CONTROLLER = f"{PREFIX}/controller/status"
+    REQUESTS = f"{PREFIX}/requests"
+
+    @staticmethod
+    def stream(request_id: str) -> str:
+        return f"{PREFIX}/streams/{request_id}"
+
+
+class Message(BaseModel):
+    """Base of every MQTT payload: strict fields, JSON encoded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def dump(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def load(cls, payload: bytes | str):
+        """Parse a payload; raises :class:`MalformedMessage` on anything invalid."""
+        try:
+            return cls.model_validate_json(payload)
+        except (ValidationError, ValueError, UnicodeDecodeError) as exc:
+            raise MalformedMessage(f"bad {cls.__name__}: {str(exc).splitlines()[0]}") from None
+
+
+class MalformedMessage(ValueError):
+    """A message that does not parse; the receiver logs and drops it."""
+
+
+_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class AgentProfile(Message):
+    """What an agent publishes about its device (retained)."""
+
+    name: str = Field(pattern=_NAME)
+    host: str
+    data_port: int = Field(ge=1, le=65535)
+    pid: int
+    os: str
+    cpu_count: int = Field(ge=1)
+    threads: int = Field(ge=1)
+    ram_total: int = Field(ge=0, description="bytes")
+    ram_available: int = Field(ge=0, description="bytes")
+    version: int = SCHEMA_VERSION
+
+
+class AgentStatus(Message):
+    """An agent's state (retained; the last-will sets ``offline``)."""
+
+    state: Literal["online", "loading", "ready", "error", "offline"]
+    plan_id: str | None = None
+    detail: str | None = None
+
+
+class WindowAssignment(Message):
+    """One layer window [start, end) of the model on one agent."""
+
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+    round: int = Field(ge=0, default=0)
+
+
+class PlanAgent(Message):
+    """An agent's place in the ring."""
+
+    name: str = Field(pattern=_NAME)
+    host: str
+    data_port: int = Field(ge=1, le=65535)
+    windows: list[WindowAssignment]
+
+
+class Plan(Message):
+    """The layer assignment (retained, published by the controller).
+
+    ``ring`` is in data-flow order: tokens enter at ``ring[0]`` (which holds
+    layer 0) and the head, ``ring[-1]``, holds the last layers and the output,
+    samples, and sends the next token to ``ring[0]``.
+    """
+
+    plan_id: str
+    model_path: str
+    model_fingerprint: str
+    n_layers: int = Field(ge=1)
+    n_ctx: int = Field(ge=16)
+    n_batch: int = Field(ge=1, default=256)
+    planner: str
+    ring: list[PlanAgent] = Field(min_length=1)
+
+    @property
+    def head(self) -> PlanAgent:
+        return self.ring[-1]
+
+    def position(self, name: str) -> int | None:
+        """Index of agent ``name`` in the ring, or None when it is not in the plan."""
+        for i, a in enumerate(self.ring):
+            if a.name == name:
+                return i
+        return None
+
+
+class ChatMessage(Message):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Sampling(Message):
+    """Sampling settings; temperature <= 0 means greedy."""
+
+    max_tokens: int = Field(ge=1, le=1 << 20, default=256)
+    temperature: float = Field(ge=0.0, le=10.0, default=0.7)
+    top_k: int = Field(ge=0, default=40)
+    top_p: float = Field(gt=0.0, le=1.0, default=0.95)
+    seed: int | None = Field(ge=0, le=2**32 - 1, default=None)
+
+
+class GenerateRequest(Message):
+    """A user's request to the controller: chat messages, or a raw prompt."""
+
+    request_id: str = Field(pattern=_NAME)
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    sampling: Sampling = Sampling()
+
+
+class GenerateJob(Message):
+    """The controller's order to the head: generate from these token ids."""
+
+    request_id: str = Field(pattern=_NAME)
+    plan_id: str
+    prompt_token_ids: list[int] = Field(min_length=1)
+    sampling: Sampling
+
+
+class StreamEvent(Message):
+    """One event of a request's stream: a text delta, the end, or an error."""
+
+    request_id: str
+    type: Literal["token", "done", "error"]
+    text: str = ""
+    token_id: int | None = None
+    # done only
+    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    ttft_ms: float | None = None
+    ms_per_token: float | None = None
+    # error only
+    error: str | None = None
+
+
+class ControllerStatus(Message):
+    """The controller's state (retained; last-will ``offline``)."""
+
+    state: Literal["waiting", "planning", "ready", "offline", "error"]
+    model: str | None = None
+    n_ctx: int | None = None
+    plan_id: str | None = None
+    detail: str | None = None
+
+
+# ------------------------------------------------------------------ data plane
+
+class FrameKind(IntEnum):
+    FORWARD = 1    # run the next window on this payload
+    KV_REMOVE = 2  # drop positions >= pos of seq_id in every window, then pass on
+    ERROR = 3      # a window failed; payload is a UTF-8 message; goes on to the head
+
+
+class DType(IntEnum):
+    TOKENS = 1  # int32 token ids, n_tokens of them
+    F32 = 2     # float32 hidden states, n_tokens × n_embd
+    TEXT = 3    # UTF-8 bytes (errors)
+    NONE = 4    # no payload
+
+
+FRAME_MAGIC = b"HRNG"
+FRAME_VERSION = 1
+HEADER = struct.Struct("<4sBBBBIIHHIIII")
+"""magic, version, kind, dtype, flags, request id, seq id, round, reserved,
+pos, n_tokens, n_embd, payload bytes — 36 bytes."""
+MAX_TOKENS_PER_FRAME = 1 << 16
+MAX_PAYLOAD = 1 << 30
+
+
+class FrameError(ValueError):
+    """A frame that fails validation; the receiver drops the connection."""
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    kind: FrameKind
+    dtype: DType
+    request_id: int
+    seq_id: int
+    round: int
+    pos: int
+    n_tokens: int
+    n_embd: int
+    payload_len: int
+
+    def pack(self) -> bytes:
+        return HEADER.pack(FRAME_MAGIC, FRAME_VERSION, self.kind, self.dtype, 0, self.request_id,
+                           self.seq_id, self.round, 0, self.pos, self.n_tokens, self.n_embd,
+                           self.payload_len)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "FrameHeader":
+        """Parse and validate a header; raises :class:`FrameError`."""
+        if len(raw) != HEADER.size:
+            raise FrameError(f"short header ({len(raw)} bytes)")
+        (magic, version, kind, dtype, _flags, request_id, seq_id, rnd, _res, pos, n_tokens, n_embd,
+         payload_len) = HEADER.unpack(raw)
+        if magic != FRAME_MAGIC:
+            raise FrameError(f"bad magic {magic!r}")
+        if version != FRAME_VERSION:
+            raise FrameError(f"unsupported frame version {version}")
+        try:
+            kind, dtype = FrameKind(kind), DType(dtype)
+        except ValueError as exc:
+            raise FrameError(str(exc)) from None
+        if n_tokens > MAX_TOKENS_PER_FRAME or payload_len > MAX_PAYLOAD:
+            raise FrameError(f"frame too large ({n_tokens} tokens, {payload_len} bytes)")
+        expected = {DType.TOKENS: n_tokens * 4, DType.F32: n_tokens * n_embd * 4, DType.NONE: 0}.get(dtype)
+        if expected is not None and payload_len != expected:
+            raise FrameError(f"payload is {payload_len} bytes, header says {expected}")
+        return cls(kind, dtype, request_id, seq_id, rnd, pos, n_tokens, n_embd, payload_len)

@@ -1,0 +1,67 @@
+"""Shared fixtures: real models, a real mosquitto broker on loopback, the reference model."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from homering.cluster.broker import free_port, wait_for_port
+from homering.cluster.mqtt import BrokerURL
+from homering.models.registry import resolve_model
+
+from tests.reference import Reference
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    return resolve_model("smollm2", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def gemma() -> Path:
+    return resolve_model("gemma3-270m", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_ref(smollm2) -> Reference:
+    ref = Reference(smollm2)
+    yield ref
+    ref.close()
+
+
+@pytest.fixture(scope="session")
+def gemma_ref(gemma) -> Reference:
+    ref = Reference(gemma)
+    yield ref
+    ref.close()
+
+
+def _mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if not found:
+        pytest.fail("mosquitto is not installed: run 'make test' (it installs it)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory) -> BrokerURL:
+    """A real mosquitto broker on a free loopback port, anonymous access allowed."""
+    port = free_port()
+    conf = tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        if not wait_for_port("127.0.0.1", port):
+            pytest.fail("mosquitto did not start")
+        yield BrokerURL("127.0.0.1", port)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
