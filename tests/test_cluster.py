@@ -1,0 +1,108 @@
+"""End to end: a real mosquitto, a controller and agent processes over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+
+import aiomqtt
+import pytest
+
+from homering.api.chat import ask
+from homering.cluster.client import ClusterClient, new_request_id
+from homering.cluster.local import LocalCluster
+from homering.cluster.schema import ChatMessage, GenerateRequest, Sampling, Topics
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+GREEDY = Sampling(max_tokens=32, temperature=0)
+
+
+def chat_request(text: str, sampling: Sampling = GREEDY) -> GenerateRequest:
+    return GenerateRequest(request_id=new_request_id(), messages=[ChatMessage(role="user", content=text)],
+                           sampling=sampling)
+
+
+@pytest.fixture(scope="module")
+def cluster(smollm2, mosquitto, tmp_path_factory):
+    """3 agents + a controller on mosquitto, context 256 tokens; children's logs in a file."""
+    log_path = tmp_path_factory.mktemp("logs") / "cluster.log"
+    with open(log_path, "w") as log_file, LocalCluster(smollm2, n_agents=3, broker=mosquitto, threads=1,
+                                                       n_ctx=256, log_file=log_file) as c:
+        c.log_path = log_path
+        yield c
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 180))
+
+
+def test_three_agents_match_unsplit_model(cluster, smollm2_ref):
+    async def go():
+        async with ClusterClient(cluster.broker) as client:
+            await client.wait_ready()
+            assert len(client.plan.ring) == 3
+            covered = [(w.start, w.end) for a in client.plan.ring for w in a.windows]
+            assert covered[0][0] == 0 and covered[-1][1] == 30
+            assert all(x[1] == y[0] for x, y in zip(covered, covered[1:]))
+            return [await ask(client, chat_request(p)) for p in PROMPTS]
+
+    answers = run(go())
+    for answer in answers:
+        assert answer.prompt_token_ids and answer.token_ids
+        smollm2_ref.check_answer(answer.prompt_token_ids, answer.token_ids, answer.finish_reason, 32)
+
+
+def test_prompt_longer_than_context_is_refused_and_cluster_keeps_serving(cluster, smollm2_ref):
+    async def go():
+        async with ClusterClient(cluster.broker) as client:
+            await client.wait_ready()
+            events = [e async for e in client.generate(chat_request("tell me a story " * 200))]
+            after = await ask(client, chat_request(PROMPTS[0]))
+            return events, after
+
+    events, after = run(go())
+    assert [e.type for e in events] == ["error"]
+    assert "context" in events[0].error and "256" in events[0].error
+    smollm2_ref.check_answer(after.prompt_token_ids, after.token_ids, after.finish_reason, 32)
+
+
+def test_malformed_messages_and_frames_are_dropped(cluster, smollm2_ref):
+    async def go():
+        async with ClusterClient(cluster.broker) as client:
+            await client.wait_ready()
+            plan = client.plan
+            async with aiomqtt.Client(cluster.broker.host, cluster.broker.port) as bad:
+                for name in (a.name for a in plan.ring):
+                    await bad.publish(Topics.generate(name), b"\xff not json", qos=1)
+                    await bad.publish(Topics.generate(name), json.dumps({"request_id": 5}), qos=1)
+                await bad.publish(Topics.PLAN, b"{\"plan_id\": []}", qos=1)
+                await bad.publish(Topics.REQUESTS, b"[1, 2, 3]", qos=1)
+            # garbage on a data port: the agent drops that link and keeps its ring
+            target = plan.ring[1]
+            with socket.create_connection((target.host, target.data_port)) as s:
+                s.sendall(b"GARBAGE!" * 20)
+            await asyncio.sleep(0.5)
+            return await ask(client, chat_request(PROMPTS[1]))
+
+    answer = run(go())
+    smollm2_ref.check_answer(answer.prompt_token_ids, answer.token_ids, answer.finish_reason, 32)
+    cluster.check()  # nobody died
+    log = cluster.log_path.read_text()
+    assert log.count("dropped malformed message") >= 7
+    assert "dropping data link" in log
+
+
+def test_up_with_embedded_broker_matches_unsplit_model(smollm2, smollm2_ref):
+    proc = subprocess.run(
+        [sys.executable, "-m", "homering", "up", "--agents", "3", "--model", str(smollm2), "--threads", "1",
+         "--prompt", "Name a colour.", "--temperature", "0", "--max-tokens", "24", "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) >= {"text", "prompt_token_ids", "token_ids", "ttft_ms", "ms_per_token", "plan"}
+    assert len(out["plan"]["ring"]) == 3
+    smollm2_ref.check_answer(out["prompt_token_ids"], out["token_ids"], out["finish_reason"], 24)
+    assert out["text"].strip()

@@ -1,0 +1,62 @@
+"""Slicing: standalone window files with renumbered blocks and sliced per-layer metadata."""
+
+from __future__ import annotations
+
+import os
+
+from homering.models.gguf_file import read_gguf
+from homering.models.slicing import Role, WindowSpec, slice_window, swa_flags, window_tensor_bytes
+
+
+def test_middle_window_is_vocabulary_free_and_small(smollm2):
+    path = slice_window(smollm2, WindowSpec(10, 20, Role.MIDDLE), progress=False)
+    gf = read_gguf(path)
+    assert gf.get("llama.block_count") == 10
+    assert gf.get("tokenizer.ggml.model") == "none" and gf.get("llama.vocab_size") == 1
+    assert "tokenizer.ggml.tokens" not in gf.fields
+    names = {t.name for t in gf.tensors}
+    assert {f"blk.{i}.attn_q.weight" for i in range(10)} <= names and "blk.10.attn_q.weight" not in names
+    embd = next(t for t in gf.tensors if t.name == "token_embd.weight")
+    assert embd.dims == (576, 1)
+    layers = window_tensor_bytes(smollm2, 10, 20)
+    assert os.path.getsize(path) <= 1.05 * layers + 4 * 2**20
+
+
+def test_blocks_are_renumbered_with_their_bytes(smollm2):
+    path = slice_window(smollm2, WindowSpec(20, 30, Role.LAST), progress=False)
+    src, win = read_gguf(smollm2), read_gguf(path)
+    src_t = {t.name: t for t in src.tensors}
+    with open(smollm2, "rb") as a, open(path, "rb") as b:
+        for t in win.tensors:
+            if not t.name.startswith("blk."):
+                continue
+            i, rest = t.name.split(".", 2)[1:]
+            orig = src_t[f"blk.{int(i) + 20}.{rest}"]
+            assert (t.dims, t.ggml_type, t.n_bytes) == (orig.dims, orig.ggml_type, orig.n_bytes)
+            a.seek(orig.offset)
+            b.seek(t.offset)
+            assert a.read(256) == b.read(256)
+    assert "tokenizer.ggml.tokens" in win.fields  # the last window samples and detokenizes
+
+
+def test_first_window_keeps_embedding_and_tokenizer(smollm2):
+    gf = read_gguf(slice_window(smollm2, WindowSpec(0, 10, Role.FIRST), progress=False))
+    embd = next(t for t in gf.tensors if t.name == "token_embd.weight")
+    assert embd.dims == (576, 49152)
+    assert gf.fields["tokenizer.ggml.tokens"].length == 49152
+
+
+def test_gemma_sliding_window_flags_move_with_the_layers(gemma):
+    gf = read_gguf(slice_window(gemma, WindowSpec(5, 11, Role.MIDDLE), progress=False))
+    full = swa_flags(6, False, 18)
+    assert gf.get("gemma3.attention.sliding_window_pattern") == full[5:11]
+    assert gf.get("gemma3.attention.sliding_window_pattern") == [False, True, True, True, True, True]
+
+
+def test_windows_are_cached(smollm2):
+    spec = WindowSpec(3, 9, Role.MIDDLE)
+    first = slice_window(smollm2, spec, progress=False)
+    stat = first.stat()
+    again = slice_window(smollm2, spec, progress=False)
+    assert again == first and again.stat().st_mtime_ns == stat.st_mtime_ns
+    assert slice_window(smollm2, WindowSpec(0, 30, Role.WHOLE)) == smollm2

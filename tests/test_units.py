@@ -1,0 +1,66 @@
+"""Planner and wire format: pure functions, exhaustively."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from homering.cluster.dataplane import Frame
+from homering.cluster.schema import (
+    HEADER, AgentProfile, FrameError, FrameHeader, GenerateJob, MalformedMessage, Plan,
+)
+from homering.planner import make_plan
+from homering.planner.proportional import split_proportional
+
+
+def profile(name, ram):
+    return AgentProfile(name=name, host="127.0.0.1", data_port=1000, pid=1, os="linux", cpu_count=2,
+                        threads=2, ram_total=ram, ram_available=ram)
+
+
+@pytest.mark.parametrize("weights,total", [([1, 1, 1], 30), ([8, 1, 1], 30), ([1, 2], 3), ([5, 5, 5, 5], 4),
+                                           ([0, 0], 7), ([3, 1, 1], 2)])
+def test_split_proportional(weights, total):
+    counts = split_proportional(weights, total)
+    assert sum(counts) == total
+    if total >= len(weights):
+        assert min(counts) >= 1
+    if sum(weights) and total >= len(weights):
+        ideal = [total * w / sum(weights) for w in weights]
+        assert all(abs(c - i) <= len(weights) for c, i in zip(counts, ideal))
+
+
+def test_plan_is_contiguous_with_head_last():
+    plan = make_plan([profile("b", 4 << 30), profile("a", 2 << 30), profile("c", 2 << 30)], n_layers=30,
+                     model_path="/m.gguf", model_fingerprint="f", n_ctx=512)
+    assert [a.name for a in plan.ring] == ["a", "c", "b"]  # head (most RAM) closes the ring
+    spans = [(a.windows[0].start, a.windows[0].end) for a in plan.ring]
+    assert spans[0][0] == 0 and spans[-1][1] == 30
+    assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
+    assert spans == [(0, 8), (8, 16), (16, 30)]  # 1 each, then 27 split 2:2:4 by largest remainder
+    assert Plan.load(plan.dump()) == plan
+
+
+def test_frame_roundtrip_and_validation():
+    hidden = np.arange(6, dtype=np.float32).reshape(2, 3)
+    f = Frame.forward(7, 0, 12, hidden)
+    raw = b"".join(bytes(p) for p in f.encode())
+    h = FrameHeader.unpack(raw[:HEADER.size])
+    assert (h.request_id, h.pos, h.n_tokens, h.n_embd, h.payload_len) == (7, 12, 2, 3, 24)
+    assert np.frombuffer(raw[HEADER.size:], dtype=np.float32).tolist() == hidden.ravel().tolist()
+    with pytest.raises(FrameError, match="magic"):
+        FrameHeader.unpack(b"XXXX" + raw[4:HEADER.size])
+    bad = FrameHeader(h.kind, h.dtype, 7, 0, 0, 12, 2, 3, 20).pack()  # payload size does not match
+    with pytest.raises(FrameError, match="payload"):
+        FrameHeader.unpack(bad)
+    huge = FrameHeader(h.kind, h.dtype, 7, 0, 0, 12, 1 << 20, 3, (1 << 20) * 12).pack()
+    with pytest.raises(FrameError, match="too large"):
+        FrameHeader.unpack(huge)
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xff\xfe", b"[]", b'{"request_id": "x"}',
+                                     b'{"request_id": "a b", "plan_id": "p", "prompt_token_ids": [1], "sampling": {}}',
+                                     b'{"request_id": "a", "plan_id": "p", "prompt_token_ids": [], "sampling": {}}'])
+def test_malformed_job_is_rejected(payload):
+    with pytest.raises(MalformedMessage):
+        GenerateJob.load(payload)
