@@ -196,7 +196,7 @@ def chat(broker, max_tokens, temperature, seed, system) -> None:
 @click.option("--broker", default=None, metavar="URL",
               help="Use this MQTT broker instead of starting an embedded one.")
 @click.option("--threads", "-t", type=click.IntRange(1, 512), default=None,
-              help="llama.cpp threads per agent [default: all cores].")
+              help="llama.cpp threads per agent [default: all cores but one].")
 @click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
               help="Context size in tokens.")
 @click.option("--prompt", "-p", default=None, help="Answer this one prompt and exit (no chat).")
@@ -243,24 +243,26 @@ def bench() -> None:
 @click.argument("more_counts", nargs=-1, type=click.IntRange(1, 16))
 @MODEL_OPTION
 @click.option("--threads", "-t", type=click.IntRange(1, 512), default=None,
-              help="llama.cpp threads (the same for the baseline and every agent) [default: all cores].")
+              help="llama.cpp threads (the same for the baseline and every agent) [default: all cores but one].")
 @click.option("--tokens", type=click.IntRange(8, 4096), default=128, show_default=True,
               help="Tokens to decode per run.")
 @click.option("--repeats", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Runs per configuration (the median is reported).")
 @click.option("--out", type=click.Path(dir_okay=False), default="bench-results/decode.json", show_default=True,
               help="Where to write the JSON results.")
-def bench_decode(agent_counts, more_counts, model, threads, tokens, repeats, out) -> None:
+@click.option("--broker", default=None, metavar="URL", help="Use this MQTT broker instead of an embedded one.")
+def bench_decode(agent_counts, more_counts, model, threads, tokens, repeats, out, broker) -> None:
     """Decode tokens/s of the ring against plain llama-cpp-python, in one run.
 
     Example: `homering bench decode --agents 1 3`.
     """
     from homering.bench.decode import run_decode_bench
+    from homering.cluster.local import default_threads
     from homering.models.registry import resolve_model
 
     counts = sorted(set(agent_counts) | set(more_counts))
-    run_decode_bench(resolve_model(model), counts, threads=threads or os.cpu_count() or 1,
-                     n_tokens=tokens, repeats=repeats, out=out)
+    run_decode_bench(resolve_model(model), counts, threads=threads or default_threads(),
+                     n_tokens=tokens, repeats=repeats, out=out, broker=_broker(broker) if broker else None)
 
 
 def main() -> None:

@@ -17,6 +17,11 @@ from homering.errors import HomeringError
 log = logging.getLogger("homering.up")
 
 
+def default_threads() -> int:
+    """llama.cpp threads for an agent that shares this machine: all cores but one."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 class LocalCluster:
     """Starts an optional embedded broker, a controller and N agents as subprocesses.
 
@@ -27,7 +32,9 @@ class LocalCluster:
         model_path: the model file.
         n_agents: agent processes to start.
         broker: an existing broker, or None to start an embedded one on a free loopback port.
-        threads: llama.cpp threads per agent.
+        threads: llama.cpp threads per agent [default: cores - 1: the agents share
+            this machine with the broker and the controller, and llama.cpp's
+            threads stall at every barrier when one of them is preempted].
         n_ctx: context size in tokens.
         log_args: ``-v``/``-q`` flags passed on to the children.
         log_file: an open file for the children's output [default: this process's stderr].
@@ -41,7 +48,7 @@ class LocalCluster:
         self.model_path = model_path
         self.n_agents = n_agents
         self.broker = broker
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or default_threads()
         self.n_ctx = n_ctx
         self.planner = planner
         self.log_args = list(log_args)

@@ -1,0 +1,54 @@
+# homering: `make run` and `make test` install whatever is missing, then run.
+# Every install step is idempotent and quiet when there is nothing to do.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+HR     := $(VENV)/bin/homering
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# llama-cpp-python compiles llama.cpp once; pip keeps the built wheel in its cache.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: run test bench install mosquitto models model-default clean help
+
+help:
+	@echo "make run    - install what is missing, then 'homering up' on the default model (smollm2)"
+	@echo "make test   - install what is missing (mosquitto too), then run the test suite"
+	@echo "make bench  - decode benchmark: 1 and 3 agents against plain llama-cpp-python"
+
+run: install model-default
+	$(HR) up
+
+test: install mosquitto models
+	$(PY) -m pytest -q
+
+bench: install model-default
+	$(HR) bench decode --agents 1 3
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	@echo "installing homering and its dependencies into $(VENV) (the first build of llama-cpp-python takes ~8 min)"
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
+	  echo "installing mosquitto (apt)"; \
+	  $(SUDO) apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto >/dev/null; }
+
+model-default: install
+	@$(HR) models pull smollm2 --quiet >/dev/null
+
+models: model-default
+	@$(HR) models pull gemma3-270m --quiet >/dev/null
+
+clean:
+	rm -rf $(VENV) .pytest_cache bench-results

@@ -1,0 +1,100 @@
+"""``homering bench decode``: ring decode speed against plain llama-cpp-python.
+
+For each cluster size the benchmark starts a local cluster (embedded broker,
+controller, agents with the same thread count as the baseline), decodes
+``n_tokens`` greedy tokens ``repeats`` times and takes the median time per
+token as reported by the head (decode only: prompt processing excluded). The
+baseline is the unsplit model in plain llama-cpp-python (``Llama.eval`` one
+token at a time, greedy), measured in the same run, between the cluster runs,
+so the ratios are comparable on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from homering.api.chat import ask
+from homering.cluster.client import ClusterClient, new_request_id
+from homering.cluster.local import LocalCluster
+from homering.cluster.schema import GenerateRequest, Sampling
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+def baseline_ms_per_token(model_path: Path, threads: int, n_tokens: int) -> float:
+    """Median-free single run: ms per greedy decode step of plain ``llama_cpp.Llama``."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(model_path), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                          flash_attn=True, verbose=False)
+    try:
+        ids = llm.tokenize(PROMPT.encode(), add_bos=True)
+        llm.eval(ids)
+        n_vocab = llm.n_vocab()
+        t0 = time.perf_counter()
+        for _ in range(n_tokens):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+            llm.eval([int(np.argmax(logits))])
+        return (time.perf_counter() - t0) * 1000 / n_tokens
+    finally:
+        llm.close()
+
+
+async def _cluster_runs(cluster: LocalCluster, n_tokens: int, repeats: int) -> list[dict]:
+    out = []
+    async with ClusterClient(cluster.broker) as client:
+        await client.wait_ready(300)
+        for _ in range(repeats):
+            req = GenerateRequest(request_id=new_request_id(), prompt=PROMPT,
+                                  sampling=Sampling(max_tokens=n_tokens, temperature=0))
+            answer = await ask(client, req)
+            out.append({"ms_per_token": answer.ms_per_token, "ttft_ms": answer.ttft_ms,
+                        "tokens": len(answer.token_ids)})
+    return out
+
+
+def run_decode_bench(model_path: Path, agent_counts: list[int], *, threads: int, n_tokens: int = 128,
+                     repeats: int = 3, out: str | Path = "bench-results/decode.json",
+                     broker=None, console: Console | None = None) -> dict:
+    """Run the benchmark, print a table, write JSON to ``out``, and return the results."""
+    console = console or Console(stderr=True)
+    baseline: list[float] = []
+    results: dict = {"model": str(model_path), "threads": threads, "tokens": n_tokens, "repeats": repeats,
+                     "broker": str(broker) if broker else "embedded (amqtt)", "configs": []}
+    for count in agent_counts:
+        with console.status(f"baseline (plain llama-cpp-python, {threads} threads)…"):
+            baseline.append(baseline_ms_per_token(model_path, threads, n_tokens))
+        with console.status(f"{count} agent(s)…"), LocalCluster(model_path, n_agents=count, threads=threads,
+                                                                  broker=broker, log_args=("-qq",)) as cluster:
+            runs = asyncio.run(_cluster_runs(cluster, n_tokens, repeats))
+        results["configs"].append({"agents": count, "runs": runs,
+                                   "ms_per_token": statistics.median(r["ms_per_token"] for r in runs)})
+    with console.status("baseline…"):
+        baseline.append(baseline_ms_per_token(model_path, threads, n_tokens))
+    base = statistics.median(baseline)
+    results["baseline_ms_per_token"] = base
+    results["baseline_runs_ms_per_token"] = baseline
+
+    table = Table(title=f"decode, {Path(model_path).name}, {threads} threads, {n_tokens} tokens")
+    for col in ("setup", "ms/token", "tokens/s", "× baseline"):
+        table.add_column(col, justify="right")
+    table.add_row("llama-cpp-python", f"{base:.2f}", f"{1000 / base:.1f}", "1.00")
+    for cfg in results["configs"]:
+        cfg["tokens_per_s"] = 1000 / cfg["ms_per_token"]
+        cfg["ratio_vs_baseline"] = base / cfg["ms_per_token"]
+        table.add_row(f"{cfg['agents']} agent(s)", f"{cfg['ms_per_token']:.2f}", f"{cfg['tokens_per_s']:.1f}",
+                      f"{cfg['ratio_vs_baseline']:.2f}")
+    Console().print(table)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    Console(stderr=True).print(f"wrote {out}")
+    return results
