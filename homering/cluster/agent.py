@@ -16,7 +16,9 @@ import itertools
 import logging
 import os
 import platform
+import queue
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ import numpy as np
 import psutil
 
 from homering.cluster import mqtt
-from homering.cluster.dataplane import Frame, open_link, read_frame, set_nodelay, write_frame
+from homering.cluster.dataplane import Frame, LinkServer, connect_link, recv_frame, send_frame
 from homering.cluster.schema import (
     AgentProfile, AgentStatus, FrameError, FrameKind, GenerateJob, MalformedMessage, Plan,
     StreamEvent, Topics,
@@ -49,16 +51,21 @@ class _Loaded:
     plan: Plan
     position: int
     windows: list[LayerWindow]
-    successor: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-    queues: dict[int, asyncio.Queue] = field(default_factory=dict)  # head: results by request number
+    successor: socket.socket | None = None
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    queues: dict[int, queue.Queue] = field(default_factory=dict)  # head: frames back, by request number
 
     @property
     def is_head(self) -> bool:
         return self.position == len(self.plan.ring) - 1
 
+    def send(self, frame: Frame) -> None:
+        with self.send_lock:
+            send_frame(self.successor, frame)
+
     def close(self) -> None:
         if self.successor is not None:
-            self.successor[1].close()
+            self.successor.close()
         for w in self.windows:
             w.close()
 
@@ -99,11 +106,11 @@ class Agent:
 
     async def run(self) -> None:
         """Serve until cancelled. Raises HomeringError when the broker is unreachable."""
-        server = await asyncio.start_server(self._serve_link, self.bind, self.data_port)
-        self.data_port = server.sockets[0].getsockname()[1]
+        server = LinkServer(self.bind, self.data_port, self._serve_link)
+        self.data_port = server.port
         will = aiomqtt.Will(Topics.status(self.name), AgentStatus(state="offline").dump(), qos=1, retain=True)
         try:
-            async with server, mqtt.client(self.broker, identifier=f"homering-agent-{self.name}",
+            async with mqtt.client(self.broker, identifier=f"homering-agent-{self.name}",
                                            will=will) as client:
                 self._mqtt = client
                 await client.publish(Topics.profile(self.name), self.profile().dump(), qos=1, retain=True)
@@ -116,6 +123,7 @@ class Agent:
         except aiomqtt.MqttError as exc:
             raise mqtt.connect_error(self.broker, exc) from None
         finally:
+            server.close()
             if self._loaded:
                 self._loaded.close()
 
@@ -163,7 +171,7 @@ class Agent:
             loaded = _Loaded(plan, position, windows)
             if len(plan.ring) > 1:
                 nxt = plan.ring[(position + 1) % len(plan.ring)]
-                loaded.successor = await open_link(nxt.host, nxt.data_port)
+                loaded.successor = await asyncio.to_thread(connect_link, nxt.host, nxt.data_port)
             self._loaded = loaded
         except (HomeringError, ConnectionError, OSError, ValueError) as exc:
             log.error("cannot load plan %s: %s", plan.plan_id, exc)
@@ -189,86 +197,97 @@ class Agent:
                                    n_ctx=plan.n_ctx, n_batch=plan.n_batch, n_threads=self.threads))
         return out
 
-    # ------------------------------------------------------------ data plane
-    async def _serve_link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Handle frames from the predecessor, in order, until it disconnects."""
-        set_nodelay(writer)
-        peer = writer.get_extra_info("peername")
+    # ------------------------------------------------------------ data plane (worker threads)
+    def _serve_link(self, sock: socket.socket) -> None:
+        """Handle frames from the predecessor, in order, until it disconnects (a link thread)."""
+        peer = sock.getpeername()
         try:
-            while True:
-                frame = await read_frame(reader)
-                if frame is None:
-                    break
-                await self._handle_frame(frame)
-        except (FrameError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            while (frame := recv_frame(sock)) is not None:
+                self._handle_frame(frame)
+        except (FrameError, ConnectionError, OSError) as exc:
             log.warning("dropping data link from %s: %s", peer, exc)
-        finally:
-            writer.close()
 
-    async def _handle_frame(self, frame: Frame) -> None:
+    def _handle_frame(self, frame: Frame) -> None:
+        """Run a frame through this agent's window and pass the result on (or, on the head, deliver it)."""
         loaded = self._loaded
         h = frame.header
         if loaded is None:
             log.warning("frame for request %d arrived with no plan loaded; dropped", h.request_id)
             return
-        out: Frame | None = frame
+        out = frame
         if h.kind is FrameKind.FORWARD:
             window = loaded.windows[min(h.round, len(loaded.windows) - 1)]
             try:
-                result = await window.aforward(frame.payload, h.pos, h.seq_id)
-                out = None if loaded.is_head else Frame.forward(h.request_id, h.seq_id, h.pos, result.hidden,
-                                                                h.round)
+                result = window.forward(frame.payload, h.pos, h.seq_id)
+                if not loaded.is_head:
+                    out = Frame.forward(h.request_id, h.seq_id, h.pos, result.hidden, h.round)
             except (DecodeError, ValueError) as exc:
                 out = Frame.error(h.request_id, h.seq_id, f"{self.name}: {exc}")
         elif h.kind is FrameKind.KV_REMOVE:
             for w in loaded.windows:
-                await asyncio.to_thread(w.kv_remove, h.seq_id, h.pos)
+                w.kv_remove(h.seq_id, h.pos)
         if loaded.is_head:
-            queue = loaded.queues.get(h.request_id)
-            if queue is not None:
-                queue.put_nowait(out if out is not None else frame)
+            back = loaded.queues.get(h.request_id)
+            if back is not None:
+                back.put(out)
         elif loaded.successor is not None:
-            await write_frame(loaded.successor[1], out)
+            try:
+                loaded.send(out)
+            except OSError as exc:
+                log.warning("cannot reach the next agent: %s", exc)
 
-    async def _ring(self, loaded: _Loaded, request: int, frames: list[Frame]) -> None:
-        """Send frames into the ring and wait until each came back through the head's window.
+    def _ring(self, loaded: _Loaded, request: int, frames: list[Frame]) -> None:
+        """Send frames into the ring; wait until each came back through the head's window.
 
         Raises:
             DecodeError: a window on the way failed (the ERROR frame's message).
             TimeoutError: the ring did not answer in time.
         """
-        queue = loaded.queues[request]
+        back = loaded.queues[request]
         for f in frames:
-            await write_frame(loaded.successor[1], f)
+            loaded.send(f)
         for _ in frames:
-            back = await asyncio.wait_for(queue.get(), RING_TIMEOUT_S)
-            if back.header.kind is FrameKind.ERROR:
-                raise DecodeError(back.payload)
+            try:
+                got = back.get(timeout=RING_TIMEOUT_S)
+            except queue.Empty:
+                raise TimeoutError(f"the ring did not answer within {RING_TIMEOUT_S:.0f} s") from None
+            if got.header.kind is FrameKind.ERROR:
+                raise DecodeError(got.payload)
 
-    async def _forward(self, loaded: _Loaded, request: int, tokens: np.ndarray, pos: int) -> None:
-        """Run ``tokens`` at ``pos`` through every window; the head's context then holds the logits."""
+    def _forward(self, loaded: _Loaded, request: int, tokens: np.ndarray, pos: int) -> None:
+        """Run ``tokens`` at ``pos`` through every window; the head's context then holds the logits.
+
+        A long prompt goes as back-to-back micro-batches of ``n_batch`` tokens,
+        so the agents work on different chunks at once.
+        """
         if len(loaded.plan.ring) == 1:
-            await loaded.windows[0].aforward(tokens, pos)
+            loaded.windows[0].forward(tokens, pos)
             return
         n_batch = loaded.plan.n_batch
         frames = [Frame.forward(request, 0, pos + i, tokens[i:i + n_batch]) for i in range(0, len(tokens), n_batch)]
-        await self._ring(loaded, request, frames)
+        self._ring(loaded, request, frames)
 
-    async def _clear(self, loaded: _Loaded, request: int) -> None:
+    def _clear(self, loaded: _Loaded, request: int) -> None:
+        """Empty sequence 0 of every window in the ring."""
         if len(loaded.plan.ring) == 1:
             loaded.windows[0].kv_remove(0, 0)
         else:
-            await self._ring(loaded, request, [Frame.kv_remove(request, 0, 0)])
+            self._ring(loaded, request, [Frame.kv_remove(request, 0, 0)])
 
     # ------------------------------------------------------------ generation (head)
     async def _generate(self, job: GenerateJob) -> None:
         stream = Topics.stream(job.request_id)
         events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
         publisher = self._spawn(self._publish_events(stream, events))
+
+        def emit(event: StreamEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
         try:
             async with self._gen_lock:
-                await self._generate_locked(job, events)
-        except (DecodeError, HomeringError, TimeoutError, ConnectionError, ValueError) as exc:
+                await asyncio.to_thread(self._generate_sync, job, emit)
+        except (DecodeError, HomeringError, TimeoutError, ConnectionError, OSError, ValueError) as exc:
             log.warning("request %s failed: %s", job.request_id, exc)
             events.put_nowait(StreamEvent(request_id=job.request_id, type="error", error=str(exc)))
         finally:
@@ -276,14 +295,19 @@ class Agent:
             await publisher
 
     async def _publish_events(self, topic: str, events: asyncio.Queue) -> None:
-        """Publish stream events in order, off the decode loop's critical path."""
+        """Publish stream events in order, off the decode loop's critical path.
+
+        Token deltas go at QoS 0 (no acknowledgement round trip per token; a
+        live TCP session does not lose them), the final event at QoS 1.
+        """
         while (event := await events.get()) is not None:
             try:
-                await self._mqtt.publish(topic, event.dump(), qos=1)
+                await self._mqtt.publish(topic, event.dump(), qos=0 if event.type == "token" else 1)
             except aiomqtt.MqttError as exc:
                 log.warning("could not publish to %s: %s", topic, exc)
 
-    async def _generate_locked(self, job: GenerateJob, events: asyncio.Queue) -> None:
+    def _generate_sync(self, job: GenerateJob, emit) -> None:
+        """The head's generation loop (a worker thread): prefill, then sample and decode token by token."""
         loaded = self._loaded
         if loaded is None or not loaded.is_head or loaded.plan.plan_id != job.plan_id:
             raise HomeringError(f"agent {self.name} is not the head of plan {job.plan_id}")
@@ -294,15 +318,15 @@ class Agent:
             raise HomeringError(f"the prompt has {len(prompt)} tokens but the context holds {n_ctx}")
         max_new = min(job.sampling.max_tokens, n_ctx - len(prompt))
         request = next(self._request_numbers) & 0xFFFFFFFF
-        loaded.queues[request] = asyncio.Queue()
+        loaded.queues[request] = queue.Queue()
         sampler = SamplerChain(job.sampling)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         tokens: list[int] = []
         finish = "length"
         try:
             t0 = time.perf_counter()
-            await self._clear(loaded, request)
-            await self._forward(loaded, request, prompt, 0)
+            self._clear(loaded, request)
+            self._forward(loaded, request, prompt, 0)
             t_first = None
             for i in range(max_new):
                 tok = window.sample(sampler)
@@ -312,18 +336,17 @@ class Agent:
                     finish = "stop"
                     break
                 tokens.append(tok)
-                events.put_nowait(StreamEvent(request_id=job.request_id, type="token", token_id=tok,
-                                              text=decoder.decode(window.token_bytes(tok))))
+                emit(StreamEvent(request_id=job.request_id, type="token", token_id=tok,
+                                 text=decoder.decode(window.token_bytes(tok))))
                 if i + 1 < max_new:
-                    await self._forward(loaded, request, np.array([tok], dtype=np.int32), len(prompt) + i)
+                    self._forward(loaded, request, np.array([tok], dtype=np.int32), len(prompt) + i)
             t_end = time.perf_counter()
         finally:
             loaded.queues.pop(request, None)
             sampler.close()
         steps = max(1, len(tokens) - 1) if finish == "length" else max(1, len(tokens))
-        tail = decoder.decode(b"", final=True)
-        events.put_nowait(StreamEvent(
-            request_id=job.request_id, type="done", text=tail, token_ids=tokens,
+        emit(StreamEvent(
+            request_id=job.request_id, type="done", text=decoder.decode(b"", final=True), token_ids=tokens,
             prompt_token_ids=job.prompt_token_ids, finish_reason=finish,
             ttft_ms=(t_first - t0) * 1000, ms_per_token=(t_end - t_first) * 1000 / steps))
 

@@ -7,8 +7,9 @@ decode step sends one small frame per hop and must not wait for Nagle.
 
 from __future__ import annotations
 
-import asyncio
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,21 +59,32 @@ class Frame:
         return parts
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
-    """Read one frame; None at a clean end of stream.
+def _recv_exact(sock: socket.socket, n: int, allow_eof: bool = False) -> bytearray | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            if allow_eof and got == 0:
+                return None
+            raise ConnectionError(f"peer closed the link mid-frame ({got} of {n} bytes)")
+        got += k
+    return buf
+
+
+def recv_frame(sock: socket.socket) -> Frame | None:
+    """Read one frame from a blocking socket; None at a clean end of stream.
 
     Raises:
         FrameError: a header that fails validation (the caller drops the link).
-        asyncio.IncompleteReadError: the peer closed mid-frame.
+        ConnectionError: the peer closed mid-frame.
     """
-    try:
-        raw = await reader.readexactly(HEADER.size)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise
-    header = FrameHeader.unpack(raw)
-    body = await reader.readexactly(header.payload_len) if header.payload_len else b""
+    raw = _recv_exact(sock, HEADER.size, allow_eof=True)
+    if raw is None:
+        return None
+    header = FrameHeader.unpack(bytes(raw))
+    body = _recv_exact(sock, header.payload_len) if header.payload_len else bytearray()
     if header.dtype is DType.TOKENS:
         payload = np.frombuffer(body, dtype=np.int32)
     elif header.dtype is DType.F32:
@@ -80,41 +92,82 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
             raise FrameError("hidden-state frame with n_embd = 0")
         payload = np.frombuffer(body, dtype=np.float32).reshape(header.n_tokens, header.n_embd)
     elif header.dtype is DType.TEXT:
-        payload = body.decode(errors="replace")
+        payload = bytes(body).decode(errors="replace")
     else:
         payload = None
     return Frame(header, payload)
 
 
-async def write_frame(writer: asyncio.StreamWriter, frame: Frame) -> None:
-    """Send one frame and wait until the kernel has taken it."""
-    writer.writelines(frame.encode())
-    await writer.drain()
+def send_frame(sock: socket.socket, frame: Frame) -> None:
+    """Send one frame on a blocking socket (one ``sendmsg`` when the kernel takes it all)."""
+    parts = frame.encode()
+    total = sum(len(p) for p in parts)
+    sent = sock.sendmsg(parts)
+    if sent < total:
+        sock.sendall(b"".join(bytes(p) for p in parts)[sent:])
 
 
-def set_nodelay(writer: asyncio.StreamWriter) -> None:
-    """Disable Nagle's algorithm on the stream's socket."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def set_nodelay(sock: socket.socket) -> None:
+    """Disable Nagle's algorithm: a decode step sends one small frame per hop."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def open_link(host: str, port: int, *, timeout: float = 30.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+def connect_link(host: str, port: int, *, timeout: float = 30.0) -> socket.socket:
     """Connect to a neighbour's data port, retrying until ``timeout`` seconds pass.
+
+    Returns a blocking socket with TCP_NODELAY.
 
     Raises:
         ConnectionError: the neighbour did not accept in time.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
         try:
-            reader, writer = await asyncio.open_connection(host, port)
-            set_nodelay(writer)
-            return reader, writer
+            sock = socket.create_connection((host, port), timeout=5.0)
+            sock.settimeout(None)
+            set_nodelay(sock)
+            return sock
         except OSError as exc:
-            if loop.time() + delay > deadline:
+            if time.monotonic() + delay > deadline:
                 raise ConnectionError(f"cannot reach data port {host}:{port}: {exc}") from None
-            await asyncio.sleep(delay)
+            time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+class LinkServer:
+    """Accepts data-plane links; each link is served by ``handler(sock)`` in its own thread.
+
+    Blocking sockets and threads, not asyncio: a hop then costs one wake-up
+    (the receiving thread), and decode runs in that worker thread while the
+    asyncio loop serves MQTT.
+    """
+
+    def __init__(self, bind: str, port: int, handler):
+        self._sock = socket.create_server((bind, port), reuse_port=False)
+        self.port = self._sock.getsockname()[1]
+        self._handler = handler
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, name="link-accept", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            set_nodelay(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="link", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            self._handler(conn)
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
