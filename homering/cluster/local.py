@@ -60,6 +60,7 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "homering", *self.log_args, *args]
         out = self.log_file.fileno() if self.log_file is not None else sys.stderr.fileno()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc.role = " ".join(args[:3])  # e.g. "agent --broker mqtt://…" for error messages
         self.procs.append(proc)
         return proc
 
@@ -85,7 +86,7 @@ class LocalCluster:
         """Raise HomeringError if a child already exited."""
         for p in self.procs:
             if p.poll() is not None:
-                raise HomeringError(f"a cluster process exited with code {p.returncode}: {' '.join(p.args[3:5])}")
+                raise HomeringError(f"a cluster process exited with code {p.returncode}: {p.role}")
 
     def stop(self) -> None:
         """Stop every child: SIGTERM, wait ``grace`` seconds, then SIGKILL."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from homering.engine.window import _init_backend
+from homering.engine.window import _init_backend, token_piece
 from homering.errors import ModelError
 from homering.models.gguf_file import read_gguf
 
@@ -46,21 +46,14 @@ class Tokenizer:
             raise ModelError(f"llama.cpp could not load the vocabulary of {self.path}")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self.bos_text = self._piece(llama_cpp.llama_vocab_bos(self._vocab))
-        self.eos_text = self._piece(llama_cpp.llama_vocab_eos(self._vocab))
+        self.bos_text = token_piece(self._vocab, llama_cpp.llama_vocab_bos(self._vocab), special=True).decode(errors="replace")
+        self.eos_text = token_piece(self._vocab, llama_cpp.llama_vocab_eos(self._vocab), special=True).decode(errors="replace")
         template = gf.get("tokenizer.chat_template")
         if not template:
             template = GEMMA_TEMPLATE if gf.arch.startswith("gemma") else CHATML_TEMPLATE
         self.chat_template = template
         self._formatter = Jinja2ChatFormatter(template, eos_token=self.eos_text, bos_token=self.bos_text,
                                               add_generation_prompt=True)
-
-    def _piece(self, token: int) -> str:
-        if token < 0:
-            return ""
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-        return buf.raw[:max(n, 0)].decode(errors="replace")
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of ``text``; ``add_special`` adds BOS/EOS as the model asks."""

@@ -57,6 +57,18 @@ def _silent_log(level, text, user_data):  # pragma: no cover - C callback
     return None
 
 
+def token_piece(vocab, token: int, *, special: bool) -> bytes:
+    """The bytes of one token's text (``special``: render control tokens such as ``<|im_end|>``)."""
+    if token < 0:
+        return b""
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[:n]
+
+
 class DecodeError(HomeringError):
     """llama_decode failed (for example: no KV slot left, the context is full)."""
 
@@ -129,6 +141,7 @@ class LayerWindow:
         cparams.n_threads_batch = n_threads
         cparams.no_perf = True
         self._captured: np.ndarray | None = None
+        self._filled = False
         self._cb = None
         if not gives_logits:
             self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._eval_callback)
@@ -154,8 +167,9 @@ class LayerWindow:
         out = self._captured
         nbytes = _lib.ggml_nbytes(tensor)
         if out is None or out.nbytes != nbytes:
-            return False
+            return False  # self._captured stays unfilled: forward() raises
         _lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, nbytes)
+        self._filled = True
         return False  # stop: the rest of the graph (output norm, head) is not needed
 
     # ------------------------------------------------------------ forward
@@ -188,14 +202,17 @@ class LayerWindow:
                 last_chunk = start + self.n_batch >= n
                 self._fill_batch(chunk, pos + start, seq_id, all_outputs=not self.gives_logits)
                 if hidden is not None:
-                    self._captured = np.empty((len(chunk), self.n_embd), dtype=np.float32)
+                    # the hook copies l_out straight into these rows (a contiguous view)
+                    self._captured = hidden[start:start + len(chunk)]
+                    self._filled = False
                 rc = llama_cpp.llama_decode(self._ctx, self._batch)
                 if rc != 0:
                     raise DecodeError(f"llama_decode failed with code {rc} at pos {pos + start} "
                                       f"(n_ctx={self.n_ctx})")
-                if hidden is not None:
-                    hidden[start:start + len(chunk)] = self._captured
-                elif last_chunk:
+                if hidden is not None and not self._filled:
+                    raise DecodeError(f"the graph of {self.path.name} never produced {self._target.decode()} "
+                                      f"for {len(chunk)} tokens")
+                if hidden is None and last_chunk:
                     ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
                     logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
             self._captured = None
@@ -255,13 +272,8 @@ class LayerWindow:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
     def token_bytes(self, token: int) -> bytes:
-        """The raw bytes of a token's text (special tokens rendered as text are not included)."""
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
+        """The raw bytes of a token's text (special tokens are not rendered)."""
+        return token_piece(self.vocab, token, special=False)
 
     @property
     def ctx(self):
