@@ -90,7 +90,16 @@ def _broker(url: str | None):
 
 
 def _run(coro) -> None:
-    asyncio.run(coro)
+    """Run a long-lived coroutine; SIGTERM cancels it so its cleanup (e.g. an "offline" status) runs."""
+    async def main() -> None:
+        task = asyncio.current_task()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            await coro
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
 
 
 @cli.command()
@@ -125,6 +134,12 @@ def _local_address(broker_host: str) -> str:
         return socket.gethostbyname(socket.gethostname())
 
 
+PLANNER_OPTION = click.option(
+    "--planner", type=click.Choice(["halda", "memory", "proportional"]), default="halda", show_default=True,
+    help="How layers are assigned: halda (the fastest predicted plan), memory (exo-style, by memory), "
+         "proportional (by available RAM, every agent used).")
+
+
 @cli.command()
 @BROKER_OPTION
 @MODEL_OPTION
@@ -134,8 +149,7 @@ def _local_address(broker_host: str) -> str:
               help="Context size in tokens.")
 @click.option("--timeout", type=click.FloatRange(1), default=60.0, show_default=True,
               help="Seconds to wait for the agents to join.")
-@click.option("--planner", type=click.Choice(["proportional"]), default="proportional", show_default=True,
-              help="How layers are assigned.")
+@PLANNER_OPTION
 def controller(broker, model, agents, ctx, timeout, planner) -> None:
     """Coordinate the cluster: wait for agents, plan, and serve generation requests."""
     from homering.cluster.controller import Controller
@@ -202,14 +216,20 @@ def chat(broker, max_tokens, temperature, seed, system) -> None:
 @click.option("--prompt", "-p", default=None, help="Answer this one prompt and exit (no chat).")
 @click.option("--raw", is_flag=True, help="With --prompt: send the text as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="With --prompt: print one JSON object.")
+@PLANNER_OPTION
 @sampling_options
 @click.pass_obj
-def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, max_tokens, temperature, seed) -> None:
+def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, planner, max_tokens, temperature,
+       seed) -> None:
     """Start a whole cluster on this machine and chat with it (or answer --prompt).
 
     Starts an embedded MQTT broker (unless --broker), a controller and N
     agent processes on the model, then the chat. Everything stops on exit.
     With --prompt the completion goes to stdout and logs to stderr.
+
+    The agents measure this machine and the planner assigns the layers; on one
+    machine Halda usually keeps every layer on the head (hops only cost time),
+    --planner proportional spreads them over every agent.
     """
     from homering.api.chat import chat as chat_loop
     from homering.api.chat import one_shot
@@ -224,11 +244,113 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, max_tok
     sampling = _sampling(max_tokens, temperature, seed)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with LocalCluster(path, n_agents=agents, broker=_broker(broker) if broker else None, threads=threads,
-                      n_ctx=n_ctx, log_args=log_args) as cluster:
+                      n_ctx=n_ctx, planner=planner, log_args=log_args) as cluster:
         if prompt is not None:
             _run(one_shot(cluster.broker, prompt, raw=raw, sampling=sampling, as_json=as_json))
         else:
             _run(chat_loop(cluster.broker, sampling=sampling))
+
+
+# ---------------------------------------------------------------- device profile
+@cli.command()
+@MODEL_OPTION
+@click.option("--threads", "-t", type=click.IntRange(1, 512), default=None,
+              help="llama.cpp threads to time with [default: all cores but one].")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as one JSON object.")
+@click.option("--refresh", is_flag=True, help="Measure again even if a cached profile exists.")
+def profile(model, threads, as_json, refresh) -> None:
+    """Measure this device for a model and print its profile (what the agent publishes).
+
+    RAM available to homering (cgroup limits included), the window cache's
+    disk read speed, and decode time per layer and of the output head on the
+    CPU (and the GPU, if llama.cpp has one). The slow figures are cached per
+    device and model under <home>/profiles; --refresh measures them again.
+    """
+    from rich.console import Console
+
+    from homering.cluster.local import default_threads
+    from homering.models.registry import resolve_model
+    from homering.profiler import profile_device
+
+    path = resolve_model(model)
+    with Console(stderr=True).status("profiling this device") as status:
+        prof = profile_device(path, threads=threads or default_threads(), refresh=refresh,
+                              progress=lambda msg: status.update(msg))
+    if as_json:
+        click.echo(prof.model_dump_json(indent=2))
+    else:
+        _print_profile(prof, path)
+
+
+def _print_profile(prof, model_path) -> None:
+    """A rich table of a :class:`~homering.cluster.schema.DeviceProfile`."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"device profile for {model_path.name}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("os", prof.os)
+    table.add_row("RAM available to homering", f"{prof.ram_gib:.2f} GiB")
+    table.add_row("disk read", f"{prof.disk_gbps:.2f} GB/s")
+    threads = f"{prof.threads} thread" + ("" if prof.threads == 1 else "s")
+    table.add_row("CPU decode per layer", f"{prof.cpu_ms_per_layer:.3f} ms ({threads})")
+    table.add_row("CPU output head", f"{prof.cpu_ms_output:.3f} ms")
+    if prof.gpu is None:
+        table.add_row("GPU", "none")
+    else:
+        table.add_row("GPU free VRAM", f"{prof.gpu.vram_gib:.2f} GiB" + (" (unified)" if prof.gpu.unified else ""))
+        table.add_row("GPU decode per layer", f"{prof.gpu.ms_per_layer:.3f} ms")
+    table.add_row("model fingerprint", prof.model_fingerprint or "-")
+    table.add_row("measured in", "cached (--refresh to measure)" if not prof.profile_ms
+                  else f"{prof.profile_ms / 1000:.1f} s")
+    Console().print(table)
+
+
+# ---------------------------------------------------------------- offline planning
+@cli.command("plan")
+@click.option("--cluster", "cluster_file", required=True, type=click.Path(dir_okay=False),
+              help="cluster.json: {\"model\": {...}, \"devices\": [...]} (schema in the README).")
+@click.option("--model", default=None, metavar="NAME|PATH",
+              help="Derive the model block from this GGUF (with --ctx) instead of the file's.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=4096, show_default=True,
+              help="Context size for the KV-cache bytes when --model is given.")
+@click.option("--planner", type=click.Choice(["halda", "memory", "proportional"]), default="halda",
+              show_default=True, help="Planner to run.")
+@click.option("--k", "ks", type=click.IntRange(1, 1 << 16), multiple=True,
+              help="Rounds to consider (repeatable) [default: every divisor of the layer count].")
+@click.option("--compare", is_flag=True, help="Also show the baselines' plans (memory, proportional).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+def plan_cmd(cluster_file, model, n_ctx, planner, ks, compare, as_json) -> None:
+    """Plan a cluster offline: the layer assignment that minimises the predicted ms per token.
+
+    Example: `homering plan --cluster examples/clusters/prima-home4.json`.
+    """
+    import json
+
+    from rich.console import Console
+
+    from homering.planner import plan_cluster
+    from homering.planner.model import load_cluster, shape_from_gguf
+    from homering.planner.report import plan_json, plan_table
+
+    shape = None
+    if model is not None:
+        from homering.models.registry import resolve_model
+
+        shape = shape_from_gguf(resolve_model(model), n_ctx)
+    spec = load_cluster(cluster_file, shape)
+    names = [planner] + ([p for p in ("halda", "memory", "proportional") if p != planner] if compare else [])
+    results = [plan_cluster(spec, name, list(ks) or None) for name in names]
+    if as_json:
+        doc = plan_json(results[0])
+        if compare:
+            doc["compare"] = {r.planner: plan_json(r) for r in results[1:]}
+        click.echo(json.dumps(doc, indent=2))
+        return
+    console = Console()
+    for r in results:
+        console.print(plan_table(r))
 
 
 # ---------------------------------------------------------------- benchmarks
@@ -263,6 +385,23 @@ def bench_decode(agent_counts, more_counts, model, threads, tokens, repeats, out
     counts = sorted(set(agent_counts) | set(more_counts))
     run_decode_bench(resolve_model(model), counts, threads=threads or default_threads(),
                      n_tokens=tokens, repeats=repeats, out=out, broker=_broker(broker) if broker else None)
+
+
+@bench.command("plan")
+@click.option("--devices", "device_counts", type=click.IntRange(1, 64), multiple=True, default=(4, 8, 16),
+              show_default=True, help="Cluster sizes (repeatable).")
+@click.option("--layers", type=click.IntRange(1, 1024), default=80, show_default=True,
+              help="Model layers (every divisor is a candidate k).")
+@click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True,
+              help="Random clusters per size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random clusters.")
+@click.option("--out", type=click.Path(dir_okay=False), default="bench-results/plan.json", show_default=True,
+              help="Where to write the JSON results.")
+def bench_plan(device_counts, layers, repeats, seed, out) -> None:
+    """Halda's solve time on random heterogeneous clusters (a Llama-3-70B-sized model by default)."""
+    from homering.bench.plan import run_plan_bench
+
+    run_plan_bench(list(device_counts), n_layers=layers, repeats=repeats, seed=seed, out=out)
 
 
 def main() -> None:

@@ -10,6 +10,8 @@ topic                              retained    payload
 ``<p>/agents/<name>/profile``      yes         :class:`AgentProfile`
 ``<p>/agents/<name>/status``       yes (will)  :class:`AgentStatus`
 ``<p>/agents/<name>/generate``     no          :class:`GenerateJob` (head only)
+``<p>/agents/<name>/probe``        no          :class:`LinkProbe` (controller → agent)
+``<p>/agents/<name>/probe/result`` no          :class:`LinkReport` (agent → controller)
 ``<p>/plan``                       yes         :class:`Plan`
 ``<p>/controller/status``          yes (will)  :class:`ControllerStatus`
 ``<p>/requests``                   no          :class:`GenerateRequest`
@@ -49,7 +51,17 @@ class Topics:
     def generate(name: str) -> str:
         return f"{PREFIX}/agents/{name}/generate"
 
+    @staticmethod
+    def probe(name: str) -> str:
+        return f"{PREFIX}/agents/{name}/probe"
+
+    @staticmethod
+    def probe_result(name: str) -> str:
+        return f"{PREFIX}/agents/{name}/probe/result"
+
     ALL_PROFILES = f"{PREFIX}/agents/+/profile"
+    ALL_PROBE_RESULTS = f"{PREFIX}/agents/+/probe/result"
+    ALL_STREAMS = f"{PREFIX}/streams/+"
     ALL_STATUS = f"{PREFIX}/agents/+/status"
     PLAN = f"{PREFIX}/plan"
     CONTROLLER = f"{PREFIX}/controller/status"
@@ -84,6 +96,38 @@ class MalformedMessage(ValueError):
 _NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
+OsName = Literal["linux", "android", "macos"]
+
+
+class GpuProfile(Message):
+    """A device's GPU as the planner sees it (PRIMA.CPP's device profile, §3.1)."""
+
+    vram_gib: float = Field(ge=0, description="free VRAM, GiB (2^30 bytes)")
+    ms_per_layer: float = Field(gt=0, description="decode time of one layer offloaded to the GPU, ms")
+    unified: bool = Field(description="GPU memory is system RAM (Apple Metal): GPU layers count in RAM too")
+
+
+class DeviceProfile(Message):
+    """Measured facts of one device for one model: the planner's device inputs.
+
+    Produced by :func:`homering.profiler.profile_device` and published inside
+    :class:`AgentProfile`. ``link_ms``/``link_mbps`` describe the link to the
+    head; they are measured over the data plane at plan time and are 0/0 until then.
+    """
+
+    os: OsName
+    ram_gib: float = Field(ge=0, description="RAM available to homering, GiB (2^30 bytes)")
+    disk_gbps: float = Field(gt=0, description="read throughput of the window cache's disk, GB/s (1e9 bytes)")
+    cpu_ms_per_layer: float = Field(gt=0, description="decode time of one token through one layer on the CPU, ms")
+    cpu_ms_output: float = Field(ge=0, description="output norm + vocabulary projection for one token, ms")
+    gpu: GpuProfile | None = None
+    link_ms: float = Field(ge=0, default=0.0, description="one-way latency to the head, ms")
+    link_mbps: float = Field(ge=0, default=0.0, description="bandwidth to the head, Mbit/s (1e6 bits)")
+    model_fingerprint: str | None = Field(default=None, description="the model the timings are for")
+    threads: int = Field(ge=1, default=1, description="CPU threads the timings were measured with")
+    profile_ms: float | None = Field(default=None, description="how long measuring took (0 when cached)")
+
+
 class AgentProfile(Message):
     """What an agent publishes about its device (retained)."""
 
@@ -96,6 +140,7 @@ class AgentProfile(Message):
     threads: int = Field(ge=1)
     ram_total: int = Field(ge=0, description="bytes")
     ram_available: int = Field(ge=0, description="bytes")
+    device: DeviceProfile | None = Field(default=None, description="measured for the controller's model")
     version: int = SCHEMA_VERSION
 
 
@@ -108,11 +153,20 @@ class AgentStatus(Message):
 
 
 class WindowAssignment(Message):
-    """One layer window [start, end) of the model on one agent."""
+    """One layer window [start, end) of the model on one agent, in round ``round``."""
 
     start: int = Field(ge=0)
     end: int = Field(ge=1)
     round: int = Field(ge=0, default=0)
+    gpu_layers: int = Field(ge=0, default=0, description="layers of the window offloaded to the GPU")
+
+
+class PredictedCost(Message):
+    """An agent's predicted share of the token latency, ms summed over the k rounds."""
+
+    compute_ms: float
+    disk_ms: float
+    hop_ms: float
 
 
 class PlanAgent(Message):
@@ -122,6 +176,8 @@ class PlanAgent(Message):
     host: str
     data_port: int = Field(ge=1, le=65535)
     windows: list[WindowAssignment]
+    mode: Literal["resident", "overflow", "stream"] | None = None
+    predicted: PredictedCost | None = None
 
 
 class Plan(Message):
@@ -139,6 +195,10 @@ class Plan(Message):
     n_ctx: int = Field(ge=16)
     n_batch: int = Field(ge=1, default=256)
     planner: str
+    k: int = Field(ge=1, default=1, description="rounds: windows per agent")
+    predicted_ms_per_token: float | None = None
+    solve_ms: float | None = None
+    dropped: list[str] = Field(default_factory=list, description="agents the planner left out")
     ring: list[PlanAgent] = Field(min_length=1)
 
     @property
@@ -151,6 +211,23 @@ class Plan(Message):
             if a.name == name:
                 return i
         return None
+
+
+class LinkProbe(Message):
+    """The controller asks an agent to measure its data-plane link to ``host:port`` (the head)."""
+
+    probe_id: str = Field(pattern=_NAME)
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class LinkReport(Message):
+    """An agent's answer to :class:`LinkProbe`: one-way latency (ms) and bandwidth (Mbit/s)."""
+
+    probe_id: str = Field(pattern=_NAME)
+    link_ms: float = Field(ge=0, default=0.0)
+    link_mbps: float = Field(ge=0, default=0.0)
+    error: str | None = None
 
 
 class ChatMessage(Message):
@@ -208,6 +285,8 @@ class ControllerStatus(Message):
 
     state: Literal["waiting", "planning", "ready", "offline", "error"]
     model: str | None = None
+    model_path: str | None = Field(default=None, description="agents profile and slice this file")
+    model_fingerprint: str | None = None
     n_ctx: int | None = None
     plan_id: str | None = None
     detail: str | None = None
@@ -219,6 +298,8 @@ class FrameKind(IntEnum):
     FORWARD = 1    # run the next window on this payload
     KV_REMOVE = 2  # drop positions >= pos of seq_id in every window, then pass on
     ERROR = 3      # a window failed; payload is a UTF-8 message; goes on to the head
+    PING = 4       # link probe: the receiver answers PONG on the same connection
+    PONG = 5       # answer to PING (no payload)
 
 
 class DType(IntEnum):
@@ -226,6 +307,7 @@ class DType(IntEnum):
     F32 = 2     # float32 hidden states, n_tokens × n_embd
     TEXT = 3    # UTF-8 bytes (errors)
     NONE = 4    # no payload
+    BYTES = 5   # opaque bytes (PING padding), n_tokens = 0
 
 
 FRAME_MAGIC = b"HRNG"
@@ -235,6 +317,7 @@ HEADER = struct.Struct("<4sBBBBIIHHIIII")
 pos, n_tokens, n_embd, payload bytes — 36 bytes."""
 MAX_TOKENS_PER_FRAME = 1 << 16
 MAX_PAYLOAD = 1 << 30
+MAX_PROBE_BYTES = 1 << 24  # largest PING padding
 
 
 class FrameError(ValueError):
@@ -275,6 +358,8 @@ class FrameHeader:
             raise FrameError(str(exc)) from None
         if n_tokens > MAX_TOKENS_PER_FRAME or payload_len > MAX_PAYLOAD:
             raise FrameError(f"frame too large ({n_tokens} tokens, {payload_len} bytes)")
+        if dtype is DType.BYTES and (kind is not FrameKind.PING or payload_len > MAX_PROBE_BYTES):
+            raise FrameError(f"opaque payload of {payload_len} bytes on a {kind.name} frame")
         expected = {DType.TOKENS: n_tokens * 4, DType.F32: n_tokens * n_embd * 4, DType.NONE: 0}.get(dtype)
         if expected is not None and payload_len != expected:
             raise FrameError(f"payload is {payload_len} bytes, header says {expected}")

@@ -1,0 +1,246 @@
+"""Decode speed of a model's own layers on this device's CPU (and GPU).
+
+The probe runs real layer windows of the model, exactly as an agent does
+(:class:`~homering.engine.window.LayerWindow`, hidden-state input):
+
+- ``mid``: :func:`probe_layers` layers from the middle of the model, role
+  ``middle`` (hidden states out) → ms per layer = median / layers;
+- ``last``/``last-hidden``: the model's last layers as a ``last`` window
+  (output norm + vocabulary projection → logits) and as a ``middle`` window
+  (hidden states out) → ms of the output = max(0, median(last) − median(last-hidden)).
+
+Each window decodes one token at a time at successive positions (input
+shape (1, n_embd) float32); the first :data:`WARMUP_TOKENS` are not timed
+(they page the weights in and warm the caches). The windows take turns token
+by token, so a burst of background load hits all of them alike; timing stops
+early after :data:`TIMING_BUDGET_S` seconds. The windows
+are sliced into the normal window cache and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from homering.cluster.schema import GpuProfile
+from homering.engine.window import LayerWindow
+from homering.models.gguf_info import ModelInfo, inspect_gguf
+from homering.models.slicing import Role, WindowSpec, slice_window
+
+log = logging.getLogger(__name__)
+
+PROBE_LAYERS = 4
+"""Most layers in a probe window."""
+PROBE_WINDOW_BYTES = 512 << 20
+"""Tensor bytes a probe window may hold (bytes): big models get fewer layers (at least one)."""
+PROBE_N_CTX = 256
+"""KV cache size of the probe windows, tokens."""
+WARMUP_TOKENS = 4
+"""Untimed decodes per window before timing."""
+TIMED_TOKENS = 24
+"""Timed decodes per window; the median counts."""
+TIMING_BUDGET_S = 8.0
+"""Seconds of timed decoding after which the probe stops early (with at least
+:data:`MIN_TIMED_TOKENS` per window): a machine whose cores are taken by other
+work (llama.cpp threads then wait on each other for whole time slices) must
+not make profiling take minutes."""
+MIN_TIMED_TOKENS = 5
+
+_GGML_DEV_GPU = 1   # enum ggml_backend_dev_type (ggml-backend.h): CPU, GPU, IGPU, ACCEL, META
+_GGML_DEV_IGPU = 2
+
+
+@dataclass(frozen=True)
+class ComputeTimings:
+    """What :func:`measure_compute` measured.
+
+    Attributes:
+        ms_per_layer: median decode time of one token through one layer, ms.
+        ms_output: output norm + vocabulary projection of one token, ms
+            (None when not measured).
+        probe_layers: layers in the probe windows.
+        tokens: timed decodes per window (fewer than asked when the time budget ran out).
+    """
+
+    ms_per_layer: float
+    ms_output: float | None
+    probe_layers: int
+    tokens: int
+
+
+def probe_layers(info: ModelInfo) -> int:
+    """Layers per probe window: up to :data:`PROBE_LAYERS`, within :data:`PROBE_WINDOW_BYTES`, at least 1."""
+    largest = max(info.layer_bytes, default=0) or 1
+    return max(1, min(PROBE_LAYERS, info.n_layers, PROBE_WINDOW_BYTES // largest))
+
+
+def measure_compute(model_path: str | Path, *, threads: int, gpu: bool = False, output: bool = True,
+                    tokens: int = TIMED_TOKENS, warmup: int = WARMUP_TOKENS, info: ModelInfo | None = None,
+                    progress: Callable[[str], None] | None = None) -> ComputeTimings:
+    """Time single-token decode through the model's own layers (see the module docstring).
+
+    Args:
+        model_path: the full model's GGUF.
+        threads: llama.cpp threads (>= 1).
+        gpu: offload the probe windows' layers (and output) to the GPU
+            (``n_gpu_layers``); only meaningful when llama.cpp has a GPU backend.
+        output: also time the output norm + vocabulary projection.
+        tokens: timed decodes per window (the median counts), >= 1; fewer
+            (at least :data:`MIN_TIMED_TOKENS`) when timing runs over
+            :data:`TIMING_BUDGET_S`.
+        warmup: untimed decodes before, >= 0; ``warmup + tokens`` must fit
+            in :data:`PROBE_N_CTX`.
+        info: the model's :func:`~homering.models.gguf_info.inspect_gguf`, if known.
+        progress: called with a short status line before each stage.
+
+    Returns:
+        :class:`ComputeTimings` (ms; ``ms_output`` None when ``output`` is false).
+
+    Raises:
+        ValueError: bad ``threads``/``tokens``/``warmup``.
+        ModelError: the model cannot be read or sliced.
+        HomeringError: llama.cpp cannot load a probe window or decode fails.
+    """
+    if threads < 1 or tokens < 1 or warmup < 0 or warmup + tokens > PROBE_N_CTX:
+        raise ValueError(f"bad probe settings: threads={threads}, tokens={tokens}, warmup={warmup}")
+    say = progress or (lambda _msg: None)
+    info = info or inspect_gguf(model_path)
+    n = probe_layers(info)
+    L = info.n_layers
+    mid_start = (L - n) // 2
+    specs = [WindowSpec(mid_start, mid_start + n, Role.MIDDLE)]
+    if output:
+        specs += [WindowSpec(L - n, L, Role.LAST), WindowSpec(L - n, L, Role.MIDDLE)]
+    say(f"slicing {len(specs)} probe window(s) of {n} layer(s)")
+    files = [slice_window(model_path, s, progress=False, model_fp=info.fingerprint) for s in specs]
+
+    where = "GPU" if gpu else f"CPU, {threads} thread(s)"
+    say(f"timing decode through {n} layer(s) ({where})")
+    _warn_if_busy(threads)
+    with ExitStack() as stack:
+        windows = [stack.enter_context(LayerWindow(
+            f, takes_tokens=False, gives_logits=s.role.gives_logits, n_ctx=PROBE_N_CTX, n_batch=1,
+            n_threads=threads, n_gpu_layers=(n + 1) if gpu else 0)) for f, s in zip(files, specs)]
+        ms = _time_decodes(windows, info.n_embd, warmup, tokens)
+    mid = statistics.median(ms[0])
+    ms_output = max(0.0, statistics.median(ms[1]) - statistics.median(ms[2])) if output else None
+    return ComputeTimings(ms_per_layer=mid / n, ms_output=ms_output, probe_layers=n, tokens=len(ms[0]))
+
+
+def _warn_if_busy(threads: int) -> None:
+    """Log a warning when other work keeps the cores busy now (the timings will be pessimistic).
+
+    Samples the system-wide CPU use for 0.25 s while this process is idle.
+    """
+    cores = os.cpu_count() or 1
+    busy = psutil.cpu_percent(interval=0.25) / 100.0 * cores
+    if busy + threads > cores + 0.5:
+        log.warning("the machine is busy (%.1f of %d cores in use by other work, %d profiling threads): "
+                    "decode timings will be pessimistic", busy, cores, threads)
+
+
+def _time_decodes(windows: list[LayerWindow], n_embd: int, warmup: int, tokens: int) -> list[list[float]]:
+    """Per window, the ms of each timed single-token decode; the windows take turns."""
+    x = np.random.default_rng(0).standard_normal((1, n_embd), dtype=np.float32)
+    samples: list[list[float]] = [[] for _ in windows]
+    deadline = None
+    for pos in range(warmup + tokens):
+        if pos == warmup:
+            deadline = time.perf_counter() + TIMING_BUDGET_S
+        elif deadline is not None and pos - warmup >= MIN_TIMED_TOKENS and time.perf_counter() > deadline:
+            log.warning("decode timing stopped after %d tokens (over %.0f s): the machine is slow or busy",
+                        pos - warmup, TIMING_BUDGET_S)
+            break
+        for w, s in zip(windows, samples):
+            t0 = time.perf_counter()
+            w.forward(x, pos)
+            dt = time.perf_counter() - t0
+            if pos >= warmup:
+                s.append(dt * 1000.0)
+    return samples
+
+
+# ------------------------------------------------------------------ GPU
+
+def gpu_free_vram() -> tuple[int, bool] | None:
+    """Free memory of llama.cpp's GPU devices: (bytes summed over GPUs, any of them integrated).
+
+    Uses the ggml backend device API (``ggml_backend_dev_count``,
+    ``ggml_backend_dev_type``, ``ggml_backend_dev_memory``) from libggml
+    through ctypes. Integrated GPUs (``GGML_BACKEND_DEVICE_TYPE_IGPU``) use
+    system RAM.
+
+    Returns:
+        None when the API is not exported or llama.cpp has no GPU device
+        (an RPC-only build, for instance). Never raises.
+    """
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import _ggml
+
+    try:
+        llama_cpp.llama_supports_gpu_offload()  # loads dynamic backends if none is loaded yet
+        lib = _ggml.libggml
+        # lib[...] makes fresh function objects: the shared ones keep their own argtypes
+        dev_count, dev_get, dev_type, dev_memory = (lib[n] for n in (
+            "ggml_backend_dev_count", "ggml_backend_dev_get", "ggml_backend_dev_type", "ggml_backend_dev_memory"))
+    except (AttributeError, OSError) as exc:
+        log.warning("cannot query free VRAM (ggml backend device API: %s)", exc)
+        return None
+    dev_count.argtypes, dev_count.restype = [], ctypes.c_size_t
+    dev_get.argtypes, dev_get.restype = [ctypes.c_size_t], ctypes.c_void_p
+    dev_type.argtypes, dev_type.restype = [ctypes.c_void_p], ctypes.c_int
+    dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    dev_memory.restype = None
+    free_total, integrated, found = 0, False, False
+    for i in range(dev_count()):
+        dev = dev_get(i)
+        kind = dev_type(dev)
+        if kind not in (_GGML_DEV_GPU, _GGML_DEV_IGPU):
+            continue
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        free_total += free.value
+        integrated |= kind == _GGML_DEV_IGPU
+        found = True
+    return (free_total, integrated) if found else None
+
+
+def measure_gpu(model_path: str | Path, *, threads: int, info: ModelInfo | None = None,
+                progress: Callable[[str], None] | None = None) -> GpuProfile | None:
+    """The device's GPU profile, or None when llama.cpp offers no GPU.
+
+    ``vram_gib``: free VRAM (:func:`gpu_free_vram`), GiB; ``ms_per_layer``:
+    :func:`measure_compute` with the probe layers offloaded; ``unified``:
+    macOS (Metal) or an integrated GPU.
+
+    Returns:
+        None without ``llama_supports_gpu_offload()``, or when free VRAM
+        cannot be read (a warning is logged).
+
+    Raises:
+        the errors of :func:`measure_compute`.
+    """
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        return None
+    vram = gpu_free_vram()
+    if vram is None:
+        log.warning("llama.cpp supports GPU offload but reports no GPU memory: profiling the CPU only")
+        return None
+    free, integrated = vram
+    timings = measure_compute(model_path, threads=threads, gpu=True, output=False, info=info, progress=progress)
+    return GpuProfile(vram_gib=free / (1 << 30), ms_per_layer=timings.ms_per_layer,
+                      unified=sys.platform == "darwin" or integrated)

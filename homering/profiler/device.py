@@ -1,0 +1,217 @@
+"""``profile_device``: the :class:`~homering.cluster.schema.DeviceProfile` of this device for a model.
+
+RAM is measured on every call (it is cheap and changes all the time). The
+slow figures (disk throughput, CPU/GPU decode times) are cached per (device,
+model) as JSON under ``<home>/profiles/``:
+
+- the device key hashes the host name, the process's cgroups
+  (``/proc/self/cgroup``: the emulated devices of a test host differ only
+  there), the thread count, ``os.cpu_count()`` and the llama-cpp-python version;
+- the model key is the model's fingerprint.
+
+Several agents on one machine often start at once. Measuring at the same
+time would give garbage on a small machine (they fight over cores and the
+disk), so measurement holds an exclusive ``flock`` on ``<home>/profiles/.lock``:
+one process measures, the others wait, then find its result in the cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from homering import paths
+from homering.cluster.schema import DeviceProfile, GpuProfile, OsName
+from homering.errors import HomeringError
+from homering.models.gguf_info import inspect_gguf
+from homering.profiler.compute import measure_compute, measure_gpu
+from homering.profiler.disk import DISK_PROBE_BYTES, measure_disk_gbps
+from homering.profiler.memory import available_ram_bytes
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+_GIB = float(1 << 30)
+
+
+def detect_os() -> OsName:
+    """``"android"``, ``"linux"`` or ``"macos"``.
+
+    Android (Termux) reports ``sys.platform == "linux"`` before Python 3.13;
+    it is recognised by ``$ANDROID_ROOT`` or ``/system/build.prop``.
+
+    Raises:
+        HomeringError: any other platform (homering runs on these three).
+    """
+    if sys.platform == "android" or (sys.platform.startswith("linux") and (
+            "ANDROID_ROOT" in os.environ or Path("/system/build.prop").exists())):
+        return "android"
+    if sys.platform.startswith("linux"):
+        return "linux"
+    if sys.platform == "darwin":
+        return "macos"
+    raise HomeringError(f"unsupported platform {sys.platform!r}: homering runs on Linux, Android and macOS")
+
+
+def _proc_cgroup() -> str:
+    try:
+        return Path("/proc/self/cgroup").read_text().strip()
+    except OSError:
+        return ""  # macOS, or hidden (Android SELinux)
+
+
+def device_key(threads: int) -> str:
+    """16 hex digits identifying this device for the profile cache.
+
+    Hashes the host name, ``/proc/self/cgroup``, ``threads``, ``os.cpu_count()``
+    and the llama-cpp-python version (another llama.cpp build times differently).
+    """
+    import llama_cpp
+
+    parts = [socket.gethostname(), _proc_cgroup(), int(threads), os.cpu_count() or 0, llama_cpp.__version__]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+class _CachedTimings(BaseModel):
+    """One cache file: the slow figures of a profile (not a wire message)."""
+
+    version: int
+    device_key: str
+    host: str
+    model_fingerprint: str
+    threads: int
+    disk_gbps: float
+    cpu_ms_per_layer: float
+    cpu_ms_output: float
+    gpu: GpuProfile | None
+    profile_ms: float
+    measured_at: float  # Unix time, s
+
+
+def profiles_dir() -> Path:
+    """Folder of cached profiles (``<home>/profiles``), created on first use."""
+    path = paths.home() / "profiles"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _read_cache(path: Path, key: str, fp: str) -> _CachedTimings | None:
+    try:
+        cached = _CachedTimings.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValidationError, ValueError) as exc:
+        log.warning("ignoring unreadable profile cache %s: %s", path, str(exc).splitlines()[0])
+        return None
+    if cached.version != CACHE_VERSION or cached.device_key != key or cached.model_fingerprint != fp:
+        return None
+    return cached
+
+
+def _write_cache(path: Path, record: _CachedTimings) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(record.model_dump_json(indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _measuring_lock(say: Callable[[str], None]):
+    """Exclusive flock on ``<home>/profiles/.lock``; says so when it has to wait."""
+    with open(profiles_dir() / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say("waiting for another homering process that is profiling this machine")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def profile_device(model_path: str | os.PathLike, *, threads: int, refresh: bool = False,
+                   progress: Callable[[str], None] | None = None,
+                   disk_bytes: int = DISK_PROBE_BYTES,
+                   disk_dir: str | os.PathLike | None = None) -> DeviceProfile:
+    """Measure (or read from the cache) this device's profile for one model.
+
+    Measures: RAM available to homering (always, see
+    :func:`~homering.profiler.memory.available_ram_bytes`); the window
+    cache's disk read throughput (:func:`~homering.profiler.disk.measure_disk_gbps`);
+    decode time per layer and of the output head on the CPU
+    (:func:`~homering.profiler.compute.measure_compute`); the GPU's free VRAM
+    and time per layer when llama.cpp has a GPU backend. ``link_ms`` and
+    ``link_mbps`` stay 0 (measured at plan time).
+
+    Args:
+        model_path: the model's GGUF (a resolved path; see
+            :func:`homering.models.registry.resolve_model`).
+        threads: llama.cpp threads to time with (>= 1); part of the cache key.
+        refresh: measure again even when the cache has a profile.
+        progress: called with a short status line before each stage.
+        disk_bytes: size of the disk probe file, bytes (default 256 MiB).
+        disk_dir: where to measure the disk; default the window cache folder.
+
+    Returns:
+        :class:`DeviceProfile`; ``profile_ms`` is the wall time of measuring,
+        ms, or 0.0 when the slow figures came from the cache.
+
+    Raises:
+        ModelError: the model file is missing or not a usable GGUF.
+        HomeringError: unsupported OS, the disk probe failed, llama.cpp
+            cannot load or run a probe window.
+        ValueError: ``threads`` < 1.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    say = progress or (lambda _msg: None)
+    os_name = detect_os()
+    info = inspect_gguf(model_path)
+    key = device_key(threads)
+    cache_file = profiles_dir() / f"{key}-{info.fingerprint}.json"
+
+    cached = None if refresh else _read_cache(cache_file, key, info.fingerprint)
+    if cached is None:
+        with _measuring_lock(say):
+            # another process may have measured while this one waited
+            cached = None if refresh else _read_cache(cache_file, key, info.fingerprint)
+            if cached is None:
+                t0 = time.perf_counter()
+                say(f"measuring disk read throughput ({disk_bytes >> 20} MiB)")
+                disk = measure_disk_gbps(disk_dir, size_bytes=disk_bytes)
+                cpu = measure_compute(info.path, threads=threads, info=info, progress=say)
+                gpu = measure_gpu(info.path, threads=threads, info=info, progress=say)
+                say("measuring available RAM")
+                ram = available_ram_bytes()
+                record = _CachedTimings(
+                    version=CACHE_VERSION, device_key=key, host=socket.gethostname(),
+                    model_fingerprint=info.fingerprint, threads=threads, disk_gbps=disk,
+                    cpu_ms_per_layer=cpu.ms_per_layer, cpu_ms_output=cpu.ms_output or 0.0, gpu=gpu,
+                    profile_ms=(time.perf_counter() - t0) * 1000.0, measured_at=time.time())
+                try:
+                    _write_cache(cache_file, record)
+                except OSError as exc:
+                    log.warning("cannot write the profile cache %s: %s", cache_file, exc)
+                return _profile(os_name, ram, record, record.profile_ms)
+    say("measuring available RAM")
+    return _profile(os_name, available_ram_bytes(), cached, 0.0)
+
+
+def _profile(os_name: OsName, ram_bytes: int, t: _CachedTimings, profile_ms: float) -> DeviceProfile:
+    return DeviceProfile(os=os_name, ram_gib=ram_bytes / _GIB, disk_gbps=t.disk_gbps,
+                         cpu_ms_per_layer=t.cpu_ms_per_layer, cpu_ms_output=t.cpu_ms_output, gpu=t.gpu,
+                         model_fingerprint=t.model_fingerprint, threads=t.threads, profile_ms=profile_ms)

@@ -1,0 +1,219 @@
+"""The device profiler: cgroup parsing on fake trees, disk probe, real profiles of SmolLM2, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+import llama_cpp
+
+from homering.cluster.schema import DeviceProfile
+from homering.profiler import (AGENT_RESERVE_BYTES, available_ram_bytes, cgroup_memory_headroom, detect_os,
+                               gpu_free_vram, measure_disk_gbps, profile_device, profiles_dir)
+from homering.profiler.disk import DISK_PROBE_NAME
+from homering.profiler.memory import V1_UNLIMITED, parse_proc_cgroup
+
+MiB, GiB = 1 << 20, 1 << 30
+V1_NO_LIMIT = "9223372036854771712"  # what the kernel writes for "no limit" (x86-64)
+
+
+def write_tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def homering(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "homering", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+# ------------------------------------------------------------------ RAM / cgroups
+
+def test_parse_proc_cgroup_hybrid_and_unified():
+    hybrid = "9:name=systemd:/\n4:memory:/lxc/dev1\n2:cpu,cpuacct:/x\n0::/\n"
+    assert parse_proc_cgroup(hybrid).v1_memory == "/lxc/dev1"
+    assert parse_proc_cgroup(hybrid).v2 == "/"
+    unified = parse_proc_cgroup("0::/system.slice/homering-agent.service\n")
+    assert (unified.v1_memory, unified.v2) == (None, "/system.slice/homering-agent.service")
+
+
+def test_cgroup_v2_limit_and_tighter_parent(tmp_path):
+    cg = "sys/fs/cgroup/homering/dev1"
+    root = write_tree(tmp_path, {
+        "proc/self/cgroup": "0::/homering/dev1\n",
+        "sys/fs/cgroup/cgroup.controllers": "cpu memory\n",
+        f"{cg}/memory.max": f"{GiB}\n",
+        f"{cg}/memory.current": f"{300 * MiB}\n",
+        f"{cg}/memory.stat": f"anon {200 * MiB}\nfile {100 * MiB}\ninactive_file {40 * MiB}\nactive_file 7\n",
+        "sys/fs/cgroup/homering/memory.max": "max\n",
+    })
+    assert cgroup_memory_headroom(root) == GiB - 300 * MiB + 40 * MiB
+    # a cgroup limit below what the machine has available wins, minus the agent's reserve
+    assert available_ram_bytes(root=root) == GiB - 260 * MiB - AGENT_RESERVE_BYTES
+    # a parent's limit binds its children
+    write_tree(root, {"sys/fs/cgroup/homering/memory.max": f"{512 * MiB}\n",
+                      "sys/fs/cgroup/homering/memory.current": f"{500 * MiB}\n"})
+    assert cgroup_memory_headroom(root) == 12 * MiB
+    assert available_ram_bytes(root=root) == 0  # never negative
+
+
+def test_cgroup_v2_max_means_no_limit(tmp_path):
+    root = write_tree(tmp_path, {
+        "proc/self/cgroup": "0::/user.slice\n",
+        "sys/fs/cgroup/cgroup.controllers": "memory\n",
+        "sys/fs/cgroup/user.slice/memory.max": "max\n",
+        "sys/fs/cgroup/user.slice/memory.current": f"{GiB}\n",
+    })
+    assert cgroup_memory_headroom(root) is None
+    ram = available_ram_bytes(root=root, reserve=0)
+    assert 0 < ram <= psutil.virtual_memory().total
+
+
+def test_cgroup_v1_limit_on_a_hybrid_host(tmp_path):
+    cg = "sys/fs/cgroup/memory/lxc/dev1"
+    root = write_tree(tmp_path, {
+        "proc/self/cgroup": "9:name=systemd:/\n4:memory:/lxc/dev1\n0::/\n",
+        f"{cg}/memory.limit_in_bytes": f"{2 * GiB}\n",
+        f"{cg}/memory.usage_in_bytes": f"{1536 * MiB}\n",
+        f"{cg}/memory.stat": f"inactive_file {MiB}\ntotal_inactive_file {512 * MiB}\n",
+        "sys/fs/cgroup/memory/lxc/memory.limit_in_bytes": V1_NO_LIMIT + "\n",
+        "sys/fs/cgroup/memory/lxc/memory.usage_in_bytes": f"{20 * GiB}\n",
+        "sys/fs/cgroup/unified/cgroup.procs": "1\n",  # v2 without the memory controller
+    })
+    assert cgroup_memory_headroom(root) == GiB  # total_inactive_file counts, not inactive_file
+
+
+def test_cgroup_v1_huge_limit_means_no_limit(tmp_path):
+    assert int(V1_NO_LIMIT) >= V1_UNLIMITED
+    root = write_tree(tmp_path, {
+        "proc/self/cgroup": "4:memory:/docker/abc\n",
+        "sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes": V1_NO_LIMIT + "\n",
+        "sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes": f"{GiB}\n",
+    })
+    assert cgroup_memory_headroom(root) is None
+
+
+def test_cgroup_v1_container_sees_its_cgroup_at_the_mount_point(tmp_path):
+    # no cgroup namespace: /proc/self/cgroup names /docker/abc, mounted at .../memory itself
+    root = write_tree(tmp_path, {
+        "proc/self/cgroup": "4:memory:/docker/abc\n",
+        "proc/self/mountinfo": "35 31 0:32 /docker/abc /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n",
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{GiB}\n",
+        "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{256 * MiB}\n",
+        "sys/fs/cgroup/memory/memory.stat": "total_inactive_file 0\n",
+    })
+    assert cgroup_memory_headroom(root) == 768 * MiB
+
+
+def test_no_cgroup_files_means_no_limit(tmp_path):
+    assert cgroup_memory_headroom(tmp_path) is None
+    assert available_ram_bytes() <= psutil.virtual_memory().total  # the real system
+
+
+# ------------------------------------------------------------------ disk, OS, GPU
+
+def test_disk_probe_reuses_its_file_and_rewrites_a_wrong_size(tmp_path):
+    assert measure_disk_gbps(tmp_path, size_bytes=8 * MiB) > 0
+    probe = tmp_path / DISK_PROBE_NAME
+    first = probe.stat()
+    assert first.st_size == 8 * MiB
+    assert measure_disk_gbps(tmp_path, size_bytes=8 * MiB) > 0
+    assert probe.stat().st_ino == first.st_ino  # reused, not rewritten
+    assert measure_disk_gbps(tmp_path, size_bytes=4 * MiB) > 0
+    assert probe.stat().st_size == 4 * MiB
+    assert [p.name for p in tmp_path.iterdir()] == [DISK_PROBE_NAME]  # no temporary left behind
+    with pytest.raises(ValueError):
+        measure_disk_gbps(tmp_path, size_bytes=1000)
+
+
+def test_os_detection(monkeypatch):
+    if sys.platform.startswith("linux"):
+        monkeypatch.setenv("ANDROID_ROOT", "/system")
+        assert detect_os() == "android"
+        monkeypatch.delenv("ANDROID_ROOT")
+        assert detect_os() == ("android" if Path("/system/build.prop").exists() else "linux")
+
+
+def test_no_gpu_means_no_vram():
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this machine has a GPU backend")
+    assert gpu_free_vram() is None
+
+
+# ------------------------------------------------------------------ real profiles
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty HOMERING_HOME (profile cache, window cache, disk probe)."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("HOMERING_HOME", str(path))
+    return path
+
+
+def test_profile_measures_then_caches_then_refreshes(smollm2, home):
+    messages = []
+    first = profile_device(smollm2, threads=1, disk_bytes=32 * MiB, progress=messages.append)
+    assert first.os in ("linux", "android", "macos")
+    assert 0 < first.ram_gib <= psutil.virtual_memory().total / GiB
+    assert first.disk_gbps > 0 and first.cpu_ms_per_layer > 0 and first.cpu_ms_output >= 0
+    assert first.threads == 1 and first.profile_ms > 0
+    assert first.link_ms == 0 and first.link_mbps == 0
+    if not llama_cpp.llama_supports_gpu_offload():
+        assert first.gpu is None
+    assert len(first.model_fingerprint) == 16
+    assert any("disk" in m for m in messages) and any("decode" in m for m in messages)
+    assert (home / "windows" / DISK_PROBE_NAME).stat().st_size == 32 * MiB
+    assert len(list(profiles_dir().glob("*.json"))) == 1
+
+    cached = profile_device(smollm2, threads=1, disk_bytes=32 * MiB)
+    assert cached.profile_ms == 0
+    slow = ("disk_gbps", "cpu_ms_per_layer", "cpu_ms_output", "gpu", "model_fingerprint", "threads")
+    assert cached.model_dump(include=set(slow)) == first.model_dump(include=set(slow))
+
+    refreshed = profile_device(smollm2, threads=1, disk_bytes=32 * MiB, refresh=True)
+    assert refreshed.profile_ms > 0
+    assert refreshed.cpu_ms_per_layer != first.cpu_ms_per_layer  # measured again (floats never repeat)
+    again = profile_device(smollm2, threads=1, disk_bytes=32 * MiB)
+    assert again.profile_ms == 0 and again.cpu_ms_per_layer == refreshed.cpu_ms_per_layer
+
+    # another thread count is another device key: measured, cached beside the first
+    assert profile_device(smollm2, threads=2, disk_bytes=32 * MiB).profile_ms > 0
+    assert len(list(profiles_dir().glob("*.json"))) == 2
+
+    # the CLI (its own process) finds the cached profile and prints a DeviceProfile
+    proc = homering("profile", "--model", str(smollm2), "--threads", "1", "--json", env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    printed = DeviceProfile.load(proc.stdout)
+    assert printed.profile_ms == 0 and printed.cpu_ms_per_layer == refreshed.cpu_ms_per_layer
+
+
+def test_concurrent_profilers_measure_once(smollm2, home):
+    script = ("import sys; from homering.profiler import profile_device; "
+              f"print(profile_device(sys.argv[1], threads=1, disk_bytes={16 * MiB}).model_dump_json())")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(smollm2)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ)) for _ in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        outs.append(DeviceProfile.load(out))
+    # one measured; the other waited for the lock, then read the cache
+    assert sorted(o.profile_ms == 0 for o in outs) == [False, True]
+    assert outs[0].cpu_ms_per_layer == outs[1].cpu_ms_per_layer
+
+
+def test_profile_cli_bad_model_is_one_line(tmp_path):
+    for model, needle in (("llama-9000", "unknown model"), (str(tmp_path / "nope.gguf"), "not found")):
+        proc = homering("profile", "--model", model, "--json")
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("homering: error:") and needle in lines[0], proc.stderr
+        assert proc.stdout == ""
