@@ -191,7 +191,7 @@ def _metadata_entries(gf: GGUFFile, arch: str, n_layers: int, spec: WindowSpec) 
         else:
             entries.append(f.raw)
     entries.append(gfile.encode_field(f"{arch}.block_count", gfile.UINT32, spec.n_layers))
-    flags = _layer_swa_flags(gf, arch, n_layers)
+    flags = layer_swa_flags(gf, arch, n_layers)
     if flags is not None:
         entries.append(gfile.encode_field(pattern_key, gfile.ARRAY, flags[spec.start:spec.end], gfile.BOOL))
     if vocab_free:
@@ -203,7 +203,7 @@ def _metadata_entries(gf: GGUFFile, arch: str, n_layers: int, spec: WindowSpec) 
     return entries
 
 
-def _layer_swa_flags(gf: GGUFFile, arch: str, n_layers: int) -> list[bool] | None:
+def layer_swa_flags(gf: GGUFFile, arch: str, n_layers: int) -> list[bool] | None:
     """The full model's per-layer sliding-window flags, or None if it has no SWA."""
     pattern = gf.get(f"{arch}.attention.sliding_window_pattern")
     if isinstance(pattern, list):

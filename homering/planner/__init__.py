@@ -1,48 +1,130 @@
-"""Planners: who runs which layers.
+"""Planners: which device runs which layers, and the predicted ms per token.
 
-Every planner is a function ``(profiles, n_layers) -> [(name, n_layers_of_agent)]``
-in ring order (head last); :func:`make_plan` turns its answer into a
-:class:`~homering.cluster.schema.Plan`. The Halda planner (PRIMA.CPP §3)
-plugs in here.
+A planner maps a :class:`~homering.planner.model.ClusterSpec` (model shape
+and measured devices) to an assignment evaluated with the latency model
+(:func:`~homering.planner.model.evaluate`). ``halda`` is the exact optimum
+(PRIMA.CPP §3); ``memory`` (exo) and ``proportional`` (the walking skeleton)
+are baselines. :func:`make_plan` turns agents' profiles into a
+:class:`~homering.cluster.schema.Plan`.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Callable
 
-from homering.cluster.schema import AgentProfile, Plan, PlanAgent, WindowAssignment
-from homering.errors import HomeringError
-from homering.planner.proportional import plan_proportional
+from homering.cluster.schema import (
+    AgentProfile, Plan, PlanAgent, PredictedCost, WindowAssignment,
+)
+from homering.planner import halda
+from homering.planner.model import (
+    ClusterSpec, Device, ModelShape, PlanError, Prediction, divisors, parse_cluster,
+)
+from homering.planner.proportional import plan_memory, plan_proportional
 
-Planner = Callable[[list[AgentProfile], int], list[tuple[str, int]]]
-
-PLANNERS: dict[str, Planner] = {"proportional": plan_proportional}
+__all__ = ["PLANNERS", "PlanResult", "plan_cluster", "make_plan", "devices_from_profiles", "PlanError"]
 
 
-def make_plan(profiles: list[AgentProfile], *, n_layers: int, model_path: str, model_fingerprint: str,
-              n_ctx: int, n_batch: int = 256, planner: str = "proportional") -> Plan:
-    """Assign contiguous layer windows to agents and build the ring.
+def _halda(spec: ClusterSpec, ks: list[int] | None) -> Prediction:
+    return halda.solve(spec, ks).prediction
+
+
+PLANNERS: dict[str, Callable[[ClusterSpec, list[int] | None], Prediction]] = {
+    "halda": _halda,
+    "memory": plan_memory,
+    "proportional": plan_proportional,
+}
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """A planner's answer: the evaluated assignment, the planner's name and its solve time (ms)."""
+
+    prediction: Prediction
+    planner: str
+    solve_ms: float
+    per_k: dict[int, float] = field(default_factory=dict)
+
+
+def plan_cluster(spec: ClusterSpec, planner: str = "halda", ks: list[int] | None = None) -> PlanResult:
+    """Run ``planner`` on ``spec`` over the candidate ``ks`` (default: every divisor of L).
 
     Raises:
-        HomeringError: unknown planner, or no agents.
+        PlanError: unknown planner, a k that does not divide L, or no feasible plan.
+    """
+    if planner not in PLANNERS:
+        raise PlanError(f"unknown planner {planner!r}: use one of {', '.join(PLANNERS)}")
+    if ks:
+        bad = [k for k in ks if k < 1 or spec.model.n_layers % k]
+        if bad:
+            raise PlanError(f"k={bad[0]} does not divide {spec.model.n_layers} layers "
+                            f"(choose from {', '.join(map(str, divisors(spec.model.n_layers)))})")
+    t0 = time.perf_counter()
+    if planner == "halda":
+        sol = halda.solve(spec, ks)
+        return PlanResult(sol.prediction, planner, sol.solve_ms, sol.per_k)
+    pred = PLANNERS[planner](spec, ks)
+    return PlanResult(pred, planner, (time.perf_counter() - t0) * 1000, {pred.k: pred.ms_per_token})
+
+
+def head_of(profiles: list[AgentProfile]) -> AgentProfile:
+    """The head: the agent with the most available RAM (ties: by name)."""
+    return max(profiles, key=lambda p: (p.ram_available, [-ord(c) for c in p.name]))
+
+
+def devices_from_profiles(profiles: list[AgentProfile]) -> list[Device]:
+    """Planner devices from agents' measured profiles, sorted by name, the head flagged.
+
+    The head's own ``link_*`` (its hop back to the ring's first device) is the
+    median of the others' links to it, assuming a symmetric LAN.
+
+    Raises:
+        PlanError: an agent has not published a measured device profile.
+    """
+    missing = [p.name for p in profiles if p.device is None]
+    if missing:
+        raise PlanError(f"agents without a device profile: {', '.join(missing)}")
+    head = head_of(profiles)
+    others = sorted((p for p in profiles if p.name != head.name), key=lambda p: p.name)
+    links = sorted((p.device.link_ms, p.device.link_mbps) for p in others if p.device.link_mbps > 0)
+    mid = links[len(links) // 2] if links else (0.0, 10_000.0)
+    out = []
+    for p in others + [head]:
+        d = p.device
+        link_ms, link_mbps = (d.link_ms, d.link_mbps) if p is not head else mid
+        out.append(Device(name=p.name, os=d.os, ram_gib=d.ram_gib, disk_gbps=d.disk_gbps,
+                          cpu_ms_per_layer=d.cpu_ms_per_layer, cpu_ms_output=d.cpu_ms_output, gpu=d.gpu,
+                          link_ms=link_ms, link_mbps=link_mbps if link_mbps > 0 else 10_000.0,
+                          head=p is head))
+    return out
+
+
+def make_plan(profiles: list[AgentProfile], shape: ModelShape, *, model_path: str, model_fingerprint: str,
+              n_ctx: int, n_batch: int = 256, planner: str = "halda", ks: list[int] | None = None) -> Plan:
+    """Plan the agents' layer windows and build the ring message.
+
+    Agents the planner drops are left out of the ring.
+
+    Raises:
+        PlanError: no agents, unknown planner, missing device profiles, infeasible.
     """
     if not profiles:
-        raise HomeringError("no agents to plan for")
-    try:
-        fn = PLANNERS[planner]
-    except KeyError:
-        raise HomeringError(f"unknown planner {planner!r}: use one of {', '.join(PLANNERS)}") from None
-    shares = fn(profiles, n_layers)
+        raise PlanError("no agents to plan for")
+    spec = parse_cluster({"model": shape.model_dump(),
+                          "devices": [d.model_dump() for d in devices_from_profiles(profiles)]})
+    result = plan_cluster(spec, planner, ks)
     by_name = {p.name: p for p in profiles}
-    ring, start = [], 0
-    for name, count in shares:
-        if count == 0:
-            continue
-        p = by_name[name]
-        ring.append(PlanAgent(name=name, host=p.host, data_port=p.data_port,
-                              windows=[WindowAssignment(start=start, end=start + count)]))
-        start += count
-    assert start == n_layers, "planner must assign every layer"
+    ring = []
+    for d in result.prediction.in_use:
+        p = by_name[d.name]
+        ring.append(PlanAgent(
+            name=d.name, host=p.host, data_port=p.data_port, mode=d.mode,
+            windows=[WindowAssignment(start=a, end=b, round=r, gpu_layers=d.gpu_layers_per_round)
+                     for r, (a, b) in enumerate(d.windows)],
+            predicted=PredictedCost(compute_ms=d.compute_ms, disk_ms=d.disk_ms, hop_ms=d.hop_ms)))
     return Plan(plan_id=uuid.uuid4().hex[:12], model_path=model_path, model_fingerprint=model_fingerprint,
-                n_layers=n_layers, n_ctx=n_ctx, n_batch=n_batch, planner=planner, ring=ring)
+                n_layers=shape.n_layers, n_ctx=n_ctx, n_batch=n_batch, planner=planner, k=result.prediction.k,
+                predicted_ms_per_token=result.prediction.ms_per_token, solve_ms=result.solve_ms,
+                dropped=result.prediction.dropped, ring=ring)

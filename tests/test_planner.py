@@ -1,0 +1,219 @@
+"""Halda and the latency model: exact optimum (against brute force), scenarios, the plan CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.brute import brute_force
+from homering.cluster.schema import AgentProfile, DeviceProfile, GpuProfile
+from homering.planner import make_plan, plan_cluster
+from homering.planner.halda import solve
+from homering.planner.model import GIB, ModelShape, PlanError, evaluate, parse_cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+PRIMA = ROOT / "examples" / "clusters" / "prima-home4.json"
+
+
+def dev(name, *, os="linux", ram=64.0, disk=2.0, cpu=10.0, out=5.0, gpu=None, link_ms=1.0, mbps=500.0,
+        head=False):
+    return {"name": name, "os": os, "ram_gib": ram, "disk_gbps": disk, "cpu_ms_per_layer": cpu,
+            "cpu_ms_output": out, "gpu": gpu, "link_ms": link_ms, "link_mbps": mbps, "head": head}
+
+
+def spec_of(devices, *, layers=8, layer_gib=1.0, kv=0, out_gib=0.0, hidden=16384):
+    return parse_cluster({"model": {"n_layers": layers, "layer_bytes": int(layer_gib * GIB),
+                                    "kv_bytes_per_layer": kv, "output_bytes": int(out_gib * GIB),
+                                    "hidden_bytes": hidden}, "devices": devices})
+
+
+# ---------------------------------------------------------------- optimality
+@st.composite
+def clusters(draw):
+    n_layers = draw(st.integers(1, 24))
+    n_dev = draw(st.integers(1, 4))
+    head = draw(st.integers(0, n_dev - 1))
+    layer_gib = draw(st.floats(0.05, 1.0))
+    devices, gpus = [], 0
+    for i in range(n_dev):
+        gpu = None
+        if gpus < 2 and draw(st.booleans()):
+            gpus += 1
+            gpu = {"vram_gib": draw(st.floats(0.0, 4 * layer_gib)), "ms_per_layer": draw(st.floats(0.2, 20.0)),
+                   "unified": draw(st.booleans())}
+        devices.append(dev(f"d{i}", os=draw(st.sampled_from(["linux", "android", "macos"])),
+                           ram=draw(st.floats(0.0, 1.2 * n_layers * layer_gib)),
+                           disk=draw(st.floats(0.1, 8.0)), cpu=draw(st.floats(0.5, 400.0)),
+                           out=draw(st.floats(0.0, 50.0)), gpu=gpu, link_ms=draw(st.floats(0.0, 20.0)),
+                           mbps=draw(st.floats(5.0, 2000.0)), head=i == head))
+    return spec_of(devices, layers=n_layers, layer_gib=layer_gib,
+                   kv=draw(st.integers(0, 1 << 26)), out_gib=draw(st.floats(0.0, 2.0)),
+                   hidden=draw(st.sampled_from([2304, 16384, 32768])))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters())
+def test_halda_matches_brute_force(spec):
+    best = brute_force(spec)
+    sol = solve(spec)
+    assert sol.prediction.ms_per_token == pytest.approx(best.ms_per_token, rel=1e-7, abs=1e-7)
+    for k, objective in sol.objectives.items():  # the program's optimum is the model's value of its solution
+        assert objective == pytest.approx(sol.per_k[k], rel=1e-6, abs=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(clusters())
+def test_reported_breakdown_is_the_model(spec):
+    result = plan_cluster(spec)
+    p = result.prediction
+    ring = spec.ring()
+    again = evaluate(spec, p.k, [d.layers_per_round for d in p.devices], [d.gpu_layers_per_round for d in p.devices])
+    assert again == p
+    assert sum(d.total_ms for d in p.devices) == pytest.approx(p.ms_per_token)
+    assert [d.name for d in p.devices] == [d.name for d in ring]
+    # the windows tile the layers: round r holds [r·W, (r+1)·W) in ring order
+    spans = sorted(w for d in p.devices for w in d.windows)
+    assert spans[0][0] == 0 and spans[-1][1] == spec.model.n_layers
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+# ---------------------------------------------------------------- scenarios
+def test_a_far_slower_device_is_dropped():
+    spec = spec_of([dev("fast", cpu=10), dev("snail", cpu=400), dev("head", cpu=12, head=True)])
+    p = solve(spec).prediction
+    assert p.dropped == ["snail"]
+    assert {d.name: d.layers_per_round for d in p.devices}["snail"] == 0
+
+
+@pytest.mark.parametrize("os_name", ["linux", "macos"])
+def test_little_ram_fast_disk_overflows_on_linux_not_macos(os_name):
+    # 12 layers of 1 GiB; "nimble" computes fast but holds 6 layers; its disk re-reads 1 GiB in 107 ms.
+    spec = spec_of([dev("nimble", os=os_name, ram=6.0, disk=10.0, cpu=10), dev("head", cpu=150, head=True)],
+                   layers=12)
+    one_round = solve(spec, ks=[1]).prediction.devices[0]
+    any_k = solve(spec).prediction.devices[0]
+    if os_name == "linux":  # the page cache keeps 6 GiB; each token re-reads only the rest
+        assert one_round.mode == "overflow" and one_round.layers_per_round > 6
+    else:  # macOS re-reads the whole mapping once it overflows: keep only what fits, or stream
+        assert one_round.mode in ("resident", None) and one_round.layers_per_round <= 6
+        assert any_k.mode != "overflow"
+
+
+def test_shrinking_ram_moves_to_several_rounds_with_streaming():
+    # 8 layers of 1 GiB on two slow devices: while one computes, the other's disk has time to read.
+    devices = [dev("a", ram=16, cpu=600), dev("b", ram=16, cpu=600, head=True)]
+    roomy = solve(spec_of(devices)).prediction
+    assert roomy.k == 1 and {d.mode for d in roomy.in_use} == {"resident"}
+    tight_spec = spec_of([{**d, "ram_gib": 3.0} for d in devices])
+    tight = solve(tight_spec).prediction
+    assert tight.k > 1
+    assert "stream" in {d.mode for d in tight.in_use}
+    assert tight.ms_per_token < solve(tight_spec, ks=[1]).prediction.ms_per_token
+
+
+def test_gpu_layers_fill_the_vram():
+    gpu = {"vram_gib": 3.0, "ms_per_layer": 1.0, "unified": False}
+    p = solve(spec_of([dev("gpu-box", cpu=50, gpu=gpu), dev("head", cpu=50, head=True)])).prediction
+    box = p.devices[0]
+    assert box.gpu_layers_per_round == 3  # 3 GiB of VRAM, 1 GiB per layer
+    # with two rounds the same VRAM holds 3 layers in total, so at most 1 per round
+    p2 = evaluate(spec_of([dev("gpu-box", cpu=50, gpu=gpu), dev("head", cpu=50, head=True)]), 2, [3, 1], [1, 0])
+    assert p2.devices[0].gpu_layers_per_round == 1
+    with pytest.raises(PlanError, match="VRAM"):
+        evaluate(spec_of([dev("gpu-box", cpu=50, gpu=gpu), dev("head", cpu=50, head=True)]), 2, [3, 1], [2, 0])
+
+
+def test_paper_cluster_beats_the_baselines():
+    from homering.planner.model import load_cluster
+
+    spec = load_cluster(PRIMA)
+    assert spec.model.n_layers == 80 and len(spec.devices) == 4
+    halda = plan_cluster(spec, "halda")
+    for baseline in ("memory", "proportional"):
+        assert halda.prediction.ms_per_token < plan_cluster(spec, baseline).prediction.ms_per_token
+    gpu_devices = [d for d in spec.ring() if d.gpu is not None and not d.gpu.unified]
+    by_name = {d.name: d for d in halda.prediction.devices}
+    for d in gpu_devices:  # layers go to the GPUs first
+        assert by_name[d.name].gpu_layers_per_round >= 1
+
+
+def test_unsatisfiable_inputs_say_why():
+    with pytest.raises(PlanError, match="exactly one device must have head=true"):
+        spec_of([dev("a"), dev("b")])
+    with pytest.raises(PlanError, match="does not divide"):
+        plan_cluster(spec_of([dev("a", head=True)], layers=8), ks=[3])
+    with pytest.raises(PlanError, match=r"devices\.0\.disk_gbps"):
+        spec_of([dev("a", head=True, disk=0)])
+
+
+# ---------------------------------------------------------------- online: plans from agent profiles
+def _agent(name, port, ram_gib, cpu, **kw):
+    device = DeviceProfile(os="linux", ram_gib=ram_gib, disk_gbps=2.0, cpu_ms_per_layer=cpu, cpu_ms_output=1.0,
+                           link_ms=0.5, link_mbps=1000, model_fingerprint="f" * 16, **kw)
+    return AgentProfile(name=name, host="127.0.0.1", data_port=port, pid=1, os="linux", cpu_count=2, threads=1,
+                        ram_total=int(ram_gib * GIB), ram_available=int(ram_gib * GIB), device=device)
+
+
+def test_make_plan_builds_the_ring_from_profiles():
+    shape = ModelShape(n_layers=30, layer_bytes=2_216_448, kv_bytes_per_layer=1 << 20, output_bytes=30_000_000,
+                       hidden_bytes=2304)
+    agents = [_agent("b", 9001, 4, 1.0), _agent("a", 9000, 8, 1.0, gpu=GpuProfile(vram_gib=1, ms_per_layer=0.1,
+                                                                                     unified=False)),
+              _agent("slow", 9002, 2, 80.0)]
+    plan = make_plan(agents, shape, model_path="m.gguf", model_fingerprint="f" * 16, n_ctx=512, ks=[1])
+    assert plan.head.name == "a"            # the most RAM
+    assert "slow" in plan.dropped and plan.position("slow") is None
+    assert plan.k == 1 and plan.predicted_ms_per_token > 0
+    starts = [w.start for a in plan.ring for w in a.windows]
+    ends = [w.end for a in plan.ring for w in a.windows]
+    assert starts[0] == 0 and ends[-1] == 30 and starts[1:] == ends[:-1]
+    assert plan.head.windows[0].gpu_layers > 0 and plan.head.mode == "resident"
+    proportional = make_plan(agents, shape, model_path="m.gguf", model_fingerprint="f" * 16, n_ctx=512,
+                             planner="proportional")
+    assert len(proportional.ring) == 3 and not proportional.dropped
+
+
+# ---------------------------------------------------------------- the plan CLI
+def _homering(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "homering", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_plan_cli_json_fields():
+    r = _homering("plan", "--cluster", str(PRIMA), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert set(doc) >= {"k", "layers_per_round", "predicted_ms_per_token", "devices", "dropped", "solve_ms"}
+    assert [d["name"] for d in doc["devices"]][-1] == "d1-mac-m1"   # the head closes the ring
+    total = sum(sum(d["predicted"].values()) for d in doc["devices"])
+    assert total == pytest.approx(doc["predicted_ms_per_token"])
+    for d in doc["devices"]:
+        assert set(d) == {"name", "layers_per_round", "gpu_layers_per_round", "mode", "windows", "predicted"}
+        assert len(d["windows"]) == (doc["k"] if d["layers_per_round"] else 0)
+
+
+def test_plan_cli_bad_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    doc = json.loads(PRIMA.read_text())
+    del doc["devices"][2]["ram_gib"]
+    bad.write_text(json.dumps(doc))
+    r = _homering("plan", "--cluster", str(bad))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "devices.2.ram_gib" in r.stderr
+    bad.write_text("{not json")
+    r = _homering("plan", "--cluster", str(bad))
+    assert r.returncode == 2 and "not JSON" in r.stderr
+    r = _homering("plan", "--cluster", str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_plan_cli_derives_the_model_from_a_gguf(smollm2, tmp_path):
+    r = _homering("plan", "--cluster", str(PRIMA), "--model", str(smollm2), "--ctx", "1024", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert sum(d["layers_per_round"] for d in doc["devices"]) * doc["k"] == 30
