@@ -27,10 +27,15 @@ def chat_request(text: str, sampling: Sampling = GREEDY) -> GenerateRequest:
 
 @pytest.fixture(scope="module")
 def cluster(smollm2, mosquitto, tmp_path_factory):
-    """3 agents + a controller on mosquitto, context 256 tokens; children's logs in a file."""
+    """3 agents + a controller on mosquitto, context 256 tokens; children's logs in a file.
+
+    The proportional planner spreads the layers over every agent (Halda would
+    keep them all on one, as hops on one machine only cost time).
+    """
     log_path = tmp_path_factory.mktemp("logs") / "cluster.log"
     with open(log_path, "w") as log_file, LocalCluster(smollm2, n_agents=3, broker=mosquitto, threads=1,
-                                                       n_ctx=256, log_file=log_file) as c:
+                                                       n_ctx=256, planner="proportional",
+                                                       log_file=log_file) as c:
         c.log_path = log_path
         yield c
 
@@ -95,14 +100,56 @@ def test_malformed_messages_and_frames_are_dropped(cluster, smollm2_ref):
     assert "dropping data link" in log
 
 
-def test_up_with_embedded_broker_matches_unsplit_model(smollm2, smollm2_ref):
+def test_agents_joining_and_leaving_trigger_a_replan_between_requests(cluster, smollm2_ref):
+    """A fourth agent joins: the next request runs on a 4-agent ring; it leaves: back to 3."""
+    async def go():
+        async with ClusterClient(cluster.broker) as client:
+            await client.wait_ready()
+            first = client.plan.plan_id
+            extra = subprocess.Popen([sys.executable, "-m", "homering", "agent", "--broker", str(cluster.broker),
+                                      "--name", "late-agent", "--threads", "1"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                # a request in flight while the agent joins keeps its ring to the end
+                seen: set[str] = set()
+                during = await ask(client, chat_request("Tell me a long story about a lighthouse.",
+                                                        Sampling(max_tokens=96, temperature=0)),
+                                   on_text=lambda _: seen.add(client.plan.plan_id))
+                assert seen == {first}
+                smollm2_ref.check_answer(during.prompt_token_ids, during.token_ids, during.finish_reason, 96)
+                await client.wait_ready(120, until=lambda p: p.position("late-agent") is not None)
+                grown = client.plan
+                a4 = await ask(client, chat_request(PROMPTS[2]))
+            finally:
+                extra.terminate()
+                extra.wait(10)
+            await client.wait_ready(120, until=lambda p: p.position("late-agent") is None)
+            a3 = await ask(client, chat_request(PROMPTS[2]))
+            return first, grown, client.plan, a4, a3
+
+    first, grown, shrunk, a4, a3 = run(go())
+    assert len(grown.ring) == 4 and grown.plan_id != first
+    assert len(shrunk.ring) == 3 and shrunk.plan_id != grown.plan_id
+    for answer in (a4, a3):
+        smollm2_ref.check_answer(answer.prompt_token_ids, answer.token_ids, answer.finish_reason, 32)
+
+
+def test_up_plans_from_measured_profiles(smollm2, smollm2_ref):
+    """`homering up` with Halda: the plan comes from the agents' measured profiles and predicts ms/token."""
     proc = subprocess.run(
         [sys.executable, "-m", "homering", "up", "--agents", "3", "--model", str(smollm2), "--threads", "1",
          "--prompt", "Name a colour.", "--temperature", "0", "--max-tokens", "24", "--json"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) >= {"text", "prompt_token_ids", "token_ids", "ttft_ms", "ms_per_token", "plan"}
-    assert len(out["plan"]["ring"]) == 3
+    assert set(out) >= {"text", "prompt_token_ids", "token_ids", "ttft_ms", "ms_per_token", "plan",
+                        "predicted_ms_per_token"}
+    plan = out["plan"]
+    assert plan["planner"] == "halda" and plan["k"] == 1
+    assert out["predicted_ms_per_token"] == plan["predicted_ms_per_token"] > 0
+    assert sorted([a["name"] for a in plan["ring"]] + plan["dropped"]) == ["agent-0", "agent-1", "agent-2"]
+    predicted = sum(sum(a["predicted"].values()) for a in plan["ring"])
+    assert predicted == pytest.approx(plan["predicted_ms_per_token"])  # the breakdown adds up
+    assert all(a["mode"] == "resident" for a in plan["ring"])  # SmolLM2 fits in RAM
     smollm2_ref.check_answer(out["prompt_token_ids"], out["token_ids"], out["finish_reason"], 24)
     assert out["text"].strip()

@@ -7,15 +7,21 @@ import pytest
 
 from homering.cluster.dataplane import Frame
 from homering.cluster.schema import (
-    HEADER, AgentProfile, FrameError, FrameHeader, GenerateJob, MalformedMessage, Plan,
+    HEADER, AgentProfile, DeviceProfile, FrameError, FrameHeader, GenerateJob, MalformedMessage, Plan,
 )
 from homering.planner import make_plan
+from homering.planner.model import ModelShape
 from homering.planner.proportional import split_proportional
 
 
 def profile(name, ram):
+    device = DeviceProfile(os="linux", ram_gib=ram / (1 << 30), disk_gbps=1.0, cpu_ms_per_layer=1.0,
+                           cpu_ms_output=1.0, link_ms=0.1, link_mbps=1000.0)
     return AgentProfile(name=name, host="127.0.0.1", data_port=1000, pid=1, os="linux", cpu_count=2,
-                        threads=2, ram_total=ram, ram_available=ram)
+                        threads=2, ram_total=ram, ram_available=ram, device=device)
+
+
+SHAPE = ModelShape(n_layers=30, layer_bytes=1 << 20, kv_bytes_per_layer=0, output_bytes=1 << 20, hidden_bytes=2304)
 
 
 @pytest.mark.parametrize("weights,total", [([1, 1, 1], 30), ([8, 1, 1], 30), ([1, 2], 3), ([5, 5, 5, 5], 4),
@@ -31,8 +37,8 @@ def test_split_proportional(weights, total):
 
 
 def test_plan_is_contiguous_with_head_last():
-    plan = make_plan([profile("b", 4 << 30), profile("a", 2 << 30), profile("c", 2 << 30)], n_layers=30,
-                     model_path="/m.gguf", model_fingerprint="f", n_ctx=512)
+    plan = make_plan([profile("b", 4 << 30), profile("a", 2 << 30), profile("c", 2 << 30)], SHAPE,
+                     model_path="/m.gguf", model_fingerprint="f", n_ctx=512, planner="proportional")
     assert [a.name for a in plan.ring] == ["a", "c", "b"]  # head (most RAM) closes the ring
     spans = [(a.windows[0].start, a.windows[0].end) for a in plan.ring]
     assert spans[0][0] == 0 and spans[-1][1] == 30

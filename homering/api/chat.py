@@ -43,14 +43,21 @@ class Answer:
 
 
 def plan_table(plan: Plan) -> Table:
-    """The ring as a table: agent, address, layer windows, role."""
-    table = Table(title=f"plan {plan.plan_id} ({plan.planner}, {plan.n_layers} layers, ctx {plan.n_ctx})")
-    for col in ("#", "agent", "data port", "layers", "role"):
-        table.add_column(col)
+    """The ring as a table: agent, address, layer windows, mode, predicted ms per token and role."""
+    predicted = (f", predicted {plan.predicted_ms_per_token:.1f} ms/token"
+                 if plan.predicted_ms_per_token is not None else "")
+    table = Table(title=f"plan {plan.plan_id} ({plan.planner}, k={plan.k}, {plan.n_layers} layers, "
+                        f"ctx {plan.n_ctx}{predicted})",
+                  caption=f"dropped: {', '.join(plan.dropped)}" if plan.dropped else None)
+    for col in ("#", "agent", "data port", "layers", "gpu", "mode", "compute ms", "disk ms", "hop ms", "role"):
+        table.add_column(col, justify="right" if col.endswith("ms") or col == "gpu" else "left")
     for i, a in enumerate(plan.ring):
         role = "head (output, sampling)" if i == len(plan.ring) - 1 else ("embeds tokens" if i == 0 else "")
         layers = ", ".join(f"[{w.start}, {w.end})" for w in a.windows)
-        table.add_row(str(i), a.name, f"{a.host}:{a.data_port}", layers, role)
+        gpu = str(sum(w.gpu_layers for w in a.windows))
+        p = a.predicted
+        costs = [f"{p.compute_ms:.2f}", f"{p.disk_ms:.2f}", f"{p.hop_ms:.2f}"] if p else ["", "", ""]
+        table.add_row(str(i), a.name, f"{a.host}:{a.data_port}", layers, gpu, a.mode or "", *costs, role)
     return table
 
 
@@ -83,6 +90,7 @@ async def one_shot(broker: mqtt.BrokerURL, text: str, *, raw: bool, sampling: Sa
                 "text": answer.text, "prompt_token_ids": answer.prompt_token_ids,
                 "token_ids": answer.token_ids, "ttft_ms": answer.ttft_ms,
                 "ms_per_token": answer.ms_per_token, "finish_reason": answer.finish_reason,
+                "predicted_ms_per_token": client.plan.predicted_ms_per_token if client.plan else None,
                 "plan": client.plan.model_dump() if client.plan else None,
             }))
         else:

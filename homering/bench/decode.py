@@ -73,7 +73,8 @@ def run_decode_bench(model_path: Path, agent_counts: list[int], *, threads: int,
         with console.status(f"baseline (plain llama-cpp-python, {threads} threads)…"):
             baseline.append(baseline_ms_per_token(model_path, threads, n_tokens))
         with console.status(f"{count} agent(s)…"), LocalCluster(model_path, n_agents=count, threads=threads,
-                                                                  broker=broker, log_args=("-qq",)) as cluster:
+                                                                  broker=broker, planner="proportional",
+                                                                  log_args=("-qq",)) as cluster:
             runs = asyncio.run(_cluster_runs(cluster, n_tokens, repeats))
         results["configs"].append({"agents": count, "runs": runs,
                                    "ms_per_token": statistics.median(r["ms_per_token"] for r in runs)})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import itertools
 import logging
 import os
@@ -28,10 +29,10 @@ import numpy as np
 import psutil
 
 from homering.cluster import mqtt
-from homering.cluster.dataplane import Frame, LinkServer, connect_link, recv_frame, send_frame
+from homering.cluster.dataplane import Frame, LinkServer, connect_link, measure_link, recv_frame, send_frame
 from homering.cluster.schema import (
-    AgentProfile, AgentStatus, FrameError, FrameKind, GenerateJob, MalformedMessage, Plan,
-    StreamEvent, Topics,
+    AgentProfile, AgentStatus, ControllerStatus, DeviceProfile, FrameError, FrameKind, GenerateJob,
+    LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, Topics,
 )
 from homering.engine.sampling import SamplerChain
 from homering.engine.window import DecodeError, LayerWindow
@@ -96,13 +97,16 @@ class Agent:
         self._request_numbers = itertools.count(1)
         self._mqtt: aiomqtt.Client | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.device: DeviceProfile | None = None
+        self._profiling: str | None = None   # fingerprint being profiled
 
     # ------------------------------------------------------------ lifecycle
     def profile(self) -> AgentProfile:
         vm = psutil.virtual_memory()
         return AgentProfile(name=self.name, host=self.host, data_port=self.data_port, pid=os.getpid(),
                             os=platform.system().lower(), cpu_count=os.cpu_count() or 1,
-                            threads=self.threads, ram_total=vm.total, ram_available=vm.available)
+                            threads=self.threads, ram_total=vm.total, ram_available=vm.available,
+                            device=self.device)
 
     async def run(self) -> None:
         """Serve until cancelled. Raises HomeringError when the broker is unreachable."""
@@ -115,11 +119,17 @@ class Agent:
                 self._mqtt = client
                 await client.publish(Topics.profile(self.name), self.profile().dump(), qos=1, retain=True)
                 await self._status("online")
+                await client.subscribe(Topics.CONTROLLER, qos=1)
                 await client.subscribe(Topics.PLAN, qos=1)
                 await client.subscribe(Topics.generate(self.name), qos=1)
+                await client.subscribe(Topics.probe(self.name), qos=1)
                 log.info("agent %s up: data port %d, broker %s", self.name, self.data_port, self.broker)
-                async for message in client.messages:
-                    self._dispatch(message)
+                try:
+                    async for message in client.messages:
+                        self._dispatch(message)
+                finally:  # a clean exit sends no last-will: say goodbye ourselves
+                    with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                        await asyncio.wait_for(self._status("offline"), 2.0)
         except aiomqtt.MqttError as exc:
             raise mqtt.connect_error(self.broker, exc) from None
         finally:
@@ -147,6 +157,11 @@ class Agent:
             elif message.topic.matches(Topics.generate(self.name)):
                 job = GenerateJob.load(message.payload)
                 self._spawn(self._generate(job))
+            elif message.topic.matches(Topics.CONTROLLER):
+                if message.payload:
+                    self._on_controller(ControllerStatus.load(message.payload))
+            elif message.topic.matches(Topics.probe(self.name)):
+                self._spawn(self._probe(LinkProbe.load(message.payload)))
         except MalformedMessage as exc:
             log.warning("dropped malformed message on %s: %s", topic, exc)
 
@@ -155,6 +170,46 @@ class Agent:
             await self._mqtt.publish(Topics.status(self.name),
                                      AgentStatus(state=state, plan_id=plan_id, detail=detail).dump(),
                                      qos=1, retain=True)
+
+    # ------------------------------------------------------------ profile and link probes
+    def _on_controller(self, status: ControllerStatus) -> None:
+        """Profile this device for the controller's model (once per model; cached on disk)."""
+        fp, path = status.model_fingerprint, status.model_path
+        if not fp or not path or fp == self._profiling:
+            return
+        if self.device is not None and self.device.model_fingerprint == fp:
+            return
+        self._profiling = fp
+        self._spawn(self._profile(path, fp))
+
+    async def _profile(self, model_path: str, fp: str) -> None:
+        from homering.profiler import profile_device
+
+        try:
+            if not os.path.isfile(model_path):
+                raise HomeringError(f"model file {model_path} is not on this device")
+            device = await asyncio.to_thread(profile_device, model_path, threads=self.threads)
+            if device.model_fingerprint != fp:
+                raise HomeringError(f"model file {model_path} does not match the controller's model")
+        except HomeringError as exc:
+            log.error("cannot profile this device: %s", exc)
+            self._profiling = None
+            await self._status("error", detail=f"cannot profile: {exc}")
+            return
+        self.device = device
+        log.info("profiled: %.2f ms/layer, output %.2f ms, disk %.2f GB/s, RAM %.1f GiB (%s)",
+                 device.cpu_ms_per_layer, device.cpu_ms_output, device.disk_gbps, device.ram_gib,
+                 "cached" if not device.profile_ms else f"{device.profile_ms / 1000:.1f} s")
+        await self._mqtt.publish(Topics.profile(self.name), self.profile().dump(), qos=1, retain=True)
+
+    async def _probe(self, probe: LinkProbe) -> None:
+        """Measure the data-plane link to the head and report it."""
+        try:
+            link_ms, link_mbps = await asyncio.to_thread(measure_link, probe.host, probe.port)
+            report = LinkReport(probe_id=probe.probe_id, link_ms=link_ms, link_mbps=link_mbps)
+        except ConnectionError as exc:
+            report = LinkReport(probe_id=probe.probe_id, error=str(exc))
+        await self._mqtt.publish(Topics.probe_result(self.name), report.dump(), qos=1)
 
     # ------------------------------------------------------------ plans
     async def _apply_plan(self, plan: Plan) -> None:
@@ -194,7 +249,8 @@ class Agent:
             path = slice_window(model_path, WindowSpec(w.start, w.end, role), progress=False,
                                 model_fp=plan.model_fingerprint)
             out.append(LayerWindow(path, takes_tokens=role.takes_tokens, gives_logits=role.gives_logits,
-                                   n_ctx=plan.n_ctx, n_batch=plan.n_batch, n_threads=self.threads))
+                                   n_ctx=plan.n_ctx, n_batch=plan.n_batch, n_threads=self.threads,
+                                   n_gpu_layers=w.gpu_layers))
         return out
 
     # ------------------------------------------------------------ data plane (worker threads)
@@ -203,7 +259,10 @@ class Agent:
         peer = sock.getpeername()
         try:
             while (frame := recv_frame(sock)) is not None:
-                self._handle_frame(frame)
+                if frame.header.kind is FrameKind.PING:
+                    send_frame(sock, Frame.pong())
+                elif frame.header.kind is not FrameKind.PONG:
+                    self._handle_frame(frame)
         except (FrameError, ConnectionError, OSError) as exc:
             log.warning("dropping data link from %s: %s", peer, exc)
 

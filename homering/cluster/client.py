@@ -64,8 +64,8 @@ class ClusterClient:
                 continue
             self._changed.set()
 
-    async def wait_ready(self, timeout: float = 120.0) -> ControllerStatus:
-        """Wait until the controller says ``ready``.
+    async def wait_ready(self, timeout: float = 120.0, until=None) -> ControllerStatus:
+        """Wait until the controller says ``ready`` (and ``until(plan)`` holds, when given).
 
         Raises:
             HomeringError: timeout, or the controller reported an error.
@@ -74,7 +74,8 @@ class ClusterClient:
         deadline = loop.time() + timeout
         while True:
             st = self.status
-            if st is not None and st.state == "ready" and self.plan is not None and self.plan.plan_id == st.plan_id:
+            if (st is not None and st.state == "ready" and self.plan is not None and self.plan.plan_id == st.plan_id
+                    and (until is None or until(self.plan))):
                 return st
             if st is not None and st.state == "error":
                 raise HomeringError(f"the controller failed: {st.detail}")

@@ -2,32 +2,40 @@
 
 The controller keeps no state that the broker does not also hold: agents'
 profiles and statuses are retained messages, and so is the plan it publishes.
-It tokenizes requests (rendering chats with the model's template), rejects
-prompts that do not fit the context, and hands the token ids to the head,
-which streams the answer straight to the client's topic.
+It announces the model (agents measure their device for it), probes every
+agent's link to the head, plans with the measured profiles, and re-plans when
+agents join or leave, between requests, never during one. It tokenizes
+requests (rendering chats with the model's template), rejects prompts that do
+not fit the context, and hands the token ids to the head, which streams the
+answer straight to the client's topic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from pathlib import Path
 
 import aiomqtt
 
 from homering.cluster import mqtt
 from homering.cluster.schema import (
-    AgentProfile, AgentStatus, ControllerStatus, GenerateJob, GenerateRequest, MalformedMessage, Plan,
-    StreamEvent, Topics,
+    AgentProfile, AgentStatus, ControllerStatus, GenerateJob, GenerateRequest, LinkProbe, LinkReport,
+    MalformedMessage, Plan, StreamEvent, Topics,
 )
 from homering.engine.tokenizer import Tokenizer
 from homering.errors import HomeringError
 from homering.models.gguf_info import inspect_gguf
-from homering.planner import make_plan
+from homering.planner import head_of, make_plan
+from homering.planner.model import PlanError, shape_from_gguf
 
 log = logging.getLogger("homering.controller")
 
 LIVE_STATES = {"online", "loading", "ready"}
+PROBE_TIMEOUT_S = 15.0
+SETTLE_S = 0.5  # wait for a burst of joins/leaves to settle before re-planning
+ONLINE_ROUNDS = [1]  # the runtime runs one round until piped-ring rounds land
 
 
 class Controller:
@@ -43,7 +51,7 @@ class Controller:
     """
 
     def __init__(self, broker: mqtt.BrokerURL, model_path: Path, *, n_agents: int, n_ctx: int = 2048,
-                 join_timeout: float = 60.0, planner: str = "proportional"):
+                 join_timeout: float = 60.0, planner: str = "halda"):
         self.broker = broker
         self.model_path = Path(model_path)
         self.n_agents = n_agents
@@ -54,8 +62,13 @@ class Controller:
         self.statuses: dict[str, AgentStatus] = {}
         self.plan: Plan | None = None
         self.ready = False
+        self.fingerprint: str | None = None
+        self.planned_members: frozenset | None = None
+        self.in_flight: set[str] = set()
+        self._reports: dict[str, LinkReport] = {}
         self._changed = asyncio.Event()
         self._client: aiomqtt.Client | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     async def run(self) -> None:
         """Plan once the agents are in, then serve requests until cancelled.
@@ -65,18 +78,26 @@ class Controller:
                 or could not load their windows in time.
         """
         info = inspect_gguf(self.model_path)
+        self.fingerprint = info.fingerprint
         tokenizer = await asyncio.to_thread(Tokenizer, self.model_path)
         will = aiomqtt.Will(Topics.CONTROLLER, ControllerStatus(state="offline").dump(), qos=1, retain=True)
         try:
             async with mqtt.client(self.broker, identifier="homering-controller", will=will) as client:
                 self._client = client
                 await self._status("waiting")
-                for topic in (Topics.ALL_PROFILES, Topics.ALL_STATUS, Topics.REQUESTS):
+                for topic in (Topics.ALL_PROFILES, Topics.ALL_STATUS, Topics.REQUESTS,
+                              Topics.ALL_PROBE_RESULTS, Topics.ALL_STREAMS):
                     await client.subscribe(topic, qos=1)
                 reader = asyncio.create_task(self._read(client, tokenizer))
                 try:
                     await self._bring_up(info)
-                    await reader
+                    maintain = asyncio.create_task(self._maintain(info))
+                    try:
+                        done, _ = await asyncio.wait([reader, maintain], return_when=asyncio.FIRST_COMPLETED)
+                        for task in done:
+                            task.result()
+                    finally:
+                        maintain.cancel()
                 finally:
                     reader.cancel()
         except aiomqtt.MqttError as exc:
@@ -84,19 +105,32 @@ class Controller:
 
     async def _status(self, state: str, detail: str | None = None) -> None:
         await self._client.publish(Topics.CONTROLLER, ControllerStatus(
-            state=state, model=self.model_path.name, n_ctx=self.n_ctx,
-            plan_id=self.plan.plan_id if self.plan else None, detail=detail).dump(), qos=1, retain=True)
+            state=state, model=self.model_path.name, model_path=str(self.model_path),
+            model_fingerprint=self.fingerprint, n_ctx=self.n_ctx, plan_id=self.plan.plan_id if self.plan else None, detail=detail).dump(), qos=1, retain=True)
 
     def live_agents(self) -> list[AgentProfile]:
         """Agents with a profile whose status is not offline/error."""
         return [p for n, p in sorted(self.profiles.items())
                 if self.statuses.get(n) is not None and self.statuses[n].state in LIVE_STATES]
 
-    async def _wait_for(self, predicate, timeout: float) -> bool:
+    def profiled_agents(self) -> list[AgentProfile]:
+        """Live agents that have measured their device for this controller's model."""
+        return [p for p in self.live_agents()
+                if p.device is not None and p.device.model_fingerprint == self.fingerprint]
+
+    def members(self) -> frozenset:
+        """Identity of the agents a plan would be made for (a restarted agent is a new member)."""
+        return frozenset((p.name, p.host, p.data_port, p.pid) for p in self.profiled_agents())
+
+    async def _wait_for(self, predicate, timeout: float | None) -> bool:
+        """Wait until ``predicate()`` holds (re-checked on every message); False on timeout."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + timeout if timeout is not None else float("inf")
         while not predicate():
             self._changed.clear()
+            if timeout is None:
+                await self._changed.wait()
+                continue
             left = deadline - loop.time()
             if left <= 0:
                 return False
@@ -108,17 +142,41 @@ class Controller:
 
     async def _bring_up(self, info) -> None:
         log.info("waiting for %d agent(s) on %s", self.n_agents, self.broker)
-        if not await self._wait_for(lambda: len(self.live_agents()) >= self.n_agents, self.join_timeout):
-            msg = (f"only {len(self.live_agents())} of {self.n_agents} agents joined within "
-                   f"{self.join_timeout:.0f} s: start more with 'homering agent --broker {self.broker}'")
+        if not await self._wait_for(lambda: len(self.profiled_agents()) >= self.n_agents, self.join_timeout):
+            live, done = self.live_agents(), self.profiled_agents()
+            errors = [f"{n}: {s.detail}" for n, s in sorted(self.statuses.items()) if s.state == "error" and s.detail]
+            msg = (f"only {len(done)} of {self.n_agents} agents joined and profiled within "
+                   f"{self.join_timeout:.0f} s ({len(live)} connected)"
+                   + (f"; {'; '.join(errors)}" if errors else
+                      f": start more with 'homering agent --broker {self.broker}'"))
             await self._status("error", msg)
             raise HomeringError(msg)
+        await self._replan(info)
+
+    async def _replan(self, info) -> None:
+        """Probe links, plan over the profiled agents, publish the plan, and wait until it is loaded.
+
+        Raises:
+            HomeringError: no agents, no feasible plan, or the agents could not load it.
+        """
+        self.ready = False
         await self._status("planning")
-        agents = self.live_agents()[: max(self.n_agents, 1)]
-        self.plan = make_plan(agents, n_layers=info.n_layers, model_path=str(self.model_path),
-                              model_fingerprint=info.fingerprint, n_ctx=self.n_ctx, planner=self.planner)
-        log.info("plan %s: %s", self.plan.plan_id,
-                 ", ".join(f"{a.name}[{a.windows[0].start},{a.windows[0].end})" for a in self.plan.ring))
+        members = self.members()
+        agents = await self._probe_links(self.profiled_agents())
+        if not agents:
+            raise HomeringError("no agents left to plan for")
+        shape = shape_from_gguf(self.model_path, self.n_ctx)
+        try:
+            self.plan = make_plan(agents, shape, model_path=str(self.model_path), model_fingerprint=info.fingerprint,
+                                  n_ctx=self.n_ctx, planner=self.planner, ks=ONLINE_ROUNDS)
+        except PlanError as exc:
+            await self._status("error", str(exc))
+            raise
+        self.planned_members = members
+        log.info("plan %s (%s, k=%d, predicted %.1f ms/token): %s%s", self.plan.plan_id, self.plan.planner,
+                 self.plan.k, self.plan.predicted_ms_per_token or 0,
+                 ", ".join(f"{a.name}{[(w.start, w.end) for w in a.windows]}" for a in self.plan.ring),
+                 f"; dropped {', '.join(self.plan.dropped)}" if self.plan.dropped else "")
         await self._client.publish(Topics.PLAN, self.plan.dump(), qos=1, retain=True)
 
         def loaded() -> bool:
@@ -133,6 +191,60 @@ class Controller:
         self.ready = True
         await self._status("ready")
         log.info("cluster ready: %d agent(s), head %s", len(self.plan.ring), self.plan.head.name)
+
+    async def _probe_links(self, agents: list[AgentProfile]) -> list[AgentProfile]:
+        """Each agent measures its data-plane link to the head, one at a time (so they do not share bandwidth).
+
+        Returns the agents with ``device.link_*`` filled in; an agent whose probe
+        fails is left out (it could not reach the head).
+        """
+        if len(agents) < 2:
+            return agents
+        head = head_of(agents)
+        out = []
+        for p in agents:
+            if p.name == head.name:
+                out.append(p)
+                continue
+            probe_id = uuid.uuid4().hex[:12]
+            await self._client.publish(Topics.probe(p.name), LinkProbe(
+                probe_id=probe_id, host=head.host, port=head.data_port).dump(), qos=1)
+            if not await self._wait_for(lambda: probe_id in self._reports, PROBE_TIMEOUT_S):
+                log.warning("agent %s did not answer the link probe; left out of the plan", p.name)
+                continue
+            report = self._reports.pop(probe_id)
+            if report.error:
+                log.warning("agent %s cannot reach the head: %s; left out of the plan", p.name, report.error)
+                continue
+            log.info("link %s -> %s: %.3f ms, %.0f Mbit/s", p.name, head.name, report.link_ms, report.link_mbps)
+            device = p.device.model_copy(update={"link_ms": report.link_ms, "link_mbps": report.link_mbps})
+            out.append(p.model_copy(update={"device": device}))
+        return out
+
+    async def _maintain(self, info) -> None:
+        """Re-plan when agents join or leave, once no request is in flight."""
+        def due() -> bool:
+            if self.members() == self.planned_members:
+                return False
+            head = self.statuses.get(self.plan.head.name) if self.plan else None
+            if head is None or head.state not in LIVE_STATES:
+                self.in_flight.clear()  # the head is gone, and with it every request it served
+            return not self.in_flight
+
+        while True:
+            await self._wait_for(due, None)
+            await asyncio.sleep(SETTLE_S)
+            if not due():
+                continue
+            if not self.profiled_agents():
+                if self.ready:
+                    log.warning("every agent left; waiting for one to join")
+                    self.ready = False
+                    await self._status("waiting", "no agents")
+                await self._wait_for(lambda: bool(self.profiled_agents()), None)
+                continue
+            log.info("agents changed: re-planning")
+            await self._replan(info)
 
     async def _read(self, client: aiomqtt.Client, tokenizer: Tokenizer) -> None:
         async for message in client.messages:
@@ -149,7 +261,15 @@ class Controller:
                         if self.statuses[name].state == "offline":
                             log.warning("agent %s went offline", name)
                 elif message.topic.matches(Topics.REQUESTS):
-                    await self._on_request(GenerateRequest.load(message.payload), tokenizer)
+                    self._spawn(self._on_request(GenerateRequest.load(message.payload), tokenizer))
+                elif message.topic.matches(Topics.ALL_PROBE_RESULTS):
+                    report = LinkReport.load(message.payload)
+                    self._reports[report.probe_id] = report
+                elif message.topic.matches(Topics.ALL_STREAMS):
+                    request_id = topic.rsplit("/", 1)[-1]
+                    if request_id in self.in_flight:
+                        if StreamEvent.load(message.payload).type in ("done", "error"):
+                            self.in_flight.discard(request_id)
             except MalformedMessage as exc:
                 log.warning("dropped malformed message on %s: %s", topic, exc)
             self._changed.set()
@@ -162,8 +282,10 @@ class Controller:
             await self._client.publish(stream, StreamEvent(request_id=req.request_id, type="error",
                                                            error=msg).dump(), qos=1)
 
-        if not self.ready or self.plan is None:
+        if self.plan is None:
             return await fail("no plan is ready yet: the agents are still joining or loading")
+        if not self.ready and not await self._wait_for(lambda: self.ready, self.join_timeout * 5):
+            return await fail("the cluster is re-planning and not ready yet; try again")
         if (req.messages is None) == (req.prompt is None):
             return await fail("a request needs exactly one of 'messages' or 'prompt'")
         try:
@@ -180,4 +302,11 @@ class Controller:
                               f"shorten it or restart with a larger --ctx")
         job = GenerateJob(request_id=req.request_id, plan_id=self.plan.plan_id, prompt_token_ids=ids,
                           sampling=req.sampling)
+        self.in_flight.add(req.request_id)
         await self._client.publish(Topics.generate(self.plan.head.name), job.dump(), qos=1)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

@@ -49,6 +49,17 @@ class Frame:
         return cls(FrameHeader(FrameKind.ERROR, DType.TEXT, request_id, seq_id, 0, 0, 0, 0, len(raw)),
                    raw.decode(errors="replace"))
 
+    @classmethod
+    def ping(cls, n_bytes: int = 0) -> "Frame":
+        """A link probe carrying ``n_bytes`` of padding; the receiver answers :meth:`pong`."""
+        if n_bytes:
+            return cls(FrameHeader(FrameKind.PING, DType.BYTES, 0, 0, 0, 0, 0, 0, n_bytes), bytes(n_bytes))
+        return cls(FrameHeader(FrameKind.PING, DType.NONE, 0, 0, 0, 0, 0, 0, 0), None)
+
+    @classmethod
+    def pong(cls) -> "Frame":
+        return cls(FrameHeader(FrameKind.PONG, DType.NONE, 0, 0, 0, 0, 0, 0, 0), None)
+
     def encode(self) -> list[bytes | memoryview]:
         """Header and payload buffers, ready for ``writer.writelines``."""
         parts: list[bytes | memoryview] = [self.header.pack()]
@@ -56,6 +67,8 @@ class Frame:
             parts.append(memoryview(self.payload).cast("B"))
         elif isinstance(self.payload, str):
             parts.append(self.payload.encode()[: self.header.payload_len])
+        elif isinstance(self.payload, bytes):
+            parts.append(self.payload)
         return parts
 
 
@@ -93,6 +106,8 @@ def recv_frame(sock: socket.socket) -> Frame | None:
         payload = np.frombuffer(body, dtype=np.float32).reshape(header.n_tokens, header.n_embd)
     elif header.dtype is DType.TEXT:
         payload = bytes(body).decode(errors="replace")
+    elif header.dtype is DType.BYTES:
+        payload = bytes(body)
     else:
         payload = None
     return Frame(header, payload)
@@ -133,6 +148,41 @@ def connect_link(host: str, port: int, *, timeout: float = 30.0) -> socket.socke
                 raise ConnectionError(f"cannot reach data port {host}:{port}: {exc}") from None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def measure_link(host: str, port: int, *, pings: int = 9, probe_bytes: int = 1 << 22,
+                 transfers: int = 3, timeout: float = 10.0) -> tuple[float, float]:
+    """Measure a data-plane link with PING/PONG frames: (one-way latency ms, bandwidth Mbit/s).
+
+    Latency is half the median round trip of empty pings; bandwidth is
+    ``probe_bytes`` over the best time of ``transfers`` padded pings, less one
+    round trip. Each round trip includes the receiver's frame handling, as a
+    real hop does.
+
+    Raises:
+        ConnectionError: the peer is unreachable or did not answer.
+    """
+    sock = connect_link(host, port, timeout=timeout)
+    sock.settimeout(timeout)
+    try:
+        def round_trip(frame: Frame) -> float:
+            t0 = time.perf_counter()
+            send_frame(sock, frame)
+            got = recv_frame(sock)
+            if got is None or got.header.kind is not FrameKind.PONG:
+                raise ConnectionError(f"{host}:{port} did not answer the link probe")
+            return time.perf_counter() - t0
+
+        round_trip(Frame.ping())  # warm up the peer's link thread
+        rtts = sorted(round_trip(Frame.ping()) for _ in range(pings))
+        rtt = rtts[len(rtts) // 2]
+        big = min(round_trip(Frame.ping(probe_bytes)) for _ in range(transfers))
+        seconds = max(big - rtt, 1e-6)
+        return rtt * 1000 / 2, probe_bytes * 8 / seconds / 1e6
+    except (OSError, FrameError) as exc:
+        raise ConnectionError(f"link probe to {host}:{port} failed: {exc}") from None
+    finally:
+        sock.close()
 
 
 class LinkServer:

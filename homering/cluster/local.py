@@ -41,7 +41,7 @@ class LocalCluster:
     """
 
     def __init__(self, model_path: Path, *, n_agents: int = 3, broker: BrokerURL | None = None,
-                 threads: int | None = None, n_ctx: int = 2048, planner: str = "proportional",
+                 threads: int | None = None, n_ctx: int = 2048, planner: str = "halda",
                  log_args: tuple[str, ...] = (), grace: float = 5.0, log_file=None):
         if n_agents < 1:
             raise HomeringError("--agents must be at least 1")
@@ -89,17 +89,23 @@ class LocalCluster:
                 raise HomeringError(f"a cluster process exited with code {p.returncode}: {p.role}")
 
     def stop(self) -> None:
-        """Stop every child: SIGTERM, wait ``grace`` seconds, then SIGKILL."""
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace
-        for p in self.procs:
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        """Stop every child: SIGTERM, wait ``grace`` seconds, then SIGKILL.
+
+        Agents and the controller go first, so they can still tell the broker
+        they are leaving; an embedded broker goes last.
+        """
+        broker = [p for p in self.procs if p.role.startswith("broker")]
+        for group in ([p for p in self.procs if p not in broker], broker):
+            for p in reversed(group):
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.grace
+            for p in group:
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
         self.procs.clear()
 
     def __exit__(self, *exc) -> None:
