@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 help:
 	@echo "make run    - install what is missing, then 'homering up' on the default model (smollm2)"
 	@echo "make test   - install what is missing (mosquitto too), then run the test suite"
-	@echo "make bench  - decode benchmark: 1 and 3 agents against plain llama-cpp-python"
+	@echo "make bench  - decode benchmark (1 and 3 agents against plain llama-cpp-python) and planner solve times"
 
 run: install model-default
 	$(HR) up
@@ -26,6 +26,7 @@ test: install mosquitto models
 
 bench: install model-default
 	$(HR) bench decode --agents 1 3
+	$(HR) bench plan
 
 install: $(STAMP)
 

@@ -52,8 +52,8 @@ def plan_table(plan: Plan) -> Table:
     for col in ("#", "agent", "data port", "layers", "gpu", "mode", "compute ms", "disk ms", "hop ms", "role"):
         table.add_column(col, justify="right" if col.endswith("ms") or col == "gpu" else "left")
     for i, a in enumerate(plan.ring):
-        role = "head (output, sampling)" if i == len(plan.ring) - 1 else ("embeds tokens" if i == 0 else "")
-        layers = ", ".join(f"[{w.start}, {w.end})" for w in a.windows)
+        role = "head" if i == len(plan.ring) - 1 else ("embeds" if i == 0 else "")
+        layers = ", ".join(f"[{w.start},{w.end})" for w in a.windows)
         gpu = str(sum(w.gpu_layers for w in a.windows))
         p = a.predicted
         costs = [f"{p.compute_ms:.2f}", f"{p.disk_ms:.2f}", f"{p.hop_ms:.2f}"] if p else ["", "", ""]
@@ -107,9 +107,14 @@ async def chat(broker: mqtt.BrokerURL, *, sampling: Sampling, system: str | None
             status = await client.wait_ready(ready_timeout)
         console.print(f"[bold]homering[/] · model [cyan]{status.model}[/] · "
                       f"{len(client.plan.ring)} agent(s) · ctx {status.n_ctx}")
+        console.print(plan_table(client.plan))
         console.print(f"[dim]{HELP}[/]")
+        shown = client.plan.plan_id
         history: list[ChatMessage] = [ChatMessage(role="system", content=system)] if system else []
         while True:
+            if client.plan is not None and client.plan.plan_id != shown:  # agents joined or left
+                shown = client.plan.plan_id
+                console.print(f"[yellow]the cluster re-planned[/] ({len(client.plan.ring)} agent(s)); /plan shows it")
             try:
                 line = await asyncio.to_thread(console.input, "[bold green]you>[/] ")
             except (EOFError, KeyboardInterrupt):
@@ -143,6 +148,8 @@ async def chat(broker: mqtt.BrokerURL, *, sampling: Sampling, system: str | None
             wall = time.perf_counter() - t0
             n = len(answer.token_ids)
             tps = 1000.0 / answer.ms_per_token if answer.ms_per_token else 0.0
-            console.print(f"\n[dim]{n} tokens · {tps:.1f} tokens/s · TTFT {answer.ttft_ms or 0:.0f} ms · "
+            predicted = client.plan.predicted_ms_per_token if client.plan else None
+            vs = f" (predicted {1000.0 / predicted:.1f})" if predicted else ""
+            console.print(f"\n[dim]{n} tokens · {tps:.1f} tokens/s{vs} · TTFT {answer.ttft_ms or 0:.0f} ms · "
                           f"{wall:.1f} s[/]")
             history.append(ChatMessage(role="assistant", content=answer.text))
