@@ -134,6 +134,10 @@ def _local_address(broker_host: str) -> str:
         return socket.gethostbyname(socket.gethostname())
 
 
+ROUNDS_OPTION = click.option(
+    "--rounds", "-k", type=click.IntRange(1, 1 << 16), default=None,
+    help="Piped-ring rounds k: every agent holds k windows and a token goes k times around the ring "
+         "(must divide the layer count) [default: the planner chooses].")
 PLANNER_OPTION = click.option(
     "--planner", type=click.Choice(["halda", "memory", "proportional"]), default="halda", show_default=True,
     help="How layers are assigned: halda (the fastest predicted plan), memory (exo-style, by memory), "
@@ -150,14 +154,15 @@ PLANNER_OPTION = click.option(
 @click.option("--timeout", type=click.FloatRange(1), default=60.0, show_default=True,
               help="Seconds to wait for the agents to join.")
 @PLANNER_OPTION
-def controller(broker, model, agents, ctx, timeout, planner) -> None:
+@ROUNDS_OPTION
+def controller(broker, model, agents, ctx, timeout, planner, rounds) -> None:
     """Coordinate the cluster: wait for agents, plan, and serve generation requests."""
     from homering.cluster.controller import Controller
     from homering.models.registry import resolve_model
 
     path = resolve_model(model)
     _run(Controller(_broker(broker), path, n_agents=agents, n_ctx=ctx, join_timeout=timeout,
-                    planner=planner).run())
+                    planner=planner, rounds=rounds).run())
 
 
 @cli.command(hidden=True)
@@ -217,9 +222,10 @@ def chat(broker, max_tokens, temperature, seed, system) -> None:
 @click.option("--raw", is_flag=True, help="With --prompt: send the text as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="With --prompt: print one JSON object.")
 @PLANNER_OPTION
+@ROUNDS_OPTION
 @sampling_options
 @click.pass_obj
-def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, planner, max_tokens, temperature,
+def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, planner, rounds, max_tokens, temperature,
        seed) -> None:
     """Start a whole cluster on this machine and chat with it (or answer --prompt).
 
@@ -244,7 +250,7 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, planner
     sampling = _sampling(max_tokens, temperature, seed)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with LocalCluster(path, n_agents=agents, broker=_broker(broker) if broker else None, threads=threads,
-                      n_ctx=n_ctx, planner=planner, log_args=log_args) as cluster:
+                      n_ctx=n_ctx, planner=planner, rounds=rounds, log_args=log_args) as cluster:
         if prompt is not None:
             _run(one_shot(cluster.broker, prompt, raw=raw, sampling=sampling, as_json=as_json))
         else:

@@ -153,3 +153,4 @@ def test_up_plans_from_measured_profiles(smollm2, smollm2_ref):
     assert all(a["mode"] == "resident" for a in plan["ring"])  # SmolLM2 fits in RAM
     smollm2_ref.check_answer(out["prompt_token_ids"], out["token_ids"], out["finish_reason"], 24)
     assert out["text"].strip()
+

@@ -55,6 +55,7 @@ class _Loaded:
     successor: socket.socket | None = None
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     queues: dict[int, queue.Queue] = field(default_factory=dict)  # head: frames back, by request number
+    prefetch_fds: list[int] = field(default_factory=list)  # one read-only fd per window (k > 1)
 
     @property
     def is_head(self) -> bool:
@@ -64,11 +65,25 @@ class _Loaded:
         with self.send_lock:
             send_frame(self.successor, frame)
 
+    def prefetch_after(self, round_: int) -> None:
+        """Window ``round_`` is done: ask the kernel to read the next round's window from disk now.
+
+        PRIMA.CPP's prefetching: the disk works while the rest of the ring
+        computes. ``POSIX_FADV_WILLNEED`` starts asynchronous readahead into the
+        page cache that llama.cpp's mmap of the same file shares; it does not block.
+        """
+        if len(self.prefetch_fds) > 1:
+            os.posix_fadvise(self.prefetch_fds[(round_ + 1) % len(self.prefetch_fds)], 0, 0,
+                             os.POSIX_FADV_WILLNEED)
+
     def close(self) -> None:
         if self.successor is not None:
             self.successor.close()
         for w in self.windows:
             w.close()
+        for fd in self.prefetch_fds:
+            os.close(fd)
+        self.prefetch_fds.clear()
 
 
 class Agent:
@@ -93,6 +108,9 @@ class Agent:
         self.bind = bind
         self._loaded: _Loaded | None = None
         self._plan_task: asyncio.Task | None = None
+        self._offered: Plan | None = None              # the latest plan on the broker
+        self._controller: ControllerStatus | None = None
+        self._applied_plan_id: str | None = None
         self._gen_lock = asyncio.Lock()
         self._request_numbers = itertools.count(1)
         self._mqtt: aiomqtt.Client | None = None
@@ -150,20 +168,38 @@ class Agent:
             if message.topic.matches(Topics.PLAN):
                 if not message.payload:
                     return  # a cleared retained plan
-                plan = Plan.load(message.payload)
-                if self._plan_task and not self._plan_task.done():
-                    self._plan_task.cancel()
-                self._plan_task = self._spawn(self._apply_plan(plan))
+                self._offered = Plan.load(message.payload)
+                self._maybe_apply_plan()
             elif message.topic.matches(Topics.generate(self.name)):
                 job = GenerateJob.load(message.payload)
                 self._spawn(self._generate(job))
             elif message.topic.matches(Topics.CONTROLLER):
                 if message.payload:
-                    self._on_controller(ControllerStatus.load(message.payload))
+                    self._controller = ControllerStatus.load(message.payload)
+                    self._on_controller(self._controller)
+                    self._maybe_apply_plan()
             elif message.topic.matches(Topics.probe(self.name)):
                 self._spawn(self._probe(LinkProbe.load(message.payload)))
         except MalformedMessage as exc:
             log.warning("dropped malformed message on %s: %s", topic, exc)
+
+    def _maybe_apply_plan(self) -> None:
+        """Load the offered plan once the live controller vouches for it.
+
+        A retained plan may be stale (left by a controller that is gone); the
+        controller names the plan it stands for in its status before it
+        publishes it, so only a plan whose id the controller's latest status
+        carries is loaded, and only once.
+        """
+        plan, ctl = self._offered, self._controller
+        if plan is None or ctl is None or ctl.state not in ("planning", "ready") or ctl.plan_id != plan.plan_id:
+            return
+        if plan.plan_id == self._applied_plan_id:
+            return
+        self._applied_plan_id = plan.plan_id
+        if self._plan_task and not self._plan_task.done():
+            self._plan_task.cancel()
+        self._plan_task = self._spawn(self._apply_plan(plan))
 
     async def _status(self, state: str, plan_id: str | None = None, detail: str | None = None) -> None:
         if self._mqtt is not None:
@@ -224,6 +260,8 @@ class Agent:
         try:
             windows = await asyncio.to_thread(self._load_windows, plan, position)
             loaded = _Loaded(plan, position, windows)
+            if len(windows) > 1 and hasattr(os, "posix_fadvise"):  # macOS has no fadvise: no prefetch there
+                loaded.prefetch_fds = [os.open(w.path, os.O_RDONLY) for w in windows]
             if len(plan.ring) > 1:
                 nxt = plan.ring[(position + 1) % len(plan.ring)]
                 loaded.successor = await asyncio.to_thread(connect_link, nxt.host, nxt.data_port)
@@ -267,25 +305,35 @@ class Agent:
             log.warning("dropping data link from %s: %s", peer, exc)
 
     def _handle_frame(self, frame: Frame) -> None:
-        """Run a frame through this agent's window and pass the result on (or, on the head, deliver it)."""
+        """Run a frame through this agent's window of its round and pass the result on.
+
+        Piped-ring rounds (PRIMA.CPP §3.2): a FORWARD frame of round r runs
+        this agent's r-th window. The head, which holds the last window of every
+        round, sends round r's output back into the ring as round r + 1; after
+        the last round it delivers the frame to the generation loop.
+        """
         loaded = self._loaded
         h = frame.header
         if loaded is None:
             log.warning("frame for request %d arrived with no plan loaded; dropped", h.request_id)
             return
         out = frame
+        last_round = len(loaded.windows) - 1
         if h.kind is FrameKind.FORWARD:
-            window = loaded.windows[min(h.round, len(loaded.windows) - 1)]
-            try:
-                result = window.forward(frame.payload, h.pos, h.seq_id)
-                if not loaded.is_head:
-                    out = Frame.forward(h.request_id, h.seq_id, h.pos, result.hidden, h.round)
-            except (DecodeError, ValueError) as exc:
-                out = Frame.error(h.request_id, h.seq_id, f"{self.name}: {exc}")
+            if h.round > last_round:
+                out = Frame.error(h.request_id, h.seq_id, f"{self.name}: round {h.round} of a {last_round + 1}-round plan")
+            else:
+                try:
+                    result = loaded.windows[h.round].forward(frame.payload, h.pos, h.seq_id)
+                    if not (loaded.is_head and h.round == last_round):
+                        nxt = h.round + 1 if loaded.is_head else h.round
+                        out = Frame.forward(h.request_id, h.seq_id, h.pos, result.hidden, nxt)
+                except (DecodeError, ValueError) as exc:
+                    out = Frame.error(h.request_id, h.seq_id, f"{self.name}: {exc}")
         elif h.kind is FrameKind.KV_REMOVE:
             for w in loaded.windows:
                 w.kv_remove(h.seq_id, h.pos)
-        if loaded.is_head:
+        if loaded.is_head and (out.header.kind is not FrameKind.FORWARD or h.round == last_round):
             back = loaded.queues.get(h.request_id)
             if back is not None:
                 back.put(out)
@@ -294,6 +342,8 @@ class Agent:
                 loaded.send(out)
             except OSError as exc:
                 log.warning("cannot reach the next agent: %s", exc)
+        if h.kind is FrameKind.FORWARD and h.round <= last_round:
+            loaded.prefetch_after(h.round)
 
     def _ring(self, loaded: _Loaded, request: int, frames: list[Frame]) -> None:
         """Send frames into the ring; wait until each came back through the head's window.
@@ -319,8 +369,10 @@ class Agent:
         A long prompt goes as back-to-back micro-batches of ``n_batch`` tokens,
         so the agents work on different chunks at once.
         """
-        if len(loaded.plan.ring) == 1:
-            loaded.windows[0].forward(tokens, pos)
+        if len(loaded.plan.ring) == 1:  # every round is here: run the windows in turn
+            x = tokens
+            for w in loaded.windows:
+                x = w.forward(x, pos).hidden
             return
         n_batch = loaded.plan.n_batch
         frames = [Frame.forward(request, 0, pos + i, tokens[i:i + n_batch]) for i in range(0, len(tokens), n_batch)]
@@ -329,7 +381,8 @@ class Agent:
     def _clear(self, loaded: _Loaded, request: int) -> None:
         """Empty sequence 0 of every window in the ring."""
         if len(loaded.plan.ring) == 1:
-            loaded.windows[0].kv_remove(0, 0)
+            for w in loaded.windows:
+                w.kv_remove(0, 0)
         else:
             self._ring(loaded, request, [Frame.kv_remove(request, 0, 0)])
 

@@ -13,6 +13,7 @@ answer straight to the client's topic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from pathlib import Path
@@ -35,7 +36,6 @@ log = logging.getLogger("homering.controller")
 LIVE_STATES = {"online", "loading", "ready"}
 PROBE_TIMEOUT_S = 15.0
 SETTLE_S = 0.5  # wait for a burst of joins/leaves to settle before re-planning
-ONLINE_ROUNDS = [1]  # the runtime runs one round until piped-ring rounds land
 
 
 class Controller:
@@ -48,20 +48,24 @@ class Controller:
         n_ctx: context size (tokens) of every window's KV cache.
         join_timeout: seconds to wait for the agents, and again for them to load.
         planner: a name from :data:`homering.planner.PLANNERS`.
+        rounds: plan with exactly this many rounds k (must divide the layer
+            count) [default: the planner chooses among every k].
     """
 
     def __init__(self, broker: mqtt.BrokerURL, model_path: Path, *, n_agents: int, n_ctx: int = 2048,
-                 join_timeout: float = 60.0, planner: str = "halda"):
+                 join_timeout: float = 60.0, planner: str = "halda", rounds: int | None = None):
         self.broker = broker
         self.model_path = Path(model_path)
         self.n_agents = n_agents
         self.n_ctx = n_ctx
         self.join_timeout = join_timeout
         self.planner = planner
+        self.rounds = rounds
         self.profiles: dict[str, AgentProfile] = {}
         self.statuses: dict[str, AgentStatus] = {}
         self.plan: Plan | None = None
         self.ready = False
+        self.state = "waiting"
         self.fingerprint: str | None = None
         self.planned_members: frozenset | None = None
         self.in_flight: set[str] = set()
@@ -100,10 +104,15 @@ class Controller:
                         maintain.cancel()
                 finally:
                     reader.cancel()
+                    # a clean exit sends no last-will: say so ourselves, or the retained "ready" would linger
+                    if self.state != "error":  # keep an error's detail for clients
+                        with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                            await asyncio.wait_for(self._status("offline"), 2.0)
         except aiomqtt.MqttError as exc:
             raise mqtt.connect_error(self.broker, exc) from None
 
     async def _status(self, state: str, detail: str | None = None) -> None:
+        self.state = state
         await self._client.publish(Topics.CONTROLLER, ControllerStatus(
             state=state, model=self.model_path.name, model_path=str(self.model_path),
             model_fingerprint=self.fingerprint, n_ctx=self.n_ctx, plan_id=self.plan.plan_id if self.plan else None, detail=detail).dump(), qos=1, retain=True)
@@ -168,11 +177,13 @@ class Controller:
         shape = shape_from_gguf(self.model_path, self.n_ctx)
         try:
             self.plan = make_plan(agents, shape, model_path=str(self.model_path), model_fingerprint=info.fingerprint,
-                                  n_ctx=self.n_ctx, planner=self.planner, ks=ONLINE_ROUNDS)
+                                  n_ctx=self.n_ctx, planner=self.planner,
+                                  ks=[self.rounds] if self.rounds else None)
         except PlanError as exc:
             await self._status("error", str(exc))
             raise
         self.planned_members = members
+        await self._status("planning")  # names the new plan: agents load only the plan the controller vouches for
         log.info("plan %s (%s, k=%d, predicted %.1f ms/token): %s%s", self.plan.plan_id, self.plan.planner,
                  self.plan.k, self.plan.predicted_ms_per_token or 0,
                  ", ".join(f"{a.name}{[(w.start, w.end) for w in a.windows]}" for a in self.plan.ring),

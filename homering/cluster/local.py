@@ -36,12 +36,13 @@ class LocalCluster:
             this machine with the broker and the controller, and llama.cpp's
             threads stall at every barrier when one of them is preempted].
         n_ctx: context size in tokens.
+        planner: the controller's planner; rounds: its --rounds (None: the planner chooses).
         log_args: ``-v``/``-q`` flags passed on to the children.
         log_file: an open file for the children's output [default: this process's stderr].
     """
 
     def __init__(self, model_path: Path, *, n_agents: int = 3, broker: BrokerURL | None = None,
-                 threads: int | None = None, n_ctx: int = 2048, planner: str = "halda",
+                 threads: int | None = None, n_ctx: int = 2048, planner: str = "halda", rounds: int | None = None,
                  log_args: tuple[str, ...] = (), grace: float = 5.0, log_file=None):
         if n_agents < 1:
             raise HomeringError("--agents must be at least 1")
@@ -51,6 +52,7 @@ class LocalCluster:
         self.threads = threads or default_threads()
         self.n_ctx = n_ctx
         self.planner = planner
+        self.rounds = rounds
         self.log_args = list(log_args)
         self.grace = grace
         self.procs: list[subprocess.Popen] = []
@@ -74,7 +76,8 @@ class LocalCluster:
                 self.broker = BrokerURL("127.0.0.1", port)
             url = str(self.broker)
             self._spawn("controller", "--broker", url, "--model", str(self.model_path),
-                        "--agents", str(self.n_agents), "--ctx", str(self.n_ctx), "--planner", self.planner)
+                        "--agents", str(self.n_agents), "--ctx", str(self.n_ctx), "--planner", self.planner,
+                        *(("--rounds", str(self.rounds)) if self.rounds else ()))
             for i in range(self.n_agents):
                 self._spawn("agent", "--broker", url, "--name", f"agent-{i}", "--threads", str(self.threads))
         except BaseException:
@@ -91,11 +94,12 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop every child: SIGTERM, wait ``grace`` seconds, then SIGKILL.
 
-        Agents and the controller go first, so they can still tell the broker
-        they are leaving; an embedded broker goes last.
+        The controller goes first (it would log the agents leaving), then the
+        agents, which can still tell the broker they are leaving; an embedded
+        broker goes last.
         """
-        broker = [p for p in self.procs if p.role.startswith("broker")]
-        for group in ([p for p in self.procs if p not in broker], broker):
+        groups = [[p for p in self.procs if p.role.startswith(role)] for role in ("controller", "agent", "broker")]
+        for group in groups:
             for p in reversed(group):
                 if p.poll() is None:
                     p.send_signal(signal.SIGTERM)
