@@ -123,8 +123,8 @@ def test_gpu_layers_fill_the_vram():
     box = p.devices[0]
     assert box.gpu_layers_per_round == 3  # 3 GiB of VRAM, 1 GiB per layer
     # with two rounds the same VRAM holds 3 layers in total, so at most 1 per round
-    p2 = evaluate(spec_of([dev("gpu-box", cpu=50, gpu=gpu), dev("head", cpu=50, head=True)]), 2, [3, 1], [1, 0])
-    assert p2.devices[0].gpu_layers_per_round == 1
+    two = solve(spec_of([dev("gpu-box", cpu=50, gpu=gpu), dev("head", cpu=50, head=True)]), ks=[2]).prediction
+    assert two.devices[0].gpu_layers_per_round == 1
     with pytest.raises(PlanError, match="VRAM"):
         evaluate(spec_of([dev("gpu-box", cpu=50, gpu=gpu), dev("head", cpu=50, head=True)]), 2, [3, 1], [2, 0])
 

@@ -20,27 +20,36 @@ from homering.cluster.schema import (
 )
 from homering.planner import halda
 from homering.planner.model import (
-    ClusterSpec, Device, ModelShape, PlanError, Prediction, divisors, parse_cluster,
+    ClusterSpec, Device, ModelShape, PlanError, Prediction, candidate_rounds, parse_cluster,
 )
 from homering.planner.proportional import plan_memory, plan_proportional
 
 __all__ = ["PLANNERS", "PlanResult", "plan_cluster", "make_plan", "devices_from_profiles", "PlanError"]
 
 
-def _halda(spec: ClusterSpec, ks: list[int] | None) -> Prediction:
-    return halda.solve(spec, ks).prediction
+def _halda(spec: ClusterSpec, ks: list[int]) -> tuple[Prediction, dict[int, float]]:
+    sol = halda.solve(spec, ks)
+    return sol.prediction, sol.per_k
 
 
-PLANNERS: dict[str, Callable[[ClusterSpec, list[int] | None], Prediction]] = {
+def _baseline(fn: Callable[[ClusterSpec, list[int]], Prediction]):
+    def run(spec: ClusterSpec, ks: list[int]) -> tuple[Prediction, dict[int, float]]:
+        pred = fn(spec, ks)
+        return pred, {pred.k: pred.ms_per_token}
+    return run
+
+
+PLANNERS: dict[str, Callable[[ClusterSpec, list[int]], tuple[Prediction, dict[int, float]]]] = {
     "halda": _halda,
-    "memory": plan_memory,
-    "proportional": plan_proportional,
+    "memory": _baseline(plan_memory),
+    "proportional": _baseline(plan_proportional),
 }
+"""Planner name -> ``(spec, candidate k) -> (prediction, {k: ms per token of the best plan with that k})``."""
 
 
 @dataclass(frozen=True)
 class PlanResult:
-    """A planner's answer: the evaluated assignment, the planner's name and its solve time (ms)."""
+    """A planner's answer: the evaluated assignment, the planner's name, its solve time (ms), T per k tried."""
 
     prediction: Prediction
     planner: str
@@ -56,17 +65,10 @@ def plan_cluster(spec: ClusterSpec, planner: str = "halda", ks: list[int] | None
     """
     if planner not in PLANNERS:
         raise PlanError(f"unknown planner {planner!r}: use one of {', '.join(PLANNERS)}")
-    if ks:
-        bad = [k for k in ks if k < 1 or spec.model.n_layers % k]
-        if bad:
-            raise PlanError(f"k={bad[0]} does not divide {spec.model.n_layers} layers "
-                            f"(choose from {', '.join(map(str, divisors(spec.model.n_layers)))})")
+    ks = candidate_rounds(spec.model.n_layers, ks)
     t0 = time.perf_counter()
-    if planner == "halda":
-        sol = halda.solve(spec, ks)
-        return PlanResult(sol.prediction, planner, sol.solve_ms, sol.per_k)
-    pred = PLANNERS[planner](spec, ks)
-    return PlanResult(pred, planner, (time.perf_counter() - t0) * 1000, {pred.k: pred.ms_per_token})
+    prediction, per_k = PLANNERS[planner](spec, ks)
+    return PlanResult(prediction, planner, (time.perf_counter() - t0) * 1000, per_k)
 
 
 def head_of(profiles: list[AgentProfile]) -> AgentProfile:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import pulp
 
-from homering.planner.model import GIB, KIB, ClusterSpec, PlanError, Prediction, divisors, evaluate
+from homering.planner.model import GIB, KIB, ClusterSpec, PlanError, Prediction, candidate_rounds, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +164,7 @@ def solve(spec: ClusterSpec, ks: list[int] | None = None, solver: str | None = N
     Raises:
         PlanError: no candidate k divides the layers, or no program is feasible.
     """
-    L = spec.model.n_layers
-    ks = sorted(set(ks)) if ks else divisors(L)
-    bad = [k for k in ks if k < 1 or L % k]
-    if bad:
-        raise PlanError(f"k={bad[0]} does not divide {L} layers")
+    ks = candidate_rounds(spec.model.n_layers, ks)
     name, backend = _solver(solver)
     t0 = time.perf_counter()
     best: Prediction | None = None

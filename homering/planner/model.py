@@ -172,7 +172,6 @@ class DevicePrediction:
     compute_ms: float
     disk_ms: float
     hop_ms: float
-    need_bytes: float
 
     @property
     def total_ms(self) -> float:
@@ -258,7 +257,7 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
         s = (wm - nm) * bp + (nm * bp if d.gpu is not None and d.gpu.unified else 0)
         need = k * s + (o if is_head else 0)
         if not used[i]:
-            devices.append(DevicePrediction(d.name, 0, 0, None, [], 0.0, 0.0, 0.0, 0.0))
+            devices.append(DevicePrediction(d.name, 0, 0, None, [], 0.0, 0.0, 0.0))
             continue
         ram = d.ram_bytes
         costs: dict[Mode, float] = {}
@@ -274,7 +273,7 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
         pred = DevicePrediction(
             name=d.name, layers_per_round=wm, gpu_layers_per_round=nm, mode=mode,
             windows=[(r * W + starts[i], r * W + starts[i] + wm) for r in range(k)],
-            compute_ms=compute, disk_ms=k * costs[mode], hop_ms=k * hop[i], need_bytes=float(need))
+            compute_ms=compute, disk_ms=k * costs[mode], hop_ms=k * hop[i])
         devices.append(pred)
         total += pred.total_ms
     return Prediction(k=k, layers_per_round=W, ms_per_token=total, devices=devices)
@@ -328,3 +327,18 @@ def shape_from_gguf(path: str | os.PathLike, n_ctx: int) -> ModelShape:
 def divisors(n: int) -> list[int]:
     """The k that divide ``n`` (ascending)."""
     return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def candidate_rounds(n_layers: int, ks: list[int] | None) -> list[int]:
+    """The k to plan for: ``ks`` (sorted, deduplicated) or every divisor of ``n_layers``.
+
+    Raises:
+        PlanError: a k that does not divide ``n_layers`` (the message lists the ones that do).
+    """
+    if not ks:
+        return divisors(n_layers)
+    for k in sorted(set(ks)):
+        if k < 1 or n_layers % k:
+            raise PlanError(f"k={k} does not divide {n_layers} layers "
+                            f"(choose from {', '.join(map(str, divisors(n_layers)))})")
+    return sorted(set(ks))

@@ -7,7 +7,7 @@
   layers is its share of the cluster's memory (RAM plus dedicated VRAM), with
   cumulative rounding, so a small device can get none.
 
-Both use k = 1 (or the smallest k offered) and put on a device's GPU as many of
+Both use the smallest k offered (1 by default) and put on a device's GPU as many of
 its layers as its VRAM holds, as ``-ngl`` would in llama.cpp.
 """
 
@@ -64,14 +64,14 @@ def _finish(spec: ClusterSpec, k: int, w: list[int]) -> Prediction:
 
 def plan_proportional(spec: ClusterSpec, ks: list[int] | None = None) -> Prediction:
     """The walking skeleton's split: layers ∝ available RAM, >= 1 each (ring order kept)."""
-    k = min(ks) if ks else 1
+    k = min(ks or [1])
     W = spec.model.n_layers // k
     return _finish(spec, k, split_proportional([d.ram_gib for d in spec.ring()], W))
 
 
 def plan_memory(spec: ClusterSpec, ks: list[int] | None = None) -> Prediction:
     """exo's split by memory (RAM + dedicated VRAM); devices may get no layers."""
-    k = min(ks) if ks else 1
+    k = min(ks or [1])
     W = spec.model.n_layers // k
     mem = [d.ram_gib + (d.gpu.vram_gib if d.gpu is not None and not d.gpu.unified else 0.0)
            for d in spec.ring()]
