@@ -16,7 +16,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterable
 
 import numpy as np
 
@@ -221,8 +221,9 @@ def encode_field(key: str, vtype: int, value, sub_type: int | None = None) -> by
 class TensorSource:
     """A tensor to write: its new name, dims, type, and where its bytes come from.
 
-    Exactly one of ``src_path``/``src_offset`` (copy from a file) or ``data``
-    (write these bytes) is used.
+    Exactly one of ``src_path``/``src_offset`` (copy from a file), ``data``
+    (write these bytes) or ``chunks`` (write the buffers an iterable yields,
+    in order, ``n_bytes`` in all: tensors generated on the fly) is used.
     """
 
     name: str
@@ -232,6 +233,7 @@ class TensorSource:
     src_path: Path | None = None
     src_offset: int = 0
     data: bytes | None = None
+    chunks: Iterable | None = None
 
 
 def write_gguf(out: BinaryIO, entries: list[bytes], tensors: list[TensorSource],
@@ -257,6 +259,16 @@ def write_gguf(out: BinaryIO, entries: list[bytes], tensors: list[TensorSource],
                 out.write(t.data)
                 if on_bytes:
                     on_bytes(len(t.data))
+            elif t.chunks is not None:
+                written = 0
+                for chunk in t.chunks:
+                    n = memoryview(chunk).nbytes
+                    out.write(chunk)
+                    written += n
+                    if on_bytes:
+                        on_bytes(n)
+                if written != t.n_bytes:
+                    raise ModelError(f"tensor {t.name}: {written} bytes generated, {t.n_bytes} expected")
             else:
                 src = handles.get(t.src_path) or handles.setdefault(t.src_path, open(t.src_path, "rb"))
                 src.seek(t.src_offset)

