@@ -39,11 +39,15 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $(STAMP)
 
+# mosquitto for the tests' broker; iproute2 (ip, tc) for the emulated cluster (homering testbed).
+APT_NEEDED = $(shell command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || echo mosquitto) \
+             $(shell PATH=$$PATH:/usr/sbin:/sbin command -v ip >/dev/null 2>&1 && PATH=$$PATH:/usr/sbin:/sbin command -v tc >/dev/null 2>&1 || echo iproute2)
+
 mosquitto:
-	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
-	  echo "installing mosquitto (apt)"; \
+	@[ -z "$(strip $(APT_NEEDED))" ] || { \
+	  echo "installing $(strip $(APT_NEEDED)) (apt)"; \
 	  $(SUDO) apt-get update -qq >/dev/null && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_NEEDED) >/dev/null; }
 
 model-default: install
 	@$(HR) models pull smollm2 --quiet >/dev/null

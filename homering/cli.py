@@ -49,11 +49,15 @@ def models() -> None:
 
 @models.command("list")
 def models_list() -> None:
-    """Show the known models and whether they are pulled."""
+    """Show the known models and whether they are pulled.
+
+    Synthetic models (random weights, a real model's shape) are written on
+    first use; `homering models synth` makes one with other options.
+    """
     from rich.console import Console
     from rich.table import Table
 
-    from homering.models.registry import DEFAULT_MODEL, KNOWN_MODELS, is_pulled
+    from homering.models.registry import DEFAULT_MODEL, KNOWN_MODELS, SYNTHETIC_MODELS, is_pulled
 
     table = Table()
     for col in ("name", "pulled", "description", "path"):
@@ -61,6 +65,8 @@ def models_list() -> None:
     for m in KNOWN_MODELS.values():
         table.add_row(m.name + (" (default)" if m.name == DEFAULT_MODEL else ""),
                       "yes" if is_pulled(m) else "no", m.description, str(m.path))
+    for m in SYNTHETIC_MODELS.values():
+        table.add_row(m.name + " (synthetic)", "yes" if is_pulled(m) else "no", m.description, str(m.path))
     Console().print(table)
 
 
@@ -74,6 +80,39 @@ def models_pull(name: str, force: bool, quiet_pull: bool) -> None:
 
     path = pull(name, quiet=quiet_pull, force=force)
     click.echo(str(path))
+
+
+@models.command("synth")
+@click.option("--shape", required=True, type=click.Choice(["llama3-8b", "llama3.2-3b", "llama3.2-1b"]),
+              help="The real model whose architecture and sizes to copy.")
+@click.option("--quant", required=True, type=click.Choice(["q4_0", "q8_0"]),
+              help="Quantisation of every weight matrix.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The GGUF file to write.")
+@click.option("--layers", type=click.IntRange(1, 1024), default=None,
+              help="Transformer blocks instead of the shape's [default: the real count].")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+              help="Seed of the random weights (same seed, same bytes).")
+@click.option("--force", is_flag=True, help="Overwrite the file if it exists.")
+def models_synth(shape, quant, out, layers, seed, force) -> None:
+    """Write a random-weight GGUF with a real Llama 3 model's shape (for benchmarks).
+
+    Same architecture, hyper-parameters, tensor shapes and quantisation as the
+    real model, so the same speed and memory per layer; SmolLM2's tokenizer
+    (49152 tokens). Example: `homering models synth --shape llama3.2-3b --quant q4_0 --out 3b.gguf`.
+    """
+    import time
+    from pathlib import Path
+
+    from homering.errors import ModelError
+    from homering.models.synth import synthesize
+
+    path = Path(out)
+    if path.exists() and not force:
+        raise ModelError(f"{path} exists: pass --force to overwrite it")
+    t0 = time.perf_counter()
+    synthesize(shape, quant, path, seed=seed, n_layers=layers, progress=sys.stderr.isatty())
+    size = path.stat().st_size
+    click.echo(f"{path}  {size / 1e9:.2f} GB ({size} bytes, {time.perf_counter() - t0:.1f} s)")
 
 
 # ---------------------------------------------------------------- cluster roles
@@ -111,13 +150,17 @@ def _run(coro) -> None:
               help="TCP port of the data plane [default: any free port].")
 @click.option("--host", default=None, help="Address ring neighbours use to reach this agent [default: 127.0.0.1 "
               "for a loopback broker, else this machine's address towards the broker].")
-def agent(broker, name, threads, data_port, host) -> None:
+@click.option("--release/--no-release", default=None,
+              help="Drop each layer window from the page cache right after using it (with k > 1 rounds), so "
+                   "the kernel keeps the next one [default: as the plan says: on when this device's windows "
+                   "overflow its RAM].")
+def agent(broker, name, threads, data_port, host, release) -> None:
     """Join the cluster as one device: load the planned layer windows, serve the ring."""
     from homering.cluster.agent import Agent, default_name
 
     b = _broker(broker)
     _run(Agent(b, name=name or default_name(), threads=threads or os.cpu_count() or 1,
-               data_port=data_port, host=host or _local_address(b.host)).run())
+               data_port=data_port, host=host or _local_address(b.host), release=release).run())
 
 
 def _local_address(broker_host: str) -> str:
@@ -138,6 +181,10 @@ ROUNDS_OPTION = click.option(
     "--rounds", "-k", type=click.IntRange(1, 1 << 16), default=None,
     help="Piped-ring rounds k: every agent holds k windows and a token goes k times around the ring "
          "(must divide the layer count) [default: the planner chooses].")
+BATCH_OPTION = click.option(
+    "--batch", "n_batch", type=click.IntRange(1, 1 << 16), default=None,
+    help="Prefill micro-batch in tokens: a prompt flows through the ring in chunks of this size, "
+         "back to back, so devices work on different chunks at once [default: 64].")
 PLANNER_OPTION = click.option(
     "--planner", type=click.Choice(["halda", "memory", "proportional"]), default="halda", show_default=True,
     help="How layers are assigned: halda (the fastest predicted plan), memory (exo-style, by memory), "
@@ -155,14 +202,15 @@ PLANNER_OPTION = click.option(
               help="Seconds to wait for the agents to join.")
 @PLANNER_OPTION
 @ROUNDS_OPTION
-def controller(broker, model, agents, ctx, timeout, planner, rounds) -> None:
+@BATCH_OPTION
+def controller(broker, model, agents, ctx, timeout, planner, rounds, n_batch) -> None:
     """Coordinate the cluster: wait for agents, plan, and serve generation requests."""
-    from homering.cluster.controller import Controller
+    from homering.cluster.controller import DEFAULT_BATCH, Controller
     from homering.models.registry import resolve_model
 
     path = resolve_model(model)
     _run(Controller(_broker(broker), path, n_agents=agents, n_ctx=ctx, join_timeout=timeout,
-                    planner=planner, rounds=rounds).run())
+                    planner=planner, rounds=rounds, n_batch=n_batch or DEFAULT_BATCH).run())
 
 
 @cli.command(hidden=True)
@@ -223,10 +271,11 @@ def chat(broker, max_tokens, temperature, seed, system) -> None:
 @click.option("--json", "as_json", is_flag=True, help="With --prompt: print one JSON object.")
 @PLANNER_OPTION
 @ROUNDS_OPTION
+@BATCH_OPTION
 @sampling_options
 @click.pass_obj
-def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, planner, rounds, max_tokens, temperature,
-       seed) -> None:
+def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, planner, rounds, n_batch, max_tokens,
+       temperature, seed) -> None:
     """Start a whole cluster on this machine and chat with it (or answer --prompt).
 
     Starts an embedded MQTT broker (unless --broker), a controller and N
@@ -250,7 +299,7 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, planner
     sampling = _sampling(max_tokens, temperature, seed)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with LocalCluster(path, n_agents=agents, broker=_broker(broker) if broker else None, threads=threads,
-                      n_ctx=n_ctx, planner=planner, rounds=rounds, log_args=log_args) as cluster:
+                      n_ctx=n_ctx, planner=planner, rounds=rounds, n_batch=n_batch, log_args=log_args) as cluster:
         if prompt is not None:
             _run(one_shot(cluster.broker, prompt, raw=raw, sampling=sampling, as_json=as_json))
         else:
@@ -408,6 +457,207 @@ def bench_plan(device_counts, layers, repeats, seed, out) -> None:
     from homering.bench.plan import run_plan_bench
 
     run_plan_bench(list(device_counts), n_layers=layers, repeats=repeats, seed=seed, out=out)
+
+
+@bench.command("cluster")
+@click.option("--spec", "spec_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Testbed spec (YAML), e.g. examples/clusters/home4.yaml.")
+@click.option("--model", "-m", default=None, metavar="NAME|PATH",
+              help="Model name or GGUF path [default: the spec's model].")
+@click.option("--tokens", type=click.IntRange(2, 4096), default=16, show_default=True,
+              help="Greedy tokens per measured request.")
+@click.option("--prompt-tokens", type=click.IntRange(2, 8192), default=256, show_default=True,
+              help="Prompt length for TTFT.")
+@click.option("--batch", type=click.IntRange(1, 8192), default=64, show_default=True,
+              help="Prefill micro-batch of the homering runs.")
+@click.option("--runs", default=None, metavar="KEYS",
+              help="Comma-separated subset of: single,memory,halda,halda_one_batch,halda_release,"
+                   "halda_no_release [default: all].")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="bench/results", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Also print the results as one JSON object on stdout.")
+def bench_cluster(spec_path, model, tokens, prompt_tokens, batch, runs, out_dir, as_json) -> None:
+    """The headline: a model bigger than any one device, on an emulated home cluster (needs root on Linux).
+
+    Brings the testbed up, then runs plain llama-cpp-python on the largest
+    device alone (single), homering with the memory planner and k=1 (memory),
+    and homering with Halda, rounds and prefetching (halda); also the prompt
+    as one batch and --release on/off. Writes bench/results/cluster-*.json
+    and a PNG chart.
+
+    Example: `homering bench cluster --spec examples/clusters/home4.yaml --model llama3.2-3b-q4_0 --json`.
+    """
+    import json
+    from pathlib import Path
+
+    from homering.bench.cluster import run_cluster_bench
+
+    keys = [k.strip() for k in runs.split(",") if k.strip()] if runs else None
+    results = run_cluster_bench(Path(spec_path), model, tokens=tokens, prompt_tokens=prompt_tokens, batch=batch,
+                                keys=keys, out_dir=Path(out_dir))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+
+
+# ---------------------------------------------------------------- emulated cluster (testbed)
+@cli.group()
+def testbed() -> None:
+    """An emulated home cluster on this machine (needs root on Linux).
+
+    Every device of a YAML spec (see examples/clusters/home4.yaml) gets its own
+    network namespace on a bridge, a shaped link, and cgroups for its RAM, CPU
+    quota and disk read speed.
+    """
+
+
+SPEC_OPTION = click.option("--spec", "spec_file", required=True, type=click.Path(dir_okay=False),
+                           help="The testbed spec (YAML).")
+WORKDIR_OPTION = click.option("--workdir", type=click.Path(file_okay=False), default=None,
+                              help="Devices' homes, logs and state [default: <HOMERING_HOME>/testbeds/<name>].")
+
+
+def _testbed(spec_file, workdir):
+    from pathlib import Path
+
+    from homering.testbed import Testbed, default_workdir, load_spec, require_root
+
+    spec = load_spec(spec_file)
+    require_root()
+    return Testbed(spec, workdir=Path(workdir) if workdir else default_workdir(spec))
+
+
+def _testbed_table(tb):
+    from rich.table import Table
+
+    from homering.testbed.spec import format_bytes
+
+    table = Table(title=f"testbed {tb.name} on {tb.subnet} · broker {tb.broker_url}",
+                  caption=f"host {tb.host_address} · bridge namespace {tb.bridge_netns} ({tb.bridge_address})")
+    for col in ("device", "address", "RAM", "CPUs", "disk read", "link"):
+        table.add_column(col, justify="right" if col in ("RAM", "CPUs") else "left")
+    for name in tb.devices:
+        d = tb.describe(name)
+        table.add_row(name, d["address"], format_bytes(d["ram"]), f"{d['cpus']:g}", d["disk"], d["shaping"])
+    return table
+
+
+@testbed.command("up")
+@SPEC_OPTION
+@WORKDIR_OPTION
+def testbed_up(spec_file, workdir) -> None:
+    """Create the testbed and its MQTT broker and leave them up (`homering testbed down` removes them)."""
+    from rich.console import Console
+
+    tb = _testbed(spec_file, workdir)
+    tb.up()
+    try:
+        tb.start_broker()
+    except BaseException:
+        tb.down()
+        raise
+    console = Console()
+    console.print(_testbed_table(tb))
+    for w in tb.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    console.print(f"broker: [bold]{tb.broker_url}[/]  (e.g. homering chat --broker {tb.broker_url})")
+
+
+@testbed.command("down")
+@click.option("--name", "names", multiple=True, help="Only the testbed(s) with this name [default: every one].")
+def testbed_down(names) -> None:
+    """Remove every homering testbed: processes, namespaces, links, cgroups (also after a crash)."""
+    from homering.testbed import down_all
+
+    removed = down_all(set(names) if names else None, quiet=True)
+    for item in removed:
+        click.echo(f"removed {item}")
+    if not removed:
+        click.echo("nothing to remove")
+
+
+async def _watch(coro, procs, tb) -> None:
+    """Await ``coro``; raise HomeringError as soon as one of ``procs`` exits."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            for p in procs:
+                if p.poll() is not None:
+                    what = f"exited with code {p.returncode}"
+                    if p.device is not None and p.returncode == -signal.SIGKILL and tb.oom_kills(p.device):
+                        what = "was killed by the OOM killer (its RAM limit is too small)"
+                    raise HomeringError(f"{p.role} {what}; see {tb.log_path(p.log_name)}")
+    finally:
+        task.cancel()
+
+
+@testbed.command("run")
+@SPEC_OPTION
+@WORKDIR_OPTION
+@click.option("--model", "-m", default=None, metavar="NAME|PATH",
+              help="A known model name or a GGUF path [default: the spec's model].")
+@PLANNER_OPTION
+@ROUNDS_OPTION
+@click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
+              help="Context size in tokens.")
+@click.option("--prompt", "-p", default=None, help="Answer this one prompt and exit (no chat).")
+@click.option("--json", "as_json", is_flag=True, help="With --prompt: print one JSON object.")
+@click.option("--timeout", type=click.FloatRange(1), default=600.0, show_default=True,
+              help="Seconds to wait for the cluster to be ready (the agents profile under their limits).")
+@sampling_options
+@click.pass_obj
+def testbed_run(obj, spec_file, workdir, model, planner, rounds, n_ctx, prompt, as_json, timeout, max_tokens,
+                temperature, seed) -> None:
+    """Bring the testbed up, run a broker, one agent per device and a controller in it, answer --prompt (or
+    chat), then take everything down.
+
+    The model is the spec's `model` unless --model is given. Children's logs go to
+    <workdir>/logs/<name>.log.
+    """
+    from rich.console import Console
+
+    from homering.api.chat import chat as chat_loop
+    from homering.api.chat import one_shot
+    from homering.cluster.mqtt import BrokerURL
+    from homering.models.registry import resolve_model
+
+    if as_json and prompt is None:
+        raise click.UsageError("--json goes with --prompt")
+    tb = _testbed(spec_file, workdir)
+    path = resolve_model(model or tb.spec.model)
+    verbosity = obj["verbosity"]
+    log_args = ("-v",) * verbosity if verbosity > 0 else ("-q",) * -verbosity
+    sampling = _sampling(max_tokens, temperature, seed)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    py = [sys.executable, "-m", "homering"]
+    with tb:
+        url = tb.start_broker()
+        procs = []
+
+        def start(device, argv, name, role):
+            p = tb.spawn_logged(device, argv, name)
+            p.role, p.log_name = role, name
+            procs.append(p)
+
+        start(None, [*py, *log_args, "controller", "--broker", url, "--model", str(path),
+                     "--agents", str(len(tb.devices)), "--planner", planner,
+                     *(("--rounds", str(rounds)) if rounds else ()), "--ctx", str(n_ctx),
+                     "--timeout", f"{timeout / 2:g}"], "controller", "the controller")
+        for name in tb.devices:
+            start(name, [*py, "-q", "agent", "--broker", url, "--name", name, "--threads", "1",
+                         "--host", tb.address(name)], name, f"agent {name}")
+        console = Console(stderr=True)
+        console.print(_testbed_table(tb))
+        for w in tb.warnings:
+            console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[dim]model {path.name}; logs in {tb.workdir / 'logs'}[/]")
+        broker_url = BrokerURL.parse(url)
+        if prompt is not None:
+            _run(_watch(one_shot(broker_url, prompt, raw=False, sampling=sampling, as_json=as_json,
+                                 ready_timeout=timeout), procs, tb))
+        else:
+            _run(chat_loop(broker_url, sampling=sampling, ready_timeout=timeout))
 
 
 def main() -> None:

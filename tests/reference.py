@@ -7,12 +7,14 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from homering.engine.window import plain_llama
+
 
 class Reference:
     """The whole model in one ``llama_cpp.Llama``, decoded greedily token by token."""
 
     def __init__(self, path: Path, n_ctx: int = 2048):
-        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=2, n_batch=512, flash_attn=True, verbose=False)
+        self.llm = plain_llama(path, n_ctx=n_ctx, n_threads=2, n_batch=512, flash_attn=True, verbose=False)
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
 
     def tokenize(self, text: str) -> list[int]:

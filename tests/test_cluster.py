@@ -74,6 +74,27 @@ def test_prompt_longer_than_context_is_refused_and_cluster_keeps_serving(cluster
     smollm2_ref.check_answer(after.prompt_token_ids, after.token_ids, after.finish_reason, 32)
 
 
+def test_prompt_token_ids_are_served_and_checked(cluster, smollm2_ref):
+    """A request may carry token ids instead of text; ids outside the vocabulary get an error reply."""
+    async def go():
+        async with ClusterClient(cluster.broker) as client:
+            await client.wait_ready()
+            by_text = await ask(client, chat_request(PROMPTS[1]))
+            by_ids = await ask(client, GenerateRequest(request_id=new_request_id(), sampling=GREEDY,
+                                                       prompt_token_ids=by_text.prompt_token_ids))
+            bad = [e async for e in client.generate(GenerateRequest(
+                request_id=new_request_id(), sampling=GREEDY, prompt_token_ids=[1, 2, 49152]))]
+            both = [e async for e in client.generate(GenerateRequest(
+                request_id=new_request_id(), sampling=GREEDY, prompt="hi", prompt_token_ids=[1, 2]))]
+            return by_text, by_ids, bad, both
+
+    by_text, by_ids, bad, both = run(go())
+    assert by_ids.prompt_token_ids == by_text.prompt_token_ids and by_ids.token_ids == by_text.token_ids
+    smollm2_ref.check_answer(by_ids.prompt_token_ids, by_ids.token_ids, by_ids.finish_reason, 32)
+    assert [e.type for e in bad] == ["error"] and "49152" in bad[0].error and "vocabulary" in bad[0].error
+    assert [e.type for e in both] == ["error"] and "exactly one" in both[0].error
+
+
 def test_malformed_messages_and_frames_are_dropped(cluster, smollm2_ref):
     async def go():
         async with ClusterClient(cluster.broker) as client:

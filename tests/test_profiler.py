@@ -56,13 +56,22 @@ def test_cgroup_v2_limit_and_tighter_parent(tmp_path):
         "sys/fs/cgroup/homering/memory.max": "max\n",
     })
     assert cgroup_memory_headroom(root) == GiB - 300 * MiB + 40 * MiB
-    # a cgroup limit below what the machine has available wins, minus the agent's reserve
-    assert available_ram_bytes(root=root) == GiB - 260 * MiB - AGENT_RESERVE_BYTES
+    # a cgroup limit below what the machine has available wins, minus the agent's reserve,
+    # which on a small device is an eighth of what is available
+    headroom = GiB - 260 * MiB
+    assert available_ram_bytes(root=root) == headroom - headroom // 8
+    assert available_ram_bytes(root=root, reserve=50 * MiB) == headroom - 50 * MiB
+    # a big device keeps the full reserve back
+    write_tree(root, {f"{cg}/memory.max": f"{4 * GiB}\n"})
+    assert available_ram_bytes(root=root) == 4 * GiB - 260 * MiB - AGENT_RESERVE_BYTES
+    write_tree(root, {f"{cg}/memory.max": f"{GiB}\n"})
     # a parent's limit binds its children
     write_tree(root, {"sys/fs/cgroup/homering/memory.max": f"{512 * MiB}\n",
                       "sys/fs/cgroup/homering/memory.current": f"{500 * MiB}\n"})
     assert cgroup_memory_headroom(root) == 12 * MiB
-    assert available_ram_bytes(root=root) == 0  # never negative
+    assert available_ram_bytes(root=root) == 12 * MiB - 12 * MiB // 8
+    write_tree(root, {"sys/fs/cgroup/homering/memory.current": f"{600 * MiB}\n"})
+    assert available_ram_bytes(root=root) == 0  # over the limit: never negative
 
 
 def test_cgroup_v2_max_means_no_limit(tmp_path):
@@ -75,6 +84,30 @@ def test_cgroup_v2_max_means_no_limit(tmp_path):
     assert cgroup_memory_headroom(root) is None
     ram = available_ram_bytes(root=root, reserve=0)
     assert 0 < ram <= psutil.virtual_memory().total
+
+
+def test_cgroup_cpu_quota_v1_and_v2(tmp_path):
+    from homering.profiler.memory import cgroup_cpu_quota
+
+    v1 = write_tree(tmp_path / "v1", {
+        "proc/self/cgroup": "4:memory:/tb/d4\n2:cpu,cpuacct:/tb/d4\n0::/\n",
+        "sys/fs/cgroup/cpu,cpuacct/tb/d4/cpu.cfs_quota_us": "4250\n",
+        "sys/fs/cgroup/cpu,cpuacct/tb/d4/cpu.cfs_period_us": "10000\n",
+        "sys/fs/cgroup/cpu,cpuacct/tb/cpu.cfs_quota_us": "-1\n",   # no limit on the parent
+        "sys/fs/cgroup/cpu,cpuacct/tb/cpu.cfs_period_us": "100000\n",
+    })
+    (v1 / "proc/self/mountinfo").write_text(
+        "30 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n")
+    assert cgroup_cpu_quota(v1) == pytest.approx(0.425)
+    v2 = write_tree(tmp_path / "v2", {
+        "proc/self/cgroup": "0::/a/b\n",
+        "sys/fs/cgroup/cgroup.controllers": "cpu memory\n",
+        "sys/fs/cgroup/a/b/cpu.max": "max 100000\n",
+        "sys/fs/cgroup/a/cpu.max": "150000 100000\n",  # a parent's quota binds its children
+    })
+    assert cgroup_cpu_quota(v2) == pytest.approx(1.5)
+    write_tree(v2, {"sys/fs/cgroup/a/cpu.max": "max 100000\n"})
+    assert cgroup_cpu_quota(v2) is None
 
 
 def test_cgroup_v1_limit_on_a_hybrid_host(tmp_path):

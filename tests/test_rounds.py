@@ -37,3 +37,21 @@ def test_piped_ring_rounds_match_unsplit_model(model, agents, rounds, mosquitto,
     assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
     for answer in answers:
         ref.check_answer(answer.prompt_token_ids, answer.token_ids, answer.finish_reason, 32)
+
+
+def test_release_and_micro_batches_keep_tokens(mosquitto, smollm2, smollm2_ref, tmp_path):
+    """--release drops every window from the page cache after use, and an 8-token micro-batch puts several
+    chunks of a prompt in the 3-round ring at once: the greedy tokens stay those of the unsplit model."""
+    with open(tmp_path / "cluster.log", "w") as log_file, LocalCluster(
+            smollm2, n_agents=3, broker=mosquitto, threads=1, n_ctx=256, planner="proportional", rounds=3,
+            n_batch=8, agent_args=("--release",), log_file=log_file) as cluster:
+        async def go():
+            async with ClusterClient(cluster.broker) as client:
+                await client.wait_ready()
+                return client.plan, [await ask(client, chat_request(p)) for p in PROMPTS[:2]]
+
+        plan, answers = run(go())
+    assert plan.k == 3 and plan.n_batch == 8
+    for answer in answers:
+        assert len(answer.prompt_token_ids) > 2 * 8  # the prompt really went as several micro-batches
+        smollm2_ref.check_answer(answer.prompt_token_ids, answer.token_ids, answer.finish_reason, 32)

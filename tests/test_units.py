@@ -70,3 +70,40 @@ def test_frame_roundtrip_and_validation():
 def test_malformed_job_is_rejected(payload):
     with pytest.raises(MalformedMessage):
         GenerateJob.load(payload)
+
+
+def _on_tmpfs(path) -> bool:
+    best = ("", "")
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, point, fstype = line.split()[:3]
+            if str(path).startswith(point) and len(point) > len(best[0]):
+                best = (point, fstype)
+    return best[1] in ("tmpfs", "ramfs", "overlay")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="needs posix_fadvise (Linux)")
+def test_window_pages_release_drops_mapped_pages_and_prefetch_reads_them(tmp_path):
+    """release() must drop pages even while another mapping (llama.cpp's) holds them; prefetch() reads them."""
+    import mmap
+    import time
+
+    from homering.engine.pages import WindowPages, mappings_of, resident_bytes
+
+    if _on_tmpfs(tmp_path):
+        pytest.skip("the page cache of tmpfs cannot be dropped")
+    path = tmp_path / "window.gguf"
+    path.write_bytes(np.random.default_rng(0).bytes(4 << 20))
+    pages = WindowPages(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        assert sum(mm[i] for i in range(0, len(mm), mmap.PAGESIZE)) >= 0  # fault every page in
+        assert resident_bytes(path) == 4 << 20
+        assert mappings_of(path)  # the mapping is found in /proc/self/maps
+        pages.release()
+        assert resident_bytes(path) == 0  # a plain fadvise(DONTNEED) would leave the mapped pages
+        pages.prefetch()
+        deadline = time.monotonic() + 5
+        while resident_bytes(path) < (4 << 20) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert resident_bytes(path) == 4 << 20
+    pages.close()

@@ -33,7 +33,9 @@ def baseline_ms_per_token(model_path: Path, threads: int, n_tokens: int) -> floa
     """Median-free single run: ms per greedy decode step of plain ``llama_cpp.Llama``."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(model_path), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+    from homering.engine.window import plain_llama
+
+    llm = plain_llama(model_path, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                           flash_attn=True, verbose=False)
     try:
         ids = llm.tokenize(PROMPT.encode(), add_bos=True)

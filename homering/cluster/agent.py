@@ -35,6 +35,7 @@ from homering.cluster.schema import (
     LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, Topics,
 )
 from homering.engine.sampling import SamplerChain
+from homering.engine.pages import WindowPages
 from homering.engine.window import DecodeError, LayerWindow
 from homering.errors import HomeringError
 from homering.models.gguf_info import fingerprint
@@ -55,7 +56,8 @@ class _Loaded:
     successor: socket.socket | None = None
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     queues: dict[int, queue.Queue] = field(default_factory=dict)  # head: frames back, by request number
-    prefetch_fds: list[int] = field(default_factory=list)  # one read-only fd per window (k > 1)
+    pages: list[WindowPages] = field(default_factory=list)  # page-cache advice per window (k > 1)
+    release: bool = False  # drop each window from the page cache after use
 
     @property
     def is_head(self) -> bool:
@@ -65,25 +67,28 @@ class _Loaded:
         with self.send_lock:
             send_frame(self.successor, frame)
 
-    def prefetch_after(self, round_: int) -> None:
-        """Window ``round_`` is done: ask the kernel to read the next round's window from disk now.
+    def after_window(self, round_: int) -> None:
+        """Window ``round_`` is done and its output handed off: advise the kernel about the windows.
 
-        PRIMA.CPP's prefetching: the disk works while the rest of the ring
-        computes. ``POSIX_FADV_WILLNEED`` starts asynchronous readahead into the
-        page cache that llama.cpp's mmap of the same file shares; it does not block.
+        PRIMA.CPP's prefetching: read the next round's window now, so the disk
+        works while the rest of the ring computes (``WILLNEED``, does not
+        block). With ``release`` (devices whose windows overflow their RAM),
+        first drop the window just used, so the kernel evicts it rather than
+        the next one. See :mod:`homering.engine.pages`.
         """
-        if len(self.prefetch_fds) > 1:
-            os.posix_fadvise(self.prefetch_fds[(round_ + 1) % len(self.prefetch_fds)], 0, 0,
-                             os.POSIX_FADV_WILLNEED)
+        if len(self.pages) > 1:
+            if self.release:
+                self.pages[round_].release()
+            self.pages[(round_ + 1) % len(self.pages)].prefetch()
 
     def close(self) -> None:
         if self.successor is not None:
             self.successor.close()
         for w in self.windows:
             w.close()
-        for fd in self.prefetch_fds:
-            os.close(fd)
-        self.prefetch_fds.clear()
+        for p in self.pages:
+            p.close()
+        self.pages.clear()
 
 
 class Agent:
@@ -96,11 +101,15 @@ class Agent:
         data_port: TCP port of the data plane (0: any free port).
         host: address neighbours use to reach this agent.
         bind: address the data port listens on.
+        release: drop each window from the page cache after using it (True),
+            never (False), or as the plan says (None: the planner asks for it
+            on devices whose windows overflow their RAM).
     """
 
     def __init__(self, broker: mqtt.BrokerURL, *, name: str, threads: int, data_port: int = 0,
-                 host: str = "127.0.0.1", bind: str = "0.0.0.0"):
+                 host: str = "127.0.0.1", bind: str = "0.0.0.0", release: bool | None = None):
         self.broker = broker
+        self.release = release
         self.name = name
         self.threads = threads
         self.data_port = data_port
@@ -259,9 +268,11 @@ class Agent:
         await self._status("loading", plan.plan_id)
         try:
             windows = await asyncio.to_thread(self._load_windows, plan, position)
-            loaded = _Loaded(plan, position, windows)
-            if len(windows) > 1 and hasattr(os, "posix_fadvise"):  # macOS has no fadvise: no prefetch there
-                loaded.prefetch_fds = [os.open(w.path, os.O_RDONLY) for w in windows]
+            me = plan.ring[position]
+            release = self.release if self.release is not None else me.release
+            loaded = _Loaded(plan, position, windows, release=release)
+            if len(windows) > 1 and WindowPages.supported:  # macOS has no fadvise: no prefetch there
+                loaded.pages = [WindowPages(w.path) for w in windows]
             if len(plan.ring) > 1:
                 nxt = plan.ring[(position + 1) % len(plan.ring)]
                 loaded.successor = await asyncio.to_thread(connect_link, nxt.host, nxt.data_port)
@@ -343,7 +354,7 @@ class Agent:
             except OSError as exc:
                 log.warning("cannot reach the next agent: %s", exc)
         if h.kind is FrameKind.FORWARD and h.round <= last_round:
-            loaded.prefetch_after(h.round)
+            loaded.after_window(h.round)
 
     def _ring(self, loaded: _Loaded, request: int, frames: list[Frame]) -> None:
         """Send frames into the ring; wait until each came back through the head's window.
@@ -444,7 +455,7 @@ class Agent:
                 tok = window.sample(sampler)
                 if t_first is None:
                     t_first = time.perf_counter()
-                if window.is_eog(tok):
+                if window.is_eog(tok) and not job.sampling.ignore_eos:
                     finish = "stop"
                     break
                 tokens.append(tok)

@@ -31,6 +31,8 @@ from homering.models.gguf_info import inspect_gguf
 from homering.planner import head_of, make_plan
 from homering.planner.model import PlanError, shape_from_gguf
 
+DEFAULT_BATCH = 64  # tokens per prefill micro-batch (see Controller)
+
 log = logging.getLogger("homering.controller")
 
 LIVE_STATES = {"online", "loading", "ready"}
@@ -50,11 +52,17 @@ class Controller:
         planner: a name from :data:`homering.planner.PLANNERS`.
         rounds: plan with exactly this many rounds k (must divide the layer
             count) [default: the planner chooses among every k].
+        n_batch: micro-batch size in tokens: a prompt enters the ring in chunks
+            of this many tokens, back to back, so the agents work on different
+            chunks at once (PRIMA.CPP's pipelined prefill); it is also every
+            window's llama.cpp n_batch/n_ubatch, which sizes its compute buffer.
     """
 
     def __init__(self, broker: mqtt.BrokerURL, model_path: Path, *, n_agents: int, n_ctx: int = 2048,
-                 join_timeout: float = 60.0, planner: str = "halda", rounds: int | None = None):
+                 join_timeout: float = 60.0, planner: str = "halda", rounds: int | None = None,
+                 n_batch: int = DEFAULT_BATCH):
         self.broker = broker
+        self.n_batch = n_batch
         self.model_path = Path(model_path)
         self.n_agents = n_agents
         self.n_ctx = n_ctx
@@ -177,7 +185,7 @@ class Controller:
         shape = shape_from_gguf(self.model_path, self.n_ctx)
         try:
             self.plan = make_plan(agents, shape, model_path=str(self.model_path), model_fingerprint=info.fingerprint,
-                                  n_ctx=self.n_ctx, planner=self.planner,
+                                  n_ctx=self.n_ctx, n_batch=self.n_batch, planner=self.planner,
                                   ks=[self.rounds] if self.rounds else None)
         except PlanError as exc:
             await self._status("error", str(exc))
@@ -297,13 +305,19 @@ class Controller:
             return await fail("no plan is ready yet: the agents are still joining or loading")
         if not self.ready and not await self._wait_for(lambda: self.ready, self.join_timeout * 5):
             return await fail("the cluster is re-planning and not ready yet; try again")
-        if (req.messages is None) == (req.prompt is None):
-            return await fail("a request needs exactly one of 'messages' or 'prompt'")
+        if sum(x is not None for x in (req.messages, req.prompt, req.prompt_token_ids)) != 1:
+            return await fail("a request needs exactly one of 'messages', 'prompt' or 'prompt_token_ids'")
         try:
             if req.messages is not None:
                 ids = tokenizer.chat_tokens([m.model_dump() for m in req.messages])
-            else:
+            elif req.prompt is not None:
                 ids = tokenizer.tokenize(req.prompt, add_special=True, parse_special=True)
+            else:
+                ids = req.prompt_token_ids
+                bad = [t for t in ids if not 0 <= t < tokenizer.n_vocab]
+                if bad:
+                    return await fail(f"prompt_token_ids has {len(bad)} id(s) outside the vocabulary "
+                                      f"[0, {tokenizer.n_vocab}), e.g. {bad[0]}")
         except HomeringError as exc:
             return await fail(str(exc))
         if not ids:

@@ -36,14 +36,17 @@ class LocalCluster:
             this machine with the broker and the controller, and llama.cpp's
             threads stall at every barrier when one of them is preempted].
         n_ctx: context size in tokens.
-        planner: the controller's planner; rounds: its --rounds (None: the planner chooses).
+        planner: the controller's planner; rounds: its --rounds (None: the planner chooses);
+        n_batch: its --batch, the prefill micro-batch (None: the controller's default).
+        agent_args: extra options for every agent (e.g. ``("--release",)``).
         log_args: ``-v``/``-q`` flags passed on to the children.
         log_file: an open file for the children's output [default: this process's stderr].
     """
 
     def __init__(self, model_path: Path, *, n_agents: int = 3, broker: BrokerURL | None = None,
                  threads: int | None = None, n_ctx: int = 2048, planner: str = "halda", rounds: int | None = None,
-                 log_args: tuple[str, ...] = (), grace: float = 5.0, log_file=None):
+                 n_batch: int | None = None, agent_args: tuple[str, ...] = (), log_args: tuple[str, ...] = (),
+                 grace: float = 5.0, log_file=None):
         if n_agents < 1:
             raise HomeringError("--agents must be at least 1")
         self.model_path = model_path
@@ -53,6 +56,8 @@ class LocalCluster:
         self.n_ctx = n_ctx
         self.planner = planner
         self.rounds = rounds
+        self.n_batch = n_batch
+        self.agent_args = list(agent_args)
         self.log_args = list(log_args)
         self.grace = grace
         self.procs: list[subprocess.Popen] = []
@@ -77,9 +82,11 @@ class LocalCluster:
             url = str(self.broker)
             self._spawn("controller", "--broker", url, "--model", str(self.model_path),
                         "--agents", str(self.n_agents), "--ctx", str(self.n_ctx), "--planner", self.planner,
-                        *(("--rounds", str(self.rounds)) if self.rounds else ()))
+                        *(("--rounds", str(self.rounds)) if self.rounds else ()),
+                        *(("--batch", str(self.n_batch)) if self.n_batch else ()))
             for i in range(self.n_agents):
-                self._spawn("agent", "--broker", url, "--name", f"agent-{i}", "--threads", str(self.threads))
+                self._spawn("agent", "--broker", url, "--name", f"agent-{i}", "--threads", str(self.threads),
+                            *self.agent_args)
         except BaseException:
             self.stop()
             raise

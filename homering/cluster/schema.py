@@ -178,6 +178,8 @@ class PlanAgent(Message):
     windows: list[WindowAssignment]
     mode: Literal["resident", "overflow", "stream"] | None = None
     predicted: PredictedCost | None = None
+    release: bool = Field(default=False, description="drop each window from the page cache after use "
+                                                      "(the planner's choice for devices that overflow)")
 
 
 class Plan(Message):
@@ -243,14 +245,17 @@ class Sampling(Message):
     top_k: int = Field(ge=0, default=40)
     top_p: float = Field(gt=0.0, le=1.0, default=0.95)
     seed: int | None = Field(ge=0, le=2**32 - 1, default=None)
+    ignore_eos: bool = Field(default=False, description="generate max_tokens even past end-of-generation "
+                                                        "tokens (benchmarks)")
 
 
 class GenerateRequest(Message):
-    """A user's request to the controller: chat messages, or a raw prompt."""
+    """A user's request to the controller: chat messages, a raw prompt, or prompt token ids (exactly one)."""
 
     request_id: str = Field(pattern=_NAME)
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
+    prompt_token_ids: list[int] | None = Field(default=None, description="the prompt, already tokenized")
     sampling: Sampling = Sampling()
 
 

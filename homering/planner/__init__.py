@@ -103,6 +103,18 @@ def devices_from_profiles(profiles: list[AgentProfile]) -> list[Device]:
     return out
 
 
+def wants_release(mode: str | None, k: int) -> bool:
+    """Whether a device should drop each window from the page cache after use.
+
+    Only when its windows overflow its RAM (modes ``overflow``/``stream``) and
+    it has more than one window (k > 1): then the window just used is the one
+    needed last, and dropping it keeps the kernel from evicting the next one
+    instead. A resident device keeps everything; with k = 1 the only window is
+    needed again at the next token.
+    """
+    return k > 1 and mode in ("overflow", "stream")
+
+
 def make_plan(profiles: list[AgentProfile], shape: ModelShape, *, model_path: str, model_fingerprint: str,
               n_ctx: int, n_batch: int = 256, planner: str = "halda", ks: list[int] | None = None) -> Plan:
     """Plan the agents' layer windows and build the ring message.
@@ -123,6 +135,7 @@ def make_plan(profiles: list[AgentProfile], shape: ModelShape, *, model_path: st
         p = by_name[d.name]
         ring.append(PlanAgent(
             name=d.name, host=p.host, data_port=p.data_port, mode=d.mode,
+            release=wants_release(d.mode, result.prediction.k),
             windows=[WindowAssignment(start=a, end=b, round=r, gpu_layers=d.gpu_layers_per_round)
                      for r, (a, b) in enumerate(d.windows)],
             predicted=PredictedCost(compute_ms=d.compute_ms, disk_ms=d.disk_ms, hop_ms=d.hop_ms)))

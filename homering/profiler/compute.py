@@ -36,6 +36,7 @@ from homering.cluster.schema import GpuProfile
 from homering.engine.window import LayerWindow
 from homering.models.gguf_info import ModelInfo, inspect_gguf
 from homering.models.slicing import Role, WindowSpec, slice_window
+from homering.profiler.memory import cgroup_cpu_quota
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def measure_compute(model_path: str | Path, *, threads: int, gpu: bool = False, 
         windows = [stack.enter_context(LayerWindow(
             f, takes_tokens=False, gives_logits=s.role.gives_logits, n_ctx=PROBE_N_CTX, n_batch=1,
             n_threads=threads, n_gpu_layers=(n + 1) if gpu else 0)) for f, s in zip(files, specs)]
-        ms = _time_decodes(windows, info.n_embd, warmup, tokens)
+        ms = _time_decodes(windows, info.n_embd, warmup, tokens, cores=_usable_cores(threads))
     mid = statistics.median(ms[0])
     ms_output = max(0.0, statistics.median(ms[1]) - statistics.median(ms[2])) if output else None
     return ComputeTimings(ms_per_layer=mid / n, ms_output=ms_output, probe_layers=n, tokens=len(ms[0]))
@@ -149,8 +150,21 @@ def _warn_if_busy(threads: int) -> None:
                     "decode timings will be pessimistic", busy, cores, threads)
 
 
-def _time_decodes(windows: list[LayerWindow], n_embd: int, warmup: int, tokens: int) -> list[list[float]]:
-    """Per window, the ms of each timed single-token decode; the windows take turns."""
+def _usable_cores(threads: int) -> float | None:
+    """Cores the decode threads can use when a cgroup CPU quota caps them below ``threads``, else None."""
+    quota = cgroup_cpu_quota()
+    return quota if quota is not None and quota < threads else None
+
+
+def _time_decodes(windows: list[LayerWindow], n_embd: int, warmup: int, tokens: int,
+                  cores: float | None = None) -> list[list[float]]:
+    """Per window, the ms of each timed single-token decode; the windows take turns.
+
+    With ``cores`` (a cgroup CPU quota below the thread count) a decode's time
+    is the process CPU time it used divided by ``cores``: under a quota a short
+    decode runs at full speed and the wait for the next period falls between
+    decodes, so wall time alone would miss the slowdown a long run sees.
+    """
     x = np.random.default_rng(0).standard_normal((1, n_embd), dtype=np.float32)
     samples: list[list[float]] = [[] for _ in windows]
     deadline = None
@@ -162,9 +176,11 @@ def _time_decodes(windows: list[LayerWindow], n_embd: int, warmup: int, tokens: 
                         pos - warmup, TIMING_BUDGET_S)
             break
         for w, s in zip(windows, samples):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             w.forward(x, pos)
             dt = time.perf_counter() - t0
+            if cores is not None:
+                dt = max(dt, (time.process_time() - c0) / cores)
             if pos >= warmup:
                 s.append(dt * 1000.0)
     return samples

@@ -53,8 +53,11 @@ class CgroupPaths:
     v2: str | None
 
 
-def parse_proc_cgroup(text: str) -> CgroupPaths:
-    """Parse ``/proc/<pid>/cgroup`` (lines ``hierarchy-id:controllers:path``)."""
+def parse_proc_cgroup(text: str, controller: str = "memory") -> CgroupPaths:
+    """Parse ``/proc/<pid>/cgroup`` (lines ``hierarchy-id:controllers:path``).
+
+    ``v1_memory`` is the path in the v1 hierarchy of ``controller`` (``memory`` by default).
+    """
     v1 = v2 = None
     for line in text.splitlines():
         parts = line.strip().split(":", 2)
@@ -63,7 +66,7 @@ def parse_proc_cgroup(text: str) -> CgroupPaths:
         hid, controllers, path = parts
         if hid == "0" and controllers == "":
             v2 = path
-        elif "memory" in controllers.split(","):
+        elif controller in controllers.split(","):
             v1 = path
     return CgroupPaths(v1_memory=v1, v2=v2)
 
@@ -81,11 +84,11 @@ def _unescape(field: str) -> str:
     return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _cgroup_mounts(root: Path) -> tuple[list[_Mount], list[_Mount]]:
-    """(v1 memory mounts, v2 mounts), from ``<root>/proc/self/mountinfo``.
+def _cgroup_mounts(root: Path, controller: str = "memory") -> tuple[list[_Mount], list[_Mount]]:
+    """(v1 mounts of ``controller``, v2 mounts), from ``<root>/proc/self/mountinfo``.
 
     Without a readable mountinfo the usual places are assumed:
-    ``sys/fs/cgroup/memory`` (v1), ``sys/fs/cgroup`` and ``sys/fs/cgroup/unified`` (v2).
+    ``sys/fs/cgroup/<controller>`` (v1), ``sys/fs/cgroup`` and ``sys/fs/cgroup/unified`` (v2).
     """
     v1: list[_Mount] = []
     v2: list[_Mount] = []
@@ -93,7 +96,7 @@ def _cgroup_mounts(root: Path) -> tuple[list[_Mount], list[_Mount]]:
         text = (root / "proc/self/mountinfo").read_text()
     except OSError:
         base = root / "sys/fs/cgroup"
-        return [_Mount(base / "memory", "/")], [_Mount(base, "/"), _Mount(base / "unified", "/")]
+        return [_Mount(base / controller, "/")], [_Mount(base, "/"), _Mount(base / "unified", "/")]
     for line in text.splitlines():
         left, sep, right = line.partition(" - ")
         fields, tail = left.split(), right.split()
@@ -102,7 +105,7 @@ def _cgroup_mounts(root: Path) -> tuple[list[_Mount], list[_Mount]]:
         mount = _Mount(root / _unescape(fields[4]).lstrip("/"), _unescape(fields[3]))
         if tail[0] == "cgroup2":
             v2.append(mount)
-        elif tail[0] == "cgroup" and "memory" in tail[2].split(","):
+        elif tail[0] == "cgroup" and controller in tail[2].split(","):
             v1.append(mount)
     return v1, v2
 
@@ -211,18 +214,64 @@ def cgroup_memory_headroom(root: str | Path = "/") -> int | None:
     return min(found) if found else None
 
 
+def _v1_cpu_quota(cgroup_dir: Path) -> float | None:
+    quota, period = _read_int(cgroup_dir / "cpu.cfs_quota_us"), _read_int(cgroup_dir / "cpu.cfs_period_us")
+    if quota is None or period is None or quota < 0 or period <= 0:
+        return None
+    return quota / period
+
+
+def _v2_cpu_quota(cgroup_dir: Path) -> float | None:
+    try:
+        quota, period = (cgroup_dir / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def cgroup_cpu_quota(root: str | Path = "/") -> float | None:
+    """The CPU time the process's cgroups allow, in cores (``0.425`` = 42.5 ms per 100 ms), or None.
+
+    v1 ``cpu.cfs_quota_us / cpu.cfs_period_us`` or v2 ``cpu.max``, at every
+    level from the process's cgroup up; the smallest wins. A quota does not
+    slow a short burst (it runs at full speed, then waits for the next
+    period), so the compute probe uses it to turn CPU time into wall time.
+
+    Args:
+        root: the file-system root to read under; ``/`` on the real system.
+    """
+    root = Path(root)
+    try:
+        paths = parse_proc_cgroup((root / "proc/self/cgroup").read_text(), "cpu")
+    except OSError:
+        return None
+    v1_mounts, v2_mounts = _cgroup_mounts(root, "cpu")
+    found: list[float] = []
+    for mounts, cg_path, quota in ((v1_mounts, paths.v1_memory, _v1_cpu_quota),
+                                   (v2_mounts, paths.v2, _v2_cpu_quota)):
+        if cg_path is None:
+            continue
+        for mount in mounts:
+            if mount.point.is_dir():
+                found += [q for d in _levels(mount, cg_path) if (q := quota(d)) is not None]
+    return min(found) if found else None
+
+
 def available_ram_bytes(*, reserve: int = AGENT_RESERVE_BYTES, root: str | Path = "/") -> int:
     """RAM homering may use on this device now, in bytes; measured fresh on every call.
 
     ``min(psutil.virtual_memory().available, cgroup headroom) − reserve``, at
-    least 0 (see the module docstring).
+    least 0 (see the module docstring). On a small device the reserve shrinks
+    to an eighth of what is available, so a phone-sized cgroup of a few
+    hundred MiB still offers most of its RAM to the planner.
 
     Args:
-        reserve: bytes kept back for the agent itself (:data:`AGENT_RESERVE_BYTES`).
+        reserve: bytes kept back for the agent itself, at most
+            (:data:`AGENT_RESERVE_BYTES`).
         root: file-system root for the cgroup files (tests pass a fake tree).
     """
     available = psutil.virtual_memory().available
     headroom = cgroup_memory_headroom(root)
     if headroom is not None:
         available = min(available, headroom)
-    return max(0, available - reserve)
+    return max(0, available - min(reserve, available // 8))

@@ -1,0 +1,132 @@
+"""Page-cache advice for memory-mapped window files: prefetch the next window, release the last.
+
+PRIMA.CPP (§3.3) overlaps disk loading with the ring: while other devices
+compute, a device reads its next window into the page cache. On a device whose
+windows do not all fit in RAM it also drops the window it just used, so the
+kernel does not evict the *next* window to make room.
+
+llama.cpp maps each window file ``MAP_SHARED``/``PROT_READ``. Pages mapped
+into a process cannot be dropped with ``posix_fadvise(DONTNEED)`` alone (the
+kernel skips mapped pages), so :meth:`WindowPages.release` first unmaps them
+from this process with ``madvise(MADV_DONTNEED)`` on llama.cpp's own mapping
+(found in ``/proc/self/maps``; the pages are clean file pages, so nothing is
+lost: the next access faults them in again), then drops them from the page
+cache. Linux only; elsewhere both calls do nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("homering.pages")
+
+_MADV_DONTNEED = 4  # Linux <asm-generic/mman-common.h>
+_libc = None
+
+
+def _load_libc():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return _libc
+
+
+def _madvise(addr: int, length: int, advice: int) -> None:
+    if _load_libc().madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise: {os.strerror(err)}")
+
+
+def mappings_of(path: str | Path) -> list[tuple[int, int]]:
+    """This process's mappings of ``path`` as ``(start, end)`` virtual addresses ([] off Linux)."""
+    target = os.path.realpath(path)
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n") == target:
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((start, end))
+    except OSError:
+        return []
+    return out
+
+
+class WindowPages:
+    """Prefetch and release advice for one window file.
+
+    Args:
+        path: the window's GGUF file (the one llama.cpp memory-maps).
+
+    The file stays open read-only for the advice calls. ``close()`` closes it.
+    A freshly sliced window may still have dirty pages, which the kernel
+    cannot drop: they are written back here, once.
+    """
+
+    supported = hasattr(os, "posix_fadvise")
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY) if self.supported else -1
+        if self.fd >= 0:
+            os.fsync(self.fd)
+
+    def prefetch(self) -> None:
+        """Start asynchronous readahead of the whole file (``POSIX_FADV_WILLNEED``); does not block."""
+        if self.fd >= 0:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_WILLNEED)
+
+    def release(self) -> None:
+        """Unmap this process's pages of the file and drop them from the page cache.
+
+        The mapping stays valid; later reads fault the pages in from disk.
+        """
+        if self.fd < 0:
+            return
+        for start, end in mappings_of(self.path):
+            try:
+                _madvise(start, end - start, _MADV_DONTNEED)
+            except OSError as exc:  # never fatal: the advice is an optimisation
+                log.debug("madvise(DONTNEED) on %s failed: %s", self.path.name, exc)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def resident_bytes(path: str | Path) -> int:
+    """Bytes of ``path`` now in the page cache, by ``mincore`` over a fresh mapping (Linux, macOS).
+
+    Raises:
+        OSError: the file cannot be mapped or mincore fails.
+    """
+    import mmap
+
+    import numpy as np
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    page = mmap.PAGESIZE
+    n_pages = (size + page - 1) // page
+    libc = _load_libc()
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mm:
+        view = np.frombuffer(mm, dtype=np.uint8)
+        vec = np.zeros(n_pages, dtype=np.uint8)
+        try:
+            if libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size),
+                            ctypes.c_void_p(vec.ctypes.data)) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mincore: {os.strerror(err)}")
+        finally:
+            del view
+        return int(np.count_nonzero(vec & 1)) * page
