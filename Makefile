@@ -11,12 +11,13 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: run test bench install mosquitto models model-default clean help
+.PHONY: run test bench bench-cluster install mosquitto models model-default clean help
 
 help:
 	@echo "make run    - install what is missing, then 'homering up' on the default model (smollm2)"
 	@echo "make test   - install what is missing (mosquitto too), then run the test suite"
 	@echo "make bench  - decode benchmark (1 and 3 agents against plain llama-cpp-python) and planner solve times"
+	@echo "make bench-cluster - (root, Linux) the paper's headline on an emulated 4-device home cluster"
 
 run: install model-default
 	$(HR) up
@@ -27,6 +28,9 @@ test: install mosquitto models
 bench: install model-default
 	$(HR) bench decode --agents 1 3
 	$(HR) bench plan
+
+bench-cluster: install mosquitto
+	$(HR) bench cluster --spec examples/clusters/home4.yaml --model llama3.2-3b-q4_0 --json
 
 install: $(STAMP)
 

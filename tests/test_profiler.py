@@ -55,15 +55,15 @@ def test_cgroup_v2_limit_and_tighter_parent(tmp_path):
         f"{cg}/memory.stat": f"anon {200 * MiB}\nfile {100 * MiB}\ninactive_file {40 * MiB}\nactive_file 7\n",
         "sys/fs/cgroup/homering/memory.max": "max\n",
     })
-    assert cgroup_memory_headroom(root) == GiB - 300 * MiB + 40 * MiB
+    assert cgroup_memory_headroom(root) == GiB - 300 * MiB + 40 * MiB + 7  # page cache is reclaimable
     # a cgroup limit below what the machine has available wins, minus the agent's reserve,
     # which on a small device is an eighth of what is available
-    headroom = GiB - 260 * MiB
+    headroom = GiB - 260 * MiB + 7
     assert available_ram_bytes(root=root) == headroom - headroom // 8
     assert available_ram_bytes(root=root, reserve=50 * MiB) == headroom - 50 * MiB
     # a big device keeps the full reserve back
     write_tree(root, {f"{cg}/memory.max": f"{4 * GiB}\n"})
-    assert available_ram_bytes(root=root) == 4 * GiB - 260 * MiB - AGENT_RESERVE_BYTES
+    assert available_ram_bytes(root=root) == 4 * GiB - 260 * MiB + 7 - AGENT_RESERVE_BYTES
     write_tree(root, {f"{cg}/memory.max": f"{GiB}\n"})
     # a parent's limit binds its children
     write_tree(root, {"sys/fs/cgroup/homering/memory.max": f"{512 * MiB}\n",
@@ -250,3 +250,24 @@ def test_profile_cli_bad_model_is_one_line(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("homering: error:") and needle in lines[0], proc.stderr
         assert proc.stdout == ""
+
+
+def test_probe_windows_fit_in_the_devices_ram():
+    """The probe must time the CPU, not the disk: its windows stay within half the available RAM."""
+    from pathlib import Path
+
+    from homering.models.gguf_info import ModelInfo
+    from homering.profiler.compute import PROBE_RAM_FRACTION, probe_plan
+
+    layer, out = 57 * MiB, 85 * MiB  # Llama-3.2-3B Q4_0 layers, SmolLM2-sized head
+    info = ModelInfo(path=Path("m.gguf"), arch="llama", n_layers=28, n_embd=3072, n_ctx_train=4096, name="m",
+                     fingerprint="f", size_bytes=28 * layer + out, layer_bytes=(layer,) * 28)
+    assert probe_plan(info, None, True) == (4, 1)  # no RAM figure: the usual probe
+    assert probe_plan(info, 16 * GiB, True) == (4, 1)
+    for ram in (120 * MiB, 281 * MiB, 355 * MiB, 606 * MiB, 1433 * MiB):
+        n, n_out = probe_plan(info, ram, True)
+        used = layer * n + ((2 * layer + out) if n_out else 0)
+        assert n >= 1 and (used <= PROBE_RAM_FRACTION * ram or n == 1 and n_out is None)
+    assert probe_plan(info, 281 * MiB, True)[1] is None  # a phone-sized device estimates the head
+    assert probe_plan(info, 606 * MiB, True)[1] == 1
+    assert probe_plan(info, 606 * MiB, False)[1] is None

@@ -107,3 +107,27 @@ def test_window_pages_release_drops_mapped_pages_and_prefetch_reads_them(tmp_pat
             time.sleep(0.05)
         assert resident_bytes(path) == 4 << 20
     pages.close()
+
+
+def test_bench_cluster_summary_checks_the_targets():
+    """The headline's ratios and target checks come from the runs, not from the plan alone."""
+    from homering.bench.cluster import summarize
+
+    def run(ms, ttft, pressure, pred=None):
+        return {"ms_per_token": ms, "ttft_ms": ttft, "memory_pressure": pressure, "predicted_ms_per_token": pred}
+
+    runs = {"single": run(5000.0, 30000.0, {"d3": 0.04}),
+            "memory": run(900.0, 9000.0, {"d1": 0.05, "d3": 0.08}),
+            "halda": run(600.0, 8000.0, {"d1": 0.06, "d3": 0.12}, pred=700.0),
+            "halda_one_batch": run(610.0, 10000.0, {"d1": 0.06}),
+            "halda_release": run(630.0, 8000.0, {"d1": 0.06}), "halda_no_release": run(600.0, 8000.0, {"d1": 0.06})}
+    s = summarize({"runs": runs})
+    assert s["halda_speedup_vs_single"] == pytest.approx(5000 / 600) and s["target_5x_single"]
+    assert s["halda_speedup_vs_memory"] == pytest.approx(1.5) and s["target_faster_than_memory"]
+    assert s["prediction_error"] == pytest.approx(100 / 600) and s["target_prediction_25pct"]
+    assert s["max_memory_pressure"] == pytest.approx(0.12) and not s["target_pressure_10pct"]
+    assert s["prefill_ttft_micro_over_one_batch"] == pytest.approx(0.8)
+    assert s["release_ms_per_token_ratio"] == pytest.approx(1.05)
+    runs["halda"] = run(1200.0, 8000.0, {"d1": 0.05}, pred=800.0)
+    s = summarize({"runs": runs})
+    assert not s["target_5x_single"] and not s["target_faster_than_memory"] and not s["target_prediction_25pct"]

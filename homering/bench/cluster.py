@@ -270,8 +270,14 @@ class ClusterBench:
                 "batch": plan.n_batch, "plan": plan.model_dump(), **cfg.extra}
 
 
-def default_configs(*, prefill: bool, release: bool, batch: int, prompt_tokens: int) -> list[RunConfig]:
-    """The runs of the benchmark, in order."""
+def default_configs(*, prefill: bool, release: bool, batch: int, prompt_tokens: int,
+                    n_layers: int) -> list[RunConfig]:
+    """The runs of the benchmark, in order.
+
+    The release runs use the smallest k > 1 that divides ``n_layers``: with
+    one round a device has one window, needed again at every token, and
+    ``--release`` does nothing.
+    """
     out = [RunConfig("single", "llama-cpp-python, largest device"),
            RunConfig("memory", "homering, memory planner, k=1", planner="memory", rounds=1),
            RunConfig("halda", "homering, Halda (rounds + prefetch)", planner="halda")]
@@ -279,8 +285,11 @@ def default_configs(*, prefill: bool, release: bool, batch: int, prompt_tokens: 
         out.append(RunConfig("halda_one_batch", "Halda, prompt as one batch", planner="halda",
                              batch=max(batch, prompt_tokens)))
     if release:
-        out += [RunConfig("halda_release", "Halda, --release", planner="halda", release=True),
-                RunConfig("halda_no_release", "Halda, --no-release", planner="halda", release=False)]
+        k = next((d for d in range(2, n_layers + 1) if n_layers % d == 0), None)
+        if k is not None:
+            out += [RunConfig("halda_release", f"Halda k={k}, --release", planner="halda", rounds=k, release=True),
+                    RunConfig("halda_no_release", f"Halda k={k}, --no-release", planner="halda", rounds=k,
+                              release=False)]
     return out
 
 
@@ -369,7 +378,10 @@ def run_cluster_bench(spec_path: Path, model: str | None, *, tokens: int = 16, p
     if not model_name:
         raise HomeringError("no --model given and the spec names none")
     model_path = resolve_model(model_name)
-    configs = default_configs(prefill=True, release=True, batch=batch, prompt_tokens=prompt_tokens)
+    from homering.models.gguf_info import inspect_gguf
+
+    configs = default_configs(prefill=True, release=True, batch=batch, prompt_tokens=prompt_tokens,
+                              n_layers=inspect_gguf(model_path).n_layers)
     if keys is not None:
         unknown = sorted(set(keys) - {c.key for c in configs})
         if unknown:
@@ -396,7 +408,7 @@ def run_cluster_bench(spec_path: Path, model: str | None, *, tokens: int = 16, p
                           + (f", predicted {run['predicted_ms_per_token']:.1f}"
                              if run.get("predicted_ms_per_token") else ""))
     results["summary"] = summarize(results)
-    Console().print(table(results))
+    console.print(table(results))
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"cluster-{Path(spec_path).stem}-{stamp}.json"
     out.write_text(json.dumps(results, indent=2))

@@ -35,7 +35,7 @@ from homering.cluster.schema import (
     LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, Topics,
 )
 from homering.engine.sampling import SamplerChain
-from homering.engine.pages import WindowPages
+from homering.engine.pages import WindowPages, trim_heap
 from homering.engine.window import DecodeError, LayerWindow
 from homering.errors import HomeringError
 from homering.models.gguf_info import fingerprint
@@ -234,6 +234,7 @@ class Agent:
             if not os.path.isfile(model_path):
                 raise HomeringError(f"model file {model_path} is not on this device")
             device = await asyncio.to_thread(profile_device, model_path, threads=self.threads)
+            trim_heap()  # the probe windows' buffers: freed, but glibc would keep them
             if device.model_fingerprint != fp:
                 raise HomeringError(f"model file {model_path} does not match the controller's model")
         except HomeringError as exc:
@@ -267,6 +268,7 @@ class Agent:
             return
         await self._status("loading", plan.plan_id)
         try:
+            trim_heap()  # the previous plan's contexts
             windows = await asyncio.to_thread(self._load_windows, plan, position)
             me = plan.ring[position]
             release = self.release if self.release is not None else me.release

@@ -130,3 +130,19 @@ def resident_bytes(path: str | Path) -> int:
         finally:
             del view
         return int(np.count_nonzero(vec & 1)) * page
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim(0)``; elsewhere nothing).
+
+    llama.cpp frees a closed context's buffers, but glibc keeps the pages in
+    its arenas, where they still count as the process's anonymous memory.
+    The agent calls this after profiling and after loading a plan.
+    """
+    try:
+        libc = _load_libc()
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = (ctypes.c_size_t,)
+    trim(0)

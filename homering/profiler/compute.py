@@ -85,8 +85,34 @@ def probe_layers(info: ModelInfo) -> int:
     return max(1, min(PROBE_LAYERS, info.n_layers, PROBE_WINDOW_BYTES // largest))
 
 
+PROBE_RAM_FRACTION = 0.5
+"""Share of the device's available RAM the probe windows may fill together: they
+must stay in the page cache, or the probe would time the disk instead of the CPU."""
+
+
+def probe_plan(info: ModelInfo, ram_bytes: int | None, output: bool) -> tuple[int, int | None]:
+    """(layers of the middle probe window, layers of the output pair or None to estimate the output).
+
+    The three probe windows (middle n, then the last layer once with the
+    output and once without: their difference is the output) are decoded in
+    turns, so together they must fit in :data:`PROBE_RAM_FRACTION` of
+    ``ram_bytes``. When the output pair does not fit, the output is not timed
+    (None) and the middle window gets the whole budget.
+    """
+    n = probe_layers(info)
+    if ram_bytes is None:
+        return n, (1 if output else None)
+    layer = max(info.layer_bytes, default=0) or 1
+    budget = int(PROBE_RAM_FRACTION * ram_bytes)
+    out_bytes = max(0, info.size_bytes - sum(info.layer_bytes))  # embeddings + head: an upper bound
+    n_out = 1 if output and layer * 3 + out_bytes <= budget else None
+    left = budget - (layer * 2 * n_out + out_bytes if n_out else 0)
+    return max(1, min(n, left // layer)), n_out
+
+
 def measure_compute(model_path: str | Path, *, threads: int, gpu: bool = False, output: bool = True,
                     tokens: int = TIMED_TOKENS, warmup: int = WARMUP_TOKENS, info: ModelInfo | None = None,
+                    ram_bytes: int | None = None,
                     progress: Callable[[str], None] | None = None) -> ComputeTimings:
     """Time single-token decode through the model's own layers (see the module docstring).
 
@@ -102,6 +128,9 @@ def measure_compute(model_path: str | Path, *, threads: int, gpu: bool = False, 
         warmup: untimed decodes before, >= 0; ``warmup + tokens`` must fit
             in :data:`PROBE_N_CTX`.
         info: the model's :func:`~homering.models.gguf_info.inspect_gguf`, if known.
+        ram_bytes: RAM available on the device: the probe windows are sized to
+            stay in the page cache (:func:`probe_plan`); on a device too small
+            for the output pair, ``ms_output`` is estimated from its bytes.
         progress: called with a short status line before each stage.
 
     Returns:
@@ -116,12 +145,12 @@ def measure_compute(model_path: str | Path, *, threads: int, gpu: bool = False, 
         raise ValueError(f"bad probe settings: threads={threads}, tokens={tokens}, warmup={warmup}")
     say = progress or (lambda _msg: None)
     info = info or inspect_gguf(model_path)
-    n = probe_layers(info)
+    n, n_out = probe_plan(info, ram_bytes, output)
     L = info.n_layers
     mid_start = (L - n) // 2
     specs = [WindowSpec(mid_start, mid_start + n, Role.MIDDLE)]
-    if output:
-        specs += [WindowSpec(L - n, L, Role.LAST), WindowSpec(L - n, L, Role.MIDDLE)]
+    if n_out:
+        specs += [WindowSpec(L - n_out, L, Role.LAST), WindowSpec(L - n_out, L, Role.MIDDLE)]
     say(f"slicing {len(specs)} probe window(s) of {n} layer(s)")
     files = [slice_window(model_path, s, progress=False, model_fp=info.fingerprint) for s in specs]
 
@@ -134,7 +163,13 @@ def measure_compute(model_path: str | Path, *, threads: int, gpu: bool = False, 
             n_threads=threads, n_gpu_layers=(n + 1) if gpu else 0)) for f, s in zip(files, specs)]
         ms = _time_decodes(windows, info.n_embd, warmup, tokens, cores=_usable_cores(threads))
     mid = statistics.median(ms[0])
-    ms_output = max(0.0, statistics.median(ms[1]) - statistics.median(ms[2])) if output else None
+    ms_output = None
+    if n_out:
+        ms_output = max(0.0, statistics.median(ms[1]) - statistics.median(ms[2]))
+    elif output:  # decode is memory-bound: the head costs its bytes at the layers' rate
+        out_bytes = max(0, info.size_bytes - sum(info.layer_bytes))
+        ms_output = mid / n * out_bytes / (max(info.layer_bytes, default=0) or 1)
+        log.info("too little RAM to time the output head; estimated %.1f ms from its size", ms_output)
     return ComputeTimings(ms_per_layer=mid / n, ms_output=ms_output, probe_layers=n, tokens=len(ms[0]))
 
 

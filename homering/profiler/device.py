@@ -193,7 +193,8 @@ def profile_device(model_path: str | os.PathLike, *, threads: int, refresh: bool
                 t0 = time.perf_counter()
                 say(f"measuring disk read throughput ({disk_bytes >> 20} MiB)")
                 disk = measure_disk_gbps(disk_dir, size_bytes=disk_bytes)
-                cpu = measure_compute(info.path, threads=threads, info=info, progress=say)
+                cpu = measure_compute(info.path, threads=threads, info=info, ram_bytes=available_ram_bytes(),
+                                      progress=say)
                 gpu = measure_gpu(info.path, threads=threads, info=info, progress=say)
                 say("measuring available RAM")
                 ram = available_ram_bytes()

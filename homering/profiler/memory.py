@@ -10,11 +10,12 @@ the planner may count on is the smaller of
   process's cgroup up to the root of the mounted hierarchy:
 
   - cgroup v1 (``memory`` controller): ``memory.limit_in_bytes −
-    memory.usage_in_bytes + total_inactive_file`` (``memory.stat``; the
-    inactive page cache is reclaimed before the limit bites). A limit of
+    memory.usage_in_bytes + total_inactive_file + total_active_file``
+    (``memory.stat``; clean page cache, active or not, is reclaimed before
+    the limit bites, as the kernel's ``MemAvailable`` assumes). A limit of
     2^60 bytes or more (the kernel writes ``PAGE_COUNTER_MAX`` pages,
     9223372036854771712 on x86-64) means "no limit";
-  - cgroup v2: ``memory.max − memory.current + inactive_file`` (the same
+  - cgroup v2: ``memory.max − memory.current + inactive_file + active_file`` (the same
     reasoning: v2 also charges page cache to ``memory.current``);
     ``memory.max`` of ``max`` means "no limit".
 
@@ -150,23 +151,25 @@ def _read_stat(path: Path) -> dict[str, int]:
 def v1_headroom(cgroup_dir: Path) -> int | None:
     """Bytes left under one v1 memory cgroup's limit, or None when it has no limit.
 
-    ``memory.limit_in_bytes − memory.usage_in_bytes + total_inactive_file``
-    (``inactive_file`` when the total is absent), at least 0, at most the limit.
+    ``memory.limit_in_bytes − memory.usage_in_bytes + total_inactive_file +
+    total_active_file`` (the non-total keys when the totals are absent), at
+    least 0, at most the limit.
     """
     limit = _read_int(cgroup_dir / "memory.limit_in_bytes")
     if limit is None or limit >= V1_UNLIMITED:
         return None
     usage = _read_int(cgroup_dir / "memory.usage_in_bytes") or 0
     stat = _read_stat(cgroup_dir / "memory.stat")
-    reclaimable = stat.get("total_inactive_file", stat.get("inactive_file", 0))
+    reclaimable = (stat.get("total_inactive_file", stat.get("inactive_file", 0))
+                   + stat.get("total_active_file", stat.get("active_file", 0)))
     return max(0, min(limit, limit - usage + reclaimable))
 
 
 def v2_headroom(cgroup_dir: Path) -> int | None:
     """Bytes left under one v2 cgroup's ``memory.max``, or None when it has none (``max``/absent).
 
-    ``memory.max − memory.current + inactive_file`` (``memory.stat``), at
-    least 0, at most the limit.
+    ``memory.max − memory.current + inactive_file + active_file``
+    (``memory.stat``), at least 0, at most the limit.
     """
     try:
         raw = (cgroup_dir / "memory.max").read_text().strip()
@@ -176,7 +179,8 @@ def v2_headroom(cgroup_dir: Path) -> int | None:
         return None
     limit = int(raw)
     usage = _read_int(cgroup_dir / "memory.current") or 0
-    reclaimable = _read_stat(cgroup_dir / "memory.stat").get("inactive_file", 0)
+    stat = _read_stat(cgroup_dir / "memory.stat")
+    reclaimable = stat.get("inactive_file", 0) + stat.get("active_file", 0)
     return max(0, min(limit, limit - usage + reclaimable))
 
 
