@@ -69,7 +69,9 @@ def test_cgroup_v2_limit_and_tighter_parent(tmp_path):
     write_tree(root, {"sys/fs/cgroup/homering/memory.max": f"{512 * MiB}\n",
                       "sys/fs/cgroup/homering/memory.current": f"{500 * MiB}\n"})
     assert cgroup_memory_headroom(root) == 12 * MiB
-    assert available_ram_bytes(root=root) == 12 * MiB - 12 * MiB // 8
+    assert available_ram_bytes(root=root) == 0  # less than the smallest reserve
+    write_tree(root, {"sys/fs/cgroup/homering/memory.current": f"{300 * MiB}\n"})
+    assert available_ram_bytes(root=root) == 212 * MiB - 64 * MiB  # the smallest reserve: 64 MiB
     write_tree(root, {"sys/fs/cgroup/homering/memory.current": f"{600 * MiB}\n"})
     assert available_ram_bytes(root=root) == 0  # over the limit: never negative
 

@@ -41,7 +41,7 @@ from homering.profiler.memory import available_ram_bytes
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: no weight repacking in windows, CPU quota counted
+CACHE_VERSION = 3  # 2: no weight repacking in windows, CPU quota counted; 3: probe sized to RAM
 _GIB = float(1 << 30)
 
 

@@ -37,6 +37,11 @@ AGENT_RESERVE_BYTES = 256 << 20
 """Bytes kept back for the agent process itself (Python, numpy, llama.cpp
 contexts, KV caches of small windows, MQTT and TCP buffers): 256 MiB."""
 
+AGENT_MIN_RESERVE_BYTES = 64 << 20
+"""The least a small device keeps back (bytes): what an agent's anonymous memory grows
+by once it loads windows (KV caches, llama.cpp compute buffers, Python) — measured
+at 50-60 MiB for Llama-3.2-3B windows with n_ctx 320 and 64-token micro-batches."""
+
 V1_UNLIMITED = 1 << 60
 """cgroup v1 limits at or above this many bytes mean "no limit"."""
 
@@ -266,8 +271,9 @@ def available_ram_bytes(*, reserve: int = AGENT_RESERVE_BYTES, root: str | Path 
 
     ``min(psutil.virtual_memory().available, cgroup headroom) − reserve``, at
     least 0 (see the module docstring). On a small device the reserve shrinks
-    to an eighth of what is available, so a phone-sized cgroup of a few
-    hundred MiB still offers most of its RAM to the planner.
+    to an eighth of what is available, but not below
+    :data:`AGENT_MIN_RESERVE_BYTES`, so a phone-sized cgroup of a few hundred
+    MiB still offers most of its RAM to the planner.
 
     Args:
         reserve: bytes kept back for the agent itself, at most
@@ -278,4 +284,4 @@ def available_ram_bytes(*, reserve: int = AGENT_RESERVE_BYTES, root: str | Path 
     headroom = cgroup_memory_headroom(root)
     if headroom is not None:
         available = min(available, headroom)
-    return max(0, available - min(reserve, available // 8))
+    return max(0, available - min(reserve, max(AGENT_MIN_RESERVE_BYTES, available // 8)))
