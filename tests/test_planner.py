@@ -160,6 +160,18 @@ def _agent(name, port, ram_gib, cpu, **kw):
                         ram_total=int(ram_gib * GIB), ram_available=int(ram_gib * GIB), device=device)
 
 
+def test_head_is_the_agent_whose_cgroup_leaves_the_most_ram():
+    """Agents on one host see the same machine-wide RAM; the measured (cgroup-aware) RAM decides."""
+    from homering.planner import head_of
+
+    small, big = _agent("a-phone", 9000, 0.3, 1.0), _agent("b-desktop", 9001, 1.4, 1.0)
+    small = small.model_copy(update={"ram_available": 20 * GIB})  # what psutil says on the shared host
+    big = big.model_copy(update={"ram_available": 19 * GIB})
+    assert head_of([small, big]).name == "b-desktop"
+    no_device = small.model_copy(update={"device": None})
+    assert head_of([no_device, big.model_copy(update={"device": None})]).name == "a-phone"
+
+
 def test_make_plan_builds_the_ring_from_profiles():
     shape = ModelShape(n_layers=30, layer_bytes=2_216_448, kv_bytes_per_layer=1 << 20, output_bytes=30_000_000,
                        hidden_bytes=2304)

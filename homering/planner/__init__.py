@@ -72,8 +72,15 @@ def plan_cluster(spec: ClusterSpec, planner: str = "halda", ks: list[int] | None
 
 
 def head_of(profiles: list[AgentProfile]) -> AgentProfile:
-    """The head: the agent with the most available RAM (ties: by name)."""
-    return max(profiles, key=lambda p: (p.ram_available, [-ord(c) for c in p.name]))
+    """The head: the agent with the most available RAM (ties: by name).
+
+    The measured device profile's RAM counts when there is one (it sees cgroup
+    limits); the machine-wide ``ram_available`` otherwise.
+    """
+    def ram(p: AgentProfile) -> float:
+        return p.device.ram_gib * (1 << 30) if p.device is not None else p.ram_available
+
+    return max(profiles, key=lambda p: (ram(p), [-ord(c) for c in p.name]))
 
 
 def devices_from_profiles(profiles: list[AgentProfile]) -> list[Device]:
