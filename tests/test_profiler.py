@@ -264,11 +264,11 @@ def test_probe_windows_fit_in_the_devices_ram():
     layer, out = 57 * MiB, 85 * MiB  # Llama-3.2-3B Q4_0 layers, SmolLM2-sized head
     info = ModelInfo(path=Path("m.gguf"), arch="llama", n_layers=28, n_embd=3072, n_ctx_train=4096, name="m",
                      fingerprint="f", size_bytes=28 * layer + out, layer_bytes=(layer,) * 28)
-    assert probe_plan(info, None, True) == (4, 1)  # no RAM figure: the usual probe
-    assert probe_plan(info, 16 * GiB, True) == (4, 1)
+    assert probe_plan(info, None, True) == (4, 4)  # no RAM figure: the usual probe
+    assert probe_plan(info, 16 * GiB, True) == (4, 4)
     for ram in (120 * MiB, 281 * MiB, 355 * MiB, 606 * MiB, 1433 * MiB):
         n, n_out = probe_plan(info, ram, True)
-        used = layer * n + ((2 * layer + out) if n_out else 0)
+        used = layer * n + ((2 * layer * n_out + out) if n_out else 0)
         assert n >= 1 and (used <= PROBE_RAM_FRACTION * ram or n == 1 and n_out is None)
     assert probe_plan(info, 281 * MiB, True)[1] is None  # a phone-sized device estimates the head
     assert probe_plan(info, 606 * MiB, True)[1] == 1

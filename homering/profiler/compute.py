@@ -93,21 +93,25 @@ must stay in the page cache, or the probe would time the disk instead of the CPU
 def probe_plan(info: ModelInfo, ram_bytes: int | None, output: bool) -> tuple[int, int | None]:
     """(layers of the middle probe window, layers of the output pair or None to estimate the output).
 
-    The three probe windows (middle n, then the last layer once with the
-    output and once without: their difference is the output) are decoded in
-    turns, so together they must fit in :data:`PROBE_RAM_FRACTION` of
-    ``ram_bytes``. When the output pair does not fit, the output is not timed
-    (None) and the middle window gets the whole budget.
+    Three probe windows of n layers (a middle one, then the last n layers
+    once with the output and once without: their difference is the output)
+    are decoded in turns, so together they must fit in
+    :data:`PROBE_RAM_FRACTION` of ``ram_bytes``: n shrinks to fit. When not
+    even one layer of each fits with the output, the output is not timed
+    (None) and the middle window gets the whole budget. (Several layers, not
+    one, where RAM allows: Gemma 3 refuses a window of only a global-attention layer.)
     """
     n = probe_layers(info)
     if ram_bytes is None:
-        return n, (1 if output else None)
+        return n, (n if output else None)
     layer = max(info.layer_bytes, default=0) or 1
     budget = int(PROBE_RAM_FRACTION * ram_bytes)
-    out_bytes = max(0, info.size_bytes - sum(info.layer_bytes))  # embeddings + head: an upper bound
-    n_out = 1 if output and layer * 3 + out_bytes <= budget else None
-    left = budget - (layer * 2 * n_out + out_bytes if n_out else 0)
-    return max(1, min(n, left // layer)), n_out
+    if output:
+        out_bytes = max(0, info.size_bytes - sum(info.layer_bytes))  # embeddings + head: an upper bound
+        for k in range(n, 0, -1):
+            if layer * 3 * k + out_bytes <= budget:
+                return k, k
+    return max(1, min(n, budget // layer)), None
 
 
 def measure_compute(model_path: str | Path, *, threads: int, gpu: bool = False, output: bool = True,

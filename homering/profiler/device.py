@@ -41,7 +41,7 @@ from homering.profiler.memory import available_ram_bytes
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 2: no weight repacking in windows, CPU quota counted; 3: probe sized to RAM
+CACHE_VERSION = 4  # 2: no repacking, CPU quota counted; 3-4: probe windows sized to the RAM
 _GIB = float(1 << 30)
 
 
