@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -46,6 +45,7 @@ from rich.table import Table
 from homering.api.chat import ask
 from homering.cluster import mqtt
 from homering.cluster.client import ClusterClient, new_request_id
+from homering.cluster.local import stop_processes
 from homering.cluster.schema import GenerateRequest, Sampling
 from homering.errors import HomeringError
 
@@ -186,18 +186,6 @@ class ClusterBench:
     def _log(self, name: str):
         return open(self.logs / f"{name}.log", "ab")
 
-    def _stop(self, procs: list[subprocess.Popen], grace: float = 10.0) -> None:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
     def largest_device(self) -> str:
         return max(self.tb.devices, key=self.tb.memory_limit)
 
@@ -248,7 +236,8 @@ class ClusterBench:
                     stdout=log, stderr=log))
             return asyncio.run(self._measure(cfg, agents))
         finally:
-            self._stop(procs)
+            stop_processes(procs[:1], 10.0)   # the controller first, then the agents
+            stop_processes(procs[1:], 10.0)
             self.tb.stop_broker()
 
     async def _measure(self, cfg: RunConfig, agents: dict[str, int]) -> dict:

@@ -22,6 +22,20 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+def stop_processes(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM every process still running, wait up to ``grace`` seconds in all, then SIGKILL the rest."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 class LocalCluster:
     """Starts an optional embedded broker, a controller and N agents as subprocesses.
 
@@ -105,18 +119,8 @@ class LocalCluster:
         agents, which can still tell the broker they are leaving; an embedded
         broker goes last.
         """
-        groups = [[p for p in self.procs if p.role.startswith(role)] for role in ("controller", "agent", "broker")]
-        for group in groups:
-            for p in reversed(group):
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + self.grace
-            for p in group:
-                try:
-                    p.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        for role in ("controller", "agent", "broker"):
+            stop_processes([p for p in self.procs if p.role.startswith(role)], self.grace)
         self.procs.clear()
 
     def __exit__(self, *exc) -> None:

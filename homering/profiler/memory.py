@@ -205,21 +205,27 @@ def cgroup_memory_headroom(root: str | Path = "/") -> int | None:
         Bytes (>= 0), or None when no cgroup limit applies or nothing is readable
         (no cgroups: macOS; SELinux on Android). Never raises on missing files.
     """
-    root = Path(root)
+    return _smallest(Path(root), "memory", v1_headroom, v2_headroom)
+
+
+def _smallest(root: Path, controller: str, v1_read, v2_read):
+    """The smallest value ``v1_read``/``v2_read`` give over every level of the process's cgroups, or None.
+
+    Walks the v1 hierarchy of ``controller`` and the v2 hierarchy, from the
+    process's cgroup up to each mount point; readers return None where no limit is set.
+    """
     try:
-        paths = parse_proc_cgroup((root / "proc/self/cgroup").read_text())
+        paths = parse_proc_cgroup((root / "proc/self/cgroup").read_text(), controller)
     except OSError:
         return None
-    v1_mounts, v2_mounts = _cgroup_mounts(root)
-    found: list[int] = []
-    for mounts, cg_path, headroom in ((v1_mounts, paths.v1_memory, v1_headroom),
-                                      (v2_mounts, paths.v2, v2_headroom)):
+    v1_mounts, v2_mounts = _cgroup_mounts(root, controller)
+    found = []
+    for mounts, cg_path, read in ((v1_mounts, paths.v1_memory, v1_read), (v2_mounts, paths.v2, v2_read)):
         if cg_path is None:
             continue
         for mount in mounts:
-            if not mount.point.is_dir():
-                continue
-            found += [h for d in _levels(mount, cg_path) if (h := headroom(d)) is not None]
+            if mount.point.is_dir():
+                found += [v for d in _levels(mount, cg_path) if (v := read(d)) is not None]
     return min(found) if found else None
 
 
@@ -249,21 +255,7 @@ def cgroup_cpu_quota(root: str | Path = "/") -> float | None:
     Args:
         root: the file-system root to read under; ``/`` on the real system.
     """
-    root = Path(root)
-    try:
-        paths = parse_proc_cgroup((root / "proc/self/cgroup").read_text(), "cpu")
-    except OSError:
-        return None
-    v1_mounts, v2_mounts = _cgroup_mounts(root, "cpu")
-    found: list[float] = []
-    for mounts, cg_path, quota in ((v1_mounts, paths.v1_memory, _v1_cpu_quota),
-                                   (v2_mounts, paths.v2, _v2_cpu_quota)):
-        if cg_path is None:
-            continue
-        for mount in mounts:
-            if mount.point.is_dir():
-                found += [q for d in _levels(mount, cg_path) if (q := quota(d)) is not None]
-    return min(found) if found else None
+    return _smallest(Path(root), "cpu", _v1_cpu_quota, _v2_cpu_quota)
 
 
 def available_ram_bytes(*, reserve: int = AGENT_RESERVE_BYTES, root: str | Path = "/") -> int:
