@@ -229,3 +229,13 @@ def test_plan_cli_derives_the_model_from_a_gguf(smollm2, tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert sum(d["layers_per_round"] for d in doc["devices"]) * doc["k"] == 30
+
+
+def test_release_is_asked_only_of_devices_that_overflow_with_several_windows():
+    """--release by default only where the window just used is needed last: overflowing devices with k > 1."""
+    from homering.planner import wants_release
+
+    assert wants_release("overflow", 2) and wants_release("stream", 4)
+    assert not wants_release("resident", 2)   # fits: dropping it would re-read it every token
+    assert not wants_release("overflow", 1)   # one window, needed again at the next token
+    assert not wants_release(None, 3)

@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -47,6 +46,7 @@ from homering.cluster import mqtt
 from homering.cluster.client import ClusterClient, new_request_id
 from homering.cluster.local import stop_processes
 from homering.cluster.schema import GenerateRequest, Sampling
+from homering.engine.pages import WindowPages
 from homering.errors import HomeringError
 
 PROMPT_TEXT = (
@@ -116,25 +116,18 @@ class PeakSampler:
         self._thread.join()
 
 
-def drop_page_cache(paths: list[Path]) -> int:
-    """Drop every regular file under ``paths`` from the page cache; returns the bytes advised."""
-    total = 0
+def drop_page_cache(paths: list[Path]) -> None:
+    """Drop every regular file under ``paths`` from the page cache (:meth:`WindowPages.release`)."""
     for root in paths:
-        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
-        for p in files:
+        for p in [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]:
             try:
-                fd = os.open(p, os.O_RDONLY)
+                pages = WindowPages(p)
             except OSError:
                 continue
             try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                total += os.fstat(fd).st_size
-            except OSError:
-                pass
+                pages.release()
             finally:
-                os.close(fd)
-    return total
+                pages.close()
 
 
 @dataclass
@@ -147,7 +140,6 @@ class RunConfig:
     rounds: int | None = None
     batch: int | None = None
     release: bool | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class ClusterBench:
@@ -256,7 +248,7 @@ class ClusterBench:
                 "memory_pressure": {d: peaks.peak[d] / self.tb.memory_limit(d) for d in agents},
                 "rss_anon_bytes": dict(peaks.peak),
                 "predicted_ms_per_token": plan.predicted_ms_per_token, "k": plan.k,
-                "batch": plan.n_batch, "plan": plan.model_dump(), **cfg.extra}
+                "batch": plan.n_batch, "plan": plan.model_dump()}
 
 
 def default_configs(*, prefill: bool, release: bool, batch: int, prompt_tokens: int,

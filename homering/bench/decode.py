@@ -14,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import time
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -30,24 +28,16 @@ PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
 
 def baseline_ms_per_token(model_path: Path, threads: int, n_tokens: int) -> float:
-    """Median-free single run: ms per greedy decode step of plain ``llama_cpp.Llama``."""
-    import llama_cpp
+    """Single run: ms per greedy decode step of plain ``llama_cpp.Llama`` (:func:`homering.bench.single.run`)."""
+    from homering.bench.single import run
+    from homering.engine.tokenizer import Tokenizer
 
-    from homering.engine.window import plain_llama
-
-    llm = plain_llama(model_path, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
-                          flash_attn=True, verbose=False)
+    tok = Tokenizer(model_path)
     try:
-        ids = llm.tokenize(PROMPT.encode(), add_bos=True)
-        llm.eval(ids)
-        n_vocab = llm.n_vocab()
-        t0 = time.perf_counter()
-        for _ in range(n_tokens):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
-            llm.eval([int(np.argmax(logits))])
-        return (time.perf_counter() - t0) * 1000 / n_tokens
+        ids = tok.tokenize(PROMPT, add_special=True)
     finally:
-        llm.close()
+        tok.close()
+    return run(str(model_path), ids, n_tokens + 1, threads=threads, n_ctx=2048)["ms_per_token"]
 
 
 async def _cluster_runs(cluster: LocalCluster, n_tokens: int, repeats: int) -> list[dict]:

@@ -74,6 +74,7 @@ class WindowPages:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.fd = os.open(self.path, os.O_RDONLY) if self.supported else -1
+        self._maps: list[tuple[int, int]] | None = None  # llama.cpp's mappings, found at the first release
         if self.fd >= 0:
             os.fsync(self.fd)
 
@@ -86,10 +87,14 @@ class WindowPages:
         """Unmap this process's pages of the file and drop them from the page cache.
 
         The mapping stays valid; later reads fault the pages in from disk.
+        The file's mappings are looked up once, at the first call: create the
+        object after llama.cpp has mapped the file.
         """
         if self.fd < 0:
             return
-        for start, end in mappings_of(self.path):
+        if self._maps is None:  # once: the mapping lives as long as the window; release runs every token
+            self._maps = mappings_of(self.path)
+        for start, end in self._maps:
             try:
                 _madvise(start, end - start, _MADV_DONTNEED)
             except OSError as exc:  # never fatal: the advice is an optimisation
