@@ -154,13 +154,16 @@ def _run(coro) -> None:
               help="Drop each layer window from the page cache right after using it (with k > 1 rounds), so "
                    "the kernel keeps the next one [default: as the plan says: on when this device's windows "
                    "overflow its RAM].")
-def agent(broker, name, threads, data_port, host, release) -> None:
+@click.option("--ha-discovery", is_flag=True,
+              help="Announce this agent to Home Assistant (MQTT discovery): status, tokens/s, memory, layers.")
+def agent(broker, name, threads, data_port, host, release, ha_discovery) -> None:
     """Join the cluster as one device: load the planned layer windows, serve the ring."""
     from homering.cluster.agent import Agent, default_name
 
     b = _broker(broker)
     _run(Agent(b, name=name or default_name(), threads=threads or os.cpu_count() or 1,
-               data_port=data_port, host=host or _local_address(b.host), release=release).run())
+               data_port=data_port, host=host or _local_address(b.host), release=release,
+               ha_discovery=ha_discovery).run())
 
 
 def _local_address(broker_host: str) -> str:
@@ -185,6 +188,15 @@ BATCH_OPTION = click.option(
     "--batch", "n_batch", type=click.IntRange(1, 1 << 16), default=None,
     help="Prefill micro-batch in tokens: a prompt flows through the ring in chunks of this size, "
          "back to back, so devices work on different chunks at once [default: 64].")
+PARALLEL_OPTION = click.option(
+    "--parallel", type=click.IntRange(1, 256), default=4, show_default=True,
+    help="Requests served at once: each gets its own KV sequence of --ctx tokens in every window, and "
+         "the ring works on several of them at a time.")
+QUEUE_OPTION = click.option(
+    "--queue", "max_queue", type=click.IntRange(0, 1 << 16), default=16, show_default=True,
+    help="Requests that may wait for a free sequence; more are refused (HTTP 429).")
+HA_OPTION = click.option("--ha-discovery", is_flag=True,
+                         help="Announce the cluster to Home Assistant (MQTT discovery).")
 PLANNER_OPTION = click.option(
     "--planner", type=click.Choice(["halda", "memory", "proportional"]), default="halda", show_default=True,
     help="How layers are assigned: halda (the fastest predicted plan), memory (exo-style, by memory), "
@@ -203,14 +215,28 @@ PLANNER_OPTION = click.option(
 @PLANNER_OPTION
 @ROUNDS_OPTION
 @BATCH_OPTION
-def controller(broker, model, agents, ctx, timeout, planner, rounds, n_batch) -> None:
-    """Coordinate the cluster: wait for agents, plan, and serve generation requests."""
+@PARALLEL_OPTION
+@QUEUE_OPTION
+@click.option("--api-host", default="127.0.0.1", show_default=True,
+              help="Address of the OpenAI-compatible API (0.0.0.0 to serve the LAN).")
+@click.option("--api-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve the OpenAI-compatible API on this port [default: no API].")
+@HA_OPTION
+def controller(broker, model, agents, ctx, timeout, planner, rounds, n_batch, parallel, max_queue, api_host,
+               api_port, ha_discovery) -> None:
+    """Coordinate the cluster: wait for agents, plan, and serve generation requests.
+
+    With --api-port it also serves the OpenAI API (/v1/chat/completions,
+    /v1/completions, /v1/models, /v1/cluster, /health, /metrics).
+    """
     from homering.cluster.controller import DEFAULT_BATCH, Controller
     from homering.models.registry import resolve_model
 
     path = resolve_model(model)
     _run(Controller(_broker(broker), path, n_agents=agents, n_ctx=ctx, join_timeout=timeout,
-                    planner=planner, rounds=rounds, n_batch=n_batch or DEFAULT_BATCH).run())
+                    planner=planner, rounds=rounds, n_batch=n_batch or DEFAULT_BATCH, n_parallel=parallel,
+                    max_queue=max_queue, api=(api_host, api_port) if api_port else None,
+                    ha_discovery=ha_discovery).run())
 
 
 @cli.command(hidden=True)
@@ -269,13 +295,20 @@ def chat(broker, max_tokens, temperature, seed, system) -> None:
 @click.option("--prompt", "-p", default=None, help="Answer this one prompt and exit (no chat).")
 @click.option("--raw", is_flag=True, help="With --prompt: send the text as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="With --prompt: print one JSON object.")
+@click.option("--api-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve the OpenAI-compatible API on 127.0.0.1:PORT.")
+@click.option("--chat/--no-chat", "with_chat", default=True,
+              help="--no-chat (with --api-port): run headless until Ctrl-C.")
 @PLANNER_OPTION
 @ROUNDS_OPTION
 @BATCH_OPTION
+@PARALLEL_OPTION
+@QUEUE_OPTION
+@HA_OPTION
 @sampling_options
 @click.pass_obj
-def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, planner, rounds, n_batch, max_tokens,
-       temperature, seed) -> None:
+def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_port, with_chat, planner, rounds,
+       n_batch, parallel, max_queue, ha_discovery, max_tokens, temperature, seed) -> None:
     """Start a whole cluster on this machine and chat with it (or answer --prompt).
 
     Starts an embedded MQTT broker (unless --broker), a controller and N
@@ -287,21 +320,29 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, planner
     --planner proportional spreads them over every agent.
     """
     from homering.api.chat import chat as chat_loop
-    from homering.api.chat import one_shot
+    from homering.api.chat import headless, one_shot
     from homering.cluster.local import LocalCluster
     from homering.models.registry import resolve_model
 
     if (raw or as_json) and prompt is None:
         raise click.UsageError("--raw and --json go with --prompt")
+    if not with_chat and api_port is None:
+        raise click.UsageError("--no-chat needs --api-port (otherwise nothing could talk to the cluster)")
     path = resolve_model(model)
+    controller_args = ("--parallel", str(parallel), "--queue", str(max_queue), *(("--api-port", str(api_port)) if api_port else ()),
+                       *(("--ha-discovery",) if ha_discovery else ()))
     verbosity = obj["verbosity"]
     log_args = ("-v",) * verbosity if verbosity > 0 else ("-q",) * (1 - verbosity)
     sampling = _sampling(max_tokens, temperature, seed)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with LocalCluster(path, n_agents=agents, broker=_broker(broker) if broker else None, threads=threads,
-                      n_ctx=n_ctx, planner=planner, rounds=rounds, n_batch=n_batch, log_args=log_args) as cluster:
+                      n_ctx=n_ctx, planner=planner, rounds=rounds, n_batch=n_batch, log_args=log_args,
+                      controller_args=controller_args,
+                      agent_args=("--ha-discovery",) if ha_discovery else ()) as cluster:
         if prompt is not None:
             _run(one_shot(cluster.broker, prompt, raw=raw, sampling=sampling, as_json=as_json))
+        elif not with_chat:
+            _run(headless(cluster, f"http://127.0.0.1:{api_port}/v1"))
         else:
             _run(chat_loop(cluster.broker, sampling=sampling))
 

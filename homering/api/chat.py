@@ -16,7 +16,8 @@ from homering.cluster.client import ClusterClient, new_request_id
 from homering.cluster.schema import ChatMessage, GenerateRequest, Plan, Sampling, StreamEvent
 from homering.errors import HomeringError
 
-HELP = "commands: /plan shows the layer assignment, /reset forgets the conversation, /quit (or Ctrl-D) exits"
+HELP = ("commands: /plan shows the layer assignment, /cluster the agents at work, /reset forgets the "
+        "conversation, /quit (or Ctrl-D) exits")
 
 
 @dataclass
@@ -59,6 +60,47 @@ def plan_table(plan: Plan) -> Table:
         costs = [f"{p.compute_ms:.2f}", f"{p.disk_ms:.2f}", f"{p.hop_ms:.2f}"] if p else ["", "", ""]
         table.add_row(str(i), a.name, f"{a.host}:{a.data_port}", layers, gpu, a.mode or "", *costs, role)
     return table
+
+
+def cluster_table(client: ClusterClient) -> Table:
+    """The agents at work: status, layer windows, measured ms per window, link latency, memory and tokens/s.
+
+    From the agents' retained :class:`~homering.cluster.schema.AgentStats` (every few seconds)
+    and the plan (link latency to the head, measured when it was made).
+    """
+    plan = client.plan
+    ring = {a.name: a for a in plan.ring} if plan else {}
+    table = Table(title=f"cluster · plan {plan.plan_id if plan else '-'}")
+    for col in ("agent", "status", "role", "windows", "ms/window", "link ms", "RSS MiB", "tokens/s"):
+        table.add_column(col, justify="left" if col in ("agent", "status", "role", "windows") else "right")
+    names = sorted(set(client.agent_status) | set(client.agent_stats),
+                   key=lambda n: (n not in ring, list(ring).index(n) if n in ring else 0, n))
+    for name in names:
+        status = client.agent_status.get(name)
+        st = client.agent_stats.get(name)
+        pa = ring.get(name)
+        current = st is not None and plan is not None and st.plan_id == plan.plan_id
+        windows = ", ".join(f"[{w.start},{w.end})" for w in pa.windows) if pa else "-"
+        per_window = ", ".join(f"{w.ms_per_forward:.1f}" if w.ms_per_forward is not None else "-"
+                               for w in st.windows) if current and st.windows else "-"
+        role = "head" if plan and plan.head.name == name else ("ring" if pa else "idle")
+        link = f"{pa.link_ms:.2f}" if pa and pa.link_ms is not None and role != "head" else "-"
+        table.add_row(name, status.state if status else "?", role, windows, per_window, link,
+                      f"{st.rss_bytes / 2**20:.0f}" if st else "-", f"{st.tokens_per_s:.1f}" if current else "-")
+    return table
+
+
+async def headless(cluster, api_url: str, ready_timeout: float = 300.0) -> int:
+    """``homering up --no-chat``: wait until the cluster is ready, say where the API is, serve until Ctrl-C."""
+    console = Console(stderr=True)
+    async with ClusterClient(cluster.broker) as client:
+        with console.status("waiting for the cluster…"):
+            status = await client.wait_ready(ready_timeout)
+        console.print(f"[bold]homering[/] · model [cyan]{status.model}[/] · {len(client.plan.ring)} agent(s) · "
+                      f"OpenAI API at [bold]{api_url}[/] · Ctrl-C stops")
+        while True:
+            cluster.check()
+            await asyncio.sleep(1.0)
 
 
 async def ask(client: ClusterClient, request: GenerateRequest, on_text=None) -> Answer:
@@ -127,6 +169,9 @@ async def chat(broker: mqtt.BrokerURL, *, sampling: Sampling, system: str | None
                 return 0
             if cmd == "/plan":
                 console.print(plan_table(client.plan))
+                continue
+            if cmd == "/cluster":
+                console.print(cluster_table(client))
                 continue
             if cmd == "/reset":
                 history = history[:1] if system else []

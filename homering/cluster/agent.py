@@ -29,12 +29,13 @@ import numpy as np
 import psutil
 
 from homering.cluster import mqtt
+from homering.cluster.homeassistant import agent_configs, publish_discovery
 from homering.cluster.dataplane import Frame, LinkServer, connect_link, measure_link, recv_frame, send_frame
 from homering.cluster.schema import (
-    AgentProfile, AgentStatus, ControllerStatus, DeviceProfile, FrameError, FrameKind, GenerateJob,
-    LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, Topics,
+    AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStatus, DeviceProfile, FrameError, FrameKind,
+    GenerateJob, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, Topics, WindowStats,
 )
-from homering.engine.sampling import SamplerChain
+from homering.engine.sampling import SamplerChain, StopMatcher
 from homering.engine.pages import WindowPages, trim_heap
 from homering.engine.window import DecodeError, LayerWindow
 from homering.errors import HomeringError
@@ -44,6 +45,7 @@ from homering.models.slicing import Role, WindowSpec, slice_window
 log = logging.getLogger("homering.agent")
 
 RING_TIMEOUT_S = 120.0
+STATS_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -58,6 +60,25 @@ class _Loaded:
     queues: dict[int, queue.Queue] = field(default_factory=dict)  # head: frames back, by request number
     pages: list[WindowPages] = field(default_factory=list)  # page-cache advice per window (k > 1)
     release: bool = False  # drop each window from the page cache after use
+    active: dict[int, str] = field(default_factory=dict)  # head: seq_id -> request id being generated
+    cancelled: set[str] = field(default_factory=set)  # head: requests to stop at the next token
+    tokens_generated: int = 0  # head: tokens sampled under this plan
+    stats: list[WindowStats] = field(default_factory=list)  # per window, in round order
+
+    def __post_init__(self) -> None:
+        me = self.plan.ring[self.position]
+        self.stats = [WindowStats(start=w.start, end=w.end, round=w.round) for w in me.windows]
+
+    def timed(self, round_: int, n_tokens: int, fn, *args):
+        """Call ``fn(*args)`` (a window's forward) and add its time to round ``round_``'s :class:`WindowStats`."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            st = self.stats[round_]
+            st.forwards += 1
+            st.tokens += n_tokens
+            st.compute_ms += (time.perf_counter() - t0) * 1000
 
     @property
     def is_head(self) -> bool:
@@ -104,11 +125,16 @@ class Agent:
         release: drop each window from the page cache after using it (True),
             never (False), or as the plan says (None: the planner asks for it
             on devices whose windows overflow their RAM).
+        ha_discovery: announce this agent to Home Assistant (MQTT discovery).
+        stats_interval: seconds between :class:`AgentStats` publications.
     """
 
     def __init__(self, broker: mqtt.BrokerURL, *, name: str, threads: int, data_port: int = 0,
-                 host: str = "127.0.0.1", bind: str = "0.0.0.0", release: bool | None = None):
+                 host: str = "127.0.0.1", bind: str = "0.0.0.0", release: bool | None = None,
+                 ha_discovery: bool = False, stats_interval: float = STATS_INTERVAL_S):
         self.broker = broker
+        self.ha_discovery = ha_discovery
+        self.stats_interval = stats_interval
         self.release = release
         self.name = name
         self.threads = threads
@@ -120,7 +146,6 @@ class Agent:
         self._offered: Plan | None = None              # the latest plan on the broker
         self._controller: ControllerStatus | None = None
         self._applied_plan_id: str | None = None
-        self._gen_lock = asyncio.Lock()
         self._request_numbers = itertools.count(1)
         self._mqtt: aiomqtt.Client | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -150,6 +175,10 @@ class Agent:
                 await client.subscribe(Topics.PLAN, qos=1)
                 await client.subscribe(Topics.generate(self.name), qos=1)
                 await client.subscribe(Topics.probe(self.name), qos=1)
+                await client.subscribe(Topics.cancel(self.name), qos=1)
+                if self.ha_discovery:
+                    await publish_discovery(client, agent_configs(self.name))
+                self._spawn(self._publish_stats())
                 log.info("agent %s up: data port %d, broker %s", self.name, self.data_port, self.broker)
                 try:
                     async for message in client.messages:
@@ -189,6 +218,10 @@ class Agent:
                     self._maybe_apply_plan()
             elif message.topic.matches(Topics.probe(self.name)):
                 self._spawn(self._probe(LinkProbe.load(message.payload)))
+            elif message.topic.matches(Topics.cancel(self.name)):
+                cancel = CancelJob.load(message.payload)
+                if self._loaded is not None and cancel.request_id in self._loaded.active.values():
+                    self._loaded.cancelled.add(cancel.request_id)
         except MalformedMessage as exc:
             log.warning("dropped malformed message on %s: %s", topic, exc)
 
@@ -215,6 +248,41 @@ class Agent:
             await self._mqtt.publish(Topics.status(self.name),
                                      AgentStatus(state=state, plan_id=plan_id, detail=detail).dump(),
                                      qos=1, retain=True)
+
+    def stats(self, interval_s: float = 0.0, previous: int = 0) -> AgentStats:
+        """This agent's telemetry now; ``tokens_per_s`` counts what was done since ``previous`` (tokens
+        sampled on the head, rows computed elsewhere) over ``interval_s`` seconds."""
+        loaded = self._loaded
+        proc = psutil.Process()
+        mem = proc.memory_info()
+        anon = max(0, mem.rss - getattr(mem, "shared", 0))
+        if loaded is None:
+            return AgentStats(name=self.name, rss_bytes=mem.rss, anon_bytes=anon)
+        done = self._work_done(loaded)
+        return AgentStats(
+            name=self.name, plan_id=loaded.plan.plan_id, layers=sum(w.end - w.start for w in loaded.stats),
+            windows=[w.model_copy() for w in loaded.stats], tokens_generated=loaded.tokens_generated,
+            tokens_per_s=(done - previous) / interval_s if interval_s > 0 and done >= previous else 0.0,
+            rss_bytes=mem.rss, anon_bytes=anon, requests_active=len(loaded.active))
+
+    @staticmethod
+    def _work_done(loaded: _Loaded) -> int:
+        return loaded.tokens_generated if loaded.is_head else sum(w.tokens for w in loaded.stats)
+
+    async def _publish_stats(self) -> None:
+        """Publish :class:`AgentStats` (retained) every ``stats_interval`` seconds."""
+        previous, plan_id = 0, None
+        while True:
+            loaded = self._loaded
+            if loaded is not None and loaded.plan.plan_id != plan_id:
+                previous, plan_id = 0, loaded.plan.plan_id
+            stats = self.stats(self.stats_interval, previous)
+            previous = self._work_done(loaded) if loaded is not None else 0
+            try:
+                await self._mqtt.publish(Topics.stats(self.name), stats.dump(), qos=0, retain=True)
+            except aiomqtt.MqttError:
+                return
+            await asyncio.sleep(self.stats_interval)
 
     # ------------------------------------------------------------ profile and link probes
     def _on_controller(self, status: ControllerStatus) -> None:
@@ -300,7 +368,8 @@ class Agent:
             path = slice_window(model_path, WindowSpec(w.start, w.end, role), progress=False,
                                 model_fp=plan.model_fingerprint)
             out.append(LayerWindow(path, takes_tokens=role.takes_tokens, gives_logits=role.gives_logits,
-                                   n_ctx=plan.n_ctx, n_batch=plan.n_batch, n_threads=self.threads,
+                                   n_ctx=plan.n_ctx, n_seq_max=plan.n_parallel, n_batch=plan.n_batch,
+                                   n_threads=self.threads,
                                    n_gpu_layers=w.gpu_layers))
         return out
 
@@ -337,10 +406,13 @@ class Agent:
                 out = Frame.error(h.request_id, h.seq_id, f"{self.name}: round {h.round} of a {last_round + 1}-round plan")
             else:
                 try:
-                    result = loaded.windows[h.round].forward(frame.payload, h.pos, h.seq_id)
+                    result = loaded.timed(h.round, h.n_tokens, loaded.windows[h.round].forward,
+                                          frame.payload, h.pos, h.seq_id)
                     if not (loaded.is_head and h.round == last_round):
                         nxt = h.round + 1 if loaded.is_head else h.round
                         out = Frame.forward(h.request_id, h.seq_id, h.pos, result.hidden, nxt)
+                    else:  # the ring is closed: hand the logits to the request's generation loop
+                        out = Frame(h, result.logits)
                 except (DecodeError, ValueError) as exc:
                     out = Frame.error(h.request_id, h.seq_id, f"{self.name}: {exc}")
         elif h.kind is FrameKind.KV_REMOVE:
@@ -358,8 +430,11 @@ class Agent:
         if h.kind is FrameKind.FORWARD and h.round <= last_round:
             loaded.after_window(h.round)
 
-    def _ring(self, loaded: _Loaded, request: int, frames: list[Frame]) -> None:
+    def _ring(self, loaded: _Loaded, request: int, frames: list[Frame]) -> np.ndarray | None:
         """Send frames into the ring; wait until each came back through the head's window.
+
+        Returns the logits ((n_vocab,) float32) of the last frame's last token,
+        or None for frames that carry no tokens.
 
         Raises:
             DecodeError: a window on the way failed (the ERROR frame's message).
@@ -368,6 +443,7 @@ class Agent:
         back = loaded.queues[request]
         for f in frames:
             loaded.send(f)
+        logits = None
         for _ in frames:
             try:
                 got = back.get(timeout=RING_TIMEOUT_S)
@@ -375,32 +451,37 @@ class Agent:
                 raise TimeoutError(f"the ring did not answer within {RING_TIMEOUT_S:.0f} s") from None
             if got.header.kind is FrameKind.ERROR:
                 raise DecodeError(got.payload)
+            logits = got.payload if isinstance(got.payload, np.ndarray) else logits
+        return logits
 
-    def _forward(self, loaded: _Loaded, request: int, tokens: np.ndarray, pos: int) -> None:
-        """Run ``tokens`` at ``pos`` through every window; the head's context then holds the logits.
+    def _forward(self, loaded: _Loaded, request: int, seq_id: int, tokens: np.ndarray, pos: int) -> np.ndarray:
+        """Run ``tokens`` of sequence ``seq_id`` at ``pos`` through every window; return the last token's logits.
 
         A long prompt goes as back-to-back micro-batches of ``n_batch`` tokens,
         so the agents work on different chunks at once.
         """
         if len(loaded.plan.ring) == 1:  # every round is here: run the windows in turn
             x = tokens
-            for w in loaded.windows:
-                x = w.forward(x, pos).hidden
-            return
+            for r, w in enumerate(loaded.windows):
+                out = loaded.timed(r, len(x), w.forward, x, pos, seq_id)
+                x = out.hidden
+            return out.logits
         n_batch = loaded.plan.n_batch
-        frames = [Frame.forward(request, 0, pos + i, tokens[i:i + n_batch]) for i in range(0, len(tokens), n_batch)]
-        self._ring(loaded, request, frames)
+        frames = [Frame.forward(request, seq_id, pos + i, tokens[i:i + n_batch])
+                  for i in range(0, len(tokens), n_batch)]
+        return self._ring(loaded, request, frames)
 
-    def _clear(self, loaded: _Loaded, request: int) -> None:
-        """Empty sequence 0 of every window in the ring."""
+    def _clear(self, loaded: _Loaded, request: int, seq_id: int) -> None:
+        """Empty sequence ``seq_id`` of every window in the ring."""
         if len(loaded.plan.ring) == 1:
             for w in loaded.windows:
-                w.kv_remove(0, 0)
+                w.kv_remove(seq_id, 0)
         else:
-            self._ring(loaded, request, [Frame.kv_remove(request, 0, 0)])
+            self._ring(loaded, request, [Frame.kv_remove(request, seq_id, 0)])
 
     # ------------------------------------------------------------ generation (head)
     async def _generate(self, job: GenerateJob) -> None:
+        """Serve one request on its own sequence; several run at once, one worker thread each."""
         stream = Topics.stream(job.request_id)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -410,9 +491,9 @@ class Agent:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         try:
-            async with self._gen_lock:
-                await asyncio.to_thread(self._generate_sync, job, emit)
-        except (DecodeError, HomeringError, TimeoutError, ConnectionError, OSError, ValueError) as exc:
+            await asyncio.to_thread(self._generate_sync, job, emit)
+        except (DecodeError, HomeringError, TimeoutError, ConnectionError, OSError, ValueError,
+                RuntimeError) as exc:
             log.warning("request %s failed: %s", job.request_id, exc)
             events.put_nowait(StreamEvent(request_id=job.request_id, type="error", error=str(exc)))
         finally:
@@ -431,49 +512,80 @@ class Agent:
             except aiomqtt.MqttError as exc:
                 log.warning("could not publish to %s: %s", topic, exc)
 
-    def _generate_sync(self, job: GenerateJob, emit) -> None:
-        """The head's generation loop (a worker thread): prefill, then sample and decode token by token."""
+    def _claim(self, job: GenerateJob) -> _Loaded:
+        """Check that this agent heads the job's plan and take the job's sequence (a worker thread)."""
         loaded = self._loaded
         if loaded is None or not loaded.is_head or loaded.plan.plan_id != job.plan_id:
             raise HomeringError(f"agent {self.name} is not the head of plan {job.plan_id}")
+        if job.seq_id >= loaded.plan.n_parallel:
+            raise HomeringError(f"sequence {job.seq_id} does not exist (the plan has {loaded.plan.n_parallel})")
+        with loaded.send_lock:
+            busy = loaded.active.get(job.seq_id)
+            if busy is not None:
+                raise HomeringError(f"sequence {job.seq_id} is busy with request {busy}")
+            loaded.active[job.seq_id] = job.request_id
+        return loaded
+
+    def _generate_sync(self, job: GenerateJob, emit) -> None:
+        """The head's generation loop for one request (a worker thread): prefill, then sample and decode.
+
+        Stops at an end-of-generation token, at a stop string (``stop``), at
+        ``max_tokens``, at the end of the context, or when the controller
+        cancels the request (its client left).
+        """
+        loaded = self._claim(job)
         window = loaded.windows[-1]
+        seq = job.seq_id
         prompt = np.asarray(job.prompt_token_ids, dtype=np.int32)
         n_ctx = loaded.plan.n_ctx
-        if len(prompt) >= n_ctx:
-            raise HomeringError(f"the prompt has {len(prompt)} tokens but the context holds {n_ctx}")
-        max_new = min(job.sampling.max_tokens, n_ctx - len(prompt))
         request = next(self._request_numbers) & 0xFFFFFFFF
         loaded.queues[request] = queue.Queue()
         sampler = SamplerChain(job.sampling)
+        stops = StopMatcher(job.sampling.stop)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         tokens: list[int] = []
         finish = "length"
         try:
+            if len(prompt) >= n_ctx:
+                raise HomeringError(f"the prompt has {len(prompt)} tokens but the context holds {n_ctx}")
+            max_new = min(job.sampling.max_tokens, n_ctx - len(prompt))
             t0 = time.perf_counter()
-            self._clear(loaded, request)
-            self._forward(loaded, request, prompt, 0)
+            self._clear(loaded, request, seq)
+            logits = self._forward(loaded, request, seq, prompt, 0)
             t_first = None
             for i in range(max_new):
-                tok = window.sample(sampler)
+                tok = sampler.sample(logits)
                 if t_first is None:
                     t_first = time.perf_counter()
                 if window.is_eog(tok) and not job.sampling.ignore_eos:
                     finish = "stop"
                     break
                 tokens.append(tok)
-                emit(StreamEvent(request_id=job.request_id, type="token", token_id=tok,
-                                 text=decoder.decode(window.token_bytes(tok))))
+                loaded.tokens_generated += 1
+                text = stops.feed(decoder.decode(window.token_bytes(tok)))
+                emit(StreamEvent(request_id=job.request_id, type="token", token_id=tok, text=text))
+                if stops.stopped:
+                    finish = "stop"
+                    break
+                if job.request_id in loaded.cancelled:
+                    finish = "cancelled"
+                    break
                 if i + 1 < max_new:
-                    self._forward(loaded, request, np.array([tok], dtype=np.int32), len(prompt) + i)
+                    logits = self._forward(loaded, request, seq, np.array([tok], dtype=np.int32), len(prompt) + i)
             t_end = time.perf_counter()
         finally:
             loaded.queues.pop(request, None)
+            loaded.cancelled.discard(job.request_id)
+            with loaded.send_lock:
+                loaded.active.pop(seq, None)
             sampler.close()
         steps = max(1, len(tokens) - 1) if finish == "length" else max(1, len(tokens))
+        tail = "" if stops.stopped else stops.feed(decoder.decode(b"", final=True)) + stops.flush()
         emit(StreamEvent(
-            request_id=job.request_id, type="done", text=decoder.decode(b"", final=True), token_ids=tokens,
+            request_id=job.request_id, type="done", text=tail, token_ids=tokens,
             prompt_token_ids=job.prompt_token_ids, finish_reason=finish,
-            ttft_ms=(t_first - t0) * 1000, ms_per_token=(t_end - t_first) * 1000 / steps))
+            ttft_ms=(t_first - t0) * 1000 if t_first else None,
+            ms_per_token=(t_end - t_first) * 1000 / steps if t_first else None))
 
 
 def default_name() -> str:

@@ -10,7 +10,7 @@ import aiomqtt
 
 from homering.cluster import mqtt
 from homering.cluster.schema import (
-    ControllerStatus, GenerateRequest, MalformedMessage, Plan, StreamEvent, Topics,
+    AgentStats, AgentStatus, ControllerStatus, GenerateRequest, MalformedMessage, Plan, StreamEvent, Topics,
 )
 from homering.errors import HomeringError
 
@@ -25,6 +25,8 @@ class ClusterClient:
         self.broker = broker
         self.status: ControllerStatus | None = None
         self.plan: Plan | None = None
+        self.agent_stats: dict[str, AgentStats] = {}
+        self.agent_status: dict[str, AgentStatus] = {}
         self._client = mqtt.client(broker, identifier=f"homering-client-{uuid.uuid4().hex[:8]}")
         self._streams: dict[str, asyncio.Queue] = {}
         self._changed = asyncio.Event()
@@ -37,6 +39,8 @@ class ClusterClient:
             raise mqtt.connect_error(self.broker, exc) from None
         await self._client.subscribe(Topics.CONTROLLER, qos=1)
         await self._client.subscribe(Topics.PLAN, qos=1)
+        await self._client.subscribe(Topics.ALL_STATS, qos=0)
+        await self._client.subscribe(Topics.ALL_STATUS, qos=1)
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -55,6 +59,13 @@ class ClusterClient:
                     self.status = ControllerStatus.load(message.payload)
                 elif message.topic.matches(Topics.PLAN) and message.payload:
                     self.plan = Plan.load(message.payload)
+                elif message.topic.matches(Topics.ALL_STATS):
+                    if message.payload:
+                        st = AgentStats.load(message.payload)
+                        self.agent_stats[st.name] = st
+                elif message.topic.matches(Topics.ALL_STATUS):
+                    if message.payload:
+                        self.agent_status[message.topic.value.split("/")[-2]] = AgentStatus.load(message.payload)
                 else:
                     event = StreamEvent.load(message.payload)
                     queue = self._streams.get(event.request_id)

@@ -53,13 +53,15 @@ class LocalCluster:
         planner: the controller's planner; rounds: its --rounds (None: the planner chooses);
         n_batch: its --batch, the prefill micro-batch (None: the controller's default).
         agent_args: extra options for every agent (e.g. ``("--release",)``).
+        controller_args: extra options for the controller (e.g. ``("--api-port", "8000")``).
         log_args: ``-v``/``-q`` flags passed on to the children.
         log_file: an open file for the children's output [default: this process's stderr].
     """
 
     def __init__(self, model_path: Path, *, n_agents: int = 3, broker: BrokerURL | None = None,
                  threads: int | None = None, n_ctx: int = 2048, planner: str = "halda", rounds: int | None = None,
-                 n_batch: int | None = None, agent_args: tuple[str, ...] = (), log_args: tuple[str, ...] = (),
+                 n_batch: int | None = None, agent_args: tuple[str, ...] = (),
+                 controller_args: tuple[str, ...] = (), log_args: tuple[str, ...] = (),
                  grace: float = 5.0, log_file=None):
         if n_agents < 1:
             raise HomeringError("--agents must be at least 1")
@@ -72,6 +74,7 @@ class LocalCluster:
         self.rounds = rounds
         self.n_batch = n_batch
         self.agent_args = list(agent_args)
+        self.controller_args = list(controller_args)
         self.log_args = list(log_args)
         self.grace = grace
         self.procs: list[subprocess.Popen] = []
@@ -97,7 +100,7 @@ class LocalCluster:
             self._spawn("controller", "--broker", url, "--model", str(self.model_path),
                         "--agents", str(self.n_agents), "--ctx", str(self.n_ctx), "--planner", self.planner,
                         *(("--rounds", str(self.rounds)) if self.rounds else ()),
-                        *(("--batch", str(self.n_batch)) if self.n_batch else ()))
+                        *(("--batch", str(self.n_batch)) if self.n_batch else ()), *self.controller_args)
             for i in range(self.n_agents):
                 self._spawn("agent", "--broker", url, "--name", f"agent-{i}", "--threads", str(self.threads),
                             *self.agent_args)

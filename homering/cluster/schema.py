@@ -12,8 +12,11 @@ topic                              retained    payload
 ``<p>/agents/<name>/generate``     no          :class:`GenerateJob` (head only)
 ``<p>/agents/<name>/probe``        no          :class:`LinkProbe` (controller → agent)
 ``<p>/agents/<name>/probe/result`` no          :class:`LinkReport` (agent → controller)
+``<p>/agents/<name>/stats``        yes         :class:`AgentStats` (every few seconds)
+``<p>/agents/<name>/cancel``       no          :class:`CancelJob` (controller → head)
 ``<p>/plan``                       yes         :class:`Plan`
 ``<p>/controller/status``          yes (will)  :class:`ControllerStatus`
+``<p>/controller/stats``           yes         :class:`ControllerStats` (every few seconds)
 ``<p>/requests``                   no          :class:`GenerateRequest`
 ``<p>/streams/<request_id>``       no          :class:`StreamEvent`
 =================================  ==========  ===================================
@@ -59,12 +62,22 @@ class Topics:
     def probe_result(name: str) -> str:
         return f"{PREFIX}/agents/{name}/probe/result"
 
+    @staticmethod
+    def stats(name: str) -> str:
+        return f"{PREFIX}/agents/{name}/stats"
+
+    @staticmethod
+    def cancel(name: str) -> str:
+        return f"{PREFIX}/agents/{name}/cancel"
+
     ALL_PROFILES = f"{PREFIX}/agents/+/profile"
     ALL_PROBE_RESULTS = f"{PREFIX}/agents/+/probe/result"
     ALL_STREAMS = f"{PREFIX}/streams/+"
     ALL_STATUS = f"{PREFIX}/agents/+/status"
+    ALL_STATS = f"{PREFIX}/agents/+/stats"
     PLAN = f"{PREFIX}/plan"
     CONTROLLER = f"{PREFIX}/controller/status"
+    CONTROLLER_STATS = f"{PREFIX}/controller/stats"
     REQUESTS = f"{PREFIX}/requests"
 
     @staticmethod
@@ -180,6 +193,7 @@ class PlanAgent(Message):
     predicted: PredictedCost | None = None
     release: bool = Field(default=False, description="drop each window from the page cache after use "
                                                       "(the planner's choice for devices that overflow)")
+    link_ms: float | None = Field(default=None, description="measured one-way latency to the head, ms")
 
 
 class Plan(Message):
@@ -194,8 +208,10 @@ class Plan(Message):
     model_path: str
     model_fingerprint: str
     n_layers: int = Field(ge=1)
-    n_ctx: int = Field(ge=16)
+    n_ctx: int = Field(ge=16, description="context (KV cache) of one sequence, tokens")
     n_batch: int = Field(ge=1, default=256)
+    n_parallel: int = Field(ge=1, le=256, default=1, description="sequences every window's KV cache holds "
+                                                                 "(requests served at once), n_ctx each")
     planner: str
     k: int = Field(ge=1, default=1, description="rounds: windows per agent")
     predicted_ms_per_token: float | None = None
@@ -245,6 +261,12 @@ class Sampling(Message):
     top_k: int = Field(ge=0, default=40)
     top_p: float = Field(gt=0.0, le=1.0, default=0.95)
     seed: int | None = Field(ge=0, le=2**32 - 1, default=None)
+    presence_penalty: float = Field(ge=-2.0, le=2.0, default=0.0, description="OpenAI's: subtracted once "
+                                                                             "from every token already generated")
+    frequency_penalty: float = Field(ge=-2.0, le=2.0, default=0.0, description="OpenAI's: subtracted per "
+                                                                               "occurrence of a generated token")
+    stop: list[str] = Field(default_factory=list, max_length=4, description="end the answer before the first "
+                                                                              "of these strings (not included)")
     ignore_eos: bool = Field(default=False, description="generate max_tokens even past end-of-generation "
                                                         "tokens (benchmarks)")
 
@@ -260,10 +282,15 @@ class GenerateRequest(Message):
 
 
 class GenerateJob(Message):
-    """The controller's order to the head: generate from these token ids."""
+    """The controller's order to the head: generate from these token ids in KV sequence ``seq_id``.
+
+    The controller gives each request in flight its own sequence (0 …
+    ``Plan.n_parallel`` - 1), so requests share the ring and every window's KV cache.
+    """
 
     request_id: str = Field(pattern=_NAME)
     plan_id: str
+    seq_id: int = Field(ge=0, default=0)
     prompt_token_ids: list[int] = Field(min_length=1)
     sampling: Sampling
 
@@ -278,7 +305,7 @@ class StreamEvent(Message):
     # done only
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "cancelled"] | None = None
     ttft_ms: float | None = None
     ms_per_token: float | None = None
     # error only
@@ -295,6 +322,55 @@ class ControllerStatus(Message):
     n_ctx: int | None = None
     plan_id: str | None = None
     detail: str | None = None
+    api: str | None = Field(default=None, description="the OpenAI-compatible API's base URL, when served")
+
+
+class WindowStats(Message):
+    """Work done by one layer window since the agent loaded its plan."""
+
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+    round: int = Field(ge=0, default=0)
+    forwards: int = Field(ge=0, default=0, description="llama_decode calls (one per frame or frame batch)")
+    tokens: int = Field(ge=0, default=0, description="tokens (rows) computed")
+    compute_ms: float = Field(ge=0, default=0.0, description="total time in the window's forward, ms")
+
+    @property
+    def ms_per_forward(self) -> float | None:
+        return self.compute_ms / self.forwards if self.forwards else None
+
+
+class AgentStats(Message):
+    """An agent's telemetry (retained, every few seconds): what ``/metrics``,
+    ``/v1/cluster``, ``homering chat``'s ``/cluster`` and Home Assistant show."""
+
+    name: str = Field(pattern=_NAME)
+    plan_id: str | None = None
+    layers: int = Field(ge=0, default=0, description="layers held, summed over the windows")
+    windows: list[WindowStats] = Field(default_factory=list)
+    tokens_generated: int = Field(ge=0, default=0, description="head only: tokens sampled since start")
+    tokens_per_s: float = Field(ge=0, default=0.0, description="head: tokens sampled per second over the "
+                                                                "last interval; others: rows computed")
+    rss_bytes: int = Field(ge=0, default=0, description="resident memory of the agent process, bytes")
+    anon_bytes: int = Field(ge=0, default=0, description="anonymous (non-file) resident memory, bytes")
+    requests_active: int = Field(ge=0, default=0, description="head only: sequences being generated")
+
+
+class ControllerStats(Message):
+    """The controller's telemetry (retained, every few seconds)."""
+
+    model: str | None = None
+    requests_in_flight: int = Field(ge=0, default=0)
+    queue_depth: int = Field(ge=0, default=0)
+    n_parallel: int = Field(ge=1, default=1)
+    tokens_generated: int = Field(ge=0, default=0)
+
+
+class CancelJob(Message):
+    """The controller asks the head to stop a request (its client went away); the head ends its
+    stream with ``done``/``finish_reason = "cancelled"`` and frees the sequence."""
+
+    request_id: str = Field(pattern=_NAME)
 
 
 # ------------------------------------------------------------------ data plane

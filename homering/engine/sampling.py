@@ -1,26 +1,42 @@
-"""llama.cpp's sampler chain for the head (temperature, top-k, top-p, seed)."""
+"""Sampling on the head: llama.cpp's sampler chain over a logits vector, and stop strings."""
 
 from __future__ import annotations
 
+import ctypes
 import random
+
+import numpy as np
 
 import llama_cpp
 
 from homering.cluster.schema import Sampling
 
+# llama.cpp's struct llama_token_data {llama_token id; float logit; float p;}
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+PENALTY_LAST_N = 64  # tokens the presence/frequency penalties look back on (llama.cpp's default)
+
 
 class SamplerChain:
-    """A ``llama_sampler`` chain built from :class:`Sampling` settings.
+    """A ``llama_sampler`` chain built from :class:`Sampling` settings, applied to a logits vector.
 
-    Greedy (argmax) when ``temperature <= 0``; otherwise top-k → top-p →
-    temperature → a seeded random draw, as llama.cpp's common sampler. Same
-    seed and settings give the same tokens.
+    The order is llama.cpp's common sampler's: penalties (presence and
+    frequency, OpenAI's additive form, over the last :data:`PENALTY_LAST_N`
+    generated tokens) → greedy when ``temperature <= 0``, otherwise top-k →
+    top-p → temperature → a seeded random draw. Same seed and settings give
+    the same tokens.
+
+    It samples from a copy of the logits (``(n_vocab,)`` float32), not from a
+    llama context: the head runs several sequences through the same last
+    window, and each request's logits travel with its frame.
     """
 
     def __init__(self, s: Sampling):
         params = llama_cpp.llama_sampler_chain_default_params()
         self._chain = llama_cpp.llama_sampler_chain_init(params)
         add = lambda smpl: llama_cpp.llama_sampler_chain_add(self._chain, smpl)  # noqa: E731
+        if s.presence_penalty or s.frequency_penalty:
+            add(llama_cpp.llama_sampler_init_penalties(PENALTY_LAST_N, 1.0, s.frequency_penalty,
+                                                       s.presence_penalty))
         if s.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -31,10 +47,25 @@ class SamplerChain:
             add(llama_cpp.llama_sampler_init_temp(s.temperature))
             seed = s.seed if s.seed is not None else random.getrandbits(32)
             add(llama_cpp.llama_sampler_init_dist(seed))
+        self._cells: np.ndarray | None = None
 
-    def sample(self, ctx) -> int:
-        """Sample from the logits of the last output of ``ctx`` and accept the token."""
-        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, -1))
+    def sample(self, logits: np.ndarray) -> int:
+        """Sample a token id from ``logits`` ((n_vocab,) float32) and accept it into the chain's history."""
+        n = logits.shape[0]
+        if self._cells is None or self._cells.shape[0] != n:
+            self._cells = np.empty(n, dtype=_TOKEN_DATA)
+        cells = self._cells
+        cells["id"] = np.arange(n, dtype=np.int32)
+        cells["logit"] = logits
+        cells["p"] = 0.0
+        arr = llama_cpp.llama_token_data_array(
+            data=ctypes.cast(cells.ctypes.data, llama_cpp.llama_token_data_p), size=n, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size:
+            raise RuntimeError("the sampler chain selected no token")
+        token = int(arr.data[arr.selected].id)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
 
     def close(self) -> None:
         if self._chain:
@@ -43,3 +74,43 @@ class SamplerChain:
 
     def __del__(self):  # pragma: no cover
         self.close()
+
+
+class StopMatcher:
+    """Cuts a stream of text deltas at the first of several stop strings (OpenAI's ``stop``).
+
+    :meth:`feed` returns the text that is safe to emit: it holds back the
+    longest tail that could still grow into a stop string, so a streamed
+    answer never shows part of one.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        """Add ``delta``; return what may be emitted now (``stopped`` is set when a stop string appeared)."""
+        if self.stopped:
+            return ""
+        text = self._pending + delta
+        if not self.stops:
+            return text
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._pending = ""
+            return text[:cut]
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        self._pending = text[len(text) - hold:] if hold else ""
+        return text[:len(text) - hold]
+
+    def flush(self) -> str:
+        """The held-back text at the end of the stream."""
+        out, self._pending = self._pending, ""
+        return out

@@ -94,12 +94,14 @@ class LayerWindow:
         path: a window GGUF (see :mod:`homering.models.slicing`) or a whole model.
         takes_tokens: the window starts at layer 0 (it embeds token ids).
         gives_logits: the window ends at the model's last layer and computes logits.
-        n_ctx: KV cache size in tokens (shared by all sequences).
+        n_ctx: KV cache size in tokens of one sequence.
         n_batch: the largest batch one llama_decode gets; longer inputs are
             split (a ubatch equals a batch, so the hidden-state hook sees
             whole batches).
         n_threads: CPU threads for decode.
-        n_seq_max: sequences (seq_id 0 … n_seq_max-1) the KV cache holds.
+        n_seq_max: sequences (seq_id 0 … n_seq_max-1) the KV cache holds, each
+            in its own stream of ``n_ctx`` cells (llama.cpp's non-unified KV
+            cache), so one sequence never takes another's room.
         n_gpu_layers: layers to offload when llama.cpp has a GPU backend.
 
     Each window has its own KV cache; positions are explicit, so a window
@@ -136,7 +138,8 @@ class LayerWindow:
         self._target = f"l_out-{self.n_layer - 1}".encode()
 
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
+        cparams.n_ctx = n_ctx * n_seq_max
+        cparams.kv_unified = False
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_seq_max
@@ -154,7 +157,8 @@ class LayerWindow:
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise HomeringError(f"llama.cpp could not create a context for {self.path} (n_ctx={n_ctx})")
-        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx)
+        self.n_seq_max = n_seq_max
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         embd = 0 if takes_tokens else self.n_embd
         self._batch = llama_cpp.llama_batch_init(n_batch, embd, 1)

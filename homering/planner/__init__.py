@@ -123,10 +123,13 @@ def wants_release(mode: str | None, k: int) -> bool:
 
 
 def make_plan(profiles: list[AgentProfile], shape: ModelShape, *, model_path: str, model_fingerprint: str,
-              n_ctx: int, n_batch: int = 256, planner: str = "halda", ks: list[int] | None = None) -> Plan:
+              n_ctx: int, n_batch: int = 256, n_parallel: int = 1, planner: str = "halda",
+              ks: list[int] | None = None) -> Plan:
     """Plan the agents' layer windows and build the ring message.
 
-    Agents the planner drops are left out of the ring.
+    Agents the planner drops are left out of the ring. ``shape`` should
+    count the KV cache of all ``n_parallel`` sequences (see
+    :func:`~homering.planner.model.shape_from_gguf`).
 
     Raises:
         PlanError: no agents, unknown planner, missing device profiles, infeasible.
@@ -143,10 +146,12 @@ def make_plan(profiles: list[AgentProfile], shape: ModelShape, *, model_path: st
         ring.append(PlanAgent(
             name=d.name, host=p.host, data_port=p.data_port, mode=d.mode,
             release=wants_release(d.mode, result.prediction.k),
+            link_ms=p.device.link_ms if p.device else None,
             windows=[WindowAssignment(start=a, end=b, round=r, gpu_layers=d.gpu_layers_per_round)
                      for r, (a, b) in enumerate(d.windows)],
             predicted=PredictedCost(compute_ms=d.compute_ms, disk_ms=d.disk_ms, hop_ms=d.hop_ms)))
     return Plan(plan_id=uuid.uuid4().hex[:12], model_path=model_path, model_fingerprint=model_fingerprint,
-                n_layers=shape.n_layers, n_ctx=n_ctx, n_batch=n_batch, planner=planner, k=result.prediction.k,
+                n_layers=shape.n_layers, n_ctx=n_ctx, n_batch=n_batch, n_parallel=n_parallel, planner=planner,
+                k=result.prediction.k,
                 predicted_ms_per_token=result.prediction.ms_per_token, solve_ms=result.solve_ms,
                 dropped=result.prediction.dropped, ring=ring)

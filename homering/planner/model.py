@@ -282,12 +282,12 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default KV cache type is f16
 
 
-def shape_from_gguf(path: str | os.PathLike, n_ctx: int) -> ModelShape:
+def shape_from_gguf(path: str | os.PathLike, n_ctx: int, n_seq: int = 1) -> ModelShape:
     """The model inputs of the latency model, read from a GGUF header.
 
     ``layer_bytes`` is the mean weight bytes of a block; ``kv_bytes_per_layer``
-    the mean f16 K+V cache of a block at ``n_ctx`` tokens (a sliding-window
-    layer caches at most its window); ``output_bytes`` is ``output_norm`` plus
+    the mean f16 K+V cache of a block at ``n_ctx`` tokens for each of ``n_seq``
+    sequences (a sliding-window layer caches at most its window); ``output_bytes`` is ``output_norm`` plus
     ``output.weight`` (the token embedding when tied); ``hidden_bytes`` is one
     float32 hidden state (``4·n_embd``).
 
@@ -317,7 +317,7 @@ def shape_from_gguf(path: str | os.PathLike, n_ctx: int) -> ModelShape:
     kv = 0
     for i in range(L):
         cells = min(n_ctx, window) if swa[i] and window else n_ctx
-        kv += cells * n_head_kv[i] * (k_len + v_len) * KV_BYTES_PER_ELEMENT
+        kv += n_seq * cells * n_head_kv[i] * (k_len + v_len) * KV_BYTES_PER_ELEMENT
     names = {t.name: t.n_bytes for t in gf.tensors if block_index(t.name) is None}
     output = names.get("output_norm.weight", 0) + names.get("output.weight", names.get("token_embd.weight", 0))
     return ModelShape(name=info.name, n_layers=L, layer_bytes=max(1, sum(info.layer_bytes) // L),

@@ -1,0 +1,79 @@
+"""Admission of requests: a fixed set of KV sequences and a bounded FIFO queue in front of them.
+
+Every request in flight owns one sequence (``seq_id``) in every window's KV
+cache, as in llama.cpp's server slots; the ring then carries several
+requests at once, each device working on whichever token reaches it. A
+request that finds every sequence busy waits in a first-in-first-out queue;
+when the queue is full it is refused (the API's 429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from homering.errors import HomeringError
+
+
+class QueueFull(HomeringError):
+    """Every sequence is busy and the waiting queue holds ``max_queue`` requests."""
+
+
+class Sequences:
+    """``n`` sequence ids (0 … n-1) handed out first come, first served.
+
+    Args:
+        n: sequences (requests served at once); ``Plan.n_parallel``.
+        max_queue: requests that may wait for a sequence; one more is refused.
+    """
+
+    def __init__(self, n: int, max_queue: int):
+        if n < 1 or max_queue < 0:
+            raise ValueError("need at least one sequence and a queue of size >= 0")
+        self.n = n
+        self.max_queue = max_queue
+        self._free = list(range(n))
+        self._waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def in_use(self) -> int:
+        return self.n - len(self._free)
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(not f.done() for f in self._waiters)
+
+    async def acquire(self) -> int:
+        """A free sequence id, waiting in line for one when all are busy.
+
+        Raises:
+            QueueFull: no sequence is free and the queue is full.
+        """
+        if self._free and not self.queue_depth:
+            return self._free.pop(0)
+        if self.queue_depth >= self.max_queue:
+            raise QueueFull(f"all {self.n} sequences are busy and {self.max_queue} request(s) are waiting; "
+                            "try again later")
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed a sequence just as the waiter left
+                self.release(fut.result())
+            raise
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+
+    def release(self, seq_id: int) -> None:
+        """Give ``seq_id`` back: to the longest waiter, or to the free list."""
+        if not 0 <= seq_id < self.n or seq_id in self._free:
+            raise ValueError(f"sequence {seq_id} is not in use")
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(seq_id)
+                return
+        self._free.append(seq_id)
+        self._free.sort()

@@ -1,0 +1,350 @@
+"""The OpenAI-compatible API end to end: `homering up --agents 2 --api-port P --no-chat` on a real mosquitto,
+driven by the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from homering.cluster.broker import free_port
+from homering.engine.tokenizer import Tokenizer
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+           "Name a color."]
+N_CTX = 1024
+MAX_NEW = 24
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"homering up exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail("the API did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def api(smollm2, mosquitto, tmp_path_factory):
+    """`homering up` with 2 agents over mosquitto (a real ring: the proportional planner), 4 sequences and a
+    queue of 1, Home Assistant discovery on; yields the API's base URL."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("logs") / "up.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "homering", "up", "--agents", "2", "--model", str(smollm2), "--broker",
+             str(mosquitto), "--threads", "1", "--ctx", str(N_CTX), "--planner", "proportional",
+             "--api-port", str(port), "--no-chat", "--parallel", "4", "--queue", "1", "--ha-discovery"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(base, proc)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(api) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{api}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_id(client) -> str:
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    t = Tokenizer(smollm2)
+    yield t
+    t.close()
+
+
+def chat(client, model_id, text, **kw):
+    return client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": text}],
+                                          temperature=0, max_tokens=MAX_NEW, **kw)
+
+
+def stream_text(client, model_id, text, **kw) -> tuple[str, str, dict | None]:
+    """(text, finish_reason, usage) of a streamed greedy chat completion."""
+    out, finish, usage = "", None, None
+    for chunk in chat(client, model_id, text, stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+        for c in chunk.choices:
+            out += c.delta.content or ""
+            finish = c.finish_reason or finish
+    return out, finish, usage
+
+
+def test_models_lists_the_served_model(client, smollm2):
+    models = client.models.list().data
+    assert [m.id for m in models] == [smollm2.name.removesuffix(".gguf")]
+
+
+def test_chat_completion_equals_head_greedy_output(client, model_id, smollm2_ref, tokenizer):
+    resp = chat(client, model_id, PROMPTS[0])
+    choice = resp.choices[0]
+    prompt_ids = tokenizer.chat_tokens([{"role": "user", "content": PROMPTS[0]}])
+    ref, _ = smollm2_ref.greedy(prompt_ids, MAX_NEW)
+    n = resp.usage.completion_tokens
+    assert 0 < n <= MAX_NEW
+    if choice.finish_reason == "length":
+        assert n == MAX_NEW
+    else:
+        assert choice.finish_reason == "stop" and smollm2_ref.is_eog(ref[n])
+    assert choice.message.role == "assistant"
+    assert choice.message.content == tokenizer.detokenize(ref[:n])
+    assert resp.usage.prompt_tokens == len(prompt_ids)
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_streaming_equals_non_streaming(client, model_id):
+    whole = chat(client, model_id, PROMPTS[1])
+    text, finish, usage = stream_text(client, model_id, PROMPTS[1])
+    assert text == whole.choices[0].message.content and text
+    assert finish == whole.choices[0].finish_reason
+    assert usage == whole.usage.model_dump() | {k: v for k, v in usage.items() if k not in
+                                                 ("prompt_tokens", "completion_tokens", "total_tokens")}
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_completions_endpoint_and_stop(client, model_id, smollm2_ref, tokenizer):
+    prompt = "The three primary colors are"
+    resp = client.completions.create(model=model_id, prompt=prompt, temperature=0, max_tokens=16)
+    ids = tokenizer.tokenize(prompt, add_special=True, parse_special=True)
+    ref, _ = smollm2_ref.greedy(ids, 16)
+    n = resp.usage.completion_tokens
+    assert resp.choices[0].text == tokenizer.detokenize(ref[:n])
+    assert resp.usage.prompt_tokens == len(ids)
+    # a stop string cuts the text before it, and the answer ends there with finish_reason "stop"
+    full = resp.choices[0].text
+    stop = full.strip().split()[1]
+    cut = client.completions.create(model=model_id, prompt=prompt, temperature=0, max_tokens=16, stop=[stop])
+    assert cut.choices[0].text == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client, model_id):
+    kw = dict(temperature=0.9, top_p=0.9, seed=1234)
+    a = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": PROMPTS[3]}],
+                                       max_tokens=16, **kw)
+    b = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": PROMPTS[3]}],
+                                       max_tokens=16, **kw)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_four_concurrent_streams_equal_sequential_answers(client, model_id):
+    sequential = [stream_text(client, model_id, p)[0] for p in PROMPTS]
+    results: list = [None] * len(PROMPTS)
+
+    def worker(i):
+        results[i] = stream_text(client, model_id, PROMPTS[i])[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert results == sequential
+    assert all(results)
+
+
+# ------------------------------------------------------------------ errors
+def _error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["message"] and err["type"]
+    return err
+
+
+def test_bad_requests_get_400_and_the_server_lives(api, model_id):
+    url = f"{api}/v1/chat/completions"
+    _error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
+    _error(httpx.post(url, json={"model": model_id}), 400)  # no messages
+    err = _error(httpx.post(url, json={"model": model_id, "messages": [{"role": "user", "content": "x"}],
+                                       "temperature": 7}), 400)
+    assert err["param"] == "temperature"
+    _error(httpx.post(url, json={"model": model_id, "messages": [{"role": "wizard", "content": "x"}]}), 400)
+    _error(httpx.post(url, json={"model": model_id, "messages": [{"role": "user", "content": "x"}], "n": 3}), 400)
+    with pytest.raises(openai.BadRequestError):
+        openai.OpenAI(base_url=f"{api}/v1", api_key="x", max_retries=0).chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": "x"}], max_tokens=0)
+    assert httpx.get(f"{api}/health").status_code == 200
+
+
+def test_unknown_model_gets_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.body["code"] == "model_not_found"
+
+
+def test_context_overflow_gets_413(api, model_id):
+    err = _error(httpx.post(f"{api}/v1/completions", json={"model": model_id, "prompt": "word " * (2 * N_CTX)}),
+                 413)
+    assert err["code"] == "context_length_exceeded"
+
+
+def test_full_queue_gets_429_and_a_dropped_client_frees_its_sequence(api, model_id):
+    """4 sequences busy + 1 waiting (the queue holds 1): the next request is refused. Closing the
+    streams frees their sequences at once: the cluster is idle again long before they could have finished."""
+    body = {"model": model_id, "prompt": "Once upon a time", "max_tokens": N_CTX, "stream": True,
+            "temperature": 0, "ignore_eos": True}
+    url = f"{api}/v1/completions"
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120) as http:
+            streams = []
+            for _ in range(4):
+                cm = http.stream("POST", url, json=body)
+                resp = await cm.__aenter__()
+                lines = resp.aiter_lines()
+                while not (await lines.__anext__()).startswith("data: {"):  # generating: it holds a sequence
+                    pass
+                streams.append((cm, lines))  # keep the line iterator alive: collecting it closes the response
+            waiting = asyncio.create_task(http.post(url, json=body | {"stream": False, "max_tokens": 4}))
+            for _ in range(100):
+                cluster = (await http.get(f"{api}/v1/cluster")).json()
+                if cluster["queue_depth"] == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert cluster["requests_in_flight"] == 4 and cluster["queue_depth"] == 1
+            refused = await http.post(url, json=body | {"stream": False})
+            for cm, _ in streams:  # the clients go away mid-answer
+                await cm.__aexit__(None, None, None)
+            waited = await waiting  # served once a sequence was freed
+            t0 = time.monotonic()
+            while (await http.get(f"{api}/v1/cluster")).json()["requests_in_flight"] and time.monotonic() - t0 < 30:
+                await asyncio.sleep(0.1)
+            return refused, waited, (await http.get(f"{api}/v1/cluster")).json(), (await http.get(f"{api}/metrics")).text
+
+    refused, waited, cluster, metrics = asyncio.run(go())
+    assert _error(refused, 429)["code"] == "queue_full"
+    assert waited.status_code == 200 and waited.json()["usage"]["completion_tokens"] >= 1
+    assert cluster["requests_in_flight"] == 0 and cluster["queue_depth"] == 0
+    cancelled = _sample(metrics, "homering_requests_total", outcome="cancelled")
+    assert cancelled == 4
+
+
+def test_no_plan_gets_503(smollm2, mosquitto, tmp_path):
+    """A controller whose agents never came: requests get 503 and /health says it is not ready."""
+    port, broker_port = free_port(), free_port()
+    with open(tmp_path / "controller.log", "w") as log:  # its own broker: not the module cluster's
+        broker = subprocess.Popen([sys.executable, "-m", "homering", "broker", "--port", str(broker_port)],
+                                  stdout=log, stderr=log)
+        proc = subprocess.Popen([sys.executable, "-m", "homering", "controller", "--broker",
+                                 f"mqtt://127.0.0.1:{broker_port}", "--model", str(smollm2), "--api-port", str(port),
+                                 "--timeout", "600"], stdout=log, stderr=log)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"{base}/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail("the controller's API did not come up")
+                time.sleep(0.3)
+        assert health.status_code == 503
+        model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+        _error(httpx.post(f"{base}/v1/chat/completions",
+                          json={"model": model, "messages": [{"role": "user", "content": "hi"}]}), 503)
+    finally:
+        for p in (proc, broker):
+            p.terminate()
+            p.wait(10)
+
+
+# ------------------------------------------------------------------ observability
+def _sample(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def test_metrics_parse_and_move(api, client, model_id):
+    before = httpx.get(f"{api}/metrics").text
+    families = {f.name for f in text_string_to_metric_families(before)}
+    for name in ("homering_tokens_generated", "homering_request_latency_seconds", "homering_ttft_seconds",
+                 "homering_queue_depth", "homering_agents_up", "homering_window_compute_seconds"):
+        assert name in families, name
+    resp = chat(client, model_id, PROMPTS[2])
+    time.sleep(2.5)  # agents publish their window timings every 2 s
+    after = httpx.get(f"{api}/metrics").text
+    n = resp.usage.completion_tokens
+    assert _sample(after, "homering_tokens_generated_total") - _sample(before, "homering_tokens_generated_total") == n
+    assert _sample(after, "homering_request_latency_seconds_count") == \
+        _sample(before, "homering_request_latency_seconds_count") + 1
+    assert _sample(after, "homering_ttft_seconds_count") == _sample(before, "homering_ttft_seconds_count") + 1
+    assert _sample(after, "homering_agents_up") == 2
+    per_agent = {s.labels["agent"] for f in text_string_to_metric_families(after) for s in f.samples
+                 if s.name == "homering_window_compute_seconds_total" and s.value > 0}
+    assert len(per_agent) == 2
+    assert _sample(after, "homering_window_compute_seconds_total") > \
+        _sample(before, "homering_window_compute_seconds_total")
+
+
+def test_cluster_report(api, smollm2, mosquitto):
+    report = httpx.get(f"{api}/v1/cluster").json()
+    assert report["broker"] == str(mosquitto)
+    agents = report["agents"]
+    assert len(agents) == 2 and sum(a["head"] for a in agents) == 1
+    for a in agents:
+        assert a["status"] == "ready" and a["pid"] > 0 and a["data_port"] > 0 and a["profile"]
+    windows = sorted((w["start"], w["end"]) for a in agents for w in a["windows"])
+    assert windows[0][0] == 0 and windows[-1][1] == 30
+    assert all(x[1] == y[0] for x, y in zip(windows, windows[1:]))
+    plan = report["plan"]
+    assert plan["predicted_ms_per_token"] > 0 and plan["measured_ms_per_token"] > 0
+    assert plan["head"] == next(a["name"] for a in agents if a["head"])
+
+
+def test_home_assistant_discovery_configs(api, mosquitto):
+    """`up --ha-discovery`: both agents and the controller appear as Home Assistant devices."""
+    import aiomqtt
+
+    async def collect():
+        got = {}
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as c:
+            await c.subscribe("homeassistant/#")
+
+            async def read():
+                async for m in c.messages:
+                    got[m.topic.value] = json.loads(m.payload)
+
+            try:
+                await asyncio.wait_for(read(), 3)
+            except asyncio.TimeoutError:
+                pass
+        return got
+
+    configs = asyncio.run(collect())
+    devices = {tuple(c["device"]["identifiers"]) for c in configs.values()}
+    assert len(devices) == 3  # two agents and the controller
+    for topic, c in configs.items():
+        assert topic.endswith("/config")
+        assert {"name", "state_topic", "unique_id", "device"} <= set(c)
+    assert len({c["unique_id"] for c in configs.values()}) == len(configs)
