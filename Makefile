@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 help:
 	@echo "make run    - install what is missing, then 'homering up' on the default model (smollm2)"
 	@echo "make test   - install what is missing (mosquitto too), then run the test suite"
-	@echo "make bench  - decode benchmark (1 and 3 agents against plain llama-cpp-python) and planner solve times"
+	@echo "make bench  - decode (1 and 3 agents vs plain llama-cpp-python), 1 vs 4 concurrent streams, planner solve times"
 	@echo "make bench-cluster - (root, Linux) the paper's headline on an emulated 4-device home cluster"
 
 run: install model-default
@@ -27,6 +27,7 @@ test: install mosquitto models
 
 bench: install model-default
 	$(HR) bench decode --agents 1 3
+	$(HR) bench concurrent --agents 4 --streams 1 4
 	$(HR) bench plan
 
 bench-cluster: install mosquitto

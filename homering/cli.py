@@ -483,6 +483,34 @@ def bench_decode(agent_counts, more_counts, model, threads, tokens, repeats, out
                      n_tokens=tokens, repeats=repeats, out=out, broker=_broker(broker) if broker else None)
 
 
+@bench.command("concurrent")
+@click.option("--agents", type=click.IntRange(1, 16), default=4, show_default=True, help="Agents in the ring.")
+@click.option("--streams", "streams", type=click.IntRange(1, 64), multiple=True, default=(1, 4), show_default=True,
+              help="Requests in flight at once to compare (repeat the option, or list them).")
+@click.argument("more_streams", nargs=-1, type=click.IntRange(1, 64))
+@MODEL_OPTION
+@click.option("--threads", "-t", type=click.IntRange(1, 512), default=1, show_default=True,
+              help="llama.cpp threads per agent.")
+@click.option("--tokens", type=click.IntRange(4, 4096), default=64, show_default=True,
+              help="Tokens each request generates.")
+@click.option("--repeats", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Runs per stream count (the median is reported).")
+@click.option("--out", type=click.Path(dir_okay=False), default="bench-results/concurrent.json", show_default=True,
+              help="Where to write the JSON results.")
+@click.option("--broker", default=None, metavar="URL", help="Use this MQTT broker instead of an embedded one.")
+def bench_concurrent(agents, streams, more_streams, model, threads, tokens, repeats, out, broker) -> None:
+    """Aggregate tokens/s with several requests sharing the ring, in one run.
+
+    Example: `homering bench concurrent --agents 4 --streams 1 4`.
+    """
+    from homering.bench.concurrent import run_concurrent_bench
+    from homering.models.registry import resolve_model
+
+    run_concurrent_bench(resolve_model(model), agents=agents, streams=list(streams) + list(more_streams),
+                         threads=threads, n_tokens=tokens, repeats=repeats, out=out,
+                         broker=_broker(broker) if broker else None)
+
+
 @bench.command("plan")
 @click.option("--devices", "device_counts", type=click.IntRange(1, 64), multiple=True, default=(4, 8, 16),
               show_default=True, help="Cluster sizes (repeatable).")

@@ -310,7 +310,7 @@ def test_metrics_parse_and_move(api, client, model_id):
 def test_cluster_report(api, smollm2, mosquitto):
     report = httpx.get(f"{api}/v1/cluster").json()
     assert report["broker"] == str(mosquitto)
-    agents = report["agents"]
+    agents = [a for a in report["agents"] if a["status"] != "offline"]  # the broker may remember earlier tests'
     assert len(agents) == 2 and sum(a["head"] for a in agents) == 1
     for a in agents:
         assert a["status"] == "ready" and a["pid"] > 0 and a["data_port"] > 0 and a["profile"]

@@ -26,6 +26,7 @@ from homering.cluster.schema import (
 )
 
 AGENT = "desk-1.lan"
+TEST_PREFIX = "homering-test-ha"
 TOPIC = re.compile(r"^homeassistant/sensor/[A-Za-z0-9_-]+/[A-Za-z0-9_-]+/config$")
 
 
@@ -37,14 +38,14 @@ def all_configs() -> list[tuple[str, dict]]:
     return agent_configs(AGENT) + controller_configs()
 
 
-async def retained(broker, *, expect: int, quiet: float = 0.5) -> dict[str, bytes]:
+async def retained(broker, *, expect: int, quiet: float = 0.5, prefix: str = DISCOVERY_PREFIX) -> dict[str, bytes]:
     """Retained messages under the discovery prefix that a new subscriber receives.
 
     Waits for ``expect`` messages, then for ``quiet`` seconds of silence (to catch extra ones).
     """
     got: dict[str, bytes] = {}
     async with mqtt.client(broker, identifier="ha-test-reader") as reader:
-        await reader.subscribe(f"{DISCOVERY_PREFIX}/#", qos=1)
+        await reader.subscribe(f"{prefix}/#", qos=1)
         messages = aiter(reader.messages)
         while True:
             try:
@@ -57,22 +58,23 @@ async def retained(broker, *, expect: int, quiet: float = 0.5) -> dict[str, byte
 
 
 def test_discovery_configs_are_retained_and_cleared(mosquitto):
-    configs = all_configs()
+    # under a prefix of this test's own: the session's broker also holds the API tests' cluster's configs
+    configs = agent_configs(AGENT, prefix=TEST_PREFIX) + controller_configs(prefix=TEST_PREFIX)
 
     async def go():
         async with mqtt.client(mosquitto, identifier="ha-test-writer") as writer:
             await publish_discovery(writer, configs)
-        published = await retained(mosquitto, expect=len(configs))
+        published = await retained(mosquitto, expect=len(configs), prefix=TEST_PREFIX)
         async with mqtt.client(mosquitto, identifier="ha-test-cleaner") as cleaner:
             await clear_discovery(cleaner, configs)
-        after = await retained(mosquitto, expect=0)
+        after = await retained(mosquitto, expect=0, prefix=TEST_PREFIX)
         return published, after
 
     published, after = run(go())
     assert sorted(published) == sorted(topic for topic, _ in configs)
     unique_ids = []
     for topic, raw in published.items():
-        assert TOPIC.match(topic), topic
+        assert TOPIC.match(topic.replace(TEST_PREFIX, DISCOVERY_PREFIX, 1)), topic
         payload = json.loads(raw)
         for key in ("name", "state_topic", "unique_id", "device"):
             assert payload.get(key), f"{topic} lacks {key}"

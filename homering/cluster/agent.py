@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import queue
+import select
 import socket
 import threading
 import time
@@ -30,7 +31,9 @@ import psutil
 
 from homering.cluster import mqtt
 from homering.cluster.homeassistant import agent_configs, publish_discovery
-from homering.cluster.dataplane import Frame, LinkServer, connect_link, measure_link, recv_frame, send_frame
+from homering.cluster.dataplane import (
+    Frame, LinkServer, connect_link, measure_link, recv_group, send_frame, send_group,
+)
 from homering.cluster.schema import (
     AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStatus, DeviceProfile, FrameError, FrameKind,
     GenerateJob, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, Topics, WindowStats,
@@ -64,6 +67,9 @@ class _Loaded:
     cancelled: set[str] = field(default_factory=set)  # head: requests to stop at the next token
     tokens_generated: int = 0  # head: tokens sampled under this plan
     stats: list[WindowStats] = field(default_factory=list)  # per window, in round order
+    thinking: set[int] = field(default_factory=set)  # head: requests sampling their next token
+    outstanding: dict[int, int] = field(default_factory=dict)  # head: frames in the ring, by request
+    pending: list[Frame] = field(default_factory=list)  # head: frames waiting for the thinking requests
 
     def __post_init__(self) -> None:
         me = self.plan.ring[self.position]
@@ -84,9 +90,52 @@ class _Loaded:
     def is_head(self) -> bool:
         return self.position == len(self.plan.ring) - 1
 
-    def send(self, frame: Frame) -> None:
+    def send(self, frames: list[Frame]) -> None:
+        """Send frames to the successor as one group."""
         with self.send_lock:
-            send_frame(self.successor, frame)
+            send_group(self.successor, frames)
+
+    # The head's batching of decode steps. The requests in flight are spread over as many groups as the
+    # ring has devices, so that every device has a group to work on (the pipeline, PRIMA.CPP's piped
+    # ring); requests beyond that share groups, whose tokens share each window's llama_decode (llama.cpp
+    # server's continuous batching). A group is sent when it is full, or when no request whose frames
+    # came back ("thinking": sampling its next token) could still join it.
+    def submit(self, request: int, frames: list[Frame]) -> None:
+        """Queue ``request``'s frames; send everything queued once no request is thinking."""
+        with self.send_lock:
+            self.thinking.discard(request)
+            self.outstanding[request] = self.outstanding.get(request, 0) + len(frames)
+            self.pending.extend(frames)
+            cap = -(-len(self.active) // len(self.plan.ring))  # requests per group: one group per device
+            if not self.thinking or len({f.header.request_id for f in self.pending}) >= cap:
+                self._flush()
+
+    def deliver(self, request: int, frame: Frame) -> None:
+        """A frame of ``request`` came back to the head: hand it to the request's generation loop."""
+        back = self.queues.get(request)
+        with self.send_lock:
+            left = self.outstanding.get(request, 0) - 1
+            if back is not None and left <= 0:
+                self.thinking.add(request)  # it will sample and submit (or leave) next
+            if left > 0:
+                self.outstanding[request] = left
+            else:
+                self.outstanding.pop(request, None)
+        if back is not None:
+            back.put(frame)
+
+    def leave(self, request: int) -> None:
+        """``request`` is over: stop waiting for it."""
+        with self.send_lock:
+            self.thinking.discard(request)
+            self.outstanding.pop(request, None)
+            if not self.thinking:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            frames, self.pending = self.pending, []
+            send_group(self.successor, frames)
 
     def after_window(self, round_: int) -> None:
         """Window ``round_`` is done and its output handed off: advise the kernel about the windows.
@@ -288,7 +337,7 @@ class Agent:
     def _on_controller(self, status: ControllerStatus) -> None:
         """Profile this device for the controller's model (once per model; cached on disk)."""
         fp, path = status.model_fingerprint, status.model_path
-        if not fp or not path or fp == self._profiling:
+        if status.state == "offline" or not fp or not path or fp == self._profiling:  # a gone controller's model
             return
         if self.device is not None and self.device.model_fingerprint == fp:
             return
@@ -309,6 +358,11 @@ class Agent:
             log.error("cannot profile this device: %s", exc)
             self._profiling = None
             await self._status("error", detail=f"cannot profile: {exc}")
+            return
+        if self._controller is not None and self._controller.model_fingerprint != fp:
+            log.info("profiled for a model the controller no longer serves; not published")
+            if self._profiling == fp:
+                self._profiling = None
             return
         self.device = device
         log.info("profiled: %.2f ms/layer, output %.2f ms, disk %.2f GB/s, RAM %.1f GiB (%s)",
@@ -375,60 +429,100 @@ class Agent:
 
     # ------------------------------------------------------------ data plane (worker threads)
     def _serve_link(self, sock: socket.socket) -> None:
-        """Handle frames from the predecessor, in order, until it disconnects (a link thread)."""
+        """Handle groups of frames from the predecessor, in order, until it disconnects (a link thread)."""
         peer = sock.getpeername()
         try:
-            while (frame := recv_frame(sock)) is not None:
-                if frame.header.kind is FrameKind.PING:
+            while (group := recv_group(sock)) is not None:
+                group = self._merge_waiting(sock, group)
+                if group[0].header.kind is FrameKind.PING:
                     send_frame(sock, Frame.pong())
-                elif frame.header.kind is not FrameKind.PONG:
-                    self._handle_frame(frame)
+                elif group[0].header.kind is not FrameKind.PONG:
+                    self._handle_group(group)
         except (FrameError, ConnectionError, OSError) as exc:
             log.warning("dropping data link from %s: %s", peer, exc)
 
-    def _handle_frame(self, frame: Frame) -> None:
-        """Run a frame through this agent's window of its round and pass the result on.
+    def _merge_waiting(self, sock: socket.socket, group: list[Frame]) -> list[Frame]:
+        """Append the groups that already wait on the link (this device is the ring's bottleneck right
+        now), up to ``n_batch`` tokens: they then share llama_decode calls instead of queueing."""
+        loaded = self._loaded
+        if loaded is None or group[0].header.kind is not FrameKind.FORWARD:
+            return group
+        tokens = sum(f.header.n_tokens for f in group)
+        while tokens < loaded.plan.n_batch and select.select([sock], [], [], 0)[0]:
+            more = recv_group(sock)
+            if more is None:
+                break
+            group = group + more
+            tokens += sum(f.header.n_tokens for f in more)
+        return group
+
+    def _handle_group(self, group: list[Frame]) -> None:
+        """Run a group of frames through this agent's windows and pass the results on, as one group.
 
         Piped-ring rounds (PRIMA.CPP §3.2): a FORWARD frame of round r runs
         this agent's r-th window. The head, which holds the last window of every
         round, sends round r's output back into the ring as round r + 1; after
-        the last round it delivers the frame to the generation loop.
+        the last round it hands the logits to the request's generation loop.
+        Consecutive FORWARD frames of the same round (several requests' tokens,
+        or one prompt's micro-batches) share llama_decode calls
+        (:meth:`LayerWindow.forward_many`).
         """
         loaded = self._loaded
-        h = frame.header
         if loaded is None:
-            log.warning("frame for request %d arrived with no plan loaded; dropped", h.request_id)
+            log.warning("%d frame(s) arrived with no plan loaded; dropped", len(group))
             return
-        out = frame
         last_round = len(loaded.windows) - 1
-        if h.kind is FrameKind.FORWARD:
-            if h.round > last_round:
+        outs: list[tuple[Frame, Frame]] = []  # (input, output)
+        i = 0
+        while i < len(group):
+            h = group[i].header
+            if h.kind is FrameKind.FORWARD and h.round <= last_round:
+                j = i + 1
+                while j < len(group) and group[j].header.kind is FrameKind.FORWARD and group[j].header.round == h.round:
+                    j += 1
+                run = group[i:j]
+                outs.extend(zip(run, self._forward_run(loaded, run, last_round)))
+                loaded.after_window(h.round)
+                i = j
+                continue
+            out = group[i]
+            if h.kind is FrameKind.FORWARD:
                 out = Frame.error(h.request_id, h.seq_id, f"{self.name}: round {h.round} of a {last_round + 1}-round plan")
+            elif h.kind is FrameKind.KV_REMOVE:
+                for w in loaded.windows:
+                    w.kv_remove(h.seq_id, h.pos)
+            outs.append((group[i], out))
+            i += 1
+        onward = []
+        for frame_in, out in outs:
+            h = frame_in.header
+            if loaded.is_head and (out.header.kind is not FrameKind.FORWARD or h.round == last_round):
+                loaded.deliver(h.request_id, out)
             else:
-                try:
-                    result = loaded.timed(h.round, h.n_tokens, loaded.windows[h.round].forward,
-                                          frame.payload, h.pos, h.seq_id)
-                    if not (loaded.is_head and h.round == last_round):
-                        nxt = h.round + 1 if loaded.is_head else h.round
-                        out = Frame.forward(h.request_id, h.seq_id, h.pos, result.hidden, nxt)
-                    else:  # the ring is closed: hand the logits to the request's generation loop
-                        out = Frame(h, result.logits)
-                except (DecodeError, ValueError) as exc:
-                    out = Frame.error(h.request_id, h.seq_id, f"{self.name}: {exc}")
-        elif h.kind is FrameKind.KV_REMOVE:
-            for w in loaded.windows:
-                w.kv_remove(h.seq_id, h.pos)
-        if loaded.is_head and (out.header.kind is not FrameKind.FORWARD or h.round == last_round):
-            back = loaded.queues.get(h.request_id)
-            if back is not None:
-                back.put(out)
-        elif loaded.successor is not None:
+                onward.append(out)
+        if onward and loaded.successor is not None:
             try:
-                loaded.send(out)
+                loaded.send(onward)
             except OSError as exc:
                 log.warning("cannot reach the next agent: %s", exc)
-        if h.kind is FrameKind.FORWARD and h.round <= last_round:
-            loaded.after_window(h.round)
+
+    def _forward_run(self, loaded: _Loaded, run: list[Frame], last_round: int) -> list[Frame]:
+        """FORWARD frames of one round through that round's window in shared batches; the output frames."""
+        r = run[0].header.round
+        items = [(f.payload, f.header.pos, f.header.seq_id) for f in run]
+        try:
+            results = loaded.timed(r, sum(f.header.n_tokens for f in run), loaded.windows[r].forward_many, items)
+        except (DecodeError, ValueError) as exc:
+            return [Frame.error(f.header.request_id, f.header.seq_id, f"{self.name}: {exc}") for f in run]
+        outs = []
+        for f, result in zip(run, results):
+            h = f.header
+            if loaded.is_head and r == last_round:  # the ring is closed: the logits go to the generation loop
+                outs.append(Frame(h, result.logits))
+            else:
+                nxt = r + 1 if loaded.is_head else r
+                outs.append(Frame.forward(h.request_id, h.seq_id, h.pos, result.hidden, nxt))
+        return outs
 
     def _ring(self, loaded: _Loaded, request: int, frames: list[Frame]) -> np.ndarray | None:
         """Send frames into the ring; wait until each came back through the head's window.
@@ -441,8 +535,7 @@ class Agent:
             TimeoutError: the ring did not answer in time.
         """
         back = loaded.queues[request]
-        for f in frames:
-            loaded.send(f)
+        loaded.submit(request, frames)
         logits = None
         for _ in frames:
             try:
@@ -575,6 +668,8 @@ class Agent:
             t_end = time.perf_counter()
         finally:
             loaded.queues.pop(request, None)
+            if len(loaded.plan.ring) > 1:
+                loaded.leave(request)
             loaded.cancelled.discard(job.request_id)
             with loaded.send_lock:
                 loaded.active.pop(seq, None)

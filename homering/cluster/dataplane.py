@@ -7,6 +7,7 @@ decode step sends one small frame per hop and must not wait for Nagle.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from homering.cluster.schema import HEADER, DType, FrameError, FrameHeader, FrameKind
+from homering.cluster.schema import FLAG_MORE, HEADER, DType, FrameError, FrameHeader, FrameKind
+
+MAX_GROUP = 1024  # frames in one group
 
 
 @dataclass
@@ -120,6 +123,41 @@ def send_frame(sock: socket.socket, frame: Frame) -> None:
     sent = sock.sendmsg(parts)
     if sent < total:
         sock.sendall(b"".join(bytes(p) for p in parts)[sent:])
+
+
+def send_group(sock: socket.socket, frames: list[Frame]) -> None:
+    """Send ``frames`` as one group (``FLAG_MORE`` on all but the last), in one ``sendmsg`` when possible."""
+    parts: list[bytes | memoryview] = []
+    for i, f in enumerate(frames):
+        flags = FLAG_MORE if i + 1 < len(frames) else 0
+        if f.header.flags != flags:
+            f = Frame(dataclasses.replace(f.header, flags=flags), f.payload)
+        parts.extend(f.encode())
+    total = sum(len(p) for p in parts)
+    sent = sock.sendmsg(parts)
+    if sent < total:
+        sock.sendall(b"".join(bytes(p) for p in parts)[sent:])
+
+
+def recv_group(sock: socket.socket) -> list[Frame] | None:
+    """Read one group of frames (up to a frame without ``FLAG_MORE``); None at a clean end of stream.
+
+    Raises:
+        FrameError: a bad header, or a group longer than :data:`MAX_GROUP`.
+        ConnectionError: the peer closed mid-group.
+    """
+    first = recv_frame(sock)
+    if first is None:
+        return None
+    group = [first]
+    while group[-1].header.more:
+        if len(group) >= MAX_GROUP:
+            raise FrameError(f"a group of more than {MAX_GROUP} frames")
+        nxt = recv_frame(sock)
+        if nxt is None:
+            raise ConnectionError("peer closed the link mid-group")
+        group.append(nxt)
+    return group
 
 
 def set_nodelay(sock: socket.socket) -> None:

@@ -23,7 +23,10 @@ topic                              retained    payload
 
 Data plane (TCP between ring neighbours, TCP_NODELAY): a :data:`HEADER`
 followed by the payload, ``n_tokens`` int32 token ids or
-``n_tokens × n_embd`` float32 hidden states (little-endian).
+``n_tokens × n_embd`` float32 hidden states (little-endian). Frames travel in
+groups: every frame of a group but the last has :data:`FLAG_MORE` set, and a
+receiver runs a group's frames as one batch (several requests' tokens share
+one llama_decode).
 """
 
 from __future__ import annotations
@@ -391,6 +394,9 @@ class DType(IntEnum):
     BYTES = 5   # opaque bytes (PING padding), n_tokens = 0
 
 
+FLAG_MORE = 0x01
+"""Header flag: another frame of the same group follows; the receiver runs the group as one batch."""
+
 FRAME_MAGIC = b"HRNG"
 FRAME_VERSION = 1
 HEADER = struct.Struct("<4sBBBBIIHHIIII")
@@ -416,9 +422,14 @@ class FrameHeader:
     n_tokens: int
     n_embd: int
     payload_len: int
+    flags: int = 0  # FLAG_MORE
+
+    @property
+    def more(self) -> bool:
+        return bool(self.flags & FLAG_MORE)
 
     def pack(self) -> bytes:
-        return HEADER.pack(FRAME_MAGIC, FRAME_VERSION, self.kind, self.dtype, 0, self.request_id,
+        return HEADER.pack(FRAME_MAGIC, FRAME_VERSION, self.kind, self.dtype, self.flags, self.request_id,
                            self.seq_id, self.round, 0, self.pos, self.n_tokens, self.n_embd,
                            self.payload_len)
 
@@ -427,7 +438,7 @@ class FrameHeader:
         """Parse and validate a header; raises :class:`FrameError`."""
         if len(raw) != HEADER.size:
             raise FrameError(f"short header ({len(raw)} bytes)")
-        (magic, version, kind, dtype, _flags, request_id, seq_id, rnd, _res, pos, n_tokens, n_embd,
+        (magic, version, kind, dtype, flags, request_id, seq_id, rnd, _res, pos, n_tokens, n_embd,
          payload_len) = HEADER.unpack(raw)
         if magic != FRAME_MAGIC:
             raise FrameError(f"bad magic {magic!r}")
@@ -444,4 +455,6 @@ class FrameHeader:
         expected = {DType.TOKENS: n_tokens * 4, DType.F32: n_tokens * n_embd * 4, DType.NONE: 0}.get(dtype)
         if expected is not None and payload_len != expected:
             raise FrameError(f"payload is {payload_len} bytes, header says {expected}")
-        return cls(kind, dtype, request_id, seq_id, rnd, pos, n_tokens, n_embd, payload_len)
+        if flags & ~FLAG_MORE or (flags and kind in (FrameKind.PING, FrameKind.PONG)):
+            raise FrameError(f"bad flags {flags:#x} on a {kind.name} frame")
+        return cls(kind, dtype, request_id, seq_id, rnd, pos, n_tokens, n_embd, payload_len, flags)

@@ -99,9 +99,10 @@ class LayerWindow:
             split (a ubatch equals a batch, so the hidden-state hook sees
             whole batches).
         n_threads: CPU threads for decode.
-        n_seq_max: sequences (seq_id 0 … n_seq_max-1) the KV cache holds, each
-            in its own stream of ``n_ctx`` cells (llama.cpp's non-unified KV
-            cache), so one sequence never takes another's room.
+        n_seq_max: sequences (seq_id 0 … n_seq_max-1) the KV cache holds: it
+            has ``n_ctx × n_seq_max`` cells, shared (llama.cpp's unified KV
+            cache, so one batch can carry several sequences); the caller keeps
+            each sequence within ``n_ctx`` tokens.
         n_gpu_layers: layers to offload when llama.cpp has a GPU backend.
 
     Each window has its own KV cache; positions are explicit, so a window
@@ -139,7 +140,7 @@ class LayerWindow:
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx * n_seq_max
-        cparams.kv_unified = False
+        cparams.kv_unified = True  # one cache for every sequence: a batch may mix sequences, kept in order
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_seq_max
@@ -157,7 +158,8 @@ class LayerWindow:
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise HomeringError(f"llama.cpp could not create a context for {self.path} (n_ctx={n_ctx})")
-        self.n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx)
+        self.n_ctx_total = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_ctx = n_ctx
         self.n_seq_max = n_seq_max
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         embd = 0 if takes_tokens else self.n_embd
@@ -197,33 +199,89 @@ class LayerWindow:
             DecodeError: llama_decode failed (context full, …).
             ValueError: inputs of the wrong shape or dtype.
         """
-        inputs = self._check_inputs(inputs)
-        n = inputs.shape[0]
+        return self.forward_many([(inputs, pos, seq_id)])[0]
+
+    def forward_many(self, items: list[tuple[np.ndarray, int, int]]) -> list[WindowOutput]:
+        """Run several runs of tokens, of one or several sequences, in as few llama_decode calls as fit.
+
+        ``items`` are ``(inputs, pos, seq_id)`` as for :meth:`forward`; they are
+        packed in order into batches of at most ``n_batch`` tokens (an item
+        longer than that is split), so the weights are read once for all
+        sequences of a batch (llama.cpp's server does the same with its
+        slots). Returns one :class:`WindowOutput` per item.
+
+        Raises:
+            DecodeError: llama_decode failed (context full, …).
+            ValueError: inputs of the wrong shape or dtype.
+        """
+        arrays = [self._check_inputs(x) for x, _, _ in items]
+        pieces = []  # (item, offset in the item, n tokens), each <= n_batch
+        for i, arr in enumerate(arrays):
+            for off in range(0, arr.shape[0], self.n_batch):
+                pieces.append((i, off, min(self.n_batch, arr.shape[0] - off)))
+        hidden = None if self.gives_logits else [np.empty((a.shape[0], self.n_embd), dtype=np.float32)
+                                                 for a in arrays]
+        logits: list[np.ndarray | None] = [None] * len(items)
         with self._lock:
             if self._closed:
                 raise DecodeError("window is closed")
-            hidden = None if self.gives_logits else np.empty((n, self.n_embd), dtype=np.float32)
-            logits = None
-            for start in range(0, n, self.n_batch):
-                chunk = inputs[start:start + self.n_batch]
-                last_chunk = start + self.n_batch >= n
-                self._fill_batch(chunk, pos + start, seq_id, all_outputs=not self.gives_logits)
-                if hidden is not None:
-                    # the hook copies l_out straight into these rows (a contiguous view)
-                    self._captured = hidden[start:start + len(chunk)]
-                    self._filled = False
-                rc = llama_cpp.llama_decode(self._ctx, self._batch)
-                if rc != 0:
-                    raise DecodeError(f"llama_decode failed with code {rc} at pos {pos + start} "
-                                      f"(n_ctx={self.n_ctx})")
-                if hidden is not None and not self._filled:
-                    raise DecodeError(f"the graph of {self.path.name} never produced {self._target.decode()} "
-                                      f"for {len(chunk)} tokens")
-                if hidden is None and last_chunk:
-                    ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
-                    logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+            k = 0
+            while k < len(pieces):
+                group, total = [], 0
+                while k < len(pieces) and total + pieces[k][2] <= self.n_batch:
+                    group.append(pieces[k])
+                    total += pieces[k][2]
+                    k += 1
+                self._decode(group, arrays, items, hidden, logits, total)
             self._captured = None
-        return WindowOutput(hidden=hidden, logits=logits)
+        if hidden is not None:
+            return [WindowOutput(hidden=h) for h in hidden]
+        return [WindowOutput(logits=lg) for lg in logits]
+
+    def _decode(self, group, arrays, items, hidden, logits, total: int) -> None:
+        """One llama_decode of ``group`` (pieces of items, ``total`` tokens): fill, run, copy the outputs."""
+        b = self._batch
+        b.n_tokens = total
+        row = 0
+        last_rows = []  # (item, batch row) of each item's last token, for logits
+        for i, off, n in group:
+            chunk = arrays[i][off:off + n]
+            pos, seq_id = items[i][1] + off, items[i][2]
+            if self.takes_tokens:
+                ctypes.memmove(ctypes.addressof(b.token.contents) + row * 4, chunk.ctypes.data, chunk.nbytes)
+            else:
+                ctypes.memmove(ctypes.addressof(b.embd.contents) + row * self.n_embd * 4, chunk.ctypes.data,
+                               chunk.nbytes)
+            is_last = off + n == arrays[i].shape[0]
+            for j in range(n):
+                b.pos[row + j] = pos + j
+                b.n_seq_id[row + j] = 1
+                b.seq_id[row + j][0] = seq_id
+                b.logits[row + j] = hidden is not None or (is_last and j == n - 1)
+            if is_last:
+                last_rows.append((i, row + n - 1))
+            row += n
+        if hidden is not None:
+            # the hook copies l_out of the whole batch here (batch order: llama.cpp's unified KV cache
+            # splits a batch into ubatches in order, and a ubatch is a whole batch)
+            self._captured = np.empty((total, self.n_embd), dtype=np.float32)
+            self._filled = False
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise DecodeError(f"llama_decode failed with code {rc} for {total} token(s) "
+                              f"(KV cache of {self.n_ctx_total} cells, full?)")
+        if hidden is not None:
+            if not self._filled:
+                raise DecodeError(f"the graph of {self.path.name} never produced {self._target.decode()} "
+                                  f"for {total} tokens")
+            row = 0
+            for i, off, n in group:
+                hidden[i][off:off + n] = self._captured[row:row + n]
+                row += n
+        else:
+            for i, r in last_rows:
+                ptr = llama_cpp.llama_get_logits_ith(self._ctx, r)
+                logits[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     async def aforward(self, inputs: np.ndarray, pos: int, seq_id: int = 0) -> WindowOutput:
         """:meth:`forward` in a worker thread (llama_decode releases the GIL)."""
@@ -241,20 +299,6 @@ class LayerWindow:
         if arr.ndim != 2 or arr.shape[1] != self.n_embd or arr.shape[0] == 0:
             raise ValueError(f"hidden-state window wants (n, {self.n_embd}) float32, got {arr.shape}")
         return arr
-
-    def _fill_batch(self, chunk: np.ndarray, pos: int, seq_id: int, all_outputs: bool) -> None:
-        b = self._batch
-        n = chunk.shape[0]
-        b.n_tokens = n
-        if self.takes_tokens:
-            ctypes.memmove(b.token, chunk.ctypes.data, chunk.nbytes)
-        else:
-            ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)
-        for i in range(n):
-            b.pos[i] = pos + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq_id
-            b.logits[i] = all_outputs or i == n - 1
 
     # ------------------------------------------------------------ KV cache
     def kv_clear(self) -> None:
