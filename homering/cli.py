@@ -455,6 +455,22 @@ def bench() -> None:
     """Benchmarks: print numbers and write JSON."""
 
 
+def _bench_run_options(name: str):
+    """--repeats, --out and --broker, shared by the benchmarks that start local clusters."""
+    def wrap(fn):
+        for opt in reversed([
+            click.option("--repeats", type=click.IntRange(1, 20), default=3, show_default=True,
+                         help="Runs per configuration (the median is reported)."),
+            click.option("--out", type=click.Path(dir_okay=False), default=f"bench-results/{name}.json",
+                         show_default=True, help="Where to write the JSON results."),
+            click.option("--broker", default=None, metavar="URL",
+                         help="Use this MQTT broker instead of an embedded one."),
+        ]):
+            fn = opt(fn)
+        return fn
+    return wrap
+
+
 @bench.command("decode")
 @click.option("--agents", "agent_counts", type=click.IntRange(1, 16), multiple=True, default=(1, 3),
               show_default=True, help="Cluster sizes to compare (repeat the option, or list them).")
@@ -464,11 +480,7 @@ def bench() -> None:
               help="llama.cpp threads (the same for the baseline and every agent) [default: all cores but one].")
 @click.option("--tokens", type=click.IntRange(8, 4096), default=128, show_default=True,
               help="Tokens to decode per run.")
-@click.option("--repeats", type=click.IntRange(1, 20), default=3, show_default=True,
-              help="Runs per configuration (the median is reported).")
-@click.option("--out", type=click.Path(dir_okay=False), default="bench-results/decode.json", show_default=True,
-              help="Where to write the JSON results.")
-@click.option("--broker", default=None, metavar="URL", help="Use this MQTT broker instead of an embedded one.")
+@_bench_run_options("decode")
 def bench_decode(agent_counts, more_counts, model, threads, tokens, repeats, out, broker) -> None:
     """Decode tokens/s of the ring against plain llama-cpp-python, in one run.
 
@@ -493,11 +505,7 @@ def bench_decode(agent_counts, more_counts, model, threads, tokens, repeats, out
               help="llama.cpp threads per agent.")
 @click.option("--tokens", type=click.IntRange(4, 4096), default=64, show_default=True,
               help="Tokens each request generates.")
-@click.option("--repeats", type=click.IntRange(1, 20), default=3, show_default=True,
-              help="Runs per stream count (the median is reported).")
-@click.option("--out", type=click.Path(dir_okay=False), default="bench-results/concurrent.json", show_default=True,
-              help="Where to write the JSON results.")
-@click.option("--broker", default=None, metavar="URL", help="Use this MQTT broker instead of an embedded one.")
+@_bench_run_options("concurrent")
 def bench_concurrent(agents, streams, more_streams, model, threads, tokens, repeats, out, broker) -> None:
     """Aggregate tokens/s with several requests sharing the ring, in one run.
 

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from homering.cluster.broker import free_port
+from homering.cluster.local import stop_processes
 from homering.engine.tokenizer import Tokenizer
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
@@ -55,11 +56,7 @@ def api(smollm2, mosquitto, tmp_path_factory):
             _wait_healthy(base, proc)
             yield base
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_processes([proc], 30)
 
 
 @pytest.fixture(scope="module")
@@ -270,9 +267,7 @@ def test_no_plan_gets_503(smollm2, mosquitto, tmp_path):
         _error(httpx.post(f"{base}/v1/chat/completions",
                           json={"model": model, "messages": [{"role": "user", "content": "hi"}]}), 503)
     finally:
-        for p in (proc, broker):
-            p.terminate()
-            p.wait(10)
+        stop_processes([proc, broker], 10)
 
 
 # ------------------------------------------------------------------ observability
