@@ -101,7 +101,7 @@ class _Loaded:
     # server's continuous batching). A group is sent when it is full, or when no request whose frames
     # came back ("thinking": sampling its next token) could still join it.
     def submit(self, request: int, frames: list[Frame]) -> None:
-        """Queue ``request``'s frames; send everything queued once no request is thinking."""
+        """Queue ``request``'s frames; send the queued group once it is full or no request is thinking."""
         with self.send_lock:
             self.thinking.discard(request)
             self.outstanding[request] = self.outstanding.get(request, 0) + len(frames)

@@ -54,8 +54,9 @@ class SamplerChain:
         n = logits.shape[0]
         if self._cells is None or self._cells.shape[0] != n:
             self._cells = np.empty(n, dtype=_TOKEN_DATA)
+            self._ids = np.arange(n, dtype=np.int32)
         cells = self._cells
-        cells["id"] = np.arange(n, dtype=np.int32)
+        cells["id"] = self._ids  # samplers sort the cells in place: reset every time
         cells["logit"] = logits
         cells["p"] = 0.0
         arr = llama_cpp.llama_token_data_array(

@@ -219,27 +219,32 @@ class LayerWindow:
         for i, arr in enumerate(arrays):
             for off in range(0, arr.shape[0], self.n_batch):
                 pieces.append((i, off, min(self.n_batch, arr.shape[0] - off)))
-        hidden = None if self.gives_logits else [np.empty((a.shape[0], self.n_embd), dtype=np.float32)
-                                                 for a in arrays]
+        # every item's hidden states, one after another: a batch of pieces is a run of these rows,
+        # which the hook fills directly
+        rows = None if self.gives_logits else np.empty((sum(a.shape[0] for a in arrays), self.n_embd),
+                                                       dtype=np.float32)
         logits: list[np.ndarray | None] = [None] * len(items)
         with self._lock:
             if self._closed:
                 raise DecodeError("window is closed")
-            k = 0
+            k = done = 0
             while k < len(pieces):
                 group, total = [], 0
                 while k < len(pieces) and total + pieces[k][2] <= self.n_batch:
                     group.append(pieces[k])
                     total += pieces[k][2]
                     k += 1
-                self._decode(group, arrays, items, hidden, logits, total)
+                self._decode(group, arrays, items, total, None if rows is None else rows[done:done + total], logits)
+                done += total
             self._captured = None
-        if hidden is not None:
-            return [WindowOutput(hidden=h) for h in hidden]
-        return [WindowOutput(logits=lg) for lg in logits]
+        if rows is None:
+            return [WindowOutput(logits=lg) for lg in logits]
+        starts = np.cumsum([0] + [a.shape[0] for a in arrays])
+        return [WindowOutput(hidden=rows[a:b]) for a, b in zip(starts[:-1], starts[1:])]
 
-    def _decode(self, group, arrays, items, hidden, logits, total: int) -> None:
-        """One llama_decode of ``group`` (pieces of items, ``total`` tokens): fill, run, copy the outputs."""
+    def _decode(self, group, arrays, items, total: int, hidden: np.ndarray | None, logits: list) -> None:
+        """One llama_decode of ``group`` (pieces of items, ``total`` tokens); the hidden states land in
+        ``hidden`` ((total, n_embd) rows), or each finished item's last logits in ``logits``."""
         b = self._batch
         b.n_tokens = total
         row = 0
@@ -264,7 +269,7 @@ class LayerWindow:
         if hidden is not None:
             # the hook copies l_out of the whole batch here (batch order: llama.cpp's unified KV cache
             # splits a batch into ubatches in order, and a ubatch is a whole batch)
-            self._captured = np.empty((total, self.n_embd), dtype=np.float32)
+            self._captured = hidden
             self._filled = False
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
@@ -274,10 +279,6 @@ class LayerWindow:
             if not self._filled:
                 raise DecodeError(f"the graph of {self.path.name} never produced {self._target.decode()} "
                                   f"for {total} tokens")
-            row = 0
-            for i, off, n in group:
-                hidden[i][off:off + n] = self._captured[row:row + n]
-                row += n
         else:
             for i, r in last_rows:
                 ptr = llama_cpp.llama_get_logits_ith(self._ctx, r)
