@@ -36,7 +36,7 @@ from homering.cluster.dataplane import (
 )
 from homering.cluster.schema import (
     AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStatus, DeviceProfile, FrameError, FrameKind,
-    GenerateJob, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, Topics, WindowStats,
+    GenerateJob, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, StreamReplay, Topics, WindowStats,
 )
 from homering.engine.sampling import SamplerChain, StopMatcher
 from homering.engine.pages import WindowPages, trim_heap
@@ -47,8 +47,15 @@ from homering.models.slicing import Role, WindowSpec, slice_window
 
 log = logging.getLogger("homering.agent")
 
-RING_TIMEOUT_S = 120.0
-STATS_INTERVAL_S = 2.0
+RING_TIMEOUT_S = 120.0  # the head gives up on a ring that has not answered for this long
+STATS_INTERVAL_S = 1.0  # AgentStats double as the heartbeat the controller watches
+KEEPALIVE_S = 2  # MQTT keepalive: the broker publishes the last will ~1.5 × this after a silent cut-off
+HISTORY_REQUESTS = 32  # requests whose stream events the head keeps for a StreamReplay
+RECONNECT_MAX_S = 5.0
+
+
+class Interrupted(Exception):
+    """The request's ring broke or was replaced (the controller resumes it on the new ring)."""
 
 
 @dataclass
@@ -70,6 +77,11 @@ class _Loaded:
     thinking: set[int] = field(default_factory=set)  # head: requests sampling their next token
     outstanding: dict[int, int] = field(default_factory=dict)  # head: frames in the ring, by request
     pending: list[Frame] = field(default_factory=list)  # head: frames waiting for the thinking requests
+    numbers: dict[str, int] = field(default_factory=dict)  # head: request id -> its request number (queues)
+    interrupted: set[str] = field(default_factory=set)  # head: requests to end with "interrupted"
+    users: int = 0  # threads running frames through the windows (link threads, generation loops)
+    closing: bool = False
+    idle: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
         me = self.plan.ring[self.position]
@@ -151,6 +163,42 @@ class _Loaded:
                 self.pages[round_].release()
             self.pages[(round_ + 1) % len(self.pages)].prefetch()
 
+    def enter(self) -> bool:
+        """Start using the windows (a link thread or a generation loop); False once the plan is closing."""
+        with self.idle:
+            if self.closing:
+                return False
+            self.users += 1
+            return True
+
+    def exit(self) -> None:
+        with self.idle:
+            self.users -= 1
+            self.idle.notify_all()
+
+    def interrupt(self, request_ids=None) -> None:
+        """End these requests (all when None) with ``interrupted`` at their next ring step."""
+        with self.send_lock:
+            ids = set(self.active.values()) if request_ids is None else set(request_ids) & set(self.active.values())
+            self.interrupted |= ids
+            for rid in ids:
+                back = self.queues.get(self.numbers.get(rid, -1))
+                if back is not None:
+                    back.put(None)  # wakes _ring
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Interrupt every request, wait until no thread uses the windows any more, then close them."""
+        with self.idle:
+            self.closing = True
+        self.interrupt()
+        if self.successor is not None:  # unblocks a send to a neighbour that is gone
+            with contextlib.suppress(OSError):
+                self.successor.shutdown(socket.SHUT_RDWR)
+        with self.idle:
+            if not self.idle.wait_for(lambda: self.users == 0, timeout):
+                log.warning("windows still in use after %.0f s; closing them anyway", timeout)
+        self.close()
+
     def close(self) -> None:
         if self.successor is not None:
             self.successor.close()
@@ -200,6 +248,8 @@ class Agent:
         self._tasks: set[asyncio.Task] = set()
         self.device: DeviceProfile | None = None
         self._profiling: str | None = None   # fingerprint being profiled
+        self._state: tuple[str, str | None, str | None] = ("online", None, None)  # last status, re-sent on reconnect
+        self._history: dict[str, list[StreamEvent]] = {}  # head: recent requests' events, for StreamReplay
 
     # ------------------------------------------------------------ lifecycle
     def profile(self) -> AgentProfile:
@@ -210,37 +260,66 @@ class Agent:
                             device=self.device)
 
     async def run(self) -> None:
-        """Serve until cancelled. Raises HomeringError when the broker is unreachable."""
+        """Serve until cancelled.
+
+        When the broker goes away the agent keeps its windows and its data
+        plane (a request in flight finishes), reconnects with backoff, and
+        publishes its retained state again.
+
+        Raises:
+            HomeringError: the broker is unreachable at start.
+        """
         server = LinkServer(self.bind, self.data_port, self._serve_link)
         self.data_port = server.port
         will = aiomqtt.Will(Topics.status(self.name), AgentStatus(state="offline").dump(), qos=1, retain=True)
+        connected_once = False
+        backoff = 0.25
+        stats = None
         try:
-            async with mqtt.client(self.broker, identifier=f"homering-agent-{self.name}",
-                                           will=will) as client:
-                self._mqtt = client
-                await client.publish(Topics.profile(self.name), self.profile().dump(), qos=1, retain=True)
-                await self._status("online")
-                await client.subscribe(Topics.CONTROLLER, qos=1)
-                await client.subscribe(Topics.PLAN, qos=1)
-                await client.subscribe(Topics.generate(self.name), qos=1)
-                await client.subscribe(Topics.probe(self.name), qos=1)
-                await client.subscribe(Topics.cancel(self.name), qos=1)
-                if self.ha_discovery:
-                    await publish_discovery(client, agent_configs(self.name))
-                self._spawn(self._publish_stats())
-                log.info("agent %s up: data port %d, broker %s", self.name, self.data_port, self.broker)
+            while True:
                 try:
-                    async for message in client.messages:
-                        self._dispatch(message)
-                finally:  # a clean exit sends no last-will: say goodbye ourselves
-                    with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-                        await asyncio.wait_for(self._status("offline"), 2.0)
-        except aiomqtt.MqttError as exc:
-            raise mqtt.connect_error(self.broker, exc) from None
+                    async with mqtt.client(self.broker, identifier=f"homering-agent-{self.name}", will=will,
+                                           keepalive=KEEPALIVE_S) as client:
+                        self._mqtt = client
+                        backoff = 0.25
+                        await self._announce(client)
+                        if not connected_once:
+                            log.info("agent %s up: data port %d, broker %s", self.name, self.data_port, self.broker)
+                            stats = self._spawn(self._publish_stats())
+                        else:
+                            log.info("reconnected to the broker %s", self.broker)
+                            self._republish_history()
+                        connected_once = True
+                        try:
+                            async for message in client.messages:
+                                self._dispatch(message)
+                        finally:  # a clean exit sends no last-will: say goodbye ourselves
+                            self._mqtt = None
+                            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                                if asyncio.current_task().cancelling():
+                                    await asyncio.wait_for(self._publish_status(client, "offline"), 2.0)
+                except aiomqtt.MqttError as exc:
+                    if not connected_once:
+                        raise mqtt.connect_error(self.broker, exc) from None
+                    log.warning("lost the broker (%s); reconnecting in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RECONNECT_MAX_S)
         finally:
+            if stats is not None:
+                stats.cancel()
             server.close()
             if self._loaded:
                 self._loaded.close()
+
+    async def _announce(self, client: aiomqtt.Client) -> None:
+        """Subscribe, and publish this agent's retained profile and status (again, after a reconnect)."""
+        for topic in (Topics.CONTROLLER, Topics.PLAN, Topics.generate(self.name), Topics.probe(self.name),
+                      Topics.cancel(self.name), Topics.replay(self.name)):
+            await client.subscribe(topic, qos=1)
+        await client.publish(Topics.profile(self.name), self.profile().dump(), qos=1, retain=True)
+        await self._publish_status(client, *self._state)
+        if self.ha_discovery:
+            await publish_discovery(client, agent_configs(self.name))
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
@@ -269,8 +348,18 @@ class Agent:
                 self._spawn(self._probe(LinkProbe.load(message.payload)))
             elif message.topic.matches(Topics.cancel(self.name)):
                 cancel = CancelJob.load(message.payload)
-                if self._loaded is not None and cancel.request_id in self._loaded.active.values():
-                    self._loaded.cancelled.add(cancel.request_id)
+                loaded = self._loaded
+                if loaded is not None and cancel.request_id in loaded.active.values():
+                    if cancel.interrupt:
+                        loaded.interrupt([cancel.request_id])
+                    else:
+                        loaded.cancelled.add(cancel.request_id)
+            elif message.topic.matches(Topics.replay(self.name)):
+                replay = StreamReplay.load(message.payload)
+                events = [e for e in self._history.get(replay.request_id, ())
+                          if e.attempt == replay.attempt and e.index >= replay.from_index]
+                if events:
+                    self._spawn(self._publish_events(Topics.stream(replay.request_id), events))
         except MalformedMessage as exc:
             log.warning("dropped malformed message on %s: %s", topic, exc)
 
@@ -293,10 +382,16 @@ class Agent:
         self._plan_task = self._spawn(self._apply_plan(plan))
 
     async def _status(self, state: str, plan_id: str | None = None, detail: str | None = None) -> None:
+        """Publish this agent's status (retained); remembered, and published again after a reconnect."""
+        self._state = (state, plan_id, detail)
         if self._mqtt is not None:
-            await self._mqtt.publish(Topics.status(self.name),
-                                     AgentStatus(state=state, plan_id=plan_id, detail=detail).dump(),
-                                     qos=1, retain=True)
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._publish_status(self._mqtt, state, plan_id, detail)
+
+    async def _publish_status(self, client: aiomqtt.Client, state: str, plan_id: str | None = None,
+                              detail: str | None = None) -> None:
+        await client.publish(Topics.status(self.name), AgentStatus(state=state, plan_id=plan_id, detail=detail).dump(),
+                             qos=1, retain=True)
 
     def stats(self, interval_s: float = 0.0, previous: int = 0) -> AgentStats:
         """This agent's telemetry now; ``tokens_per_s`` counts what was done since ``previous`` (tokens
@@ -327,10 +422,10 @@ class Agent:
                 previous, plan_id = 0, loaded.plan.plan_id
             stats = self.stats(self.stats_interval, previous)
             previous = self._work_done(loaded) if loaded is not None else 0
-            try:
-                await self._mqtt.publish(Topics.stats(self.name), stats.dump(), qos=0, retain=True)
-            except aiomqtt.MqttError:
-                return
+            client = self._mqtt
+            if client is not None:  # None while the broker is away
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await client.publish(Topics.stats(self.name), stats.dump(), qos=0, retain=True)
             await asyncio.sleep(self.stats_interval)
 
     # ------------------------------------------------------------ profile and link probes
@@ -368,7 +463,9 @@ class Agent:
         log.info("profiled: %.2f ms/layer, output %.2f ms, disk %.2f GB/s, RAM %.1f GiB (%s)",
                  device.cpu_ms_per_layer, device.cpu_ms_output, device.disk_gbps, device.ram_gib,
                  "cached" if not device.profile_ms else f"{device.profile_ms / 1000:.1f} s")
-        await self._mqtt.publish(Topics.profile(self.name), self.profile().dump(), qos=1, retain=True)
+        if self._mqtt is not None:  # else the next reconnect publishes it
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._mqtt.publish(Topics.profile(self.name), self.profile().dump(), qos=1, retain=True)
 
     async def _probe(self, probe: LinkProbe) -> None:
         """Measure the data-plane link to the head and report it."""
@@ -377,13 +474,15 @@ class Agent:
             report = LinkReport(probe_id=probe.probe_id, link_ms=link_ms, link_mbps=link_mbps)
         except ConnectionError as exc:
             report = LinkReport(probe_id=probe.probe_id, error=str(exc))
-        await self._mqtt.publish(Topics.probe_result(self.name), report.dump(), qos=1)
+        if self._mqtt is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._mqtt.publish(Topics.probe_result(self.name), report.dump(), qos=1)
 
     # ------------------------------------------------------------ plans
     async def _apply_plan(self, plan: Plan) -> None:
-        if self._loaded is not None:
-            self._loaded.close()
-            self._loaded = None
+        old, self._loaded = self._loaded, None
+        if old is not None:  # requests in flight end with "interrupted"; the controller resumes them
+            await asyncio.to_thread(old.shutdown)
         position = plan.position(self.name)
         if position is None:
             await self._status("online", plan.plan_id, "not in the plan")
@@ -400,6 +499,7 @@ class Agent:
             if len(plan.ring) > 1:
                 nxt = plan.ring[(position + 1) % len(plan.ring)]
                 loaded.successor = await asyncio.to_thread(connect_link, nxt.host, nxt.data_port)
+                send_frame(loaded.successor, Frame.hello(plan.tag))
             self._loaded = loaded
         except (HomeringError, ConnectionError, OSError, ValueError) as exc:
             log.error("cannot load plan %s: %s", plan.plan_id, exc)
@@ -429,23 +529,44 @@ class Agent:
 
     # ------------------------------------------------------------ data plane (worker threads)
     def _serve_link(self, sock: socket.socket) -> None:
-        """Handle groups of frames from the predecessor, in order, until it disconnects (a link thread)."""
+        """Handle groups of frames from the predecessor, in order, until it disconnects (a link thread).
+
+        A ring link starts with a HELLO frame naming the sender's plan; its
+        frames run only while this agent has that plan loaded (frames a
+        neighbour sent under an old plan would corrupt the new KV caches).
+        """
         peer = sock.getpeername()
+        tag = None
+        dropped = 0
         try:
             while (group := recv_group(sock)) is not None:
-                group = self._merge_waiting(sock, group)
-                if group[0].header.kind is FrameKind.PING:
+                kind = group[0].header.kind
+                if kind is FrameKind.PING:
                     send_frame(sock, Frame.pong())
-                elif group[0].header.kind is not FrameKind.PONG:
-                    self._handle_group(group)
+                    continue
+                if kind is FrameKind.HELLO:
+                    tag = group[0].header.request_id
+                    continue
+                if kind is FrameKind.PONG:
+                    continue
+                loaded = self._loaded
+                if loaded is None or loaded.plan.tag != tag or not loaded.enter():
+                    dropped += len(group)
+                    if dropped == len(group):
+                        log.warning("dropping frames from %s: sent under another plan than the one loaded", peer)
+                    continue
+                try:
+                    self._handle_group(loaded, self._merge_waiting(loaded, sock, group))
+                finally:
+                    loaded.exit()
         except (FrameError, ConnectionError, OSError) as exc:
             log.warning("dropping data link from %s: %s", peer, exc)
 
-    def _merge_waiting(self, sock: socket.socket, group: list[Frame]) -> list[Frame]:
+    @staticmethod
+    def _merge_waiting(loaded: _Loaded, sock: socket.socket, group: list[Frame]) -> list[Frame]:
         """Append the groups that already wait on the link (this device is the ring's bottleneck right
         now), up to ``n_batch`` tokens: they then share llama_decode calls instead of queueing."""
-        loaded = self._loaded
-        if loaded is None or group[0].header.kind is not FrameKind.FORWARD:
+        if group[0].header.kind is not FrameKind.FORWARD:
             return group
         tokens = sum(f.header.n_tokens for f in group)
         while tokens < loaded.plan.n_batch and select.select([sock], [], [], 0)[0]:
@@ -456,7 +577,7 @@ class Agent:
             tokens += sum(f.header.n_tokens for f in more)
         return group
 
-    def _handle_group(self, group: list[Frame]) -> None:
+    def _handle_group(self, loaded: _Loaded, group: list[Frame]) -> None:
         """Run a group of frames through this agent's windows and pass the results on, as one group.
 
         Piped-ring rounds (PRIMA.CPP §3.2): a FORWARD frame of round r runs
@@ -467,10 +588,6 @@ class Agent:
         or one prompt's micro-batches) share llama_decode calls
         (:meth:`LayerWindow.forward_many`).
         """
-        loaded = self._loaded
-        if loaded is None:
-            log.warning("%d frame(s) arrived with no plan loaded; dropped", len(group))
-            return
         last_round = len(loaded.windows) - 1
         outs: list[tuple[Frame, Frame]] = []  # (input, output)
         i = 0
@@ -532,16 +649,22 @@ class Agent:
 
         Raises:
             DecodeError: a window on the way failed (the ERROR frame's message).
-            TimeoutError: the ring did not answer in time.
+            Interrupted: the request was interrupted, the ring did not answer
+                within :data:`RING_TIMEOUT_S`, or the link to the next agent failed.
         """
         back = loaded.queues[request]
-        loaded.submit(request, frames)
+        try:
+            loaded.submit(request, frames)
+        except OSError as exc:
+            raise Interrupted(f"cannot reach the next agent: {exc}") from None
         logits = None
         for _ in frames:
             try:
                 got = back.get(timeout=RING_TIMEOUT_S)
             except queue.Empty:
-                raise TimeoutError(f"the ring did not answer within {RING_TIMEOUT_S:.0f} s") from None
+                raise Interrupted(f"the ring did not answer within {RING_TIMEOUT_S:.0f} s") from None
+            if got is None:
+                raise Interrupted("interrupted")
             if got.header.kind is FrameKind.ERROR:
                 raise DecodeError(got.payload)
             logits = got.payload if isinstance(got.payload, np.ndarray) else logits
@@ -574,36 +697,63 @@ class Agent:
 
     # ------------------------------------------------------------ generation (head)
     async def _generate(self, job: GenerateJob) -> None:
-        """Serve one request on its own sequence; several run at once, one worker thread each."""
+        """Serve one request on its own sequence; several run at once, one worker thread each.
+
+        The events are numbered (``index``) and kept (:data:`HISTORY_REQUESTS`
+        requests) so that they can be published again after a broker outage.
+        """
         stream = Topics.stream(job.request_id)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        history: list[StreamEvent] = []
+        self._history.pop(job.request_id, None)
+        self._history[job.request_id] = history
+        while len(self._history) > HISTORY_REQUESTS:
+            self._history.pop(next(iter(self._history)))
         publisher = self._spawn(self._publish_events(stream, events))
 
         def emit(event: StreamEvent) -> None:
+            event.attempt, event.index = job.attempt, len(history)
+            history.append(event)
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         try:
             await asyncio.to_thread(self._generate_sync, job, emit)
-        except (DecodeError, HomeringError, TimeoutError, ConnectionError, OSError, ValueError,
-                RuntimeError) as exc:
+        except (DecodeError, HomeringError, ConnectionError, OSError, ValueError, RuntimeError) as exc:
             log.warning("request %s failed: %s", job.request_id, exc)
-            events.put_nowait(StreamEvent(request_id=job.request_id, type="error", error=str(exc)))
+            emit(StreamEvent(request_id=job.request_id, type="error", error=str(exc)))
         finally:
             events.put_nowait(None)
             await publisher
 
-    async def _publish_events(self, topic: str, events: asyncio.Queue) -> None:
+    async def _publish_events(self, topic: str, events: "asyncio.Queue | list[StreamEvent]") -> None:
         """Publish stream events in order, off the decode loop's critical path.
 
         Token deltas go at QoS 0 (no acknowledgement round trip per token; a
-        live TCP session does not lose them), the final event at QoS 1.
+        live TCP session does not lose them), the others at QoS 1. While the
+        broker is away events are not published; the history has them, and
+        :meth:`_republish_history` (on reconnect) or a :class:`StreamReplay`
+        sends them again.
         """
+        if isinstance(events, list):
+            pending: asyncio.Queue = asyncio.Queue()
+            for e in events + [None]:
+                pending.put_nowait(e)
+            events = pending
         while (event := await events.get()) is not None:
+            client = self._mqtt
+            if client is None:
+                continue
             try:
-                await self._mqtt.publish(topic, event.dump(), qos=0 if event.type == "token" else 1)
+                await client.publish(topic, event.dump(), qos=0 if event.type == "token" else 1)
             except aiomqtt.MqttError as exc:
                 log.warning("could not publish to %s: %s", topic, exc)
+
+    def _republish_history(self) -> None:
+        """After a reconnect: publish the kept events again (receivers drop the ones they have)."""
+        for request_id, history in list(self._history.items()):
+            if history:
+                self._spawn(self._publish_events(Topics.stream(request_id), list(history)))
 
     def _claim(self, job: GenerateJob) -> _Loaded:
         """Check that this agent heads the job's plan and take the job's sequence (a worker thread)."""
@@ -616,6 +766,8 @@ class Agent:
             busy = loaded.active.get(job.seq_id)
             if busy is not None:
                 raise HomeringError(f"sequence {job.seq_id} is busy with request {busy}")
+            if not loaded.enter():
+                raise HomeringError(f"plan {job.plan_id} is being replaced")
             loaded.active[job.seq_id] = job.request_id
         return loaded
 
@@ -624,29 +776,45 @@ class Agent:
 
         Stops at an end-of-generation token, at a stop string (``stop``), at
         ``max_tokens``, at the end of the context, or when the controller
-        cancels the request (its client left).
+        cancels the request (its client left). When the ring breaks (an agent
+        lost, a new plan), it ends the stream with ``interrupted`` and the
+        tokens streamed so far.
+
+        A resumed request (``job.resume_token_ids``, the tokens an earlier
+        attempt streamed) first replays prompt + those tokens through the ring,
+        which rebuilds every window's KV cache, and streams only what follows
+        (the approach of Petals' fault-tolerant inference: replay the inputs
+        on a new route).
         """
         loaded = self._claim(job)
         window = loaded.windows[-1]
         seq = job.seq_id
-        prompt = np.asarray(job.prompt_token_ids, dtype=np.int32)
+        resumed = list(job.resume_token_ids)
+        prompt = np.asarray(job.prompt_token_ids + resumed, dtype=np.int32)
         n_ctx = loaded.plan.n_ctx
         request = next(self._request_numbers) & 0xFFFFFFFF
         loaded.queues[request] = queue.Queue()
+        loaded.numbers[job.request_id] = request
         sampler = SamplerChain(job.sampling)
+        sampler.accept(resumed)
         stops = StopMatcher(job.sampling.stop)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        tokens: list[int] = []
+        for tok in resumed:  # the text the client has: the decoder and stop matcher go on from there
+            stops.feed(decoder.decode(window.token_bytes(tok)))
+        tokens: list[int] = list(resumed)
         finish = "length"
+        t_first = t_end = None
         try:
             if len(prompt) >= n_ctx:
                 raise HomeringError(f"the prompt has {len(prompt)} tokens but the context holds {n_ctx}")
-            max_new = min(job.sampling.max_tokens, n_ctx - len(prompt))
+            max_new = min(job.sampling.max_tokens - len(resumed), n_ctx - len(prompt))
             t0 = time.perf_counter()
-            self._clear(loaded, request, seq)
-            logits = self._forward(loaded, request, seq, prompt, 0)
-            t_first = None
-            for i in range(max_new):
+            if max_new > 0 and not stops.stopped:
+                self._clear(loaded, request, seq)
+                logits = self._forward(loaded, request, seq, prompt, 0)
+            for i in range(max_new if not stops.stopped else 0):
+                if job.request_id in loaded.interrupted:
+                    raise Interrupted("interrupted")
                 tok = sampler.sample(logits)
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -666,21 +834,29 @@ class Agent:
                 if i + 1 < max_new:
                     logits = self._forward(loaded, request, seq, np.array([tok], dtype=np.int32), len(prompt) + i)
             t_end = time.perf_counter()
+        except (Interrupted, OSError) as exc:
+            log.info("request %s interrupted after %d token(s): %s", job.request_id, len(tokens), exc)
+            emit(StreamEvent(request_id=job.request_id, type="interrupted", token_ids=list(tokens), error=str(exc)))
+            return
         finally:
             loaded.queues.pop(request, None)
+            loaded.numbers.pop(job.request_id, None)
             if len(loaded.plan.ring) > 1:
                 loaded.leave(request)
             loaded.cancelled.discard(job.request_id)
+            loaded.interrupted.discard(job.request_id)
             with loaded.send_lock:
                 loaded.active.pop(seq, None)
+            loaded.exit()
             sampler.close()
-        steps = max(1, len(tokens) - 1) if finish == "length" else max(1, len(tokens))
+        new = len(tokens) - len(resumed)
+        steps = max(1, new - 1) if finish == "length" else max(1, new)
         tail = "" if stops.stopped else stops.feed(decoder.decode(b"", final=True)) + stops.flush()
         emit(StreamEvent(
             request_id=job.request_id, type="done", text=tail, token_ids=tokens,
             prompt_token_ids=job.prompt_token_ids, finish_reason=finish,
-            ttft_ms=(t_first - t0) * 1000 if t_first else None,
-            ms_per_token=(t_end - t_first) * 1000 / steps if t_first else None))
+            ttft_ms=(t_first - t0) * 1000 if t_first and not resumed else None,
+            ms_per_token=(t_end - t_first) * 1000 / steps if t_first and t_end else None))
 
 
 def default_name() -> str:

@@ -29,6 +29,7 @@ class ClusterClient:
         self.agent_status: dict[str, AgentStatus] = {}
         self._client = mqtt.client(broker, identifier=f"homering-client-{uuid.uuid4().hex[:8]}")
         self._streams: dict[str, asyncio.Queue] = {}
+        self._orders: dict[str, StreamOrder] = {}
         self._changed = asyncio.Event()
         self._reader: asyncio.Task | None = None
 
@@ -69,8 +70,10 @@ class ClusterClient:
                 else:
                     event = StreamEvent.load(message.payload)
                     queue = self._streams.get(event.request_id)
-                    if queue is not None:
-                        queue.put_nowait(event)
+                    order = self._orders.get(event.request_id)
+                    if queue is not None and order is not None:
+                        for ev in order.push(event):
+                            queue.put_nowait(ev)
             except MalformedMessage:
                 continue
             self._changed.set()
@@ -109,6 +112,7 @@ class ClusterClient:
         """
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = queue
+        self._orders[request.request_id] = StreamOrder()
         topic = Topics.stream(request.request_id)
         await self._client.subscribe(topic, qos=1)
         try:
@@ -118,15 +122,62 @@ class ClusterClient:
                     event = await asyncio.wait_for(queue.get(), timeout)
                 except TimeoutError:
                     raise HomeringError(f"no answer from the cluster for {timeout:.0f} s") from None
+                if event.type == "interrupted":
+                    continue  # the ring lost an agent: the controller resumes the request on a new one
                 yield event
                 if event.type in ("done", "error"):
                     return
         finally:
             self._streams.pop(request.request_id, None)
+            self._orders.pop(request.request_id, None)
             try:
                 await self._client.unsubscribe(topic)
             except aiomqtt.MqttError:
                 pass
+
+
+class StreamOrder:
+    """Delivers one request's :class:`StreamEvent` s in order, once each.
+
+    Events of an attempt carry ``index`` 0, 1, …; after a broker outage the
+    head publishes them again (:class:`StreamReplay`), and live and replayed
+    events may interleave. Events of an earlier attempt (a ring that broke)
+    are dropped once a later attempt's events arrive, or once :meth:`advance`
+    moves on. Events without an index (errors the controller makes itself)
+    pass straight through.
+    """
+
+    def __init__(self) -> None:
+        self.attempt = 0
+        self.expected = 0
+        self._held: dict[int, StreamEvent] = {}
+
+    def push(self, event: StreamEvent) -> list[StreamEvent]:
+        """Take one event; return the events now deliverable, in order (often just ``[event]``)."""
+        if event.index is None:
+            return [event]
+        if event.attempt < self.attempt:
+            return []
+        if event.attempt > self.attempt:
+            self.advance(event.attempt)
+        if event.index < self.expected:
+            return []
+        self._held[event.index] = event
+        out = []
+        while self.expected in self._held:
+            out.append(self._held.pop(self.expected))
+            self.expected += 1
+        return out
+
+    @property
+    def waiting(self) -> bool:
+        """Events are held back behind a gap (some were lost: ask for a replay)."""
+        return bool(self._held)
+
+    def advance(self, attempt: int) -> None:
+        """Accept only ``attempt``'s events from now on, from index 0."""
+        self.attempt, self.expected = attempt, 0
+        self._held.clear()
 
 
 def new_request_id() -> str:

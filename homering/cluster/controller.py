@@ -1,13 +1,24 @@
 """``homering controller``: tracks agents, plans, and turns user requests into head jobs.
 
 The controller keeps no state that the broker does not also hold: agents'
-profiles and statuses are retained messages, and so is the plan it publishes.
+profiles and statuses are retained messages, and so is the plan it publishes;
+a restarted controller adopts the retained plan when its agents still serve it.
 It announces the model (agents measure their device for it), probes every
 agent's link to the head, plans with the measured profiles, and re-plans when
-agents join or leave, between requests, never during one. It tokenizes
+agents join (at a request boundary) or are lost (at once). It tokenizes
 requests (rendering chats with the model's template), rejects prompts that do
 not fit the context, and hands the token ids to the head, which streams the
 answer straight to the client's topic.
+
+Fault tolerance: an agent counts as lost when its status goes ``offline``
+(its MQTT last will) or its heartbeat (:class:`AgentStats`, every second)
+stops for :data:`LOST_AFTER_S`; a head whose ring breaks ends its requests
+with ``interrupted``. The controller re-plans over the agents left and
+resumes every request in flight on the new ring: the head replays prompt +
+tokens so far to rebuild the KV caches and goes on (Petals' recovery by
+replay), so the client's stream only pauses. A broker outage is survived by
+reconnecting with backoff; stream events lost meanwhile are published again
+by the head (:class:`StreamReplay`).
 """
 
 from __future__ import annotations
@@ -28,8 +39,9 @@ from homering.cluster.homeassistant import controller_configs, publish_discovery
 from homering.cluster.scheduler import QueueFull, Sequences
 from homering.cluster.schema import (
     AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStats, ControllerStatus, GenerateJob,
-    GenerateRequest, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, Topics,
+    GenerateRequest, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, StreamReplay, Topics,
 )
+from homering.cluster.client import StreamOrder
 from homering.engine.tokenizer import Tokenizer
 from homering.errors import HomeringError
 from homering.models.gguf_info import inspect_gguf
@@ -40,6 +52,11 @@ DEFAULT_BATCH = 64  # tokens per prefill micro-batch (see Controller)
 DEFAULT_PARALLEL = 4  # requests served at once (KV sequences per window)
 DEFAULT_QUEUE = 16  # requests that may wait for a sequence
 STATS_INTERVAL_S = 2.0
+LOST_AFTER_S = 3.5  # an agent whose heartbeat (stats, every 1 s) stops this long counts as lost
+JOIN_HOLD_S = 2.0  # a joining agent must stay up this long before it is planned in (doubles per recent loss)
+JOIN_HOLD_MAX_S = 60.0
+FLAP_WINDOW_S = 300.0  # losses within this window count against a flapping agent
+RECONNECT_MAX_S = 5.0
 
 log = logging.getLogger("homering.controller")
 
@@ -117,51 +134,117 @@ class Controller:
         self._changed = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._connected = asyncio.Event()
+        self._connected_at = 0.0
+        self._last_seen: dict[str, float] = {}  # agent -> monotonic time of its last message
+        self._live_since: dict[str, float] = {}  # agent -> when it (re)appeared live
+        self._losses: dict[str, list[float]] = {}  # agent -> times it was lost (hysteresis)
+        self._orders: dict[str, StreamOrder] = {}  # request id -> its stream's order (this process's requests)
+        self._heads: dict[str, str] = {}  # request id -> the head serving its current attempt
+        self._retained_plan: Plan | None = None
+        self._broken: str | None = None  # why the current ring must be re-planned now (a head's report)
+        self._plan_failed: tuple[float, str] | None = None  # (when, why) the last re-plan failed
 
     async def run(self) -> None:
         """Plan once the agents are in, then serve requests until cancelled.
 
         Raises:
-            HomeringError: the broker is unreachable, the agents did not join
-                or could not load their windows in time.
+            HomeringError: the broker is unreachable at start, the agents did
+                not join or could not load their windows in time.
         """
         info = inspect_gguf(self.model_path)
         self.fingerprint = info.fingerprint
         self.tokenizer = await asyncio.to_thread(Tokenizer, self.model_path)
         api = await self._start_api() if self.api else None
-        will = aiomqtt.Will(Topics.CONTROLLER, ControllerStatus(state="offline").dump(), qos=1, retain=True)
+        connection = asyncio.create_task(self._connection())
         try:
-            async with mqtt.client(self.broker, identifier="homering-controller", will=will) as client:
-                self._client = client
-                await self._status("waiting")
-                for topic in (Topics.ALL_PROFILES, Topics.ALL_STATUS, Topics.REQUESTS,
-                              Topics.ALL_PROBE_RESULTS, Topics.ALL_STREAMS, Topics.ALL_STATS):
-                    await client.subscribe(topic, qos=1)
-                if self.ha_discovery:
-                    await publish_discovery(client, controller_configs())
-                self._spawn(self._publish_stats())
-                reader = asyncio.create_task(self._read(client))
-                try:
-                    await self._bring_up(info)
-                    maintain = asyncio.create_task(self._maintain(info))
-                    try:
-                        done, _ = await asyncio.wait([reader, maintain], return_when=asyncio.FIRST_COMPLETED)
-                        for task in done:
-                            task.result()
-                    finally:
-                        maintain.cancel()
-                finally:
-                    reader.cancel()
-                    # a clean exit sends no last-will: say so ourselves, or the retained "ready" would linger
-                    if self.state != "error":  # keep an error's detail for clients
-                        with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-                            await asyncio.wait_for(self._status("offline"), 2.0)
-        except aiomqtt.MqttError as exc:
-            raise mqtt.connect_error(self.broker, exc) from None
+            done, _ = await asyncio.wait([connection, asyncio.create_task(self._connected.wait())],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if connection in done:
+                connection.result()  # raises the connect error
+            if self.ha_discovery:
+                await publish_discovery(self._client, controller_configs())
+            self._spawn(self._publish_stats())
+            await self._bring_up(info)
+            maintain = asyncio.create_task(self._maintain(info))
+            try:
+                done, _ = await asyncio.wait([connection, maintain], return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            finally:
+                maintain.cancel()
         finally:
+            client = self._client
+            # a clean exit sends no last-will: say so ourselves, or the retained "ready" would linger
+            if client is not None and self.state != "error":  # keep an error's detail for clients
+                with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                    await asyncio.wait_for(client.publish(Topics.CONTROLLER, self._status_message("offline").dump(),
+                                                          qos=1, retain=True), 2.0)
+            connection.cancel()
+            with contextlib.suppress(asyncio.CancelledError, HomeringError):
+                await connection
             if api is not None:
                 api.should_exit = True
                 await self._api_task
+
+    async def _connection(self) -> None:
+        """Keep a broker connection: subscribe, publish the retained state again, read; reconnect with backoff.
+
+        Raises:
+            HomeringError: the first connection failed.
+        """
+        will = aiomqtt.Will(Topics.CONTROLLER, ControllerStatus(state="offline").dump(), qos=1, retain=True)
+        backoff, connected_once = 0.25, False
+        while True:
+            try:
+                async with mqtt.client(self.broker, identifier="homering-controller", will=will,
+                                       keepalive=5) as client:
+                    for topic in (Topics.ALL_PROFILES, Topics.ALL_STATUS, Topics.REQUESTS, Topics.PLAN,
+                                  Topics.ALL_PROBE_RESULTS, Topics.ALL_STREAMS, Topics.ALL_STATS):
+                        await client.subscribe(topic, qos=1)
+                    if self.plan is not None:  # a restarted broker lost the retained plan
+                        await client.publish(Topics.PLAN, self.plan.dump(), qos=1, retain=True)
+                    await client.publish(Topics.CONTROLLER, self._status_message(self.state, self.detail).dump(),
+                                         qos=1, retain=True)
+                    self._client = client
+                    self._connected_at = time.monotonic()
+                    self._connected.set()
+                    backoff = 0.25
+                    if connected_once:
+                        log.info("reconnected to the broker %s", self.broker)
+                        for rid in list(self._orders):  # events published while we were away are lost
+                            self._spawn(self._replay(rid))
+                    connected_once = True
+                    try:
+                        await self._read(client)
+                    finally:
+                        self._connected.clear()
+                        self._client = None
+            except aiomqtt.MqttError as exc:
+                if not connected_once:
+                    raise mqtt.connect_error(self.broker, exc) from None
+                log.warning("lost the broker (%s); reconnecting in %.1f s", exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_MAX_S)
+
+    async def _publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                       wait: bool = True) -> bool:
+        """Publish, waiting for the broker while it is away (``wait``); False when it was not published."""
+        while True:
+            if wait:
+                await self._connected.wait()
+            client = self._client
+            if client is None:
+                return False
+            try:
+                await client.publish(topic, payload, qos=qos, retain=retain)
+                return True
+            except aiomqtt.MqttError as exc:
+                if not wait:
+                    return False
+                log.warning("could not publish to %s (%s); retrying after a reconnect", topic, exc)
+                self._connected.clear()
+                await asyncio.sleep(0.1)
 
     async def _start_api(self):
         """Serve the OpenAI-compatible API (uvicorn) on this event loop; returns the server."""
@@ -185,13 +268,17 @@ class Controller:
         """The model's name in the API: the GGUF file name without ``.gguf``."""
         return self.model_path.name.removesuffix(".gguf")
 
-    async def _status(self, state: str, detail: str | None = None) -> None:
-        self.state = state
-        self.detail = detail
-        await self._client.publish(Topics.CONTROLLER, ControllerStatus(
+    def _status_message(self, state: str, detail: str | None = None) -> ControllerStatus:
+        return ControllerStatus(
             state=state, model=self.model_path.name, model_path=str(self.model_path),
             model_fingerprint=self.fingerprint, n_ctx=self.n_ctx, plan_id=self.plan.plan_id if self.plan else None,
-            detail=detail, api=self.api_url).dump(), qos=1, retain=True)
+            detail=detail, api=self.api_url)
+
+    async def _status(self, state: str, detail: str | None = None) -> None:
+        """Set and publish (retained) the controller's state; published again after a reconnect."""
+        self.state = state
+        self.detail = detail
+        await self._publish(Topics.CONTROLLER, self._status_message(state, detail).dump(), retain=True)
 
     def stats(self) -> ControllerStats:
         return ControllerStats(model=self.model_path.name, requests_in_flight=len(self.in_flight),
@@ -201,42 +288,74 @@ class Controller:
     async def _publish_stats(self) -> None:
         """Publish :class:`ControllerStats` (retained) every few seconds."""
         while True:
-            try:
-                await self._client.publish(Topics.CONTROLLER_STATS, self.stats().dump(), qos=0, retain=True)
-            except aiomqtt.MqttError:
-                return
+            await self._publish(Topics.CONTROLLER_STATS, self.stats().dump(), qos=0, retain=True, wait=False)
             await asyncio.sleep(STATS_INTERVAL_S)
 
+    def _silent(self, name: str) -> bool:
+        """The agent's heartbeat stopped: nothing from it for :data:`LOST_AFTER_S` while we were connected."""
+        since = max(self._last_seen.get(name, 0.0), self._connected_at)
+        return self._connected.is_set() and time.monotonic() - since > LOST_AFTER_S
+
     def live_agents(self) -> list[AgentProfile]:
-        """Agents with a profile whose status is not offline/error."""
+        """Agents with a profile whose status is not offline/error and whose heartbeat goes on."""
         return [p for n, p in sorted(self.profiles.items())
-                if self.statuses.get(n) is not None and self.statuses[n].state in LIVE_STATES]
+                if self.statuses.get(n) is not None and self.statuses[n].state in LIVE_STATES and not self._silent(n)]
 
     def profiled_agents(self) -> list[AgentProfile]:
         """Live agents that have measured their device for this controller's model."""
         return [p for p in self.live_agents()
                 if p.device is not None and p.device.model_fingerprint == self.fingerprint]
 
-    def members(self) -> frozenset:
-        """Identity of the agents a plan would be made for (a restarted agent is a new member)."""
-        return frozenset((p.name, p.host, p.data_port, p.pid) for p in self.profiled_agents())
+    @staticmethod
+    def _identity(p: AgentProfile) -> tuple:
+        return (p.name, p.host, p.data_port, p.pid)  # a restarted agent is a new member
 
-    async def _wait_for(self, predicate, timeout: float | None) -> bool:
-        """Wait until ``predicate()`` holds (re-checked on every message); False on timeout."""
+    def _hold_s(self, name: str) -> float:
+        """How long a (re)joining agent must stay up before it is planned in: doubles with each recent loss."""
+        now = time.monotonic()
+        recent = [t for t in self._losses.get(name, []) if now - t < FLAP_WINDOW_S]
+        self._losses[name] = recent
+        return min(JOIN_HOLD_S * 2 ** len(recent), JOIN_HOLD_MAX_S)
+
+    def members(self) -> frozenset:
+        """Identities of the agents a plan would be made for now.
+
+        Agents of the current plan stay members while they live; a new or
+        returning agent becomes one after :meth:`_hold_s` seconds up
+        (hysteresis: a flapping device does not force re-plans in a loop).
+        """
+        now, planned = time.monotonic(), self.planned_members or frozenset()
+        out = set()
+        for p in self.profiled_agents():
+            ident = self._identity(p)
+            if ident in planned or now - self._live_since.get(p.name, now) >= self._hold_s(p.name):
+                out.add(ident)
+        return frozenset(out)
+
+    def lost(self) -> list[str]:
+        """Agents of the current plan's ring that are no longer live members."""
+        if self.plan is None or self.planned_members is None:
+            return []
+        current = {m[0] for m in self.members()}
+        ring = {a.name for a in self.plan.ring}
+        return sorted(m[0] for m in self.planned_members if m[0] in ring and m[0] not in current)
+
+    async def _wait_for(self, predicate, timeout: float | None, *, poll: float | None = None) -> bool:
+        """Wait until ``predicate()`` holds (re-checked on every message, and every ``poll`` seconds for
+        predicates that depend on time); False on timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout is not None else float("inf")
         while not predicate():
             self._changed.clear()
-            if timeout is None:
-                await self._changed.wait()
-                continue
             left = deadline - loop.time()
             if left <= 0:
                 return False
+            wait = min(left, poll) if poll is not None else left
             try:
-                await asyncio.wait_for(self._changed.wait(), left)
+                await asyncio.wait_for(self._changed.wait(), None if wait == float("inf") else wait)
             except TimeoutError:
-                return predicate()
+                if loop.time() >= deadline:
+                    return predicate()
         return True
 
     async def _bring_up(self, info) -> None:
@@ -250,7 +369,41 @@ class Controller:
                       f": start more with 'homering agent --broker {self.broker}'"))
             await self._status("error", msg)
             raise HomeringError(msg)
-        await self._replan(info)
+        if not await self._adopt():
+            await self._replan(info)
+
+    async def _adopt(self) -> bool:
+        """Take over the retained plan when its agents still serve it (a restarted controller).
+
+        The plan must be for this model with these settings, and every agent
+        of its ring must be live and ``ready`` with it; then no agent reloads
+        anything.
+        """
+        serving = {s.plan_id for n, s in self.statuses.items() if s.state == "ready" and s.plan_id}
+        if not serving:
+            return False
+        await self._wait_for(lambda: self._retained_plan is not None and self._retained_plan.plan_id in serving, 2.0)
+        plan = self._retained_plan
+        if plan is None or plan.plan_id not in serving:
+            return False
+        live = {p.name: p for p in self.profiled_agents()}
+        same = (plan.model_fingerprint == self.fingerprint and plan.model_path == str(self.model_path)
+                and plan.n_ctx == self.n_ctx and plan.n_batch == self.n_batch and plan.n_parallel == self.n_parallel
+                and plan.planner == self.planner and (self.rounds is None or plan.k == self.rounds))
+        members_ok = all(
+            a.name in live and (live[a.name].host, live[a.name].data_port) == (a.host, a.data_port)
+            and self.statuses[a.name].state == "ready" and self.statuses[a.name].plan_id == plan.plan_id
+            for a in plan.ring)
+        if not (same and members_ok):
+            return False
+        self.plan = plan
+        self.planned_members = frozenset(self._identity(p) for p in live.values())
+        self.links = {a.name: (a.link_ms, 0.0) for a in plan.ring if a.link_ms is not None}
+        self.ready = True
+        await self._status("ready")
+        log.info("adopted plan %s: its %d agent(s) still serve it (head %s)", plan.plan_id, len(plan.ring),
+                 plan.head.name)
+        return True
 
     async def _replan(self, info) -> None:
         """Probe links, plan over the profiled agents, publish the plan, and wait until it is loaded.
@@ -279,7 +432,7 @@ class Controller:
                  self.plan.k, self.plan.predicted_ms_per_token or 0,
                  ", ".join(f"{a.name}{[(w.start, w.end) for w in a.windows]}" for a in self.plan.ring),
                  f"; dropped {', '.join(self.plan.dropped)}" if self.plan.dropped else "")
-        await self._client.publish(Topics.PLAN, self.plan.dump(), qos=1, retain=True)
+        await self._publish(Topics.PLAN, self.plan.dump(), retain=True)
 
         def loaded() -> bool:
             sts = [self.statuses.get(a.name) for a in self.plan.ring]
@@ -309,8 +462,8 @@ class Controller:
                 out.append(p)
                 continue
             probe_id = uuid.uuid4().hex[:12]
-            await self._client.publish(Topics.probe(p.name), LinkProbe(
-                probe_id=probe_id, host=head.host, port=head.data_port).dump(), qos=1)
+            await self._publish(Topics.probe(p.name), LinkProbe(
+                probe_id=probe_id, host=head.host, port=head.data_port).dump())
             if not await self._wait_for(lambda: probe_id in self._reports, PROBE_TIMEOUT_S):
                 log.warning("agent %s did not answer the link probe; left out of the plan", p.name)
                 continue
@@ -324,35 +477,74 @@ class Controller:
         return out
 
     async def _maintain(self, info) -> None:
-        """Re-plan when agents join or leave, once no request is in flight."""
+        """Re-plan when the agents change: at once when one of the ring is lost (the requests in flight
+        resume on the new ring), at the next request boundary when agents join."""
         def due() -> bool:
+            if self.plan is None:
+                return False
+            if self._broken or self.lost():
+                self.ready = False
+                return True
             if self.members() == self.planned_members:
                 return False
             self.ready = False  # new requests wait for the new plan
-            head = self.statuses.get(self.plan.head.name) if self.plan else None
-            if head is None or head.state not in LIVE_STATES:  # the head is gone, and every request it served
-                for rid in list(self.in_flight):
-                    events = self._streams.get(rid)
-                    if events is not None:
-                        events.put_nowait(None)
-                    else:
-                        self._free(rid)
             return not self.in_flight
 
         while True:
-            await self._wait_for(due, None)
-            await asyncio.sleep(SETTLE_S)
-            if not due():
-                continue
+            await self._wait_for(due, None, poll=0.5)
+            lost, why = self.lost(), self._broken
+            if lost:
+                log.warning("lost agent(s) %s: re-planning over the rest", ", ".join(lost))
+                for name in lost:
+                    self._losses.setdefault(name, []).append(time.monotonic())
+            elif why:
+                log.warning("a head reported a broken ring (%s): re-planning", why)
+            else:
+                await asyncio.sleep(SETTLE_S)  # let a burst of joins settle
+                if not due():
+                    continue
+                log.info("agents changed: re-planning")
+            self._broken = None
+            await self._interrupt_all()
             if not self.profiled_agents():
-                if self.ready:
-                    log.warning("every agent left; waiting for one to join")
-                    self.ready = False
-                    await self._status("waiting", "no agents")
-                await self._wait_for(lambda: bool(self.profiled_agents()), None)
+                self.ready = False
+                self.planned_members = frozenset()
+                self._plan_failed = (time.monotonic(), "every agent left")
+                log.warning("every agent left; waiting for one to join")
+                await self._status("waiting", "no agents")
+                await self._wait_for(lambda: bool(self.members()), None, poll=0.5)
                 continue
-            log.info("agents changed: re-planning")
-            await self._replan(info)
+            try:
+                await self._replan(info)
+                self._plan_failed = None
+            except HomeringError as exc:  # e.g. the model no longer fits the agents left
+                log.error("re-planning failed: %s", exc)
+                self._plan_failed = (time.monotonic(), str(exc))
+                self.planned_members = self.members()  # wait for the agents to change again
+                await self._status("waiting", f"re-planning failed: {exc}")
+
+    async def _interrupt_all(self) -> None:
+        """Tell the heads of the requests in flight to end them with ``interrupted`` (they resume later)."""
+        for rid in list(self.in_flight):
+            head = self._heads.get(rid)
+            if head is None:
+                continue  # already waiting to resume
+            status = self.statuses.get(head)
+            if status is not None and status.state in LIVE_STATES and not self._silent(head):
+                await self._publish(Topics.cancel(head), CancelJob(request_id=rid, interrupt=True).dump(), wait=False)
+            elif rid in self._streams:  # the head itself is gone: the request resumes from the tokens we saw
+                self._streams[rid].put_nowait(StreamEvent(
+                    request_id=rid, type="interrupted", attempt=self._orders[rid].attempt,
+                    error=f"its head {head} was lost"))
+            else:
+                self._free(rid)
+
+    def _seen(self, name: str) -> None:
+        """A message from agent ``name``: its heartbeat goes on."""
+        now = time.monotonic()
+        if name not in self._last_seen or self._silent(name):
+            self._live_since[name] = now
+        self._last_seen[name] = now
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -362,32 +554,58 @@ class Controller:
                     if message.payload:
                         p = AgentProfile.load(message.payload)
                         self.profiles[p.name] = p
+                        self._seen(p.name)
                 elif message.topic.matches(Topics.ALL_STATUS):
                     name = topic.split("/")[-2]
                     if message.payload:
-                        self.statuses[name] = AgentStatus.load(message.payload)
-                        if self.statuses[name].state == "offline":
+                        status = AgentStatus.load(message.payload)
+                        before = self.statuses.get(name)
+                        self.statuses[name] = status
+                        if status.state == "offline":
                             log.warning("agent %s went offline", name)
+                        else:
+                            if before is None or before.state not in LIVE_STATES:
+                                self._live_since[name] = time.monotonic()
+                            self._seen(name)
                 elif message.topic.matches(Topics.REQUESTS):
                     self._spawn(self._on_request(GenerateRequest.load(message.payload)))
                 elif message.topic.matches(Topics.ALL_STATS):
                     if message.payload:
                         st = AgentStats.load(message.payload)
                         self.agent_stats[st.name] = st
+                        if not message.retain:  # a retained copy is no heartbeat
+                            self._seen(st.name)
+                elif message.topic.matches(Topics.PLAN):
+                    if message.payload:
+                        self._retained_plan = Plan.load(message.payload)
                 elif message.topic.matches(Topics.ALL_PROBE_RESULTS):
                     report = LinkReport.load(message.payload)
                     self._reports[report.probe_id] = report
                 elif message.topic.matches(Topics.ALL_STREAMS):
-                    request_id = topic.rsplit("/", 1)[-1]
-                    events = self._streams.get(request_id)
-                    if events is not None:
-                        events.put_nowait(StreamEvent.load(message.payload))
-                    elif request_id in self._abandoned and StreamEvent.load(message.payload).type in ("done", "error"):
-                        self.metrics.count("cancelled")
-                        self._free(request_id)
+                    self._on_stream(topic.rsplit("/", 1)[-1], StreamEvent.load(message.payload))
             except MalformedMessage as exc:
                 log.warning("dropped malformed message on %s: %s", topic, exc)
             self._changed.set()
+
+    def _on_stream(self, request_id: str, event: StreamEvent) -> None:
+        """A stream event from a head: in order, once, to the request's consumer (see :class:`StreamOrder`)."""
+        events, order = self._streams.get(request_id), self._orders.get(request_id)
+        if events is not None and order is not None:
+            for ev in order.push(event):
+                events.put_nowait(ev)
+            if order.waiting:  # some were lost (a broker outage): ask the head again
+                self._spawn(self._replay(request_id))
+        elif request_id in self._abandoned and event.type in ("done", "error", "interrupted"):
+            self.metrics.count("cancelled")
+            self._free(request_id)
+
+    async def _replay(self, request_id: str) -> None:
+        """Ask the request's head to publish its events again from the first one we miss."""
+        order, head = self._orders.get(request_id), self._heads.get(request_id)
+        if order is None or head is None:
+            return
+        await self._publish(Topics.replay(head), StreamReplay(
+            request_id=request_id, attempt=order.attempt, from_index=order.expected).dump(), wait=False)
 
     async def _on_request(self, req: GenerateRequest) -> None:
         """A request over MQTT: admit it; the head streams the answer to the client's topic itself."""
@@ -396,8 +614,8 @@ class Controller:
                 pass
         except RequestError as exc:
             log.info("request %s rejected: %s", req.request_id, exc)
-            await self._client.publish(Topics.stream(req.request_id), StreamEvent(
-                request_id=req.request_id, type="error", error=str(exc)).dump(), qos=1)
+            await self._publish(Topics.stream(req.request_id), StreamEvent(
+                request_id=req.request_id, type="error", error=str(exc)).dump())
 
     def prepare(self, req: GenerateRequest) -> list[int]:
         """The prompt's token ids: the chat rendered with the model's template, the text tokenized, or the ids.
@@ -438,6 +656,11 @@ class Controller:
         consumer stops early (a client that disconnected), the head is told
         to cancel; the sequence is free again once the head has stopped.
 
+        When the ring breaks mid-answer (``interrupted``, or the head lost),
+        the request resumes on the next plan from the tokens already yielded:
+        the consumer sees a pause, never a repeated or changed token. If no
+        plan can be made any more, it ends with an ``error`` event.
+
         Raises:
             RequestError: 400/413 (see :meth:`prepare`), 429 when the queue is
                 full, 503 when no plan is ready.
@@ -452,23 +675,36 @@ class Controller:
         except QueueFull as exc:
             self.metrics.count("queue_full")
             raise RequestError(429, str(exc), code="queue_full") from None
+        rid = req.request_id
         events: asyncio.Queue = asyncio.Queue()
+        order = StreamOrder()
         finished = False
-        head = None
+        sent: list[int] = []  # token ids yielded so far
         try:
             if not self.ready and not await self._wait_for(lambda: self.ready, self.join_timeout * 5):
                 raise RequestError(503, "the cluster is re-planning and not ready yet; try again")
-            head = self.plan.head.name
-            self.in_flight[req.request_id] = seq
-            self._streams[req.request_id] = events
-            job = GenerateJob(request_id=req.request_id, plan_id=self.plan.plan_id, seq_id=seq,
-                              prompt_token_ids=ids, sampling=req.sampling)
-            await self._client.publish(Topics.generate(head), job.dump(), qos=1)
+            self.in_flight[rid] = seq
+            self._streams[rid] = events
+            self._orders[rid] = order
+            plan_id = await self._start(rid, seq, ids, req, sent, 0)
             while True:
                 event = await events.get()
-                if event is None:  # the head went away
-                    event = StreamEvent(request_id=req.request_id, type="error",
-                                        error="the head agent went offline during the request")
+                if event.type == "interrupted":  # the ring broke: resume on the next plan
+                    if event.attempt != order.attempt:
+                        continue  # about an attempt already given up
+                    why = event.error or "interrupted"
+                    if self.ready and self.plan is not None and self.plan.plan_id == plan_id:
+                        self._broken = why  # nobody re-plans otherwise (e.g. a ring that stalled)
+                    log.info("request %s interrupted after %d token(s) (%s); resuming", rid, len(sent), why)
+                    order.advance(order.attempt + 1)
+                    plan_id = await self._resume(rid, seq, ids, req, sent, order.attempt, plan_id)
+                    if plan_id is not None:
+                        continue
+                    event = StreamEvent(request_id=rid, type="error", error=(
+                        f"the cluster lost an agent and could not resume the request: "
+                        f"{self._plan_failed[1] if self._plan_failed else 'no plan'}"))
+                if event.type == "token" and event.token_id is not None:
+                    sent.append(event.token_id)
                 if event.type in ("done", "error"):
                     finished = True
                     self.metrics.finished(event, time.perf_counter() - t0)
@@ -478,24 +714,52 @@ class Controller:
                 if finished:
                     return
         finally:
-            self._streams.pop(req.request_id, None)
-            if req.request_id not in self.in_flight:
+            self._streams.pop(rid, None)
+            self._orders.pop(rid, None)
+            head = self._heads.get(rid)
+            if rid not in self.in_flight:
                 self.sequences.release(seq)  # never reached the head
-            elif finished:
-                self._free(req.request_id)
+            elif finished or head is None:
+                self._free(rid)
             else:  # the consumer left: stop the head; the sequence frees when its "done" arrives
-                self._abandoned.add(req.request_id)
-                self._spawn(self._cancel(head, req.request_id))
+                self._abandoned.add(rid)
+                self._spawn(self._cancel(head, rid))
+
+    async def _start(self, rid: str, seq: int, ids: list[int], req: GenerateRequest, sent: list[int],
+                     attempt: int) -> str:
+        """Send the job (or, for ``attempt`` > 0, its resumption after ``sent``) to the current plan's head."""
+        plan = self.plan
+        self._heads[rid] = plan.head.name
+        job = GenerateJob(request_id=rid, plan_id=plan.plan_id, seq_id=seq, prompt_token_ids=ids,
+                          sampling=req.sampling, attempt=attempt, resume_token_ids=list(sent))
+        await self._publish(Topics.generate(plan.head.name), job.dump())
+        return plan.plan_id
+
+    async def _resume(self, rid: str, seq: int, ids: list[int], req: GenerateRequest, sent: list[int],
+                      attempt: int, old_plan: str) -> str | None:
+        """Wait for a plan other than ``old_plan`` and resume the request on it; None when re-planning failed."""
+        t = time.monotonic()
+        self._heads.pop(rid, None)
+        self._changed.set()
+
+        def settled() -> bool:
+            failed = self._plan_failed is not None and self._plan_failed[0] >= t
+            return failed or (self.ready and self.plan is not None and self.plan.plan_id != old_plan)
+
+        if not await self._wait_for(settled, self.join_timeout * 5, poll=0.5) or not self.ready:
+            return None
+        log.info("request %s resumes on plan %s after %.1f s", rid, self.plan.plan_id, time.monotonic() - t)
+        return await self._start(rid, seq, ids, req, sent, attempt)
 
     async def _cancel(self, head: str, request_id: str) -> None:
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self._client.publish(Topics.cancel(head), CancelJob(request_id=request_id).dump(), qos=1)
+        await self._publish(Topics.cancel(head), CancelJob(request_id=request_id).dump(), wait=False)
         log.info("request %s cancelled (its client left)", request_id)
 
     def _free(self, request_id: str) -> None:
         """The request is over: its sequence goes to the next in line."""
         seq = self.in_flight.pop(request_id, None)
         self._abandoned.discard(request_id)
+        self._heads.pop(request_id, None)
         if seq is not None:
             self.sequences.release(seq)
         self._changed.set()

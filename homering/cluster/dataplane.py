@@ -60,6 +60,11 @@ class Frame:
         return cls(FrameHeader(FrameKind.PING, DType.NONE, 0, 0, 0, 0, 0, 0, 0), None)
 
     @classmethod
+    def hello(cls, plan_tag: int) -> "Frame":
+        """The first frame on a ring link: the plan (:attr:`Plan.tag`) under which the sender will send."""
+        return cls(FrameHeader(FrameKind.HELLO, DType.NONE, plan_tag & 0xFFFFFFFF, 0, 0, 0, 0, 0, 0), None)
+
+    @classmethod
     def pong(cls) -> "Frame":
         return cls(FrameHeader(FrameKind.PONG, DType.NONE, 0, 0, 0, 0, 0, 0, 0), None)
 

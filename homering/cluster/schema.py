@@ -14,6 +14,7 @@ topic                              retained    payload
 ``<p>/agents/<name>/probe/result`` no          :class:`LinkReport` (agent → controller)
 ``<p>/agents/<name>/stats``        yes         :class:`AgentStats` (every few seconds)
 ``<p>/agents/<name>/cancel``       no          :class:`CancelJob` (controller → head)
+``<p>/agents/<name>/replay``       no          :class:`StreamReplay` (controller → head)
 ``<p>/plan``                       yes         :class:`Plan`
 ``<p>/controller/status``          yes (will)  :class:`ControllerStatus`
 ``<p>/controller/stats``           yes         :class:`ControllerStats` (every few seconds)
@@ -32,6 +33,7 @@ one llama_decode).
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Literal
@@ -72,6 +74,10 @@ class Topics:
     @staticmethod
     def cancel(name: str) -> str:
         return f"{PREFIX}/agents/{name}/cancel"
+
+    @staticmethod
+    def replay(name: str) -> str:
+        return f"{PREFIX}/agents/{name}/replay"
 
     ALL_PROFILES = f"{PREFIX}/agents/+/profile"
     ALL_PROBE_RESULTS = f"{PREFIX}/agents/+/probe/result"
@@ -223,6 +229,12 @@ class Plan(Message):
     ring: list[PlanAgent] = Field(min_length=1)
 
     @property
+    def tag(self) -> int:
+        """A 32-bit tag of this plan (CRC-32 of its id): HELLO frames carry it, so that a window never runs
+        frames a neighbour sent under another plan."""
+        return zlib.crc32(self.plan_id.encode())
+
+    @property
     def head(self) -> PlanAgent:
         return self.ring[-1]
 
@@ -296,13 +308,27 @@ class GenerateJob(Message):
     seq_id: int = Field(ge=0, default=0)
     prompt_token_ids: list[int] = Field(min_length=1)
     sampling: Sampling
+    attempt: int = Field(ge=0, default=0, description="0, then +1 each time the request resumes on a new ring")
+    resume_token_ids: list[int] = Field(
+        default_factory=list, description="tokens already streamed to the client by an earlier attempt: the head "
+        "replays prompt + these through the ring to rebuild the KV caches, then goes on generating")
 
 
 class StreamEvent(Message):
-    """One event of a request's stream: a text delta, the end, or an error."""
+    """One event of a request's stream: a text delta, the end, an error, or an interruption.
+
+    ``interrupted`` (head → controller) says the ring broke (an agent was
+    lost, or the controller re-planned) after the tokens in ``token_ids``
+    were streamed; the controller then resumes the request on the new ring
+    (a :class:`GenerateJob` with ``resume_token_ids``), and the client's
+    stream goes on from there. ``index`` numbers an attempt's events 0, 1, …
+    so that a receiver drops duplicates after a :class:`StreamReplay`.
+    """
 
     request_id: str
-    type: Literal["token", "done", "error"]
+    type: Literal["token", "done", "error", "interrupted"]
+    attempt: int = 0
+    index: int | None = None
     text: str = ""
     token_id: int | None = None
     # done only
@@ -370,10 +396,29 @@ class ControllerStats(Message):
 
 
 class CancelJob(Message):
-    """The controller asks the head to stop a request (its client went away); the head ends its
-    stream with ``done``/``finish_reason = "cancelled"`` and frees the sequence."""
+    """The controller asks the head to stop a request.
+
+    Its client went away: the head ends the stream with ``done`` and
+    ``finish_reason = "cancelled"``. Or (``interrupt``) the ring lost an
+    agent: the head ends it with ``interrupted`` and the tokens so far, and
+    the controller resumes it elsewhere. Either way the sequence is freed.
+    """
 
     request_id: str = Field(pattern=_NAME)
+    interrupt: bool = False
+
+
+class StreamReplay(Message):
+    """The controller asks the head to publish again a request's events from ``from_index`` on.
+
+    Sent after the controller reconnects to the broker: events the head
+    published while the controller was away were lost (stream events are not
+    retained). The head keeps the events of its recent requests.
+    """
+
+    request_id: str = Field(pattern=_NAME)
+    attempt: int = 0
+    from_index: int = Field(ge=0, default=0)
 
 
 # ------------------------------------------------------------------ data plane
@@ -384,6 +429,7 @@ class FrameKind(IntEnum):
     ERROR = 3      # a window failed; payload is a UTF-8 message; goes on to the head
     PING = 4       # link probe: the receiver answers PONG on the same connection
     PONG = 5       # answer to PING (no payload)
+    HELLO = 6      # first frame on a ring link: request_id = the sender's plan tag (plan_tag())
 
 
 class DType(IntEnum):

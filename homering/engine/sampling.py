@@ -68,6 +68,15 @@ class SamplerChain:
         llama_cpp.llama_sampler_accept(self._chain, token)
         return token
 
+    def accept(self, tokens: list[int]) -> None:
+        """Add tokens chosen earlier to the chain's history (penalties), as when a request resumes.
+
+        The random state of a seeded chain is not restored: a resumed request
+        with temperature > 0 goes on from a fresh draw of the same seed.
+        """
+        for t in tokens:
+            llama_cpp.llama_sampler_accept(self._chain, int(t))
+
     def close(self) -> None:
         if self._chain:
             llama_cpp.llama_sampler_free(self._chain)
