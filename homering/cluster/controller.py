@@ -52,6 +52,7 @@ DEFAULT_BATCH = 64  # tokens per prefill micro-batch (see Controller)
 DEFAULT_PARALLEL = 4  # requests served at once (KV sequences per window)
 DEFAULT_QUEUE = 16  # requests that may wait for a sequence
 STATS_INTERVAL_S = 2.0
+OFFLINE_GRACE_S = 0.5  # a last will counts once our own connection outlived it (a stopping broker sends them all)
 LOST_AFTER_S = 3.5  # an agent whose heartbeat (stats, every 1 s) stops this long counts as lost
 JOIN_HOLD_S = 2.0  # a joining agent must stay up this long before it is planned in (doubles per recent loss)
 JOIN_HOLD_MAX_S = 60.0
@@ -138,6 +139,7 @@ class Controller:
         self._connected_at = 0.0
         self._last_seen: dict[str, float] = {}  # agent -> monotonic time of its last message
         self._live_since: dict[str, float] = {}  # agent -> when it (re)appeared live
+        self._offline_at: dict[str, float] = {}  # agent -> when its "offline" status arrived
         self._losses: dict[str, list[float]] = {}  # agent -> times it was lost (hysteresis)
         self._orders: dict[str, StreamOrder] = {}  # request id -> its stream's order (this process's requests)
         self._heads: dict[str, str] = {}  # request id -> the head serving its current attempt
@@ -296,10 +298,26 @@ class Controller:
         since = max(self._last_seen.get(name, 0.0), self._connected_at)
         return self._connected.is_set() and time.monotonic() - since > LOST_AFTER_S
 
+    def _live(self, name: str) -> bool:
+        """The agent's status is live and its heartbeat goes on.
+
+        An ``offline`` status (a last will) counts only once our own broker
+        connection outlived it by :data:`OFFLINE_GRACE_S`: a broker that stops
+        publishes every client's will, and the agents come back with it.
+        """
+        status = self.statuses.get(name)
+        if status is None or self._silent(name):
+            return False
+        if status.state in LIVE_STATES:
+            return True
+        if status.state == "offline":
+            at = self._offline_at.get(name, 0.0)  # while we are away from the broker we cannot tell
+            return not self._connected.is_set() or at < self._connected_at or time.monotonic() - at < OFFLINE_GRACE_S
+        return False
+
     def live_agents(self) -> list[AgentProfile]:
         """Agents with a profile whose status is not offline/error and whose heartbeat goes on."""
-        return [p for n, p in sorted(self.profiles.items())
-                if self.statuses.get(n) is not None and self.statuses[n].state in LIVE_STATES and not self._silent(n)]
+        return [p for n, p in sorted(self.profiles.items()) if self._live(n)]
 
     def profiled_agents(self) -> list[AgentProfile]:
         """Live agents that have measured their device for this controller's model."""
@@ -324,7 +342,9 @@ class Controller:
         returning agent becomes one after :meth:`_hold_s` seconds up
         (hysteresis: a flapping device does not force re-plans in a loop).
         """
-        now, planned = time.monotonic(), self.planned_members or frozenset()
+        if self.planned_members is None:  # the first plan: every agent that joined
+            return frozenset(self._identity(p) for p in self.profiled_agents())
+        now, planned = time.monotonic(), self.planned_members
         out = set()
         for p in self.profiled_agents():
             ident = self._identity(p)
@@ -414,7 +434,7 @@ class Controller:
         self.ready = False
         await self._status("planning")
         members = self.members()
-        agents = await self._probe_links(self.profiled_agents())
+        agents = await self._probe_links([p for p in self.profiled_agents() if self._identity(p) in members])
         if not agents:
             raise HomeringError("no agents left to plan for")
         shape = shape_from_gguf(self.model_path, self.n_ctx, self.n_parallel)
@@ -488,7 +508,8 @@ class Controller:
             if self.members() == self.planned_members:
                 return False
             self.ready = False  # new requests wait for the new plan
-            return not self.in_flight
+            # a request boundary: none is running (requests waiting to resume have no head)
+            return not any(rid in self._heads for rid in self.in_flight)
 
         while True:
             await self._wait_for(due, None, poll=0.5)
@@ -530,7 +551,7 @@ class Controller:
             if head is None:
                 continue  # already waiting to resume
             status = self.statuses.get(head)
-            if status is not None and status.state in LIVE_STATES and not self._silent(head):
+            if self._live(head):
                 await self._publish(Topics.cancel(head), CancelJob(request_id=rid, interrupt=True).dump(), wait=False)
             elif rid in self._streams:  # the head itself is gone: the request resumes from the tokens we saw
                 self._streams[rid].put_nowait(StreamEvent(
@@ -562,6 +583,7 @@ class Controller:
                         before = self.statuses.get(name)
                         self.statuses[name] = status
                         if status.state == "offline":
+                            self._offline_at[name] = time.monotonic()
                             log.warning("agent %s went offline", name)
                         else:
                             if before is None or before.state not in LIVE_STATES:

@@ -110,10 +110,19 @@ class LocalCluster:
         return self
 
     def check(self) -> None:
-        """Raise HomeringError if a child already exited."""
+        """Raise HomeringError if the broker or the controller exited.
+
+        An agent that exits is only logged (once): the controller re-plans
+        over the others and the cluster goes on.
+        """
         for p in self.procs:
-            if p.poll() is not None:
+            if p.poll() is None:
+                continue
+            if not p.role.startswith("agent"):
                 raise HomeringError(f"a cluster process exited with code {p.returncode}: {p.role}")
+            if not getattr(p, "reported", False):
+                p.reported = True
+                log.warning("an agent exited with code %d; the cluster goes on without it", p.returncode)
 
     def stop(self) -> None:
         """Stop every child: SIGTERM, wait ``grace`` seconds, then SIGKILL.

@@ -1,0 +1,226 @@
+"""Fault tolerance end to end: lose an agent mid-answer, restart the broker, restart the controller.
+
+Real processes (`homering up`, `homering controller`, `homering agent`) on a real mosquitto; the answer
+must come out identical to a run without the fault (greedy decoding)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from homering.cluster.broker import free_port, wait_for_port
+from homering.cluster.local import stop_processes
+
+from tests.conftest import _mosquitto_binary
+
+N_CTX = 512
+MAX_NEW = 64
+PROMPT = "The history of the printing press begins"
+
+
+def _wait_healthy(base: str, procs: list[subprocess.Popen], timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                pytest.fail(f"{p.args[3:5]} exited with code {p.returncode}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    pytest.fail("the API did not become healthy")
+
+
+def _homering(*args: str, log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "homering", *args], stdout=log, stderr=log,
+                            stdin=subprocess.DEVNULL)
+
+
+def _stream(base: str, on_token=None, max_tokens: int = MAX_NEW) -> tuple[str, int, str]:
+    """A greedy streaming completion; ``on_token(i)`` runs after the i-th text chunk. Returns (text, tokens,
+    finish_reason)."""
+    body = {"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    text, n, finish, usage = [], 0, None, None
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=180) as resp:
+        assert resp.status_code == 200, resp.read()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                if choice.get("text"):
+                    text.append(choice["text"])
+                    n += 1
+                    if on_token is not None:
+                        on_token(n)
+                finish = choice.get("finish_reason") or finish
+    assert usage is not None
+    return "".join(text), usage["completion_tokens"], finish
+
+
+def _cluster(base: str) -> dict:
+    return httpx.get(f"{base}/v1/cluster", timeout=5).json()
+
+
+def _wait_plan(base: str, n_agents: int, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c = _cluster(base)
+        if c["state"] == "ready" and c["plan"] and len(c["plan"]["ring"]) == n_agents:
+            return c
+        time.sleep(0.3)
+    pytest.fail(f"no ready plan over {n_agents} agent(s) within {timeout:.0f} s: {_cluster(base)['state']}")
+
+
+@pytest.fixture
+def up3(smollm2, mosquitto, tmp_path):
+    """`homering up --agents 3` over mosquitto, a ring of 3 (the proportional planner uses every agent)."""
+    port = free_port()
+    with open(tmp_path / "up.log", "w") as log:
+        proc = _homering("up", "--agents", "3", "--model", str(smollm2), "--broker", str(mosquitto),
+                         "--threads", "1", "--ctx", str(N_CTX), "--planner", "proportional", "--api-port", str(port),
+                         "--no-chat", log=log)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(base, [proc])
+            yield base
+        finally:
+            stop_processes([proc], 30)
+
+
+def test_kill_a_non_head_agent_mid_answer_and_finish_it_identically(up3):
+    base = up3
+    before = _wait_plan(base, 3)
+    expected, n_expected, finish = _stream(base)
+    assert (n_expected, finish) == (MAX_NEW, "length")
+
+    victim = next(a for a in before["agents"] if a["in_plan"] and not a["head"])
+    killed = {}
+
+    def kill_halfway(i: int) -> None:
+        if i == MAX_NEW // 2 and not killed:
+            os.kill(victim["pid"], signal.SIGKILL)
+            killed["at"] = time.monotonic()
+
+    text, n, finish = _stream(base, on_token=kill_halfway)
+    assert killed, "the answer ended before the kill"
+    assert (n, finish) == (MAX_NEW, "length")
+    assert text == expected  # no token repeated, lost or changed
+
+    after = _wait_plan(base, 2)
+    assert victim["name"] not in after["plan"]["ring"]
+    assert _stream(base)[0] == expected  # and the next request works on the smaller ring
+
+
+def test_a_lost_head_resumes_on_a_new_head(up3):
+    base = up3
+    before = _wait_plan(base, 3)
+    expected, _, _ = _stream(base)
+    head = next(a for a in before["agents"] if a["head"])
+    killed = {}
+
+    def kill_halfway(i: int) -> None:
+        if i == MAX_NEW // 2 and not killed:
+            os.kill(head["pid"], signal.SIGKILL)
+            killed["at"] = True
+
+    text, n, _ = _stream(base, on_token=kill_halfway)
+    assert killed and n == MAX_NEW
+    assert text == expected
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    """A mosquitto of this test's own, which the test restarts (on the same port)."""
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+
+    def start() -> subprocess.Popen:
+        p = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        if not wait_for_port("127.0.0.1", port):
+            pytest.fail("mosquitto did not start")
+        return p
+
+    state = {"proc": start()}
+
+    def restart(down_s: float = 1.0) -> None:
+        state["proc"].terminate()
+        state["proc"].wait(10)
+        time.sleep(down_s)
+        state["proc"] = start()
+
+    yield f"mqtt://127.0.0.1:{port}", restart
+    state["proc"].terminate()
+    state["proc"].wait(10)
+
+
+@pytest.fixture
+def separate(smollm2, own_broker, tmp_path):
+    """A controller and 2 agents as separate processes (so that the controller alone can be restarted)."""
+    broker, restart_broker = own_broker
+    port = free_port()
+    log = open(tmp_path / "cluster.log", "w")
+    controller_cmd = ("controller", "--broker", broker, "--model", str(smollm2), "--agents", "2", "--ctx", str(N_CTX),
+                      "--planner", "proportional", "--api-port", str(port))
+    procs = {"controller": _homering(*controller_cmd, log=log)}
+    for i in range(2):
+        procs[f"agent-{i}"] = _homering("agent", "--broker", broker, "--name", f"agent-{i}", "--threads", "1", log=log)
+    base = f"http://127.0.0.1:{port}"
+
+    def restart_controller() -> None:
+        stop_processes([procs["controller"]], 15)
+        procs["controller"] = _homering(*controller_cmd, log=log)
+        _wait_healthy(base, [procs["controller"]])
+
+    try:
+        _wait_healthy(base, list(procs.values()))
+        yield base, procs, restart_broker, restart_controller
+    finally:
+        stop_processes(list(procs.values()), 15)
+        log.close()
+
+
+def test_broker_restart_mid_request(separate):
+    base, procs, restart_broker, _ = separate
+    expected, _, _ = _stream(base)
+    restarted = {}
+
+    def restart_halfway(i: int) -> None:
+        if i == 8 and not restarted:
+            restart_broker(down_s=1.0)
+            restarted["done"] = True
+
+    text, n, finish = _stream(base, on_token=restart_halfway)
+    assert restarted and (n, finish) == (MAX_NEW, "length")
+    assert text == expected
+    assert _stream(base)[0] == expected  # the next request works too
+    assert all(p.poll() is None for p in procs.values())
+
+
+def test_controller_restart_keeps_the_agents_and_their_plan(separate):
+    base, procs, _, restart_controller = separate
+    expected, _, _ = _stream(base)
+    plan_before = _cluster(base)["plan"]["plan_id"]
+    agents = {n: p.pid for n, p in procs.items() if n.startswith("agent")}
+    restart_controller()
+    after = _wait_plan(base, 2)
+    assert after["plan"]["plan_id"] == plan_before  # adopted, not re-planned: no agent reloaded its windows
+    assert _stream(base)[0] == expected
+    assert {n: p.pid for n, p in procs.items() if n.startswith("agent")} == agents
+    assert all(procs[n].poll() is None for n in agents)
