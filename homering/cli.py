@@ -223,9 +223,8 @@ def agent(broker, name, threads, data_port, host, release, ha_discovery) -> None
     """Join the cluster as one device: load the planned layer windows, serve the ring."""
     from homering.cluster.agent import Agent, default_name
 
-    b = broker
-    _run(Agent(b, name=name or default_name(), threads=threads or os.cpu_count() or 1,
-               data_port=data_port, host=host or _local_address(b.host), release=release,
+    _run(Agent(broker, name=name or default_name(), threads=threads or os.cpu_count() or 1,
+               data_port=data_port, host=host or _local_address(broker.host), release=release,
                ha_discovery=ha_discovery).run())
 
 
