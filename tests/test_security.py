@@ -305,8 +305,6 @@ def test_secrets_are_not_on_any_command_line(keyed_api):
     """homering up hands the MQTT password and the API key to its children by environment only."""
     _, proc = keyed_api
     children = psutil.Process(proc.pid).children(recursive=True)
-    assert {c.cmdline()[3] for c in children if len(c.cmdline()) > 3} >= {"controller", "agent"} or \
-        any("controller" in c.cmdline() for c in children)
     for p in [psutil.Process(proc.pid), *children]:
         argv = " ".join(p.cmdline())
         assert PASSWORDS["controller"] not in argv and API_KEY not in argv, argv
