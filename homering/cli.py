@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -116,16 +117,77 @@ def models_synth(shape, quant, out, layers, seed, force) -> None:
 
 
 # ---------------------------------------------------------------- cluster roles
-BROKER_OPTION = click.option("--broker", default=None, metavar="URL",
-                             help="MQTT broker, mqtt://HOST:PORT [default: mqtt://127.0.0.1:1883].")
 MODEL_OPTION = click.option("--model", "-m", default=None, metavar="NAME|PATH",
                             help="A known model name (see `homering models list`) or a GGUF path [default: smollm2].")
 
 
-def _broker(url: str | None):
-    from homering.cluster.mqtt import DEFAULT_BROKER, BrokerURL
+def _given(name: str) -> bool:
+    """Whether the current command's parameter ``name`` was typed on the command line."""
+    ctx = click.get_current_context()
+    return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
 
-    return BrokerURL.parse(url or DEFAULT_BROKER)
+
+def broker_options(*, embedded: bool = False):
+    """``--broker``, ``--user``, ``--password-file`` and ``--ca-file``, handed to the command as one
+    ``broker`` argument: a :class:`~homering.cluster.mqtt.BrokerURL` carrying its credentials.
+
+    With ``embedded=False`` the broker defaults to mqtt://127.0.0.1:1883. With
+    ``embedded=True`` (commands that can start their own anonymous broker)
+    ``broker`` is None unless --broker is given, and credentials without
+    --broker are a usage error. Secrets are read from a file or the
+    environment, never taken as arguments (argv is visible in ps).
+    """
+    broker_help = ("Use this MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT (TLS), instead of starting "
+                   "an embedded one." if embedded else
+                   "MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT (TLS, port 8883 by default) "
+                   "[default: mqtt://127.0.0.1:1883].")
+    options = [
+        click.option("--broker", default=None, metavar="URL", help=broker_help),
+        click.option("--user", "mqtt_user", default=None, metavar="NAME", envvar="HOMERING_MQTT_USER",
+                     show_envvar=True, help="MQTT user name."),
+        click.option("--password-file", "mqtt_password_file", default=None, metavar="PATH",
+                     envvar="HOMERING_MQTT_PASSWORD_FILE", show_envvar=True,
+                     help="A file whose first line is the MQTT password (or set the password itself in "
+                          "$HOMERING_MQTT_PASSWORD; there is no --password: argv is visible to every user)."),
+        click.option("--ca-file", "mqtt_ca_file", default=None, metavar="PATH", envvar="HOMERING_MQTT_CA_FILE",
+                     show_envvar=True, help="CA certificates (PEM) to trust for an mqtts:// broker "
+                                            "[default: the system's]."),
+    ]
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def command(*args, broker, mqtt_user, mqtt_password_file, mqtt_ca_file, **kwargs):
+            if embedded and broker is None:
+                typed = [f"--{n}" for n, p in (("user", "mqtt_user"), ("password-file", "mqtt_password_file"),
+                                               ("ca-file", "mqtt_ca_file")) if _given(p)]
+                if typed:
+                    verb = "goes" if len(typed) == 1 else "go"
+                    raise click.UsageError(f"{' and '.join(typed)} {verb} with --broker (the embedded broker is "
+                                           "anonymous)")
+                return fn(*args, broker=None, **kwargs)
+            return fn(*args, broker=_broker(broker, mqtt_user, mqtt_password_file, mqtt_ca_file), **kwargs)
+
+        for opt in reversed(options):
+            command = opt(command)
+        return command
+    return wrap
+
+
+def _broker(url: str | None, user: str | None = None, password_file: str | None = None,
+            ca_file: str | None = None):
+    """The broker at ``url`` (default mqtt://127.0.0.1:1883) with credentials from options or the environment."""
+    from homering.cluster.mqtt import DEFAULT_BROKER, BrokerAuth, BrokerURL
+
+    return BrokerURL.parse(url or DEFAULT_BROKER, BrokerAuth.load(user, password_file, ca_file))
+
+
+def api_key_option(fn):
+    """``--api-key-file``: the key the OpenAI-compatible API requires (as ``api_key_file``)."""
+    return click.option(
+        "--api-key-file", default=None, metavar="PATH", envvar="HOMERING_API_KEY_FILE", show_envvar=True,
+        help="Require `Authorization: Bearer KEY` on the API (/v1/*, /metrics; /health stays open), KEY being "
+             "this file's first line; or set the key itself in $HOMERING_API_KEY. There is no --api-key: "
+             "argv is visible to every user.")(fn)
 
 
 def _run(coro) -> None:
@@ -142,8 +204,9 @@ def _run(coro) -> None:
 
 
 @cli.command()
-@BROKER_OPTION
-@click.option("--name", default=None, help="Agent name, unique in the cluster [default: HOST-PID].")
+@broker_options()
+@click.option("--name", default=None, help="Agent name, unique in the cluster [default: HOST-PID]. With an ACL "
+              "like docker/mosquitto/acl it must equal the MQTT --user.")
 @click.option("--threads", "-t", type=click.IntRange(1, 512), default=None,
               help="llama.cpp threads [default: all cores].")
 @click.option("--data-port", type=click.IntRange(0, 65535), default=0,
@@ -160,9 +223,8 @@ def agent(broker, name, threads, data_port, host, release, ha_discovery) -> None
     """Join the cluster as one device: load the planned layer windows, serve the ring."""
     from homering.cluster.agent import Agent, default_name
 
-    b = _broker(broker)
-    _run(Agent(b, name=name or default_name(), threads=threads or os.cpu_count() or 1,
-               data_port=data_port, host=host or _local_address(b.host), release=release,
+    _run(Agent(broker, name=name or default_name(), threads=threads or os.cpu_count() or 1,
+               data_port=data_port, host=host or _local_address(broker.host), release=release,
                ha_discovery=ha_discovery).run())
 
 
@@ -204,7 +266,7 @@ PLANNER_OPTION = click.option(
 
 
 @cli.command()
-@BROKER_OPTION
+@broker_options()
 @MODEL_OPTION
 @click.option("--agents", "-n", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Agents to wait for before planning.")
@@ -221,9 +283,10 @@ PLANNER_OPTION = click.option(
               help="Address of the OpenAI-compatible API (0.0.0.0 to serve the LAN).")
 @click.option("--api-port", type=click.IntRange(1, 65535), default=None,
               help="Serve the OpenAI-compatible API on this port [default: no API].")
+@api_key_option
 @HA_OPTION
 def controller(broker, model, agents, ctx, timeout, planner, rounds, n_batch, parallel, max_queue, api_host,
-               api_port, ha_discovery) -> None:
+               api_port, api_key_file, ha_discovery) -> None:
     """Coordinate the cluster: wait for agents, plan, and serve generation requests.
 
     With --api-port it also serves the OpenAI API (/v1/chat/completions,
@@ -231,11 +294,15 @@ def controller(broker, model, agents, ctx, timeout, planner, rounds, n_batch, pa
     """
     from homering.cluster.controller import DEFAULT_BATCH, Controller
     from homering.models.registry import resolve_model
+    from homering.secrets import api_key
 
+    if api_key_file and api_port is None and _given("api_key_file"):
+        raise click.UsageError("--api-key-file goes with --api-port")
+    key = api_key(api_key_file) if api_port else None
     path = resolve_model(model)
-    _run(Controller(_broker(broker), path, n_agents=agents, n_ctx=ctx, join_timeout=timeout,
+    _run(Controller(broker, path, n_agents=agents, n_ctx=ctx, join_timeout=timeout,
                     planner=planner, rounds=rounds, n_batch=n_batch or DEFAULT_BATCH, n_parallel=parallel,
-                    max_queue=max_queue, api=(api_host, api_port) if api_port else None,
+                    max_queue=max_queue, api=(api_host, api_port) if api_port else None, api_key=key,
                     ha_discovery=ha_discovery).run())
 
 
@@ -272,22 +339,21 @@ def sampling_options(fn):
 
 
 @cli.command()
-@BROKER_OPTION
+@broker_options()
 @sampling_options
 @click.option("--system", default=None, help="A system message for the conversation.")
 def chat(broker, max_tokens, temperature, seed, system) -> None:
     """Chat with the cluster in the terminal (/plan, /reset, /quit)."""
     from homering.api.chat import chat as chat_loop
 
-    _run(chat_loop(_broker(broker), sampling=_sampling(max_tokens, temperature, seed), system=system))
+    _run(chat_loop(broker, sampling=_sampling(max_tokens, temperature, seed), system=system))
 
 
 @cli.command()
 @click.option("--agents", "-n", type=click.IntRange(1, 64), default=3, show_default=True,
               help="Agent processes to start.")
 @MODEL_OPTION
-@click.option("--broker", default=None, metavar="URL",
-              help="Use this MQTT broker instead of starting an embedded one.")
+@broker_options(embedded=True)
 @click.option("--threads", "-t", type=click.IntRange(1, 512), default=None,
               help="llama.cpp threads per agent [default: all cores but one].")
 @click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
@@ -299,6 +365,7 @@ def chat(broker, max_tokens, temperature, seed, system) -> None:
               help="Serve the OpenAI-compatible API on 127.0.0.1:PORT.")
 @click.option("--chat/--no-chat", "with_chat", default=True,
               help="--no-chat (with --api-port): run headless until Ctrl-C.")
+@api_key_option
 @PLANNER_OPTION
 @ROUNDS_OPTION
 @BATCH_OPTION
@@ -307,13 +374,16 @@ def chat(broker, max_tokens, temperature, seed, system) -> None:
 @HA_OPTION
 @sampling_options
 @click.pass_obj
-def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_port, with_chat, planner, rounds,
-       n_batch, parallel, max_queue, ha_discovery, max_tokens, temperature, seed) -> None:
+def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_port, with_chat, api_key_file, planner,
+       rounds, n_batch, parallel, max_queue, ha_discovery, max_tokens, temperature, seed) -> None:
     """Start a whole cluster on this machine and chat with it (or answer --prompt).
 
     Starts an embedded MQTT broker (unless --broker), a controller and N
     agent processes on the model, then the chat. Everything stops on exit.
     With --prompt the completion goes to stdout and logs to stderr.
+
+    Credentials for --broker (--user, --password-file) and the API key reach
+    the controller and agents through their environment, not their argv.
 
     The agents measure this machine and the planner assigns the layers; on one
     machine Halda usually keeps every layer on the head (hops only cost time),
@@ -328,6 +398,11 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_por
         raise click.UsageError("--raw and --json go with --prompt")
     if not with_chat and api_port is None:
         raise click.UsageError("--no-chat needs --api-port (otherwise nothing could talk to the cluster)")
+    if api_key_file and api_port is None and _given("api_key_file"):
+        raise click.UsageError("--api-key-file goes with --api-port")
+    from homering.secrets import ENV_API_KEY, api_key
+
+    key = api_key(api_key_file) if api_port else None
     path = resolve_model(model)
     controller_args = ("--parallel", str(parallel), "--queue", str(max_queue), *(("--api-port", str(api_port)) if api_port else ()),
                        *(("--ha-discovery",) if ha_discovery else ()))
@@ -335,9 +410,9 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_por
     log_args = ("-v",) * verbosity if verbosity > 0 else ("-q",) * (1 - verbosity)
     sampling = _sampling(max_tokens, temperature, seed)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with LocalCluster(path, n_agents=agents, broker=_broker(broker) if broker else None, threads=threads,
+    with LocalCluster(path, n_agents=agents, broker=broker, threads=threads,
                       n_ctx=n_ctx, planner=planner, rounds=rounds, n_batch=n_batch, log_args=log_args,
-                      controller_args=controller_args,
+                      controller_args=controller_args, controller_env={ENV_API_KEY: key} if key else None,
                       agent_args=("--ha-discovery",) if ha_discovery else ()) as cluster:
         if prompt is not None:
             _run(one_shot(cluster.broker, prompt, raw=raw, sampling=sampling, as_json=as_json))
@@ -456,18 +531,16 @@ def bench() -> None:
 
 
 def _bench_run_options(name: str):
-    """--repeats, --out and --broker, shared by the benchmarks that start local clusters."""
+    """--repeats, --out and the broker options, shared by the benchmarks that start local clusters."""
     def wrap(fn):
         for opt in reversed([
             click.option("--repeats", type=click.IntRange(1, 20), default=3, show_default=True,
                          help="Runs per configuration (the median is reported)."),
             click.option("--out", type=click.Path(dir_okay=False), default=f"bench-results/{name}.json",
                          show_default=True, help="Where to write the JSON results."),
-            click.option("--broker", default=None, metavar="URL",
-                         help="Use this MQTT broker instead of an embedded one."),
         ]):
             fn = opt(fn)
-        return fn
+        return broker_options(embedded=True)(fn)
     return wrap
 
 
@@ -492,7 +565,7 @@ def bench_decode(agent_counts, more_counts, model, threads, tokens, repeats, out
 
     counts = sorted(set(agent_counts) | set(more_counts))
     run_decode_bench(resolve_model(model), counts, threads=threads or default_threads(),
-                     n_tokens=tokens, repeats=repeats, out=out, broker=_broker(broker) if broker else None)
+                     n_tokens=tokens, repeats=repeats, out=out, broker=broker)
 
 
 @bench.command("concurrent")
@@ -515,8 +588,7 @@ def bench_concurrent(agents, streams, more_streams, model, threads, tokens, repe
     from homering.models.registry import resolve_model
 
     run_concurrent_bench(resolve_model(model), agents=agents, streams=list(streams) + list(more_streams),
-                         threads=threads, n_tokens=tokens, repeats=repeats, out=out,
-                         broker=_broker(broker) if broker else None)
+                         threads=threads, n_tokens=tokens, repeats=repeats, out=out, broker=broker)
 
 
 @bench.command("plan")

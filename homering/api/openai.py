@@ -4,8 +4,13 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with
 ``stream`` as server-sent events ending in ``data: [DONE]``), ``GET
 /v1/models``, ``GET /v1/cluster``, ``GET /health`` and ``GET /metrics``
 (Prometheus). Errors are OpenAI error objects (``{"error": {"message",
-"type", "param", "code"}}``): 400 bad request, 404 unknown model, 413 the
-prompt does not fit the context, 429 the queue is full, 503 no plan is ready.
+"type", "param", "code"}}``): 400 bad request, 401 a missing or wrong API key,
+404 unknown model, 413 the prompt does not fit the context, 429 the queue is
+full, 503 no plan is ready.
+
+With an API key configured, every ``/v1/*`` route and ``/metrics`` require
+``Authorization: Bearer <key>`` (the :func:`require_api_key` dependency);
+``/health`` stays open for health checks.
 
 The request and response shapes follow OpenAI's API reference for chat
 completions and (legacy) completions; fields this server does not use
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -24,7 +30,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -38,19 +44,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("homering.api")
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}
 
 
 class ApiError(Exception):
     """An error answered as an OpenAI error object with HTTP ``status``."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None):
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content={"error": {
+        """The error as a JSON response: ``{"error": {"message", "type", "param", "code"}}``."""
+        return JSONResponse(status_code=self.status, headers=self.headers, content={"error": {
             "message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
             "param": self.param, "code": self.code}})
 
@@ -130,11 +139,38 @@ class CompletionBody(_Body):
         return {"prompt": p}
 
 
+# ------------------------------------------------------------------ authentication
+async def require_api_key(request: Request) -> None:
+    """FastAPI dependency: require ``Authorization: Bearer <key>`` when the app has a key.
+
+    The key is ``request.app.state.api_key`` (None or unset: every request
+    passes). Add it to a route or router with ``dependencies=[Depends(require_api_key)]``.
+
+    Raises:
+        ApiError: 401 ``invalid_api_key``, the header is missing or the key is wrong.
+    """
+    key: str | None = getattr(request.app.state, "api_key", None)
+    if not key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "you did not provide an API key: send the header 'Authorization: Bearer <key>'",
+                       code="invalid_api_key", headers=challenge)
+    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise ApiError(401, "incorrect API key provided", code="invalid_api_key", headers=challenge)
+
+
 # ------------------------------------------------------------------ the app
-def create_app(controller: "Controller", *, default_max_tokens: int = 256) -> FastAPI:
-    """The FastAPI application serving ``controller``'s cluster."""
+def create_app(controller: "Controller", *, default_max_tokens: int = 256, api_key: str | None = None) -> FastAPI:
+    """The FastAPI application serving ``controller``'s cluster.
+
+    With ``api_key`` every route but ``/health`` requires it (see :func:`require_api_key`).
+    """
     app = FastAPI(title="homering", description="OpenAI-compatible API of a homering cluster",
                   version="1")
+    app.state.api_key = api_key
+    authed = APIRouter(dependencies=[Depends(require_api_key)])
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
@@ -166,24 +202,24 @@ def create_app(controller: "Controller", *, default_max_tokens: int = 256) -> Fa
             "status": "ok" if ok else controller.state, "model": controller.model_id,
             "agents": len(controller.live_agents()), "plan_id": controller.plan.plan_id if controller.plan else None})
 
-    @app.get("/metrics")
+    @authed.get("/metrics")
     async def metrics():
         return Response(controller.metrics.exposition(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @authed.get("/v1/models")
     async def models():
         return {"object": "list", "data": [_model_card(controller)]}
 
-    @app.get("/v1/models/{name}")
+    @authed.get("/v1/models/{name}")
     async def model(name: str):
         check_model(name)
         return _model_card(controller)
 
-    @app.get("/v1/cluster")
+    @authed.get("/v1/cluster")
     async def cluster():
         return cluster_report(controller)
 
-    @app.post("/v1/chat/completions")
+    @authed.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionBody, request: Request):
         check_model(body.model)
         messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
@@ -192,13 +228,14 @@ def create_app(controller: "Controller", *, default_max_tokens: int = 256) -> Fa
                               sampling=body.sampling(default_max_tokens))
         return await _answer(controller, req, body, request, chat=True)
 
-    @app.post("/v1/completions")
+    @authed.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         check_model(body.model)
         req = GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex[:24]}", sampling=body.sampling(default_max_tokens),
                               **body.prompt_fields())
         return await _answer(controller, req, body, request, chat=False)
 
+    app.include_router(authed)
     return app
 
 
@@ -383,7 +420,7 @@ async def serve(controller: "Controller", host: str, port: int):
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as exc:
         raise HomeringError(f"the API cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    config = uvicorn.Config(create_app(controller), host=host, port=port, log_level="warning",
+    config = uvicorn.Config(create_app(controller, api_key=controller.api_key), host=host, port=port, log_level="warning",
                             access_log=False, lifespan="off")
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

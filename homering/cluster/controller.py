@@ -95,14 +95,17 @@ class Controller:
             ``n_ctx`` tokens in every window (memory grows with it).
         max_queue: requests that may wait for a sequence; more get a 429.
         api: serve the OpenAI-compatible HTTP API on this ``(host, port)``.
+        api_key: require ``Authorization: Bearer <api_key>`` on the API (None: open).
         ha_discovery: announce the controller to Home Assistant (MQTT discovery).
     """
 
     def __init__(self, broker: mqtt.BrokerURL, model_path: Path, *, n_agents: int, n_ctx: int = 2048,
                  join_timeout: float = 60.0, planner: str = "halda", rounds: int | None = None,
                  n_batch: int = DEFAULT_BATCH, n_parallel: int = DEFAULT_PARALLEL,
-                 max_queue: int = DEFAULT_QUEUE, api: tuple[str, int] | None = None, ha_discovery: bool = False):
+                 max_queue: int = DEFAULT_QUEUE, api: tuple[str, int] | None = None, api_key: str | None = None,
+                 ha_discovery: bool = False):
         self.broker = broker
+        self.api_key = api_key
         self.n_parallel = n_parallel
         self.sequences = Sequences(n_parallel, max_queue)
         self.api = api

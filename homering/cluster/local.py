@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 
 from homering.cluster.broker import free_port, wait_for_port
-from homering.cluster.mqtt import BrokerURL
+from homering.cluster.mqtt import AUTH_ENV, BrokerURL
 from homering.errors import HomeringError
+from homering.secrets import ENV_API_KEY, ENV_API_KEY_FILE
 
 log = logging.getLogger("homering.up")
+
+API_KEY_ENV = (ENV_API_KEY, ENV_API_KEY_FILE)
 
 
 def default_threads() -> int:
@@ -45,7 +48,9 @@ class LocalCluster:
     Args:
         model_path: the model file.
         n_agents: agent processes to start.
-        broker: an existing broker, or None to start an embedded one on a free loopback port.
+        broker: an existing broker, or None to start an embedded one on a free loopback port
+            (anonymous). An existing broker's credentials reach the children through
+            ``HOMERING_MQTT_*`` environment variables, never their command lines.
         threads: llama.cpp threads per agent [default: cores - 1: the agents share
             this machine with the broker and the controller, and llama.cpp's
             threads stall at every barrier when one of them is preempted].
@@ -54,6 +59,8 @@ class LocalCluster:
         n_batch: its --batch, the prefill micro-batch (None: the controller's default).
         agent_args: extra options for every agent (e.g. ``("--release",)``).
         controller_args: extra options for the controller (e.g. ``("--api-port", "8000")``).
+        controller_env: extra environment variables for the controller (e.g. ``HOMERING_API_KEY``:
+            secrets go there, never in its arguments).
         log_args: ``-v``/``-q`` flags passed on to the children.
         log_file: an open file for the children's output [default: this process's stderr].
     """
@@ -61,7 +68,8 @@ class LocalCluster:
     def __init__(self, model_path: Path, *, n_agents: int = 3, broker: BrokerURL | None = None,
                  threads: int | None = None, n_ctx: int = 2048, planner: str = "halda", rounds: int | None = None,
                  n_batch: int | None = None, agent_args: tuple[str, ...] = (),
-                 controller_args: tuple[str, ...] = (), log_args: tuple[str, ...] = (),
+                 controller_args: tuple[str, ...] = (), controller_env: dict[str, str] | None = None,
+                 log_args: tuple[str, ...] = (),
                  grace: float = 5.0, log_file=None):
         if n_agents < 1:
             raise HomeringError("--agents must be at least 1")
@@ -75,18 +83,28 @@ class LocalCluster:
         self.n_batch = n_batch
         self.agent_args = list(agent_args)
         self.controller_args = list(controller_args)
+        self.controller_env = dict(controller_env or {})
         self.log_args = list(log_args)
         self.grace = grace
         self.procs: list[subprocess.Popen] = []
         self.log_file = log_file
 
-    def _spawn(self, *args: str) -> subprocess.Popen:
+    def _spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "homering", *self.log_args, *args]
         out = self.log_file.fileno() if self.log_file is not None else sys.stderr.fileno()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self._child_env(env))
         proc.role = " ".join(args[:3])  # e.g. "agent --broker mqtt://…" for error messages
         self.procs.append(proc)
         return proc
+
+    def _child_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """This process's environment, with the broker's credentials (if any) as the only MQTT settings,
+        no API key unless ``extra`` has one."""
+        env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV and k not in API_KEY_ENV}
+        if self.broker is not None:
+            env.update(self.broker.auth.env())
+        env.update(extra or {})
+        return env
 
     def __enter__(self) -> "LocalCluster":
         try:
@@ -100,7 +118,8 @@ class LocalCluster:
             self._spawn("controller", "--broker", url, "--model", str(self.model_path),
                         "--agents", str(self.n_agents), "--ctx", str(self.n_ctx), "--planner", self.planner,
                         *(("--rounds", str(self.rounds)) if self.rounds else ()),
-                        *(("--batch", str(self.n_batch)) if self.n_batch else ()), *self.controller_args)
+                        *(("--batch", str(self.n_batch)) if self.n_batch else ()), *self.controller_args,
+                        env=self.controller_env)
             for i in range(self.n_agents):
                 self._spawn("agent", "--broker", url, "--name", f"agent-{i}", "--threads", str(self.threads),
                             *self.agent_args)

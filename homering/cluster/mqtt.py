@@ -1,57 +1,173 @@
-"""MQTT plumbing shared by agents, the controller and clients (aiomqtt)."""
+"""MQTT plumbing shared by agents, the controller and clients (aiomqtt).
+
+A broker is a :class:`BrokerURL`, ``mqtt://HOST[:1883]`` or ``mqtts://HOST[:8883]``
+(TLS), with optional :class:`BrokerAuth` credentials attached. The credentials
+never appear in ``str(url)``, so a URL can be logged, published and passed on
+command lines; child processes get the credentials through :meth:`BrokerAuth.env`.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from urllib.parse import urlparse
 
 import aiomqtt
 
 from homering.errors import HomeringError
+from homering.secrets import read_secret
 
 log = logging.getLogger("homering.mqtt")
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+ENV_USER = "HOMERING_MQTT_USER"
+ENV_PASSWORD = "HOMERING_MQTT_PASSWORD"
+ENV_PASSWORD_FILE = "HOMERING_MQTT_PASSWORD_FILE"
+ENV_CA_FILE = "HOMERING_MQTT_CA_FILE"
+AUTH_ENV = (ENV_USER, ENV_PASSWORD, ENV_PASSWORD_FILE, ENV_CA_FILE)
+
+# CONNACK codes of a refused login: MQTT 3.1.1 (4, 5) and MQTT 5 (134, 135)
+_AUTH_REFUSED = {4, 5, 134, 135}
+
+
+@dataclass(frozen=True)
+class BrokerAuth:
+    """Credentials and TLS settings for a broker; empty means anonymous, system CAs.
+
+    Attributes:
+        username: the MQTT user name (None: anonymous).
+        password: its password (never printed: excluded from ``repr``).
+        ca_file: a PEM file of CA certificates to trust for ``mqtts://`` (None: the system's).
+    """
+
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+
+    @classmethod
+    def load(cls, username: str | None = None, password_file: str | os.PathLike | None = None,
+             ca_file: str | os.PathLike | None = None, *, environ: dict[str, str] | None = None) -> "BrokerAuth":
+        """Credentials from options, falling back on the environment.
+
+        ``username`` or ``$HOMERING_MQTT_USER``; the password from
+        ``password_file`` or ``$HOMERING_MQTT_PASSWORD_FILE`` (its first line),
+        else ``$HOMERING_MQTT_PASSWORD``; ``ca_file`` or ``$HOMERING_MQTT_CA_FILE``.
+
+        Raises:
+            HomeringError: an unreadable or empty password file, a missing CA
+                file, or a password without a user name.
+        """
+        env = os.environ if environ is None else environ
+        username = username or env.get(ENV_USER) or None
+        password_file = password_file or env.get(ENV_PASSWORD_FILE) or None
+        ca_file = ca_file or env.get(ENV_CA_FILE) or None
+        password = None
+        if password_file is not None:
+            password = read_secret(password_file, "MQTT password")
+        elif env.get(ENV_PASSWORD):
+            password = env[ENV_PASSWORD]
+        if password is not None and not username:
+            raise HomeringError(f"an MQTT password needs a user name (--user or ${ENV_USER})")
+        if ca_file is not None and not Path(ca_file).is_file():
+            raise HomeringError(f"the CA file {ca_file} does not exist")
+        return cls(username, password, str(ca_file) if ca_file is not None else None)
+
+    def env(self) -> dict[str, str]:
+        """These settings as ``HOMERING_MQTT_*`` environment variables, for a child process."""
+        out = {}
+        if self.username:
+            out[ENV_USER] = self.username
+        if self.password is not None:
+            out[ENV_PASSWORD] = self.password
+        if self.ca_file:
+            out[ENV_CA_FILE] = self.ca_file
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self.username or self.password is not None or self.ca_file)
 
 
 @dataclass(frozen=True)
 class BrokerURL:
-    """A parsed ``mqtt://HOST:PORT`` address."""
+    """A parsed ``mqtt://HOST:PORT`` or ``mqtts://HOST:PORT`` address, with its credentials.
+
+    ``str()`` gives the address only (no credentials).
+    """
 
     host: str
     port: int
+    tls: bool = False
+    auth: BrokerAuth = field(default_factory=BrokerAuth, compare=False)
 
     @classmethod
-    def parse(cls, url: str) -> "BrokerURL":
-        """Parse ``mqtt://host[:port]`` (port 1883 by default).
+    def parse(cls, url: str, auth: BrokerAuth | None = None) -> "BrokerURL":
+        """Parse ``mqtt://host[:port]`` (port 1883 by default) or ``mqtts://host[:port]`` (TLS, 8883).
+
+        Credentials go in ``auth``, not in the URL.
 
         Raises:
-            HomeringError: another scheme, or no host.
+            HomeringError: another scheme, credentials in the URL, no host, a
+                bad port, or a CA file for a plain ``mqtt://`` broker.
         """
         parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-        if parsed.scheme != "mqtt":
-            raise HomeringError(f"unsupported broker URL {url!r}: use mqtt://HOST:PORT")
+        if parsed.scheme not in DEFAULT_PORTS:
+            raise HomeringError(f"unsupported broker URL {url!r}: use mqtt://HOST:PORT or mqtts://HOST:PORT")
+        if parsed.username or parsed.password:
+            raise HomeringError("put no credentials in the broker URL: use --user and --password-file")
         if not parsed.hostname:
             raise HomeringError(f"broker URL {url!r} has no host")
         try:
-            port = parsed.port or 1883
+            port = parsed.port or DEFAULT_PORTS[parsed.scheme]
         except ValueError:
             raise HomeringError(f"broker URL {url!r} has a bad port") from None
-        return cls(parsed.hostname, port)
+        auth = auth or BrokerAuth()
+        tls = parsed.scheme == "mqtts"
+        if auth.ca_file and not tls:
+            raise HomeringError("--ca-file goes with an mqtts:// broker URL")
+        return cls(parsed.hostname, port, tls, auth)
+
+    def with_auth(self, auth: BrokerAuth) -> "BrokerURL":
+        """The same broker with other credentials."""
+        return replace(self, auth=auth)
 
     def __str__(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def tls_context(broker: BrokerURL) -> ssl.SSLContext | None:
+    """The TLS context for an ``mqtts://`` broker (its CA file, else the system's CAs); None for ``mqtt://``.
+
+    Raises:
+        HomeringError: the CA file cannot be loaded.
+    """
+    if not broker.tls:
+        return None
+    try:
+        return ssl.create_default_context(cafile=broker.auth.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise HomeringError(f"cannot load the CA file {broker.auth.ca_file}: {exc}") from None
 
 
 def client(broker: BrokerURL, *, identifier: str | None = None, will: aiomqtt.Will | None = None,
            keepalive: int = 10) -> aiomqtt.Client:
-    """An aiomqtt client for ``broker`` (use it as ``async with``)."""
+    """An aiomqtt client for ``broker``, logging in with its credentials (use it as ``async with``)."""
     return aiomqtt.Client(broker.host, broker.port, identifier=identifier or f"homering-{uuid.uuid4().hex[:8]}",
-                          will=will, keepalive=keepalive)
+                          will=will, keepalive=keepalive, username=broker.auth.username,
+                          password=broker.auth.password, tls_context=tls_context(broker))
 
 
 def connect_error(broker: BrokerURL, exc: Exception) -> HomeringError:
-    """A one-line error for a broker that cannot be reached."""
+    """A one-line error for a broker that cannot be reached or refuses the login."""
+    rc = getattr(exc, "rc", None)
+    code = getattr(rc, "value", rc)
+    if isinstance(code, int) and code in _AUTH_REFUSED:
+        who = f"user '{broker.auth.username}'" if broker.auth.username else "an anonymous login"
+        return HomeringError(f"the MQTT broker at {broker} refused {who}: {exc} "
+                             "(check --user and --password-file)")
     return HomeringError(f"cannot connect to the MQTT broker at {broker}: {exc}")
