@@ -224,3 +224,52 @@ def test_controller_restart_keeps_the_agents_and_their_plan(separate):
     assert _stream(base)[0] == expected
     assert {n: p.pid for n, p in procs.items() if n.startswith("agent")} == agents
     assert all(procs[n].poll() is None for n in agents)
+
+
+@pytest.fixture
+def testbed3(smollm2, tmp_path):
+    """3 emulated devices (own network namespaces and cgroups), a broker in the bridge, a controller with the API
+    on the bridge's address, one agent per device."""
+    from tests.test_testbed import needs_root, spec, unique  # noqa: F401  (skip reason shared with the testbed tests)
+    from tests.test_testbed import _can_run
+    from homering.testbed import Testbed
+
+    if _can_run() is not None:
+        pytest.skip(_can_run())
+    name = unique("cut")
+    devices = [{"name": f"d{i}", "ram": "1GiB", "cpus": 1} for i in range(3)]
+    env = dict(os.environ)  # the agents share this machine's profile cache: no 256 MiB disk probe per device
+    with Testbed(spec(name, *devices), workdir=tmp_path / "tb") as tb:
+        url = tb.start_broker()
+        port = free_port()
+        procs = [tb.spawn_logged(None, [sys.executable, "-m", "homering", "controller", "--broker", url, "--model",
+                                        str(smollm2), "--agents", "3", "--ctx", str(N_CTX), "--planner", "proportional",
+                                        "--api-host", "0.0.0.0", "--api-port", str(port)], "controller")]
+        for dev in tb.devices:
+            procs.append(tb.spawn_logged(dev, [sys.executable, "-m", "homering", "agent", "--broker", url, "--name", dev,
+                                               "--threads", "1", "--host", tb.address(dev)], dev, env=env))
+        base = f"http://{tb.bridge_address}:{port}"
+        try:
+            _wait_healthy(base, procs)
+            yield tb, base
+        finally:
+            stop_processes(procs, 10)
+
+
+def test_cut_off_agent_mid_answer_and_finish_it_identically(testbed3):
+    tb, base = testbed3
+    before = _wait_plan(base, 3)
+    expected, _, _ = _stream(base)
+    victim = next(a for a in before["agents"] if a["in_plan"] and not a["head"])
+    cut = {}
+
+    def cut_halfway(i: int) -> None:
+        if i == MAX_NEW // 2 and not cut:
+            tb.cut(victim["name"])
+            cut["at"] = time.monotonic()
+
+    text, n, finish = _stream(base, on_token=cut_halfway)
+    assert cut and (n, finish) == (MAX_NEW, "length")
+    assert text == expected
+    after = _wait_plan(base, 2)
+    assert victim["name"] not in after["plan"]["ring"]

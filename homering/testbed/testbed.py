@@ -1011,6 +1011,12 @@ class Testbed:
         self._save()
         return proc
 
+    def cut(self, device: str, cut: bool = True) -> None:
+        """Cut a device off the network (its bridge-side veth down: every packet to or from it is dropped,
+        as when a laptop's Wi-Fi sleeps), or reconnect it (``cut=False``). Its processes keep running."""
+        i = self._device(device).index
+        _ip("-n", self.bridge_netns, "link", "set", f"{self._lp}d{i}", "down" if cut else "up")
+
     def log_path(self, name: str) -> Path:
         """``<workdir>/logs/<name>.log``."""
         return self.workdir / "logs" / f"{name}.log"
