@@ -591,6 +591,64 @@ def bench_concurrent(agents, streams, more_streams, model, threads, tokens, repe
                          threads=threads, n_tokens=tokens, repeats=repeats, out=out, broker=broker)
 
 
+class Duration(click.ParamType):
+    """A duration: ``10s``, ``500ms``, ``2m`` or plain seconds; converts to seconds (float)."""
+
+    name = "DURATION"
+    _units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        for unit in sorted(self._units, key=len, reverse=True):
+            if text.endswith(unit):
+                number, scale = text[: -len(unit)], self._units[unit]
+                break
+        else:
+            number, scale = text, 1.0
+        try:
+            seconds = float(number) * scale
+        except ValueError:
+            self.fail(f"{value!r} is not a duration (e.g. 10s, 500ms, 2m)", param, ctx)
+        if seconds <= 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return seconds
+
+
+@bench.command("faults")
+@click.option("--agents", type=click.IntRange(2, 16), default=4, show_default=True,
+              help="Emulated devices, one agent each.")
+@click.option("--requests", type=click.IntRange(1, 100000), default=100, show_default=True,
+              help="Greedy requests to send while agents are killed.")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Requests in flight at once.")
+@click.option("--kill-every", type=Duration(), default="10s", show_default=True,
+              help="SIGKILL a random agent this often.")
+@click.option("--restart-after", type=Duration(), default="5s", show_default=True,
+              help="Start a killed agent again after this long (it rejoins at a request boundary).")
+@click.option("--tokens", type=click.IntRange(2, 4096), default=32, show_default=True,
+              help="Tokens each request generates.")
+@MODEL_OPTION
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the choice of victims.")
+@click.option("--out", type=click.Path(dir_okay=False), default="bench-results/faults.json", show_default=True,
+              help="Where to write the JSON results.")
+def bench_faults(agents, requests, concurrency, kill_every, restart_after, tokens, model, seed, out) -> None:
+    """Soak test on the emulated cluster (root, Linux): kill agents while requests flow.
+
+    Reports requests completed and garbled (the answer differs from the
+    fault-free one; must be all and 0) and the recovery pause per kill
+    (p50, p95). Example: `homering bench faults --agents 4 --requests 100 --kill-every 10s`.
+    """
+    from homering.bench.faults import run_faults_bench
+    from homering.models.registry import resolve_model
+    from homering.testbed.testbed import require_root
+
+    require_root()
+    run_faults_bench(resolve_model(model), agents=agents, requests=requests, concurrency=concurrency,
+                     kill_every=kill_every, restart_after=restart_after, n_tokens=tokens, seed=seed, out=out)
+
+
 @bench.command("plan")
 @click.option("--devices", "device_counts", type=click.IntRange(1, 64), multiple=True, default=(4, 8, 16),
               show_default=True, help="Cluster sizes (repeatable).")
