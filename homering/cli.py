@@ -122,6 +122,21 @@ MODEL_OPTION = click.option("--model", "-m", default=None, metavar="NAME|PATH",
                             help="A known model name (see `homering models list`) or a GGUF path [default: smollm2].")
 
 
+KEY_OPTION = click.option(
+    "--key-file", default=None, metavar="PATH", type=click.Path(dir_okay=False),
+    help="The cluster key: a file holding a shared secret (e.g. 'openssl rand -hex 32 > cluster.key'); data links "
+         "must prove it and plans, jobs and requests are signed with it. Never the secret itself on the command "
+         "line [default: $HOMERING_CLUSTER_KEY_FILE, else the secret in $HOMERING_CLUSTER_KEY, else an open "
+         "cluster].")
+
+
+def _key(key_file: str | None):
+    """The cluster key from --key-file or the environment (None: an open cluster)."""
+    from homering.cluster.security import load_key
+
+    return load_key(key_file)
+
+
 def _broker(url: str | None):
     from homering.cluster.mqtt import DEFAULT_BROKER, BrokerURL
 
@@ -156,14 +171,15 @@ def _run(coro) -> None:
                    "overflow its RAM].")
 @click.option("--ha-discovery", is_flag=True,
               help="Announce this agent to Home Assistant (MQTT discovery): status, tokens/s, memory, layers.")
-def agent(broker, name, threads, data_port, host, release, ha_discovery) -> None:
+@KEY_OPTION
+def agent(broker, name, threads, data_port, host, release, ha_discovery, key_file) -> None:
     """Join the cluster as one device: load the planned layer windows, serve the ring."""
     from homering.cluster.agent import Agent, default_name
 
     b = _broker(broker)
     _run(Agent(b, name=name or default_name(), threads=threads or os.cpu_count() or 1,
                data_port=data_port, host=host or _local_address(b.host), release=release,
-               ha_discovery=ha_discovery).run())
+               ha_discovery=ha_discovery, key=_key(key_file)).run())
 
 
 def _local_address(broker_host: str) -> str:
@@ -222,8 +238,9 @@ PLANNER_OPTION = click.option(
 @click.option("--api-port", type=click.IntRange(1, 65535), default=None,
               help="Serve the OpenAI-compatible API on this port [default: no API].")
 @HA_OPTION
+@KEY_OPTION
 def controller(broker, model, agents, ctx, timeout, planner, rounds, n_batch, parallel, max_queue, api_host,
-               api_port, ha_discovery) -> None:
+               api_port, ha_discovery, key_file) -> None:
     """Coordinate the cluster: wait for agents, plan, and serve generation requests.
 
     With --api-port it also serves the OpenAI API (/v1/chat/completions,
@@ -236,7 +253,7 @@ def controller(broker, model, agents, ctx, timeout, planner, rounds, n_batch, pa
     _run(Controller(_broker(broker), path, n_agents=agents, n_ctx=ctx, join_timeout=timeout,
                     planner=planner, rounds=rounds, n_batch=n_batch or DEFAULT_BATCH, n_parallel=parallel,
                     max_queue=max_queue, api=(api_host, api_port) if api_port else None,
-                    ha_discovery=ha_discovery).run())
+                    ha_discovery=ha_discovery, key=_key(key_file)).run())
 
 
 @cli.command(hidden=True)
@@ -275,11 +292,13 @@ def sampling_options(fn):
 @BROKER_OPTION
 @sampling_options
 @click.option("--system", default=None, help="A system message for the conversation.")
-def chat(broker, max_tokens, temperature, seed, system) -> None:
+@KEY_OPTION
+def chat(broker, max_tokens, temperature, seed, system, key_file) -> None:
     """Chat with the cluster in the terminal (/plan, /reset, /quit)."""
     from homering.api.chat import chat as chat_loop
 
-    _run(chat_loop(_broker(broker), sampling=_sampling(max_tokens, temperature, seed), system=system))
+    _run(chat_loop(_broker(broker), sampling=_sampling(max_tokens, temperature, seed), system=system,
+                   key=_key(key_file)))
 
 
 @cli.command()
@@ -305,10 +324,11 @@ def chat(broker, max_tokens, temperature, seed, system) -> None:
 @PARALLEL_OPTION
 @QUEUE_OPTION
 @HA_OPTION
+@KEY_OPTION
 @sampling_options
 @click.pass_obj
 def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_port, with_chat, planner, rounds,
-       n_batch, parallel, max_queue, ha_discovery, max_tokens, temperature, seed) -> None:
+       n_batch, parallel, max_queue, ha_discovery, key_file, max_tokens, temperature, seed) -> None:
     """Start a whole cluster on this machine and chat with it (or answer --prompt).
 
     Starts an embedded MQTT broker (unless --broker), a controller and N
@@ -318,6 +338,12 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_por
     The agents measure this machine and the planner assigns the layers; on one
     machine Halda usually keeps every layer on the head (hops only cost time),
     --planner proportional spreads them over every agent.
+
+    The cluster key (--key-file or the environment) goes to the processes
+    through their environment. With the embedded broker and no key, `up`
+    makes a random one for its private cluster (other users of this machine
+    could otherwise reach the broker and data ports on loopback); with
+    --broker and no key the cluster runs open, so others can join or chat.
     """
     from homering.api.chat import chat as chat_loop
     from homering.api.chat import headless, one_shot
@@ -334,17 +360,22 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_por
     verbosity = obj["verbosity"]
     log_args = ("-v",) * verbosity if verbosity > 0 else ("-q",) * (1 - verbosity)
     sampling = _sampling(max_tokens, temperature, seed)
+    key = _key(key_file)
+    if key is None and broker is None:  # a private cluster: nobody else needs the key
+        from homering.cluster.security import ClusterKey, generate_secret
+
+        key = ClusterKey(generate_secret(), source="homering up (random)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with LocalCluster(path, n_agents=agents, broker=_broker(broker) if broker else None, threads=threads,
                       n_ctx=n_ctx, planner=planner, rounds=rounds, n_batch=n_batch, log_args=log_args,
-                      controller_args=controller_args,
+                      controller_args=controller_args, key=key,
                       agent_args=("--ha-discovery",) if ha_discovery else ()) as cluster:
         if prompt is not None:
-            _run(one_shot(cluster.broker, prompt, raw=raw, sampling=sampling, as_json=as_json))
+            _run(one_shot(cluster.broker, prompt, raw=raw, sampling=sampling, as_json=as_json, key=key))
         elif not with_chat:
             _run(headless(cluster, f"http://127.0.0.1:{api_port}/v1"))
         else:
-            _run(chat_loop(cluster.broker, sampling=sampling))
+            _run(chat_loop(cluster.broker, sampling=sampling, key=key))
 
 
 # ---------------------------------------------------------------- device profile
@@ -703,6 +734,7 @@ def testbed_run(obj, spec_file, workdir, model, planner, rounds, n_ctx, prompt, 
         raise click.UsageError("--json goes with --prompt")
     tb = _testbed(spec_file, workdir)
     path = resolve_model(model or tb.spec.model)
+    key = _key(None)  # the children inherit this environment, and with it any cluster key
     verbosity = obj["verbosity"]
     log_args = ("-v",) * verbosity if verbosity > 0 else ("-q",) * -verbosity
     sampling = _sampling(max_tokens, temperature, seed)
@@ -732,9 +764,9 @@ def testbed_run(obj, spec_file, workdir, model, planner, rounds, n_ctx, prompt, 
         broker_url = BrokerURL.parse(url)
         if prompt is not None:
             _run(_watch(one_shot(broker_url, prompt, raw=False, sampling=sampling, as_json=as_json,
-                                 ready_timeout=timeout), procs, tb))
+                                 ready_timeout=timeout, key=key), procs, tb))
         else:
-            _run(chat_loop(broker_url, sampling=sampling, ready_timeout=timeout))
+            _run(chat_loop(broker_url, sampling=sampling, ready_timeout=timeout, key=key))
 
 
 def main() -> None:

@@ -27,9 +27,10 @@ from homering.cluster import mqtt
 from homering.cluster.homeassistant import controller_configs, publish_discovery
 from homering.cluster.scheduler import QueueFull, Sequences
 from homering.cluster.schema import (
-    AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStats, ControllerStatus, GenerateJob,
+    MAX_PAYLOAD, AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStats, ControllerStatus, GenerateJob,
     GenerateRequest, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, Topics,
 )
+from homering.cluster.security import ClusterKey
 from homering.engine.tokenizer import Tokenizer
 from homering.errors import HomeringError
 from homering.models.gguf_info import inspect_gguf
@@ -78,13 +79,17 @@ class Controller:
         max_queue: requests that may wait for a sequence; more get a 429.
         api: serve the OpenAI-compatible HTTP API on this ``(host, port)``.
         ha_discovery: announce the controller to Home Assistant (MQTT discovery).
+        key: the cluster key (:mod:`homering.cluster.security`): plans, jobs, probes and the status go out
+            signed, and requests must be signed [default: an open cluster].
     """
 
     def __init__(self, broker: mqtt.BrokerURL, model_path: Path, *, n_agents: int, n_ctx: int = 2048,
                  join_timeout: float = 60.0, planner: str = "halda", rounds: int | None = None,
                  n_batch: int = DEFAULT_BATCH, n_parallel: int = DEFAULT_PARALLEL,
-                 max_queue: int = DEFAULT_QUEUE, api: tuple[str, int] | None = None, ha_discovery: bool = False):
+                 max_queue: int = DEFAULT_QUEUE, api: tuple[str, int] | None = None, ha_discovery: bool = False,
+                 key: ClusterKey | None = None):
         self.broker = broker
+        self.key = key
         self.n_parallel = n_parallel
         self.sequences = Sequences(n_parallel, max_queue)
         self.api = api
@@ -126,10 +131,13 @@ class Controller:
                 or could not load their windows in time.
         """
         info = inspect_gguf(self.model_path)
+        if self.n_batch * info.n_embd * 4 > MAX_PAYLOAD:  # a micro-batch's hidden states must fit one frame
+            raise HomeringError(f"--batch {self.n_batch} is too large for this model: at most "
+                                f"{MAX_PAYLOAD // (info.n_embd * 4)} tokens of {info.n_embd} floats fit a frame")
         self.fingerprint = info.fingerprint
         self.tokenizer = await asyncio.to_thread(Tokenizer, self.model_path)
         api = await self._start_api() if self.api else None
-        will = aiomqtt.Will(Topics.CONTROLLER, ControllerStatus(state="offline").dump(), qos=1, retain=True)
+        will = aiomqtt.Will(Topics.CONTROLLER, ControllerStatus(state="offline").dump(self.key), qos=1, retain=True)
         try:
             async with mqtt.client(self.broker, identifier="homering-controller", will=will) as client:
                 self._client = client
@@ -191,7 +199,7 @@ class Controller:
         await self._client.publish(Topics.CONTROLLER, ControllerStatus(
             state=state, model=self.model_path.name, model_path=str(self.model_path),
             model_fingerprint=self.fingerprint, n_ctx=self.n_ctx, plan_id=self.plan.plan_id if self.plan else None,
-            detail=detail, api=self.api_url).dump(), qos=1, retain=True)
+            detail=detail, api=self.api_url).dump(self.key), qos=1, retain=True)
 
     def stats(self) -> ControllerStats:
         return ControllerStats(model=self.model_path.name, requests_in_flight=len(self.in_flight),
@@ -279,7 +287,7 @@ class Controller:
                  self.plan.k, self.plan.predicted_ms_per_token or 0,
                  ", ".join(f"{a.name}{[(w.start, w.end) for w in a.windows]}" for a in self.plan.ring),
                  f"; dropped {', '.join(self.plan.dropped)}" if self.plan.dropped else "")
-        await self._client.publish(Topics.PLAN, self.plan.dump(), qos=1, retain=True)
+        await self._client.publish(Topics.PLAN, self.plan.dump(self.key), qos=1, retain=True)
 
         def loaded() -> bool:
             sts = [self.statuses.get(a.name) for a in self.plan.ring]
@@ -310,7 +318,7 @@ class Controller:
                 continue
             probe_id = uuid.uuid4().hex[:12]
             await self._client.publish(Topics.probe(p.name), LinkProbe(
-                probe_id=probe_id, host=head.host, port=head.data_port).dump(), qos=1)
+                probe_id=probe_id, host=head.host, port=head.data_port).dump(self.key), qos=1)
             if not await self._wait_for(lambda: probe_id in self._reports, PROBE_TIMEOUT_S):
                 log.warning("agent %s did not answer the link probe; left out of the plan", p.name)
                 continue
@@ -369,7 +377,7 @@ class Controller:
                         if self.statuses[name].state == "offline":
                             log.warning("agent %s went offline", name)
                 elif message.topic.matches(Topics.REQUESTS):
-                    self._spawn(self._on_request(GenerateRequest.load(message.payload)))
+                    self._spawn(self._on_request(GenerateRequest.load(message.payload, key=self.key)))
                 elif message.topic.matches(Topics.ALL_STATS):
                     if message.payload:
                         st = AgentStats.load(message.payload)
@@ -463,7 +471,7 @@ class Controller:
             self._streams[req.request_id] = events
             job = GenerateJob(request_id=req.request_id, plan_id=self.plan.plan_id, seq_id=seq,
                               prompt_token_ids=ids, sampling=req.sampling)
-            await self._client.publish(Topics.generate(head), job.dump(), qos=1)
+            await self._client.publish(Topics.generate(head), job.dump(self.key), qos=1)
             while True:
                 event = await events.get()
                 if event is None:  # the head went away
@@ -489,7 +497,7 @@ class Controller:
 
     async def _cancel(self, head: str, request_id: str) -> None:
         with contextlib.suppress(aiomqtt.MqttError):
-            await self._client.publish(Topics.cancel(head), CancelJob(request_id=request_id).dump(), qos=1)
+            await self._client.publish(Topics.cancel(head), CancelJob(request_id=request_id).dump(self.key), qos=1)
         log.info("request %s cancelled (its client left)", request_id)
 
     def _free(self, request_id: str) -> None:

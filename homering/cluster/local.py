@@ -12,6 +12,7 @@ from pathlib import Path
 
 from homering.cluster.broker import free_port, wait_for_port
 from homering.cluster.mqtt import BrokerURL
+from homering.cluster.security import ClusterKey, child_environment
 from homering.errors import HomeringError
 
 log = logging.getLogger("homering.up")
@@ -56,13 +57,15 @@ class LocalCluster:
         controller_args: extra options for the controller (e.g. ``("--api-port", "8000")``).
         log_args: ``-v``/``-q`` flags passed on to the children.
         log_file: an open file for the children's output [default: this process's stderr].
+        key: the cluster key every child gets, through its environment (``HOMERING_CLUSTER_KEY``), never argv;
+            None: the children run open (inherited key settings are removed).
     """
 
     def __init__(self, model_path: Path, *, n_agents: int = 3, broker: BrokerURL | None = None,
                  threads: int | None = None, n_ctx: int = 2048, planner: str = "halda", rounds: int | None = None,
                  n_batch: int | None = None, agent_args: tuple[str, ...] = (),
                  controller_args: tuple[str, ...] = (), log_args: tuple[str, ...] = (),
-                 grace: float = 5.0, log_file=None):
+                 grace: float = 5.0, log_file=None, key: ClusterKey | None = None):
         if n_agents < 1:
             raise HomeringError("--agents must be at least 1")
         self.model_path = model_path
@@ -79,11 +82,13 @@ class LocalCluster:
         self.grace = grace
         self.procs: list[subprocess.Popen] = []
         self.log_file = log_file
+        self.key = key
 
     def _spawn(self, *args: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "homering", *self.log_args, *args]
         out = self.log_file.fileno() if self.log_file is not None else sys.stderr.fileno()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                env=child_environment(self.key))
         proc.role = " ".join(args[:3])  # e.g. "agent --broker mqtt://…" for error messages
         self.procs.append(proc)
         return proc
