@@ -143,14 +143,14 @@ _TRAILER = re.compile(rb'"_auth":\{"ts":(\d{1,15}),"nonce":"([0-9a-f]{32})","mac
 
 
 class Message(BaseModel):
-    """Base of every MQTT payload: strict fields, JSON encoded.
+    """Base of every MQTT payload: strict fields (no extras, finite numbers), JSON encoded.
 
     ``SIGNED`` classes carry authority: with a cluster key they are sent
     signed and only accepted signed; ``LIVE`` ones are also checked for age
     and replay (see the module docstring).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/Infinity would reach the planner
     SIGNED: ClassVar[bool] = False
     LIVE: ClassVar[bool] = False
 
@@ -183,8 +183,8 @@ class Message(BaseModel):
         try:
             return cls.model_validate_json(raw)
         except (ValidationError, ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise MalformedMessage(f"bad {cls.__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
-                from None
+            first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            raise MalformedMessage(f"bad {cls.__name__}: {first}") from None
 
     @classmethod
     def _verified(cls, raw: bytes, key: "ClusterKey | None") -> bytes:
