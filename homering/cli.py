@@ -127,6 +127,22 @@ def _given(name: str) -> bool:
     return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
 
 
+KEY_OPTION = click.option(
+    "--key-file", default=None, metavar="PATH", type=click.Path(dir_okay=False),
+    help="The cluster key: a file holding a shared secret (e.g. 'openssl rand -hex 32 > cluster.key'); data links "
+         "must prove it and plans, jobs and requests are signed with it. Never the secret itself on the command "
+         "line [default: $HOMERING_CLUSTER_KEY_FILE, else the secret in $HOMERING_CLUSTER_KEY, else an open "
+         "cluster].")
+
+
+def _key(key_file: str | None):
+    """The cluster key from --key-file or the environment (None: an open cluster)."""
+    from homering.cluster.security import load_key
+
+    return load_key(key_file)
+
+
+
 def broker_options(*, embedded: bool = False):
     """``--broker``, ``--user``, ``--password-file`` and ``--ca-file``, handed to the command as one
     ``broker`` argument: a :class:`~homering.cluster.mqtt.BrokerURL` carrying its credentials.
@@ -219,13 +235,14 @@ def _run(coro) -> None:
                    "overflow its RAM].")
 @click.option("--ha-discovery", is_flag=True,
               help="Announce this agent to Home Assistant (MQTT discovery): status, tokens/s, memory, layers.")
-def agent(broker, name, threads, data_port, host, release, ha_discovery) -> None:
+@KEY_OPTION
+def agent(broker, name, threads, data_port, host, release, ha_discovery, key_file) -> None:
     """Join the cluster as one device: load the planned layer windows, serve the ring."""
     from homering.cluster.agent import Agent, default_name
 
     _run(Agent(broker, name=name or default_name(), threads=threads or os.cpu_count() or 1,
                data_port=data_port, host=host or _local_address(broker.host), release=release,
-               ha_discovery=ha_discovery).run())
+               ha_discovery=ha_discovery, key=_key(key_file)).run())
 
 
 def _local_address(broker_host: str) -> str:
@@ -285,8 +302,9 @@ PLANNER_OPTION = click.option(
               help="Serve the OpenAI-compatible API on this port [default: no API].")
 @api_key_option
 @HA_OPTION
+@KEY_OPTION
 def controller(broker, model, agents, ctx, timeout, planner, rounds, n_batch, parallel, max_queue, api_host,
-               api_port, api_key_file, ha_discovery) -> None:
+               api_port, api_key_file, ha_discovery, key_file) -> None:
     """Coordinate the cluster: wait for agents, plan, and serve generation requests.
 
     With --api-port it also serves the OpenAI API (/v1/chat/completions,
@@ -303,7 +321,7 @@ def controller(broker, model, agents, ctx, timeout, planner, rounds, n_batch, pa
     _run(Controller(broker, path, n_agents=agents, n_ctx=ctx, join_timeout=timeout,
                     planner=planner, rounds=rounds, n_batch=n_batch or DEFAULT_BATCH, n_parallel=parallel,
                     max_queue=max_queue, api=(api_host, api_port) if api_port else None, api_key=key,
-                    ha_discovery=ha_discovery).run())
+                    ha_discovery=ha_discovery, key=_key(key_file)).run())
 
 
 @cli.command(hidden=True)
@@ -342,11 +360,12 @@ def sampling_options(fn):
 @broker_options()
 @sampling_options
 @click.option("--system", default=None, help="A system message for the conversation.")
-def chat(broker, max_tokens, temperature, seed, system) -> None:
+@KEY_OPTION
+def chat(broker, max_tokens, temperature, seed, system, key_file) -> None:
     """Chat with the cluster in the terminal (/plan, /reset, /quit)."""
     from homering.api.chat import chat as chat_loop
 
-    _run(chat_loop(broker, sampling=_sampling(max_tokens, temperature, seed), system=system))
+    _run(chat_loop(broker, sampling=_sampling(max_tokens, temperature, seed), system=system, key=_key(key_file)))
 
 
 @cli.command()
@@ -372,10 +391,11 @@ def chat(broker, max_tokens, temperature, seed, system) -> None:
 @PARALLEL_OPTION
 @QUEUE_OPTION
 @HA_OPTION
+@KEY_OPTION
 @sampling_options
 @click.pass_obj
 def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_port, with_chat, api_key_file, planner,
-       rounds, n_batch, parallel, max_queue, ha_discovery, max_tokens, temperature, seed) -> None:
+       rounds, n_batch, parallel, max_queue, ha_discovery, key_file, max_tokens, temperature, seed) -> None:
     """Start a whole cluster on this machine and chat with it (or answer --prompt).
 
     Starts an embedded MQTT broker (unless --broker), a controller and N
@@ -388,6 +408,12 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_por
     The agents measure this machine and the planner assigns the layers; on one
     machine Halda usually keeps every layer on the head (hops only cost time),
     --planner proportional spreads them over every agent.
+
+    The cluster key (--key-file or the environment) goes to the processes
+    through their environment. With the embedded broker and no key, `up`
+    makes a random one for its private cluster (other users of this machine
+    could otherwise reach the broker and data ports on loopback); with
+    --broker and no key the cluster runs open, so others can join or chat.
     """
     from homering.api.chat import chat as chat_loop
     from homering.api.chat import headless, one_shot
@@ -402,24 +428,29 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_por
         raise click.UsageError("--api-key-file goes with --api-port")
     from homering.secrets import ENV_API_KEY, api_key
 
-    key = api_key(api_key_file) if api_port else None
+    http_key = api_key(api_key_file) if api_port else None
     path = resolve_model(model)
     controller_args = ("--parallel", str(parallel), "--queue", str(max_queue), *(("--api-port", str(api_port)) if api_port else ()),
                        *(("--ha-discovery",) if ha_discovery else ()))
     verbosity = obj["verbosity"]
     log_args = ("-v",) * verbosity if verbosity > 0 else ("-q",) * (1 - verbosity)
     sampling = _sampling(max_tokens, temperature, seed)
+    key = _key(key_file)
+    if key is None and broker is None:  # a private cluster: nobody else needs the key
+        from homering.cluster.security import ClusterKey, generate_secret
+
+        key = ClusterKey(generate_secret(), source="homering up (random)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with LocalCluster(path, n_agents=agents, broker=broker, threads=threads,
                       n_ctx=n_ctx, planner=planner, rounds=rounds, n_batch=n_batch, log_args=log_args,
-                      controller_args=controller_args, controller_env={ENV_API_KEY: key} if key else None,
+                      controller_args=controller_args, controller_env={ENV_API_KEY: http_key} if http_key else None, key=key,
                       agent_args=("--ha-discovery",) if ha_discovery else ()) as cluster:
         if prompt is not None:
-            _run(one_shot(cluster.broker, prompt, raw=raw, sampling=sampling, as_json=as_json))
+            _run(one_shot(cluster.broker, prompt, raw=raw, sampling=sampling, as_json=as_json, key=key))
         elif not with_chat:
             _run(headless(cluster, f"http://127.0.0.1:{api_port}/v1"))
         else:
-            _run(chat_loop(cluster.broker, sampling=sampling))
+            _run(chat_loop(cluster.broker, sampling=sampling, key=key))
 
 
 # ---------------------------------------------------------------- device profile
@@ -833,6 +864,7 @@ def testbed_run(obj, spec_file, workdir, model, planner, rounds, n_ctx, prompt, 
         raise click.UsageError("--json goes with --prompt")
     tb = _testbed(spec_file, workdir)
     path = resolve_model(model or tb.spec.model)
+    key = _key(None)  # the children inherit this environment, and with it any cluster key
     verbosity = obj["verbosity"]
     log_args = ("-v",) * verbosity if verbosity > 0 else ("-q",) * -verbosity
     sampling = _sampling(max_tokens, temperature, seed)
@@ -862,9 +894,9 @@ def testbed_run(obj, spec_file, workdir, model, planner, rounds, n_ctx, prompt, 
         broker_url = BrokerURL.parse(url)
         if prompt is not None:
             _run(_watch(one_shot(broker_url, prompt, raw=False, sampling=sampling, as_json=as_json,
-                                 ready_timeout=timeout), procs, tb))
+                                 ready_timeout=timeout, key=key), procs, tb))
         else:
-            _run(chat_loop(broker_url, sampling=sampling, ready_timeout=timeout))
+            _run(chat_loop(broker_url, sampling=sampling, ready_timeout=timeout, key=key))
 
 
 def main() -> None:

@@ -64,3 +64,21 @@ def mosquitto(tmp_path_factory) -> BrokerURL:
             proc.wait(5)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def keyed_cluster(smollm2, mosquitto, tmp_path_factory):
+    """3 agents + a controller sharing a random cluster key, on mosquitto (context 256, proportional planner).
+
+    Module-scoped (one cluster on the broker at a time: controllers share a client id). The key is
+    ``cluster.key``; the children's logs are in ``cluster.log_path``.
+    """
+    from homering.cluster.local import LocalCluster
+    from homering.cluster.security import ClusterKey, generate_secret
+
+    key = ClusterKey(generate_secret(), source="the test")
+    log_path = tmp_path_factory.mktemp("logs") / "keyed-cluster.log"
+    with open(log_path, "w") as log_file, LocalCluster(smollm2, n_agents=3, broker=mosquitto, threads=1, n_ctx=256,
+                                                       planner="proportional", log_file=log_file, key=key) as c:
+        c.log_path = log_path
+        yield c

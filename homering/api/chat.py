@@ -14,6 +14,7 @@ from rich.table import Table
 from homering.cluster import mqtt
 from homering.cluster.client import ClusterClient, new_request_id
 from homering.cluster.schema import ChatMessage, GenerateRequest, Plan, Sampling, StreamEvent
+from homering.cluster.security import ClusterKey
 from homering.errors import HomeringError
 
 HELP = ("commands: /plan shows the layer assignment, /cluster the agents at work, /reset forgets the "
@@ -93,7 +94,7 @@ def cluster_table(client: ClusterClient) -> Table:
 async def headless(cluster, api_url: str, ready_timeout: float = 300.0) -> int:
     """``homering up --no-chat``: wait until the cluster is ready, say where the API is, serve until Ctrl-C."""
     console = Console(stderr=True)
-    async with ClusterClient(cluster.broker) as client:
+    async with ClusterClient(cluster.broker, key=cluster.key) as client:
         with console.status("waiting for the cluster…"):
             status = await client.wait_ready(ready_timeout)
         console.print(f"[bold]homering[/] · model [cyan]{status.model}[/] · {len(client.plan.ring)} agent(s) · "
@@ -114,9 +115,9 @@ async def ask(client: ClusterClient, request: GenerateRequest, on_text=None) -> 
 
 
 async def one_shot(broker: mqtt.BrokerURL, text: str, *, raw: bool, sampling: Sampling, as_json: bool,
-                   ready_timeout: float = 180.0) -> int:
-    """``homering up --prompt``: print the completion (or one JSON object) to stdout."""
-    async with ClusterClient(broker) as client:
+                   ready_timeout: float = 180.0, key: ClusterKey | None = None) -> int:
+    """``homering up --prompt``: print the completion (or one JSON object) to stdout (``key``: the cluster key)."""
+    async with ClusterClient(broker, key=key) as client:
         await client.wait_ready(ready_timeout)
         request = GenerateRequest(request_id=new_request_id(), sampling=sampling,
                                   prompt=text if raw else None,
@@ -141,10 +142,10 @@ async def one_shot(broker: mqtt.BrokerURL, text: str, *, raw: bool, sampling: Sa
 
 
 async def chat(broker: mqtt.BrokerURL, *, sampling: Sampling, system: str | None = None,
-               console: Console | None = None, ready_timeout: float = 180.0) -> int:
-    """The interactive chat loop. Returns the exit code."""
+               console: Console | None = None, ready_timeout: float = 180.0, key: ClusterKey | None = None) -> int:
+    """The interactive chat loop (``key``: the cluster key). Returns the exit code."""
     console = console or Console()
-    async with ClusterClient(broker) as client:
+    async with ClusterClient(broker, key=key) as client:
         with console.status("waiting for the cluster…"):
             status = await client.wait_ready(ready_timeout)
         console.print(f"[bold]homering[/] · model [cyan]{status.model}[/] · "

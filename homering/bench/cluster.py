@@ -46,6 +46,7 @@ from homering.cluster import mqtt
 from homering.cluster.client import ClusterClient, new_request_id
 from homering.cluster.local import stop_processes
 from homering.cluster.schema import GenerateRequest, Sampling
+from homering.cluster.security import load_key
 from homering.engine.pages import WindowPages
 from homering.errors import HomeringError
 
@@ -233,7 +234,8 @@ class ClusterBench:
             self.tb.stop_broker()
 
     async def _measure(self, cfg: RunConfig, agents: dict[str, int]) -> dict:
-        async with ClusterClient(mqtt.BrokerURL.parse(self.tb.broker_url)) as client:
+        # the testbed's processes inherit this environment, and with it any cluster key
+        async with ClusterClient(mqtt.BrokerURL.parse(self.tb.broker_url), key=load_key()) as client:
             await client.wait_ready(self.timeout)
             plan = client.plan
             warm = GenerateRequest(request_id=new_request_id(), prompt_token_ids=self.prompt[:8],

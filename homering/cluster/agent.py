@@ -38,6 +38,7 @@ from homering.cluster.schema import (
     AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStatus, DeviceProfile, FrameError, FrameKind,
     GenerateJob, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, StreamReplay, Topics, WindowStats,
 )
+from homering.cluster.security import ClusterKey
 from homering.engine.sampling import SamplerChain, StopMatcher
 from homering.engine.pages import WindowPages, trim_heap
 from homering.engine.window import DecodeError, LayerWindow
@@ -224,12 +225,16 @@ class Agent:
             on devices whose windows overflow their RAM).
         ha_discovery: announce this agent to Home Assistant (MQTT discovery).
         stats_interval: seconds between :class:`AgentStats` publications.
+        key: the cluster key (:mod:`homering.cluster.security`): data-plane links must prove it, and plans,
+            jobs, probes and the controller's status must be signed with it [default: an open cluster].
     """
 
     def __init__(self, broker: mqtt.BrokerURL, *, name: str, threads: int, data_port: int = 0,
                  host: str = "127.0.0.1", bind: str = "0.0.0.0", release: bool | None = None,
-                 ha_discovery: bool = False, stats_interval: float = STATS_INTERVAL_S):
+                 ha_discovery: bool = False, stats_interval: float = STATS_INTERVAL_S,
+                 key: ClusterKey | None = None):
         self.broker = broker
+        self.key = key
         self.ha_discovery = ha_discovery
         self.stats_interval = stats_interval
         self.release = release
@@ -269,7 +274,7 @@ class Agent:
         Raises:
             HomeringError: the broker is unreachable at start.
         """
-        server = LinkServer(self.bind, self.data_port, self._serve_link)
+        server = LinkServer(self.bind, self.data_port, self._serve_link, key=self.key)
         self.data_port = server.port
         will = aiomqtt.Will(Topics.status(self.name), AgentStatus(state="offline").dump(), qos=1, retain=True)
         connected_once = False
@@ -334,20 +339,20 @@ class Agent:
             if message.topic.matches(Topics.PLAN):
                 if not message.payload:
                     return  # a cleared retained plan
-                self._offered = Plan.load(message.payload)
+                self._offered = Plan.load(message.payload, key=self.key)
                 self._maybe_apply_plan()
             elif message.topic.matches(Topics.generate(self.name)):
-                job = GenerateJob.load(message.payload)
+                job = GenerateJob.load(message.payload, key=self.key)
                 self._spawn(self._generate(job))
             elif message.topic.matches(Topics.CONTROLLER):
                 if message.payload:
-                    self._controller = ControllerStatus.load(message.payload)
+                    self._controller = ControllerStatus.load(message.payload, key=self.key)
                     self._on_controller(self._controller)
                     self._maybe_apply_plan()
             elif message.topic.matches(Topics.probe(self.name)):
-                self._spawn(self._probe(LinkProbe.load(message.payload)))
+                self._spawn(self._probe(LinkProbe.load(message.payload, key=self.key)))
             elif message.topic.matches(Topics.cancel(self.name)):
-                cancel = CancelJob.load(message.payload)
+                cancel = CancelJob.load(message.payload, key=self.key)
                 loaded = self._loaded
                 if loaded is not None and cancel.request_id in loaded.active.values():
                     if cancel.interrupt:
@@ -355,7 +360,7 @@ class Agent:
                     else:
                         loaded.cancelled.add(cancel.request_id)
             elif message.topic.matches(Topics.replay(self.name)):
-                replay = StreamReplay.load(message.payload)
+                replay = StreamReplay.load(message.payload, key=self.key)
                 events = [e for e in self._history.get(replay.request_id, ())
                           if e.attempt == replay.attempt and e.index >= replay.from_index]
                 if events:
@@ -470,7 +475,7 @@ class Agent:
     async def _probe(self, probe: LinkProbe) -> None:
         """Measure the data-plane link to the head and report it."""
         try:
-            link_ms, link_mbps = await asyncio.to_thread(measure_link, probe.host, probe.port)
+            link_ms, link_mbps = await asyncio.to_thread(measure_link, probe.host, probe.port, key=self.key)
             report = LinkReport(probe_id=probe.probe_id, link_ms=link_ms, link_mbps=link_mbps)
         except ConnectionError as exc:
             report = LinkReport(probe_id=probe.probe_id, error=str(exc))
@@ -498,7 +503,8 @@ class Agent:
                 loaded.pages = [WindowPages(w.path) for w in windows]
             if len(plan.ring) > 1:
                 nxt = plan.ring[(position + 1) % len(plan.ring)]
-                loaded.successor = await asyncio.to_thread(connect_link, nxt.host, nxt.data_port)
+                loaded.successor = await asyncio.to_thread(connect_link, nxt.host, nxt.data_port,
+                                                           key=self.key)
                 send_frame(loaded.successor, Frame.hello(plan.tag))
             self._loaded = loaded
         except (HomeringError, ConnectionError, OSError, ValueError) as exc:
@@ -606,8 +612,11 @@ class Agent:
             if h.kind is FrameKind.FORWARD:
                 out = Frame.error(h.request_id, h.seq_id, f"{self.name}: round {h.round} of a {last_round + 1}-round plan")
             elif h.kind is FrameKind.KV_REMOVE:
-                for w in loaded.windows:
-                    w.kv_remove(h.seq_id, h.pos)
+                try:
+                    for w in loaded.windows:
+                        w.kv_remove(h.seq_id, h.pos)
+                except ValueError as exc:
+                    out = Frame.error(h.request_id, h.seq_id, f"{self.name}: {exc}")
             outs.append((group[i], out))
             i += 1
         onward = []

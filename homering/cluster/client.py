@@ -10,8 +10,10 @@ import aiomqtt
 
 from homering.cluster import mqtt
 from homering.cluster.schema import (
-    AgentStats, AgentStatus, ControllerStatus, GenerateRequest, MalformedMessage, Plan, StreamEvent, Topics,
+    AgentStats, AgentStatus, BadSignature, ControllerStatus, GenerateRequest, MalformedMessage, Plan, StreamEvent,
+    Topics,
 )
+from homering.cluster.security import ClusterKey
 from homering.errors import HomeringError
 
 
@@ -19,10 +21,13 @@ class ClusterClient:
     """Sends :class:`GenerateRequest` s and yields the :class:`StreamEvent` s of the answer.
 
     Use as ``async with ClusterClient(broker) as c: await c.wait_ready(); async for ev in c.generate(req)``.
+    With a cluster ``key`` requests go out signed and the controller's status and plan must be signed.
     """
 
-    def __init__(self, broker: mqtt.BrokerURL):
+    def __init__(self, broker: mqtt.BrokerURL, *, key: ClusterKey | None = None):
         self.broker = broker
+        self.key = key
+        self.refused: str | None = None  # why the last badly signed status/plan was dropped
         self.status: ControllerStatus | None = None
         self.plan: Plan | None = None
         self.agent_stats: dict[str, AgentStats] = {}
@@ -57,9 +62,9 @@ class ClusterClient:
         async for message in self._client.messages:
             try:
                 if message.topic.matches(Topics.CONTROLLER) and message.payload:
-                    self.status = ControllerStatus.load(message.payload)
+                    self.status = ControllerStatus.load(message.payload, key=self.key)
                 elif message.topic.matches(Topics.PLAN) and message.payload:
-                    self.plan = Plan.load(message.payload)
+                    self.plan = Plan.load(message.payload, key=self.key)
                 elif message.topic.matches(Topics.ALL_STATS):
                     if message.payload:
                         st = AgentStats.load(message.payload)
@@ -74,6 +79,9 @@ class ClusterClient:
                     if queue is not None and order is not None:
                         for ev in order.push(event):
                             queue.put_nowait(ev)
+            except BadSignature as exc:
+                self.refused = str(exc)
+                continue
             except MalformedMessage:
                 continue
             self._changed.set()
@@ -96,8 +104,9 @@ class ClusterClient:
             left = deadline - loop.time()
             if left <= 0:
                 state = st.state if st else "no controller"
+                hint = f"; dropped a {self.refused}: is the cluster key the same?" if self.refused else ""
                 raise HomeringError(f"the cluster was not ready within {timeout:.0f} s ({state}) "
-                                    f"on {self.broker}")
+                                    f"on {self.broker}{hint}")
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
@@ -116,7 +125,7 @@ class ClusterClient:
         topic = Topics.stream(request.request_id)
         await self._client.subscribe(topic, qos=1)
         try:
-            await self._client.publish(Topics.REQUESTS, request.dump(), qos=1)
+            await self._client.publish(Topics.REQUESTS, request.dump(self.key), qos=1)
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout)

@@ -38,10 +38,11 @@ from homering.cluster import mqtt
 from homering.cluster.homeassistant import controller_configs, publish_discovery
 from homering.cluster.scheduler import QueueFull, Sequences
 from homering.cluster.schema import (
-    AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStats, ControllerStatus, GenerateJob,
+    MAX_PAYLOAD, AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStats, ControllerStatus, GenerateJob,
     GenerateRequest, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, StreamReplay, Topics,
 )
 from homering.cluster.client import StreamOrder
+from homering.cluster.security import ClusterKey
 from homering.engine.tokenizer import Tokenizer
 from homering.errors import HomeringError
 from homering.models.gguf_info import inspect_gguf
@@ -97,15 +98,18 @@ class Controller:
         api: serve the OpenAI-compatible HTTP API on this ``(host, port)``.
         api_key: require ``Authorization: Bearer <api_key>`` on the API (None: open).
         ha_discovery: announce the controller to Home Assistant (MQTT discovery).
+        key: the cluster key (:mod:`homering.cluster.security`): plans, jobs, probes and the status go out
+            signed, and requests must be signed [default: an open cluster].
     """
 
     def __init__(self, broker: mqtt.BrokerURL, model_path: Path, *, n_agents: int, n_ctx: int = 2048,
                  join_timeout: float = 60.0, planner: str = "halda", rounds: int | None = None,
                  n_batch: int = DEFAULT_BATCH, n_parallel: int = DEFAULT_PARALLEL,
                  max_queue: int = DEFAULT_QUEUE, api: tuple[str, int] | None = None, api_key: str | None = None,
-                 ha_discovery: bool = False):
+                 ha_discovery: bool = False, key: ClusterKey | None = None):
         self.broker = broker
         self.api_key = api_key
+        self.key = key
         self.n_parallel = n_parallel
         self.sequences = Sequences(n_parallel, max_queue)
         self.api = api
@@ -158,6 +162,9 @@ class Controller:
                 not join or could not load their windows in time.
         """
         info = inspect_gguf(self.model_path)
+        if self.n_batch * info.n_embd * 4 > MAX_PAYLOAD:  # a micro-batch's hidden states must fit one frame
+            raise HomeringError(f"--batch {self.n_batch} is too large for this model: at most "
+                                f"{MAX_PAYLOAD // (info.n_embd * 4)} tokens of {info.n_embd} floats fit a frame")
         self.fingerprint = info.fingerprint
         self.tokenizer = await asyncio.to_thread(Tokenizer, self.model_path)
         api = await self._start_api() if self.api else None
@@ -183,7 +190,7 @@ class Controller:
             # a clean exit sends no last-will: say so ourselves, or the retained "ready" would linger
             if client is not None and self.state != "error":  # keep an error's detail for clients
                 with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-                    await asyncio.wait_for(client.publish(Topics.CONTROLLER, self._status_message("offline").dump(),
+                    await asyncio.wait_for(client.publish(Topics.CONTROLLER, self._status_message("offline").dump(self.key),
                                                           qos=1, retain=True), 2.0)
             connection.cancel()
             with contextlib.suppress(asyncio.CancelledError, HomeringError):
@@ -198,7 +205,7 @@ class Controller:
         Raises:
             HomeringError: the first connection failed.
         """
-        will = aiomqtt.Will(Topics.CONTROLLER, ControllerStatus(state="offline").dump(), qos=1, retain=True)
+        will = aiomqtt.Will(Topics.CONTROLLER, ControllerStatus(state="offline").dump(self.key), qos=1, retain=True)
         backoff, connected_once = 0.25, False
         while True:
             try:
@@ -208,8 +215,8 @@ class Controller:
                                   Topics.ALL_PROBE_RESULTS, Topics.ALL_STREAMS, Topics.ALL_STATS):
                         await client.subscribe(topic, qos=1)
                     if self.plan is not None:  # a restarted broker lost the retained plan
-                        await client.publish(Topics.PLAN, self.plan.dump(), qos=1, retain=True)
-                    await client.publish(Topics.CONTROLLER, self._status_message(self.state, self.detail).dump(),
+                        await client.publish(Topics.PLAN, self.plan.dump(self.key), qos=1, retain=True)
+                    await client.publish(Topics.CONTROLLER, self._status_message(self.state, self.detail).dump(self.key),
                                          qos=1, retain=True)
                     self._client = client
                     self._connected_at = time.monotonic()
@@ -283,7 +290,7 @@ class Controller:
         """Set and publish (retained) the controller's state; published again after a reconnect."""
         self.state = state
         self.detail = detail
-        await self._publish(Topics.CONTROLLER, self._status_message(state, detail).dump(), retain=True)
+        await self._publish(Topics.CONTROLLER, self._status_message(state, detail).dump(self.key), retain=True)
 
     def stats(self) -> ControllerStats:
         return ControllerStats(model=self.model_path.name, requests_in_flight=len(self.in_flight),
@@ -455,7 +462,7 @@ class Controller:
                  self.plan.k, self.plan.predicted_ms_per_token or 0,
                  ", ".join(f"{a.name}{[(w.start, w.end) for w in a.windows]}" for a in self.plan.ring),
                  f"; dropped {', '.join(self.plan.dropped)}" if self.plan.dropped else "")
-        await self._publish(Topics.PLAN, self.plan.dump(), retain=True)
+        await self._publish(Topics.PLAN, self.plan.dump(self.key), retain=True)
 
         def loaded() -> bool:
             sts = [self.statuses.get(a.name) for a in self.plan.ring]
@@ -486,7 +493,7 @@ class Controller:
                 continue
             probe_id = uuid.uuid4().hex[:12]
             await self._publish(Topics.probe(p.name), LinkProbe(
-                probe_id=probe_id, host=head.host, port=head.data_port).dump())
+                probe_id=probe_id, host=head.host, port=head.data_port).dump(self.key))
             if not await self._wait_for(lambda: probe_id in self._reports, PROBE_TIMEOUT_S):
                 log.warning("agent %s did not answer the link probe; left out of the plan", p.name)
                 continue
@@ -553,9 +560,8 @@ class Controller:
             head = self._heads.get(rid)
             if head is None:
                 continue  # already waiting to resume
-            status = self.statuses.get(head)
             if self._live(head):
-                await self._publish(Topics.cancel(head), CancelJob(request_id=rid, interrupt=True).dump(), wait=False)
+                await self._publish(Topics.cancel(head), CancelJob(request_id=rid, interrupt=True).dump(self.key), wait=False)
             elif rid in self._streams:  # the head itself is gone: the request resumes from the tokens we saw
                 self._streams[rid].put_nowait(StreamEvent(
                     request_id=rid, type="interrupted", attempt=self._orders[rid].attempt,
@@ -593,7 +599,7 @@ class Controller:
                                 self._live_since[name] = time.monotonic()
                             self._seen(name)
                 elif message.topic.matches(Topics.REQUESTS):
-                    self._spawn(self._on_request(GenerateRequest.load(message.payload)))
+                    self._spawn(self._on_request(GenerateRequest.load(message.payload, key=self.key)))
                 elif message.topic.matches(Topics.ALL_STATS):
                     if message.payload:
                         st = AgentStats.load(message.payload)
@@ -602,7 +608,7 @@ class Controller:
                             self._seen(st.name)
                 elif message.topic.matches(Topics.PLAN):
                     if message.payload:
-                        self._retained_plan = Plan.load(message.payload)
+                        self._retained_plan = Plan.load(message.payload, key=self.key)
                 elif message.topic.matches(Topics.ALL_PROBE_RESULTS):
                     report = LinkReport.load(message.payload)
                     self._reports[report.probe_id] = report
@@ -630,7 +636,7 @@ class Controller:
         if order is None or head is None:
             return
         await self._publish(Topics.replay(head), StreamReplay(
-            request_id=request_id, attempt=order.attempt, from_index=order.expected).dump(), wait=False)
+            request_id=request_id, attempt=order.attempt, from_index=order.expected).dump(self.key), wait=False)
 
     async def _on_request(self, req: GenerateRequest) -> None:
         """A request over MQTT: admit it; the head streams the answer to the client's topic itself."""
@@ -757,7 +763,7 @@ class Controller:
         self._heads[rid] = plan.head.name
         job = GenerateJob(request_id=rid, plan_id=plan.plan_id, seq_id=seq, prompt_token_ids=ids,
                           sampling=req.sampling, attempt=attempt, resume_token_ids=list(sent))
-        await self._publish(Topics.generate(plan.head.name), job.dump())
+        await self._publish(Topics.generate(plan.head.name), job.dump(self.key))
         return plan.plan_id
 
     async def _resume(self, rid: str, seq: int, ids: list[int], req: GenerateRequest, sent: list[int],
@@ -777,7 +783,7 @@ class Controller:
         return await self._start(rid, seq, ids, req, sent, attempt)
 
     async def _cancel(self, head: str, request_id: str) -> None:
-        await self._publish(Topics.cancel(head), CancelJob(request_id=request_id).dump(), wait=False)
+        await self._publish(Topics.cancel(head), CancelJob(request_id=request_id).dump(self.key), wait=False)
         log.info("request %s cancelled (its client left)", request_id)
 
     def _free(self, request_id: str) -> None:

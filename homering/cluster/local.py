@@ -12,6 +12,7 @@ from pathlib import Path
 
 from homering.cluster.broker import free_port, wait_for_port
 from homering.cluster.mqtt import AUTH_ENV, BrokerURL
+from homering.cluster.security import ClusterKey, child_environment
 from homering.errors import HomeringError
 from homering.secrets import ENV_API_KEY, ENV_API_KEY_FILE
 
@@ -63,6 +64,8 @@ class LocalCluster:
             secrets go there, never in its arguments).
         log_args: ``-v``/``-q`` flags passed on to the children.
         log_file: an open file for the children's output [default: this process's stderr].
+        key: the cluster key every child gets, through its environment (``HOMERING_CLUSTER_KEY``), never argv;
+            None: the children run open (inherited key settings are removed).
     """
 
     def __init__(self, model_path: Path, *, n_agents: int = 3, broker: BrokerURL | None = None,
@@ -70,7 +73,7 @@ class LocalCluster:
                  n_batch: int | None = None, agent_args: tuple[str, ...] = (),
                  controller_args: tuple[str, ...] = (), controller_env: dict[str, str] | None = None,
                  log_args: tuple[str, ...] = (),
-                 grace: float = 5.0, log_file=None):
+                 grace: float = 5.0, log_file=None, key: ClusterKey | None = None):
         if n_agents < 1:
             raise HomeringError("--agents must be at least 1")
         self.model_path = model_path
@@ -88,6 +91,7 @@ class LocalCluster:
         self.grace = grace
         self.procs: list[subprocess.Popen] = []
         self.log_file = log_file
+        self.key = key
 
     def _spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "homering", *self.log_args, *args]
@@ -99,8 +103,9 @@ class LocalCluster:
 
     def _child_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """This process's environment, with the broker's credentials (if any) as the only MQTT settings,
-        no API key unless ``extra`` has one."""
-        env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV and k not in API_KEY_ENV}
+        exactly this cluster's key (:func:`~homering.cluster.security.child_environment`), and no API key
+        unless ``extra`` has one."""
+        env = {k: v for k, v in child_environment(self.key).items() if k not in AUTH_ENV and k not in API_KEY_ENV}
         if self.broker is not None:
             env.update(self.broker.auth.env())
         env.update(extra or {})

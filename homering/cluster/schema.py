@@ -22,23 +22,70 @@ topic                              retained    payload
 ``<p>/streams/<request_id>``       no          :class:`StreamEvent`
 =================================  ==========  ===================================
 
-Data plane (TCP between ring neighbours, TCP_NODELAY): a :data:`HEADER`
-followed by the payload, ``n_tokens`` int32 token ids or
-``n_tokens × n_embd`` float32 hidden states (little-endian). Frames travel in
-groups: every frame of a group but the last has :data:`FLAG_MORE` set, and a
-receiver runs a group's frames as one batch (several requests' tokens share
-one llama_decode).
+Signed messages. With a cluster key (:mod:`homering.cluster.security`) the
+messages that carry authority — :class:`Plan`, :class:`ControllerStatus`,
+:class:`GenerateJob`, :class:`CancelJob`, :class:`LinkProbe` and
+:class:`GenerateRequest` (``Message.SIGNED``) — end with one more JSON member,
+so that readers of plain JSON (Home Assistant's templates) still see every
+field::
+
+    {…the message's JSON…,"_auth":{"ts":TS,"nonce":"N","mac":"M"}}
+
+``TS`` is the sender's clock in integer milliseconds, ``N`` 16 random bytes
+(32 hex digits), ``M`` 64 hex digits of HMAC-SHA256(key, "homering-msg-v1",
+class name, TS, N, body) over length-prefixed parts, where ``body`` is the
+message's JSON exactly as sent without the ``_auth`` member (``{…}``).
+Receivers with a key drop unsigned and badly signed ones; live orders
+(``Message.LIVE``: jobs, probes, requests) must also be within
+:data:`~homering.cluster.security.MAX_AGE_S` of the receiver's clock and not
+seen before. Receivers without a key drop signed ones. Other messages
+(profiles, statuses, telemetry, stream events) are never signed.
+
+Data plane (TCP between ring neighbours, TCP_NODELAY). First a handshake, in
+which both ends prove they hold the same cluster key (HMAC-SHA256
+challenge–response, fresh nonces from both sides, so a recorded handshake
+cannot be replayed), then frames.
+
+================  ==============  ===============================================
+step              direction       bytes
+================  ==============  ===============================================
+hello             server → client :data:`LINK_HELLO`: ``HRNA``, version, mode, nonce_s (32)
+reply             client → server :data:`LINK_REPLY`: ``HRNA``, version, mode, nonce_c (32),
+                                  mac_c = HMAC(key, "client", nonce_s, nonce_c)
+accept            server → client :data:`LINK_ACCEPT`: ``HRNO``,
+                                  mac_s = HMAC(key, "server", nonce_c, nonce_s)
+frames            client → server (and PONGs back)
+================  ==============  ===============================================
+
+``mode`` is :data:`LINK_MODE_KEYED` (MACs checked, ``hmac.compare_digest``)
+or :data:`LINK_MODE_OPEN` (no key configured: MACs are zero and not checked);
+ends whose modes differ, or whose MACs fail, hang up at once. The server
+drops a peer that fails (logged, one line) and keeps accepting; every step
+has a :data:`LINK_HANDSHAKE_TIMEOUT_S` timeout.
+
+A frame is a :data:`HEADER` followed by the payload, ``n_tokens`` int32 token
+ids or ``n_tokens × n_embd`` float32 hidden states (little-endian, finite).
+Frames travel in groups: every frame of a group but the last has
+:data:`FLAG_MORE` set, and a receiver runs a group's frames as one batch
+(several requests' tokens share one llama_decode). :meth:`FrameHeader.unpack`
+checks every field (kind × dtype, sizes, bounds) before a payload byte is read.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 import struct
 import zlib
+import time
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    from homering.cluster.security import ClusterKey
 
 PREFIX = "homering"
 SCHEMA_VERSION = 1
@@ -94,25 +141,88 @@ class Topics:
         return f"{PREFIX}/streams/{request_id}"
 
 
+AUTH_FIELD = "_auth"
+MESSAGE_MAC_LABEL = b"homering-msg-v1"
+_AUTH_MARK = b'"' + AUTH_FIELD.encode() + b'":{'
+
+_TRAILER = re.compile(rb'"_auth":\{"ts":(\d{1,15}),"nonce":"([0-9a-f]{32})","mac":"([0-9a-f]{64})"\}\}')
+
+
 class Message(BaseModel):
-    """Base of every MQTT payload: strict fields, JSON encoded."""
+    """Base of every MQTT payload: strict fields (no extras, finite numbers), JSON encoded.
 
-    model_config = ConfigDict(extra="forbid")
+    ``SIGNED`` classes carry authority: with a cluster key they are sent
+    signed and only accepted signed; ``LIVE`` ones are also checked for age
+    and replay (see the module docstring).
+    """
 
-    def dump(self) -> bytes:
-        return self.model_dump_json().encode()
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/Infinity would reach the planner
+    SIGNED: ClassVar[bool] = False
+    LIVE: ClassVar[bool] = False
+
+    def dump(self, key: "ClusterKey | None" = None) -> bytes:
+        """The payload: the JSON, signed when ``key`` is given and the class is ``SIGNED``."""
+        body = self.model_dump_json().encode()
+        if key is None or not self.SIGNED:
+            return body
+        ts = str(int(time.time() * 1000)).encode()
+        nonce = secrets.token_hex(16).encode()
+        tag = key.mac(MESSAGE_MAC_LABEL, type(self).__name__.encode(), ts, nonce, body).hex().encode()
+        trailer = b'"_auth":{"ts":' + ts + b',"nonce":"' + nonce + b'","mac":"' + tag + b'"}}'
+        return body[:-1] + (b"," if body != b"{}" else b"") + trailer
 
     @classmethod
-    def load(cls, payload: bytes | str):
-        """Parse a payload; raises :class:`MalformedMessage` on anything invalid."""
+    def load(cls, payload: bytes | bytearray | str, key: "ClusterKey | None" = None):
+        """Parse a payload (verifying its signature when ``key`` is given and the class is ``SIGNED``).
+
+        Raises:
+            MalformedMessage: anything invalid; :class:`BadSignature` (a subclass) for a
+                message that is unsigned, badly signed, stale or replayed when a key is
+                configured, or signed when none is.
+        """
         try:
-            return cls.model_validate_json(payload)
-        except (ValidationError, ValueError, UnicodeDecodeError) as exc:
-            raise MalformedMessage(f"bad {cls.__name__}: {str(exc).splitlines()[0]}") from None
+            raw = payload.encode() if isinstance(payload, str) else bytes(payload)
+        except (UnicodeError, TypeError, ValueError):
+            raise MalformedMessage(f"bad {cls.__name__}: not text") from None
+        if cls.SIGNED:
+            raw = cls._verified(raw, key)
+        try:
+            return cls.model_validate_json(raw)
+        except (ValidationError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            raise MalformedMessage(f"bad {cls.__name__}: {first}") from None
+
+    @classmethod
+    def _verified(cls, raw: bytes, key: "ClusterKey | None") -> bytes:
+        """The body of a signed payload, checked against ``key``; ``raw`` itself when keyless and unsigned."""
+        at = raw.rfind(_AUTH_MARK)
+        m = _TRAILER.fullmatch(raw, at) if at > 0 else None
+        before = raw[at - 1:at] if m else b""
+        if m and not (before == b"," or (before == b"{" and at == 1)):
+            m = None
+        if key is None:
+            if m is not None:
+                raise BadSignature(f"signed {cls.__name__}, but no cluster key is configured here")
+            return raw
+        if m is None:
+            raise BadSignature(f"unsigned {cls.__name__} (this cluster has a key)")
+        body = raw[:at - 1] + b"}" if before == b"," else b"{}"
+        ts, nonce, tag = m.group(1), m.group(2), bytes.fromhex(m.group(3).decode())
+        if not key.verify(tag, MESSAGE_MAC_LABEL, cls.__name__.encode(), ts, nonce, body):
+            raise BadSignature(f"bad signature on {cls.__name__}")
+        if cls.LIVE:
+            why = key.accept_once(nonce, int(ts))
+            if why is not None:
+                raise BadSignature(f"{cls.__name__} refused: {why}")
+        return body
 
 
 class MalformedMessage(ValueError):
     """A message that does not parse; the receiver logs and drops it."""
+
+
+class BadSignature(MalformedMessage):
+    """A message whose signature is missing, wrong, stale or replayed (or present with no key here)."""
 
 
 _NAME = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -213,6 +323,8 @@ class Plan(Message):
     samples, and sends the next token to ``ring[0]``.
     """
 
+    SIGNED: ClassVar[bool] = True
+
     plan_id: str
     model_path: str
     model_fingerprint: str
@@ -248,6 +360,9 @@ class Plan(Message):
 
 class LinkProbe(Message):
     """The controller asks an agent to measure its data-plane link to ``host:port`` (the head)."""
+
+    SIGNED: ClassVar[bool] = True
+    LIVE: ClassVar[bool] = True
 
     probe_id: str = Field(pattern=_NAME)
     host: str
@@ -289,6 +404,9 @@ class Sampling(Message):
 class GenerateRequest(Message):
     """A user's request to the controller: chat messages, a raw prompt, or prompt token ids (exactly one)."""
 
+    SIGNED: ClassVar[bool] = True
+    LIVE: ClassVar[bool] = True
+
     request_id: str = Field(pattern=_NAME)
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
@@ -302,6 +420,9 @@ class GenerateJob(Message):
     The controller gives each request in flight its own sequence (0 …
     ``Plan.n_parallel`` - 1), so requests share the ring and every window's KV cache.
     """
+
+    SIGNED: ClassVar[bool] = True
+    LIVE: ClassVar[bool] = True
 
     request_id: str = Field(pattern=_NAME)
     plan_id: str
@@ -343,6 +464,8 @@ class StreamEvent(Message):
 
 class ControllerStatus(Message):
     """The controller's state (retained; last-will ``offline``)."""
+
+    SIGNED: ClassVar[bool] = True
 
     state: Literal["waiting", "planning", "ready", "offline", "error"]
     model: str | None = None
@@ -404,6 +527,9 @@ class CancelJob(Message):
     the controller resumes it elsewhere. Either way the sequence is freed.
     """
 
+    SIGNED: ClassVar[bool] = True
+    LIVE: ClassVar[bool] = True
+
     request_id: str = Field(pattern=_NAME)
     interrupt: bool = False
 
@@ -415,6 +541,9 @@ class StreamReplay(Message):
     published while the controller was away were lost (stream events are not
     retained). The head keeps the events of its recent requests.
     """
+
+    SIGNED: ClassVar[bool] = True
+    LIVE: ClassVar[bool] = True
 
     request_id: str = Field(pattern=_NAME)
     attempt: int = 0
@@ -446,19 +575,56 @@ FLAG_MORE = 0x01
 FRAME_MAGIC = b"HRNG"
 FRAME_VERSION = 1
 HEADER = struct.Struct("<4sBBBBIIHHIIII")
-"""magic, version, kind, dtype, flags, request id, seq id, round, reserved,
+"""magic, version, kind, dtype, flags, request id, seq id, round, reserved (0),
 pos, n_tokens, n_embd, payload bytes — 36 bytes."""
-MAX_TOKENS_PER_FRAME = 1 << 16
-MAX_PAYLOAD = 1 << 30
+MAX_TOKENS_PER_FRAME = 1 << 16  # the controller's --batch is at most this
+MAX_EMBD = 1 << 15  # widest hidden state, floats (the largest open models have 16384)
+MAX_PAYLOAD = 256 << 20  # largest payload, bytes: n_batch × n_embd × 4 (e.g. 8192 tokens × 8192 floats)
 MAX_PROBE_BYTES = 1 << 24  # largest PING padding
+MAX_ERROR_BYTES = 4096  # largest ERROR message
+MAX_SEQUENCES = 256  # KV sequences a plan may have (Plan.n_parallel)
+MAX_POS = (1 << 31) - 1  # llama.cpp positions are int32
+
+_DTYPES = {  # the payload types each frame kind may carry
+    FrameKind.FORWARD: (DType.TOKENS, DType.F32),
+    FrameKind.KV_REMOVE: (DType.NONE,),
+    FrameKind.ERROR: (DType.TEXT,),
+    FrameKind.PING: (DType.NONE, DType.BYTES),
+    FrameKind.PONG: (DType.NONE,),
+    FrameKind.HELLO: (DType.NONE,),
+}
+DTYPE_SIZE = {DType.TOKENS: 4, DType.F32: 4}  # bytes per element
+
+LINK_MAGIC = b"HRNA"
+LINK_ACCEPT_MAGIC = b"HRNO"
+LINK_VERSION = 1
+LINK_MODE_OPEN = 0  # no cluster key: MACs are zero and not checked
+LINK_MODE_KEYED = 1  # HMAC-SHA256 with the cluster key
+LINK_NONCE_BYTES = 32
+LINK_HELLO = struct.Struct("<4sBB32s")
+"""Handshake, server → client: magic, version, mode, nonce_s — 38 bytes."""
+LINK_REPLY = struct.Struct("<4sBB32s32s")
+"""Handshake, client → server: magic, version, mode, nonce_c, mac_c — 70 bytes."""
+LINK_ACCEPT = struct.Struct("<4s32s")
+"""Handshake, server → client: accept magic, mac_s — 36 bytes."""
+LINK_CLIENT_LABEL = b"homering-link-client"
+LINK_SERVER_LABEL = b"homering-link-server"
+LINK_HANDSHAKE_TIMEOUT_S = 5.0
 
 
 class FrameError(ValueError):
     """A frame that fails validation; the receiver drops the connection."""
 
 
+class HandshakeError(ConnectionError):
+    """A data-plane link whose handshake failed (another cluster key, no key on one end, a timeout, or
+    garbage); both ends hang up."""
+
+
 @dataclass(frozen=True)
 class FrameHeader:
+    """A frame's header (see :data:`HEADER`); ``payload_len`` bytes of payload follow it."""
+
     kind: FrameKind
     dtype: DType
     request_id: int
@@ -481,10 +647,22 @@ class FrameHeader:
 
     @classmethod
     def unpack(cls, raw: bytes) -> "FrameHeader":
-        """Parse and validate a header; raises :class:`FrameError`."""
+        """Parse and validate a header (before any payload is read).
+
+        Checks: magic, version, known kind and dtype and their pairing, flags,
+        the reserved field, ``seq_id < MAX_SEQUENCES``, positions within int32,
+        shape bounds (``1 ≤ n_tokens ≤ MAX_TOKENS_PER_FRAME`` and, for hidden
+        states, ``1 ≤ n_embd ≤ MAX_EMBD``; 0 and 0 for other payloads), and that
+        ``payload_len`` is exactly ``n_tokens × 4`` (tokens), ``n_tokens × n_embd × 4``
+        (hidden states), 0 (none), at most :data:`MAX_ERROR_BYTES` (text) or
+        :data:`MAX_PROBE_BYTES` (PING padding), and at most :data:`MAX_PAYLOAD`.
+
+        Raises:
+            FrameError: any check fails.
+        """
         if len(raw) != HEADER.size:
             raise FrameError(f"short header ({len(raw)} bytes)")
-        (magic, version, kind, dtype, flags, request_id, seq_id, rnd, _res, pos, n_tokens, n_embd,
+        (magic, version, kind, dtype, flags, request_id, seq_id, rnd, reserved, pos, n_tokens, n_embd,
          payload_len) = HEADER.unpack(raw)
         if magic != FRAME_MAGIC:
             raise FrameError(f"bad magic {magic!r}")
@@ -494,13 +672,35 @@ class FrameHeader:
             kind, dtype = FrameKind(kind), DType(dtype)
         except ValueError as exc:
             raise FrameError(str(exc)) from None
-        if n_tokens > MAX_TOKENS_PER_FRAME or payload_len > MAX_PAYLOAD:
-            raise FrameError(f"frame too large ({n_tokens} tokens, {payload_len} bytes)")
-        if dtype is DType.BYTES and (kind is not FrameKind.PING or payload_len > MAX_PROBE_BYTES):
-            raise FrameError(f"opaque payload of {payload_len} bytes on a {kind.name} frame")
-        expected = {DType.TOKENS: n_tokens * 4, DType.F32: n_tokens * n_embd * 4, DType.NONE: 0}.get(dtype)
-        if expected is not None and payload_len != expected:
-            raise FrameError(f"payload is {payload_len} bytes, header says {expected}")
+        if dtype not in _DTYPES[kind]:
+            raise FrameError(f"a {kind.name} frame cannot carry {dtype.name}")
         if flags & ~FLAG_MORE or (flags and kind in (FrameKind.PING, FrameKind.PONG)):
             raise FrameError(f"bad flags {flags:#x} on a {kind.name} frame")
+        if reserved:
+            raise FrameError(f"reserved header field is {reserved}")
+        if seq_id >= MAX_SEQUENCES:
+            raise FrameError(f"sequence {seq_id} (at most {MAX_SEQUENCES - 1})")
+        if payload_len > MAX_PAYLOAD:
+            raise FrameError(f"frame too large ({payload_len} bytes, at most {MAX_PAYLOAD})")
+        if dtype in DTYPE_SIZE:
+            if n_tokens > MAX_TOKENS_PER_FRAME or n_embd > MAX_EMBD:
+                raise FrameError(f"frame too large ({n_tokens} tokens of {n_embd} floats; at most "
+                                 f"{MAX_TOKENS_PER_FRAME} of {MAX_EMBD})")
+            if n_tokens == 0 or (dtype is DType.F32 and n_embd == 0):
+                raise FrameError(f"an empty {dtype.name} frame ({n_tokens} × {n_embd})")
+            if dtype is DType.TOKENS and n_embd:
+                raise FrameError(f"a token frame with n_embd = {n_embd}")
+            expected = n_tokens * (n_embd or 1) * DTYPE_SIZE[dtype]
+            if payload_len != expected:
+                raise FrameError(f"payload is {payload_len} bytes, header says {expected}")
+            if pos > MAX_POS - n_tokens:
+                raise FrameError(f"positions {pos} + {n_tokens} beyond int32")
+        else:
+            if n_tokens or n_embd:
+                raise FrameError(f"a {dtype.name} frame with a shape ({n_tokens} × {n_embd})")
+            limit = {DType.NONE: 0, DType.TEXT: MAX_ERROR_BYTES, DType.BYTES: MAX_PROBE_BYTES}[dtype]
+            if payload_len > limit:
+                raise FrameError(f"{payload_len} bytes of {dtype.name} on a {kind.name} frame (at most {limit})")
+            if pos > MAX_POS:
+                raise FrameError(f"position {pos} beyond int32")
         return cls(kind, dtype, request_id, seq_id, rnd, pos, n_tokens, n_embd, payload_len, flags)

@@ -212,9 +212,12 @@ class LayerWindow:
 
         Raises:
             DecodeError: llama_decode failed (context full, …).
-            ValueError: inputs of the wrong shape or dtype.
+            ValueError: inputs of the wrong shape or dtype, a sequence that does not exist, or positions
+                outside [0, n_ctx).
         """
         arrays = [self._check_inputs(x) for x, _, _ in items]
+        for arr, (_, pos, seq_id) in zip(arrays, items):
+            self._check_place(seq_id, pos, arr.shape[0])
         pieces = []  # (item, offset in the item, n tokens), each <= n_batch
         for i, arr in enumerate(arrays):
             for off in range(0, arr.shape[0], self.n_batch):
@@ -307,8 +310,24 @@ class LayerWindow:
         with self._lock:
             llama_cpp.llama_memory_clear(self._mem, True)
 
+    def _check_place(self, seq_id: int, pos: int, n: int) -> None:
+        """Raise ValueError unless ``seq_id`` exists and positions ``pos`` … ``pos + n - 1`` fit its context
+        (llama.cpp would abort, or reinterpret seq_id -1 as every sequence)."""
+        if not 0 <= seq_id < self.n_seq_max:
+            raise ValueError(f"sequence {seq_id} does not exist (the window holds {self.n_seq_max})")
+        if not (0 <= pos and pos + n <= self.n_ctx):
+            raise ValueError(f"positions {pos} … {pos + n - 1} outside the context of {self.n_ctx}")
+
     def kv_remove(self, seq_id: int, p0: int = 0) -> None:
-        """Drop positions >= ``p0`` of ``seq_id`` (p0 = 0 clears the sequence)."""
+        """Drop positions >= ``p0`` of ``seq_id`` (p0 = 0 clears the sequence).
+
+        Raises:
+            ValueError: a sequence that does not exist, or a negative ``p0``.
+        """
+        self._check_place(seq_id, 0, 0)
+        if p0 < 0:
+            raise ValueError(f"position {p0} is negative")
+        p0 = min(p0, self.n_ctx)
         with self._lock:
             llama_cpp.llama_memory_seq_rm(self._mem, seq_id, p0, -1)
 
