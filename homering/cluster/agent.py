@@ -245,6 +245,7 @@ class Agent:
         self.bind = bind
         self._loaded: _Loaded | None = None
         self._plan_task: asyncio.Task | None = None
+        self._plan_seq = 0  # plans offered so far; a load whose number is not the latest stops
         self._offered: Plan | None = None              # the latest plan on the broker
         self._controller: ControllerStatus | None = None
         self._applied_plan_id: str | None = None
@@ -382,9 +383,8 @@ class Agent:
         if plan.plan_id == self._applied_plan_id:
             return
         self._applied_plan_id = plan.plan_id
-        if self._plan_task and not self._plan_task.done():
-            self._plan_task.cancel()
-        self._plan_task = self._spawn(self._apply_plan(plan))
+        self._plan_seq += 1
+        self._plan_task = self._spawn(self._apply_plan(plan, self._plan_seq, self._plan_task))
 
     async def _status(self, state: str, plan_id: str | None = None, detail: str | None = None) -> None:
         """Publish this agent's status (retained); remembered, and published again after a reconnect."""
@@ -484,7 +484,22 @@ class Agent:
                 await self._mqtt.publish(Topics.probe_result(self.name), report.dump(), qos=1)
 
     # ------------------------------------------------------------ plans
-    async def _apply_plan(self, plan: Plan) -> None:
+    async def _apply_plan(self, plan: Plan, seq: int, previous: asyncio.Task | None = None) -> None:
+        """Load ``plan`` (the ``seq``-th offered), after ``previous`` (an earlier load) has stopped.
+
+        Loads are never cancelled midway (their threads cannot be): a load
+        whose plan has been replaced meanwhile stops at its next step and
+        closes what it loaded.
+        """
+        if previous is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await previous
+
+        def superseded() -> bool:
+            return seq != self._plan_seq
+
+        if superseded():
+            return
         old, self._loaded = self._loaded, None
         if old is not None:  # requests in flight end with "interrupted"; the controller resumes them
             await asyncio.to_thread(old.shutdown)
@@ -493,6 +508,7 @@ class Agent:
             await self._status("online", plan.plan_id, "not in the plan")
             return
         await self._status("loading", plan.plan_id)
+        loaded = None
         try:
             trim_heap()  # the previous plan's contexts
             windows = await asyncio.to_thread(self._load_windows, plan, position)
@@ -501,13 +517,20 @@ class Agent:
             loaded = _Loaded(plan, position, windows, release=release)
             if len(windows) > 1 and WindowPages.supported:  # macOS has no fadvise: no prefetch there
                 loaded.pages = [WindowPages(w.path) for w in windows]
-            if len(plan.ring) > 1:
+            if len(plan.ring) > 1 and not superseded():
                 nxt = plan.ring[(position + 1) % len(plan.ring)]
                 loaded.successor = await asyncio.to_thread(connect_link, nxt.host, nxt.data_port,
-                                                           key=self.key)
+                                                           key=self.key, give_up=superseded)
                 send_frame(loaded.successor, Frame.hello(plan.tag))
+            if superseded():
+                loaded.close()
+                return
             self._loaded = loaded
         except (HomeringError, ConnectionError, OSError, ValueError) as exc:
+            if loaded is not None:
+                loaded.close()
+            if superseded():
+                return
             log.error("cannot load plan %s: %s", plan.plan_id, exc)
             await self._status("error", plan.plan_id, str(exc))
             return

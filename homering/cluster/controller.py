@@ -76,6 +76,10 @@ class RequestError(HomeringError):
         self.code = code
 
 
+class AgentLost(HomeringError):
+    """An agent of the plan being loaded was lost: plan again over the others."""
+
+
 class Controller:
     """The cluster's coordinator.
 
@@ -399,8 +403,15 @@ class Controller:
                       f": start more with 'homering agent --broker {self.broker}'"))
             await self._status("error", msg)
             raise HomeringError(msg)
-        if not await self._adopt():
-            await self._replan(info)
+        if await self._adopt():
+            return
+        while True:
+            try:
+                await self._replan(info)
+                return
+            except AgentLost as exc:
+                log.warning("%s: planning again", exc)
+                self.planned_members = None  # the first plan: every agent still there
 
     async def _adopt(self) -> bool:
         """Take over the retained plan when its agents still serve it (a restarted controller).
@@ -465,13 +476,16 @@ class Controller:
         await self._publish(Topics.PLAN, self.plan.dump(self.key), retain=True)
 
         def loaded() -> bool:
+            lost = self.lost()
+            if lost:
+                raise AgentLost(f"lost agent(s) {', '.join(lost)} while the plan loaded")
             sts = [self.statuses.get(a.name) for a in self.plan.ring]
             failed = [s for s in sts if s and s.state == "error" and s.plan_id == self.plan.plan_id]
             if failed:
                 raise HomeringError(f"an agent could not load its windows: {failed[0].detail}")
             return all(s and s.state == "ready" and s.plan_id == self.plan.plan_id for s in sts)
 
-        if not await self._wait_for(loaded, self.join_timeout * 5):
+        if not await self._wait_for(loaded, self.join_timeout * 5, poll=0.5):
             raise HomeringError("the agents did not load their windows in time")
         self.ready = True
         await self._status("ready")
@@ -482,6 +496,9 @@ class Controller:
 
         Returns the agents with ``device.link_*`` filled in; an agent whose probe
         fails is left out (it could not reach the head).
+
+        Raises:
+            AgentLost: the head-to-be was lost meanwhile.
         """
         if len(agents) < 2:
             return agents
@@ -494,7 +511,12 @@ class Controller:
             probe_id = uuid.uuid4().hex[:12]
             await self._publish(Topics.probe(p.name), LinkProbe(
                 probe_id=probe_id, host=head.host, port=head.data_port).dump(self.key))
-            if not await self._wait_for(lambda: probe_id in self._reports, PROBE_TIMEOUT_S):
+            answered = await self._wait_for(
+                lambda: probe_id in self._reports or not self._live(p.name) or not self._live(head.name),
+                PROBE_TIMEOUT_S, poll=0.5)
+            if not self._live(head.name):
+                raise AgentLost(f"lost agent {head.name} (the head-to-be) while probing links")
+            if not answered or probe_id not in self._reports:
                 log.warning("agent %s did not answer the link probe; left out of the plan", p.name)
                 continue
             report = self._reports.pop(probe_id)
@@ -548,6 +570,8 @@ class Controller:
             try:
                 await self._replan(info)
                 self._plan_failed = None
+            except AgentLost as exc:
+                log.warning("%s: planning again", exc)  # lost() now names it: the loop comes straight back
             except HomeringError as exc:  # e.g. the model no longer fits the agents left
                 log.error("re-planning failed: %s", exc)
                 self._plan_failed = (time.monotonic(), str(exc))

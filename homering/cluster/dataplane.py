@@ -277,14 +277,18 @@ def client_handshake(sock: socket.socket, key: ClusterKey | None,
         sock.settimeout(previous)
 
 
-def connect_link(host: str, port: int, *, timeout: float = 30.0, key: ClusterKey | None = None) -> socket.socket:
+def connect_link(host: str, port: int, *, timeout: float = 30.0, key: ClusterKey | None = None,
+                 give_up=None) -> socket.socket:
     """Connect to a neighbour's data port (retrying until ``timeout`` seconds pass) and run the handshake.
+
+    ``give_up()``, when given, is asked before every retry: True stops
+    retrying (the plan this link was for has been replaced).
 
     Returns a blocking socket with TCP_NODELAY, ready for frames.
 
     Raises:
         HandshakeError: the handshake failed (not retried: another key will not change).
-        ConnectionError: the neighbour did not accept in time.
+        ConnectionError: the neighbour did not accept in time, or ``give_up()``.
     """
     deadline = time.monotonic() + timeout
     delay = 0.05
@@ -292,6 +296,8 @@ def connect_link(host: str, port: int, *, timeout: float = 30.0, key: ClusterKey
         try:
             sock = socket.create_connection((host, port), timeout=5.0)
         except OSError as exc:
+            if give_up is not None and give_up():
+                raise ConnectionError(f"gave up connecting to {host}:{port}") from None
             if time.monotonic() + delay > deadline:
                 raise ConnectionError(f"cannot reach data port {host}:{port}: {exc}") from None
             time.sleep(delay)
