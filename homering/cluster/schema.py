@@ -28,6 +28,22 @@ followed by the payload, ``n_tokens`` int32 token ids or
 groups: every frame of a group but the last has :data:`FLAG_MORE` set, and a
 receiver runs a group's frames as one batch (several requests' tokens share
 one llama_decode).
+
+Window distribution (HTTP, on the controller's API server, same API key as
+the API; see :mod:`homering.cluster.windows`):
+
+=======================================================  ====================================
+request                                                  answer
+=======================================================  ====================================
+``GET /v1/windows/<sha256>``                             the window file's bytes (only windows
+                                                         of the current plan or probe windows;
+                                                         404 for any other hash)
+``GET /v1/windows/probe/<start>-<end>-<role>``           :class:`WindowFile` of a probe window
+                                                         the profiler may use (404 otherwise)
+=======================================================  ====================================
+
+``<sha256>`` is the window file's SHA-256, 64 lower-case hex digits, as in
+:attr:`WindowAssignment.sha256`.
 """
 
 from __future__ import annotations
@@ -174,13 +190,51 @@ class AgentStatus(Message):
     detail: str | None = None
 
 
+SHA256 = r"^[0-9a-f]{64}$"
+WINDOWS_PATH = "/windows"
+"""Window distribution's routes, under the API base URL (:attr:`ControllerStatus.api`, ``…/v1``)."""
+WindowRole = Literal["whole", "first", "middle", "last"]
+
+
 class WindowAssignment(Message):
-    """One layer window [start, end) of the model on one agent, in round ``round``."""
+    """One layer window [start, end) of the model on one agent, in round ``round``.
+
+    ``sha256`` and ``size`` describe the window file the controller sliced
+    (deterministically: an agent slicing the same model gets the same bytes);
+    an agent checks every window file it loads against them, and one without
+    the model downloads the file by its hash. None in plans of controllers
+    that do not hash windows.
+    """
 
     start: int = Field(ge=0)
     end: int = Field(ge=1)
     round: int = Field(ge=0, default=0)
     gpu_layers: int = Field(ge=0, default=0, description="layers of the window offloaded to the GPU")
+    sha256: str | None = Field(default=None, pattern=SHA256, description="SHA-256 of the window file, hex")
+    size: int | None = Field(default=None, ge=0, description="size of the window file, bytes")
+
+
+class WindowFile(Message):
+    """A window file the controller serves (``GET /v1/windows/probe/…`` answers one)."""
+
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+    role: WindowRole
+    sha256: str = Field(pattern=SHA256, description="SHA-256 of the file, hex")
+    size: int = Field(ge=0, description="bytes")
+
+
+class ModelFacts(Message):
+    """Shape facts of the controller's model (its GGUF header): what an agent without the model file
+    needs to plan its profiling probes (see :func:`homering.profiler.compute.probe_plan`)."""
+
+    arch: str
+    name: str
+    n_layers: int = Field(ge=1)
+    n_embd: int = Field(ge=1)
+    n_ctx_train: int = Field(ge=0)
+    size_bytes: int = Field(ge=0, description="the model file's size, bytes")
+    layer_bytes: list[int] = Field(description="tensor bytes of each block, n_layers of them")
 
 
 class PredictedCost(Message):
@@ -346,12 +400,16 @@ class ControllerStatus(Message):
 
     state: Literal["waiting", "planning", "ready", "offline", "error"]
     model: str | None = None
-    model_path: str | None = Field(default=None, description="agents profile and slice this file")
+    model_path: str | None = Field(default=None, description="agents that have this file (same fingerprint) "
+                                                             "profile and slice it themselves")
     model_fingerprint: str | None = None
     n_ctx: int | None = None
     plan_id: str | None = None
     detail: str | None = None
-    api: str | None = Field(default=None, description="the OpenAI-compatible API's base URL, when served")
+    api: str | None = Field(default=None, description="the OpenAI-compatible API's base URL, when served; "
+                                                      "it also serves the window files")
+    model_facts: ModelFacts | None = Field(default=None, description="the model's shape: agents without the "
+                                                                     "model file profile from it")
 
 
 class WindowStats(Message):
