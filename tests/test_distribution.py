@@ -167,3 +167,20 @@ def test_window_endpoint_needs_the_key_and_serves_only_plan_windows(remote, smol
     assert httpx.get(f"{base}/v1/windows/probe/0-15-first", headers=auth, timeout=10).status_code == 404
     probe = httpx.get(f"{base}/v1/windows/probe/26-30-last", headers=auth, timeout=60)
     assert probe.status_code == 200 and probe.json()["role"] == "last"
+
+
+def test_without_an_api_port_an_agent_without_the_model_says_why(smollm2, mosquitto, tmp_path):
+    """No --api-port: no window is served, so an agent without the model cannot join; the controller's error
+    names the reason."""
+    env = {**_clean_env(), "HOMERING_HOME": str(tmp_path / "home")}
+    with open(tmp_path / "log", "w") as log:
+        procs = [_homering("controller", "--broker", str(mosquitto), "--model", str(smollm2), "--agents", "1",
+                           "--timeout", "6", log=log, env=_clean_env()),
+                 _homering("agent", "--broker", str(mosquitto), "--name", "lonely", "--threads", "1",
+                           "--no-local-model", log=log, env=env)]
+        try:
+            assert procs[0].wait(60) == 2
+        finally:
+            stop_processes(procs, 10)
+    out = (tmp_path / "log").read_text()
+    assert "lonely: cannot profile" in out and "the controller serves no windows (start it with --api-port" in out
