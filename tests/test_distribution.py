@@ -20,11 +20,13 @@ import httpx
 import pytest
 
 from homering.api.chat import ask
-from homering.cluster.broker import free_port
+from homering.cluster.broker import free_port, wait_for_port
 from homering.cluster.client import ClusterClient, new_request_id
 from homering.cluster.local import stop_processes
 from homering.cluster.schema import ChatMessage, GenerateRequest, Sampling
 from homering.cluster.windows import WindowClient, cache_path
+
+from tests.conftest import _mosquitto_binary
 
 API_KEY = "sk-homering-dist-0123456789"
 N_CTX = 256
@@ -131,6 +133,9 @@ def test_a_corrupted_cached_window_is_fetched_again(remote, tmp_path, monkeypatc
         first = client.fetch(w["sha256"], w["size"], "first")
         dt = time.perf_counter() - t0
         assert first == cache_path(w["sha256"]) and first.stat().st_size == w["size"]
+        with caplog.at_level(logging.INFO, logger="homering.windows"):
+            assert client.fetch(w["sha256"], w["size"], "hit") == first  # intact: a cache hit, no download
+        assert not [r for r in caplog.records if "window hit" in r.getMessage()]
         with open(first, "r+b") as fh:  # flip one byte in the middle
             fh.seek(w["size"] // 2)
             b = fh.read(1)
@@ -169,9 +174,27 @@ def test_window_endpoint_needs_the_key_and_serves_only_plan_windows(remote, smol
     assert probe.status_code == 200 and probe.json()["role"] == "last"
 
 
-def test_without_an_api_port_an_agent_without_the_model_says_why(smollm2, mosquitto, tmp_path):
+@pytest.fixture
+def own_broker(tmp_path):
+    """A mosquitto of this test's own (the module's cluster keeps the shared one busy)."""
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        if not wait_for_port("127.0.0.1", port):
+            pytest.fail("mosquitto did not start")
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_without_an_api_port_an_agent_without_the_model_says_why(smollm2, own_broker, tmp_path):
     """No --api-port: no window is served, so an agent without the model cannot join; the controller's error
     names the reason."""
+    mosquitto = own_broker
     env = {**_clean_env(), "HOMERING_HOME": str(tmp_path / "home")}
     with open(tmp_path / "log", "w") as log:
         procs = [_homering("controller", "--broker", str(mosquitto), "--model", str(smollm2), "--agents", "1",
