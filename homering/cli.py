@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import click
 
@@ -20,7 +21,7 @@ def _setup_logging(verbosity: int) -> None:
     level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(max(verbosity, -2), logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("amqtt", "transitions", "aiomqtt"):
+    for noisy in ("amqtt", "transitions", "aiomqtt", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
@@ -236,13 +237,35 @@ def _run(coro) -> None:
 @click.option("--ha-discovery", is_flag=True,
               help="Announce this agent to Home Assistant (MQTT discovery): status, tokens/s, memory, layers.")
 @KEY_OPTION
-def agent(broker, name, threads, data_port, host, release, ha_discovery, key_file) -> None:
-    """Join the cluster as one device: load the planned layer windows, serve the ring."""
-    from homering.cluster.agent import Agent, default_name
+@click.option("--model", "model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="This device's copy of the controller's model, when it is not at the controller's path: the "
+                   "agent slices its windows from it [default: the controller's path, if that file is here; "
+                   "otherwise the windows are downloaded from the controller].")
+@click.option("--no-local-model", is_flag=True,
+              help="Never read a model file here: download the windows (and the profiling probes) from the "
+                   "controller's API, even when the model is at the controller's path.")
+@click.option("--api-key-file", default=None, metavar="PATH", envvar="HOMERING_API_KEY_FILE", show_envvar=True,
+              help="The controller's API key, for downloading windows: this file's first line; or set the key "
+                   "itself in $HOMERING_API_KEY.")
+@click.option("--controller-url", default=None, metavar="URL", envvar="HOMERING_CONTROLLER_URL", show_envvar=True,
+              help="The controller's API base URL for downloads, e.g. http://homeserver:8000/v1 [default: the "
+                   "URL it announces; a loopback one is taken to be on the broker's host].")
+def agent(broker, name, threads, data_port, host, release, ha_discovery, key_file, model_file, no_local_model,
+          api_key_file, controller_url) -> None:
+    """Join the cluster as one device: load the planned layer windows, serve the ring.
 
+    The windows come from the model file when this device has it, else from the
+    controller (its --api-port), checked against the plan's SHA-256 and cached by hash.
+    """
+    from homering.cluster.agent import Agent, default_name
+    from homering.secrets import api_key
+
+    if model_file is not None and no_local_model:
+        raise click.UsageError("--model and --no-local-model exclude each other")
     _run(Agent(broker, name=name or default_name(), threads=threads or os.cpu_count() or 1,
                data_port=data_port, host=host or _local_address(broker.host), release=release,
-               ha_discovery=ha_discovery, key=_key(key_file)).run())
+               ha_discovery=ha_discovery, key=_key(key_file), model=model_file, local_model=not no_local_model,
+               api_key=api_key(api_key_file), controller_url=controller_url).run())
 
 
 def _local_address(broker_host: str) -> str:

@@ -3,7 +3,9 @@
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with
 ``stream`` as server-sent events ending in ``data: [DONE]``), ``GET
 /v1/models``, ``GET /v1/cluster``, ``GET /health`` and ``GET /metrics``
-(Prometheus). Errors are OpenAI error objects (``{"error": {"message",
+(Prometheus); for agents without the model, ``GET /v1/windows/<sha256>`` (a
+window file of the current plan, or a probe window) and ``GET
+/v1/windows/probe/<start>-<end>-<role>`` (see :mod:`homering.cluster.windows`). Errors are OpenAI error objects (``{"error": {"message",
 "type", "param", "code"}}``): 400 bad request, 401 a missing or wrong API key,
 404 unknown model, 413 the prompt does not fit the context, 429 the queue is
 full, 503 no plan is ready.
@@ -25,6 +27,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,12 +35,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from homering.api.metrics import CONTENT_TYPE
-from homering.cluster.schema import ChatMessage, GenerateRequest, Sampling, StreamEvent
+from homering.cluster.schema import SHA256, WINDOWS_PATH, ChatMessage, GenerateRequest, Sampling, StreamEvent
 
 if TYPE_CHECKING:
     from homering.cluster.controller import Controller
@@ -234,6 +237,20 @@ def create_app(controller: "Controller", *, default_max_tokens: int = 256, api_k
         req = GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex[:24]}", sampling=body.sampling(default_max_tokens),
                               **body.prompt_fields())
         return await _answer(controller, req, body, request, chat=False)
+
+    @authed.get(f"/v1{WINDOWS_PATH}/probe/{{label}}")
+    async def probe_window(label: str):
+        wf = await controller.probe_window(label)
+        if wf is None:
+            raise ApiError(404, f"'{label}' is not a probe window of this model", code="window_not_found")
+        return wf.model_dump()
+
+    @authed.get(f"/v1{WINDOWS_PATH}/{{sha256}}")
+    async def window(sha256: str):
+        path = controller.window_file(sha256) if re.fullmatch(SHA256, sha256) else None
+        if path is None:
+            raise ApiError(404, "no window file of the current plan has this sha256", code="window_not_found")
+        return FileResponse(path, media_type="application/octet-stream", filename=f"{sha256}.gguf")
 
     app.include_router(authed)
     return app

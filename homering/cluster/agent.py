@@ -36,9 +36,11 @@ from homering.cluster.dataplane import (
 )
 from homering.cluster.schema import (
     AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStatus, DeviceProfile, FrameError, FrameKind,
-    GenerateJob, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, StreamReplay, Topics, WindowStats,
+    GenerateJob, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, StreamReplay, Topics, WindowAssignment,
+    WindowStats,
 )
 from homering.cluster.security import ClusterKey
+from homering.cluster.windows import WindowClient, cached, matches, model_info, reachable_url, remove
 from homering.engine.sampling import SamplerChain, StopMatcher
 from homering.engine.pages import WindowPages, trim_heap
 from homering.engine.window import DecodeError, LayerWindow
@@ -227,14 +229,30 @@ class Agent:
         stats_interval: seconds between :class:`AgentStats` publications.
         key: the cluster key (:mod:`homering.cluster.security`): data-plane links must prove it, and plans,
             jobs, probes and the controller's status must be signed with it [default: an open cluster].
+        model: this device's copy of the controller's model, when it is not at the
+            controller's path (it must have the same fingerprint).
+        local_model: use a local model file at all (``model`` or the controller's path);
+            False: always download the windows from the controller.
+        api_key: the controller's API key, for downloading windows (None: none sent).
+        controller_url: the controller's API base URL for downloads [default: the one
+            it announces, see :func:`~homering.cluster.windows.reachable_url`].
+
+    Windows: an agent with the model slices its windows itself; one without
+    downloads them from the controller (:mod:`homering.cluster.windows`). Either
+    way every window file is checked against the plan's SHA-256.
     """
 
     def __init__(self, broker: mqtt.BrokerURL, *, name: str, threads: int, data_port: int = 0,
                  host: str = "127.0.0.1", bind: str = "0.0.0.0", release: bool | None = None,
                  ha_discovery: bool = False, stats_interval: float = STATS_INTERVAL_S,
-                 key: ClusterKey | None = None):
+                 key: ClusterKey | None = None, model: Path | None = None, local_model: bool = True,
+                 api_key: str | None = None, controller_url: str | None = None):
         self.broker = broker
         self.key = key
+        self.model = Path(model) if model is not None else None
+        self.local_model = local_model
+        self.api_key = api_key
+        self.controller_url = controller_url
         self.ha_discovery = ha_discovery
         self.stats_interval = stats_interval
         self.release = release
@@ -442,15 +460,52 @@ class Agent:
         if self.device is not None and self.device.model_fingerprint == fp:
             return
         self._profiling = fp
-        self._spawn(self._profile(path, fp))
+        self._spawn(self._profile(status))
 
-    async def _profile(self, model_path: str, fp: str) -> None:
+    def _local_model(self, model_path: str, fp: str) -> Path | None:
+        """This device's copy of the model with fingerprint ``fp``: ``--model``, else the controller's path
+        when that file is here; None when there is none (or ``local_model`` is off)."""
+        if not self.local_model:
+            return None
+        path = self.model or Path(model_path)
+        if not path.is_file():
+            return None
+        if fingerprint(path) != fp:
+            log.warning("model file %s is not the controller's model (fingerprint differs): not used", path)
+            return None
+        return path
+
+    def _window_client(self, api: str | None, what: str) -> WindowClient:
+        """A client for the controller's window downloads.
+
+        Raises:
+            HomeringError: the controller serves no windows (it runs without --api-port).
+        """
+        url = self.controller_url or (reachable_url(api, self.broker.host) if api else None)
+        if url is None:
+            raise HomeringError(f"{what}: this device has no copy of the model and the controller serves no "
+                                f"windows (start it with --api-port, or give this agent --model)")
+        return WindowClient(url, self.api_key)
+
+    async def _profile(self, status: ControllerStatus) -> None:
         from homering.profiler import profile_device
 
+        model_path, fp = status.model_path, status.model_fingerprint
         try:
-            if not os.path.isfile(model_path):
-                raise HomeringError(f"model file {model_path} is not on this device")
-            device = await asyncio.to_thread(profile_device, model_path, threads=self.threads)
+            local = await asyncio.to_thread(self._local_model, model_path, fp)
+            if local is not None:
+                device = await asyncio.to_thread(profile_device, local, threads=self.threads)
+            else:
+                if status.model_facts is None:
+                    raise HomeringError(f"model file {model_path} is not on this device")
+                info = model_info(status.model_facts, model_path, fp)
+                with self._window_client(status.api, f"model file {model_path} is not on this device") as client:
+                    def probe_file(spec: WindowSpec) -> Path:
+                        wf = client.probe_window(spec)
+                        return client.fetch(wf.sha256, wf.size, f"probe {spec.label()}")
+
+                    device = await asyncio.to_thread(profile_device, None, threads=self.threads, info=info,
+                                                     windows=probe_file)
             trim_heap()  # the probe windows' buffers: freed, but glibc would keep them
             if device.model_fingerprint != fp:
                 raise HomeringError(f"model file {model_path} does not match the controller's model")
@@ -540,21 +595,62 @@ class Agent:
         await self._status("ready", plan.plan_id)
 
     def _load_windows(self, plan: Plan, position: int) -> list[LayerWindow]:
-        model_path = plan.model_path
-        if not os.path.isfile(model_path):
-            raise HomeringError(f"model file {model_path} is not on this device")
-        if fingerprint(Path(model_path)) != plan.model_fingerprint:
-            raise HomeringError(f"model file {model_path} does not match the plan's model")
-        out = []
-        for w in plan.ring[position].windows:
-            role = Role.for_range(w.start, w.end, plan.n_layers)
-            path = slice_window(model_path, WindowSpec(w.start, w.end, role), progress=False,
-                                model_fp=plan.model_fingerprint)
-            out.append(LayerWindow(path, takes_tokens=role.takes_tokens, gives_logits=role.gives_logits,
-                                   n_ctx=plan.n_ctx, n_seq_max=plan.n_parallel, n_batch=plan.n_batch,
-                                   n_threads=self.threads,
-                                   n_gpu_layers=w.gpu_layers))
-        return out
+        """Get this agent's window files (see :meth:`_window_file`) and open them (a worker thread).
+
+        Raises:
+            HomeringError: a window file cannot be had (no model here and no download, or a refused
+                or corrupted download); llama.cpp cannot load a window.
+        """
+        local = self._local_model(plan.model_path, plan.model_fingerprint)
+        client = None
+        try:
+            out = []
+            for w in plan.ring[position].windows:
+                role = Role.for_range(w.start, w.end, plan.n_layers)
+                spec = WindowSpec(w.start, w.end, role)
+                path = self._window_file(plan, w, spec, local)
+                if path is None:  # download
+                    if client is None:
+                        client = self._window_client(self._controller.api if self._controller else None,
+                                                     f"model file {plan.model_path} is not on this device")
+                    path = client.fetch(w.sha256, w.size, spec.label())
+                out.append(LayerWindow(path, takes_tokens=role.takes_tokens, gives_logits=role.gives_logits,
+                                       n_ctx=plan.n_ctx, n_seq_max=plan.n_parallel, n_batch=plan.n_batch,
+                                       n_threads=self.threads,
+                                       n_gpu_layers=w.gpu_layers))
+            return out
+        finally:
+            if client is not None:
+                client.close()
+
+    def _window_file(self, plan: Plan, w: WindowAssignment, spec: WindowSpec, local: Path | None) -> Path | None:
+        """The checked file of window ``w``, or None when it must be downloaded.
+
+        In order: a downloaded copy in the cache (by hash, checked); the window
+        sliced from the local model, checked against the plan's hash (a
+        mismatching slice, e.g. a corrupted cache file, is sliced again once);
+        else None. A plan without hashes (an older controller) needs the model here.
+        """
+        label = spec.label()
+        if w.sha256 is None:
+            if local is None:
+                raise HomeringError(f"model file {plan.model_path} is not on this device")
+            return slice_window(local, spec, progress=False, model_fp=plan.model_fingerprint)
+        hit = cached(w.sha256, w.size, label)
+        if hit is not None:
+            return hit
+        if local is None:
+            return None
+        for attempt in range(2):
+            path = slice_window(local, spec, progress=False, model_fp=plan.model_fingerprint)
+            if matches(path, w.sha256, w.size):
+                return path
+            if spec.role is Role.WHOLE:
+                break  # the model file itself: nothing to slice again
+            log.warning("window %s sliced here (%s) does not match the plan's sha256: %s", label, path,
+                        "slicing it again" if attempt == 0 else "it will be downloaded")
+            remove(path)
+        return None
 
     # ------------------------------------------------------------ data plane (worker threads)
     def _serve_link(self, sock: socket.socket) -> None:

@@ -19,6 +19,11 @@ tokens so far to rebuild the KV caches and goes on (Petals' recovery by
 replay), so the client's stream only pauses. A broker outage is survived by
 reconnecting with backoff; stream events lost meanwhile are published again
 by the head (:class:`StreamReplay`).
+
+Window distribution: the controller slices every plan's windows itself and
+puts each file's SHA-256 and size in the plan; with an API port it serves
+those files, and the probe windows agents profile with, to agents that do not
+have the model (:mod:`homering.cluster.windows`).
 """
 
 from __future__ import annotations
@@ -35,17 +40,19 @@ import aiomqtt
 
 from homering.api.metrics import Metrics
 from homering.cluster import mqtt
+from homering.cluster import windows as dist
 from homering.cluster.homeassistant import controller_configs, publish_discovery
 from homering.cluster.scheduler import QueueFull, Sequences
 from homering.cluster.schema import (
     MAX_PAYLOAD, AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStats, ControllerStatus, GenerateJob,
-    GenerateRequest, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, StreamReplay, Topics,
+    GenerateRequest, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, StreamReplay, Topics, WindowFile,
 )
 from homering.cluster.client import StreamOrder
 from homering.cluster.security import ClusterKey
 from homering.engine.tokenizer import Tokenizer
 from homering.errors import HomeringError
-from homering.models.gguf_info import inspect_gguf
+from homering.models.gguf_info import ModelInfo, inspect_gguf
+from homering.models.slicing import Role, WindowSpec, slice_window
 from homering.planner import head_of, make_plan
 from homering.planner.model import PlanError, shape_from_gguf
 
@@ -157,6 +164,10 @@ class Controller:
         self._retained_plan: Plan | None = None
         self._broken: str | None = None  # why the current ring must be re-planned now (a head's report)
         self._plan_failed: tuple[float, str] | None = None  # (when, why) the last re-plan failed
+        self.info: ModelInfo | None = None
+        self._plan_files: dict[str, Path] = {}  # sha256 -> window file of the current plan (served)
+        self._probe_files: dict[str, Path] = {}  # sha256 -> probe window file (served)
+        self._probe_lock = asyncio.Lock()
 
     async def run(self) -> None:
         """Plan once the agents are in, then serve requests until cancelled.
@@ -169,6 +180,7 @@ class Controller:
         if self.n_batch * info.n_embd * 4 > MAX_PAYLOAD:  # a micro-batch's hidden states must fit one frame
             raise HomeringError(f"--batch {self.n_batch} is too large for this model: at most "
                                 f"{MAX_PAYLOAD // (info.n_embd * 4)} tokens of {info.n_embd} floats fit a frame")
+        self.info = info
         self.fingerprint = info.fingerprint
         self.tokenizer = await asyncio.to_thread(Tokenizer, self.model_path)
         api = await self._start_api() if self.api else None
@@ -288,7 +300,7 @@ class Controller:
         return ControllerStatus(
             state=state, model=self.model_path.name, model_path=str(self.model_path),
             model_fingerprint=self.fingerprint, n_ctx=self.n_ctx, plan_id=self.plan.plan_id if self.plan else None,
-            detail=detail, api=self.api_url)
+            detail=detail, api=self.api_url, model_facts=dist.model_facts(self.info) if self.info else None)
 
     async def _status(self, state: str, detail: str | None = None) -> None:
         """Set and publish (retained) the controller's state; published again after a reconnect."""
@@ -437,6 +449,10 @@ class Controller:
             for a in plan.ring)
         if not (same and members_ok):
             return False
+        hashed = plan.model_copy(deep=True)
+        await self._prepare_windows(hashed)
+        if hashed != plan:  # hashes missing (an older controller's plan) or different: the agents reload
+            return False
         self.plan = plan
         self.planned_members = frozenset(self._identity(p) for p in live.values())
         self.links = {a.name: (a.link_ms, 0.0) for a in plan.ring if a.link_ms is not None}
@@ -467,6 +483,7 @@ class Controller:
         except PlanError as exc:
             await self._status("error", str(exc))
             raise
+        await self._prepare_windows(self.plan)
         self.planned_members = members
         await self._status("planning")  # names the new plan: agents load only the plan the controller vouches for
         log.info("plan %s (%s, k=%d, predicted %.1f ms/token): %s%s", self.plan.plan_id, self.plan.planner,
@@ -490,6 +507,59 @@ class Controller:
         self.ready = True
         await self._status("ready")
         log.info("cluster ready: %d agent(s), head %s", len(self.plan.ring), self.plan.head.name)
+
+    async def _prepare_windows(self, plan: Plan) -> None:
+        """Slice (or find in the window cache) every window of ``plan``, write each file's SHA-256 and size
+        into the plan, and serve those files from now on (instead of the previous plan's).
+
+        Raises:
+            HomeringError: a window cannot be sliced (ModelError) or read.
+        """
+        def prepare() -> dict[str, Path]:
+            files = {}
+            for agent in plan.ring:
+                for w in agent.windows:
+                    spec = WindowSpec(w.start, w.end, Role.for_range(w.start, w.end, plan.n_layers))
+                    path = slice_window(self.model_path, spec, progress=False, model_fp=plan.model_fingerprint)
+                    w.sha256, w.size = dist.file_sha256(path), path.stat().st_size
+                    files[w.sha256] = path
+            return files
+
+        t0 = time.perf_counter()
+        try:
+            self._plan_files = await asyncio.to_thread(prepare)
+        except OSError as exc:
+            raise HomeringError(f"cannot read a window file: {exc}") from None
+        log.info("windows of plan %s sliced and hashed in %.2f s (%d files, %.1f MB)", plan.plan_id,
+                 time.perf_counter() - t0, len(self._plan_files),
+                 sum(p.stat().st_size for p in self._plan_files.values()) / 1e6)
+
+    def window_file(self, sha256: str) -> Path | None:
+        """The file with this hash when it may be served (a window of the current plan or a probe window)."""
+        return self._plan_files.get(sha256) or self._probe_files.get(sha256)
+
+    async def probe_window(self, label: str) -> WindowFile | None:
+        """Slice a probe window (``<start>-<end>-<role>``, see :func:`~homering.profiler.compute.possible_probe_specs`)
+        for an agent without the model, and serve it from now on; None for any other window."""
+        from homering.profiler.compute import possible_probe_specs
+
+        try:
+            start, end, role = label.split("-")
+            spec = WindowSpec(int(start), int(end), Role(role))
+        except ValueError:
+            return None
+        if self.info is None or spec not in possible_probe_specs(self.info):
+            return None
+
+        def prepare() -> tuple[Path, str]:
+            path = slice_window(self.model_path, spec, progress=False, model_fp=self.fingerprint)
+            return path, dist.file_sha256(path)
+
+        async with self._probe_lock:  # agents profiling at once ask for the same windows
+            path, digest = await asyncio.to_thread(prepare)
+        self._probe_files[digest] = path
+        return WindowFile(start=spec.start, end=spec.end, role=spec.role.value, sha256=digest,
+                          size=path.stat().st_size)
 
     async def _probe_links(self, agents: list[AgentProfile]) -> list[AgentProfile]:
         """Each agent measures its data-plane link to the head, one at a time (so they do not share bandwidth).

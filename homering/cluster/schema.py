@@ -46,29 +46,22 @@ which both ends prove they hold the same cluster key (HMAC-SHA256
 challenge–response, fresh nonces from both sides, so a recorded handshake
 cannot be replayed), then frames.
 
-================  ==============  ===============================================
-step              direction       bytes
-================  ==============  ===============================================
-hello             server → client :data:`LINK_HELLO`: ``HRNA``, version, mode, nonce_s (32)
-reply             client → server :data:`LINK_REPLY`: ``HRNA``, version, mode, nonce_c (32),
-                                  mac_c = HMAC(key, "client", nonce_s, nonce_c)
-accept            server → client :data:`LINK_ACCEPT`: ``HRNO``,
-                                  mac_s = HMAC(key, "server", nonce_c, nonce_s)
-frames            client → server (and PONGs back)
-================  ==============  ===============================================
+================  ==============  ========================================
+Window distribution (HTTP, on the controller's API server, same API key as
+the API; see :mod:`homering.cluster.windows`):
 
-``mode`` is :data:`LINK_MODE_KEYED` (MACs checked, ``hmac.compare_digest``)
-or :data:`LINK_MODE_OPEN` (no key configured: MACs are zero and not checked);
-ends whose modes differ, or whose MACs fail, hang up at once. The server
-drops a peer that fails (logged, one line) and keeps accepting; every step
-has a :data:`LINK_HANDSHAKE_TIMEOUT_S` timeout.
+=======================================================  ====================================
+request                                                  answer
+=======================================================  ====================================
+``GET /v1/windows/<sha256>``                             the window file's bytes (only windows
+                                                         of the current plan or probe windows;
+                                                         404 for any other hash)
+``GET /v1/windows/probe/<start>-<end>-<role>``           :class:`WindowFile` of a probe window
+                                                         the profiler may use (404 otherwise)
+=======================================================  ====================================
 
-A frame is a :data:`HEADER` followed by the payload, ``n_tokens`` int32 token
-ids or ``n_tokens × n_embd`` float32 hidden states (little-endian, finite).
-Frames travel in groups: every frame of a group but the last has
-:data:`FLAG_MORE` set, and a receiver runs a group's frames as one batch
-(several requests' tokens share one llama_decode). :meth:`FrameHeader.unpack`
-checks every field (kind × dtype, sizes, bounds) before a payload byte is read.
+``<sha256>`` is the window file's SHA-256, 64 lower-case hex digits, as in
+:attr:`WindowAssignment.sha256`.
 """
 
 from __future__ import annotations
@@ -284,13 +277,51 @@ class AgentStatus(Message):
     detail: str | None = None
 
 
+SHA256 = r"^[0-9a-f]{64}$"
+WINDOWS_PATH = "/windows"
+"""Window distribution's routes, under the API base URL (:attr:`ControllerStatus.api`, ``…/v1``)."""
+WindowRole = Literal["whole", "first", "middle", "last"]
+
+
 class WindowAssignment(Message):
-    """One layer window [start, end) of the model on one agent, in round ``round``."""
+    """One layer window [start, end) of the model on one agent, in round ``round``.
+
+    ``sha256`` and ``size`` describe the window file the controller sliced
+    (deterministically: an agent slicing the same model gets the same bytes);
+    an agent checks every window file it loads against them, and one without
+    the model downloads the file by its hash. None in plans of controllers
+    that do not hash windows.
+    """
 
     start: int = Field(ge=0)
     end: int = Field(ge=1)
     round: int = Field(ge=0, default=0)
     gpu_layers: int = Field(ge=0, default=0, description="layers of the window offloaded to the GPU")
+    sha256: str | None = Field(default=None, pattern=SHA256, description="SHA-256 of the window file, hex")
+    size: int | None = Field(default=None, ge=0, description="size of the window file, bytes")
+
+
+class WindowFile(Message):
+    """A window file the controller serves (``GET /v1/windows/probe/…`` answers one)."""
+
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+    role: WindowRole
+    sha256: str = Field(pattern=SHA256, description="SHA-256 of the file, hex")
+    size: int = Field(ge=0, description="bytes")
+
+
+class ModelFacts(Message):
+    """Shape facts of the controller's model (its GGUF header): what an agent without the model file
+    needs to plan its profiling probes (see :func:`homering.profiler.compute.probe_plan`)."""
+
+    arch: str
+    name: str
+    n_layers: int = Field(ge=1)
+    n_embd: int = Field(ge=1)
+    n_ctx_train: int = Field(ge=0)
+    size_bytes: int = Field(ge=0, description="the model file's size, bytes")
+    layer_bytes: list[int] = Field(description="tensor bytes of each block, n_layers of them")
 
 
 class PredictedCost(Message):
@@ -469,12 +500,16 @@ class ControllerStatus(Message):
 
     state: Literal["waiting", "planning", "ready", "offline", "error"]
     model: str | None = None
-    model_path: str | None = Field(default=None, description="agents profile and slice this file")
+    model_path: str | None = Field(default=None, description="agents that have this file (same fingerprint) "
+                                                             "profile and slice it themselves")
     model_fingerprint: str | None = None
     n_ctx: int | None = None
     plan_id: str | None = None
     detail: str | None = None
-    api: str | None = Field(default=None, description="the OpenAI-compatible API's base URL, when served")
+    api: str | None = Field(default=None, description="the OpenAI-compatible API's base URL, when served; "
+                                                      "it also serves the window files")
+    model_facts: ModelFacts | None = Field(default=None, description="the model's shape: agents without the "
+                                                                     "model file profile from it")
 
 
 class WindowStats(Message):

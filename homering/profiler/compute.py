@@ -114,14 +114,39 @@ def probe_plan(info: ModelInfo, ram_bytes: int | None, output: bool) -> tuple[in
     return max(1, min(n, budget // layer)), None
 
 
-def measure_compute(model_path: str | Path, *, threads: int, gpu: bool = False, output: bool = True,
+WindowSource = Callable[[WindowSpec], Path]
+"""Gives the file of a probe window: slices the local model, or downloads it (an agent without the model)."""
+
+
+def probe_specs(info: ModelInfo, n: int, n_out: int | None) -> list[WindowSpec]:
+    """The probe windows of a :func:`probe_plan` result: a middle window of ``n`` layers from the middle of
+    the model, and with ``n_out`` the model's last ``n_out`` layers as a ``last`` and a ``middle`` window."""
+    L = info.n_layers
+    mid_start = (L - n) // 2
+    specs = [WindowSpec(mid_start, mid_start + n, Role.MIDDLE)]
+    if n_out:
+        specs += [WindowSpec(L - n_out, L, Role.LAST), WindowSpec(L - n_out, L, Role.MIDDLE)]
+    return specs
+
+
+def possible_probe_specs(info: ModelInfo) -> set[WindowSpec]:
+    """Every probe window :func:`measure_compute` may ask for on some device (whatever its RAM): the only
+    windows a controller slices for agents' profiling."""
+    out: set[WindowSpec] = set()
+    for n in range(1, probe_layers(info) + 1):
+        out.update(probe_specs(info, n, n))
+    return out
+
+
+def measure_compute(model_path: str | Path | None, *, threads: int, gpu: bool = False, output: bool = True,
                     tokens: int = TIMED_TOKENS, warmup: int = WARMUP_TOKENS, info: ModelInfo | None = None,
                     ram_bytes: int | None = None,
-                    progress: Callable[[str], None] | None = None) -> ComputeTimings:
+                    progress: Callable[[str], None] | None = None,
+                    windows: WindowSource | None = None) -> ComputeTimings:
     """Time single-token decode through the model's own layers (see the module docstring).
 
     Args:
-        model_path: the full model's GGUF.
+        model_path: the full model's GGUF (None with ``windows`` and ``info``).
         threads: llama.cpp threads (>= 1).
         gpu: offload the probe windows' layers (and output) to the GPU
             (``n_gpu_layers``); only meaningful when llama.cpp has a GPU backend.
@@ -136,6 +161,7 @@ def measure_compute(model_path: str | Path, *, threads: int, gpu: bool = False, 
             stay in the page cache (:func:`probe_plan`); on a device too small
             for the output pair, ``ms_output`` is estimated from its bytes.
         progress: called with a short status line before each stage.
+        windows: where the probe windows come from [default: sliced from ``model_path``].
 
     Returns:
         :class:`ComputeTimings` (ms; ``ms_output`` None when ``output`` is false).
@@ -143,20 +169,19 @@ def measure_compute(model_path: str | Path, *, threads: int, gpu: bool = False, 
     Raises:
         ValueError: bad ``threads``/``tokens``/``warmup``.
         ModelError: the model cannot be read or sliced.
-        HomeringError: llama.cpp cannot load a probe window or decode fails.
+        HomeringError: llama.cpp cannot load a probe window or decode fails; ``windows`` failed.
     """
     if threads < 1 or tokens < 1 or warmup < 0 or warmup + tokens > PROBE_N_CTX:
         raise ValueError(f"bad probe settings: threads={threads}, tokens={tokens}, warmup={warmup}")
     say = progress or (lambda _msg: None)
     info = info or inspect_gguf(model_path)
     n, n_out = probe_plan(info, ram_bytes, output)
-    L = info.n_layers
-    mid_start = (L - n) // 2
-    specs = [WindowSpec(mid_start, mid_start + n, Role.MIDDLE)]
-    if n_out:
-        specs += [WindowSpec(L - n_out, L, Role.LAST), WindowSpec(L - n_out, L, Role.MIDDLE)]
-    say(f"slicing {len(specs)} probe window(s) of {n} layer(s)")
-    files = [slice_window(model_path, s, progress=False, model_fp=info.fingerprint) for s in specs]
+    specs = probe_specs(info, n, n_out)
+    say(f"{'slicing' if windows is None else 'getting'} {len(specs)} probe window(s) of {n} layer(s)")
+    if windows is None:
+        files = [slice_window(model_path, s, progress=False, model_fp=info.fingerprint) for s in specs]
+    else:
+        files = [windows(s) for s in specs]
 
     where = "GPU" if gpu else f"CPU, {threads} thread(s)"
     say(f"timing decode through {n} layer(s) ({where})")
@@ -272,8 +297,9 @@ def gpu_free_vram() -> tuple[int, bool] | None:
     return (free_total, integrated) if found else None
 
 
-def measure_gpu(model_path: str | Path, *, threads: int, info: ModelInfo | None = None,
-                progress: Callable[[str], None] | None = None) -> GpuProfile | None:
+def measure_gpu(model_path: str | Path | None, *, threads: int, info: ModelInfo | None = None,
+                progress: Callable[[str], None] | None = None,
+                windows: WindowSource | None = None) -> GpuProfile | None:
     """The device's GPU profile, or None when llama.cpp offers no GPU.
 
     ``vram_gib``: free VRAM (:func:`gpu_free_vram`), GiB; ``ms_per_layer``:
@@ -296,6 +322,7 @@ def measure_gpu(model_path: str | Path, *, threads: int, info: ModelInfo | None 
         log.warning("llama.cpp supports GPU offload but reports no GPU memory: profiling the CPU only")
         return None
     free, integrated = vram
-    timings = measure_compute(model_path, threads=threads, gpu=True, output=False, info=info, progress=progress)
+    timings = measure_compute(model_path, threads=threads, gpu=True, output=False, info=info, progress=progress,
+                              windows=windows)
     return GpuProfile(vram_gib=free / (1 << 30), ms_per_layer=timings.ms_per_layer,
                       unified=sys.platform == "darwin" or integrated)

@@ -34,8 +34,8 @@ from pydantic import BaseModel, ValidationError
 from homering import paths
 from homering.cluster.schema import DeviceProfile, GpuProfile, OsName
 from homering.errors import HomeringError
-from homering.models.gguf_info import inspect_gguf
-from homering.profiler.compute import measure_compute, measure_gpu
+from homering.models.gguf_info import ModelInfo, inspect_gguf
+from homering.profiler.compute import WindowSource, measure_compute, measure_gpu
 from homering.profiler.disk import DISK_PROBE_BYTES, measure_disk_gbps
 from homering.profiler.memory import available_ram_bytes
 
@@ -143,10 +143,12 @@ def _measuring_lock(say: Callable[[str], None]):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def profile_device(model_path: str | os.PathLike, *, threads: int, refresh: bool = False,
+def profile_device(model_path: str | os.PathLike | None, *, threads: int, refresh: bool = False,
                    progress: Callable[[str], None] | None = None,
                    disk_bytes: int = DISK_PROBE_BYTES,
-                   disk_dir: str | os.PathLike | None = None) -> DeviceProfile:
+                   disk_dir: str | os.PathLike | None = None,
+                   info: ModelInfo | None = None,
+                   windows: WindowSource | None = None) -> DeviceProfile:
     """Measure (or read from the cache) this device's profile for one model.
 
     Measures: RAM available to homering (always, see
@@ -165,6 +167,10 @@ def profile_device(model_path: str | os.PathLike, *, threads: int, refresh: bool
         progress: called with a short status line before each stage.
         disk_bytes: size of the disk probe file, bytes (default 256 MiB).
         disk_dir: where to measure the disk; default the window cache folder.
+        info: the model's shape, when known (required without ``model_path``).
+        windows: where the probe windows come from (required without ``model_path``: an agent
+            without the model downloads them, see :mod:`homering.cluster.windows`)
+            [default: sliced from ``model_path``].
 
     Returns:
         :class:`DeviceProfile`; ``profile_ms`` is the wall time of measuring,
@@ -174,13 +180,15 @@ def profile_device(model_path: str | os.PathLike, *, threads: int, refresh: bool
         ModelError: the model file is missing or not a usable GGUF.
         HomeringError: unsupported OS, the disk probe failed, llama.cpp
             cannot load or run a probe window.
-        ValueError: ``threads`` < 1.
+        ValueError: ``threads`` < 1, or neither ``model_path`` nor ``info`` and ``windows``.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     say = progress or (lambda _msg: None)
     os_name = detect_os()
-    info = inspect_gguf(model_path)
+    if model_path is None and (info is None or windows is None):
+        raise ValueError("profile_device needs the model file, or its info and a window source")
+    info = info or inspect_gguf(model_path)
     key = device_key(threads)
     cache_file = profiles_dir() / f"{key}-{info.fingerprint}.json"
 
@@ -194,8 +202,8 @@ def profile_device(model_path: str | os.PathLike, *, threads: int, refresh: bool
                 say(f"measuring disk read throughput ({disk_bytes >> 20} MiB)")
                 disk = measure_disk_gbps(disk_dir, size_bytes=disk_bytes)
                 cpu = measure_compute(info.path, threads=threads, info=info, ram_bytes=available_ram_bytes(),
-                                      progress=say)
-                gpu = measure_gpu(info.path, threads=threads, info=info, progress=say)
+                                      progress=say, windows=windows)
+                gpu = measure_gpu(info.path, threads=threads, info=info, progress=say, windows=windows)
                 say("measuring available RAM")
                 ram = available_ram_bytes()
                 record = _CachedTimings(

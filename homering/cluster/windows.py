@@ -1,0 +1,273 @@
+"""Window distribution: window files named by their SHA-256, checked, cached, downloaded.
+
+The controller slices the plan's windows (it has the model), records each
+file's SHA-256 and size in the plan (:class:`~homering.cluster.schema.WindowAssignment`)
+and serves the files by hash from its API server (``GET /v1/windows/<sha256>``,
+the API key required). An agent that has the model slices its windows itself
+and checks them against the plan's hashes (slicing is deterministic: the same
+model and homering give the same bytes); an agent without it downloads only its
+own windows into ``<home>/windows/sha256/<sha256>.gguf``, so a re-plan fetches
+only windows it does not have. Every file is checked before it is loaded: a
+mismatch (a corrupted download or cache) is deleted and fetched again.
+
+Profiling an agent without the model works the same way: its probe windows
+(a few layers, see :mod:`homering.profiler.compute`) are asked for by range
+and role (``GET /v1/windows/probe/<start>-<end>-<role>`` → their hash), then
+downloaded by hash.
+
+Hashing a big window takes seconds, so a file's hash is remembered in a
+sidecar ``<file>.sha256`` together with its size, mtime, ctime and inode: any
+write to the file (which changes its ctime) makes the next check hash it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from homering import paths
+from homering.cluster.schema import WINDOWS_PATH, ModelFacts, WindowFile
+from homering.errors import HomeringError
+from homering.models.gguf_info import ModelInfo
+from homering.models.slicing import WindowSpec
+
+log = logging.getLogger("homering.windows")
+
+FETCH_ATTEMPTS = 3
+"""Downloads of one window before giving up (a hash mismatch or a broken connection counts as one)."""
+CHUNK_BYTES = 1 << 20
+HTTP_TIMEOUT_S = 30.0  # connect / between two chunks
+
+
+class WindowError(HomeringError):
+    """A window file could not be had: refused by the controller, or still wrong after every attempt."""
+
+
+# ------------------------------------------------------------------ hashes
+def _stamp(st: os.stat_result) -> str:
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, hex; remembered in ``<path>.sha256`` while the file is unchanged (see the module).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    path = Path(path)
+    st = path.stat()
+    memo = path.with_name(path.name + ".sha256")
+    try:
+        digest, stamp = memo.read_text().split(" ", 1)
+        if stamp.strip() == _stamp(st) and len(digest) == 64:
+            return digest
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES * 8):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if _stamp(path.stat()) == _stamp(st):  # not written meanwhile
+        try:
+            tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+            tmp.write_text(f"{digest} {_stamp(st)}\n")
+            os.replace(tmp, memo)
+        except OSError:
+            pass  # a read-only folder (a mounted model): hash again next time
+    return digest
+
+
+def matches(path: Path, sha256: str, size: int | None) -> bool:
+    """The file exists with this size (bytes; None: any) and this SHA-256."""
+    try:
+        if size is not None and path.stat().st_size != size:
+            return False
+        return file_sha256(path) == sha256
+    except OSError:
+        return False
+
+
+def remove(path: Path) -> None:
+    """Delete a window file and its hash memo."""
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+
+
+def cache_path(sha256: str) -> Path:
+    """Where a downloaded window lives: ``<home>/windows/sha256/<sha256>.gguf`` (folder created)."""
+    folder = paths.windows_dir() / "sha256"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{sha256}.gguf"
+
+
+def cached(sha256: str, size: int | None, label: str = "") -> Path | None:
+    """The downloaded window with this hash, when it is there and intact; a corrupted one is deleted."""
+    path = cache_path(sha256)
+    if not path.exists():
+        return None
+    if matches(path, sha256, size):
+        return path
+    log.warning("cached window %s does not match the plan's sha256: deleted, fetching it again",
+                label or path.name)
+    remove(path)
+    return None
+
+
+# ------------------------------------------------------------------ model facts
+def model_facts(info: ModelInfo) -> ModelFacts:
+    """What an agent without the model needs to know of it (published in the controller's status)."""
+    return ModelFacts(arch=info.arch, name=info.name, n_layers=info.n_layers, n_embd=info.n_embd,
+                      n_ctx_train=info.n_ctx_train, size_bytes=info.size_bytes, layer_bytes=list(info.layer_bytes))
+
+
+def model_info(facts: ModelFacts, path: str, fingerprint: str) -> ModelInfo:
+    """A :class:`ModelInfo` rebuilt from :class:`ModelFacts` (``path`` is the controller's, not readable here)."""
+    return ModelInfo(path=Path(path), arch=facts.arch, n_layers=facts.n_layers, n_embd=facts.n_embd,
+                     n_ctx_train=facts.n_ctx_train, name=facts.name, fingerprint=fingerprint,
+                     size_bytes=facts.size_bytes, layer_bytes=tuple(facts.layer_bytes))
+
+
+# ------------------------------------------------------------------ the client
+def reachable_url(api: str, broker_host: str) -> str:
+    """The controller's API URL as seen from this machine.
+
+    The controller announces a loopback address when it listens on every
+    interface (0.0.0.0); an agent on another machine then uses the broker's
+    host (a home server runs both) instead.
+    """
+    parts = urlsplit(api)
+    loopback = ("127.0.0.1", "localhost", "::1")
+    if parts.hostname in loopback and broker_host not in loopback:
+        host = f"[{broker_host}]" if ":" in broker_host else broker_host
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc))
+    return api
+
+
+class WindowClient:
+    """Downloads window files from the controller (blocking: call it from a worker thread).
+
+    Args:
+        api: the controller's API base URL (``http://host:port/v1``).
+        api_key: sent as ``Authorization: Bearer <key>`` (None: no header).
+        progress: show a rich progress bar (on a TTY); otherwise one log line per window.
+        attempts: downloads of one window before :class:`WindowError`.
+    """
+
+    def __init__(self, api: str, api_key: str | None, *, progress: bool | None = None,
+                 attempts: int = FETCH_ATTEMPTS):
+        self.api = api.rstrip("/")
+        self.attempts = attempts
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(HTTP_TIMEOUT_S), follow_redirects=False)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "WindowClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _refused(self, resp: httpx.Response, what: str) -> WindowError:
+        try:
+            reason = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            reason = resp.reason_phrase
+        hint = " (set $HOMERING_API_KEY or --api-key-file)" if resp.status_code == 401 else ""
+        return WindowError(f"the controller refused {what}: HTTP {resp.status_code} {reason}{hint}")
+
+    def probe_window(self, spec: WindowSpec) -> WindowFile:
+        """Ask the controller for a probe window's hash and size (it slices it on demand).
+
+        Raises:
+            WindowError: refused (401, 404: not a probe window) or unreachable.
+        """
+        url = f"{self.api}{WINDOWS_PATH}/probe/{spec.label()}"
+        try:
+            resp = self._http.get(url, timeout=httpx.Timeout(HTTP_TIMEOUT_S * 10))  # slicing takes a while
+        except httpx.HTTPError as exc:
+            raise WindowError(f"cannot reach the controller at {self.api}: {exc}") from None
+        if resp.status_code != 200:
+            raise self._refused(resp, f"probe window {spec.label()}")
+        try:
+            return WindowFile.model_validate_json(resp.content)
+        except ValueError:
+            raise WindowError(f"the controller at {self.api} answered probe window {spec.label()} "
+                              "with something else than a window file description") from None
+
+    def fetch(self, sha256: str, size: int | None, label: str) -> Path:
+        """The window with this hash: from the cache if intact, else downloaded and checked.
+
+        A download streams into a temporary file that is renamed into the
+        cache only once its SHA-256 matches; a mismatch or a broken connection
+        is retried up to ``attempts`` times in all.
+
+        Returns:
+            ``<home>/windows/sha256/<sha256>.gguf``.
+
+        Raises:
+            WindowError: refused by the controller (401, 404), or every attempt failed.
+        """
+        hit = cached(sha256, size, label)
+        if hit is not None:
+            return hit
+        target = cache_path(sha256)
+        why = ""
+        for attempt in range(1, self.attempts + 1):
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            try:
+                t0 = time.perf_counter()
+                digest, n = self._download(sha256, size, label, tmp)
+                dt = time.perf_counter() - t0
+                if digest == sha256 and (size is None or n == size):
+                    os.replace(tmp, target)
+                    log.info("downloaded window %s (%.1f MB) in %.2f s (%.0f MB/s)", label, n / 1e6, dt,
+                             n / 1e6 / max(dt, 1e-6))
+                    return target
+                why = f"got {n} bytes with sha256 {digest[:12]}…, the plan says {sha256[:12]}…"
+                log.warning("window %s: corrupted download (%s); attempt %d of %d", label, why, attempt,
+                            self.attempts)
+            except httpx.HTTPError as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                log.warning("window %s: download failed (%s); attempt %d of %d", label, why, attempt,
+                            self.attempts)
+                time.sleep(min(2.0, 0.25 * attempt))
+            finally:
+                tmp.unlink(missing_ok=True)
+        raise WindowError(f"window {label} could not be downloaded intact after {self.attempts} attempts: {why}")
+
+    def _download(self, sha256: str, size: int | None, label: str, tmp: Path) -> tuple[str, int]:
+        """Stream one window into ``tmp``; returns (its sha256, bytes). Raises WindowError when refused."""
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        url = f"{self.api}{WINDOWS_PATH}/{sha256}"
+        h, n = hashlib.sha256(), 0
+        with self._http.stream("GET", url) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                raise self._refused(resp, f"window {label}")
+            total = size or int(resp.headers.get("content-length") or 0) or None
+            if not self.progress:
+                log.info("downloading window %s (%s) from %s", label,
+                         f"{total / 1e6:.1f} MB" if total else "size unknown", self.api)
+            with open(tmp, "wb") as fh, Progress(
+                    TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    disable=not self.progress, transient=True) as bar:
+                task = bar.add_task(f"window {label}", total=total)
+                for chunk in resp.iter_bytes(CHUNK_BYTES):
+                    fh.write(chunk)
+                    h.update(chunk)
+                    n += len(chunk)
+                    bar.advance(task, len(chunk))
+        return h.hexdigest(), n
