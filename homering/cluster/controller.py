@@ -155,6 +155,7 @@ class Controller:
         self._tasks: set[asyncio.Task] = set()
         self._connected = asyncio.Event()
         self._connected_at = 0.0
+        self._disconnected_at = -1.0  # when our broker connection last dropped (monotonic)
         self._last_seen: dict[str, float] = {}  # agent -> monotonic time of its last message
         self._live_since: dict[str, float] = {}  # agent -> when it (re)appeared live
         self._offline_at: dict[str, float] = {}  # agent -> when its "offline" status arrived
@@ -247,6 +248,7 @@ class Controller:
                         await self._read(client)
                     finally:
                         self._connected.clear()
+                        self._disconnected_at = time.monotonic()
                         self._client = None
             except aiomqtt.MqttError as exc:
                 if not connected_once:
@@ -329,7 +331,9 @@ class Controller:
 
         An ``offline`` status (a last will) counts only once our own broker
         connection outlived it by :data:`OFFLINE_GRACE_S`: a broker that stops
-        publishes every client's will, and the agents come back with it.
+        publishes every client's will, and the agents come back with it (then
+        their heartbeat decides). A retained ``offline`` (the agent was gone
+        before this controller subscribed) counts at once.
         """
         status = self.statuses.get(name)
         if status is None or self._silent(name):
@@ -337,8 +341,14 @@ class Controller:
         if status.state in LIVE_STATES:
             return True
         if status.state == "offline":
-            at = self._offline_at.get(name, 0.0)  # while we are away from the broker we cannot tell
-            return not self._connected.is_set() or at < self._connected_at or time.monotonic() - at < OFFLINE_GRACE_S
+            at = self._offline_at.get(name)
+            if at is None:  # retained: it was gone before we came
+                return False
+            if not self._connected.is_set():  # while we are away from the broker we cannot tell
+                return True
+            if at <= self._disconnected_at <= at + OFFLINE_GRACE_S:  # a stopping broker's will: the heartbeat decides
+                return True
+            return time.monotonic() - at < OFFLINE_GRACE_S
         return False
 
     def live_agents(self) -> list[AgentProfile]:
@@ -686,7 +696,10 @@ class Controller:
                         before = self.statuses.get(name)
                         self.statuses[name] = status
                         if status.state == "offline":
-                            self._offline_at[name] = time.monotonic()
+                            if message.retain:
+                                self._offline_at.pop(name, None)
+                            else:
+                                self._offline_at[name] = time.monotonic()
                             log.warning("agent %s went offline", name)
                         else:
                             if before is None or before.state not in LIVE_STATES:
