@@ -272,3 +272,82 @@ def test_cut_off_agent_mid_answer_and_finish_it_identically(testbed3):
     assert text == expected
     after = _wait_plan(base, 2)
     assert victim["name"] not in after["plan"]["ring"]
+
+
+def test_loss_signals_and_join_hysteresis(smollm2):
+    """The controller's membership rules, on its own state (no processes): heartbeats, last wills (live,
+    retained, or sent by a stopping broker), and the hold that keeps a flapping agent out."""
+    from homering.cluster.controller import JOIN_HOLD_S, LOST_AFTER_S, OFFLINE_GRACE_S, Controller
+    from homering.cluster.mqtt import BrokerURL
+    from homering.cluster.schema import AgentProfile, AgentStatus, DeviceProfile, Plan, PlanAgent
+
+    c = Controller(BrokerURL("127.0.0.1", 1), smollm2, n_agents=1)
+    c.fingerprint = "fp"
+    now = time.monotonic()
+    c._connected.set()
+    c._connected_at = now - 100
+
+    def join(name: str, pid: int, up_for: float) -> None:
+        c.profiles[name] = AgentProfile.model_construct(
+            name=name, host="127.0.0.1", data_port=1000 + pid, pid=pid,
+            device=DeviceProfile.model_construct(model_fingerprint="fp"))
+        c.statuses[name] = AgentStatus(state="ready")
+        c._last_seen[name] = time.monotonic()
+        c._live_since[name] = time.monotonic() - up_for
+
+    join("a", 1, up_for=0.0)
+    assert {m[0] for m in c.members()} == {"a"}  # the first plan takes every agent at once
+    c.planned_members = c.members()
+    c.plan = Plan.model_construct(ring=[PlanAgent.model_construct(name="a")])
+
+    join("b", 2, up_for=0.0)  # a newcomer waits for the hold
+    assert {m[0] for m in c.members()} == {"a"}
+    c._live_since["b"] = time.monotonic() - JOIN_HOLD_S - 0.1
+    assert {m[0] for m in c.members()} == {"a", "b"}
+    c._losses["b"] = [time.monotonic()]  # it flapped: the hold doubles
+    assert {m[0] for m in c.members()} == {"a"}
+    c._live_since["b"] = time.monotonic() - 2 * JOIN_HOLD_S - 0.1
+    assert {m[0] for m in c.members()} == {"a", "b"}
+
+    assert c.lost() == []
+    c._last_seen["a"] = time.monotonic() - LOST_AFTER_S - 0.1  # its heartbeat stopped
+    assert c.lost() == ["a"]
+    c._connected.clear()  # ... but while we are away from the broker nobody is judged
+    assert c.lost() == []
+    c._connected.set()
+    c._last_seen["a"] = time.monotonic()
+
+    c.statuses["a"] = AgentStatus(state="offline")  # a last will, just now
+    c._offline_at["a"] = time.monotonic()
+    assert c.lost() == []  # within the grace: maybe the broker is stopping
+    c._offline_at["a"] = time.monotonic() - OFFLINE_GRACE_S - 0.1
+    assert c.lost() == ["a"]
+    c._disconnected_at = c._offline_at["a"] + OFFLINE_GRACE_S / 2  # our connection dropped right after it
+    assert c.lost() == []  # the broker stopped: the heartbeat decides
+    del c._offline_at["a"]  # a retained offline: gone before we came
+    assert c.lost() == ["a"]
+
+
+def test_losing_every_agent_ends_the_stream_with_a_clear_error(up3):
+    base = up3
+    agents = _wait_plan(base, 3)["agents"]
+    body = {"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": PROMPT, "max_tokens": MAX_NEW, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    n, error = 0, None
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=180) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                error = chunk["error"]
+                break
+            n += 1
+            if n == 8:
+                for a in agents:
+                    os.kill(a["pid"], signal.SIGKILL)
+    assert error is not None and 8 <= n < MAX_NEW
+    assert "could not resume" in error["message"] and "every agent left" in error["message"], error
+    resp = httpx.post(f"{base}/v1/completions", json={**body, "stream": False}, timeout=60)
+    assert resp.status_code == 503 and resp.json()["error"]["message"], resp.text  # and the API keeps answering

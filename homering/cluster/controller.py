@@ -880,9 +880,9 @@ class Controller:
         self._heads.pop(rid, None)
         self._changed.set()
 
-        def settled() -> bool:
-            failed = self._plan_failed is not None and self._plan_failed[0] >= t
-            return failed or (self.ready and self.plan is not None and self.plan.plan_id != old_plan)
+        def settled() -> bool:  # a new plan, or the last re-plan failed (and none succeeded since)
+            return self._plan_failed is not None or (
+                self.ready and self.plan is not None and self.plan.plan_id != old_plan)
 
         if not await self._wait_for(settled, self.join_timeout * 5, poll=0.5) or not self.ready:
             return None
