@@ -11,13 +11,14 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: run test bench bench-cluster install mosquitto models model-default compose-config secrets clean help
+.PHONY: run test bench bench-cluster bench-faults install mosquitto models model-default compose-config secrets clean help
 
 help:
 	@echo "make run    - install what is missing, then 'homering up' on the default model (smollm2)"
 	@echo "make test   - install what is missing (mosquitto too), then run the test suite"
 	@echo "make bench  - decode (1 and 3 agents vs plain llama-cpp-python), 1 vs 4 concurrent streams, planner solve times"
 	@echo "make bench-cluster - (root, Linux) the paper's headline on an emulated 4-device home cluster"
+	@echo "make bench-faults - (root, Linux) kill agents while requests flow: completed/garbled, recovery pause"
 	@echo "make secrets - passwords, the API key and mosquitto's password file for docker/compose.yaml"
 	@echo "make compose-config - validate docker/compose.yaml and lint docker/Dockerfile (no Docker engine needed)"
 
@@ -34,6 +35,9 @@ bench: install model-default
 
 bench-cluster: install mosquitto
 	$(HR) bench cluster --spec examples/clusters/home4.yaml --model llama3.2-3b-q4_0 --json
+
+bench-faults: install mosquitto model-default
+	$(HR) bench faults --agents 4 --requests 100 --kill-every 10s
 
 install: $(STAMP)
 

@@ -50,7 +50,9 @@ from homering.models.slicing import Role, WindowSpec, slice_window
 
 log = logging.getLogger("homering.agent")
 
-RING_TIMEOUT_S = 120.0  # the head gives up on a ring that has not answered for this long
+RING_TIMEOUT_S = 120.0  # the head gives up on a ring that has not answered for this long (no prediction)
+RING_STALL_MIN_S = 5.0  # ... or, with the plan's prediction, for this long plus a generous multiple of it
+RING_STALL_FACTOR = 20.0
 STATS_INTERVAL_S = 1.0  # AgentStats double as the heartbeat the controller watches
 KEEPALIVE_S = 2  # MQTT keepalive: the broker publishes the last will ~1.5 × this after a silent cut-off
 HISTORY_REQUESTS = 32  # requests whose stream events the head keeps for a StreamReplay
@@ -778,7 +780,7 @@ class Agent:
         Raises:
             DecodeError: a window on the way failed (the ERROR frame's message).
             Interrupted: the request was interrupted, the ring did not answer
-                within :data:`RING_TIMEOUT_S`, or the link to the next agent failed.
+                in time (:func:`ring_stall_s`), or the link to the next agent failed.
         """
         back = loaded.queues[request]
         try:
@@ -788,9 +790,10 @@ class Agent:
         logits = None
         for _ in frames:
             try:
-                got = back.get(timeout=RING_TIMEOUT_S)
+                got = back.get(timeout=ring_stall_s(loaded.plan, frames))
             except queue.Empty:
-                raise Interrupted(f"the ring did not answer within {RING_TIMEOUT_S:.0f} s") from None
+                raise Interrupted(f"the ring did not answer within {ring_stall_s(loaded.plan, frames):.0f} s "
+                                  f"(a data-plane timeout)") from None
             if got is None:
                 raise Interrupted("interrupted")
             if got.header.kind is FrameKind.ERROR:
@@ -985,6 +988,22 @@ class Agent:
             prompt_token_ids=job.prompt_token_ids, finish_reason=finish,
             ttft_ms=(t_first - t0) * 1000 if t_first and not resumed else None,
             ms_per_token=(t_end - t_first) * 1000 / steps if t_first and t_end else None))
+
+
+def ring_stall_s(plan: Plan, frames: list[Frame]) -> float:
+    """How long the head waits for a frame to come back before it calls the ring broken, seconds.
+
+    The data-plane timeout, the third loss signal besides last wills and
+    heartbeats (it catches a ring whose links broke while MQTT still works):
+    :data:`RING_STALL_MIN_S` plus :data:`RING_STALL_FACTOR` times the plan's
+    predicted time for the work ahead (the frames' tokens, or one token per
+    sequence that may share the ring); :data:`RING_TIMEOUT_S` when the plan
+    has no prediction.
+    """
+    if not plan.predicted_ms_per_token:
+        return RING_TIMEOUT_S
+    tokens = max(sum(f.header.n_tokens for f in frames), plan.n_parallel)
+    return RING_STALL_MIN_S + RING_STALL_FACTOR * plan.predicted_ms_per_token / 1000 * tokens
 
 
 def default_name() -> str:
