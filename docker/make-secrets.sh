@@ -35,8 +35,8 @@ done
 if command -v mosquitto_passwd >/dev/null 2>&1; then
   mosquitto_passwd -U "$plain"
 else
-  docker run --rm --user "$(id -u):$(id -g)" -v "$PWD/mosquitto:/work" eclipse-mosquitto:2 \
-    mosquitto_passwd -U /work/passwd.tmp
+  docker run --rm --user "$(id -u):$(id -g)" -v "$PWD/mosquitto:/data" eclipse-mosquitto:2 \
+    mosquitto_passwd -U /data/passwd.tmp
 fi
 chmod 644 "$plain"
 mv "$plain" mosquitto/passwd
