@@ -239,3 +239,16 @@ def test_release_is_asked_only_of_devices_that_overflow_with_several_windows():
     assert not wants_release("resident", 2)   # fits: dropping it would re-read it every token
     assert not wants_release("overflow", 1)   # one window, needed again at the next token
     assert not wants_release(None, 3)
+
+
+def test_pipeline_depth_counts_devices_that_can_compute_at_once():
+    from homering.cluster.schema import AgentProfile
+    from homering.planner import pipeline_depth
+
+    def agent(host: str, cpus: int, threads: int) -> AgentProfile:
+        return AgentProfile.model_construct(host=host, cpu_count=cpus, threads=threads)
+
+    assert pipeline_depth([agent("127.0.0.1", 2, 1)] * 4) == 2  # 4 agents on a 2-core machine
+    assert pipeline_depth([agent(f"10.0.0.{i}", 2, 1) for i in range(4)]) == 4  # 4 machines
+    assert pipeline_depth([agent("h", 8, 4)] * 3 + [agent("phone", 4, 4)]) == 3  # 2 fit on h, 1 on the phone
+    assert pipeline_depth([agent("h", 1, 4)]) == 1

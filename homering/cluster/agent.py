@@ -113,8 +113,8 @@ class _Loaded:
             send_group(self.successor, frames)
 
     # The head's batching of decode steps. The requests in flight are spread over as many groups as the
-    # ring has devices, so that every device has a group to work on (the pipeline, PRIMA.CPP's piped
-    # ring); requests beyond that share groups, whose tokens share each window's llama_decode (llama.cpp
+    # ring has devices that can compute at once (Plan.pipeline_depth), so that every such device has a
+    # group to work on (the pipeline, PRIMA.CPP's piped ring); requests beyond that share groups, whose tokens share each window's llama_decode (llama.cpp
     # server's continuous batching). A group is sent when it is full, or when no request whose frames
     # came back ("thinking": sampling its next token) could still join it.
     def submit(self, request: int, frames: list[Frame]) -> None:
@@ -123,7 +123,8 @@ class _Loaded:
             self.thinking.discard(request)
             self.outstanding[request] = self.outstanding.get(request, 0) + len(frames)
             self.pending.extend(frames)
-            cap = -(-len(self.active) // len(self.plan.ring))  # requests per group: one group per device
+            depth = self.plan.pipeline_depth or len(self.plan.ring)  # devices that can compute at once
+            cap = -(-len(self.active) // depth)  # requests per group: one group per such device
             if not self.thinking or len({f.header.request_id for f in self.pending}) >= cap:
                 self._flush()
 

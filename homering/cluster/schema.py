@@ -369,6 +369,9 @@ class Plan(Message):
     predicted_ms_per_token: float | None = None
     solve_ms: float | None = None
     dropped: list[str] = Field(default_factory=list, description="agents the planner left out")
+    pipeline_depth: int | None = Field(
+        default=None, ge=1, description="ring devices that can compute at once (agents sharing a host share its "
+        "cores); the head spreads requests over this many groups [default: every agent of the ring]")
     ring: list[PlanAgent] = Field(min_length=1)
 
     @property

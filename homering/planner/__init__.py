@@ -122,6 +122,21 @@ def wants_release(mode: str | None, k: int) -> bool:
     return k > 1 and mode in ("overflow", "stream")
 
 
+def pipeline_depth(agents: list[AgentProfile]) -> int:
+    """How many of these agents can compute at the same time: per host, the agents on it, at most its cores
+    divided by the threads each agent uses (several agents on one machine share its cores).
+
+    Used by the head to spread concurrent requests over that many groups (see
+    ``_Loaded.submit`` in :mod:`homering.cluster.agent`): more groups than
+    this only queue, fewer leave devices idle.
+    """
+    by_host: dict[str, list[AgentProfile]] = {}
+    for a in agents:
+        by_host.setdefault(a.host, []).append(a)
+    return max(1, sum(min(len(group), max(1, min(a.cpu_count for a in group) // max(1, max(a.threads for a in group))))
+                      for group in by_host.values()))
+
+
 def make_plan(profiles: list[AgentProfile], shape: ModelShape, *, model_path: str, model_fingerprint: str,
               n_ctx: int, n_batch: int = 256, n_parallel: int = 1, planner: str = "halda",
               ks: list[int] | None = None) -> Plan:
@@ -151,6 +166,7 @@ def make_plan(profiles: list[AgentProfile], shape: ModelShape, *, model_path: st
                      for r, (a, b) in enumerate(d.windows)],
             predicted=PredictedCost(compute_ms=d.compute_ms, disk_ms=d.disk_ms, hop_ms=d.hop_ms)))
     return Plan(plan_id=uuid.uuid4().hex[:12], model_path=model_path, model_fingerprint=model_fingerprint,
+                pipeline_depth=pipeline_depth([by_name[a.name] for a in ring]),
                 n_layers=shape.n_layers, n_ctx=n_ctx, n_batch=n_batch, n_parallel=n_parallel, planner=planner,
                 k=result.prediction.k,
                 predicted_ms_per_token=result.prediction.ms_per_token, solve_ms=result.solve_ms,
