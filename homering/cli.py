@@ -421,8 +421,9 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_por
        rounds, n_batch, parallel, max_queue, ha_discovery, key_file, max_tokens, temperature, seed) -> None:
     """Start a whole cluster on this machine and chat with it (or answer --prompt).
 
-    Starts an embedded MQTT broker (unless --broker), a controller and N
-    agent processes on the model, then the chat. Everything stops on exit.
+    Starts its own MQTT broker on loopback (mosquitto if installed, else the
+    embedded amqtt; unless --broker), a controller and N agent processes on
+    the model, then the chat. Everything stops on exit.
     With --prompt the completion goes to stdout and logs to stderr.
 
     Credentials for --broker (--user, --password-file) and the API key reach

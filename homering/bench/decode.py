@@ -60,7 +60,7 @@ def run_decode_bench(model_path: Path, agent_counts: list[int], *, threads: int,
     console = console or Console(stderr=True)
     baseline: list[float] = []
     results: dict = {"model": str(model_path), "threads": threads, "tokens": n_tokens, "repeats": repeats,
-                     "broker": str(broker) if broker else "embedded (amqtt)", "configs": []}
+                     "broker": str(broker) if broker else "own (mosquitto if installed, else amqtt)", "configs": []}
     for count in agent_counts:
         with console.status(f"baseline (plain llama-cpp-python, {threads} threads)…"):
             baseline.append(baseline_ms_per_token(model_path, threads, n_tokens))

@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from homering.cluster.broker import free_port, wait_for_port
+from homering.cluster.broker import free_port, mosquitto_binary, mosquitto_config, wait_for_port
 from homering.cluster.mqtt import AUTH_ENV, BrokerURL
 from homering.cluster.security import ClusterKey, child_environment
 from homering.errors import HomeringError
@@ -92,6 +93,7 @@ class LocalCluster:
         self.procs: list[subprocess.Popen] = []
         self.log_file = log_file
         self.key = key
+        self._broker_dir: tempfile.TemporaryDirectory | None = None  # a started mosquitto's config
 
     def _spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "homering", *self.log_args, *args]
@@ -100,6 +102,20 @@ class LocalCluster:
         proc.role = " ".join(args[:3])  # e.g. "agent --broker mqtt://…" for error messages
         self.procs.append(proc)
         return proc
+
+    def _start_broker(self, port: int) -> None:
+        """mosquitto on loopback when installed (see :mod:`homering.cluster.broker`), else ``homering broker``."""
+        exe = mosquitto_binary()
+        if exe is None:
+            self._spawn("broker", "--port", str(port))
+            return
+        self._broker_dir = tempfile.TemporaryDirectory(prefix="homering-broker-")
+        conf = Path(self._broker_dir.name) / "mosquitto.conf"
+        conf.write_text(mosquitto_config("127.0.0.1", port, log=bool(self.log_args and self.log_args[0] == "-v")))
+        out = self.log_file.fileno() if self.log_file is not None else sys.stderr.fileno()
+        proc = subprocess.Popen([exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc.role = "broker (mosquitto)"
+        self.procs.append(proc)
 
     def _child_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """This process's environment, with the broker's credentials (if any) as the only MQTT settings,
@@ -115,7 +131,7 @@ class LocalCluster:
         try:
             if self.broker is None:
                 port = free_port()
-                self._spawn("broker", "--port", str(port))
+                self._start_broker(port)
                 if not wait_for_port("127.0.0.1", port):
                     raise HomeringError("the embedded MQTT broker did not start")
                 self.broker = BrokerURL("127.0.0.1", port)
@@ -158,6 +174,9 @@ class LocalCluster:
         for role in ("controller", "agent", "broker"):
             stop_processes([p for p in self.procs if p.role.startswith(role)], self.grace)
         self.procs.clear()
+        if self._broker_dir is not None:
+            self._broker_dir.cleanup()
+            self._broker_dir = None
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -1030,18 +1030,16 @@ class Testbed:
         """Start mosquitto (or, without it, homering's embedded amqtt broker) in the bridge namespace on
         the bridge address; wait until it accepts connections from the host. Returns :attr:`broker_url`.
         """
-        from homering.cluster.broker import wait_for_port
+        from homering.cluster.broker import mosquitto_binary, mosquitto_config, wait_for_port
 
         if self._broker is not None and self._broker.poll() is None:
             return self.broker_url
         self._broker_port = port
         ip = self.bridge_address
-        exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK)
-                                            else None)
+        exe = mosquitto_binary()
         if exe:
             conf = self.workdir / "mosquitto.conf"
-            conf.write_text(f"listener {port} {ip}\nallow_anonymous true\npersistence false\n"
-                            "log_dest stderr\n")
+            conf.write_text(mosquitto_config(ip, port, log=True))
             argv = [exe, "-c", str(conf)]
         else:
             log.warning("mosquitto is not installed: the testbed uses homering's embedded broker (amqtt)")
