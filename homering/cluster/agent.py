@@ -143,12 +143,16 @@ class _Loaded:
             back.put(frame)
 
     def leave(self, request: int) -> None:
-        """``request`` is over: stop waiting for it."""
+        """``request`` is over: stop waiting for it (never raises: a broken link is the next request's news)."""
         with self.send_lock:
             self.thinking.discard(request)
             self.outstanding.pop(request, None)
             if not self.thinking:
-                self._flush()
+                try:
+                    self._flush()
+                except OSError as exc:
+                    self.pending.clear()
+                    log.debug("could not send the waiting frames: %s", exc)
 
     def _flush(self) -> None:
         if self.pending:
