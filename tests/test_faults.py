@@ -352,3 +352,15 @@ def test_losing_every_agent_ends_the_stream_with_a_clear_error(up3):
     assert "could not resume" in error["message"] and "every agent left" in error["message"], error
     resp = httpx.post(f"{base}/v1/completions", json={**body, "stream": False}, timeout=60)
     assert resp.status_code == 503 and resp.json()["error"]["message"], resp.text  # and the API keeps answering
+
+
+def test_recovery_pause_is_the_longest_token_gap_after_a_kill():
+    from homering.bench.faults import _percentile, pauses
+
+    tokens = [i / 10 for i in range(11)] + [3 + i / 10 for i in range(10)]  # 0 … 1.0, a stall, 3.0 … 3.9
+    assert [round(p, 2) for p in pauses(tokens, [(1.05, "kill"), (10.0, "restart")])] == [2.0]
+    # the window ends at the next event: no token before it -> the pause lasts at least until then
+    assert [round(p, 2) for p in pauses(tokens, [(1.05, "kill"), (2.0, "restart")])] == [1.0]
+    # a kill that stalls nothing: the usual gap between tokens
+    assert [round(p, 2) for p in pauses(tokens, [(3.25, "kill")])] == [0.1]
+    assert _percentile([1.0, 2.0, 3.0], 0.95) == 3.0 and _percentile([1.0, 2.0, 3.0], 0.5) == 2.0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -41,10 +42,11 @@ PAUSE_WINDOW_S = 30.0
 
 
 def _percentile(xs: list[float], q: float) -> float | None:
+    """The nearest-rank ``q`` quantile (with few samples, p95 is the largest)."""
     if not xs:
         return None
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
 
 
 def pauses(token_times: list[float], events: list[tuple[float, str]]) -> list[float]:
