@@ -237,7 +237,9 @@ def testbed3(smollm2, tmp_path):
         pytest.skip(_can_run())
     name = unique("cut")
     devices = [{"name": f"d{i}", "ram": "1GiB", "cpus": 1} for i in range(3)]
-    env = dict(os.environ)  # the agents share this machine's profile cache: no 256 MiB disk probe per device
+    from homering import paths
+
+    env = {**os.environ, "HOMERING_HOME": str(paths.home())}  # this machine's profiles and windows: no disk probe
     with Testbed(spec(name, *devices), workdir=tmp_path / "tb") as tb:
         url = tb.start_broker()
         port = free_port()

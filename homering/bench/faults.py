@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from homering import paths
 from homering.bench.concurrent import PROMPTS
 from homering.cluster.client import ClusterClient, new_request_id
 from homering.cluster.local import stop_processes
@@ -91,7 +93,8 @@ class _Soak:
         self.procs: list = []
         self.token_times: list[float] = []
         self.events: list[tuple[float, str]] = []
-        self.env = dict(os.environ)  # the agents share this machine's profile cache: no disk probe per device
+        # the agents share this machine's home (profiles, windows): no disk probe and no slicing per device
+        self.env = {**os.environ, "HOMERING_HOME": str(paths.home())}
 
     def start_agent(self, dev: str) -> None:
         p = self.tb.spawn_logged(dev, [sys.executable, "-m", "homering", "agent", "--broker", self.url, "--name", dev,
@@ -213,6 +216,7 @@ def run_faults_bench(model_path: Path, *, agents: int = 4, requests: int = 100, 
         finally:
             stop_processes(soak.procs, 10.0)
             tb.stop_broker()
+    shutil.rmtree(workdir / "devices", ignore_errors=True)  # the devices' homes; the logs stay
     results.update({"model": str(model_path), "agents": agents, "concurrency": concurrency, "tokens": n_tokens,
                     "kill_every_s": kill_every, "restart_after_s": restart_after, "threads": threads,
                     "logs": str(workdir / "logs")})
