@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
+
+import httpx
 
 import pytest
 
@@ -13,6 +16,25 @@ from homering.cluster.mqtt import BrokerURL
 from homering.models.registry import resolve_model
 
 from tests.reference import Reference
+
+
+def wait_healthy(base: str, procs: list[subprocess.Popen], *, timeout: float = 240.0,
+                 log_path: Path | None = None) -> float:
+    """Wait until ``base``/health answers 200; fail the test (with the log's tail) if one of ``procs`` exits
+    first or ``timeout`` seconds pass. Returns the seconds waited."""
+    t0 = time.monotonic()
+    tail = lambda: f":\n{log_path.read_text()[-3000:]}" if log_path is not None and log_path.exists() else ""  # noqa: E731
+    while time.monotonic() - t0 < timeout:
+        for p in procs:
+            if p.poll() is not None:
+                pytest.fail(f"{' '.join(map(str, p.args[3:5]))} exited with code {p.returncode}{tail()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"the API at {base} did not become healthy within {timeout:.0f} s{tail()}")
 
 
 @pytest.fixture(scope="session")

@@ -19,24 +19,12 @@ from homering.cluster.broker import free_port
 from homering.cluster.local import stop_processes
 from homering.engine.tokenizer import Tokenizer
 
+from tests.conftest import wait_healthy
+
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
            "Name a color."]
 N_CTX = 1024
 MAX_NEW = 24
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"homering up exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail("the API did not become healthy")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +41,7 @@ def api(smollm2, mosquitto, tmp_path_factory):
             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_healthy(base, proc)
+            wait_healthy(base, [proc], log_path=log_path)
             yield base
         finally:
             stop_processes([proc], 30)

@@ -26,7 +26,7 @@ from homering.cluster.local import stop_processes
 from homering.cluster.schema import ChatMessage, GenerateRequest, Sampling
 from homering.cluster.windows import WindowClient, cache_path
 
-from tests.conftest import _mosquitto_binary
+from tests.conftest import _mosquitto_binary, wait_healthy
 
 API_KEY = "sk-homering-dist-0123456789"
 N_CTX = 256
@@ -64,19 +64,7 @@ def remote(smollm2, mosquitto, tmp_path_factory):
         procs.append(_homering("agent", "--broker", str(mosquitto), "--name", f"remote-{i}", "--threads", "1",
                                "--no-local-model", log=log, env=agent_env))
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            for p in procs:
-                if p.poll() is not None:
-                    pytest.fail(f"{p.args[3:5]} exited with code {p.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the cluster did not become ready:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
+        wait_healthy(base, procs, timeout=300, log_path=log_path)
         yield {"base": base, "broker": mosquitto, "home": agent_home, "log": log_path,
                "ready_s": time.monotonic() - t0}
     finally:

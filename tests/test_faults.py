@@ -18,26 +18,11 @@ import pytest
 from homering.cluster.broker import free_port, wait_for_port
 from homering.cluster.local import stop_processes
 
-from tests.conftest import _mosquitto_binary
+from tests.conftest import _mosquitto_binary, wait_healthy
 
 N_CTX = 512
 MAX_NEW = 64
 PROMPT = "The history of the printing press begins"
-
-
-def _wait_healthy(base: str, procs: list[subprocess.Popen], timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                pytest.fail(f"{p.args[3:5]} exited with code {p.returncode}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    pytest.fail("the API did not become healthy")
 
 
 def _homering(*args: str, log) -> subprocess.Popen:
@@ -95,7 +80,7 @@ def up3(smollm2, mosquitto, tmp_path):
                          "--no-chat", log=log)
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_healthy(base, [proc])
+            wait_healthy(base, [proc])
             yield base
         finally:
             stop_processes([proc], 30)
@@ -185,10 +170,10 @@ def separate(smollm2, own_broker, tmp_path):
     def restart_controller() -> None:
         stop_processes([procs["controller"]], 15)
         procs["controller"] = _homering(*controller_cmd, log=log)
-        _wait_healthy(base, [procs["controller"]])
+        wait_healthy(base, [procs["controller"]])
 
     try:
-        _wait_healthy(base, list(procs.values()))
+        wait_healthy(base, list(procs.values()))
         yield base, procs, restart_broker, restart_controller
     finally:
         stop_processes(list(procs.values()), 15)
@@ -229,9 +214,8 @@ def test_controller_restart_keeps_the_agents_and_their_plan(separate):
 def testbed3(smollm2, tmp_path):
     """3 emulated devices (own network namespaces and cgroups), a broker in the bridge, a controller with the API
     on the bridge's address, one agent per device."""
-    from tests.test_testbed import needs_root, spec, unique  # noqa: F401  (skip reason shared with the testbed tests)
-    from tests.test_testbed import _can_run
     from homering.testbed import Testbed
+    from tests.test_testbed import _can_run, spec, unique  # the testbed tests' skip reason and helpers
 
     if _can_run() is not None:
         pytest.skip(_can_run())
@@ -251,7 +235,7 @@ def testbed3(smollm2, tmp_path):
                                                "--threads", "1", "--host", tb.address(dev)], dev, env=env))
         base = f"http://{tb.bridge_address}:{port}"
         try:
-            _wait_healthy(base, procs)
+            wait_healthy(base, procs)
             yield tb, base
         finally:
             stop_processes(procs, 10)

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiomqtt
@@ -24,6 +23,8 @@ from homering.cluster.broker import free_port, wait_for_port
 from homering.cluster.local import stop_processes
 from homering.cluster.mqtt import BrokerAuth, BrokerURL
 from homering.errors import HomeringError
+
+from tests.conftest import wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO_DIR = REPO / "docker" / "mosquitto"
@@ -251,18 +252,7 @@ def keyed_api(smollm2, secured, tmp_path_factory):
              "--no-chat"], stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 240
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"homering up exited with code {proc.returncode}: {(folder / 'up.log').read_text()}")
-                try:
-                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the API did not become healthy: {(folder / 'up.log').read_text()[-3000:]}")
-                time.sleep(0.5)
+            wait_healthy(base, [proc], log_path=folder / "up.log")
             yield base, proc
         finally:
             stop_processes([proc], 30)

@@ -13,7 +13,6 @@ request B's (the ring is a pipeline).
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from homering.bench import write_json
 from homering.api.chat import ask
 from homering.cluster.client import ClusterClient, new_request_id
 from homering.cluster.local import LocalCluster
@@ -83,8 +83,5 @@ def run_concurrent_bench(model_path: Path, *, agents: int, streams: list[int], t
         table.add_row(str(r["streams"]), f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_first']:.2f}",
                       f"{r['ms_per_token_per_request']:.1f}", f"{r['wall_s']:.2f}")
     Console().print(table)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    console.print(f"wrote {out}")
+    write_json(results, out, console)
     return results

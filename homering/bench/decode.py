@@ -12,13 +12,13 @@ so the ratios are comparable on a noisy machine.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from homering.bench import write_json
 from homering.api.chat import ask
 from homering.cluster.client import ClusterClient, new_request_id
 from homering.cluster.local import LocalCluster
@@ -86,8 +86,5 @@ def run_decode_bench(model_path: Path, agent_counts: list[int], *, threads: int,
         table.add_row(f"{cfg['agents']} agent(s)", f"{cfg['ms_per_token']:.2f}", f"{cfg['tokens_per_s']:.1f}",
                       f"{cfg['ratio_vs_baseline']:.2f}")
     Console().print(table)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    Console(stderr=True).print(f"wrote {out}")
+    write_json(results, out)
     return results

@@ -17,7 +17,6 @@ boundary). Reported:
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 import random
@@ -32,6 +31,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from homering.bench import write_json
 from homering import paths
 from homering.bench.concurrent import PROMPTS
 from homering.cluster.client import ClusterClient, new_request_id
@@ -229,8 +229,5 @@ def run_faults_bench(model_path: Path, *, agents: int = 4, requests: int = 100, 
                   str(results["kills"]), fmt(results["pause_p50_s"]), fmt(results["pause_p95_s"]),
                   fmt(results["pause_max_s"]))
     Console().print(table)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    console.print(f"wrote {out}")
+    write_json(results, out, console)
     return results

@@ -9,7 +9,6 @@ covers all of them.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from homering.bench import write_json
 from homering.planner.halda import solve
 from homering.planner.model import ClusterSpec, ModelShape, parse_cluster
 
@@ -80,8 +80,5 @@ def run_plan_bench(device_counts: list[int], *, n_layers: int = 80, repeats: int
                       ", ".join(f"{t:.0f}" for t in r["predicted_ms_per_token"]))
     console.print(table)
     result = {"bench": "plan", "n_layers": n_layers, "repeats": repeats, "seed": seed, "rows": rows}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    console.print(f"wrote {out}")
+    write_json(result, out, console)
     return result

@@ -87,8 +87,10 @@ class _Loaded:
     users: int = 0  # threads running frames through the windows (link threads, generation loops)
     closing: bool = False
     idle: threading.Condition = field(default_factory=threading.Condition)
+    tag: int = 0  # the plan's tag (Plan.tag), which HELLO frames of its links carry
 
     def __post_init__(self) -> None:
+        self.tag = self.plan.tag
         me = self.plan.ring[self.position]
         self.stats = [WindowStats(start=w.start, end=w.end, round=w.round) for w in me.windows]
 
@@ -583,7 +585,7 @@ class Agent:
                 nxt = plan.ring[(position + 1) % len(plan.ring)]
                 loaded.successor = await asyncio.to_thread(connect_link, nxt.host, nxt.data_port,
                                                            key=self.key, give_up=superseded)
-                send_frame(loaded.successor, Frame.hello(plan.tag))
+                send_frame(loaded.successor, Frame.hello(loaded.tag))
             if superseded():
                 loaded.close()
                 return
@@ -682,7 +684,7 @@ class Agent:
                 if kind is FrameKind.PONG:
                     continue
                 loaded = self._loaded
-                if loaded is None or loaded.plan.tag != tag or not loaded.enter():
+                if loaded is None or loaded.tag != tag or not loaded.enter():
                     dropped += len(group)
                     if dropped == len(group):
                         log.warning("dropping frames from %s: sent under another plan than the one loaded", peer)

@@ -596,7 +596,7 @@ class FrameKind(IntEnum):
     ERROR = 3      # a window failed; payload is a UTF-8 message; goes on to the head
     PING = 4       # link probe: the receiver answers PONG on the same connection
     PONG = 5       # answer to PING (no payload)
-    HELLO = 6      # first frame on a ring link: request_id = the sender's plan tag (plan_tag())
+    HELLO = 6      # first frame on a ring link: request_id = the sender's plan tag (Plan.tag)
 
 
 class DType(IntEnum):
