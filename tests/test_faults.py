@@ -314,6 +314,35 @@ def test_loss_signals_and_join_hysteresis(smollm2):
     assert c.lost() == ["a"]
 
 
+def test_requests_that_waited_through_a_replan_start_before_a_join_replans_again(smollm2):
+    """Admission order, on the controller's own state: a request that waited for a plan starts on it even
+    when agents join meanwhile (and holds the join's re-plan back until it runs); one that arrives while
+    the join is pending waits for the join's plan; one waiting to resume does not block the join."""
+    from homering.cluster.controller import Controller
+    from homering.cluster.mqtt import BrokerURL
+
+    c = Controller(BrokerURL("127.0.0.1", 1), smollm2, n_agents=1)
+    assert not c.ready and not c._admissible(c._ready_gen)
+    early = c._ready_gen  # a request arrives during the first re-plan and waits
+    c._waiting["early"] = early
+    c.ready = True  # the plan is loaded
+    assert c._admissible(early) and c._changed.is_set()  # ... and the waiters are woken
+    c.draining = True  # an agent joined before "early" ran
+    assert c._admissible(early)  # it still starts on this plan
+    assert not c._at_boundary()  # and the join waits for it
+    late = c._ready_gen  # a request arriving now waits for the join's plan
+    assert not c._admissible(late)
+    del c._waiting["early"]
+    c.in_flight["early"], c._heads["early"] = 0, "a"  # "early" runs
+    assert not c._at_boundary()
+    del c._heads["early"]  # its head was lost: it waits to resume, which must not block the join
+    c._waiting["early"] = c._ready_gen
+    assert c._at_boundary()
+    c.ready = False  # the join's re-plan
+    c.ready = True
+    assert not c.draining and c._admissible(late) and c._admissible(c._waiting["early"])
+
+
 def test_losing_every_agent_ends_the_stream_with_a_clear_error(up3):
     base = up3
     agents = [a for a in _wait_plan(base, 3)["agents"] if a["in_plan"]]  # (the broker also holds earlier tests' agents)

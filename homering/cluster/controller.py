@@ -144,7 +144,10 @@ class Controller:
         self.profiles: dict[str, AgentProfile] = {}
         self.statuses: dict[str, AgentStatus] = {}
         self.plan: Plan | None = None
-        self.ready = False
+        self._ready = False
+        self._ready_gen = 0  # counts the plans that became ready (admission order across re-plans)
+        self.draining = False  # agents joined: new requests wait for the next plan, running ones finish
+        self._waiting: dict[str, int] = {}  # request id -> _ready_gen when it began waiting for a plan
         self.state = "waiting"
         self.fingerprint: str | None = None
         self.planned_members: frozenset | None = None
@@ -360,6 +363,40 @@ class Controller:
         return [p for p in self.live_agents()
                 if p.device is not None and p.device.model_fingerprint == self.fingerprint]
 
+    @property
+    def ready(self) -> bool:
+        """A loaded plan is intact and serves requests (False while re-planning or after a loss)."""
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        if value and not self._ready:
+            self._ready_gen += 1
+            self.draining = False
+        self._ready = value
+        self._changed.set()  # wake the requests waiting for a plan
+
+    def _admissible(self, gen: int) -> bool:
+        """May a request that began waiting at ready-generation ``gen`` start now?
+
+        Requests that waited through a re-plan start on the plan that ended the
+        wait even if agents have joined since (:attr:`draining`); requests that
+        arrive while draining wait for the join's plan. Without this, a join
+        could re-plan again before the waiting requests ran, and they would
+        wait through a second re-plan.
+        """
+        return self._ready and (not self.draining or gen < self._ready_gen)
+
+    def _at_boundary(self) -> bool:
+        """No request runs on the current plan and none is due to start on it (a join may re-plan now).
+
+        Requests waiting since before the current plan became ready are due to
+        start on it. Requests still waiting for a plan do not count, or a join
+        and a resumption would wait for each other.
+        """
+        return (not any(rid in self._heads for rid in self.in_flight)
+                and not any(gen < self._ready_gen for gen in self._waiting.values()))
+
     @staticmethod
     def _identity(p: AgentProfile) -> tuple:
         return (p.name, p.host, p.data_port, p.pid)  # a restarted agent is a new member
@@ -494,7 +531,11 @@ class Controller:
             await self._status("error", str(exc))
             raise
         await self._prepare_windows(self.plan)
-        self.planned_members = members
+        probed = {p.name for p in agents}
+        for name in {m[0] for m in members} - probed:  # the link probe failed: it rejoins after a hold
+            self._losses.setdefault(name, []).append(time.monotonic())
+            self._live_since[name] = time.monotonic()
+        self.planned_members = frozenset(m for m in members if m[0] in probed)
         await self._status("planning")  # names the new plan: agents load only the plan the controller vouches for
         log.info("plan %s (%s, k=%d, predicted %.1f ms/token): %s%s", self.plan.plan_id, self.plan.planner,
                  self.plan.k, self.plan.predicted_ms_per_token or 0,
@@ -618,10 +659,10 @@ class Controller:
                 self.ready = False
                 return True
             if self.members() == self.planned_members:
+                self.draining = False
                 return False
-            self.ready = False  # new requests wait for the new plan
-            # a request boundary: none is running (requests waiting to resume have no head)
-            return not any(rid in self._heads for rid in self.in_flight)
+            self.draining = True  # new requests wait for the new plan
+            return self._at_boundary()
 
         while True:
             await self._wait_for(due, None, poll=0.5)
@@ -819,8 +860,16 @@ class Controller:
         finished = False
         sent: list[int] = []  # token ids yielded so far
         try:
-            if not self.ready and not await self._wait_for(lambda: self.ready, self.join_timeout * 5):
-                raise RequestError(503, "the cluster is re-planning and not ready yet; try again")
+            gen = self._ready_gen
+            if not self._admissible(gen):
+                self._waiting[rid] = gen
+                waited = time.monotonic()
+                try:
+                    if not await self._wait_for(lambda: self._admissible(gen), self.join_timeout * 5):
+                        raise RequestError(503, "the cluster is re-planning and not ready yet; try again")
+                finally:
+                    del self._waiting[rid]
+                log.info("request %s waited %.1f s for plan %s", rid, time.monotonic() - waited, self.plan.plan_id)
             self.in_flight[rid] = seq
             self._streams[rid] = events
             self._orders[rid] = order
@@ -879,13 +928,20 @@ class Controller:
         t = time.monotonic()
         self._heads.pop(rid, None)
         self._changed.set()
+        gen = self._ready_gen
+        if self.ready and self.plan is not None and self.plan.plan_id != old_plan:
+            gen -= 1  # the new plan is ready already: resume on it
 
         def settled() -> bool:  # a new plan, or the last re-plan failed (and none succeeded since)
             return self._plan_failed is not None or (
-                self.ready and self.plan is not None and self.plan.plan_id != old_plan)
+                self._admissible(gen) and self.plan is not None and self.plan.plan_id != old_plan)
 
-        if not await self._wait_for(settled, self.join_timeout * 5, poll=0.5) or not self.ready:
-            return None
+        self._waiting[rid] = gen
+        try:
+            if not await self._wait_for(settled, self.join_timeout * 5, poll=0.5) or not self.ready:
+                return None
+        finally:
+            del self._waiting[rid]
         log.info("request %s resumes on plan %s after %.1f s", rid, self.plan.plan_id, time.monotonic() - t)
         return await self._start(rid, seq, ids, req, sent, attempt)
 
