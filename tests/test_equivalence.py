@@ -40,7 +40,8 @@ def chain_greedy(model_path, cuts, prompt_ids, n_new):
 
 
 SPLITS = [("smollm2", [0, 10, 20, 30]), ("smollm2", [0, 1, 29, 30]), ("smollm2", [0, 7, 30]),
-          ("gemma", [0, 7, 18]), ("gemma", [0, 5, 11, 18])]
+          ("gemma", [0, 7, 18]), ("gemma", [0, 5, 11, 18]),
+          ("gemma", [0, 5, 6, 11, 12, 17, 18])]  # windows of one global-attention layer (5, 11, 17) only
 
 
 @pytest.mark.parametrize("model,cuts", SPLITS, ids=[f"{m}-{c}" for m, c in SPLITS])

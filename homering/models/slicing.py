@@ -117,10 +117,15 @@ class WindowSpec:
         return f"{self.start}-{self.end}-{self.role.value}"
 
 
+# Version of what a window file holds; a change re-slices cached windows. 2: a window made only of
+# global-attention layers has no sliding window (format 1 files of such windows abort llama.cpp).
+SLICE_FORMAT = 2
+
+
 def window_path(model_path: Path, spec: WindowSpec, model_fp: str | None = None) -> Path:
     """Cache location of a window file (does not create it)."""
     fp = model_fp or fingerprint(model_path)
-    return paths.windows_dir() / fp / f"{spec.label()}.gguf"
+    return paths.windows_dir() / fp / f"{spec.label()}.f{SLICE_FORMAT}.gguf"
 
 
 def slice_window(model_path: str | os.PathLike, spec: WindowSpec, *, out: Path | None = None,
@@ -177,7 +182,12 @@ def _metadata_entries(gf: GGUFFile, arch: str, n_layers: int, spec: WindowSpec) 
     """Encoded metadata of the window: copied verbatim except what the window changes."""
     vocab_free = spec.role is Role.MIDDLE
     pattern_key = f"{arch}.attention.sliding_window_pattern"
-    replaced = {f"{arch}.block_count", pattern_key}
+    window_key = f"{arch}.attention.sliding_window"
+    flags = layer_swa_flags(gf, arch, n_layers)
+    if flags is not None:
+        flags = flags[spec.start:spec.end]
+    global_only = flags is not None and not any(flags)
+    replaced = {f"{arch}.block_count", pattern_key} | ({window_key} if global_only else set())
     if vocab_free:
         replaced |= {"tokenizer.ggml.model", f"{arch}.vocab_size"}
     entries = []
@@ -191,9 +201,12 @@ def _metadata_entries(gf: GGUFFile, arch: str, n_layers: int, spec: WindowSpec) 
         else:
             entries.append(f.raw)
     entries.append(gfile.encode_field(f"{arch}.block_count", gfile.UINT32, spec.n_layers))
-    flags = layer_swa_flags(gf, arch, n_layers)
-    if flags is not None:
-        entries.append(gfile.encode_field(pattern_key, gfile.ARRAY, flags[spec.start:spec.end], gfile.BOOL))
+    if global_only:
+        # only global-attention layers: llama.cpp builds an interleaved-SWA KV cache for any model with a
+        # sliding window and asserts that some layer uses it; a window of 0 makes it a plain global model
+        entries.append(gfile.encode_field(window_key, gfile.UINT32, 0))
+    elif flags is not None:
+        entries.append(gfile.encode_field(pattern_key, gfile.ARRAY, flags, gfile.BOOL))
     if vocab_free:
         entries.append(gfile.encode_field("tokenizer.ggml.model", gfile.STRING, "none"))
         entries.append(gfile.encode_field(f"{arch}.vocab_size", gfile.UINT32, 1))
