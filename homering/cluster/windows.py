@@ -28,15 +28,17 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
-
-import httpx
 
 from homering import paths
 from homering.cluster.schema import WINDOWS_PATH, ModelFacts, WindowFile
 from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo
 from homering.models.slicing import WindowSpec
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("homering.windows")
 
@@ -167,6 +169,8 @@ class WindowClient:
         self.api = api.rstrip("/")
         self.attempts = attempts
         self.progress = sys.stderr.isatty() if progress is None else progress
+        import httpx  # here, not at import: it costs an agent that never downloads ~7 MiB of RAM
+
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(HTTP_TIMEOUT_S), follow_redirects=False)
 
@@ -179,7 +183,7 @@ class WindowClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _refused(self, resp: httpx.Response, what: str) -> WindowError:
+    def _refused(self, resp: "httpx.Response", what: str) -> WindowError:
         try:
             reason = resp.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
@@ -193,6 +197,8 @@ class WindowClient:
         Raises:
             WindowError: refused (401, 404: not a probe window) or unreachable.
         """
+        import httpx
+
         url = f"{self.api}{WINDOWS_PATH}/probe/{spec.label()}"
         try:
             resp = self._http.get(url, timeout=httpx.Timeout(HTTP_TIMEOUT_S * 10))  # slicing takes a while
@@ -219,6 +225,8 @@ class WindowClient:
         Raises:
             WindowError: refused by the controller (401, 404), or every attempt failed.
         """
+        import httpx
+
         hit = cached(sha256, size, label)
         if hit is not None:
             return hit
