@@ -353,3 +353,8 @@ def test_sizes_and_the_home4_example():
         "d4-phone": (281, 0.425, 137, 5, 1, 465),
     }
     assert max(d.ram for d in home4.devices) < 1.56 * (1 << 30)  # no device holds the whole model
+    over = load_spec(ROOT / "examples" / "clusters" / "home4-overflow.yaml")
+    assert over.model == home4.model  # the same devices with half the RAM: less than the model in all
+    assert {d.name: (d.cpus, d.disk_read_mbps) for d in over.devices} == {k: v[1:3] for k, v in got.items()}
+    assert all(abs(o.ram / h.ram - 0.5) < 0.01 for o, h in zip(over.devices, home4.devices))
+    assert sum(d.ram for d in over.devices) < 1.56 * (1 << 30)
