@@ -232,8 +232,8 @@ def _run(coro) -> None:
               "for a loopback broker, else this machine's address towards the broker].")
 @click.option("--release/--no-release", default=None,
               help="Drop each layer window from the page cache right after using it (with k > 1 rounds), so "
-                   "the kernel keeps the next one [default: as the plan says: on when this device's windows "
-                   "overflow its RAM].")
+                   "the kernel keeps the next one [default: as the plan says: on when this device streams its "
+                   "windows from disk].")
 @click.option("--ha-discovery", is_flag=True,
               help="Announce this agent to Home Assistant (MQTT discovery): status, tokens/s, memory, layers.")
 @KEY_OPTION
@@ -541,13 +541,16 @@ def _print_profile(prof, model_path) -> None:
               help="Derive the model block from this GGUF (with --ctx) instead of the file's.")
 @click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=4096, show_default=True,
               help="Context size for the KV-cache bytes when --model is given.")
+@click.option("--batch", "n_batch", type=click.IntRange(1, 1 << 16), default=None,
+              help="Prefill micro-batch for the compute-buffer bytes when --model is given "
+                   "[default: the controller's, 64].")
 @click.option("--planner", type=click.Choice(["halda", "memory", "proportional"]), default="halda",
               show_default=True, help="Planner to run.")
 @click.option("--k", "ks", type=click.IntRange(1, 1 << 16), multiple=True,
               help="Rounds to consider (repeatable) [default: every divisor of the layer count].")
 @click.option("--compare", is_flag=True, help="Also show the baselines' plans (memory, proportional).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
-def plan_cmd(cluster_file, model, n_ctx, planner, ks, compare, as_json) -> None:
+def plan_cmd(cluster_file, model, n_ctx, n_batch, planner, ks, compare, as_json) -> None:
     """Plan a cluster offline: the layer assignment that minimises the predicted ms per token.
 
     Example: `homering plan --cluster examples/clusters/prima-home4.json`.
@@ -556,7 +559,7 @@ def plan_cmd(cluster_file, model, n_ctx, planner, ks, compare, as_json) -> None:
 
     from rich.console import Console
 
-    from homering.planner import plan_cluster
+    from homering.planner import DEFAULT_BATCH, plan_cluster
     from homering.planner.model import load_cluster, shape_from_gguf
     from homering.planner.report import plan_json, plan_table
 
@@ -564,7 +567,7 @@ def plan_cmd(cluster_file, model, n_ctx, planner, ks, compare, as_json) -> None:
     if model is not None:
         from homering.models.registry import resolve_model
 
-        shape = shape_from_gguf(resolve_model(model), n_ctx)
+        shape = shape_from_gguf(resolve_model(model), n_ctx, n_batch=n_batch or DEFAULT_BATCH)
     spec = load_cluster(cluster_file, shape)
     names = [planner] + ([p for p in ("halda", "memory", "proportional") if p != planner] if compare else [])
     results = [plan_cluster(spec, name, list(ks) or None) for name in names]

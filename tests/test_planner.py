@@ -27,10 +27,11 @@ def dev(name, *, os="linux", ram=64.0, disk=2.0, cpu=10.0, out=5.0, gpu=None, li
             "cpu_ms_output": out, "gpu": gpu, "link_ms": link_ms, "link_mbps": mbps, "head": head}
 
 
-def spec_of(devices, *, layers=8, layer_gib=1.0, kv=0, out_gib=0.0, hidden=16384):
+def spec_of(devices, *, layers=8, layer_gib=1.0, kv=0, out_gib=0.0, hidden=16384, compute=0, compute_vocab=0):
     return parse_cluster({"model": {"n_layers": layers, "layer_bytes": int(layer_gib * GIB),
                                     "kv_bytes_per_layer": kv, "output_bytes": int(out_gib * GIB),
-                                    "hidden_bytes": hidden}, "devices": devices})
+                                    "hidden_bytes": hidden, "compute_bytes": compute,
+                                    "compute_vocab_bytes": compute_vocab}, "devices": devices})
 
 
 # ---------------------------------------------------------------- optimality
@@ -52,9 +53,11 @@ def clusters(draw):
                            disk=draw(st.floats(0.1, 8.0)), cpu=draw(st.floats(0.5, 400.0)),
                            out=draw(st.floats(0.0, 50.0)), gpu=gpu, link_ms=draw(st.floats(0.0, 20.0)),
                            mbps=draw(st.floats(5.0, 2000.0)), head=i == head))
+    compute = draw(st.integers(0, int(0.5 * layer_gib * GIB)))
     return spec_of(devices, layers=n_layers, layer_gib=layer_gib,
                    kv=draw(st.integers(0, 1 << 26)), out_gib=draw(st.floats(0.0, 2.0)),
-                   hidden=draw(st.sampled_from([2304, 16384, 32768])))
+                   hidden=draw(st.sampled_from([2304, 16384, 32768])),
+                   compute=compute, compute_vocab=compute + draw(st.integers(0, int(0.5 * layer_gib * GIB))))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -231,13 +234,14 @@ def test_plan_cli_derives_the_model_from_a_gguf(smollm2, tmp_path):
     assert sum(d["layers_per_round"] for d in doc["devices"]) * doc["k"] == 30
 
 
-def test_release_is_asked_only_of_devices_that_overflow_with_several_windows():
-    """--release by default only where the window just used is needed last: overflowing devices with k > 1."""
+def test_release_is_asked_only_of_devices_that_stream_several_windows():
+    """--release by default only where every window is read once per round anyway: stream mode with k > 1."""
     from homering.planner import wants_release
 
-    assert wants_release("overflow", 2) and wants_release("stream", 4)
+    assert wants_release("stream", 2) and wants_release("stream", 4)
+    assert not wants_release("overflow", 2)   # re-reads only what exceeds the RAM; dropping re-reads more
     assert not wants_release("resident", 2)   # fits: dropping it would re-read it every token
-    assert not wants_release("overflow", 1)   # one window, needed again at the next token
+    assert not wants_release("stream", 1)     # one window, needed again at the next token
     assert not wants_release(None, 3)
 
 
@@ -252,3 +256,40 @@ def test_pipeline_depth_counts_devices_that_can_compute_at_once():
     assert pipeline_depth([agent(f"10.0.0.{i}", 2, 1) for i in range(4)]) == 4  # 4 machines
     assert pipeline_depth([agent("h", 8, 4)] * 3 + [agent("phone", 4, 4)]) == 3  # 2 fit on h, 1 on the phone
     assert pipeline_depth([agent("h", 1, 4)]) == 1
+
+
+def test_compute_buffers_and_kv_cache_match_what_llama_cpp_allocates(smollm2, tmp_path):
+    """The planner's memory terms against the sizes llama.cpp itself reports for real window contexts:
+    compute buffers within 5% (vocabulary windows and plain ones, n_batch 16-256), KV cache exact
+    (cells padded to 256)."""
+    import re
+
+    from homering.models.gguf_info import inspect_gguf
+    from homering.planner.model import shape_from_gguf
+
+    script = tmp_path / "sizes.py"
+    script.write_text(
+        "import sys\n"
+        "from homering.engine.window import LayerWindow\n"
+        "from homering.models.slicing import Role, WindowSpec, slice_window\n"
+        "for a, b, batch, ctx in ((0, 10, 64, 320), (10, 20, 16, 320), (10, 20, 256, 1024), (20, 30, 64, 320)):\n"
+        "    role = Role.for_range(a, b, 30)\n"
+        "    path = slice_window(sys.argv[1], WindowSpec(a, b, role), progress=False)\n"
+        "    print(f'== {a} {b} {batch} {ctx}', file=sys.stderr, flush=True)\n"
+        "    LayerWindow(path, takes_tokens=role.takes_tokens, gives_logits=role.gives_logits, n_ctx=ctx,\n"
+        "                n_batch=batch, n_threads=1, verbose=True).close()\n")
+    r = subprocess.run([sys.executable, str(script), str(smollm2)], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = re.split(r"^== ", r.stderr, flags=re.M)[1:]
+    assert len(runs) == 4
+    n_layers = inspect_gguf(smollm2).n_layers
+    for run in runs:
+        a, b, batch, ctx = map(int, run.split(None, 4)[:4])
+        compute = float(re.search(r"sched_reserve: +CPU compute buffer size = +([\d.]+) MiB", run).group(1))
+        kv = float(re.search(r"CPU KV buffer size = +([\d.]+) MiB", run).group(1))
+        shape = shape_from_gguf(smollm2, ctx, 1, batch)
+        vocab = a == 0 or b == n_layers
+        expect = (shape.compute_vocab_bytes if vocab else shape.compute_bytes) / (1 << 20)
+        assert compute == pytest.approx(expect, rel=0.05), (a, b, batch)
+        assert kv == pytest.approx((b - a) * shape.kv_bytes_per_layer / (1 << 20), abs=0.01), (a, b, ctx)

@@ -53,10 +53,9 @@ from homering.engine.tokenizer import Tokenizer
 from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo, inspect_gguf
 from homering.models.slicing import Role, WindowSpec, slice_window
-from homering.planner import head_of, make_plan
+from homering.planner import DEFAULT_BATCH, head_of, make_plan
 from homering.planner.model import PlanError, shape_from_gguf
 
-DEFAULT_BATCH = 64  # tokens per prefill micro-batch (see Controller)
 DEFAULT_PARALLEL = 4  # requests served at once (KV sequences per window)
 DEFAULT_QUEUE = 16  # requests that may wait for a sequence
 STATS_INTERVAL_S = 2.0
@@ -521,7 +520,7 @@ class Controller:
         agents = await self._probe_links([p for p in self.profiled_agents() if self._identity(p) in members])
         if not agents:
             raise HomeringError("no agents left to plan for")
-        shape = shape_from_gguf(self.model_path, self.n_ctx, self.n_parallel)
+        shape = shape_from_gguf(self.model_path, self.n_ctx, self.n_parallel, self.n_batch)
         try:
             self.plan = make_plan(agents, shape, model_path=str(self.model_path), model_fingerprint=info.fingerprint,
                                   n_ctx=self.n_ctx, n_batch=self.n_batch, n_parallel=self.n_parallel,

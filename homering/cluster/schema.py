@@ -342,7 +342,7 @@ class PlanAgent(Message):
     mode: Literal["resident", "overflow", "stream"] | None = None
     predicted: PredictedCost | None = None
     release: bool = Field(default=False, description="drop each window from the page cache after use "
-                                                      "(the planner's choice for devices that overflow)")
+                                                      "(the planner's choice for devices in stream mode with k > 1)")
     link_ms: float | None = Field(default=None, description="measured one-way latency to the head, ms")
 
 

@@ -113,13 +113,17 @@ def devices_from_profiles(profiles: list[AgentProfile]) -> list[Device]:
 def wants_release(mode: str | None, k: int) -> bool:
     """Whether a device should drop each window from the page cache after use.
 
-    Only when its windows overflow its RAM (modes ``overflow``/``stream``) and
-    it has more than one window (k > 1): then the window just used is the one
-    needed last, and dropping it keeps the kernel from evicting the next one
-    instead. A resident device keeps everything; with k = 1 the only window is
-    needed again at the next token.
+    Only in ``stream`` mode with more than one window (k > 1): the latency
+    model already reads each of its windows from disk once per round there,
+    so dropping the window just used (the one needed last) costs nothing and
+    leaves its memory to the prefetch of the next one. In ``overflow`` mode
+    the model counts only the bytes beyond the RAM as re-read, and dropping
+    whole windows re-reads more: on home4-overflow.yaml (k = 2, two devices
+    overflowing) forcing --release was 1.21x slower than not releasing.
+    A resident device keeps everything; with k = 1 the only window is needed
+    again at the next token.
     """
-    return k > 1 and mode in ("overflow", "stream")
+    return k > 1 and mode == "stream"
 
 
 def pipeline_depth(agents: list[AgentProfile]) -> int:
@@ -137,13 +141,17 @@ def pipeline_depth(agents: list[AgentProfile]) -> int:
                       for group in by_host.values()))
 
 
+DEFAULT_BATCH = 64
+"""Tokens per prefill micro-batch, which is also every window's n_batch/n_ubatch (the controller's ``--batch``)."""
+
+
 def make_plan(profiles: list[AgentProfile], shape: ModelShape, *, model_path: str, model_fingerprint: str,
-              n_ctx: int, n_batch: int = 256, n_parallel: int = 1, planner: str = "halda",
+              n_ctx: int, n_batch: int = DEFAULT_BATCH, n_parallel: int = 1, planner: str = "halda",
               ks: list[int] | None = None) -> Plan:
     """Plan the agents' layer windows and build the ring message.
 
     Agents the planner drops are left out of the ring. ``shape`` should
-    count the KV cache of all ``n_parallel`` sequences (see
+    count the KV cache of all ``n_parallel`` sequences and the compute buffers at ``n_batch`` (see
     :func:`~homering.planner.model.shape_from_gguf`).
 
     Raises:

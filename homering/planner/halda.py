@@ -12,8 +12,13 @@ Program for a fixed k (W = L/k, memory in KiB, times in ms; per device m):
   bounded by VRAM (``k·n_m·b' <= vram``), absent without a GPU;
 - binary ``u_m`` (in use): ``u_m <= w_m <= W·u_m``; the head's is 1;
   ``z ∈ [0, 1]``, ``z >= u_m`` for every other m, switches the head's hop on;
+- binary ``f_m`` (the first device in use, which holds the first window):
+  ``f_m >= u_m - Σ_{j<m} u_j``; with the compute buffers
+  ``a_m = k·c·u_m + (c_v - c)·v_m``, ``v_m = f_m`` (+ 1 for the head, whose
+  ``f`` counts only when k > 1);
 - binaries ``res_m + ovf_m + str_m = 1`` choose the disk mode, each guarded by
-  its memory condition with a big-M as tight as the bounds allow;
+  its memory condition (``need_m`` includes ``a_m``) with a big-M as tight as
+  the bounds allow;
 - ``D_m >= 0``, the disk ms per token: ``D_m >= k·visible_m`` of the chosen
   mode, linearised (``max(0, ·)`` by ``D_m >= 0``; the mode by big-M);
 - minimise ``k·Σ comp_m + k·(Σ_{m≠head} u_m·hop_m + z·hop_head) + Σ D_m + cpu_ms_output(head)``.
@@ -77,6 +82,8 @@ def solve_k(spec: ClusterSpec, k: int, solver=None) -> tuple[list[int], list[int
     # limit (1/1024 KiB) stays far above its feasibility tolerance.
     Bp = shape.layer_kv_bytes / KIB          # KiB per layer incl. KV
     O = shape.output_bytes / KIB
+    C = shape.compute_bytes / KIB               # KiB per window context
+    CV = max(0, shape.compute_vocab_bytes - shape.compute_bytes) / KIB  # extra of a vocabulary window
     h = shape.hidden_bytes
 
     prob = pulp.LpProblem(f"halda_k{k}", pulp.LpMinimize)
@@ -107,15 +114,27 @@ def solve_k(spec: ClusterSpec, k: int, solver=None) -> tuple[list[int], list[int
         prob += z >= u[i]
     hop_term = [u[i] * hop[i] for i in range(head)] + [z * hop[head]]
 
+    first = []  # f_m: the first device in use (holds the first window, which takes tokens)
+    for i in range(len(ring)):
+        fi = prob.add_variable(f"f{i}", cat="Binary")
+        prob += fi >= u[i] - pulp.lpSum(u[:i])
+        first.append(fi)
+
     disk = []
     for i, d in enumerate(ring):
         is_head = i == head
         o = O if is_head else 0.0
         unified = d.gpu is not None and d.gpu.unified
         s = Bp * (w[i] - n[i]) + (Bp * n[i] if unified else 0) if n[i] is not None else Bp * w[i]
-        need = k * s + o
+        if is_head:  # the last window gives logits; with k > 1 the first one is another window
+            a = k * C + CV * (1 + (first[i] if k > 1 else 0))
+            a_max = k * C + CV * min(k, 2)
+        else:
+            a = k * C * u[i] + CV * first[i]
+            a_max = k * C + CV
+        need = k * s + a + o
         s_max = W * Bp
-        need_max = k * s_max + o
+        need_max = k * s_max + a_max + o
         R = d.ram_gib * GIB / KIB
         alpha = KIB / (d.disk_gbps * 1e6)    # ms to read one KiB
         res, ovf, st = (prob.add_variable(f"{m}{i}", cat="Binary") for m in ("res", "ovf", "str"))
@@ -125,9 +144,10 @@ def solve_k(spec: ClusterSpec, k: int, solver=None) -> tuple[list[int], list[int
         # resident: need <= R
         if need_max > R:
             prob += need <= R + (need_max - R) * (1 - res)
-        # stream: two windows fit
-        if 2 * s_max + o > R:
-            prob += 2 * s + o <= R + (2 * s_max + o - R) * (1 - st)
+        # stream: two windows (and every context's buffers) fit
+        two_max = 2 * s_max + a_max + o
+        if two_max > R:
+            prob += 2 * s + a + o <= R + (two_max - R) * (1 - st)
         # overflow: D >= alpha·reread
         if d.os == "macos":
             m_ovf = alpha * need_max

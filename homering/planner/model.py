@@ -9,7 +9,10 @@ same program that assigns layers.
 
 Symbols (bytes unless noted): ``b`` one layer's weights, ``kv`` one layer's KV
 cache at the planned context, ``b' = b + kv``, ``o`` the output norm and head,
-``h`` one hidden state per hop.
+``h`` one hidden state per hop, ``c`` llama.cpp's compute buffer of one
+window's context at the planned micro-batch, ``c_v`` the same for the windows
+that take tokens or give logits (the first and the last: their graphs hold
+vocabulary-wide rows).
 
 For device m (ring order = device list, head moved to the end):
 
@@ -17,12 +20,15 @@ For device m (ring order = device list, head moved to the end):
 - ``hop_m = link_ms + 1000·8h / (link_mbps·1e6)`` when two or more devices are
   in use, else 0 (every device in use sends once per round).
 - ``s_m = (w_m - n_m)·b'`` (+ ``n_m·b'`` with unified memory): RAM of one window;
-  ``need_m = k·s_m + [head]·o``.
+  ``a_m = k·c + v_m·(c_v - c)`` the anonymous buffers of its k contexts, where
+  ``v_m`` counts its vocabulary windows (the first device in use holds the first
+  window, the head the last; with k = 1 a lone head's one window counts once);
+  ``need_m = k·s_m + a_m + [head]·o``.
 - disk stall per round ``visible_m``, the cheapest open mode:
   *resident* (``need_m <= ram``): 0;
   *overflow*: every token re-reads ``need_m - ram`` (Linux, Android) or all of
   ``need_m`` (macOS), ``visible = 1000·reread / (disk_gbps·1e9) / k``;
-  *stream* (open when ``2·s_m + [head]·o <= ram``):
+  *stream* (open when ``2·s_m + a_m + [head]·o <= ram``):
   ``visible = max(0, 1000·s_m / (disk_gbps·1e9) - slack_m)`` with
   ``slack_m = Σ_{j≠m in use} (comp_j + hop_j)``.
 
@@ -65,6 +71,21 @@ class ModelShape(_Strict):
     kv_bytes_per_layer: int = Field(ge=0, description="kv, KV-cache bytes of one layer at the planned context")
     output_bytes: int = Field(ge=0, description="o, bytes of the output norm and head")
     hidden_bytes: int = Field(gt=0, description="h, bytes of one hidden state sent per hop")
+    compute_bytes: int = Field(ge=0, default=0,
+                               description="c, compute buffer of one window's context at the planned micro-batch")
+    compute_vocab_bytes: int = Field(ge=0, default=0,
+                                     description="c_v, the same for a window that takes tokens or gives logits")
+
+    def buffer_bytes(self, k: int, vocab_windows: int) -> int:
+        """a = k·c + v·(c_v - c): the compute buffers of a device's k window contexts, ``vocab_windows`` = v
+        of them taking tokens or giving logits."""
+        return k * self.compute_bytes + vocab_windows * max(0, self.compute_vocab_bytes - self.compute_bytes)
+
+    @staticmethod
+    def vocab_windows(k: int, first: bool, head: bool) -> int:
+        """v: how many of a device's k windows take tokens (``first``: the first device in use) or give
+        logits (``head``); one window that does both (k = 1, the head alone) counts once."""
+        return min(k, int(first) + int(head))
 
     @property
     def layer_kv_bytes(self) -> int:
@@ -251,11 +272,13 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
     for wm in w:
         starts.append(pos)
         pos += wm
+    first = used.index(True)
     devices, total = [], 0.0
     for i, (d, wm, nm) in enumerate(zip(ring, w, n)):
         is_head = i == len(ring) - 1
         s = (wm - nm) * bp + (nm * bp if d.gpu is not None and d.gpu.unified else 0)
-        need = k * s + (o if is_head else 0)
+        buffers = shape.buffer_bytes(k, shape.vocab_windows(k, i == first, is_head))
+        need = k * s + buffers + (o if is_head else 0)
         if not used[i]:
             devices.append(DevicePrediction(d.name, 0, 0, None, [], 0.0, 0.0, 0.0))
             continue
@@ -265,7 +288,7 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
             costs["resident"] = 0.0
         reread = need if d.os == "macos" else max(0.0, need - ram)
         costs["overflow"] = d.disk_ms(reread) / k
-        if 2 * s + (o if is_head else 0) <= ram:
+        if 2 * s + buffers + (o if is_head else 0) <= ram:
             slack = busy - comp[i] - hop[i]
             costs["stream"] = max(0.0, d.disk_ms(s) - slack)
         mode = min(MODES, key=lambda m: (costs.get(m, float("inf")), MODES.index(m)))
@@ -282,21 +305,45 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default KV cache type is f16
 
 
-def shape_from_gguf(path: str | os.PathLike, n_ctx: int, n_seq: int = 1) -> ModelShape:
+KV_PAD = 256  # llama.cpp rounds a context's KV cells up to a multiple of this
+
+
+def compute_buffer_bytes(n_batch: int, n_embd: int, n_ff: int, n_kv: int, n_vocab: int | None = None) -> int:
+    """llama.cpp's CPU compute buffer of a window context at micro-batch ``n_batch``, bytes (an estimate).
+
+    The graph allocator reuses memory, so the peak is about the widest
+    float32 rows live at once for every token of the micro-batch: the
+    feed-forward block (``3·n_ff + 4·n_embd``), or, in a window that takes
+    tokens or gives logits (pass ``n_vocab``), the logits (``n_vocab +
+    2·n_embd``), which llama.cpp reserves for every token; plus the f16
+    attention mask over the ``n_kv`` cells. Flash attention (llama.cpp's
+    default on the CPU) keeps the attention scores out of it. Checked against
+    llama.cpp's reported sizes for SmolLM2 and the synthetic Llama 3.2 3B at
+    n_batch 16-256 (within 4%, tests/test_planner.py).
+    """
+    rows = 3 * n_ff + 4 * n_embd
+    if n_vocab:
+        rows = max(rows, n_vocab + 2 * n_embd)
+    return 4 * n_batch * rows + 2 * n_batch * n_kv
+
+
+def shape_from_gguf(path: str | os.PathLike, n_ctx: int, n_seq: int = 1, n_batch: int = 0) -> ModelShape:
     """The model inputs of the latency model, read from a GGUF header.
 
     ``layer_bytes`` is the mean weight bytes of a block; ``kv_bytes_per_layer``
     the mean f16 K+V cache of a block at ``n_ctx`` tokens for each of ``n_seq``
-    sequences (a sliding-window layer caches at most its window); ``output_bytes`` is ``output_norm`` plus
+    sequences, in llama.cpp's padded cell count (sliding-window layers too: the
+    windows keep llama.cpp's full-size SWA cache); ``output_bytes`` is ``output_norm`` plus
     ``output.weight`` (the token embedding when tied); ``hidden_bytes`` is one
-    float32 hidden state (``4·n_embd``).
+    float32 hidden state (``4·n_embd``); ``compute_bytes`` and
+    ``compute_vocab_bytes`` come from :func:`compute_buffer_bytes` at
+    ``n_batch`` (0: not counted).
 
     Raises:
         ModelError: not a usable GGUF file.
     """
     from homering.models.gguf_file import read_gguf
     from homering.models.gguf_info import block_index, inspect_gguf
-    from homering.models.slicing import layer_swa_flags
 
     info = inspect_gguf(path)
     gf = read_gguf(path)
@@ -312,16 +359,17 @@ def shape_from_gguf(path: str | os.PathLike, n_ctx: int, n_seq: int = 1) -> Mode
     head_dim = info.n_embd // max(1, n_head[0])
     k_len = int(gf.get(f"{arch}.attention.key_length", head_dim))
     v_len = int(gf.get(f"{arch}.attention.value_length", head_dim))
-    swa = layer_swa_flags(gf, arch, L) or [False] * L
-    window = int(gf.get(f"{arch}.attention.sliding_window", 0) or 0)
-    kv = 0
-    for i in range(L):
-        cells = min(n_ctx, window) if swa[i] and window else n_ctx
-        kv += n_seq * cells * n_head_kv[i] * (k_len + v_len) * KV_BYTES_PER_ELEMENT
+    cells = -(-n_ctx * n_seq // KV_PAD) * KV_PAD
+    kv = sum(cells * n_head_kv[i] * (k_len + v_len) * KV_BYTES_PER_ELEMENT for i in range(L))
     names = {t.name: t.n_bytes for t in gf.tensors if block_index(t.name) is None}
     output = names.get("output_norm.weight", 0) + names.get("output.weight", names.get("token_embd.weight", 0))
+    n_ff = max(per_layer("feed_forward_length", 4 * info.n_embd))
+    tokens = gf.get("tokenizer.ggml.tokens")
+    n_vocab = int(gf.get(f"{arch}.vocab_size", 0) or 0) or (len(tokens) if isinstance(tokens, list) else 0)
     return ModelShape(name=info.name, n_layers=L, layer_bytes=max(1, sum(info.layer_bytes) // L),
-                      kv_bytes_per_layer=kv // L, output_bytes=output, hidden_bytes=4 * info.n_embd)
+                      kv_bytes_per_layer=kv // L, output_bytes=output, hidden_bytes=4 * info.n_embd,
+                      compute_bytes=compute_buffer_bytes(n_batch, info.n_embd, n_ff, cells),
+                      compute_vocab_bytes=compute_buffer_bytes(n_batch, info.n_embd, n_ff, cells, n_vocab))
 
 
 def divisors(n: int) -> list[int]:
