@@ -258,10 +258,12 @@ def agent(broker, name, threads, data_port, host, release, ha_discovery, key_fil
     controller (its --api-port), checked against the plan's SHA-256 and cached by hash.
     """
     from homering.cluster.agent import Agent, default_name
+    from homering.engine.pages import limit_malloc_arenas
     from homering.secrets import api_key
 
     if model_file is not None and no_local_model:
         raise click.UsageError("--model and --no-local-model exclude each other")
+    limit_malloc_arenas()  # before any thread: fewer arenas, less anonymous memory held
     _run(Agent(broker, name=name or default_name(), threads=threads or os.cpu_count() or 1,
                data_port=data_port, host=host or _local_address(broker.host), release=release,
                ha_discovery=ha_discovery, key=_key(key_file), model=model_file, local_model=not no_local_model,

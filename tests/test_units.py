@@ -131,3 +131,13 @@ def test_bench_cluster_summary_checks_the_targets():
     runs["halda"] = run(1200.0, 8000.0, {"d1": 0.05}, pred=800.0)
     s = summarize({"runs": runs})
     assert not s["target_5x_single"] and not s["target_faster_than_memory"] and not s["target_prediction_25pct"]
+
+
+def test_malloc_arenas_can_be_limited():
+    """glibc takes the agent's arena limit (mallopt returns 1); a fresh process, since it applies process-wide."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "from homering.engine.pages import limit_malloc_arenas as f; "
+                        "print(f(1))"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == ["True"], r.stderr

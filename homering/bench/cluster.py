@@ -225,6 +225,7 @@ class ClusterBench:
                     sys.executable, "-m", "homering", "-q", "controller", "--broker", url,
                     "--model", str(self.model_path), "--agents", str(len(agents)), "--ctx", str(self.n_ctx),
                     "--planner", cfg.planner, "--batch", str(cfg.batch or self.batch),
+                    "--parallel", "1",  # one request at a time, one KV sequence: as the single-device baseline
                     "--timeout", str(self.timeout), *(["--rounds", str(cfg.rounds)] if cfg.rounds else [])],
                     stdout=log, stderr=log))
             return asyncio.run(self._measure(cfg, agents))
