@@ -72,6 +72,9 @@ def test_cgroup_v2_limit_and_tighter_parent(tmp_path):
     assert available_ram_bytes(root=root) == 0  # less than the smallest reserve
     write_tree(root, {"sys/fs/cgroup/homering/memory.current": f"{300 * MiB}\n"})
     assert available_ram_bytes(root=root) == 212 * MiB - 64 * MiB  # the smallest reserve: 64 MiB
+    # the agent's own code and libraries are page cache in use: not available
+    write_tree(root, {"proc/self/status": "Name:\tpython\nRssAnon:\t  1000 kB\nRssFile:\t   2048 kB\n"})
+    assert available_ram_bytes(root=root) == 210 * MiB - 64 * MiB
     write_tree(root, {"sys/fs/cgroup/homering/memory.current": f"{600 * MiB}\n"})
     assert available_ram_bytes(root=root) == 0  # over the limit: never negative
 

@@ -306,6 +306,9 @@ KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default KV cache type is f16
 
 
 KV_PAD = 256  # llama.cpp rounds a context's KV cells up to a multiple of this
+VOCAB_BYTES_PER_TOKEN = 200
+"""llama.cpp's vocabulary tables (token texts, maps, merges) in a window that keeps the tokenizer, per
+token: 9.6 MiB for SmolLM2's 49152 tokens, measured as the anonymous memory a model load adds."""
 
 
 def compute_buffer_bytes(n_batch: int, n_embd: int, n_ff: int, n_kv: int, n_vocab: int | None = None) -> int:
@@ -337,7 +340,8 @@ def shape_from_gguf(path: str | os.PathLike, n_ctx: int, n_seq: int = 1, n_batch
     ``output.weight`` (the token embedding when tied); ``hidden_bytes`` is one
     float32 hidden state (``4·n_embd``); ``compute_bytes`` and
     ``compute_vocab_bytes`` come from :func:`compute_buffer_bytes` at
-    ``n_batch`` (0: not counted).
+    ``n_batch`` (0: not counted), the latter plus the vocabulary tables
+    (:data:`VOCAB_BYTES_PER_TOKEN`) that first and last windows load.
 
     Raises:
         ModelError: not a usable GGUF file.
@@ -369,7 +373,8 @@ def shape_from_gguf(path: str | os.PathLike, n_ctx: int, n_seq: int = 1, n_batch
     return ModelShape(name=info.name, n_layers=L, layer_bytes=max(1, sum(info.layer_bytes) // L),
                       kv_bytes_per_layer=kv // L, output_bytes=output, hidden_bytes=4 * info.n_embd,
                       compute_bytes=compute_buffer_bytes(n_batch, info.n_embd, n_ff, cells),
-                      compute_vocab_bytes=compute_buffer_bytes(n_batch, info.n_embd, n_ff, cells, n_vocab))
+                      compute_vocab_bytes=(compute_buffer_bytes(n_batch, info.n_embd, n_ff, cells, n_vocab)
+                                           + VOCAB_BYTES_PER_TOKEN * n_vocab))
 
 
 def divisors(n: int) -> list[int]:

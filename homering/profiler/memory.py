@@ -19,7 +19,9 @@ the planner may count on is the smaller of
     reasoning: v2 also charges page cache to ``memory.current``);
     ``memory.max`` of ``max`` means "no limit".
 
-minus :data:`AGENT_RESERVE_BYTES` for the agent's own footprint.
+minus the process's own resident code and libraries (``RssFile``: page
+cache in use, which the kernel would take back only to read it again at
+once), minus :data:`AGENT_RESERVE_BYTES` for the agent's own footprint.
 
 The cgroup code is pure over a root directory (``/`` on the real system), so
 tests can build fake ``proc/self/cgroup`` and ``sys/fs/cgroup`` trees.
@@ -258,10 +260,20 @@ def cgroup_cpu_quota(root: str | Path = "/") -> float | None:
     return _smallest(Path(root), "cpu", _v1_cpu_quota, _v2_cpu_quota)
 
 
+def own_file_bytes(root: str | Path = "/") -> int:
+    """This process's resident file-backed memory (``RssFile`` of ``/proc/self/status``), bytes; 0 if unknown."""
+    try:
+        text = (Path(root) / "proc" / "self" / "status").read_text()
+    except OSError:
+        return 0
+    m = re.search(r"^RssFile:\s+(\d+)\s*kB", text, re.M)
+    return int(m.group(1)) * 1024 if m else 0
+
+
 def available_ram_bytes(*, reserve: int = AGENT_RESERVE_BYTES, root: str | Path = "/") -> int:
     """RAM homering may use on this device now, in bytes; measured fresh on every call.
 
-    ``min(psutil.virtual_memory().available, cgroup headroom) − reserve``, at
+    ``min(psutil.virtual_memory().available, cgroup headroom) − own RssFile − reserve``, at
     least 0 (see the module docstring). On a small device the reserve shrinks
     to an eighth of what is available, but not below
     :data:`AGENT_MIN_RESERVE_BYTES`, so a phone-sized cgroup of a few hundred
@@ -276,4 +288,5 @@ def available_ram_bytes(*, reserve: int = AGENT_RESERVE_BYTES, root: str | Path 
     headroom = cgroup_memory_headroom(root)
     if headroom is not None:
         available = min(available, headroom)
+    available = max(0, available - own_file_bytes(root))
     return max(0, available - min(reserve, max(AGENT_MIN_RESERVE_BYTES, available // 8)))
