@@ -343,6 +343,34 @@ def test_requests_that_waited_through_a_replan_start_before_a_join_replans_again
     assert not c.draining and c._admissible(late) and c._admissible(c._waiting["early"])
 
 
+def test_a_replan_that_loses_its_joiner_keeps_the_plan_in_force(smollm2):
+    """When the agent that made a join re-plan leaves while links are probed, the plan in force still runs
+    (its ring is intact and ready): the controller serves it again instead of waiting for the next change."""
+    from homering.cluster.controller import Controller
+    from homering.cluster.mqtt import BrokerURL
+    from homering.cluster.schema import AgentProfile, AgentStatus, DeviceProfile, Plan, PlanAgent
+
+    c = Controller(BrokerURL("127.0.0.1", 1), smollm2, n_agents=1)
+    c.fingerprint = "fp"
+    c._connected.set()
+    c._connected_at = time.monotonic() - 100
+    for pid, name in enumerate(("a", "b"), 1):
+        c.profiles[name] = AgentProfile.model_construct(
+            name=name, host="127.0.0.1", data_port=1000 + pid, pid=pid,
+            device=DeviceProfile.model_construct(model_fingerprint="fp"))
+        c.statuses[name] = AgentStatus(state="ready", plan_id="p1")
+        c._last_seen[name] = c._live_since[name] = time.monotonic()
+    c.plan = Plan.model_construct(plan_id="p1", ring=[PlanAgent.model_construct(name="a"),
+                                                      PlanAgent.model_construct(name="b")])
+    c.planned_members = c.members()
+    assert c._still_served()
+    c.statuses["b"] = AgentStatus(state="loading", plan_id="p2")  # b already moved on to another plan
+    assert not c._still_served()
+    c.statuses["b"] = AgentStatus(state="ready", plan_id="p1")
+    c._last_seen["b"] = time.monotonic() - 60  # b of the ring is gone: a re-plan is needed
+    assert c.lost() == ["b"] and not c._still_served()
+
+
 def test_losing_every_agent_ends_the_stream_with_a_clear_error(up3):
     base = up3
     agents = [a for a in _wait_plan(base, 3)["agents"] if a["in_plan"]]  # (the broker also holds earlier tests' agents)

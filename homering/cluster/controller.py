@@ -691,12 +691,24 @@ class Controller:
                 await self._replan(info)
                 self._plan_failed = None
             except AgentLost as exc:
-                log.warning("%s: planning again", exc)  # lost() now names it: the loop comes straight back
+                if self._still_served():  # e.g. a joining agent left while links were probed
+                    log.warning("%s; the plan in force still runs", exc)
+                    self.ready = True
+                    await self._status("ready")
+                else:
+                    log.warning("%s: planning again", exc)  # lost() now names it: the loop comes straight back
             except HomeringError as exc:  # e.g. the model no longer fits the agents left
                 log.error("re-planning failed: %s", exc)
                 self._plan_failed = (time.monotonic(), str(exc))
                 self.planned_members = self.members()  # wait for the agents to change again
                 await self._status("waiting", f"re-planning failed: {exc}")
+
+    def _still_served(self) -> bool:
+        """The plan in force lost none of its agents, and every agent of its ring is ``ready`` with it."""
+        plan = self.plan
+        return plan is not None and not self.lost() and all(
+            (st := self.statuses.get(a.name)) is not None and st.state == "ready" and st.plan_id == plan.plan_id
+            for a in plan.ring)
 
     async def _interrupt_all(self) -> None:
         """Tell the heads of the requests in flight to end them with ``interrupted`` (they resume later)."""
