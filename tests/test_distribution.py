@@ -195,3 +195,36 @@ def test_without_an_api_port_an_agent_without_the_model_says_why(smollm2, own_br
             stop_processes(procs, 10)
     out = (tmp_path / "log").read_text()
     assert "lonely: cannot profile" in out and "the controller serves no windows (start it with --api-port" in out
+
+
+def test_the_window_cache_keeps_the_plan_recent_files_and_a_budget_of_others(tmp_path, monkeypatch):
+    """prune_cache: never the plan's files nor files younger than the age guard; the oldest others go
+    first, with their hash memos, until the spare budget holds; the disk probe file is not a window."""
+    from homering.cluster.windows import prune_cache
+
+    monkeypatch.setenv("HOMERING_HOME", str(tmp_path))
+    root = tmp_path / "windows"
+    now = time.time()
+
+    def window(rel: str, size_mb: int, age_s: float) -> Path:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"\0" * (size_mb << 20))
+        p.with_name(p.name + ".sha256").write_text("memo")
+        os.utime(p, (now - age_s, now - age_s))
+        return p
+
+    plan = window("fp/0-10-first.f2.gguf", 3, 10_000)          # in the plan: kept although oldest
+    old = window("fp/10-20-middle.f2.gguf", 2, 9_000)          # oldest other: goes first
+    older_hash = window("sha256/" + "a" * 64 + ".gguf", 2, 8_000)
+    newer = window("fp/20-30-last.f2.gguf", 2, 7_000)
+    fresh = window("other/0-5-first.f2.gguf", 2, 60)           # written a minute ago: kept
+    probe = root / "homering-disk-probe.bin"
+    probe.write_bytes(b"\0" * (1 << 20))
+    os.utime(probe, (now - 99_999, now - 99_999))
+
+    freed = prune_cache({plan}, spare_bytes=4 << 20)  # others: 8 MiB, of which 2 are too young
+    assert freed == 4 << 20
+    assert not old.exists() and not older_hash.exists() and not old.with_name(old.name + ".sha256").exists()
+    assert plan.exists() and newer.exists() and fresh.exists() and probe.exists()
+    assert prune_cache({plan}, spare_bytes=0, min_age_s=30) == 4 << 20 and not fresh.exists() and plan.exists()

@@ -40,7 +40,8 @@ from homering.cluster.schema import (
     WindowStats,
 )
 from homering.cluster.security import ClusterKey
-from homering.cluster.windows import WindowClient, cached, matches, model_info, reachable_url, remove
+from homering.cluster.windows import (WindowClient, cached, matches, model_info, plan_files, prune_cache,
+                                      reachable_url, remove)
 from homering.engine.sampling import SamplerChain, StopMatcher
 from homering.engine.pages import WindowPages, trim_heap
 from homering.engine.window import DecodeError, LayerWindow
@@ -602,6 +603,11 @@ class Agent:
                  [(w.start, w.end) for w in plan.ring[position].windows],
                  "head" if loaded.is_head else f"next {plan.ring[(position + 1) % len(plan.ring)].name}")
         await self._status("ready", plan.plan_id)
+        try:  # the plan's windows stay, and as many bytes of recent others
+            await asyncio.to_thread(prune_cache, plan_files(plan),
+                                    spare_bytes=sum(w.size or 0 for a in plan.ring for w in a.windows))
+        except OSError as exc:
+            log.warning("could not prune the window cache: %s", exc)
 
     def _load_windows(self, plan: Plan, position: int) -> list[LayerWindow]:
         """Get this agent's window files (see :meth:`_window_file`) and open them (a worker thread).

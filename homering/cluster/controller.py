@@ -573,6 +573,8 @@ class Controller:
                     path = slice_window(self.model_path, spec, progress=False, model_fp=plan.model_fingerprint)
                     w.sha256, w.size = dist.file_sha256(path), path.stat().st_size
                     files[w.sha256] = path
+            dist.prune_cache(set(files.values()) | set(self._probe_files.values()),
+                             spare_bytes=sum(p.stat().st_size for p in files.values()))
             return files
 
         t0 = time.perf_counter()

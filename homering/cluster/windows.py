@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from homering import paths
-from homering.cluster.schema import WINDOWS_PATH, ModelFacts, WindowFile
+from homering.cluster.schema import WINDOWS_PATH, ModelFacts, Plan, WindowFile
 from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo
-from homering.models.slicing import WindowSpec
+from homering.models.slicing import Role, WindowSpec, window_path
 
 if TYPE_CHECKING:
     import httpx
@@ -121,6 +121,62 @@ def cached(sha256: str, size: int | None, label: str = "") -> Path | None:
                 label or path.name)
     remove(path)
     return None
+
+
+# ------------------------------------------------------------------ cache size
+CACHE_MIN_AGE_S = 600.0
+"""Window files written this recently are never pruned (another cluster on this machine may be loading them)."""
+
+
+def plan_files(plan: Plan) -> set[Path]:
+    """The cache files of every window of ``plan`` (sliced by label, downloaded by hash), whoever holds them."""
+    out = set()
+    for agent in plan.ring:
+        for w in agent.windows:
+            spec = WindowSpec(w.start, w.end, Role.for_range(w.start, w.end, plan.n_layers))
+            if spec.role is not Role.WHOLE:
+                out.add(window_path(Path(plan.model_path), spec, plan.model_fingerprint))
+            if w.sha256:
+                out.add(cache_path(w.sha256))
+    return out
+
+
+def prune_cache(keep: set[Path], *, spare_bytes: int, min_age_s: float = CACHE_MIN_AGE_S) -> int:
+    """Keep the window cache bounded: delete window files beyond ``spare_bytes``, oldest first.
+
+    Every plan can need other windows, and each one is cached, so without
+    this the cache grows with every re-plan (13 GB of a 1.6 GB model's
+    windows after a day of benchmarks). Files in ``keep`` (the plan in force)
+    and files written within ``min_age_s`` seconds stay; of the rest, the
+    oldest are deleted (with their hash memos) until at most ``spare_bytes``
+    remain, so a re-plan back to a recent assignment still finds its windows.
+
+    Returns:
+        Bytes deleted.
+    """
+    root = paths.windows_dir()
+    keep = {Path(p).resolve() for p in keep}
+    now = time.time()
+    files = []
+    for p in root.glob("*/*.gguf"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.resolve() not in keep:
+            files.append((st.st_mtime, st.st_size, p))
+    total, freed = sum(f[1] for f in files), 0
+    for mtime, size, p in sorted(files):
+        if total <= spare_bytes:
+            break
+        if now - mtime < min_age_s:
+            continue
+        remove(p)
+        total -= size
+        freed += size
+    if freed:
+        log.info("window cache: deleted %.1f MB of windows no plan used recently", freed / 1e6)
+    return freed
 
 
 # ------------------------------------------------------------------ model facts
