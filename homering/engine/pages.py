@@ -146,10 +146,10 @@ def limit_malloc_arenas(n: int = 1) -> bool:
     By default glibc gives threads arenas of their own, and each keeps freed
     pages that count as the process's anonymous memory: an agent's compute
     and data-plane threads held about 20 MiB that way (a head serving
-    SmolLM2: 267 -> 247 MiB with one arena). The cost is lock contention:
-    `bench concurrent` (4 agents, SmolLM2) gave 69.4 against 73.8 tokens/s
-    at 4 streams (means of 4 and 3 runs) and 36.2 against 34.5 at 1 stream.
-    Call it before threads start.
+    SmolLM2: 267 -> 247 MiB with one arena). Lock contention was within the
+    machine's noise: `bench concurrent` (4 agents, SmolLM2, 4 streams) gave
+    69.4 tokens/s with one arena, 69.0 with two and 73.8 without a limit
+    (means of 3-4 runs, 61-76 single runs). Call it before threads start.
     """
     try:
         libc = _load_libc()
