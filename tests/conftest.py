@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -68,11 +69,11 @@ def _mosquitto_binary() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
-def mosquitto(tmp_path_factory) -> BrokerURL:
-    """A real mosquitto broker on a free loopback port, anonymous access allowed."""
+@contextlib.contextmanager
+def run_mosquitto(folder: Path):
+    """A real mosquitto on a free loopback port, anonymous access allowed, its config in ``folder``."""
     port = free_port()
-    conf = tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf"
+    conf = folder / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
     proc = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -86,6 +87,13 @@ def mosquitto(tmp_path_factory) -> BrokerURL:
             proc.wait(5)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory) -> BrokerURL:
+    """A real mosquitto broker on a free loopback port, shared by the session."""
+    with run_mosquitto(tmp_path_factory.mktemp("mosquitto")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

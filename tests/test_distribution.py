@@ -20,13 +20,13 @@ import httpx
 import pytest
 
 from homering.api.chat import ask
-from homering.cluster.broker import free_port, wait_for_port
+from homering.cluster.broker import free_port
 from homering.cluster.client import ClusterClient, new_request_id
 from homering.cluster.local import stop_processes
 from homering.cluster.schema import ChatMessage, GenerateRequest, Sampling
 from homering.cluster.windows import WindowClient, cache_path
 
-from tests.conftest import _mosquitto_binary, wait_healthy
+from tests.conftest import run_mosquitto, wait_healthy
 
 API_KEY = "sk-homering-dist-0123456789"
 N_CTX = 256
@@ -165,18 +165,8 @@ def test_window_endpoint_needs_the_key_and_serves_only_plan_windows(remote, smol
 @pytest.fixture
 def own_broker(tmp_path):
     """A mosquitto of this test's own (the module's cluster keeps the shared one busy)."""
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        if not wait_for_port("127.0.0.1", port):
-            pytest.fail("mosquitto did not start")
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with run_mosquitto(tmp_path) as url:
+        yield str(url)
 
 
 def test_without_an_api_port_an_agent_without_the_model_says_why(smollm2, own_broker, tmp_path):

@@ -191,7 +191,7 @@ def test_handshake_times_out_on_a_silent_peer():
 
 def test_link_server_drops_bad_peers_and_keeps_serving():
     def pong(sock):
-        while (group := recv_group(sock)) is not None:
+        while recv_group(sock) is not None:
             send_frame(sock, Frame.pong())
 
     srv = LinkServer("127.0.0.1", 0, pong, key=KEY)
