@@ -70,23 +70,24 @@ def _mosquitto_binary() -> str:
 
 
 @contextlib.contextmanager
-def run_mosquitto(folder: Path):
-    """A real mosquitto on a free loopback port, anonymous access allowed, its config in ``folder``."""
+def run_mosquitto(folder: Path, config=None):
+    """A real mosquitto on a free loopback port; its config (``config(port)``, default: anonymous access
+    allowed) and its log in ``folder``."""
     port = free_port()
     conf = folder / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        if not wait_for_port("127.0.0.1", port):
-            pytest.fail("mosquitto did not start")
-        yield BrokerURL("127.0.0.1", port)
-    finally:
-        proc.terminate()
+    conf.write_text(config(port) if config else f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    with open(folder / "mosquitto.log", "w") as log:
+        proc = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=log)
         try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            if not wait_for_port("127.0.0.1", port):
+                pytest.fail(f"mosquitto did not start: {(folder / 'mosquitto.log').read_text()}")
+            yield BrokerURL("127.0.0.1", port)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @pytest.fixture(scope="session")

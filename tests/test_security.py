@@ -19,12 +19,12 @@ import psutil
 import pytest
 
 from homering.cluster import mqtt
-from homering.cluster.broker import free_port, wait_for_port
+from homering.cluster.broker import free_port
 from homering.cluster.local import stop_processes
 from homering.cluster.mqtt import BrokerAuth, BrokerURL
 from homering.errors import HomeringError
 
-from tests.conftest import wait_healthy
+from tests.conftest import run_mosquitto, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO_DIR = REPO / "docker" / "mosquitto"
@@ -73,23 +73,11 @@ def secured() -> BrokerURL:
     subprocess.run([_binary("mosquitto_passwd"), "-U", str(passwd)], check=True)
     assert "c0ntroller-pw" not in passwd.read_text()  # hashed in place
     passwd.chmod(0o644)
-    port = free_port()
-    conf = folder / "mosquitto.conf"
-    conf.write_text(broker_conf(port, passwd, acl))
-    assert "allow_anonymous false" in conf.read_text()
-    log = open(folder / "mosquitto.log", "w")
-    proc = subprocess.Popen([_binary("mosquitto"), "-c", str(conf)], stdout=log, stderr=log)
     try:
-        if not wait_for_port("127.0.0.1", port):
-            pytest.fail(f"mosquitto did not start: {(folder / 'mosquitto.log').read_text()}")
-        yield BrokerURL("127.0.0.1", port)
+        with run_mosquitto(folder, lambda port: broker_conf(port, passwd, acl)) as url:
+            assert "allow_anonymous false" in (folder / "mosquitto.conf").read_text()
+            yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
         shutil.rmtree(folder, ignore_errors=True)
 
 

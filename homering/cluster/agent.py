@@ -57,7 +57,6 @@ RING_STALL_FACTOR = 20.0
 STATS_INTERVAL_S = 1.0  # AgentStats double as the heartbeat the controller watches
 KEEPALIVE_S = 2  # MQTT keepalive: the broker publishes the last will ~1.5 × this after a silent cut-off
 HISTORY_REQUESTS = 32  # requests whose stream events the head keeps for a StreamReplay
-RECONNECT_MAX_S = 5.0
 
 
 class Interrupted(Exception):
@@ -306,38 +305,29 @@ class Agent:
         server = LinkServer(self.bind, self.data_port, self._serve_link, key=self.key)
         self.data_port = server.port
         will = aiomqtt.Will(Topics.status(self.name), AgentStatus(state="offline").dump(), qos=1, retain=True)
-        connected_once = False
-        backoff = 0.25
         stats = None
+
+        async def session(client: aiomqtt.Client, reconnected: bool) -> None:
+            nonlocal stats
+            self._mqtt = client
+            await self._announce(client)
+            if reconnected:
+                self._republish_history()
+            else:
+                log.info("agent %s up: data port %d, broker %s", self.name, self.data_port, self.broker)
+                stats = self._spawn(self._publish_stats())
+            try:
+                async for message in client.messages:
+                    self._dispatch(message)
+            finally:  # a clean exit sends no last-will: say goodbye ourselves
+                self._mqtt = None
+                with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                    if asyncio.current_task().cancelling():
+                        await asyncio.wait_for(self._publish_status(client, "offline"), 2.0)
+
         try:
-            while True:
-                try:
-                    async with mqtt.client(self.broker, identifier=f"homering-agent-{self.name}", will=will,
-                                           keepalive=KEEPALIVE_S) as client:
-                        self._mqtt = client
-                        backoff = 0.25
-                        await self._announce(client)
-                        if not connected_once:
-                            log.info("agent %s up: data port %d, broker %s", self.name, self.data_port, self.broker)
-                            stats = self._spawn(self._publish_stats())
-                        else:
-                            log.info("reconnected to the broker %s", self.broker)
-                            self._republish_history()
-                        connected_once = True
-                        try:
-                            async for message in client.messages:
-                                self._dispatch(message)
-                        finally:  # a clean exit sends no last-will: say goodbye ourselves
-                            self._mqtt = None
-                            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-                                if asyncio.current_task().cancelling():
-                                    await asyncio.wait_for(self._publish_status(client, "offline"), 2.0)
-                except aiomqtt.MqttError as exc:
-                    if not connected_once:
-                        raise mqtt.connect_error(self.broker, exc) from None
-                    log.warning("lost the broker (%s); reconnecting in %.1f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RECONNECT_MAX_S)
+            await mqtt.keep_connected(self.broker, session, identifier=f"homering-agent-{self.name}", will=will,
+                                      keepalive=KEEPALIVE_S)
         finally:
             if stats is not None:
                 stats.cancel()

@@ -64,7 +64,6 @@ LOST_AFTER_S = 3.5  # an agent whose heartbeat (stats, every 1 s) stops this lon
 JOIN_HOLD_S = 2.0  # a joining agent must stay up this long before it is planned in (doubles per recent loss)
 JOIN_HOLD_MAX_S = 60.0
 FLAP_WINDOW_S = 300.0  # losses within this window count against a flapping agent
-RECONNECT_MAX_S = 5.0
 
 log = logging.getLogger("homering.controller")
 
@@ -225,39 +224,29 @@ class Controller:
             HomeringError: the first connection failed.
         """
         will = aiomqtt.Will(Topics.CONTROLLER, ControllerStatus(state="offline").dump(self.key), qos=1, retain=True)
-        backoff, connected_once = 0.25, False
-        while True:
+
+        async def session(client: aiomqtt.Client, reconnected: bool) -> None:
+            for topic in (Topics.ALL_PROFILES, Topics.ALL_STATUS, Topics.REQUESTS, Topics.PLAN,
+                          Topics.ALL_PROBE_RESULTS, Topics.ALL_STREAMS, Topics.ALL_STATS):
+                await client.subscribe(topic, qos=1)
+            if self.plan is not None:  # a restarted broker lost the retained plan
+                await client.publish(Topics.PLAN, self.plan.dump(self.key), qos=1, retain=True)
+            await client.publish(Topics.CONTROLLER, self._status_message(self.state, self.detail).dump(self.key),
+                                 qos=1, retain=True)
+            self._client = client
+            self._connected_at = time.monotonic()
+            self._connected.set()
+            if reconnected:
+                for rid in list(self._orders):  # events published while we were away are lost
+                    self._spawn(self._replay(rid))
             try:
-                async with mqtt.client(self.broker, identifier="homering-controller", will=will,
-                                       keepalive=5) as client:
-                    for topic in (Topics.ALL_PROFILES, Topics.ALL_STATUS, Topics.REQUESTS, Topics.PLAN,
-                                  Topics.ALL_PROBE_RESULTS, Topics.ALL_STREAMS, Topics.ALL_STATS):
-                        await client.subscribe(topic, qos=1)
-                    if self.plan is not None:  # a restarted broker lost the retained plan
-                        await client.publish(Topics.PLAN, self.plan.dump(self.key), qos=1, retain=True)
-                    await client.publish(Topics.CONTROLLER, self._status_message(self.state, self.detail).dump(self.key),
-                                         qos=1, retain=True)
-                    self._client = client
-                    self._connected_at = time.monotonic()
-                    self._connected.set()
-                    backoff = 0.25
-                    if connected_once:
-                        log.info("reconnected to the broker %s", self.broker)
-                        for rid in list(self._orders):  # events published while we were away are lost
-                            self._spawn(self._replay(rid))
-                    connected_once = True
-                    try:
-                        await self._read(client)
-                    finally:
-                        self._connected.clear()
-                        self._disconnected_at = time.monotonic()
-                        self._client = None
-            except aiomqtt.MqttError as exc:
-                if not connected_once:
-                    raise mqtt.connect_error(self.broker, exc) from None
-                log.warning("lost the broker (%s); reconnecting in %.1f s", exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RECONNECT_MAX_S)
+                await self._read(client)
+            finally:
+                self._connected.clear()
+                self._disconnected_at = time.monotonic()
+                self._client = None
+
+        await mqtt.keep_connected(self.broker, session, identifier="homering-controller", will=will, keepalive=5)
 
     async def _publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                        wait: bool = True) -> bool:

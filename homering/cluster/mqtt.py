@@ -8,6 +8,7 @@ command lines; child processes get the credentials through :meth:`BrokerAuth.env
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
@@ -171,3 +172,34 @@ def connect_error(broker: BrokerURL, exc: Exception) -> HomeringError:
         return HomeringError(f"the MQTT broker at {broker} refused {who}: {exc} "
                              "(check --user and --password-file)")
     return HomeringError(f"cannot connect to the MQTT broker at {broker}: {exc}")
+
+
+RECONNECT_MAX_S = 5.0
+"""Longest wait between two attempts to reach a broker that went away (the wait doubles from 0.25 s)."""
+
+
+async def keep_connected(broker: BrokerURL, session, *, identifier: str, will: aiomqtt.Will | None = None,
+                         keepalive: int = 10) -> None:
+    """Run ``await session(client, reconnected)`` on a connection to ``broker``, again after every loss.
+
+    A lost connection is retried with backoff (0.25 s doubling up to
+    :data:`RECONNECT_MAX_S`); ``reconnected`` tells the session to publish
+    its retained state again. Runs until cancelled.
+
+    Raises:
+        HomeringError: the first connection failed (one line, see :func:`connect_error`).
+    """
+    backoff, connected_once = 0.25, False
+    while True:
+        try:
+            async with client(broker, identifier=identifier, will=will, keepalive=keepalive) as c:
+                backoff, reconnected, connected_once = 0.25, connected_once, True
+                if reconnected:
+                    log.info("reconnected to the broker %s", broker)
+                await session(c, reconnected)
+        except aiomqtt.MqttError as exc:
+            if not connected_once:
+                raise connect_error(broker, exc) from None
+            log.warning("lost the broker (%s); reconnecting in %.1f s", exc, backoff)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, RECONNECT_MAX_S)
