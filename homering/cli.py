@@ -39,8 +39,11 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     `homering controller --broker … --agents N` on one of them, then
     `homering chat --broker …`.
     """
+    from homering.stdio import route_stray_output
+
     ctx.obj = {"verbosity": verbose - quiet}
     _setup_logging(verbose - quiet)
+    route_stray_output(to_log=verbose - quiet > 0)
 
 
 # ---------------------------------------------------------------- models
@@ -360,17 +363,18 @@ def broker(host, port) -> None:
 
 
 # ---------------------------------------------------------------- user front ends
-def _sampling(max_tokens, temperature, seed, top_k=40, top_p=0.95):
+def _sampling(max_tokens, temperature, seed):
+    """The command line's sampling settings; top_k, top_p and min_p keep :class:`Sampling`'s (llama.cpp's) defaults."""
     from homering.cluster.schema import Sampling
 
-    return Sampling(max_tokens=max_tokens, temperature=temperature, seed=seed, top_k=top_k, top_p=top_p)
+    return Sampling(max_tokens=max_tokens, temperature=temperature, seed=seed)
 
 
 SAMPLING_OPTIONS = [
     click.option("--max-tokens", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
                  help="Most tokens to generate."),
-    click.option("--temperature", type=click.FloatRange(0, 10), default=0.7, show_default=True,
-                 help="Sampling temperature; 0 is greedy."),
+    click.option("--temperature", type=click.FloatRange(0, 10), default=0.8, show_default=True,
+                 help="Sampling temperature; 0 is greedy (top_k 40, top_p 0.95, min_p 0.05: llama.cpp's defaults)."),
     click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Sampling seed."),
 ]
 
@@ -929,7 +933,14 @@ def testbed_run(obj, spec_file, workdir, model, planner, rounds, n_ctx, prompt, 
 
 
 def main() -> None:
-    """Entry point: clean one-line errors with exit code 2, quiet Ctrl-C."""
+    """Entry point: clean one-line errors with exit code 2, quiet Ctrl-C.
+
+    Standard output is reserved for the command's own result first
+    (:func:`homering.stdio.reserve_stdout`): what a library prints there goes to the log (-v) or nowhere.
+    """
+    from homering.stdio import reserve_stdout
+
+    reserve_stdout()
     try:
         cli.main(standalone_mode=False, prog_name="homering")
     except click.exceptions.Exit as exc:

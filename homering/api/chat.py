@@ -91,12 +91,41 @@ def cluster_table(client: ClusterClient) -> Table:
     return table
 
 
+async def wait_ready_shown(client: ClusterClient, console: Console, timeout: float):
+    """``client.wait_ready`` with a live status line on ``console`` and one line per finished stage.
+
+    The stages are :meth:`ClusterClient.progress`'s (controller, agents, planning,
+    loading windows); each is printed with the seconds it took once the next begins,
+    so a slow start says where the time goes. Returns the controller's status.
+    """
+    t0 = last = time.perf_counter()
+    current: str | None = None
+
+    def stage_of(text: str) -> str:
+        return text.split(":")[0].split(" (")[0].split(" over ")[0]
+
+    with console.status("starting the cluster…") as line:
+        def update() -> None:
+            nonlocal last, current
+            text = client.progress()
+            stage = stage_of(text)
+            if current is not None and stage != current:
+                now = time.perf_counter()
+                console.print(f"[dim]· {current}: {now - last:.1f} s[/]", highlight=False)
+                last = now
+            current = stage
+            line.update(f"{text}…")
+
+        status = await client.wait_ready(timeout, on_change=update)
+    console.print(f"[dim]· ready in {time.perf_counter() - t0:.1f} s[/]", highlight=False)
+    return status
+
+
 async def headless(cluster, api_url: str, ready_timeout: float = 300.0) -> int:
     """``homering up --no-chat``: wait until the cluster is ready, say where the API is, serve until Ctrl-C."""
     console = Console(stderr=True)
     async with ClusterClient(cluster.broker, key=cluster.key) as client:
-        with console.status("waiting for the cluster…"):
-            status = await client.wait_ready(ready_timeout)
+        status = await wait_ready_shown(client, console, ready_timeout)
         console.print(f"[bold]homering[/] · model [cyan]{status.model}[/] · {len(client.plan.ring)} agent(s) · "
                       f"OpenAI API at [bold]{api_url}[/] · Ctrl-C stops")
         while True:
@@ -116,9 +145,12 @@ async def ask(client: ClusterClient, request: GenerateRequest, on_text=None) -> 
 
 async def one_shot(broker: mqtt.BrokerURL, text: str, *, raw: bool, sampling: Sampling, as_json: bool,
                    ready_timeout: float = 180.0, key: ClusterKey | None = None) -> int:
-    """``homering up --prompt``: print the completion (or one JSON object) to stdout (``key``: the cluster key)."""
+    """``homering up --prompt``: print the completion (or one JSON object) to stdout (``key``: the cluster key).
+
+    Progress while the cluster starts goes to stderr (:func:`wait_ready_shown`); stdout holds only the answer.
+    """
     async with ClusterClient(broker, key=key) as client:
-        await client.wait_ready(ready_timeout)
+        await wait_ready_shown(client, Console(stderr=True), ready_timeout)
         request = GenerateRequest(request_id=new_request_id(), sampling=sampling,
                                   prompt=text if raw else None,
                                   messages=None if raw else [ChatMessage(role="user", content=text)])
@@ -146,8 +178,7 @@ async def chat(broker: mqtt.BrokerURL, *, sampling: Sampling, system: str | None
     """The interactive chat loop (``key``: the cluster key). Returns the exit code."""
     console = console or Console()
     async with ClusterClient(broker, key=key) as client:
-        with console.status("waiting for the cluster…"):
-            status = await client.wait_ready(ready_timeout)
+        status = await wait_ready_shown(client, Console(stderr=True), ready_timeout)
         console.print(f"[bold]homering[/] · model [cyan]{status.model}[/] · "
                       f"{len(client.plan.ring)} agent(s) · ctx {status.n_ctx}")
         console.print(plan_table(client.plan))

@@ -86,8 +86,31 @@ class ClusterClient:
                 continue
             self._changed.set()
 
-    async def wait_ready(self, timeout: float = 120.0, until=None) -> ControllerStatus:
+    def progress(self) -> str:
+        """What the cluster is doing on its way to ``ready``, in a few words (for a status line).
+
+        E.g. ``"waiting for the controller"``, ``"2 agent(s) online (they measure their device first)"``,
+        ``"planning"``, ``"loading windows: 1/3 agent(s) ready"``; the controller's ``detail`` is added.
+        """
+        st = self.status
+        if st is None or st.state == "offline":
+            return "waiting for the controller"
+        online = [s for s in self.agent_status.values() if s.state != "offline"]
+        detail = f" ({st.detail})" if st.detail else ""
+        if st.state == "waiting":
+            return f"waiting for agents: {len(online)} online{detail}"
+        if st.state == "planning":
+            if self.plan is not None and self.plan.plan_id == st.plan_id:
+                ready = sum(1 for s in online if s.state == "ready" and s.plan_id == st.plan_id)
+                return f"loading windows: {ready}/{len(self.plan.ring)} agent(s) ready{detail}"
+            return f"planning over {len(online)} agent(s){detail}"
+        return f"{st.state}{detail}"
+
+    async def wait_ready(self, timeout: float = 120.0, until=None, on_change=None) -> ControllerStatus:
         """Wait until the controller says ``ready`` (and ``until(plan)`` holds, when given).
+
+        ``on_change()`` is called whenever a status, plan or stats message arrives
+        (and at least once a second), e.g. to show :meth:`progress`.
 
         Raises:
             HomeringError: timeout, or the controller reported an error.
@@ -95,6 +118,8 @@ class ClusterClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
+            if on_change is not None:
+                on_change()
             st = self.status
             if (st is not None and st.state == "ready" and self.plan is not None and self.plan.plan_id == st.plan_id
                     and (until is None or until(self.plan))):

@@ -1,0 +1,57 @@
+"""stdout is the command's result alone: libraries' prints and progress go to stderr (real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+PRIMA = Path(__file__).resolve().parents[1] / "examples" / "clusters" / "prima-home4.json"
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_raw_writes_to_fd_1_go_to_stderr_and_sys_stdout_stays_clean():
+    """The mechanism, independent of which library prints: a C-level write to fd 1 after reserve_stdout()."""
+    code = textwrap.dedent("""
+        import os, subprocess, sys
+        from homering.stdio import reserve_stdout
+        reserve_stdout()
+        os.write(1, b"a banner on fd 1\\n")
+        subprocess.run(["echo", "a child's stdout"])
+        print('{"result": 1}')
+    """)
+    proc = _run("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"result": 1}
+    assert "a banner on fd 1" in proc.stderr and "a child's stdout" in proc.stderr
+
+
+def test_plan_json_is_the_whole_of_stdout_and_the_solver_banner_is_not_in_it():
+    """HiGHS >= 1.16 prints a banner on fd 1 when a solver is made; `plan --json` stays one JSON document."""
+    proc = _run("-m", "homering", "plan", "--cluster", str(PRIMA), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)  # the whole of stdout
+    assert doc["planner"] == "halda" and doc["devices"]
+    verbose = _run("-m", "homering", "-v", "plan", "--cluster", str(PRIMA), "--json")
+    assert json.loads(verbose.stdout)["devices"] == doc["devices"]
+    from importlib.metadata import version
+
+    if tuple(int(x) for x in version("highspy").split(".")[:2]) >= (1, 16):
+        # with -v the banner is in the log; by default it goes nowhere
+        assert "Running HiGHS" in verbose.stderr and "Running HiGHS" not in proc.stderr
+
+
+def test_up_prompt_raw_prints_only_the_answer_and_shows_progress_on_stderr(smollm2):
+    proc = _run("-m", "homering", "up", "--agents", "2", "--model", str(smollm2), "--threads", "1",
+                "--prompt", "The capital of France is", "--raw", "--temperature", "0", "--max-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip(), "no answer on stdout"
+    for noise in ("·", "ready in", "WARNING", "INFO", "Running HiGHS", "planning"):
+        assert noise not in proc.stdout
+    assert "ready in" in proc.stderr  # the progress lines, on stderr
