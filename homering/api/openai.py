@@ -17,7 +17,9 @@ With an API key configured, every ``/v1/*`` route and ``/metrics`` require
 The request and response shapes follow OpenAI's API reference for chat
 completions and (legacy) completions; fields this server does not use
 (``user``, ``logit_bias``, …) are accepted and ignored, and ``n`` must be 1.
-Extensions, as in llama.cpp's server: ``top_k`` and ``ignore_eos``.
+Extensions, as in llama.cpp's server: ``top_k``, ``min_p`` and ``ignore_eos``. Sampling
+fields a client leaves out take llama.cpp's defaults (temperature 0.8, top_k 40, top_p 0.95,
+min_p 0.05), not OpenAI's (temperature 1, no top-k), which make small models ramble.
 """
 
 from __future__ import annotations
@@ -74,9 +76,11 @@ class _Body(BaseModel):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
+    # sampling fields a client leaves out (or sends as null) take llama.cpp's defaults (Sampling's)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="default 0.8")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="default 0.95")
+    top_k: int | None = Field(default=None, ge=0, description="default 40; 0 turns it off")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="default 0.05; 0 turns it off")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     stop: str | list[str] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -95,8 +99,9 @@ class _Body(BaseModel):
         return stops
 
     def sampling(self, default_max: int) -> Sampling:
+        chosen = {f: v for f in ("temperature", "top_p", "top_k", "min_p") if (v := getattr(self, f)) is not None}
         return Sampling(max_tokens=self.max_completion_tokens or self.max_tokens or default_max,
-                        temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                        seed=self.seed, **chosen,
                         stop=self.stop or [], presence_penalty=self.presence_penalty,
                         frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos)
 

@@ -929,7 +929,7 @@ class Agent:
         request = next(self._request_numbers) & 0xFFFFFFFF
         loaded.queues[request] = queue.Queue()
         loaded.numbers[job.request_id] = request
-        sampler = SamplerChain(job.sampling)
+        sampler = SamplerChain(job.sampling, window.n_vocab)
         sampler.accept(resumed)
         stops = StopMatcher(job.sampling.stop)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

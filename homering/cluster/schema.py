@@ -418,12 +418,19 @@ class ChatMessage(Message):
 
 
 class Sampling(Message):
-    """Sampling settings; temperature <= 0 means greedy."""
+    """Sampling settings; temperature <= 0 means greedy.
+
+    The defaults are llama.cpp's (llama-server's and ``llama-cli``'s): temperature
+    0.8, top_k 40, top_p 0.95, min_p 0.05. Every API fills in these when a client
+    sends no value, so small models do not ramble on a flat distribution.
+    """
 
     max_tokens: int = Field(ge=1, le=1 << 20, default=256)
-    temperature: float = Field(ge=0.0, le=10.0, default=0.7)
+    temperature: float = Field(ge=0.0, le=10.0, default=0.8)
     top_k: int = Field(ge=0, default=40)
     top_p: float = Field(gt=0.0, le=1.0, default=0.95)
+    min_p: float = Field(ge=0.0, le=1.0, default=0.05, description="drop tokens whose probability is below "
+                                                                   "min_p times the most likely one's")
     seed: int | None = Field(ge=0, le=2**32 - 1, default=None)
     presence_penalty: float = Field(ge=-2.0, le=2.0, default=0.0, description="OpenAI's: subtracted once "
                                                                              "from every token already generated")

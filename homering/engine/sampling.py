@@ -22,20 +22,25 @@ class SamplerChain:
     The order is llama.cpp's common sampler's: penalties (presence and
     frequency, OpenAI's additive form, over the last :data:`PENALTY_LAST_N`
     generated tokens) → greedy when ``temperature <= 0``, otherwise top-k →
-    top-p → temperature → a seeded random draw. Same seed and settings give
-    the same tokens.
+    top-p → min-p → temperature → a seeded random draw. Same seed and settings
+    give the same tokens.
 
     It samples from a copy of the logits (``(n_vocab,)`` float32), not from a
     llama context: the head runs several sequences through the same last
     window, and each request's logits travel with its frame.
+
+    Args:
+        s: the request's sampling settings.
+        n_vocab: the model's vocabulary size (llama.cpp's penalties sampler takes it
+            in the llama.cpp that llama-cpp-python 0.3.36 vendors).
     """
 
-    def __init__(self, s: Sampling):
+    def __init__(self, s: Sampling, n_vocab: int):
         params = llama_cpp.llama_sampler_chain_default_params()
         self._chain = llama_cpp.llama_sampler_chain_init(params)
         add = lambda smpl: llama_cpp.llama_sampler_chain_add(self._chain, smpl)  # noqa: E731
         if s.presence_penalty or s.frequency_penalty:
-            add(llama_cpp.llama_sampler_init_penalties(PENALTY_LAST_N, 1.0, s.frequency_penalty,
+            add(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, 1.0, s.frequency_penalty,
                                                        s.presence_penalty))
         if s.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
@@ -44,6 +49,8 @@ class SamplerChain:
                 add(llama_cpp.llama_sampler_init_top_k(s.top_k))
             if s.top_p < 1.0:
                 add(llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+            if s.min_p > 0.0:
+                add(llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
             add(llama_cpp.llama_sampler_init_temp(s.temperature))
             seed = s.seed if s.seed is not None else random.getrandbits(32)
             add(llama_cpp.llama_sampler_init_dist(seed))
