@@ -21,7 +21,7 @@ PIP_PIN   := pip==26.3
 # pip warns about every index location in a machine's pip.conf that does not exist; that is not our news
 QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d' >&2
 
-.PHONY: lock run test bench bench-cluster bench-faults install mosquitto models model-default compose-config secrets clean help
+.PHONY: lock promtool run test bench bench-cluster bench-faults install mosquitto models model-default compose-config secrets clean help
 
 help:
 	@echo "make run    - install what is missing, then 'homering up' on the default model (smollm2)"
@@ -36,7 +36,7 @@ help:
 run: install model-default
 	$(HR) up
 
-test: install mosquitto models
+test: install mosquitto promtool models
 	$(PY) -m pytest -q
 
 bench: install model-default
@@ -86,6 +86,16 @@ mosquitto:
 	  $(SUDO) apt-get update -qq >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_NEEDED) 2>&1 >/dev/null \
 	    | sed -u '/^debconf: delaying package configuration/d' >&2; }
+
+# promtool checks /metrics in the tests: the binary alone, out of Debian's prometheus package
+# (the package itself would install a Prometheus server and its service).
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing promtool (from Debian's prometheus package, the binary alone)"; \
+	  d=$$(mktemp -d) && chmod 755 $$d && cd $$d && \
+	  $(SUDO) apt-get update -qq >/dev/null && apt-get download -qq prometheus 2>/dev/null && \
+	  dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool && \
+	  $(SUDO) install -m 755 usr/bin/promtool /usr/local/bin/promtool; s=$$?; rm -rf $$d; exit $$s; }
 
 model-default: install
 	@$(HR) models pull smollm2 --quiet >/dev/null

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -288,6 +289,26 @@ def test_metrics_parse_and_move(api, client, model_id):
     assert len(per_agent) == 2
     assert _sample(after, "homering_window_compute_seconds_total") > \
         _sample(before, "homering_window_compute_seconds_total")
+
+
+def test_metrics_pass_promtool_and_cover_every_agent_up(api, client, model_id):
+    """The live `/metrics` (after a request, with every family sampled) passes `promtool check metrics`,
+    and `homering_agent_rss_bytes` has a sample for each agent that is up."""
+    chat(client, model_id, PROMPTS[3])
+    time.sleep(2.5)  # agents publish their stats (window timings, RSS) every second
+    text = httpx.get(f"{api}/metrics").text
+    agents = httpx.get(f"{api}/v1/cluster").json()["agents"]
+    up = {a["name"] for a in agents if a["status"] != "offline"}  # the broker may remember earlier tests'
+    rss = {s.labels["agent"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+           if s.name == "homering_agent_rss_bytes"}
+    assert _sample(text, "homering_agents_up") == len(up) == 2
+    assert set(rss) == up and all(v > 0 for v in rss.values())
+    assert _sample(text, "homering_predicted_seconds_per_token") > 0
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian's prometheus package ships /usr/bin/promtool)")
+    out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_cluster_report(api, smollm2, mosquitto):

@@ -141,3 +141,55 @@ def test_malloc_arenas_can_be_limited():
     r = subprocess.run([sys.executable, "-c", "from homering.engine.pages import limit_malloc_arenas as f; "
                         "print(f(1))"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.split() == ["True"], r.stderr
+
+
+def _fake_controller_metrics():
+    """The controller's metrics over a stand-in controller: agents a and b in the plan's ring, c up but
+    dropped from the plan (its stats carry no plan, or an older one), d gone (its retained stats remain)."""
+    from types import SimpleNamespace as NS
+
+    from homering.api.metrics import Metrics
+    from homering.cluster.schema import AgentStats, WindowStats
+
+    def stats(name, plan_id, rss, start=0, end=10):
+        windows = [WindowStats(start=start, end=end, forwards=3, tokens=30, compute_ms=120.0)] if plan_id else []
+        return AgentStats(name=name, plan_id=plan_id, windows=windows, rss_bytes=rss)
+
+    controller = NS(
+        live_agents=lambda: [NS(name=n) for n in "abc"],
+        plan=NS(plan_id="p2", ring=[NS(name="a"), NS(name="b")], predicted_ms_per_token=250.0),
+        sequences=NS(queue_depth=0), in_flight={}, ready=True,
+        agent_stats={"a": stats("a", "p2", 100 << 20), "b": stats("b", "p2", 200 << 20, 10, 30),
+                     "c": stats("c", "p1", 50 << 20), "d": stats("d", "p1", 70 << 20)})
+    m = Metrics(controller)
+    done = NS(type="done", finish_reason="stop", token_ids=[1, 2, 3], prompt_token_ids=[4, 5], ttft_ms=80.0,
+              ms_per_token=240.0)
+    m.finished(done, 1.5)
+    return m.exposition().decode()
+
+
+def test_metrics_cover_every_agent_up_and_name_units_in_seconds():
+    """RSS for every agent that is up, in the plan or not; window timings only for the current plan's; the
+    predicted token time in seconds (promtool rejects abbreviated units such as ``ms`` in a name)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for f in text_string_to_metric_families(_fake_controller_metrics()) for s in f.samples]
+    rss = {s.labels["agent"]: s.value for s in samples if s.name == "homering_agent_rss_bytes"}
+    assert rss == {"a": 100 << 20, "b": 200 << 20, "c": 50 << 20}
+    assert {s.labels["agent"] for s in samples if s.name == "homering_window_compute_seconds_total"} == {"a", "b"}
+    assert [s.value for s in samples if s.name == "homering_agents_up"] == [3]
+    assert [s.value for s in samples if s.name == "homering_predicted_seconds_per_token"] == [0.25]
+    assert not [s for s in samples if "_ms" in s.name]
+
+
+def test_metrics_exposition_passes_promtool():
+    """Every family, with samples, passes `promtool check metrics` (the live cluster's output: test_api.py)."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian's prometheus package ships it; see the Makefile)")
+    out = subprocess.run([promtool, "check", "metrics"], input=_fake_controller_metrics(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,7 +1,7 @@
 """Prometheus metrics of the controller (``GET /metrics``), with ``prometheus_client``.
 
 Request counters and histograms are updated as requests finish; the cluster's
-state (agents up, queue depth, per-window compute time from the agents'
+state (agents up, queue depth, per-window compute time and each live agent's memory from the agents'
 :class:`~homering.cluster.schema.AgentStats`) is read at scrape time by a
 custom collector, so it is never stale.
 """
@@ -98,8 +98,9 @@ class _ClusterCollector:
         ready.add_metric([], 1.0 if c.ready else 0.0)
         yield ready
         if c.plan and c.plan.predicted_ms_per_token is not None:
-            pred = GaugeMetricFamily("homering_predicted_ms_per_token", "The plan's predicted token latency, ms")
-            pred.add_metric([], c.plan.predicted_ms_per_token)
+            pred = GaugeMetricFamily("homering_predicted_seconds_per_token",
+                                     "The plan's predicted decode time per token, seconds")
+            pred.add_metric([], c.plan.predicted_ms_per_token / 1000)
             yield pred
         labels = ["agent", "window", "round"]
         compute = CounterMetricFamily("homering_window_compute_seconds",
@@ -107,14 +108,18 @@ class _ClusterCollector:
         forwards = CounterMetricFamily("homering_window_forwards", "Forward passes of a layer window",
                                        labels=labels)
         mem = GaugeMetricFamily("homering_agent_rss_bytes", "Resident memory of an agent process", labels=["agent"])
+        plan_id = c.plan.plan_id if c.plan else None
         for name, st in sorted(c.agent_stats.items()):
-            if name not in live or st.plan_id != (c.plan.plan_id if c.plan else None):
+            if name not in live:
+                continue
+            # every agent that is up has a process, in the plan or not (dropped, joined since, re-planning)
+            mem.add_metric([name], st.rss_bytes)
+            if st.plan_id != plan_id:  # its windows belong to another plan (or none)
                 continue
             for w in st.windows:
                 key = [name, f"{w.start}-{w.end}", str(w.round)]
                 compute.add_metric(key, w.compute_ms / 1000)
                 forwards.add_metric(key, w.forwards)
-            mem.add_metric([name], st.rss_bytes)
         yield compute
         yield forwards
         yield mem
