@@ -178,6 +178,38 @@ def test_bad_requests_get_400_and_the_server_lives(api, model_id):
     assert httpx.get(f"{api}/health").status_code == 200
 
 
+def test_requests_that_wedged_the_server_get_answers_or_400s_and_it_serves_on(api, model_id, client):
+    """Penalties answer; lone surrogates, loose types and huge max_tokens get a 400 naming the field; then
+    a normal request answers, no sequence is held and /health is ok."""
+    url = f"{api}/v1/chat/completions"
+    hi = [{"role": "user", "content": "Say hello."}]
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        r = httpx.post(url, json={"model": model_id, "messages": hi, "max_tokens": 8, penalty: 0.5}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+    bad = [({"model": model_id, "messages": hi, "stop": ["\ud800"]}, "stop"),
+           ({"model": model_id, "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages"),
+           ({"model": "m\ud800", "messages": hi}, "model"),
+           ({"model": model_id, "messages": hi, "max_tokens": 2_000_000}, "max_tokens"),
+           ({"model": model_id, "messages": hi, "max_tokens": N_CTX + 1}, "max_tokens"),
+           ({"model": model_id, "messages": hi, "max_tokens": "5"}, "max_tokens"),
+           ({"model": model_id, "messages": hi, "max_tokens": True}, "max_tokens"),
+           ({"model": model_id, "messages": hi, "stream": "yes"}, "stream")]
+    def post(u, body):  # ASCII JSON: a lone surrogate travels as the escape \ud800, as a hostile client sends it
+        return httpx.post(u, content=json.dumps(body), headers={"content-type": "application/json"})
+
+    for body, field in bad:
+        assert _error(post(url, body), 400)["param"] == field, body
+    r = post(f"{api}/v1/completions", {"model": model_id, "prompt": "x\udfff"})
+    assert _error(r, 400)["param"] == "prompt"
+    sequential = chat(client, model_id, PROMPTS[0]).choices[0].message.content
+    assert sequential.strip()
+    cluster = httpx.get(f"{api}/v1/cluster").json()
+    assert cluster["requests_in_flight"] == 0 and cluster["queue_depth"] == 0
+    health = httpx.get(f"{api}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
 def test_unknown_model_gets_404(client):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}])

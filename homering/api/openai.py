@@ -38,7 +38,8 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from homering.api.metrics import CONTENT_TYPE
@@ -70,12 +71,50 @@ class ApiError(Exception):
 
 
 # ------------------------------------------------------------------ request bodies
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI fields this server ignores (user, logit_bias, …)
+MAX_TOKENS_LIMIT = 1 << 20
+"""The largest ``max_tokens`` any request may ask for (:class:`Sampling`'s bound); the context bounds it further."""
+
+
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """The path (``messages.0.content``) of the first string in ``value`` that is not valid Unicode, or None.
+
+    JSON may carry ``"\ud800"``, a lone UTF-16 surrogate: Python decodes it into a
+    ``str`` that no encoder accepts, so it would fail later, deep in templating,
+    tokenization or a response.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if (found := _lone_surrogate(k, where) if isinstance(k, str) else None) is not None:
+            return found
+        if (found := _lone_surrogate(v, f"{where}.{k}" if where else str(k))) is not None:
+            return found
+    return None
+
+
+class _Strict(BaseModel):
+    # strict types: "5" is no integer and "yes" no boolean; OpenAI fields this server ignores
+    # (user, logit_bias, …) are accepted
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Body(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if (where := _lone_surrogate(data, "")) is not None:
+            raise PydanticCustomError("invalid_unicode", "{where}: a lone surrogate (e.g. \\ud800) is not valid "
+                                      "Unicode text", {"where": where})
+        return data
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     # sampling fields a client leaves out (or sends as null) take llama.cpp's defaults (Sampling's)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="default 0.8")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="default 0.95")
@@ -98,9 +137,18 @@ class _Body(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return stops
 
-    def sampling(self, default_max: int) -> Sampling:
+    def sampling(self, default_max: int, n_ctx: int | None = None) -> Sampling:
+        """The request's :class:`Sampling`; fields left out take its defaults (llama.cpp's).
+
+        Raises:
+            ApiError: 400, ``max_tokens`` (or ``max_completion_tokens``) is more than the context (``n_ctx``).
+        """
         chosen = {f: v for f in ("temperature", "top_p", "top_k", "min_p") if (v := getattr(self, f)) is not None}
-        return Sampling(max_tokens=self.max_completion_tokens or self.max_tokens or default_max,
+        for field in ("max_completion_tokens", "max_tokens"):
+            asked = getattr(self, field)
+            if n_ctx is not None and asked is not None and asked > n_ctx:
+                raise ApiError(400, f"{field}: {asked} is more than the context holds ({n_ctx} tokens)", param=field)
+        return Sampling(max_tokens=self.max_completion_tokens or self.max_tokens or min(default_max, n_ctx or default_max),
                         seed=self.seed, **chosen,
                         stop=self.stop or [], presence_penalty=self.presence_penalty,
                         frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos)
@@ -110,14 +158,12 @@ class _Body(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
-class _ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _ContentPart(_Strict):
     type: str
     text: str | None = None
 
 
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[_ContentPart] | None = ""
 
@@ -191,6 +237,9 @@ def create_app(controller: "Controller", *, default_max_tokens: int = 256, api_k
         where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         if first.get("type") == "json_invalid":
             return ApiError(400, "the request body is not valid JSON").response()
+        if first.get("type") == "invalid_unicode":
+            where = first["ctx"]["where"]
+            return ApiError(400, first["msg"], param=where.split(".")[0]).response()
         return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -233,13 +282,14 @@ def create_app(controller: "Controller", *, default_max_tokens: int = 256, api_k
         messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
                     for m in body.messages]
         req = GenerateRequest(request_id=f"chatcmpl-{uuid.uuid4().hex[:20]}", messages=messages,
-                              sampling=body.sampling(default_max_tokens))
+                              sampling=body.sampling(default_max_tokens, controller.n_ctx))
         return await _answer(controller, req, body, request, chat=True)
 
     @authed.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         check_model(body.model)
-        req = GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex[:24]}", sampling=body.sampling(default_max_tokens),
+        req = GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex[:24]}",
+                              sampling=body.sampling(default_max_tokens, controller.n_ctx),
                               **body.prompt_fields())
         return await _answer(controller, req, body, request, chat=False)
 
