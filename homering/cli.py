@@ -475,12 +475,14 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_por
                       n_ctx=n_ctx, planner=planner, rounds=rounds, n_batch=n_batch, log_args=log_args,
                       controller_args=controller_args, controller_env={ENV_API_KEY: http_key} if http_key else None, key=key,
                       agent_args=("--ha-discovery",) if ha_discovery else ()) as cluster:
+        # a broker or controller that exits (e.g. the API port is taken) ends everything at once
         if prompt is not None:
-            _run(one_shot(cluster.broker, prompt, raw=raw, sampling=sampling, as_json=as_json, key=key))
+            _run(_watch(one_shot(cluster.broker, prompt, raw=raw, sampling=sampling, as_json=as_json, key=key),
+                        cluster.check))
         elif not with_chat:
-            _run(headless(cluster, f"http://127.0.0.1:{api_port}/v1"))
+            _run(_watch(headless(cluster, f"http://127.0.0.1:{api_port}/v1"), cluster.check))
         else:
-            _run(chat_loop(cluster.broker, sampling=sampling, key=key))
+            _run(_watch(chat_loop(cluster.broker, sampling=sampling, key=key), cluster.check))
 
 
 # ---------------------------------------------------------------- device profile
@@ -845,22 +847,30 @@ def testbed_down(names) -> None:
         click.echo("nothing to remove")
 
 
-async def _watch(coro, procs, tb) -> None:
-    """Await ``coro``; raise HomeringError as soon as one of ``procs`` exits."""
+async def _watch(coro, check):
+    """Await ``coro``, calling ``check()`` every 0.5 s; whatever ``check`` raises (e.g. HomeringError:
+    a cluster process exited) cancels ``coro`` and ends the command at once."""
     task = asyncio.ensure_future(coro)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.5)
             if done:
                 return task.result()
-            for p in procs:
-                if p.poll() is not None:
-                    what = f"exited with code {p.returncode}"
-                    if p.device is not None and p.returncode == -signal.SIGKILL and tb.oom_kills(p.device):
-                        what = "was killed by the OOM killer (its RAM limit is too small)"
-                    raise HomeringError(f"{p.role} {what}; see {tb.log_path(p.log_name)}")
+            check()
     finally:
         task.cancel()
+
+
+def _testbed_check(procs, tb):
+    """A ``check`` for :func:`_watch`: raise HomeringError as soon as one of the testbed's ``procs`` exits."""
+    def check() -> None:
+        for p in procs:
+            if p.poll() is not None:
+                what = f"exited with code {p.returncode}"
+                if p.device is not None and p.returncode == -signal.SIGKILL and tb.oom_kills(p.device):
+                    what = "was killed by the OOM killer (its RAM limit is too small)"
+                raise HomeringError(f"{p.role} {what}; see {tb.log_path(p.log_name)}")
+    return check
 
 
 @testbed.command("run")
@@ -927,7 +937,7 @@ def testbed_run(obj, spec_file, workdir, model, planner, rounds, n_ctx, prompt, 
         broker_url = BrokerURL.parse(url)
         if prompt is not None:
             _run(_watch(one_shot(broker_url, prompt, raw=False, sampling=sampling, as_json=as_json,
-                                 ready_timeout=timeout, key=key), procs, tb))
+                                 ready_timeout=timeout, key=key), _testbed_check(procs, tb)))
         else:
             _run(chat_loop(broker_url, sampling=sampling, ready_timeout=timeout, key=key))
 

@@ -55,3 +55,31 @@ def test_up_prompt_raw_prints_only_the_answer_and_shows_progress_on_stderr(smoll
     for noise in ("·", "ready in", "WARNING", "INFO", "Running HiGHS", "planning"):
         assert noise not in proc.stdout
     assert "ready in" in proc.stderr  # the progress lines, on stderr
+
+
+def test_up_with_its_api_port_taken_stops_everything_and_exits_at_once(smollm2):
+    """The controller cannot listen: `up` says so and exits non-zero; no broker or agent is left behind."""
+    import os
+    import signal
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "homering", "up", "--agents", "2", "--model", str(smollm2),
+                                 "--threads", "1", "--api-port", str(port), "--no-chat"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=120)  # a hang guard: it used to wait 301 s
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode not in (0, None)
+    assert f"127.0.0.1:{port}" in err and "homering: error:" in err
+    assert out == ""
+    try:  # every child was in up's process group: none is left
+        os.killpg(proc.pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "a broker, controller or agent of `up` outlived it"
