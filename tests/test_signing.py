@@ -441,3 +441,25 @@ def test_a_keyless_client_is_told_about_the_key(keyed_cluster):
 
     with pytest.raises(HomeringError, match="cluster key"):
         run(go())
+
+
+def test_a_chat_and_an_agent_without_the_key_exit_with_one_line_that_names_it(keyed_cluster):
+    """Against a keyed cluster, a keyless `homering chat` and `homering agent` give up at once (they hung)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_KEY, ENV_KEY_FILE)}
+    broker = str(keyed_cluster.broker)
+    runs = {
+        "chat": subprocess.run([sys.executable, "-m", "homering", "chat", "--broker", broker], input="Hi!\n/quit\n",
+                               capture_output=True, text=True, env=env, timeout=60),
+        "agent": subprocess.run([sys.executable, "-m", "homering", "agent", "--broker", broker, "--name", "keyless",
+                                 "--threads", "1"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                env=env, timeout=60),
+    }
+    for what, proc in runs.items():
+        assert proc.returncode != 0, what
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("homering: error:")]
+        assert len(errors) == 1 and "cluster key" in errors[0] and "--key-file" in errors[0], (what, proc.stderr)
+        assert "Traceback" not in proc.stderr, what
+    keyed_cluster.check()  # the cluster itself is unharmed

@@ -36,8 +36,8 @@ from homering.cluster.dataplane import (
 )
 from homering.cluster.schema import (
     AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStatus, DeviceProfile, FrameError, FrameKind,
-    GenerateJob, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, StreamReplay, Topics, WindowAssignment,
-    WindowStats,
+    GenerateJob, LinkProbe, LinkReport, MalformedMessage, MissingKey, Plan, StreamEvent, StreamReplay, Topics,
+    WindowAssignment, WindowStats,
 )
 from homering.cluster.security import ClusterKey
 from homering.cluster.windows import (WindowClient, cached, matches, model_info, plan_files, prune_cache,
@@ -384,6 +384,11 @@ class Agent:
                           if e.attempt == replay.attempt and e.index >= replay.from_index]
                 if events:
                     self._spawn(self._publish_events(Topics.stream(replay.request_id), events))
+        except MissingKey as exc:
+            if message.topic.matches(Topics.CONTROLLER) or message.topic.matches(Topics.PLAN):
+                raise HomeringError(f"the cluster on {self.broker} has a cluster key and this agent has none ({exc}): "
+                                    f"give it the same key with --key-file FILE or HOMERING_CLUSTER_KEY") from None
+            log.warning("dropped malformed message on %s: %s", topic, exc)
         except MalformedMessage as exc:
             log.warning("dropped malformed message on %s: %s", topic, exc)
 

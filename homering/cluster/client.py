@@ -10,8 +10,8 @@ import aiomqtt
 
 from homering.cluster import mqtt
 from homering.cluster.schema import (
-    AgentStats, AgentStatus, BadSignature, ControllerStatus, GenerateRequest, MalformedMessage, Plan, StreamEvent,
-    Topics,
+    AgentStats, AgentStatus, BadSignature, ControllerStatus, GenerateRequest, MalformedMessage, MissingKey, Plan,
+    StreamEvent, Topics,
 )
 from homering.cluster.security import ClusterKey
 from homering.errors import HomeringError
@@ -28,6 +28,7 @@ class ClusterClient:
         self.broker = broker
         self.key = key
         self.refused: str | None = None  # why the last badly signed status/plan was dropped
+        self.missing_key: str | None = None  # the cluster signs its status/plan and this client has no key
         self.status: ControllerStatus | None = None
         self.plan: Plan | None = None
         self.agent_stats: dict[str, AgentStats] = {}
@@ -79,6 +80,10 @@ class ClusterClient:
                     if queue is not None and order is not None:
                         for ev in order.push(event):
                             queue.put_nowait(ev)
+            except MissingKey as exc:
+                self.missing_key = str(exc)
+                self._changed.set()  # wait_ready gives up at once
+                continue
             except BadSignature as exc:
                 self.refused = str(exc)
                 continue
@@ -126,6 +131,10 @@ class ClusterClient:
                 return st
             if st is not None and st.state == "error":
                 raise HomeringError(f"the controller failed: {st.detail}")
+            if self.missing_key and st is None:
+                raise HomeringError(f"the cluster on {self.broker} has a cluster key and this client has none "
+                                    f"({self.missing_key}): give it the same key with --key-file FILE or "
+                                    f"HOMERING_CLUSTER_KEY")
             left = deadline - loop.time()
             if left <= 0:
                 state = st.state if st else "no controller"

@@ -195,7 +195,7 @@ class Message(BaseModel):
             m = None
         if key is None:
             if m is not None:
-                raise BadSignature(f"signed {cls.__name__}, but no cluster key is configured here")
+                raise MissingKey(f"signed {cls.__name__}, but no cluster key is configured here")
             return raw
         if m is None:
             raise BadSignature(f"unsigned {cls.__name__} (this cluster has a key)")
@@ -216,6 +216,10 @@ class MalformedMessage(ValueError):
 
 class BadSignature(MalformedMessage):
     """A message whose signature is missing, wrong, stale or replayed (or present with no key here)."""
+
+
+class MissingKey(BadSignature):
+    """A signed message where this process has no cluster key: it can never take part in that cluster."""
 
 
 _NAME = r"^[A-Za-z0-9_.-]{1,64}$"
