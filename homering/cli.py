@@ -356,10 +356,13 @@ def controller(broker, model, agents, ctx, timeout, planner, rounds, n_batch, pa
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=1883, show_default=True)
 def broker(host, port) -> None:
-    """Run the embedded (amqtt) MQTT broker."""
+    """Run the embedded (amqtt) MQTT broker: only the user and password in $HOMERING_MQTT_USER and
+    $HOMERING_MQTT_PASSWORD may connect when they are set, anyone otherwise."""
     from homering.cluster.broker import run_broker
+    from homering.cluster.mqtt import BrokerAuth
 
-    _run(run_broker(host, port))
+    auth = BrokerAuth.load()
+    _run(run_broker(host, port, auth if auth.username else None))
 
 
 # ---------------------------------------------------------------- user front ends

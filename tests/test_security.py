@@ -112,6 +112,61 @@ def test_wrong_password_is_refused(secured):
         asyncio.run(_connect(as_user(secured, "nobody", "whatever")))
 
 
+# ------------------------------------------------------------------ the private broker of `homering up`
+def _sub_everything(broker: BrokerURL, user: str | None = None, password: str | None = None):
+    """mosquitto_sub -t '#' for 2 s, as anyone on this machine could run it."""
+    args = [_binary("mosquitto_sub"), "-h", broker.host, "-p", str(broker.port), "-t", "#", "-W", "2", "-v"]
+    if user:
+        args += ["-u", user, "-P", password]
+    return subprocess.run(args, capture_output=True, text=True, timeout=30)
+
+
+def test_ups_own_mosquitto_accepts_only_the_clusters_processes(smollm2):
+    """`up`'s broker (LocalCluster without --broker) refuses anonymous and wrong logins; its processes work."""
+    from homering.api.chat import ask
+    from homering.cluster.client import ClusterClient, new_request_id
+    from homering.cluster.local import LocalCluster
+    from homering.cluster.schema import ChatMessage, GenerateRequest, Sampling
+
+    with LocalCluster(smollm2, n_agents=1, threads=1, n_ctx=256) as cluster:
+        broker = cluster.broker
+        assert broker.auth.username and broker.auth.password
+        for user, password in ((None, None), (broker.auth.username, "wrong")):
+            with pytest.raises(HomeringError, match="refused"):
+                asyncio.run(_connect(broker.with_auth(BrokerAuth(user, password) if user else BrokerAuth())))
+        snoop = _sub_everything(broker)
+        assert snoop.returncode != 0 and "homering/" not in snoop.stdout
+
+        async def answer():
+            async with ClusterClient(broker) as client:
+                await client.wait_ready(120)
+                return await ask(client, GenerateRequest(
+                    request_id=new_request_id(), messages=[ChatMessage(role="user", content="Hi")],
+                    sampling=Sampling(max_tokens=4, temperature=0)))
+
+        assert asyncio.run(answer()).token_ids
+        cluster.check()
+
+
+def test_embedded_amqtt_broker_with_credentials_refuses_anonymous_clients():
+    """`homering broker` (amqtt, where mosquitto is missing) with $HOMERING_MQTT_USER/PASSWORD: that login only."""
+    from homering.cluster.broker import broker_credentials, wait_for_port
+
+    auth, port = broker_credentials(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "homering", "broker", "--port", str(port)],
+                            env={**os.environ, **auth.env()}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for_port("127.0.0.1", port), "the amqtt broker did not start"
+        broker = BrokerURL("127.0.0.1", port)
+        for bad in (BrokerAuth(), BrokerAuth(auth.username, "wrong")):
+            with pytest.raises(HomeringError, match="refused"):
+                asyncio.run(_connect(broker.with_auth(bad)))
+        asyncio.run(_connect(broker.with_auth(auth)))
+    finally:
+        stop_processes([proc], 5)
+
+
 def _homering(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "homering", *args], capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL,

@@ -8,10 +8,19 @@ cores; amqtt keeps ``homering up`` working where mosquitto is not installed.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
 import os
+import pwd
+import secrets
 import shutil
 import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from homering.cluster.mqtt import BrokerAuth
 
 log = logging.getLogger("homering.broker")
 
@@ -29,31 +38,102 @@ def mosquitto_binary() -> str | None:
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
 
 
-def mosquitto_config(host: str, port: int, *, log: bool = False) -> str:
-    """A mosquitto.conf for an anonymous broker on ``host:port`` that keeps nothing on disk."""
-    return (f"listener {port} {host}\nallow_anonymous true\npersistence false\n"
-            + ("log_dest stderr\n" if log else "log_dest none\n"))
+CLUSTER_USER = "homering"
+"""The one MQTT user of a broker that ``homering up`` starts for its own processes."""
+
+# Topics a private cluster's processes use (homering/cluster/schema.py, homering/cluster/homeassistant.py).
+_ACL = f"user {CLUSTER_USER}\ntopic readwrite homering/#\ntopic readwrite homeassistant/#\n"
 
 
-async def run_broker(host: str = "127.0.0.1", port: int = 1883) -> None:
-    """Run an amqtt broker (anonymous, loopback by default) until cancelled."""
+def broker_credentials() -> "BrokerAuth":
+    """Fresh credentials for a private broker: user :data:`CLUSTER_USER`, a random 256-bit password."""
+    from homering.cluster.mqtt import BrokerAuth
+
+    return BrokerAuth(CLUSTER_USER, secrets.token_urlsafe(32))
+
+
+def mosquitto_password_hash(password: str, *, iterations: int = 101) -> str:
+    """mosquitto's password-file hash (``$7$``: PBKDF2-HMAC-SHA512, 12-byte salt, 64-byte hash, base64).
+
+    The format of mosquitto 2's ``mosquitto_passwd`` (src/password_mosq.c), made here
+    so that no extra tool is needed.
+    """
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def write_mosquitto_config(folder: Path, host: str, port: int, *, log: bool = False,
+                           auth: "BrokerAuth | None" = None) -> Path:
+    """Write ``mosquitto.conf`` for a broker on ``host:port`` that keeps nothing on disk; returns its path.
+
+    With ``auth`` (a user and password) no anonymous client is accepted: ``passwd`` and an
+    ``acl`` (the user may use homering's and Home Assistant's topics, nothing else) are
+    written beside it, readable by this user alone. Without it the broker is anonymous
+    (the emulated testbed's, inside its own network namespaces).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"listener {port} {host}", "persistence false", "log_dest stderr" if log else "log_dest none"]
+    if auth is None:
+        lines.append("allow_anonymous true")
+    else:
+        passwd, acl = folder / "passwd", folder / "acl"
+        for path, text in ((passwd, f"{auth.username}:{mosquitto_password_hash(auth.password)}\n"), (acl, _ACL)):
+            path.touch(mode=0o600)
+            path.write_text(text)
+        lines += ["allow_anonymous false", f"password_file {passwd}", f"acl_file {acl}"]
+        lines += _broker_user(folder, passwd, acl)
+    conf = folder / "mosquitto.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
+
+
+def _broker_user(folder: Path, *files: Path) -> list[str]:
+    """mosquitto started by root switches to the user ``mosquitto``: hand it the private files; any other
+    user runs it as itself (the ``user`` line then keeps it from switching)."""
+    if os.getuid() == 0:
+        try:
+            owner = pwd.getpwnam("mosquitto")
+        except KeyError:
+            return ["user root"]
+        for path in (folder, *files):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+        return []
+    return [f"user {pwd.getpwuid(os.getuid()).pw_name}"]
+
+
+async def run_broker(host: str = "127.0.0.1", port: int = 1883, auth: "BrokerAuth | None" = None) -> None:
+    """Run an amqtt broker (loopback by default) until cancelled.
+
+    With ``auth`` only that user and password may connect (amqtt's ``FileAuthPlugin``, an
+    Argon2 hash in a private temporary file); without it the broker is anonymous.
+    """
+    import tempfile
+
     from amqtt.broker import Broker
 
     if not log.isEnabledFor(logging.DEBUG):
         # amqtt logs every half-open probe connection as an error
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    config = {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-    }
-    broker = Broker(config)
-    await broker.start()
-    log.info("embedded broker on mqtt://%s:%d", host, port)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await broker.shutdown()
+    with tempfile.TemporaryDirectory(prefix="homering-broker-") as folder:
+        if auth is None:
+            plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+        else:
+            from pwdlib import PasswordHash
+            from pwdlib.hashers.argon2 import Argon2Hasher
+
+            passwd = Path(folder) / "passwd"
+            passwd.write_text(f"{auth.username}:{PasswordHash((Argon2Hasher(),)).hash(auth.password)}\n")
+            plugins = {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(passwd)}}
+        broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}}, "plugins": plugins})
+        await broker.start()
+        log.info("embedded broker on mqtt://%s:%d (%s)", host, port,
+                 "anonymous" if auth is None else f"user {auth.username} only")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await broker.shutdown()
 
 
 def wait_for_port(host: str, port: int, timeout: float = 20.0) -> bool:

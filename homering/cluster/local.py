@@ -11,8 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from homering.cluster.broker import free_port, mosquitto_binary, mosquitto_config, wait_for_port
-from homering.cluster.mqtt import AUTH_ENV, BrokerURL
+from homering.cluster.broker import (
+    broker_credentials, free_port, mosquitto_binary, wait_for_port, write_mosquitto_config,
+)
+from homering.cluster.mqtt import AUTH_ENV, BrokerAuth, BrokerURL
 from homering.cluster.security import ClusterKey, child_environment
 from homering.errors import HomeringError
 from homering.secrets import ENV_API_KEY, ENV_API_KEY_FILE
@@ -103,15 +105,16 @@ class LocalCluster:
         self.procs.append(proc)
         return proc
 
-    def _start_broker(self, port: int) -> None:
-        """mosquitto on loopback when installed (see :mod:`homering.cluster.broker`), else ``homering broker``."""
+    def _start_broker(self, port: int, auth: BrokerAuth) -> None:
+        """mosquitto on loopback when installed (see :mod:`homering.cluster.broker`), else ``homering broker``;
+        either accepts only ``auth`` (no anonymous clients: other users of this machine can reach loopback)."""
         exe = mosquitto_binary()
         if exe is None:
-            self._spawn("broker", "--port", str(port))
+            self._spawn("broker", "--port", str(port), env=auth.env())
             return
         self._broker_dir = tempfile.TemporaryDirectory(prefix="homering-broker-")
-        conf = Path(self._broker_dir.name) / "mosquitto.conf"
-        conf.write_text(mosquitto_config("127.0.0.1", port, log=bool(self.log_args and self.log_args[0] == "-v")))
+        conf = write_mosquitto_config(Path(self._broker_dir.name), "127.0.0.1", port, auth=auth,
+                                      log=bool(self.log_args and self.log_args[0] == "-v"))
         out = self.log_file.fileno() if self.log_file is not None else sys.stderr.fileno()
         proc = subprocess.Popen([exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         proc.role = "broker (mosquitto)"
@@ -130,11 +133,11 @@ class LocalCluster:
     def __enter__(self) -> "LocalCluster":
         try:
             if self.broker is None:
-                port = free_port()
-                self._start_broker(port)
+                port, auth = free_port(), broker_credentials()
+                self._start_broker(port, auth)
                 if not wait_for_port("127.0.0.1", port):
                     raise HomeringError("the embedded MQTT broker did not start")
-                self.broker = BrokerURL("127.0.0.1", port)
+                self.broker = BrokerURL("127.0.0.1", port, auth=auth)
             url = str(self.broker)
             self._spawn("controller", "--broker", url, "--model", str(self.model_path),
                         "--agents", str(self.n_agents), "--ctx", str(self.n_ctx), "--planner", self.planner,

@@ -1030,7 +1030,7 @@ class Testbed:
         """Start mosquitto (or, without it, homering's embedded amqtt broker) in the bridge namespace on
         the bridge address; wait until it accepts connections from the host. Returns :attr:`broker_url`.
         """
-        from homering.cluster.broker import mosquitto_binary, mosquitto_config, wait_for_port
+        from homering.cluster.broker import mosquitto_binary, wait_for_port, write_mosquitto_config
 
         if self._broker is not None and self._broker.poll() is None:
             return self.broker_url
@@ -1038,8 +1038,7 @@ class Testbed:
         ip = self.bridge_address
         exe = mosquitto_binary()
         if exe:
-            conf = self.workdir / "mosquitto.conf"
-            conf.write_text(mosquitto_config(ip, port, log=True))
+            conf = write_mosquitto_config(self.workdir, ip, port, log=True)
             argv = [exe, "-c", str(conf)]
         else:
             log.warning("mosquitto is not installed: the testbed uses homering's embedded broker (amqtt)")
