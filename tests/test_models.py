@@ -82,3 +82,27 @@ def test_models_list_shows_known_models():
     proc = homering("models", "list")
     assert proc.returncode == 0
     assert "smollm2" in proc.stdout and "gemma3-270m" in proc.stdout
+
+
+def test_models_list_is_readable_at_80_columns(tmp_path):
+    """At 80 columns nothing is cut with an ellipsis: every name, file name and the models' folder appear
+    whole on one line, every word of every description appears, and "(default)" appears once."""
+    import os
+
+    from homering.models.registry import SYNTHETIC_MODELS
+
+    home = tmp_path / "a-rather-long-home-folder-name-for-the-models-of-this-test" / "homering"
+    proc = homering("models", "list", env={**os.environ, "COLUMNS": "80", "HOMERING_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    lines = out.splitlines()
+    assert "…" not in out and "..." not in out
+    assert all(len(line) <= 80 for line in lines if str(home) not in line), out
+    assert out.count("(default)") == 1 and "smollm2 (default)" in out, out
+    assert any(str(home / "models") in line for line in lines), out  # the folder, whole (wrapped by the terminal)
+    words = out.split()
+    for m in [*KNOWN_MODELS.values(), *SYNTHETIC_MODELS.values()]:
+        assert any(m.name in line.split() for line in lines), m.name
+        assert m.filename in words, m.filename
+        for word in m.description.split():
+            assert word in words, (m.name, word)

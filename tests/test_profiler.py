@@ -158,16 +158,24 @@ def test_no_cgroup_files_means_no_limit(tmp_path):
 
 # ------------------------------------------------------------------ disk, OS, GPU
 
-def test_disk_probe_reuses_its_file_and_rewrites_a_wrong_size(tmp_path):
+def test_disk_probe_leaves_no_file_behind(tmp_path):
+    """The scratch file goes once read; the file earlier versions kept (256 MiB in every agent's home) and
+    a probe file of a process that died go at the next measurement; a live process's probe stays."""
+    window = tmp_path / "fp" / "0-30-first.f2.gguf"
+    window.parent.mkdir()
+    window.write_bytes(b"window")
     assert measure_disk_gbps(tmp_path, size_bytes=8 * MiB) > 0
-    probe = tmp_path / DISK_PROBE_NAME
-    first = probe.stat()
-    assert first.st_size == 8 * MiB
-    assert measure_disk_gbps(tmp_path, size_bytes=8 * MiB) > 0
-    assert probe.stat().st_ino == first.st_ino  # reused, not rewritten
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["fp", "fp/0-30-first.f2.gguf"]
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    legacy, orphan = tmp_path / DISK_PROBE_NAME, tmp_path / f".homering-disk-probe.{int(dead.stdout)}.0a1b2c3d.bin"
+    live = tmp_path / f".homering-disk-probe.{os.getppid()}.0a1b2c3d.bin"
+    for p in (legacy, orphan, live):
+        p.write_bytes(b"\0" * MiB)
     assert measure_disk_gbps(tmp_path, size_bytes=4 * MiB) > 0
-    assert probe.stat().st_size == 4 * MiB
-    assert [p.name for p in tmp_path.iterdir()] == [DISK_PROBE_NAME]  # no temporary left behind
+    assert not legacy.exists() and not orphan.exists() and live.exists()
+    live.unlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp"]
     with pytest.raises(ValueError):
         measure_disk_gbps(tmp_path, size_bytes=1000)
 
@@ -202,35 +210,37 @@ def test_profile_measures_then_caches_then_refreshes(smollm2, home):
     assert first.os in ("linux", "android", "macos")
     assert 0 < first.ram_gib <= psutil.virtual_memory().total / GiB
     assert first.disk_gbps > 0 and first.cpu_ms_per_layer > 0 and first.cpu_ms_output >= 0
-    assert first.threads == 1 and first.profile_ms > 0
+    assert first.threads == 1 and first.profile_ms > 0 and not first.cached
     assert first.link_ms == 0 and first.link_mbps == 0
     if not llama_cpp.llama_supports_gpu_offload():
         assert first.gpu is None
     assert len(first.model_fingerprint) == 16
     assert any("disk" in m for m in messages) and any("decode" in m for m in messages)
-    assert (home / "windows" / DISK_PROBE_NAME).stat().st_size == 32 * MiB
+    assert not [p for p in (home / "windows").rglob("*") if "disk-probe" in p.name]  # measured, then removed
     assert len(list(profiles_dir().glob("*.json"))) == 1
 
     cached = profile_device(smollm2, threads=1, disk_bytes=32 * MiB)
-    assert cached.profile_ms == 0
+    assert cached.cached and cached.profile_ms == first.profile_ms  # the measurement's time, kept
     slow = ("disk_gbps", "cpu_ms_per_layer", "cpu_ms_output", "gpu", "model_fingerprint", "threads")
     assert cached.model_dump(include=set(slow)) == first.model_dump(include=set(slow))
 
     refreshed = profile_device(smollm2, threads=1, disk_bytes=32 * MiB, refresh=True)
-    assert refreshed.profile_ms > 0
+    assert refreshed.profile_ms > 0 and not refreshed.cached
     assert refreshed.cpu_ms_per_layer != first.cpu_ms_per_layer  # measured again (floats never repeat)
     again = profile_device(smollm2, threads=1, disk_bytes=32 * MiB)
-    assert again.profile_ms == 0 and again.cpu_ms_per_layer == refreshed.cpu_ms_per_layer
+    assert again.cached and again.profile_ms == refreshed.profile_ms
+    assert again.cpu_ms_per_layer == refreshed.cpu_ms_per_layer
 
     # another thread count is another device key: measured, cached beside the first
-    assert profile_device(smollm2, threads=2, disk_bytes=32 * MiB).profile_ms > 0
+    assert not profile_device(smollm2, threads=2, disk_bytes=32 * MiB).cached
     assert len(list(profiles_dir().glob("*.json"))) == 2
 
     # the CLI (its own process) finds the cached profile and prints a DeviceProfile
     proc = homering("profile", "--model", str(smollm2), "--threads", "1", "--json", env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     printed = DeviceProfile.load(proc.stdout)
-    assert printed.profile_ms == 0 and printed.cpu_ms_per_layer == refreshed.cpu_ms_per_layer
+    assert printed.cached and printed.profile_ms == refreshed.profile_ms
+    assert printed.cpu_ms_per_layer == refreshed.cpu_ms_per_layer
 
 
 def test_concurrent_profilers_measure_once(smollm2, home):
@@ -244,8 +254,35 @@ def test_concurrent_profilers_measure_once(smollm2, home):
         assert p.returncode == 0, err
         outs.append(DeviceProfile.load(out))
     # one measured; the other waited for the lock, then read the cache
-    assert sorted(o.profile_ms == 0 for o in outs) == [False, True]
+    assert sorted(o.cached for o in outs) == [False, True]
+    assert outs[0].profile_ms == outs[1].profile_ms > 0  # the one measurement's time
     assert outs[0].cpu_ms_per_layer == outs[1].cpu_ms_per_layer
+
+
+def test_profile_cli_table_and_json_agree(smollm2, home):
+    """`homering profile` measures (the table says how long), then --json and the table again read the
+    cache: all three give the same measurement time, and both cached outputs say cached. No disk probe
+    file is left in the window cache."""
+    env = dict(os.environ, COLUMNS="100")
+    args = ("profile", "--model", str(smollm2), "--threads", "1")
+
+    def took(table: str) -> str:
+        row = next(line for line in table.splitlines() if "measured in" in line)
+        return row.split("measured in", 1)[1].strip(" │|")
+
+    measured = homering(*args, env=env)
+    assert measured.returncode == 0, measured.stderr
+    as_json = homering(*args, "--json", env=env)
+    assert as_json.returncode == 0, as_json.stderr
+    again = homering(*args, env=env)
+    assert again.returncode == 0, again.stderr
+
+    printed = DeviceProfile.load(as_json.stdout)
+    seconds = f"{printed.profile_ms / 1000:.1f} s"
+    assert printed.cached and printed.profile_ms > 0
+    assert took(measured.stdout) == seconds, measured.stdout  # measured now: not "cached"
+    assert took(again.stdout) == f"{seconds}, cached (--refresh measures again)", again.stdout
+    assert not [p for p in home.rglob("*") if "disk-probe" in p.name]
 
 
 def test_profile_cli_bad_model_is_one_line(tmp_path):

@@ -10,10 +10,10 @@ import aiomqtt
 
 from homering.cluster import mqtt
 from homering.cluster.schema import (
-    AgentStats, AgentStatus, BadSignature, ControllerStatus, GenerateRequest, MalformedMessage, MissingKey, Plan,
-    StreamEvent, Topics,
+    AgentStats, AgentStatus, BadSignature, CancelJob, ControllerStatus, GenerateRequest, MalformedMessage, MissingKey,
+    Plan, StreamEvent, Topics,
 )
-from homering.cluster.security import ClusterKey
+from homering.cluster.security import ClusterKey, NewestState
 from homering.errors import HomeringError
 
 
@@ -28,6 +28,7 @@ class ClusterClient:
         self.broker = broker
         self.key = key
         self.refused: str | None = None  # why the last badly signed status/plan was dropped
+        self._state_order = NewestState()  # replay check of the agents' signed status and stats
         self.missing_key: str | None = None  # the cluster signs its status/plan and this client has no key
         self.status: ControllerStatus | None = None
         self.plan: Plan | None = None
@@ -38,6 +39,7 @@ class ClusterClient:
         self._orders: dict[str, StreamOrder] = {}
         self._changed = asyncio.Event()
         self._reader: asyncio.Task | None = None
+        self.lost: str | None = None  # why the broker connection broke (nothing arrives any more)
 
     async def __aenter__(self) -> "ClusterClient":
         try:
@@ -60,6 +62,25 @@ class ClusterClient:
             pass
 
     async def _read(self) -> None:
+        """Read messages until the connection breaks; then say so (:attr:`lost`) to every waiter."""
+        try:
+            await self._read_messages()
+        except aiomqtt.MqttError as exc:
+            self.lost = f"lost the connection to the MQTT broker {self.broker}: {exc}"
+        else:
+            self.lost = f"the MQTT broker {self.broker} closed the connection"
+        self._changed.set()
+        for queue in self._streams.values():
+            queue.put_nowait(None)  # wakes generate(), which raises
+
+    def _newest_state(self, topic: str, msg):
+        """``msg`` (an agent's status or stats) unless :class:`NewestState` refuses it (MalformedMessage)."""
+        why = self._state_order.accept(topic.split("/")[-2], msg)
+        if why is not None:
+            raise MalformedMessage(why)
+        return msg
+
+    async def _read_messages(self) -> None:
         async for message in self._client.messages:
             try:
                 if message.topic.matches(Topics.CONTROLLER) and message.payload:
@@ -68,13 +89,15 @@ class ClusterClient:
                     self.plan = Plan.load(message.payload, key=self.key)
                 elif message.topic.matches(Topics.ALL_STATS):
                     if message.payload:
-                        st = AgentStats.load(message.payload)
+                        st = self._newest_state(message.topic.value, AgentStats.load(message.payload, key=self.key))
                         self.agent_stats[st.name] = st
                 elif message.topic.matches(Topics.ALL_STATUS):
                     if message.payload:
-                        self.agent_status[message.topic.value.split("/")[-2]] = AgentStatus.load(message.payload)
+                        name = message.topic.value.split("/")[-2]
+                        self.agent_status[name] = self._newest_state(
+                            message.topic.value, AgentStatus.load(message.payload, key=self.key))
                 else:
-                    event = StreamEvent.load(message.payload)
+                    event = StreamEvent.load(message.payload, key=self.key)
                     queue = self._streams.get(event.request_id)
                     order = self._orders.get(event.request_id)
                     if queue is not None and order is not None:
@@ -118,7 +141,8 @@ class ClusterClient:
         (and at least once a second), e.g. to show :meth:`progress`.
 
         Raises:
-            HomeringError: timeout, or the controller reported an error.
+            HomeringError: timeout (the message has the controller's last state and detail), the
+                controller reported an error, or the broker connection broke.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -131,13 +155,16 @@ class ClusterClient:
                 return st
             if st is not None and st.state == "error":
                 raise HomeringError(f"the controller failed: {st.detail}")
+            if self.lost:  # the status is stale and stays so: waiting on would only time out
+                raise HomeringError(f"{self.lost} (the controller's last status: "
+                                    f"{st.state if st else 'none'}{f', {st.detail}' if st and st.detail else ''})")
             if self.missing_key and st is None:
                 raise HomeringError(f"the cluster on {self.broker} has a cluster key and this client has none "
                                     f"({self.missing_key}): give it the same key with --key-file FILE or "
                                     f"HOMERING_CLUSTER_KEY")
             left = deadline - loop.time()
             if left <= 0:
-                state = st.state if st else "no controller"
+                state = (st.state + (f": {st.detail}" if st.detail else "")) if st else "no controller"
                 hint = f"; dropped a {self.refused}: is the cluster key the same?" if self.refused else ""
                 raise HomeringError(f"the cluster was not ready within {timeout:.0f} s ({state}) "
                                     f"on {self.broker}{hint}")
@@ -151,8 +178,10 @@ class ClusterClient:
         """Publish ``request`` and yield its events up to and including ``done`` or ``error``.
 
         Raises:
-            HomeringError: no event for ``timeout`` seconds.
+            HomeringError: no event for ``timeout`` seconds, or the broker connection broke.
         """
+        if self.lost:
+            raise HomeringError(self.lost)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = queue
         self._orders[request.request_id] = StreamOrder()
@@ -165,6 +194,8 @@ class ClusterClient:
                     event = await asyncio.wait_for(queue.get(), timeout)
                 except TimeoutError:
                     raise HomeringError(f"no answer from the cluster for {timeout:.0f} s") from None
+                if event is None:
+                    raise HomeringError(self.lost or "the broker connection broke")
                 if event.type == "interrupted":
                     continue  # the ring lost an agent: the controller resumes the request on a new one
                 yield event
@@ -177,6 +208,26 @@ class ClusterClient:
                 await self._client.unsubscribe(topic)
             except aiomqtt.MqttError:
                 pass
+
+    async def cancel(self, request_id: str) -> bool:
+        """Ask the head of the current plan to stop ``request_id`` (as the controller does when an API
+        client goes away): the head ends the stream with ``done`` (``finish_reason`` ``"cancelled"``), and
+        the controller frees the request's sequence when it sees that event.
+
+        A request still queued at the controller has not reached the head, which ignores the cancel:
+        send it again until the stream ends. Returns False when there is no plan or no connection.
+        The cancel is signed with the cluster key, like requests; a broker whose ACL lets this client
+        publish requests only (docker/mosquitto/acl's ``chat`` user) drops it.
+        """
+        plan = self.plan
+        if plan is None or self.lost:
+            return False
+        try:
+            await self._client.publish(Topics.cancel(plan.head.name), CancelJob(request_id=request_id).dump(self.key),
+                                       qos=1)
+        except aiomqtt.MqttError:
+            return False
+        return True
 
 
 class StreamOrder:

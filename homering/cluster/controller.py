@@ -48,7 +48,7 @@ from homering.cluster.schema import (
     GenerateRequest, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, StreamReplay, Topics, WindowFile,
 )
 from homering.cluster.client import StreamOrder
-from homering.cluster.security import ClusterKey
+from homering.cluster.security import ClusterKey, NewestState
 from homering.engine.tokenizer import Tokenizer
 from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo, inspect_gguf
@@ -119,12 +119,14 @@ class Controller:
         self.broker = broker
         self.api_key = api_key
         self.key = key
+        self._state_order = NewestState()  # replay check of the agents' signed retained state
         self.n_parallel = n_parallel
         self.sequences = Sequences(n_parallel, max_queue)
         self.api = api
         self.ha_discovery = ha_discovery
         self.metrics = Metrics(self)
         self.tokenizer: Tokenizer | None = None
+        self._tokenizing = asyncio.Lock()  # one request at a time in the tokenizer's thread
         self.agent_stats: dict[str, AgentStats] = {}
         self.links: dict[str, tuple[float, float]] = {}  # agent -> (ms, Mbit/s) to the head, at plan time
         self.detail: str | None = None
@@ -185,6 +187,7 @@ class Controller:
         self.info = info
         self.fingerprint = info.fingerprint
         self.tokenizer = await asyncio.to_thread(Tokenizer, self.model_path)
+        await asyncio.to_thread(getattr, self.tokenizer, "max_token_bytes")  # read the vocabulary once, off the loop
         api = await self._start_api() if self.api else None
         connection = asyncio.create_task(self._connection())
         try:
@@ -309,7 +312,7 @@ class Controller:
     async def _publish_stats(self) -> None:
         """Publish :class:`ControllerStats` (retained) every few seconds."""
         while True:
-            await self._publish(Topics.CONTROLLER_STATS, self.stats().dump(), qos=0, retain=True, wait=False)
+            await self._publish(Topics.CONTROLLER_STATS, self.stats().dump(self.key), qos=0, retain=True, wait=False)
             await asyncio.sleep(STATS_INTERVAL_S)
 
     def _silent(self, name: str) -> bool:
@@ -524,7 +527,8 @@ class Controller:
             self._losses.setdefault(name, []).append(time.monotonic())
             self._live_since[name] = time.monotonic()
         self.planned_members = frozenset(m for m in members if m[0] in probed)
-        await self._status("planning")  # names the new plan: agents load only the plan the controller vouches for
+        # names the new plan: agents load only the plan the controller vouches for
+        await self._status("planning", self._loading_detail())
         log.info("plan %s (%s, k=%d, predicted %.1f ms/token): %s%s", self.plan.plan_id, self.plan.planner,
                  self.plan.k, self.plan.predicted_ms_per_token or 0,
                  ", ".join(f"{a.name}{[(w.start, w.end) for w in a.windows]}" for a in self.plan.ring),
@@ -541,11 +545,24 @@ class Controller:
                 raise HomeringError(f"an agent could not load its windows: {failed[0].detail}")
             return all(s and s.state == "ready" and s.plan_id == self.plan.plan_id for s in sts)
 
-        if not await self._wait_for(loaded, self.join_timeout * 5, poll=0.5):
-            raise HomeringError("the agents did not load their windows in time")
+        deadline = time.monotonic() + self.join_timeout * 5
+        while not loaded():
+            if self.detail != (shown := self._loading_detail()):  # the status names whom the plan waits for
+                await self._status("planning", shown)
+            if not await self._wait_for(lambda: loaded() or self._loading_detail() != shown,
+                                        deadline - time.monotonic(), poll=0.5):
+                raise HomeringError(f"the agents did not load their windows within {self.join_timeout * 5:.0f} s "
+                                    f"({shown})")
         self.ready = True
         await self._status("ready")
         log.info("cluster ready: %d agent(s), head %s", len(self.plan.ring), self.plan.head.name)
+
+    def _loading_detail(self) -> str:
+        """The status detail while the plan loads: the agents of its ring not ``ready`` with it yet."""
+        plan = self.plan
+        left = [a.name for a in plan.ring if not ((st := self.statuses.get(a.name)) is not None
+                                                  and st.state == "ready" and st.plan_id == plan.plan_id)]
+        return f"waiting for {', '.join(left)} to load plan {plan.plan_id}" if left else f"plan {plan.plan_id} loaded"
 
     async def _prepare_windows(self, plan: Plan) -> None:
         """Slice (or find in the window cache) every window of ``plan``, write each file's SHA-256 and size
@@ -620,6 +637,7 @@ class Controller:
                 out.append(p)
                 continue
             probe_id = uuid.uuid4().hex[:12]
+            await self._status("planning", f"waiting for {p.name} to measure its link to {head.name}")
             await self._publish(Topics.probe(p.name), LinkProbe(
                 probe_id=probe_id, host=head.host, port=head.data_port).dump(self.key))
             answered = await self._wait_for(
@@ -729,13 +747,13 @@ class Controller:
             try:
                 if message.topic.matches(Topics.ALL_PROFILES):
                     if message.payload:
-                        p = AgentProfile.load(message.payload)
+                        p = self._newest_state(topic, AgentProfile.load(message.payload, key=self.key))
                         self.profiles[p.name] = p
                         self._seen(p.name)
                 elif message.topic.matches(Topics.ALL_STATUS):
                     name = topic.split("/")[-2]
                     if message.payload:
-                        status = AgentStatus.load(message.payload)
+                        status = self._newest_state(topic, AgentStatus.load(message.payload, key=self.key))
                         before = self.statuses.get(name)
                         self.statuses[name] = status
                         if status.state == "offline":
@@ -752,7 +770,7 @@ class Controller:
                     self._spawn(self._on_request(GenerateRequest.load(message.payload, key=self.key)))
                 elif message.topic.matches(Topics.ALL_STATS):
                     if message.payload:
-                        st = AgentStats.load(message.payload)
+                        st = self._newest_state(topic, AgentStats.load(message.payload, key=self.key))
                         self.agent_stats[st.name] = st
                         if not message.retain:  # a retained copy is no heartbeat
                             self._seen(st.name)
@@ -760,13 +778,27 @@ class Controller:
                     if message.payload:
                         self._retained_plan = Plan.load(message.payload, key=self.key)
                 elif message.topic.matches(Topics.ALL_PROBE_RESULTS):
-                    report = LinkReport.load(message.payload)
+                    report = LinkReport.load(message.payload, key=self.key)
                     self._reports[report.probe_id] = report
                 elif message.topic.matches(Topics.ALL_STREAMS):
-                    self._on_stream(topic.rsplit("/", 1)[-1], StreamEvent.load(message.payload))
+                    event = StreamEvent.load(message.payload, key=self.key)
+                    if event.request_id != topic.rsplit("/", 1)[-1]:
+                        raise MalformedMessage(f"a StreamEvent of {event.request_id} on another request's topic")
+                    self._on_stream(event.request_id, event)
             except MalformedMessage as exc:
                 log.warning("dropped malformed message on %s: %s", topic, exc)
             self._changed.set()
+
+    def _newest_state(self, topic: str, msg):
+        """``msg`` (an agent's profile, status or stats from ``topic``) if :class:`NewestState` accepts it.
+
+        Raises:
+            MalformedMessage: an old copy replayed, or another agent's message on this agent's topic.
+        """
+        why = self._state_order.accept(topic.split("/")[-2], msg)
+        if why is not None:
+            raise MalformedMessage(why)
+        return msg
 
     def _on_stream(self, request_id: str, event: StreamEvent) -> None:
         """A stream event from a head: in order, once, to the request's consumer (see :class:`StreamOrder`)."""
@@ -796,7 +828,7 @@ class Controller:
         except RequestError as exc:
             log.info("request %s rejected: %s", req.request_id, exc)
             await self._publish(Topics.stream(req.request_id), StreamEvent(
-                request_id=req.request_id, type="error", error=str(exc)).dump())
+                request_id=req.request_id, type="error", error=str(exc)).dump(self.key))
 
     def prepare(self, req: GenerateRequest) -> list[int]:
         """The prompt's token ids: the chat rendered with the model's template, the text tokenized, or the ids.
@@ -806,7 +838,17 @@ class Controller:
         """
         if sum(x is not None for x in (req.messages, req.prompt, req.prompt_token_ids)) != 1:
             raise RequestError(400, "a request needs exactly one of 'messages', 'prompt' or 'prompt_token_ids'")
+        # Bounds that need no tokenizing (its cost grows faster than linearly with the special tokens
+        # in a text): every message renders to at least one token, and every token stands for at most
+        # max_token_bytes bytes of text.
         tokenizer = self.tokenizer
+        size = (len(req.messages) if req.messages is not None else len(req.prompt_token_ids or ()))
+        text = sum(len(m.content) for m in req.messages) if req.messages is not None else len(req.prompt or "")
+        if size >= self.n_ctx or text // tokenizer.max_token_bytes >= self.n_ctx:
+            what = f"{size} messages" if req.messages is not None and size >= self.n_ctx else \
+                f"{size} token ids" if req.prompt_token_ids is not None else f"{text} characters"
+            raise RequestError(413, f"the prompt ({what}) cannot fit the context of {self.n_ctx} tokens",
+                               code="context_length_exceeded")
         try:
             if req.messages is not None:
                 ids = tokenizer.chat_tokens([m.model_dump() for m in req.messages])
@@ -846,7 +888,9 @@ class Controller:
             RequestError: 400/413 (see :meth:`prepare`), 429 when the queue is
                 full, 503 when no plan is ready.
         """
-        ids = self.prepare(req)
+        # templating and tokenizing run off the event loop, which hears the agents' heartbeats
+        async with self._tokenizing:
+            ids = await asyncio.to_thread(self.prepare, req)
         if self.plan is None or self.state in ("waiting", "error"):
             raise RequestError(503, "no plan is ready yet: the agents are still joining or loading"
                                if self.state != "error" else f"the cluster failed: {self.detail}")

@@ -155,12 +155,58 @@ def tls_context(broker: BrokerURL) -> ssl.SSLContext | None:
         raise HomeringError(f"cannot load the CA file {broker.auth.ca_file}: {exc}") from None
 
 
+class _SocketErrorsAtDebug(logging.Filter):
+    """Demote paho-mqtt's "failed to receive on socket: [Errno 32] Broken pipe" (and kin) to DEBUG.
+
+    paho logs a lost connection at ERROR before aiomqtt reports it; homering reports it
+    once itself (:func:`keep_connected`'s warning, or :func:`connect_error`), so the
+    paho line only doubled it, e.g. on every exit where the broker stops first.
+    """
+
+    _PREFIXES = ("failed to receive on socket", "timeout on socket")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and isinstance(record.msg, str) and record.msg.startswith(self._PREFIXES):
+            record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_client_log = logging.getLogger("homering.mqtt.client")
+"""aiomqtt's and paho-mqtt's own log (instead of their logger ``mqtt``)."""
+_client_log.addFilter(_SocketErrorsAtDebug())
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, leaving no "Future exception was never retrieved" behind.
+
+    aiomqtt (2.5) records an unexpected disconnection as the exception of a private
+    future; when the connection breaks while the session is being left (the process
+    got SIGTERM or SIGINT as the broker stopped), ``__aexit__`` returns early and
+    nobody retrieves it, and asyncio prints a traceback when the future is
+    garbage-collected. Leaving the ``async with`` is the end of that connection
+    (:func:`keep_connected` reports losses), so its exit marks the exception retrieved.
+    """
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        try:
+            await super().__aexit__(exc_type, exc, tb)
+        finally:
+            gone = getattr(self, "_disconnected", None)
+            if isinstance(gone, asyncio.Future) and gone.done() and not gone.cancelled():
+                gone.exception()  # marks it retrieved
+
+
 def client(broker: BrokerURL, *, identifier: str | None = None, will: aiomqtt.Will | None = None,
            keepalive: int = 10) -> aiomqtt.Client:
-    """An aiomqtt client for ``broker``, logging in with its credentials (use it as ``async with``)."""
-    return aiomqtt.Client(broker.host, broker.port, identifier=identifier or f"homering-{uuid.uuid4().hex[:8]}",
-                          will=will, keepalive=keepalive, username=broker.auth.username,
-                          password=broker.auth.password, tls_context=tls_context(broker))
+    """An aiomqtt client for ``broker``, logging in with its credentials (use it as ``async with``).
+
+    Its exit never leaves an unretrieved disconnection behind, and paho's socket
+    errors log at DEBUG (see :class:`_Client`, :class:`_SocketErrorsAtDebug`).
+    """
+    return _Client(broker.host, broker.port, identifier=identifier or f"homering-{uuid.uuid4().hex[:8]}",
+                   will=will, keepalive=keepalive, username=broker.auth.username,
+                   password=broker.auth.password, tls_context=tls_context(broker), logger=_client_log)
 
 
 def connect_error(broker: BrokerURL, exc: Exception) -> HomeringError:
@@ -178,13 +224,16 @@ RECONNECT_MAX_S = 5.0
 """Longest wait between two attempts to reach a broker that went away (the wait doubles from 0.25 s)."""
 
 
-async def keep_connected(broker: BrokerURL, session, *, identifier: str, will: aiomqtt.Will | None = None,
-                         keepalive: int = 10) -> None:
+async def keep_connected(broker: BrokerURL, session, *, identifier: str, will=None, keepalive: int = 10) -> None:
     """Run ``await session(client, reconnected)`` on a connection to ``broker``, again after every loss.
+
+    ``will`` is an ``aiomqtt.Will``, or a function that makes one for each connection
+    (a signed will carries the time it was signed: see :class:`~homering.cluster.security.NewestState`).
 
     A lost connection is retried with backoff (0.25 s doubling up to
     :data:`RECONNECT_MAX_S`); ``reconnected`` tells the session to publish
-    its retained state again. Runs until cancelled.
+    its retained state again. Runs until cancelled; a connection that breaks while
+    the task is being cancelled ends it too (no reconnect, no warning).
 
     Raises:
         HomeringError: the first connection failed (one line, see :func:`connect_error`).
@@ -192,12 +241,16 @@ async def keep_connected(broker: BrokerURL, session, *, identifier: str, will: a
     backoff, connected_once = 0.25, False
     while True:
         try:
-            async with client(broker, identifier=identifier, will=will, keepalive=keepalive) as c:
+            async with client(broker, identifier=identifier, will=will() if callable(will) else will,
+                              keepalive=keepalive) as c:
                 backoff, reconnected, connected_once = 0.25, connected_once, True
                 if reconnected:
                     log.info("reconnected to the broker %s", broker)
                 await session(c, reconnected)
         except aiomqtt.MqttError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # stopping (SIGTERM) as the broker went: no reconnect
+                raise asyncio.CancelledError() from None
             if not connected_once:
                 raise connect_error(broker, exc) from None
             log.warning("lost the broker (%s); reconnecting in %.1f s", exc, backoff)

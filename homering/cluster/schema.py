@@ -22,10 +22,13 @@ topic                              retained    payload
 ``<p>/streams/<request_id>``       no          :class:`StreamEvent`
 =================================  ==========  ===================================
 
-Signed messages. With a cluster key (:mod:`homering.cluster.security`) the
-messages that carry authority — :class:`Plan`, :class:`ControllerStatus`,
-:class:`GenerateJob`, :class:`CancelJob`, :class:`LinkProbe` and
-:class:`GenerateRequest` (``Message.SIGNED``) — end with one more JSON member,
+Signed messages. With a cluster key (:mod:`homering.cluster.security`) every
+message that changes what a client sees or what a process does is signed
+(``Message.SIGNED``): :class:`Plan`, :class:`ControllerStatus`,
+:class:`ControllerStats`, :class:`GenerateJob`, :class:`CancelJob`,
+:class:`StreamReplay`, :class:`LinkProbe`, :class:`LinkReport`,
+:class:`GenerateRequest`, :class:`StreamEvent`, :class:`AgentProfile`,
+:class:`AgentStatus` and :class:`AgentStats`. A signed payload ends with one more JSON member,
 so that readers of plain JSON (Home Assistant's templates) still see every
 field::
 
@@ -35,11 +38,14 @@ field::
 (32 hex digits), ``M`` 64 hex digits of HMAC-SHA256(key, "homering-msg-v1",
 class name, TS, N, body) over length-prefixed parts, where ``body`` is the
 message's JSON exactly as sent without the ``_auth`` member (``{…}``).
-Receivers with a key drop unsigned and badly signed ones; live orders
-(``Message.LIVE``: jobs, probes, requests) must also be within
-:data:`~homering.cluster.security.MAX_AGE_S` of the receiver's clock and not
-seen before. Receivers without a key drop signed ones. Other messages
-(profiles, statuses, telemetry, stream events) are never signed.
+Receivers with a key drop unsigned and badly signed ones; live messages
+(``Message.LIVE``: jobs, probes and their results, requests, stream events)
+must also be within :data:`~homering.cluster.security.MAX_AGE_S` of the
+receiver's clock and not seen before. An agent's retained state (profile,
+status, stats) names the agent in its body, and a receiver keeps only the
+newest per agent (:class:`~homering.cluster.security.NewestState`): an old
+copy replayed later, or one agent's message on another's topic, is dropped.
+Receivers without a key drop signed ones.
 
 Data plane (TCP between ring neighbours, TCP_NODELAY). First a handshake, in
 which both ends prove they hold the same cluster key (HMAC-SHA256
@@ -75,7 +81,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 if TYPE_CHECKING:
     from homering.cluster.security import ClusterKey
@@ -152,6 +158,18 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/Infinity would reach the planner
     SIGNED: ClassVar[bool] = False
     LIVE: ClassVar[bool] = False
+    _signed_at: int | None = PrivateAttr(default=None)
+
+    @property
+    def signed_at(self) -> int | None:
+        """The sender's clock when it signed this message (ms since the epoch); None when unsigned."""
+        return self._signed_at
+
+    def __eq__(self, other: object) -> bool:
+        """Equal fields (how a message was signed is no part of its value)."""
+        if not isinstance(other, BaseModel):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
 
     def dump(self, key: "ClusterKey | None" = None) -> bytes:
         """The payload: the JSON, signed when ``key`` is given and the class is ``SIGNED``."""
@@ -177,17 +195,21 @@ class Message(BaseModel):
             raw = payload.encode() if isinstance(payload, str) else bytes(payload)
         except (UnicodeError, TypeError, ValueError):
             raise MalformedMessage(f"bad {cls.__name__}: not text") from None
+        ts = None
         if cls.SIGNED:
-            raw = cls._verified(raw, key)
+            raw, ts = cls._verified(raw, key)
         try:
-            return cls.model_validate_json(raw)
+            msg = cls.model_validate_json(raw)
         except (ValidationError, ValueError, UnicodeDecodeError, RecursionError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else repr(exc)
             raise MalformedMessage(f"bad {cls.__name__}: {first}") from None
+        msg._signed_at = ts
+        return msg
 
     @classmethod
-    def _verified(cls, raw: bytes, key: "ClusterKey | None") -> bytes:
-        """The body of a signed payload, checked against ``key``; ``raw`` itself when keyless and unsigned."""
+    def _verified(cls, raw: bytes, key: "ClusterKey | None") -> tuple[bytes, int | None]:
+        """(body, signing time in ms) of a signed payload, checked against ``key``; ``(raw, None)`` when
+        keyless and unsigned."""
         at = raw.rfind(_AUTH_MARK)
         m = _TRAILER.fullmatch(raw, at) if at > 0 else None
         before = raw[at - 1:at] if m else b""
@@ -196,7 +218,7 @@ class Message(BaseModel):
         if key is None:
             if m is not None:
                 raise MissingKey(f"signed {cls.__name__}, but no cluster key is configured here")
-            return raw
+            return raw, None
         if m is None:
             raise BadSignature(f"unsigned {cls.__name__} (this cluster has a key)")
         body = raw[:at - 1] + b"}" if before == b"," else b"{}"
@@ -207,7 +229,7 @@ class Message(BaseModel):
             why = key.accept_once(nonce, int(ts))
             if why is not None:
                 raise BadSignature(f"{cls.__name__} refused: {why}")
-        return body
+        return body, int(ts)
 
 
 class MalformedMessage(ValueError):
@@ -254,11 +276,16 @@ class DeviceProfile(Message):
     link_mbps: float = Field(ge=0, default=0.0, description="bandwidth to the head, Mbit/s (1e6 bits)")
     model_fingerprint: str | None = Field(default=None, description="the model the timings are for")
     threads: int = Field(ge=1, default=1, description="CPU threads the timings were measured with")
-    profile_ms: float | None = Field(default=None, description="how long measuring took (0 when cached)")
+    profile_ms: float | None = Field(default=None, description="how long the measurement took, ms (also when "
+                                                               "the figures come from the cache: see cached)")
+    cached: bool = Field(default=False, description="the slow figures come from this device's profile cache "
+                                                    "(measured earlier, not now)")
 
 
 class AgentProfile(Message):
     """What an agent publishes about its device (retained)."""
+
+    SIGNED: ClassVar[bool] = True
 
     name: str = Field(pattern=_NAME)
     host: str
@@ -274,8 +301,18 @@ class AgentProfile(Message):
 
 
 class AgentStatus(Message):
-    """An agent's state (retained; the last-will sets ``offline``)."""
+    """An agent's state (retained; the last-will sets ``offline``).
 
+    ``name`` is the agent's (its topic's); ``session`` is random per agent process, so
+    that a receiver can tell this process's last-will (signed when it connected,
+    hence older than its later statuses) from an old process's (see
+    :class:`~homering.cluster.security.NewestState`).
+    """
+
+    SIGNED: ClassVar[bool] = True
+
+    name: str | None = Field(default=None, pattern=_NAME)
+    session: str | None = Field(default=None, pattern=r"^[0-9a-f]{1,32}$")
     state: Literal["online", "loading", "ready", "error", "offline"]
     plan_id: str | None = None
     detail: str | None = None
@@ -410,6 +447,9 @@ class LinkProbe(Message):
 class LinkReport(Message):
     """An agent's answer to :class:`LinkProbe`: one-way latency (ms) and bandwidth (Mbit/s)."""
 
+    SIGNED: ClassVar[bool] = True
+    LIVE: ClassVar[bool] = True
+
     probe_id: str = Field(pattern=_NAME)
     link_ms: float = Field(ge=0, default=0.0)
     link_mbps: float = Field(ge=0, default=0.0)
@@ -491,6 +531,9 @@ class StreamEvent(Message):
     so that a receiver drops duplicates after a :class:`StreamReplay`.
     """
 
+    SIGNED: ClassVar[bool] = True
+    LIVE: ClassVar[bool] = True
+
     request_id: str
     type: Literal["token", "done", "error", "interrupted"]
     attempt: int = 0
@@ -545,6 +588,8 @@ class AgentStats(Message):
     """An agent's telemetry (retained, every few seconds): what ``/metrics``,
     ``/v1/cluster``, ``homering chat``'s ``/cluster`` and Home Assistant show."""
 
+    SIGNED: ClassVar[bool] = True
+
     name: str = Field(pattern=_NAME)
     plan_id: str | None = None
     layers: int = Field(ge=0, default=0, description="layers held, summed over the windows")
@@ -559,6 +604,8 @@ class AgentStats(Message):
 
 class ControllerStats(Message):
     """The controller's telemetry (retained, every few seconds)."""
+
+    SIGNED: ClassVar[bool] = True
 
     model: str | None = None
     requests_in_flight: int = Field(ge=0, default=0)

@@ -21,11 +21,13 @@ once, and signed messages are dropped by keyless receivers and vice versa.
 with its embedded broker and no key configured it makes a random one, so its
 private cluster is closed to other local users.
 
-Replay: signed *live* orders (generate and cancel jobs, link probes, client
-requests) carry a timestamp and a random nonce; a receiver accepts one only
-within :data:`MAX_AGE_S` of its own clock and only once (:meth:`ClusterKey.accept_once`).
-Retained state (plans, controller status) is delivered late by design, so it
-is authenticated but not checked for age.
+Replay: signed *live* messages (generate and cancel jobs, link probes and
+their results, client requests, stream events) carry a timestamp and a random
+nonce; a receiver accepts one only within :data:`MAX_AGE_S` of its own clock
+and only once (:meth:`ClusterKey.accept_once`). Retained state is delivered
+late by design, so it is not checked for age: plans and the controller's status
+are authenticated; an agent's profile, status and stats are also kept newest
+first per agent (:class:`NewestState`).
 """
 
 from __future__ import annotations
@@ -118,6 +120,47 @@ class ClusterKey:
                 return "replayed (nonce already seen)"
             self._seen[nonce] = mono + 2 * MAX_AGE_S
         return None
+
+
+class NewestState:
+    """A receiver's replay check for an agent's retained state (profile, status, stats): newest wins.
+
+    Retained messages arrive late by design, so they cannot be checked for age as live
+    orders are. Instead a signed state message is accepted only when it names the agent
+    whose topic it came on and was signed later than the last one accepted of its kind
+    from that agent: an old copy replayed later, or one agent's message published on
+    another's topic, is refused.
+
+    One exception keeps last-wills working. An agent's will is signed when it connects,
+    so it is older than the statuses that follow; an ``offline`` status is therefore
+    also accepted when it belongs to the agent's current ``session`` (that of its newest
+    accepted status), once per signing time. Unsigned messages (a cluster without a key)
+    are all accepted: without a key anyone may publish anything.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], tuple[int, str | None]] = {}  # (kind, agent) -> (ts, session)
+        self._wills: dict[str, set[int]] = {}  # agent -> signing times of offline statuses accepted late
+
+    def accept(self, topic_agent: str, msg) -> str | None:
+        """None when ``msg`` (an ``AgentProfile``/``AgentStatus``/``AgentStats``) may be used, else why not."""
+        ts = msg.signed_at
+        kind = type(msg).__name__
+        if ts is None:
+            return None
+        name = getattr(msg, "name", None)
+        if name != topic_agent:
+            return f"{kind} of agent {name!r} on the topic of {topic_agent!r}"
+        last = self._last.get((kind, topic_agent))
+        session = getattr(msg, "session", None)
+        if last is None or ts > last[0]:
+            self._last[(kind, topic_agent)] = (ts, session)
+            return None
+        late_will = getattr(msg, "state", None) == "offline" and session is not None and session == last[1]
+        if late_will and ts not in self._wills.setdefault(topic_agent, set()):
+            self._wills[topic_agent].add(ts)
+            return None
+        return f"{kind} of {topic_agent} signed before the last one accepted (a replay)"
 
 
 def generate_secret() -> str:

