@@ -76,9 +76,10 @@ $(TOOLS)/.uv:
 	@$(TOOLS)/bin/pip install -q uv 2>&1 | $(QUIET_PIP)
 	@touch $@
 
-# mosquitto for the tests' broker, its clients (mosquitto_sub/pub) for the attacks the tests make; iproute2 (ip, tc) for the emulated cluster (homering testbed).
+# mosquitto for the tests' broker, its clients (mosquitto_sub/pub) for the attacks the tests make; iproute2 (ip, tc) for the emulated cluster (homering testbed); tmux for the tests that type into the terminal chat.
 APT_NEEDED = $(shell command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || echo mosquitto) \
              $(shell command -v mosquitto_sub >/dev/null 2>&1 || echo mosquitto-clients) \
+             $(shell command -v tmux >/dev/null 2>&1 || echo tmux) \
              $(shell PATH=$$PATH:/usr/sbin:/sbin command -v ip >/dev/null 2>&1 && PATH=$$PATH:/usr/sbin:/sbin command -v tc >/dev/null 2>&1 || echo iproute2)
 
 mosquitto:

@@ -59,20 +59,31 @@ def models_list() -> None:
     Synthetic models (random weights, a real model's shape) are written on
     first use; `homering models synth` makes one with other options.
     """
+    from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    from homering import paths
     from homering.models.registry import DEFAULT_MODEL, KNOWN_MODELS, SYNTHETIC_MODELS, is_pulled
 
-    table = Table()
-    for col in ("name", "pulled", "description", "path"):
-        table.add_column(col)
-    for m in KNOWN_MODELS.values():
-        table.add_row(m.name + (" (default)" if m.name == DEFAULT_MODEL else ""),
-                      "yes" if is_pulled(m) else "no", m.description, str(m.path))
-    for m in SYNTHETIC_MODELS.values():
-        table.add_row(m.name + " (synthetic)", "yes" if is_pulled(m) else "no", m.description, str(m.path))
-    Console().print(table)
+    # Readable at 80 columns: names never cut, descriptions wrap at spaces, and the files' common
+    # folder is printed once, so each row needs only its file name (nothing ends in "…").
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, leading=1)
+    table.add_column("name", no_wrap=True)
+    table.add_column("pulled", no_wrap=True)
+    table.add_column("model · file", overflow="fold", ratio=1)
+    synthetic = list(SYNTHETIC_MODELS.values())
+    for m in [*KNOWN_MODELS.values(), *synthetic]:
+        tag = " (default)" if m.name == DEFAULT_MODEL else ""
+        table.add_row(m.name + tag, "yes" if is_pulled(m) else "no",
+                      Text(m.description + "\n") + Text(m.filename, style="dim"))
+    console = Console()
+    console.print(f"models in {paths.models_dir()}", soft_wrap=True, highlight=False)
+    console.print(table)
+    if synthetic:
+        console.print("random-weight models are made on first use (or with `homering models synth`)",
+                      highlight=False)
 
 
 @models.command("pull")
@@ -474,6 +485,8 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_por
 
         key = ClusterKey(generate_secret(), source="homering up (random)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # the terminal closed: stop everything (the broker has a session of its own, so no SIGHUP reaches it)
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
     with LocalCluster(path, n_agents=agents, broker=broker, threads=threads,
                       n_ctx=n_ctx, planner=planner, rounds=rounds, n_batch=n_batch, log_args=log_args,
                       controller_args=controller_args, controller_env={ENV_API_KEY: http_key} if http_key else None, key=key,
@@ -539,8 +552,9 @@ def _print_profile(prof, model_path) -> None:
         table.add_row("GPU free VRAM", f"{prof.gpu.vram_gib:.2f} GiB" + (" (unified)" if prof.gpu.unified else ""))
         table.add_row("GPU decode per layer", f"{prof.gpu.ms_per_layer:.3f} ms")
     table.add_row("model fingerprint", prof.model_fingerprint or "-")
-    table.add_row("measured in", "cached (--refresh to measure)" if not prof.profile_ms
-                  else f"{prof.profile_ms / 1000:.1f} s")
+    # the same facts as --json: profile_ms (the measurement's time, kept in the cache) and cached
+    took = f"{(prof.profile_ms or 0) / 1000:.1f} s"
+    table.add_row("measured in", f"{took}, cached (--refresh measures again)" if prof.cached else took)
     Console().print(table)
 
 

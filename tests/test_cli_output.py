@@ -63,12 +63,18 @@ def test_up_with_its_api_port_taken_stops_everything_and_exits_at_once(smollm2):
     import signal
     import socket
 
+    import uuid
+
+    from tests.test_chat_terminal import _processes_marked
+
+    mark = uuid.uuid4().hex
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         proc = subprocess.Popen([sys.executable, "-m", "homering", "up", "--agents", "2", "--model", str(smollm2),
                                  "--threads", "1", "--api-port", str(port), "--no-chat"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "HOMERING_TEST_MARK": mark})
         try:
             out, err = proc.communicate(timeout=120)  # a hang guard: it used to wait 301 s
         finally:
@@ -83,3 +89,5 @@ def test_up_with_its_api_port_taken_stops_everything_and_exits_at_once(smollm2):
     except ProcessLookupError:
         alive = False
     assert not alive, "a broker, controller or agent of `up` outlived it"
+    # the broker (mosquitto) has a session of its own (Ctrl-C is the chat's): every child inherited the mark
+    assert not _processes_marked(mark), "a broker, controller or agent of `up` outlived it"

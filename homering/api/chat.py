@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from homering.cluster import mqtt
 from homering.cluster.client import ClusterClient, new_request_id
@@ -18,7 +23,12 @@ from homering.cluster.security import ClusterKey
 from homering.errors import HomeringError
 
 HELP = ("commands: /plan shows the layer assignment, /cluster the agents at work, /reset forgets the "
-        "conversation, /quit (or Ctrl-D) exits")
+        "conversation, /quit (or Ctrl-D) exits; Ctrl-C stops an answer, and exits at an empty prompt")
+
+CANCEL_RESEND_S = 1.0
+"""How often :func:`ask` repeats a cancel until the answer ends (the request may still be queued)."""
+CANCEL_WAIT_S = 30.0
+"""How long :func:`ask` waits for a cancelled answer to end before it gives up on it."""
 
 
 @dataclass
@@ -42,6 +52,11 @@ class Answer:
             self.finish_reason = event.finish_reason
             self.ttft_ms = event.ttft_ms
             self.ms_per_token = event.ms_per_token
+
+    @property
+    def cancelled(self) -> bool:
+        """The head stopped the answer because it was asked to (:meth:`ClusterClient.cancel`)."""
+        return self.finish_reason == "cancelled"
 
 
 def plan_table(plan: Plan) -> Table:
@@ -133,14 +148,69 @@ async def headless(cluster, api_url: str, ready_timeout: float = 300.0) -> int:
             await asyncio.sleep(1.0)
 
 
-async def ask(client: ClusterClient, request: GenerateRequest, on_text=None) -> Answer:
-    """Send one request and gather the answer, calling ``on_text(delta)`` as tokens arrive."""
+async def ask(client: ClusterClient, request: GenerateRequest, on_text=None, *,
+              stop: asyncio.Event | None = None) -> Answer:
+    """Send one request and gather the answer, calling ``on_text(delta)`` as tokens arrive.
+
+    Once ``stop`` is set the request is cancelled on the cluster: its head is told to stop
+    (:meth:`ClusterClient.cancel`; again every :data:`CANCEL_RESEND_S` s, since a request still
+    queued at the controller has not reached it), text that still arrives is not passed on, and
+    the answer ends with the head's ``done`` event, ``finish_reason`` ``"cancelled"``
+    (:attr:`Answer.cancelled`): the controller frees its sequence on that event. An answer that
+    finished first ends as usual.
+
+    Raises:
+        HomeringError: the cluster failed, or a cancelled answer did not end within :data:`CANCEL_WAIT_S` s.
+    """
+    loop = asyncio.get_running_loop()
     answer = Answer()
-    async for event in client.generate(request):
-        answer.add(event)
-        if on_text and event.text:
-            on_text(event.text)
-    return answer
+    stream = client.generate(request)
+    stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    canceller: asyncio.Task | None = None
+    deadline = None
+    step = None  # the stream's next event, being awaited
+    try:
+        while True:
+            if step is None:
+                step = asyncio.ensure_future(stream.__anext__())
+            waiting = {step} if stopping is None or canceller is not None else {step, stopping}
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            done, _ = await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if step in done:
+                try:
+                    event = step.result()
+                except StopAsyncIteration:
+                    return answer
+                step = None
+                answer.add(event)
+                if on_text is not None and event.text and canceller is None:
+                    on_text(event.text)
+            elif canceller is None:  # stop
+                canceller = asyncio.create_task(_keep_cancelling(client, request.request_id))
+                deadline = loop.time() + CANCEL_WAIT_S
+            else:
+                raise HomeringError(f"the cluster did not stop the answer within {CANCEL_WAIT_S:.0f} s")
+    finally:
+        for task in (stopping, canceller):
+            if task is not None:
+                task.cancel()
+        if canceller is not None and answer.finish_reason is None:  # given up on: one more word to the head
+            last = asyncio.ensure_future(client.cancel(request.request_id))
+            _last_cancels.add(last)
+            last.add_done_callback(_last_cancels.discard)
+        if step is not None and not step.done():
+            step.cancel()  # unwinds the stream (it unsubscribes)
+            await asyncio.wait({step})
+        await stream.aclose()
+
+
+_last_cancels: set[asyncio.Future] = set()  # cancels on their way after ask() gave up (kept from the GC)
+
+
+async def _keep_cancelling(client: ClusterClient, request_id: str) -> None:
+    while True:
+        await client.cancel(request_id)
+        await asyncio.sleep(CANCEL_RESEND_S)
 
 
 async def one_shot(broker: mqtt.BrokerURL, text: str, *, raw: bool, sampling: Sampling, as_json: bool,
@@ -173,9 +243,167 @@ async def one_shot(broker: mqtt.BrokerURL, text: str, *, raw: bool, sampling: Sa
     return 0
 
 
+class _StdinLines:
+    """Lines of standard input read with ``os.read`` on file descriptor 0 (no Python buffer, no lock)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._eof = False
+
+    def readline(self) -> str:
+        """The next line without its newline; EOFError at the end of the input."""
+        while b"\n" not in self._pending and not self._eof:
+            chunk = os.read(0, 4096)
+            self._eof = not chunk
+            self._pending += chunk
+        if not self._pending:
+            raise EOFError
+        line, sep, self._pending = self._pending.partition(b"\n")
+        return line.decode(sys.stdin.encoding if sys.stdin else "utf-8", errors="replace").rstrip("\r")
+
+
+_stdin = _StdinLines()
+
+
+async def read_line(console: Console, prompt: str) -> str:
+    """Print ``prompt``, then read a line of standard input without blocking the event loop or the exit.
+
+    The line is read on a daemon thread of its own with ``os.read``, not with
+    ``input()`` on the loop's default executor: ``asyncio.run`` joins that
+    executor's threads on the way out, so after Ctrl-C or SIGTERM (which cancel
+    the chat while it waits here) the process hung until the user pressed
+    Enter; and a daemon thread blocked in ``sys.stdin``'s buffered reader holds
+    its lock, which makes the interpreter's shutdown abort ("could not acquire
+    lock for <_io.BufferedReader name='<stdin>'>"). A terminal's own line
+    editing (canonical mode) works as with ``input()`` (homering loads no readline).
+
+    Raises:
+        EOFError: the input ended (Ctrl-D).
+    """
+    console.print(prompt, end="")
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str] = loop.create_future()
+
+    def settle(result: str | None, exc: BaseException | None) -> None:
+        if not answer.done():
+            answer.set_exception(exc) if exc is not None else answer.set_result(result)
+
+    def work() -> None:
+        try:
+            result, exc = _stdin.readline(), None
+        except (OSError, EOFError) as e:
+            result, exc = None, EOFError() if isinstance(e, OSError) else e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=work, name="chat-input", daemon=True).start()
+    return await answer
+
+
+def terminal_input() -> bool:
+    """Standard input is a terminal, and so is standard output or error (where the line editor draws)."""
+    return (sys.stdin is not None and sys.stdin.isatty()
+            and any(s is not None and s.isatty() for s in (sys.stdout, sys.stderr)))
+
+
+class LineEditor:
+    """Lines typed at a terminal, read with prompt_toolkit: line editing, a history (up and down keys), no
+    length limit.
+
+    A terminal in canonical mode (``input()``, :func:`read_line`) cuts a line at 4095 bytes without a word
+    (the kernel's line buffer), so a long paste reached the model cut short; prompt_toolkit reads keys in
+    raw mode, and a (bracketed) paste arrives whole, its newlines included. Esc Enter adds a new line.
+    Ctrl-C clears a line that has text; on an empty line it ends the input, as Ctrl-D does (EOFError: a
+    KeyboardInterrupt would escape the chat's task and the event loop). SIGINT from elsewhere is left to
+    the chat (``handle_sigint=False``).
+    """
+
+    def __init__(self, prompt: str = "you>") -> None:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.formatted_text import FormattedText
+        from prompt_toolkit.history import InMemoryHistory
+        from prompt_toolkit.key_binding import KeyBindings
+        from prompt_toolkit.output import create_output
+
+        keys = KeyBindings()
+
+        @keys.add("c-c")
+        def _interrupt(event) -> None:
+            buffer = event.app.current_buffer
+            if buffer.text:
+                buffer.reset()
+            else:
+                event.app.exit(exception=EOFError, style="class:aborting")
+
+        @keys.add("escape", "enter")
+        def _newline(event) -> None:
+            event.app.current_buffer.insert_text("\n")
+
+        self._session = PromptSession(history=InMemoryHistory(), key_bindings=keys,
+                                      output=create_output(always_prefer_tty=True))
+        self._message = FormattedText([("ansigreen bold", prompt), ("", " ")])
+
+    async def read(self) -> str:
+        """The next line. Raises: EOFError (Ctrl-D, or Ctrl-C on an empty line)."""
+        return await self._session.prompt_async(self._message, handle_sigint=False)
+
+
+@contextlib.contextmanager
+def sigint_calls(callback):
+    """While the block runs, SIGINT (Ctrl-C) calls ``callback()`` on the running loop instead of
+    interrupting the program; yields False (and changes nothing) where the loop cannot handle signals
+    (not the main thread)."""
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        loop.add_signal_handler(signal.SIGINT, callback)
+    except (ValueError, RuntimeError, NotImplementedError):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)  # e.g. asyncio.run's, which cancels the main task
+
+
+class _CtrlC:
+    """What SIGINT does in :func:`chat`: during an answer the first stops it (``stop``: it is cancelled on the
+    cluster) and the next gives up waiting for that; otherwise it cancels ``task`` (a prompt not read by
+    the line editor, which gets Ctrl-C as a key), which ends the chat."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Future | None = None
+        self.stop: asyncio.Event | None = None
+
+    def __call__(self) -> None:
+        if self.stop is not None and not self.stop.is_set():
+            self.stop.set()
+        elif self.task is not None:
+            self.task.cancel()
+
+    async def run(self, awaitable, stop: asyncio.Event | None = None) -> asyncio.Future:
+        """Run ``awaitable`` to its end (Ctrl-C as above) and return it as a finished future."""
+        task = asyncio.ensure_future(awaitable)
+        self.task, self.stop = task, stop
+        try:
+            await asyncio.wait({task})
+        finally:
+            self.task = self.stop = None
+            if not task.done():  # the chat itself was cancelled
+                task.cancel()
+        return task
+
+
 async def chat(broker: mqtt.BrokerURL, *, sampling: Sampling, system: str | None = None,
                console: Console | None = None, ready_timeout: float = 180.0, key: ClusterKey | None = None) -> int:
-    """The interactive chat loop (``key``: the cluster key). Returns the exit code."""
+    """The interactive chat loop (``key``: the cluster key). Returns the exit code.
+
+    Lines come from the line editor on a terminal (:class:`LineEditor`), else one by one from
+    standard input (:func:`read_line`). Ctrl-C during an answer cancels it on the cluster and
+    returns to the prompt; at an empty prompt Ctrl-C, like Ctrl-D and /quit, ends the chat with 0.
+    """
     console = console or Console()
     async with ClusterClient(broker, key=key) as client:
         status = await wait_ready_shown(client, Console(stderr=True), ready_timeout)
@@ -183,50 +411,82 @@ async def chat(broker: mqtt.BrokerURL, *, sampling: Sampling, system: str | None
                       f"{len(client.plan.ring)} agent(s) · ctx {status.n_ctx}")
         console.print(plan_table(client.plan))
         console.print(f"[dim]{HELP}[/]")
-        shown = client.plan.plan_id
-        history: list[ChatMessage] = [ChatMessage(role="system", content=system)] if system else []
-        while True:
-            if client.plan is not None and client.plan.plan_id != shown:  # agents joined or left
-                shown = client.plan.plan_id
-                console.print(f"[yellow]the cluster re-planned[/] ({len(client.plan.ring)} agent(s)); /plan shows it")
-            try:
-                line = await asyncio.to_thread(console.input, "[bold green]you>[/] ")
-            except (EOFError, KeyboardInterrupt):
-                console.print()
-                return 0
-            cmd = line.strip()
-            if not cmd:
-                continue
-            if cmd in ("/quit", "/exit"):
-                return 0
-            if cmd == "/plan":
-                console.print(plan_table(client.plan))
-                continue
-            if cmd == "/cluster":
-                console.print(cluster_table(client))
-                continue
-            if cmd == "/reset":
-                history = history[:1] if system else []
-                continue
-            if cmd.startswith("/"):
-                console.print(f"[yellow]unknown command {cmd}[/] ({HELP})")
-                continue
-            history.append(ChatMessage(role="user", content=line))
-            request = GenerateRequest(request_id=new_request_id(), messages=history, sampling=sampling)
-            console.print("[bold blue]ai>[/] ", end="")
-            t0 = time.perf_counter()
-            try:
-                answer = await ask(client, request, lambda d: console.print(d, end="", markup=False,
-                                                                            highlight=False))
-            except HomeringError as exc:
-                console.print(f"\n[red]error:[/] {exc}")
-                history.pop()
-                continue
-            wall = time.perf_counter() - t0
-            n = len(answer.token_ids)
-            tps = 1000.0 / answer.ms_per_token if answer.ms_per_token else 0.0
-            predicted = client.plan.predicted_ms_per_token if client.plan else None
-            vs = f" (predicted {1000.0 / predicted:.1f})" if predicted else ""
-            console.print(f"\n[dim]{n} tokens · {tps:.1f} tokens/s{vs} · TTFT {answer.ttft_ms or 0:.0f} ms · "
-                          f"{wall:.1f} s[/]")
-            history.append(ChatMessage(role="assistant", content=answer.text))
+        editor = LineEditor() if terminal_input() else None
+        ctrl_c = _CtrlC()
+        with sigint_calls(ctrl_c):
+            return await _converse(client, console, editor, ctrl_c, sampling, system)
+
+
+async def _converse(client: ClusterClient, console: Console, editor: LineEditor | None, ctrl_c: _CtrlC,
+                    sampling: Sampling, system: str | None) -> int:
+    shown = client.plan.plan_id
+    history: list[ChatMessage] = [ChatMessage(role="system", content=system)] if system else []
+    while True:
+        if client.plan is not None and client.plan.plan_id != shown:  # agents joined or left
+            shown = client.plan.plan_id
+            console.print(f"[yellow]the cluster re-planned[/] ({len(client.plan.ring)} agent(s)); /plan shows it")
+        read = await ctrl_c.run(editor.read() if editor else read_line(console, "[bold green]you>[/] "))
+        if read.cancelled() or isinstance(read.exception(), EOFError):
+            console.print()
+            return 0
+        line = read.result()
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/quit", "/exit"):
+            return 0
+        if cmd == "/plan":
+            console.print(plan_table(client.plan))
+            continue
+        if cmd == "/cluster":
+            console.print(cluster_table(client))
+            continue
+        if cmd == "/reset":
+            exchanges = sum(m.role == "user" for m in history)
+            history = history[:1] if system else []
+            console.print(f"[dim]forgot the conversation ({exchanges} exchange(s)"
+                          f"{'; the system message stays' if system else ''}): the next message starts anew[/]"
+                          if exchanges else "[dim]nothing to forget: the conversation is empty[/]")
+            continue
+        if cmd.startswith("/"):
+            console.print(f"[yellow]unknown command {cmd}[/] ({HELP})")
+            continue
+        history.append(ChatMessage(role="user", content=line))
+        request = GenerateRequest(request_id=new_request_id(), messages=history, sampling=sampling)
+        console.print("[bold blue]ai>[/] ", end="")
+        t0 = time.perf_counter()
+        texts: list[str] = []
+
+        def show(delta: str) -> None:
+            texts.append(delta)
+            console.print(delta, end="", markup=False, highlight=False)
+
+        stop = asyncio.Event()
+        job = await ctrl_c.run(ask(client, request, show, stop=stop), stop)
+        if job.cancelled():  # a second Ctrl-C: no more waiting for the cluster
+            console.print("\n[yellow]stopped waiting[/] for the cluster to cancel the answer "
+                          "(not kept in the conversation)", highlight=False)
+            history.pop()
+            continue
+        exc = job.exception()
+        if isinstance(exc, HomeringError):
+            note = str(exc)
+            if "context holds" in note and len(history) > (2 if system else 1):
+                note += " (the conversation so far counts too: /reset forgets it)"
+            console.print(Text.assemble("\n" if texts else "", ("error: ", "red"), note), soft_wrap=True)
+            history.pop()
+            continue
+        answer = job.result()  # any other exception is raised here
+        if answer.cancelled:
+            console.print(f"\n[yellow]cancelled[/] after {len(answer.token_ids)} token(s) "
+                          f"(not kept in the conversation)", highlight=False)
+            history.pop()
+            continue
+        wall = time.perf_counter() - t0
+        n = len(answer.token_ids)
+        tps = 1000.0 / answer.ms_per_token if answer.ms_per_token else 0.0
+        predicted = client.plan.predicted_ms_per_token if client.plan else None
+        vs = f" (predicted {1000.0 / predicted:.1f})" if predicted else ""
+        console.print(f"\n[dim]{n} tokens · {tps:.1f} tokens/s{vs} · TTFT {answer.ttft_ms or 0:.0f} ms · "
+                      f"{wall:.1f} s[/]")
+        history.append(ChatMessage(role="assistant", content=answer.text))

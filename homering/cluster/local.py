@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +29,29 @@ API_KEY_ENV = (ENV_API_KEY, ENV_API_KEY_FILE)
 def default_threads() -> int:
     """llama.cpp threads for an agent that shares this machine: all cores but one."""
     return max(1, (os.cpu_count() or 1) - 1)
+
+
+@contextlib.contextmanager
+def sigint_ignored_by_children():
+    """Processes started in the block ignore SIGINT; this one keeps its own handler.
+
+    Ctrl-C in a terminal sends SIGINT to the whole foreground process group, which
+    holds ``homering up`` and every process it started: without this, Ctrl-C during
+    an answer killed the broker, the controller and the agents at once (and each
+    reported the others' broken connections). The chat handles Ctrl-C itself (it
+    cancels the answer); the children stop on :meth:`LocalCluster.stop`'s SIGTERM.
+    An ignored signal stays ignored across fork and exec, and a Python child then
+    installs no KeyboardInterrupt handler (nor does ``asyncio.run``). Outside the
+    main thread (where no handler can be set) it changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 def stop_processes(procs: list[subprocess.Popen], grace: float) -> None:
@@ -100,7 +125,8 @@ class LocalCluster:
     def _spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "homering", *self.log_args, *args]
         out = self.log_file.fileno() if self.log_file is not None else sys.stderr.fileno()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self._child_env(env))
+        with sigint_ignored_by_children():  # Ctrl-C is the chat's (see there)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self._child_env(env))
         proc.role = " ".join(args[:3])  # e.g. "agent --broker mqtt://…" for error messages
         self.procs.append(proc)
         return proc
@@ -116,7 +142,9 @@ class LocalCluster:
         conf = write_mosquitto_config(Path(self._broker_dir.name), "127.0.0.1", port, auth=auth,
                                       log=bool(self.log_args and self.log_args[0] == "-v"))
         out = self.log_file.fileno() if self.log_file is not None else sys.stderr.fileno()
-        proc = subprocess.Popen([exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        # a session of its own: mosquitto handles SIGINT (it exits), so the terminal's Ctrl-C must not reach it
+        proc = subprocess.Popen([exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True)
         proc.role = "broker (mosquitto)"
         self.procs.append(proc)
 
