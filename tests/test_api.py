@@ -284,11 +284,163 @@ def test_no_plan_gets_503(smollm2, mosquitto, tmp_path):
                     pytest.fail("the controller's API did not come up")
                 time.sleep(0.3)
         assert health.status_code == 503
+        assert health.json()["status"] == "degraded" and "no plan" in health.json()["reason"]
         model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
         _error(httpx.post(f"{base}/v1/chat/completions",
                           json={"model": model, "messages": [{"role": "user", "content": "hi"}]}), 503)
     finally:
         stop_processes([proc, broker], 10)
+
+
+def test_health_degrades_while_no_sequence_frees_for_longer_than_a_request_takes(api, model_id):
+    """4 sequences busy with long streams: once none has been free for longer than a request is predicted to
+    take, /health answers 503 "degraded" saying why; when the clients leave, it is "ok" again."""
+    body = {"model": model_id, "prompt": "Once upon a time", "max_tokens": N_CTX, "stream": True,
+            "temperature": 0, "ignore_eos": True}
+    url = f"{api}/v1/completions"
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120) as http:
+            before = await http.get(f"{api}/health")
+            streams = []
+            for _ in range(4):
+                cm = http.stream("POST", url, json=body)
+                resp = await cm.__aenter__()
+                lines = resp.aiter_lines()
+                while not (await lines.__anext__()).startswith("data: {"):  # generating: it holds a sequence
+                    pass
+                streams.append((cm, lines))
+            predicted = before.json()["predicted_request_s"]
+            deadline = time.monotonic() + 3 * (predicted or 0) + 60  # a hang guard, not a timing assertion
+            while (busy := await http.get(f"{api}/health")).status_code == 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+            for cm, _ in streams:  # the clients go away mid-answer: their sequences free
+                await cm.__aexit__(None, None, None)
+            deadline = time.monotonic() + 60
+            while (after := await http.get(f"{api}/health")).status_code != 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            return before, busy, after
+
+    before, busy, after = asyncio.run(go())
+    assert before.status_code == 200 and before.json()["status"] == "ok" and before.json()["reason"] is None
+    assert before.json()["predicted_request_s"] > 0  # the plan predicts ms/token
+    assert busy.status_code == 503, busy.text
+    report = busy.json()
+    assert report["status"] == "degraded" and "no sequence has been free" in report["reason"]
+    assert report["sequences_busy"] == report["sequences"] == 4
+    assert report["busy_s"] > report["predicted_request_s"]
+    assert after.status_code == 200 and after.json()["status"] == "ok", after.text
+
+
+# ------------------------------------------------------------------ the OpenAPI document
+GENERATION = ("/v1/chat/completions", "/v1/completions")
+
+
+def test_openapi_document_lists_what_the_server_answers(api, model_id):
+    """The document names the real statuses (400s, not FastAPI's 422s) with the error object, the streams, this
+    server's limits; a method a route lacks gets 405 with Allow."""
+    doc = httpx.get(f"{api}/openapi.json").json()
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            assert "422" not in op["responses"], (method, path)
+            assert "401" not in op["responses"] and "security" not in op, (method, path)  # no API key here
+    for path in GENERATION:
+        responses = doc["paths"][path]["post"]["responses"]
+        assert set(responses) == {"200", "400", "404", "413", "429", "500", "503"}
+        for status in ("400", "404", "413", "429", "500", "503"):
+            assert responses[status]["content"]["application/json"]["schema"] == error
+        assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert set(doc["paths"]["/health"]["get"]["responses"]) == {"200", "503"}
+    body = doc["components"]["schemas"]["ChatCompletionBody"]["properties"]
+    assert model_id in body["model"]["enum"]
+    assert max(v.get("maximum", 0) for v in body["max_tokens"]["anyOf"]) == N_CTX
+    for method, path, allowed in (("TRACE", "/health", "GET"), ("GET", "/v1/completions", "POST"),
+                                  ("DELETE", "/v1/models", "GET")):
+        resp = httpx.request(method, f"{api}{path}")
+        assert resp.status_code == 405 and allowed in resp.headers["allow"], (method, path, resp.headers)
+        assert _error(resp, 405)
+
+
+FUZZ_MAX_TOKENS = 2
+"""The most a fuzzed request may generate: the document allows max_tokens up to the context, and answers of
+N_CTX tokens (ignore_eos) would take minutes each."""
+
+
+def _bound_generation(body) -> None:
+    """Cap a fuzzed generation body's max_tokens/max_completion_tokens at :data:`FUZZ_MAX_TOKENS` where the value
+    is valid (1 … N_CTX), and ask for that much where the body asks for no number (the default is 256). Invalid
+    values stay as they are, for the server to refuse."""
+    if not isinstance(body, dict):
+        return
+
+    def valid(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and 1 <= v <= N_CTX
+
+    asked = [f for f in ("max_tokens", "max_completion_tokens") if body.get(f) is not None]
+    for field in asked:
+        if valid(body[field]):
+            body[field] = min(int(body[field]), FUZZ_MAX_TOKENS)
+    if not asked:
+        body["max_tokens"] = FUZZ_MAX_TOKENS
+
+
+def test_schemathesis_finds_the_server_as_the_document_says(api):
+    """schemathesis (https://schemathesis.readthedocs.io) over /openapi.json with every check, through every
+    phase its engine runs (examples, coverage — boundary values, every invalid form of every field, methods a
+    route lacks —, fuzzing, stateful): no 5xx, statuses, content types, headers and bodies as documented,
+    schema-valid requests accepted and invalid ones refused.
+
+    Bounded to stay fast: a fixed seed, 5 fuzzed examples per operation, every generation capped at
+    FUZZ_MAX_TOKENS tokens, and the generation routes' coverage phase in negative mode only (their
+    schema-valid cases come from the fuzzing phase: the coverage phase's hundred-odd boundary-value
+    combinations would each run the ring).
+    """
+    schemathesis = pytest.importorskip("schemathesis", reason="schemathesis needs Python 3.11 or later")
+    from schemathesis.engine import StopReason, events, from_schema
+
+    config = schemathesis.Config.from_dict({
+        "base-url": api, "workers": 1, "request-timeout": 120, "seed": 1,
+        "generation": {"max-examples": 5},
+        "operations": [{"include-method": "POST",
+                        "phases": {"coverage": {"generation": {"mode": "negative"}}}}],
+    })
+    schema = schemathesis.openapi.from_url(f"{api}/openapi.json", config=config)
+
+    @schema.hook
+    def map_case(_context, case):
+        if case.operation.path in GENERATION:
+            _bound_generation(case.body)
+        return case
+
+    failures: dict[tuple, str] = {}
+    errors: list[str] = []
+    tested: set[str] = set()
+    checks = 0
+    finished = None
+    for event in from_schema(schema).execute():
+        if isinstance(event, events.ScenarioFinished):
+            tested.add(event.recorder.label)
+            for results in event.recorder.checks.values():
+                for check in results:
+                    checks += 1
+                    if check.failure_info is not None:
+                        f = check.failure_info.failure
+                        failures.setdefault((event.recorder.label, check.name, f.title),
+                                            f"{f.message}\n{check.failure_info.code_sample}")
+        elif isinstance(event, events.NonFatalError):
+            errors.append(f"{event.label}: {event.info.title}: {event.info.message}")
+        elif isinstance(event, events.FatalError):
+            errors.append(f"fatal: {event.exception!r}")
+        elif isinstance(event, events.EngineFinished):
+            finished = event
+    assert not errors, "\n".join(errors)
+    assert not failures, "\n\n".join(f"{label} [{check}] {title}\n{detail}"
+                                      for (label, check, title), detail in failures.items())
+    assert finished is not None and finished.stop_reason == StopReason.COMPLETED and not finished.failures
+    documented = {f"{method.upper()} {path}" for path, item in schema.raw_schema["paths"].items() for method in item}
+    assert documented <= tested, documented - tested
+    assert checks > 1000
 
 
 # ------------------------------------------------------------------ observability
@@ -384,3 +536,43 @@ def test_home_assistant_discovery_configs(api, mosquitto):
         assert topic.endswith("/config")
         assert {"name", "state_topic", "unique_id", "device"} <= set(c)
     assert len({c["unique_id"] for c in configs.values()}) == len(configs)
+
+
+def test_a_10000_message_request_beside_a_stream_changes_nothing(api, model_id):
+    """Huge chats are refused (413) without blocking the controller's loop: a greedy stream running beside
+    them completes with the same text, and no agent is declared lost (the plan stays)."""
+    prompt = "Tell me a long story about a lighthouse."
+    body = {"model": model_id, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+            "max_tokens": 64, "ignore_eos": True}
+    expected = httpx.post(f"{api}/v1/chat/completions", json=body, timeout=120).json()["choices"][0]["message"]
+    plan_before = httpx.get(f"{api}/v1/cluster").json()["plan"]["plan_id"]
+
+    async def go():
+        async with httpx.AsyncClient(timeout=180) as http:
+            answer = asyncio.create_task(http.post(f"{api}/v1/chat/completions", json=body))
+            floods = [http.post(f"{api}/v1/chat/completions", json={
+                "model": model_id, "messages": [{"role": "user", "content": "x"}] * n}) for n in (10_000, N_CTX - 1)]
+            return await answer, await asyncio.gather(*floods)
+
+    answer, floods = asyncio.run(go())
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"] == expected
+    for flood in floods:
+        assert _error(flood, 413)["code"] == "context_length_exceeded"
+    cluster = httpx.get(f"{api}/v1/cluster").json()
+    assert cluster["plan"]["plan_id"] == plan_before and cluster["state"] == "ready"
+
+
+def test_a_body_too_large_for_the_context_is_refused_before_it_is_read(api, model_id):
+    """413 with an error object for a 10 MB body, by its Content-Length and streamed in chunks; the server lives."""
+    url = f"{api}/v1/chat/completions"
+    big = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "x" * (10 << 20)}]}).encode()
+    assert _error(httpx.post(url, content=big, headers={"content-type": "application/json"}, timeout=60),
+                  413)["code"] == "request_too_large"
+
+    def chunks():
+        for i in range(0, len(big), 1 << 16):
+            yield big[i:i + (1 << 16)]
+
+    assert _error(httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=60),
+                  413)["code"] == "request_too_large"
+    assert httpx.get(f"{api}/health").status_code == 200
