@@ -30,10 +30,11 @@ def _homering(*args: str, log) -> subprocess.Popen:
                             stdin=subprocess.DEVNULL)
 
 
-def _stream(base: str, on_token=None, max_tokens: int = MAX_NEW) -> tuple[str, int, str]:
+def _stream(base: str, on_token=None, max_tokens: int = MAX_NEW, prompt: str = PROMPT) -> tuple[str, int, str]:
     """A greedy streaming completion; ``on_token(i)`` runs after the i-th text chunk. Returns (text, tokens,
     finish_reason)."""
-    body = {"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+    body = {"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     text, n, finish, usage = [], 0, None, None
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=180) as resp:
@@ -71,12 +72,15 @@ def _wait_plan(base: str, n_agents: int, timeout: float = 60.0) -> dict:
 
 
 @pytest.fixture
-def up3(smollm2, mosquitto, tmp_path):
-    """`homering up --agents 3` over mosquitto, a ring of 3 (the proportional planner uses every agent)."""
+def up3(smollm2, mosquitto, tmp_path, request):
+    """`homering up --agents 3` over mosquitto, a ring of 3 (the proportional planner uses every agent; with
+    ``@pytest.mark.planner("halda")`` Halda keeps every layer on the head, a ring of 1)."""
+    marker = request.node.get_closest_marker("planner")
+    planner = marker.args[0] if marker else "proportional"
     port = free_port()
     with open(tmp_path / "up.log", "w") as log:
         proc = _homering("up", "--agents", "3", "--model", str(smollm2), "--broker", str(mosquitto),
-                         "--threads", "1", "--ctx", str(N_CTX), "--planner", "proportional", "--api-port", str(port),
+                         "--threads", "1", "--ctx", str(N_CTX), "--planner", planner, "--api-port", str(port),
                          "--no-chat", log=log)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -125,6 +129,45 @@ def test_a_lost_head_resumes_on_a_new_head(up3):
     text, n, _ = _stream(base, on_token=kill_halfway)
     assert killed and n == MAX_NEW
     assert text == expected
+
+
+LONG = 200
+# prompts of 40 to 60 tokens: with the 50 tokens streamed before the kill a replay spans two micro-batches
+PROMPTS = ["The history of the printing press begins in the fifteenth century, when a goldsmith from Mainz "
+           "combined movable metal type, oil-based ink and a wooden screw press into a system that could "
+           "print whole books. Over the next fifty years",
+           "Once upon a time, in a lighthouse on a rocky island far out in the northern sea, there lived an old "
+           "keeper, his clever granddaughter and a grey cat who could not stand the smell of fish. Every night",
+           "A short guide to the three laws of thermodynamics, written for a curious student who has just "
+           "finished school and wants to understand why engines, refrigerators and stars behave as they do. "
+           "First,"]
+
+
+@pytest.mark.parametrize("position", [pytest.param("alone", marks=pytest.mark.planner("halda")),
+                                      "head", "middle", "last"])
+def test_a_kill_at_token_50_of_200_gives_exactly_the_fault_free_answer(up3, position):
+    """Greedy answers after a fault are identical, not only for a while: the resumed request replays with the
+    original batch shapes (the replay used to batch the streamed tokens, and the text drifted at ~token 93).
+    ``alone``: Halda's ring of one (the head holds every layer) loses it and resumes on another agent."""
+    base = up3
+    before = _wait_plan(base, 1 if position == "alone" else 3)
+    ring = before["plan"]["ring"]
+    victim_name = ring[0] if position in ("alone", "head") else ring[{"middle": 1, "last": 2}[position]]
+    victim = next(a for a in before["agents"] if a["name"] == victim_name)
+    expected = [_stream(base, max_tokens=LONG, prompt=p)[0] for p in PROMPTS]
+    killed = {}
+
+    def kill_at_50(i: int) -> None:
+        if i == 50 and not killed:
+            os.kill(victim["pid"], signal.SIGKILL)
+            killed["at"] = i
+
+    faulty, n, finish = _stream(base, on_token=kill_at_50, max_tokens=LONG, prompt=PROMPTS[0])
+    assert killed and (n, finish) == (LONG, "length")
+    assert faulty == expected[0]
+    _wait_plan(base, 1 if position == "alone" else 2)
+    for p, want in zip(PROMPTS[1:], expected[1:]):  # and on the ring that is left, for the other prompts
+        assert _stream(base, max_tokens=LONG, prompt=p)[0] == want
 
 
 @pytest.fixture

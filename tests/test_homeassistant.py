@@ -12,7 +12,9 @@ import pytest
 from homering.cluster import mqtt
 from homering.cluster.homeassistant import (
     DISCOVERY_PREFIX,
+    CONTROLLER_NODE,
     agent_configs,
+    agent_node_id,
     clear_discovery,
     controller_configs,
     publish_discovery,
@@ -86,10 +88,15 @@ def test_discovery_configs_are_retained_and_cleared(mosquitto):
     assert after == {}
 
 
-def test_agent_names_are_sanitized_in_topics_only():
+def test_agent_names_are_encoded_in_topics_only_and_one_per_name():
     topics = [topic for topic, _ in agent_configs("a.b_c-d")]
     assert all(TOPIC.match(topic) for topic in topics)
-    assert all(topic.startswith("homeassistant/sensor/homering_a_b_c-d/") for topic in topics)
+    assert all(topic.startswith("homeassistant/sensor/homering__612e625f632d64/") for topic in topics)
+    nodes = {name: agent_node_id(name) for name in ("a.b", "a_b", "_a", "controller", "612e62")}
+    assert len(set(nodes.values())) == len(nodes)  # a.b and a_b used to share their sensors
+    assert nodes["a_b"] == "homering_a_b"  # plain names as they are: broker ACLs can name them
+    assert CONTROLLER_NODE not in nodes.values()
+    assert all(CONTROLLER_NODE not in t for name in nodes for t, _ in agent_configs(name))
     assert {p["unique_id"] for _, p in agent_configs("a.b_c-d")} == {
         "homering_a.b_c-d_status", "homering_a.b_c-d_tokens_per_s", "homering_a.b_c-d_memory_used",
         "homering_a.b_c-d_layers"}
@@ -147,3 +154,44 @@ def test_controller_availability_follows_the_status(state):
         assert availability["topic"] == Topics.CONTROLLER
         rendered = render(availability["value_template"], ControllerStatus(state=state))
         assert rendered == ("offline" if state == "offline" else "online")
+
+
+def test_an_agent_that_leaves_for_good_disappears_from_home_assistant(mosquitto, tmp_path):
+    """`homering agent --ha-discovery` publishes its sensors; stopped (SIGTERM, leaving for good), it removes
+    them, so Home Assistant's retained discovery topics no longer name it."""
+    import os
+    import subprocess
+    import sys
+
+    from homering.cluster.local import stop_processes
+
+    name = f"ha-leaver-{os.getpid()}"
+    node = agent_node_id(name)
+    with open(tmp_path / "agent.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "homering", "agent", "--broker", str(mosquitto), "--name", name,
+                                 "--threads", "1", "--ha-discovery"], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        try:
+            async def configs(expect: int) -> dict[str, bytes]:
+                """The agent's retained, non-empty discovery configs a new subscriber gets."""
+                got: dict[str, bytes] = {}
+                async with mqtt.client(mosquitto) as reader:
+                    await reader.subscribe(f"{DISCOVERY_PREFIX}/sensor/{node}/#", qos=1)
+                    try:
+                        async with asyncio.timeout(1.5):
+                            async for m in reader.messages:
+                                if m.retain and m.payload:
+                                    got[str(m.topic)] = bytes(m.payload)
+                    except TimeoutError:
+                        pass
+                return got
+
+            for _ in range(60):  # it publishes them once connected
+                present = run(configs(4))
+                if len(present) == 4:
+                    break
+            assert len(present) == 4, present
+        finally:
+            stop_processes([proc], 10)
+    assert proc.returncode is not None
+    assert run(configs(0)) == {}
+    assert "Traceback" not in (tmp_path / "agent.log").read_text()

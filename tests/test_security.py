@@ -28,7 +28,8 @@ from tests.conftest import run_mosquitto, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO_DIR = REPO / "docker" / "mosquitto"
-PASSWORDS = {"controller": "c0ntroller-pw", "laptop": "l4ptop-pw", "agent": "sh4red-agent-pw", "chat": "ch4t-pw"}
+PASSWORDS = {"controller": "c0ntroller-pw", "laptop": "l4ptop-pw", "agent": "sh4red-agent-pw", "chat": "ch4t-pw",
+             "homeassistant": "h0me-4ssistant-pw"}
 
 
 def _binary(name: str) -> str:
@@ -222,12 +223,12 @@ def test_broker_url_schemes_and_credentials(tmp_path):
 
 # ------------------------------------------------------------------ the ACL
 async def _deliveries(broker: BrokerURL, publisher: str, publishes: list[tuple[str, str]],
-                      marker: tuple[str, str]) -> list[tuple[str, str]]:
-    """What a controller-user subscriber on ``homering/#`` receives of ``publishes`` then ``marker``, all
-    published in that order by ``publisher``; returns once the marker arrives (a denied publish is dropped
-    silently with MQTT 3.1.1, and one broker delivers one publisher's messages in order)."""
+                      marker: tuple[str, str], reader: str = "controller") -> list[tuple[str, str]]:
+    """What a ``reader``-user subscriber on ``homering/#`` and ``homeassistant/#`` receives of ``publishes``
+    then ``marker``, all published in that order by ``publisher``; returns once the marker arrives (a denied
+    publish is dropped silently with MQTT 3.1.1, and one broker delivers one publisher's messages in order)."""
     got: list[tuple[str, str]] = []
-    async with mqtt.client(as_user(broker, "controller")) as sub:
+    async with mqtt.client(as_user(broker, reader)) as sub:
         await sub.subscribe("homering/#", qos=1)
         await sub.subscribe("homeassistant/#", qos=1)
         async with mqtt.client(as_user(broker, publisher)) as pub:
@@ -259,6 +260,16 @@ def test_shared_agent_account_cannot_publish_a_plan(secured):
                                                      ("homering/agents/agent-7/generate", "a job")],
                                   ("homering/agents/agent-7/status", "online")))
     assert got == [("homering/agents/agent-7/status", "online")]
+
+
+def test_shared_agent_account_cannot_touch_the_controllers_home_assistant_sensors(secured):
+    """Stack agents share one account: they may publish agents' discovery configs, never the controller's."""
+    from homering.cluster.homeassistant import CONTROLLER_NODE, agent_node_id
+
+    mine = (f"homeassistant/sensor/{agent_node_id('host-7')}/status/config", "{}")
+    got = asyncio.run(_deliveries(secured, "agent", [(f"homeassistant/sensor/{CONTROLLER_NODE}/state/config", "{}")],
+                                  mine, reader="homeassistant"))
+    assert got == [mine]
 
 
 def test_chat_user_can_send_requests_only(secured):

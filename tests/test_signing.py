@@ -463,3 +463,70 @@ def test_a_chat_and_an_agent_without_the_key_exit_with_one_line_that_names_it(ke
         assert len(errors) == 1 and "cluster key" in errors[0] and "--key-file" in errors[0], (what, proc.stderr)
         assert "Traceback" not in proc.stderr, what
     keyed_cluster.check()  # the cluster itself is unharmed
+
+
+def test_keyed_cluster_ignores_forged_streams_statuses_and_profiles(keyed_cluster, smollm2_ref):
+    """The MQTT attacks of the hardening issue, by a client on the broker without the key: forged stream events
+    (done, error, token, interrupted) and replayed genuine ones, a forged offline status of the head, another
+    agent's genuine status replayed on the head's topic, a fake retained profile. The answer in flight is the
+    right one, nobody re-plans and the fake agent is never planned."""
+    from homering.cluster.schema import AgentProfile, AgentStatus, StreamEvent
+
+    cluster, key = keyed_cluster, keyed_cluster.key
+
+    async def go():
+        async with ClusterClient(cluster.broker, key=key) as client:
+            await client.wait_ready()
+            plan = client.plan
+            head, other = plan.head.name, next((a.name for a in plan.ring if a.name != plan.head.name), None)
+            async with aiomqtt.Client(cluster.broker.host, cluster.broker.port) as bad:
+                await bad.subscribe(Topics.generate(head), qos=1)
+                await bad.subscribe(Topics.ALL_STATUS, qos=1)
+                await bad.subscribe(f"{Topics.stream('')}+", qos=1)
+                genuine_statuses = {m.topic.value: m.payload for m in await _drain(bad, 1.0)
+                                    if m.topic.matches(Topics.ALL_STATUS)}
+                request = chat_request("Write a haiku about the sea.")
+                asking = asyncio.create_task(ask(client, request))
+                stream = Topics.stream(request.request_id)
+                recorded = []
+                async with asyncio.timeout(60):
+                    async for m in bad.messages:  # wait for the answer to start, recording what the head sends
+                        if m.topic.value == stream:
+                            recorded.append(m.payload)
+                            break
+                for event in (StreamEvent(request_id=request.request_id, type="done", text="HACKED-BY-MQTT",
+                                          token_ids=[1], prompt_token_ids=[1], finish_reason="stop", index=1),
+                              StreamEvent(request_id=request.request_id, type="error", error="forged", index=1),
+                              StreamEvent(request_id=request.request_id, type="token", text="HACKED", index=1),
+                              StreamEvent(request_id=request.request_id, type="interrupted", index=1)):
+                    await bad.publish(stream, event.dump(), qos=1)
+                for payload in recorded:  # a genuine signed event, again
+                    await bad.publish(stream, payload, qos=1)
+                await bad.publish(Topics.status(head), AgentStatus(state="offline").dump(), qos=1)
+                if other is not None:
+                    await bad.publish(Topics.status(head), genuine_statuses[Topics.status(other)], qos=1)
+                fake = AgentProfile(name="evil", host="127.0.0.1", data_port=9, pid=1, os="linux", cpu_count=64,
+                                    threads=64, ram_total=1 << 40, ram_available=1 << 40)
+                await bad.publish(Topics.profile("evil"), fake.dump(), qos=1, retain=True)
+                await bad.publish(Topics.status("evil"), AgentStatus(state="online").dump(), qos=1, retain=True)
+                try:
+                    answer = await asyncio.wait_for(asking, 120)
+                    await asyncio.sleep(3)  # time for a re-plan, if the controller were fooled
+                    after = await ask(client, chat_request("List three prime numbers."))
+                finally:
+                    for topic in (Topics.profile("evil"), Topics.status("evil")):
+                        await bad.publish(topic, b"", qos=1, retain=True)
+            return plan, client.plan, client.status, answer, after
+
+    plan, now, status, answer, after = run(go())
+    for a in (answer, after):
+        smollm2_ref.check_answer(a.prompt_token_ids, a.token_ids, a.finish_reason, 24)
+        assert "HACKED" not in a.text
+    assert now.plan_id == plan.plan_id and status.state == "ready"  # no re-plan
+    assert all(a.name != "evil" for a in now.ring) and "evil" not in now.dropped
+    cluster.check()
+    log = cluster.log_path.read_text()
+    assert "unsigned StreamEvent" in log and "StreamEvent refused: replayed" in log
+    assert "unsigned AgentStatus" in log and "unsigned AgentProfile" in log
+    assert "on the topic of" in log  # another agent's status, replayed on the head's topic
+    assert "Traceback" not in log

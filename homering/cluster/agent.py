@@ -22,6 +22,7 @@ import select
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +31,11 @@ import numpy as np
 import psutil
 
 from homering.cluster import mqtt
-from homering.cluster.homeassistant import agent_configs, publish_discovery
+from homering.cluster.homeassistant import agent_configs, clear_discovery, publish_discovery
 from homering.cluster.dataplane import (
     Frame, LinkServer, connect_link, measure_link, recv_group, send_frame, send_group,
 )
+from homering.cluster.rate import WorkRate
 from homering.cluster.schema import (
     AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStatus, DeviceProfile, FrameError, FrameKind,
     GenerateJob, LinkProbe, LinkReport, MalformedMessage, MissingKey, Plan, StreamEvent, StreamReplay, Topics,
@@ -78,6 +80,7 @@ class _Loaded:
     active: dict[int, str] = field(default_factory=dict)  # head: seq_id -> request id being generated
     cancelled: set[str] = field(default_factory=set)  # head: requests to stop at the next token
     tokens_generated: int = 0  # head: tokens sampled under this plan
+    rate: WorkRate = field(default_factory=WorkRate)  # the telemetry's tokens_per_s (head: sampled; else rows)
     stats: list[WindowStats] = field(default_factory=list)  # per window, in round order
     thinking: set[int] = field(default_factory=set)  # head: requests sampling their next token
     outstanding: dict[int, int] = field(default_factory=dict)  # head: frames in the ring, by request
@@ -103,6 +106,8 @@ class _Loaded:
             st = self.stats[round_]
             st.forwards += 1
             st.tokens += n_tokens
+            if not self.is_head:
+                self.rate.add(n_tokens)
             st.compute_ms += (time.perf_counter() - t0) * 1000
 
     @property
@@ -258,6 +263,8 @@ class Agent:
                  api_key: str | None = None, controller_url: str | None = None):
         self.broker = broker
         self.key = key
+        self._session = uuid.uuid4().hex[:16]  # this process, in its statuses and last-wills (NewestState)
+        self._fatal: str | None = None  # why this agent cannot serve this cluster at all (run() ends)
         self.model = Path(model) if model is not None else None
         self.local_model = local_model
         self.api_key = api_key
@@ -304,7 +311,10 @@ class Agent:
         """
         server = LinkServer(self.bind, self.data_port, self._serve_link, key=self.key)
         self.data_port = server.port
-        will = aiomqtt.Will(Topics.status(self.name), AgentStatus(state="offline").dump(), qos=1, retain=True)
+        def will() -> aiomqtt.Will:  # signed anew for each connection (see NewestState)
+            return aiomqtt.Will(Topics.status(self.name), self._status_message("offline").dump(self.key), qos=1,
+                                retain=True)
+
         stats = None
 
         async def session(client: aiomqtt.Client, reconnected: bool) -> None:
@@ -319,10 +329,14 @@ class Agent:
             try:
                 async for message in client.messages:
                     self._dispatch(message)
+                    if self._fatal:
+                        raise HomeringError(self._fatal)
             finally:  # a clean exit sends no last-will: say goodbye ourselves
                 self._mqtt = None
                 with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
                     if asyncio.current_task().cancelling():
+                        if self.ha_discovery:  # leaving for good (a lost broker or a crash is no exit)
+                            await asyncio.wait_for(clear_discovery(client, agent_configs(self.name)), 2.0)
                         await asyncio.wait_for(self._publish_status(client, "offline"), 2.0)
 
         try:
@@ -340,7 +354,7 @@ class Agent:
         for topic in (Topics.CONTROLLER, Topics.PLAN, Topics.generate(self.name), Topics.probe(self.name),
                       Topics.cancel(self.name), Topics.replay(self.name)):
             await client.subscribe(topic, qos=1)
-        await client.publish(Topics.profile(self.name), self.profile().dump(), qos=1, retain=True)
+        await client.publish(Topics.profile(self.name), self.profile().dump(self.key), qos=1, retain=True)
         await self._publish_status(client, *self._state)
         if self.ha_discovery:
             await publish_discovery(client, agent_configs(self.name))
@@ -385,10 +399,11 @@ class Agent:
                 if events:
                     self._spawn(self._publish_events(Topics.stream(replay.request_id), events))
         except MissingKey as exc:
-            if message.topic.matches(Topics.CONTROLLER) or message.topic.matches(Topics.PLAN):
-                raise HomeringError(f"the cluster on {self.broker} has a cluster key and this agent has none ({exc}): "
-                                    f"give it the same key with --key-file FILE or HOMERING_CLUSTER_KEY") from None
             log.warning("dropped malformed message on %s: %s", topic, exc)
+            if message.topic.matches(Topics.CONTROLLER) or message.topic.matches(Topics.PLAN):
+                # this agent can never join: run() ends with this (_dispatch itself never raises)
+                self._fatal = (f"the cluster on {self.broker} has a cluster key and this agent has none ({exc}): "
+                               f"give it the same key with --key-file FILE or HOMERING_CLUSTER_KEY")
         except MalformedMessage as exc:
             log.warning("dropped malformed message on %s: %s", topic, exc)
 
@@ -418,42 +433,36 @@ class Agent:
 
     async def _publish_status(self, client: aiomqtt.Client, state: str, plan_id: str | None = None,
                               detail: str | None = None) -> None:
-        await client.publish(Topics.status(self.name), AgentStatus(state=state, plan_id=plan_id, detail=detail).dump(),
+        await client.publish(Topics.status(self.name), self._status_message(state, plan_id, detail).dump(self.key),
                              qos=1, retain=True)
 
-    def stats(self, interval_s: float = 0.0, previous: int = 0) -> AgentStats:
-        """This agent's telemetry now; ``tokens_per_s`` counts what was done since ``previous`` (tokens
-        sampled on the head, rows computed elsewhere) over ``interval_s`` seconds."""
+    def _status_message(self, state: str, plan_id: str | None = None, detail: str | None = None) -> AgentStatus:
+        return AgentStatus(name=self.name, session=self._session, state=state, plan_id=plan_id, detail=detail)
+
+    def stats(self) -> AgentStats:
+        """This agent's telemetry now; ``tokens_per_s`` is the rate of its most recent run of work (tokens
+        sampled on the head, rows computed elsewhere; see :class:`~homering.cluster.rate.WorkRate`): during an
+        answer its current rate, after it that answer's (not 0.0 as soon as an interval passes without work)."""
         loaded = self._loaded
         proc = psutil.Process()
         mem = proc.memory_info()
         anon = max(0, mem.rss - getattr(mem, "shared", 0))
         if loaded is None:
             return AgentStats(name=self.name, rss_bytes=mem.rss, anon_bytes=anon)
-        done = self._work_done(loaded)
         return AgentStats(
             name=self.name, plan_id=loaded.plan.plan_id, layers=sum(w.end - w.start for w in loaded.stats),
             windows=[w.model_copy() for w in loaded.stats], tokens_generated=loaded.tokens_generated,
-            tokens_per_s=(done - previous) / interval_s if interval_s > 0 and done >= previous else 0.0,
+            tokens_per_s=loaded.rate.per_s(),
             rss_bytes=mem.rss, anon_bytes=anon, requests_active=len(loaded.active))
-
-    @staticmethod
-    def _work_done(loaded: _Loaded) -> int:
-        return loaded.tokens_generated if loaded.is_head else sum(w.tokens for w in loaded.stats)
 
     async def _publish_stats(self) -> None:
         """Publish :class:`AgentStats` (retained) every ``stats_interval`` seconds."""
-        previous, plan_id = 0, None
         while True:
-            loaded = self._loaded
-            if loaded is not None and loaded.plan.plan_id != plan_id:
-                previous, plan_id = 0, loaded.plan.plan_id
-            stats = self.stats(self.stats_interval, previous)
-            previous = self._work_done(loaded) if loaded is not None else 0
+            stats = self.stats()
             client = self._mqtt
             if client is not None:  # None while the broker is away
                 with contextlib.suppress(aiomqtt.MqttError):
-                    await client.publish(Topics.stats(self.name), stats.dump(), qos=0, retain=True)
+                    await client.publish(Topics.stats(self.name), stats.dump(self.key), qos=0, retain=True)
             await asyncio.sleep(self.stats_interval)
 
     # ------------------------------------------------------------ profile and link probes
@@ -527,10 +536,10 @@ class Agent:
         self.device = device
         log.info("profiled: %.2f ms/layer, output %.2f ms, disk %.2f GB/s, RAM %.1f GiB (%s)",
                  device.cpu_ms_per_layer, device.cpu_ms_output, device.disk_gbps, device.ram_gib,
-                 "cached" if not device.profile_ms else f"{device.profile_ms / 1000:.1f} s")
+                 f"measured in {(device.profile_ms or 0) / 1000:.1f} s" + (", cached" if device.cached else ""))
         if self._mqtt is not None:  # else the next reconnect publishes it
             with contextlib.suppress(aiomqtt.MqttError):
-                await self._mqtt.publish(Topics.profile(self.name), self.profile().dump(), qos=1, retain=True)
+                await self._mqtt.publish(Topics.profile(self.name), self.profile().dump(self.key), qos=1, retain=True)
 
     async def _probe(self, probe: LinkProbe) -> None:
         """Measure the data-plane link to the head and report it."""
@@ -541,7 +550,7 @@ class Agent:
             report = LinkReport(probe_id=probe.probe_id, error=str(exc))
         if self._mqtt is not None:
             with contextlib.suppress(aiomqtt.MqttError):
-                await self._mqtt.publish(Topics.probe_result(self.name), report.dump(), qos=1)
+                await self._mqtt.publish(Topics.probe_result(self.name), report.dump(self.key), qos=1)
 
     # ------------------------------------------------------------ plans
     async def _apply_plan(self, plan: Plan, seq: int, previous: asyncio.Task | None = None) -> None:
@@ -884,7 +893,7 @@ class Agent:
             if client is None:
                 continue
             try:
-                await client.publish(topic, event.dump(), qos=0 if event.type == "token" else 1)
+                await client.publish(topic, event.dump(self.key), qos=0 if event.type == "token" else 1)
             except aiomqtt.MqttError as exc:
                 log.warning("could not publish to %s: %s", topic, exc)
 
@@ -907,6 +916,8 @@ class Agent:
                 raise HomeringError(f"sequence {job.seq_id} is busy with request {busy}")
             if not loaded.enter():
                 raise HomeringError(f"plan {job.plan_id} is being replaced")
+            if not loaded.active:  # the head was idle: a new run of work (the telemetry's rate)
+                loaded.rate.restart()
             loaded.active[job.seq_id] = job.request_id
         return loaded
 
@@ -950,7 +961,16 @@ class Agent:
             t0 = time.perf_counter()
             if max_new > 0 and not stops.stopped:
                 self._clear(loaded, request, seq)
-                logits = self._forward(loaded, request, seq, prompt, 0)
+                # A resumed request replays with the batch shapes of the original run (the prompt in its
+                # micro-batches, then each streamed token alone): other shapes give other floats, and a
+                # greedy answer would drift from the fault-free one some tokens later.
+                n_prompt = len(job.prompt_token_ids)
+                logits = self._forward(loaded, request, seq, prompt[:n_prompt], 0)
+                for i, tok in enumerate(resumed):
+                    if job.request_id in loaded.interrupted:
+                        raise Interrupted("interrupted")
+                    logits = self._forward(loaded, request, seq, prompt[n_prompt + i:n_prompt + i + 1],
+                                           n_prompt + i)
             for i in range(max_new if not stops.stopped else 0):
                 if job.request_id in loaded.interrupted:
                     raise Interrupted("interrupted")
@@ -962,6 +982,7 @@ class Agent:
                     break
                 tokens.append(tok)
                 loaded.tokens_generated += 1
+                loaded.rate.add()
                 text = stops.feed(decoder.decode(window.token_bytes(tok)))
                 emit(StreamEvent(request_id=job.request_id, type="token", token_id=tok, text=text))
                 if stops.stopped:

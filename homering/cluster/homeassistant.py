@@ -42,11 +42,27 @@ AVAILABILITY_TEMPLATE = "{{ 'offline' if value_json.state == 'offline' else 'onl
 """Renders ``offline`` when the status message's ``state`` is ``offline`` and ``online`` otherwise."""
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_PLAIN = re.compile(r"[A-Za-z0-9-][A-Za-z0-9_-]*")
+
+CONTROLLER_NODE = "homering__controller"
+"""The controller's ``node_id``: no agent's can be it (see :func:`agent_node_id`)."""
 
 
 def _topic_id(text: str) -> str:
-    """``text`` usable as a discovery ``node_id``/``object_id`` (only ``[a-zA-Z0-9_-]``)."""
+    """``text`` usable as a discovery ``object_id`` (only ``[a-zA-Z0-9_-]``)."""
     return _UNSAFE.sub("_", text)
+
+
+def agent_node_id(name: str) -> str:
+    """Agent ``name``'s discovery ``node_id``, one per name: ``homering_<name>``, or ``homering__<hex>``.
+
+    A name of letters, digits, ``-`` and ``_`` that does not start with ``_`` is kept as it is
+    (so a broker ACL can grant the user ``NAME`` the topics ``homeassistant/sensor/homering_NAME/#``);
+    any other name (``a.b``) is written as ``_`` and its UTF-8 in hex (``homering__612e62``), which
+    no kept name can be, so ``a.b`` and ``a_b`` never share topics. Nor can an agent take the
+    controller's (:data:`CONTROLLER_NODE`: ``_controller`` is no hex).
+    """
+    return f"homering_{name if _PLAIN.fullmatch(name) else '_' + name.encode().hex()}"
 
 
 def _availability(topic: str) -> list[dict]:
@@ -78,15 +94,15 @@ def agent_configs(name: str, *, prefix: str = DISCOVERY_PREFIX) -> list[tuple[st
     layers held (from :class:`~homering.cluster.schema.AgentStats`). All are unavailable while the
     agent's status is ``offline``. Publish them retained with :func:`publish_discovery`.
 
-    The topic's ``node_id`` is ``homering_<name>`` with ``.`` replaced by ``_`` (so agents named
-    ``a.b`` and ``a_b`` would share discovery topics); ``unique_id`` keeps the name as is.
+    The topic's ``node_id`` is :func:`agent_node_id`'s (one per name); ``unique_id`` keeps the name
+    as is. :func:`clear_discovery` removes them again when the agent leaves for good.
 
     Raises:
         ValueError: ``name`` is not a valid agent name.
     """
     if not re.fullmatch(_NAME, name):
         raise ValueError(f"invalid agent name {name!r}")
-    node_id = f"homering_{_topic_id(name)}"
+    node_id = agent_node_id(name)
     device = {"identifiers": [f"homering_agent_{name}"], "name": f"homering agent {name}",
               "manufacturer": "homering", "model": "agent"}
     availability = _availability(Topics.status(name))
@@ -114,7 +130,7 @@ def controller_configs(*, prefix: str = DISCOVERY_PREFIX) -> list[tuple[str, dic
     depth (from :class:`~homering.cluster.schema.ControllerStats`). All are unavailable while the
     controller's status is ``offline``. Publish them retained with :func:`publish_discovery`.
     """
-    node_id = "homering_controller"
+    node_id = CONTROLLER_NODE
     device = {"identifiers": ["homering_controller"], "name": "homering controller",
               "manufacturer": "homering", "model": "controller"}
     availability = _availability(Topics.CONTROLLER)
