@@ -222,6 +222,20 @@ def test_context_overflow_gets_413(api, model_id):
     assert err["code"] == "context_length_exceeded"
 
 
+async def _hold_sequences(http: httpx.AsyncClient, url: str, body: dict, n: int) -> list:
+    """Start ``n`` streaming requests and return once each is generating (so holds a KV sequence):
+    ``[(stream context, line iterator)]``; close them with ``await cm.__aexit__(None, None, None)``."""
+    streams = []
+    for _ in range(n):
+        cm = http.stream("POST", url, json=body)
+        resp = await cm.__aenter__()
+        lines = resp.aiter_lines()
+        while not (await lines.__anext__()).startswith("data: {"):
+            pass
+        streams.append((cm, lines))  # keep the line iterator alive: collecting it closes the response
+    return streams
+
+
 def test_full_queue_gets_429_and_a_dropped_client_frees_its_sequence(api, model_id):
     """4 sequences busy + 1 waiting (the queue holds 1): the next request is refused. Closing the
     streams frees their sequences at once: the cluster is idle again long before they could have finished."""
@@ -231,14 +245,7 @@ def test_full_queue_gets_429_and_a_dropped_client_frees_its_sequence(api, model_
 
     async def go():
         async with httpx.AsyncClient(timeout=120) as http:
-            streams = []
-            for _ in range(4):
-                cm = http.stream("POST", url, json=body)
-                resp = await cm.__aenter__()
-                lines = resp.aiter_lines()
-                while not (await lines.__anext__()).startswith("data: {"):  # generating: it holds a sequence
-                    pass
-                streams.append((cm, lines))  # keep the line iterator alive: collecting it closes the response
+            streams = await _hold_sequences(http, url, body, 4)
             waiting = asyncio.create_task(http.post(url, json=body | {"stream": False, "max_tokens": 4}))
             for _ in range(100):
                 cluster = (await http.get(f"{api}/v1/cluster")).json()
@@ -302,14 +309,7 @@ def test_health_degrades_while_no_sequence_frees_for_longer_than_a_request_takes
     async def go():
         async with httpx.AsyncClient(timeout=120) as http:
             before = await http.get(f"{api}/health")
-            streams = []
-            for _ in range(4):
-                cm = http.stream("POST", url, json=body)
-                resp = await cm.__aenter__()
-                lines = resp.aiter_lines()
-                while not (await lines.__anext__()).startswith("data: {"):  # generating: it holds a sequence
-                    pass
-                streams.append((cm, lines))
+            streams = await _hold_sequences(http, url, body, 4)
             predicted = before.json()["predicted_request_s"]
             deadline = time.monotonic() + 3 * (predicted or 0) + 60  # a hang guard, not a timing assertion
             while (busy := await http.get(f"{api}/health")).status_code == 200 and time.monotonic() < deadline:
