@@ -450,3 +450,32 @@ def test_recovery_pause_is_the_longest_token_gap_after_a_kill():
     # a kill that stalls nothing: the usual gap between tokens
     assert [round(p, 2) for p in pauses(tokens, [(3.25, "kill")])] == [0.1]
     assert _percentile([1.0, 2.0, 3.0], 0.95) == 3.0 and _percentile([1.0, 2.0, 3.0], 0.5) == 2.0
+
+
+def test_a_blocked_event_loop_declares_no_agent_lost(smollm2):
+    """Heartbeats that waited unread while the controller's loop was blocked (a slow request) are no silence:
+    right after a 2 x LOST_AFTER_S block the agent is live; only real silence afterwards loses it."""
+    import asyncio
+
+    from homering.cluster.controller import LOOP_TICK_S, LOST_AFTER_S, Controller
+    from homering.cluster.mqtt import BrokerURL
+
+    c = Controller(BrokerURL("127.0.0.1", 1), smollm2, n_agents=1)
+    c._connected.set()
+    c._connected_at = time.monotonic() - 100
+
+    async def go():
+        watcher = asyncio.create_task(c._watch_loop())
+        await asyncio.sleep(3 * LOOP_TICK_S)
+        c._last_seen["a"] = time.monotonic()
+        time.sleep(2 * LOST_AFTER_S)  # the loop is blocked: nothing is read
+        after_block = c._silent("a")  # checked first thing, before the watcher's late tick ran
+        await asyncio.sleep(3 * LOOP_TICK_S)
+        after_tick = c._silent("a")
+        await asyncio.sleep(LOST_AFTER_S + 3 * LOOP_TICK_S)  # real silence, with the loop free
+        later = c._silent("a")
+        watcher.cancel()
+        return after_block, after_tick, later
+
+    after_block, after_tick, later = asyncio.run(go())
+    assert (after_block, after_tick, later) == (False, False, True)

@@ -61,6 +61,8 @@ DEFAULT_QUEUE = 16  # requests that may wait for a sequence
 STATS_INTERVAL_S = 2.0
 OFFLINE_GRACE_S = 0.5  # a last will counts once our own connection outlived it (a stopping broker sends them all)
 LOST_AFTER_S = 3.5  # an agent whose heartbeat (stats, every 1 s) stops this long counts as lost
+LOOP_TICK_S = 0.25  # how often the controller checks that its own event loop runs
+LOOP_STALL_S = 1.0  # a tick this late means the loop was blocked: heartbeats were not read, not missing
 JOIN_HOLD_S = 2.0  # a joining agent must stay up this long before it is planned in (doubles per recent loss)
 JOIN_HOLD_MAX_S = 60.0
 FLAP_WINDOW_S = 300.0  # losses within this window count against a flapping agent
@@ -158,6 +160,8 @@ class Controller:
         self._tasks: set[asyncio.Task] = set()
         self._connected = asyncio.Event()
         self._connected_at = 0.0
+        self._loop_tick: float | None = None  # the last tick of _watch_loop (None: not running)
+        self._loop_stalled_at = 0.0  # when the loop came back from its last block
         self._disconnected_at = -1.0  # when our broker connection last dropped (monotonic)
         self._last_seen: dict[str, float] = {}  # agent -> monotonic time of its last message
         self._live_since: dict[str, float] = {}  # agent -> when it (re)appeared live
@@ -198,6 +202,7 @@ class Controller:
             if self.ha_discovery:
                 await publish_discovery(self._client, controller_configs())
             self._spawn(self._publish_stats())
+            self._spawn(self._watch_loop())
             await self._bring_up(info)
             maintain = asyncio.create_task(self._maintain(info))
             try:
@@ -316,9 +321,29 @@ class Controller:
             await asyncio.sleep(STATS_INTERVAL_S)
 
     def _silent(self, name: str) -> bool:
-        """The agent's heartbeat stopped: nothing from it for :data:`LOST_AFTER_S` while we were connected."""
-        since = max(self._last_seen.get(name, 0.0), self._connected_at)
-        return self._connected.is_set() and time.monotonic() - since > LOST_AFTER_S
+        """The agent's heartbeat stopped: nothing from it for :data:`LOST_AFTER_S` while we were connected
+        and this event loop was free to hear it.
+
+        A loop that was blocked (:meth:`_watch_loop`) had the heartbeats wait unread in the socket: then
+        nobody is silent until :data:`LOST_AFTER_S` after the loop came back.
+        """
+        now = time.monotonic()
+        if self._loop_tick is not None and now - self._loop_tick > LOOP_STALL_S:
+            return False  # blocked until just now: the reader has not caught up
+        since = max(self._last_seen.get(name, 0.0), self._connected_at, self._loop_stalled_at)
+        return self._connected.is_set() and now - since > LOST_AFTER_S
+
+    async def _watch_loop(self) -> None:
+        """Tick every :data:`LOOP_TICK_S`; a late tick means the event loop was blocked (a slow request, a
+        long parse): :meth:`_silent` then gives every agent its full grace again from that moment."""
+        self._loop_tick = time.monotonic()
+        while True:
+            await asyncio.sleep(LOOP_TICK_S)
+            now = time.monotonic()
+            if now - self._loop_tick > LOOP_TICK_S + LOOP_STALL_S:
+                log.warning("the controller's event loop was blocked for %.1f s", now - self._loop_tick - LOOP_TICK_S)
+                self._loop_stalled_at = now
+            self._loop_tick = now
 
     def _live(self, name: str) -> bool:
         """The agent's status is live and its heartbeat goes on.
