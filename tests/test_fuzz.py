@@ -367,3 +367,21 @@ def test_a_running_cluster_survives_random_payloads_on_every_topic(keyed_cluster
     log = cluster.log_path.read_text()
     assert "Traceback" not in log and "Task exception" not in log
     assert log.count("dropped malformed message") >= 100
+
+
+def test_an_unexpected_failure_in_a_request_still_ends_its_stream_with_an_error():
+    """A bug on the head (here a TypeError, as llama.cpp's 5-argument penalties sampler once raised) ends
+    the request with an error event, so the controller frees its sequence instead of waiting forever."""
+    from homering.cluster.schema import GenerateJob, Sampling, StreamEvent
+
+    agent = Agent(BrokerURL("127.0.0.1", 1), name="bug", threads=1)
+    agent._mqtt = _Feed([])
+
+    def broken(job, emit):
+        raise TypeError("llama_sampler_init_penalties() takes 5 arguments")
+
+    agent._generate_sync = broken
+    job = GenerateJob(request_id="r-bug", plan_id="p", seq_id=0, prompt_token_ids=[1], sampling=Sampling())
+    asyncio.run(agent._generate(job))
+    events = [StreamEvent.load(payload) for _, payload in agent._mqtt.published]
+    assert [e.type for e in events] == ["error"] and "TypeError" in events[0].error

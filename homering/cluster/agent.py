@@ -870,8 +870,13 @@ class Agent:
         except (DecodeError, HomeringError, ConnectionError, OSError, ValueError, RuntimeError) as exc:
             log.warning("request %s failed: %s", job.request_id, exc)
             emit(StreamEvent(request_id=job.request_id, type="error", error=str(exc)))
+        except Exception as exc:  # a bug: the request still ends, with an error, and frees its sequence
+            log.exception("request %s failed", job.request_id)
+            emit(StreamEvent(request_id=job.request_id, type="error", error=f"internal error: {exc!r}"))
         finally:
-            events.put_nowait(None)
+            # after the events emit() scheduled (call_soon_threadsafe): an error emitted just above came
+            # after the end marker, and was never sent
+            loop.call_soon(events.put_nowait, None)
             await publisher
 
     async def _publish_events(self, topic: str, events: "asyncio.Queue | list[StreamEvent]") -> None:
@@ -893,7 +898,13 @@ class Agent:
             if client is None:
                 continue
             try:
-                await client.publish(topic, event.dump(self.key), qos=0 if event.type == "token" else 1)
+                payload = event.dump(self.key)
+            except ValueError as exc:  # not serializable (e.g. a lone surrogate): the stream still ends
+                log.warning("an event of %s cannot be sent (%s): an error instead", topic, exc)
+                payload = StreamEvent(request_id=event.request_id, type="error", attempt=event.attempt,
+                                      index=event.index, error="the answer could not be encoded").dump(self.key)
+            try:
+                await client.publish(topic, payload, qos=0 if event.type == "token" else 1)
             except aiomqtt.MqttError as exc:
                 log.warning("could not publish to %s: %s", topic, exc)
 

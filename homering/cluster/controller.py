@@ -854,6 +854,10 @@ class Controller:
             log.info("request %s rejected: %s", req.request_id, exc)
             await self._publish(Topics.stream(req.request_id), StreamEvent(
                 request_id=req.request_id, type="error", error=str(exc)).dump(self.key))
+        except Exception as exc:  # a bug: the client still gets an answer (submit() freed the sequence)
+            log.exception("request %s failed", req.request_id)
+            await self._publish(Topics.stream(req.request_id), StreamEvent(
+                request_id=req.request_id, type="error", error=f"internal error: {exc!r}"[:500]).dump(self.key))
 
     def prepare(self, req: GenerateRequest) -> list[int]:
         """The prompt's token ids: the chat rendered with the model's template, the text tokenized, or the ids.
@@ -889,6 +893,8 @@ class Controller:
             raise
         except HomeringError as exc:
             raise RequestError(400, str(exc)) from None
+        except UnicodeError:
+            raise RequestError(400, "the request's text is not valid Unicode (a lone surrogate?)") from None
         if not ids:
             raise RequestError(400, "the prompt is empty")
         if len(ids) >= self.n_ctx:
@@ -987,10 +993,11 @@ class Controller:
                      attempt: int) -> str:
         """Send the job (or, for ``attempt`` > 0, its resumption after ``sent``) to the current plan's head."""
         plan = self.plan
-        self._heads[rid] = plan.head.name
         job = GenerateJob(request_id=rid, plan_id=plan.plan_id, seq_id=seq, prompt_token_ids=ids,
                           sampling=req.sampling, attempt=attempt, resume_token_ids=list(sent))
-        await self._publish(Topics.generate(plan.head.name), job.dump(self.key))
+        payload = job.dump(self.key)  # may raise: then no head has it, and submit() frees the sequence
+        self._heads[rid] = plan.head.name
+        await self._publish(Topics.generate(plan.head.name), payload)
         return plan.plan_id
 
     async def _resume(self, rid: str, seq: int, ids: list[int], req: GenerateRequest, sent: list[int],
