@@ -272,11 +272,12 @@ def test_shared_agent_account_cannot_touch_the_controllers_home_assistant_sensor
     assert got == [mine]
 
 
-def test_chat_user_can_send_requests_only(secured):
+def test_chat_user_can_send_requests_and_cancels_only(secured):
     got = asyncio.run(_deliveries(secured, "chat", [("homering/plan", "fake plan"),
-                                                    ("homering/agents/chat2/status", "x")],
+                                                    ("homering/agents/chat2/status", "x"),
+                                                    ("homering/agents/laptop/cancel", "stop it")],
                                   ("homering/requests", "a request")))
-    assert got == [("homering/requests", "a request")]
+    assert got == [("homering/agents/laptop/cancel", "stop it"), ("homering/requests", "a request")]
 
 
 def test_controller_can_publish_the_plan(secured):
