@@ -595,8 +595,9 @@ class AgentStats(Message):
     layers: int = Field(ge=0, default=0, description="layers held, summed over the windows")
     windows: list[WindowStats] = Field(default_factory=list)
     tokens_generated: int = Field(ge=0, default=0, description="head only: tokens sampled since start")
-    tokens_per_s: float = Field(ge=0, default=0.0, description="head: tokens sampled per second over the "
-                                                                "last interval; others: rows computed")
+    tokens_per_s: float = Field(ge=0, default=0.0, description="head: tokens sampled per second in its most "
+                                                                "recent run of work (the answer now, or the "
+                                                                "last one); others: rows computed")
     rss_bytes: int = Field(ge=0, default=0, description="resident memory of the agent process, bytes")
     anon_bytes: int = Field(ge=0, default=0, description="anonymous (non-file) resident memory, bytes")
     requests_active: int = Field(ge=0, default=0, description="head only: sequences being generated")
