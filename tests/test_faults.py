@@ -148,26 +148,36 @@ PROMPTS = ["The history of the printing press begins in the fifteenth century, w
 def test_a_kill_at_token_50_of_200_gives_exactly_the_fault_free_answer(up3, position):
     """Greedy answers after a fault are identical, not only for a while: the resumed request replays with the
     original batch shapes (the replay used to batch the streamed tokens, and the text drifted at ~token 93).
-    ``alone``: Halda's ring of one (the head holds every layer) loses it and resumes on another agent."""
+
+    Each of the 3 prompts is killed at token 50 in each shape of a ring of 3 (its head, middle or last agent,
+    one prompt per test), then the head of the ring of 2 that is left with the next prompt; ``alone``:
+    Halda's ring of one (the head holds every layer) loses it and resumes on another agent."""
     base = up3
     before = _wait_plan(base, 1 if position == "alone" else 3)
-    ring = before["plan"]["ring"]
-    victim_name = ring[0] if position in ("alone", "head") else ring[{"middle": 1, "last": 2}[position]]
-    victim = next(a for a in before["agents"] if a["name"] == victim_name)
     expected = [_stream(base, max_tokens=LONG, prompt=p)[0] for p in PROMPTS]
-    killed = {}
+    first = {"alone": 0, "head": 0, "middle": 1, "last": 2}[position]
 
-    def kill_at_50(i: int) -> None:
-        if i == 50 and not killed:
-            os.kill(victim["pid"], signal.SIGKILL)
-            killed["at"] = i
+    def kill_and_compare(victim_name: str, prompt: int) -> None:
+        victim = next(a for a in _cluster(base)["agents"] if a["name"] == victim_name)
+        killed = {}
 
-    faulty, n, finish = _stream(base, on_token=kill_at_50, max_tokens=LONG, prompt=PROMPTS[0])
-    assert killed and (n, finish) == (LONG, "length")
-    assert faulty == expected[0]
-    _wait_plan(base, 1 if position == "alone" else 2)
-    for p, want in zip(PROMPTS[1:], expected[1:]):  # and on the ring that is left, for the other prompts
-        assert _stream(base, max_tokens=LONG, prompt=p)[0] == want
+        def kill_at_50(i: int) -> None:
+            if i == 50 and not killed:
+                os.kill(victim["pid"], signal.SIGKILL)
+                killed["at"] = i
+
+        faulty, n, finish = _stream(base, on_token=kill_at_50, max_tokens=LONG, prompt=PROMPTS[prompt])
+        assert killed and (n, finish) == (LONG, "length")
+        assert faulty == expected[prompt], f"prompt {prompt}: the answer changed after the kill"
+
+    ring = before["plan"]["ring"]
+    kill_and_compare(ring[{"alone": 0, "head": 0, "middle": 1, "last": 2}[position]], first)
+    if position == "alone":
+        return
+    ring = _wait_plan(base, 2)["plan"]["ring"]
+    kill_and_compare(ring[0], (first + 1) % 3)  # the head of a ring of 2
+    _wait_plan(base, 1)
+    assert _stream(base, max_tokens=LONG, prompt=PROMPTS[(first + 2) % 3])[0] == expected[(first + 2) % 3]
 
 
 @pytest.fixture
