@@ -205,4 +205,4 @@ def test_registry_names(tmp_path, monkeypatch):
         resolve_model("llama3.2-3b-q4_0", pull_missing=False)
     proc = homering("models", "list")
     assert proc.returncode == 0
-    assert "llama3.2-3b-q4_0" in proc.stdout and "synthetic" in proc.stdout and "random" in proc.stdout
+    assert "llama3.2-3b-q4_0" in proc.stdout and "random-weight models are made on first use" in proc.stdout

@@ -31,6 +31,7 @@ import numpy as np
 import psutil
 
 from homering.cluster import mqtt
+from homering.cluster.client import KEY_GRACE_S
 from homering.cluster.homeassistant import agent_configs, clear_discovery, publish_discovery
 from homering.cluster.dataplane import (
     Frame, LinkServer, connect_link, measure_link, recv_group, send_frame, send_group,
@@ -265,6 +266,8 @@ class Agent:
         self.key = key
         self._session = uuid.uuid4().hex[:16]  # this process, in its statuses and last-wills (NewestState)
         self._fatal: str | None = None  # why this agent cannot serve this cluster at all (run() ends)
+        self._key_check: asyncio.Task | None = None  # _give_up_without_key, once
+        self._run_task: asyncio.Task | None = None
         self.model = Path(model) if model is not None else None
         self.local_model = local_model
         self.api_key = api_key
@@ -329,19 +332,22 @@ class Agent:
             try:
                 async for message in client.messages:
                     self._dispatch(message)
-                    if self._fatal:
-                        raise HomeringError(self._fatal)
             finally:  # a clean exit sends no last-will: say goodbye ourselves
                 self._mqtt = None
                 with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
                     if asyncio.current_task().cancelling():
                         if self.ha_discovery:  # leaving for good (a lost broker or a crash is no exit)
-                            await asyncio.wait_for(clear_discovery(client, agent_configs(self.name)), 2.0)
-                        await asyncio.wait_for(self._publish_status(client, "offline"), 2.0)
+                            await asyncio.wait_for(clear_discovery(client, agent_configs(self.name)), 5.0)
+                        await asyncio.wait_for(self._publish_status(client, "offline"), 5.0)
 
+        self._run_task = asyncio.current_task()
         try:
             await mqtt.keep_connected(self.broker, session, identifier=f"homering-agent-{self.name}", will=will,
                                       keepalive=KEEPALIVE_S)
+        except asyncio.CancelledError:
+            if self._fatal:
+                raise HomeringError(self._fatal) from None
+            raise
         finally:
             if stats is not None:
                 stats.cancel()
@@ -400,12 +406,22 @@ class Agent:
                     self._spawn(self._publish_events(Topics.stream(replay.request_id), events))
         except MissingKey as exc:
             log.warning("dropped malformed message on %s: %s", topic, exc)
-            if message.topic.matches(Topics.CONTROLLER) or message.topic.matches(Topics.PLAN):
-                # this agent can never join: run() ends with this (_dispatch itself never raises)
-                self._fatal = (f"the cluster on {self.broker} has a cluster key and this agent has none ({exc}): "
-                               f"give it the same key with --key-file FILE or HOMERING_CLUSTER_KEY")
+            if (message.topic.matches(Topics.CONTROLLER) or message.topic.matches(Topics.PLAN)) \
+                    and self._controller is None and self._key_check is None and self._run_task is not None:
+                self._key_check = self._spawn(self._give_up_without_key(str(exc)))
         except MalformedMessage as exc:
             log.warning("dropped malformed message on %s: %s", topic, exc)
+
+    async def _give_up_without_key(self, why: str) -> None:
+        """A signed status or plan arrived and this agent has no key. It may be a stale retained copy of
+        an earlier keyed cluster (a live keyless controller replaces it at once); if no status this agent
+        can read follows within :data:`~homering.cluster.client.KEY_GRACE_S`, the cluster is keyed and this
+        agent can never join it: :meth:`run` ends with one line that says so."""
+        await asyncio.sleep(KEY_GRACE_S)
+        if self._controller is None and self._run_task is not None:
+            self._fatal = (f"the cluster on {self.broker} has a cluster key and this agent has none ({why}): "
+                           f"give it the same key with --key-file FILE or HOMERING_CLUSTER_KEY")
+            self._run_task.cancel()
 
     def _maybe_apply_plan(self) -> None:
         """Load the offered plan once the live controller vouches for it.

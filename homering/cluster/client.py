@@ -17,6 +17,10 @@ from homering.cluster.security import ClusterKey, NewestState
 from homering.errors import HomeringError
 
 
+KEY_GRACE_S = 5.0
+"""How long a keyless client or agent waits for a status it can read once it met a signed one."""
+
+
 class ClusterClient:
     """Sends :class:`GenerateRequest` s and yields the :class:`StreamEvent` s of the answer.
 
@@ -29,7 +33,8 @@ class ClusterClient:
         self.key = key
         self.refused: str | None = None  # why the last badly signed status/plan was dropped
         self._state_order = NewestState()  # replay check of the agents' signed status and stats
-        self.missing_key: str | None = None  # the cluster signs its status/plan and this client has no key
+        self.missing_key: str | None = None
+        self._missing_key_at = 0.0  # the cluster signs its status/plan and this client has no key
         self.status: ControllerStatus | None = None
         self.plan: Plan | None = None
         self.agent_stats: dict[str, AgentStats] = {}
@@ -104,8 +109,9 @@ class ClusterClient:
                         for ev in order.push(event):
                             queue.put_nowait(ev)
             except MissingKey as exc:
+                if self.missing_key is None:
+                    self._missing_key_at = asyncio.get_running_loop().time()
                 self.missing_key = str(exc)
-                self._changed.set()  # wait_ready gives up at once
                 continue
             except BadSignature as exc:
                 self.refused = str(exc)
@@ -158,7 +164,9 @@ class ClusterClient:
             if self.lost:  # the status is stale and stays so: waiting on would only time out
                 raise HomeringError(f"{self.lost} (the controller's last status: "
                                     f"{st.state if st else 'none'}{f', {st.detail}' if st and st.detail else ''})")
-            if self.missing_key and st is None:
+            # a signed status may be a stale retained one of an earlier keyed cluster: a live keyless
+            # controller replaces it within moments; a keyed cluster never sends one we can read
+            if self.missing_key and st is None and loop.time() - self._missing_key_at > KEY_GRACE_S:
                 raise HomeringError(f"the cluster on {self.broker} has a cluster key and this client has none "
                                     f"({self.missing_key}): give it the same key with --key-file FILE or "
                                     f"HOMERING_CLUSTER_KEY")
