@@ -111,7 +111,7 @@ class ClusterClient:
             except MissingKey as exc:
                 if self.missing_key is None:
                     self._missing_key_at = asyncio.get_running_loop().time()
-                self.missing_key = str(exc)
+                self.missing_key = self.refused = str(exc)
                 continue
             except BadSignature as exc:
                 self.refused = str(exc)
