@@ -39,11 +39,11 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     `homering controller --broker … --agents N` on one of them, then
     `homering chat --broker …`.
     """
-    from homering.stdio import route_stray_output
+    from homering.stdio import reserve_stdout
 
     ctx.obj = {"verbosity": verbose - quiet}
     _setup_logging(verbose - quiet)
-    route_stray_output(to_log=verbose - quiet > 0)
+    reserve_stdout(stray_to_log=verbose - quiet > 0)  # stdout is the command's result alone
 
 
 # ---------------------------------------------------------------- models
@@ -960,14 +960,7 @@ def testbed_run(obj, spec_file, workdir, model, planner, rounds, n_ctx, prompt, 
 
 
 def main() -> None:
-    """Entry point: clean one-line errors with exit code 2, quiet Ctrl-C.
-
-    Standard output is reserved for the command's own result first
-    (:func:`homering.stdio.reserve_stdout`): what a library prints there goes to the log (-v) or nowhere.
-    """
-    from homering.stdio import reserve_stdout
-
-    reserve_stdout()
+    """Entry point: clean one-line errors with exit code 2, quiet Ctrl-C."""
     try:
         cli.main(standalone_mode=False, prog_name="homering")
     except click.exceptions.Exit as exc:

@@ -16,20 +16,22 @@ def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL)
 
 
-def test_raw_writes_to_fd_1_go_to_stderr_and_sys_stdout_stays_clean():
-    """The mechanism, independent of which library prints: a C-level write to fd 1 after reserve_stdout()."""
-    code = textwrap.dedent("""
-        import os, subprocess, sys
-        from homering.stdio import reserve_stdout
-        reserve_stdout()
-        os.write(1, b"a banner on fd 1\\n")
-        subprocess.run(["echo", "a child's stdout"])
-        print('{"result": 1}')
-    """)
-    proc = _run("-c", code)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"result": 1}
-    assert "a banner on fd 1" in proc.stderr and "a child's stdout" in proc.stderr
+def test_raw_writes_to_fd_1_go_to_the_log_or_nowhere_and_sys_stdout_stays_clean():
+    """The mechanism, independent of which library prints: C-level writes to fd 1 after reserve_stdout()."""
+    for to_log in (True, False):
+        code = textwrap.dedent(f"""
+            import os, subprocess, sys
+            from homering.stdio import reserve_stdout
+            reserve_stdout(stray_to_log={to_log})
+            os.write(1, b"a banner on fd 1\\n")
+            subprocess.run(["echo", "a child's stdout"])
+            print('{{"result": 1}}')
+        """)
+        proc = _run("-c", code)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == {"result": 1}
+        assert ("a banner on fd 1" in proc.stderr) is to_log and ("a child's stdout" in proc.stderr) is to_log
+        assert "banner" not in proc.stdout
 
 
 def test_plan_json_is_the_whole_of_stdout_and_the_solver_banner_is_not_in_it():
