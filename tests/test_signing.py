@@ -530,3 +530,32 @@ def test_keyed_cluster_ignores_forged_streams_statuses_and_profiles(keyed_cluste
     assert "unsigned AgentStatus" in log and "unsigned AgentProfile" in log
     assert "on the topic of" in log  # another agent's status, replayed on the head's topic
     assert "Traceback" not in log
+
+
+def test_newest_state_keeps_the_newest_per_agent_on_its_own_topic_and_each_session_s_will_once():
+    """NewestState, on messages signed at given times: replays of older state, another agent's state on this
+    topic, and an old process's will are refused; the current process's will (signed before its statuses)
+    counts once; unsigned messages (no key) all pass."""
+    from homering.cluster.schema import AgentStatus, MalformedMessage
+    from homering.cluster.security import NewestState
+
+    def signed(at: int, **fields) -> AgentStatus:
+        msg = AgentStatus(**fields)
+        msg._signed_at = at
+        return msg
+
+    topic = Topics.status("a")
+    order = NewestState()
+    will = signed(100, name="a", session="51", state="offline")  # signed when process 51 connected
+    assert order.check(topic, signed(200, name="a", session="51", state="ready")).state == "ready"
+    for refused in (signed(150, name="a", session="51", state="ready"),  # an older status, replayed
+                    signed(300, name="b", session="52", state="offline"),  # b's, on a's topic
+                    signed(90, name="a", session="40", state="offline")):  # an earlier process's will
+        with pytest.raises(MalformedMessage):
+            order.check(topic, refused)
+    assert order.check(topic, will) is will  # 51's will: it lost the broker
+    with pytest.raises(MalformedMessage):
+        order.check(topic, will)  # the same will again
+    assert order.check(topic, signed(400, name="a", session="60", state="online")).session == "60"
+    unsigned = AgentStatus(state="offline")
+    assert order.check(topic, unsigned) is unsigned

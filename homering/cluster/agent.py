@@ -31,7 +31,6 @@ import numpy as np
 import psutil
 
 from homering.cluster import mqtt
-from homering.cluster.client import KEY_GRACE_S
 from homering.cluster.homeassistant import agent_configs, clear_discovery, publish_discovery
 from homering.cluster.dataplane import (
     Frame, LinkServer, connect_link, measure_link, recv_group, send_frame, send_group,
@@ -42,7 +41,7 @@ from homering.cluster.schema import (
     GenerateJob, LinkProbe, LinkReport, MalformedMessage, MissingKey, Plan, StreamEvent, StreamReplay, Topics,
     WindowAssignment, WindowStats,
 )
-from homering.cluster.security import ClusterKey
+from homering.cluster.security import KEY_GRACE_S, ClusterKey
 from homering.cluster.windows import (WindowClient, cached, matches, model_info, plan_files, prune_cache,
                                       reachable_url, remove)
 from homering.engine.sampling import SamplerChain, StopMatcher
@@ -415,7 +414,7 @@ class Agent:
     async def _give_up_without_key(self, why: str) -> None:
         """A signed status or plan arrived and this agent has no key. It may be a stale retained copy of
         an earlier keyed cluster (a live keyless controller replaces it at once); if no status this agent
-        can read follows within :data:`~homering.cluster.client.KEY_GRACE_S`, the cluster is keyed and this
+        can read follows within :data:`~homering.cluster.security.KEY_GRACE_S`, the cluster is keyed and this
         agent can never join it: :meth:`run` ends with one line that says so."""
         await asyncio.sleep(KEY_GRACE_S)
         if self._controller is None and self._run_task is not None:

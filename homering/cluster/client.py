@@ -13,12 +13,8 @@ from homering.cluster.schema import (
     AgentStats, AgentStatus, BadSignature, CancelJob, ControllerStatus, GenerateRequest, MalformedMessage, MissingKey,
     Plan, StreamEvent, Topics,
 )
-from homering.cluster.security import ClusterKey, NewestState
+from homering.cluster.security import KEY_GRACE_S, ClusterKey, NewestState
 from homering.errors import HomeringError
-
-
-KEY_GRACE_S = 5.0
-"""How long a keyless client or agent waits for a status it can read once it met a signed one."""
 
 
 class ClusterClient:
@@ -33,8 +29,8 @@ class ClusterClient:
         self.key = key
         self.refused: str | None = None  # why the last badly signed status/plan was dropped
         self._state_order = NewestState()  # replay check of the agents' signed status and stats
-        self.missing_key: str | None = None
-        self._missing_key_at = 0.0  # the cluster signs its status/plan and this client has no key
+        self.missing_key: str | None = None  # a signed status/plan arrived and this client has no key …
+        self._missing_key_at = 0.0  # … first at this loop time
         self.status: ControllerStatus | None = None
         self.plan: Plan | None = None
         self.agent_stats: dict[str, AgentStats] = {}
@@ -78,13 +74,6 @@ class ClusterClient:
         for queue in self._streams.values():
             queue.put_nowait(None)  # wakes generate(), which raises
 
-    def _newest_state(self, topic: str, msg):
-        """``msg`` (an agent's status or stats) unless :class:`NewestState` refuses it (MalformedMessage)."""
-        why = self._state_order.accept(topic.split("/")[-2], msg)
-        if why is not None:
-            raise MalformedMessage(why)
-        return msg
-
     async def _read_messages(self) -> None:
         async for message in self._client.messages:
             try:
@@ -94,12 +83,13 @@ class ClusterClient:
                     self.plan = Plan.load(message.payload, key=self.key)
                 elif message.topic.matches(Topics.ALL_STATS):
                     if message.payload:
-                        st = self._newest_state(message.topic.value, AgentStats.load(message.payload, key=self.key))
+                        st = self._state_order.check(message.topic.value,
+                                                     AgentStats.load(message.payload, key=self.key))
                         self.agent_stats[st.name] = st
                 elif message.topic.matches(Topics.ALL_STATUS):
                     if message.payload:
                         name = message.topic.value.split("/")[-2]
-                        self.agent_status[name] = self._newest_state(
+                        self.agent_status[name] = self._state_order.check(
                             message.topic.value, AgentStatus.load(message.payload, key=self.key))
                 else:
                     event = StreamEvent.load(message.payload, key=self.key)

@@ -772,13 +772,13 @@ class Controller:
             try:
                 if message.topic.matches(Topics.ALL_PROFILES):
                     if message.payload:
-                        p = self._newest_state(topic, AgentProfile.load(message.payload, key=self.key))
+                        p = self._state_order.check(topic, AgentProfile.load(message.payload, key=self.key))
                         self.profiles[p.name] = p
                         self._seen(p.name)
                 elif message.topic.matches(Topics.ALL_STATUS):
                     name = topic.split("/")[-2]
                     if message.payload:
-                        status = self._newest_state(topic, AgentStatus.load(message.payload, key=self.key))
+                        status = self._state_order.check(topic, AgentStatus.load(message.payload, key=self.key))
                         before = self.statuses.get(name)
                         self.statuses[name] = status
                         if status.state == "offline":
@@ -795,7 +795,7 @@ class Controller:
                     self._spawn(self._on_request(GenerateRequest.load(message.payload, key=self.key)))
                 elif message.topic.matches(Topics.ALL_STATS):
                     if message.payload:
-                        st = self._newest_state(topic, AgentStats.load(message.payload, key=self.key))
+                        st = self._state_order.check(topic, AgentStats.load(message.payload, key=self.key))
                         self.agent_stats[st.name] = st
                         if not message.retain:  # a retained copy is no heartbeat
                             self._seen(st.name)
@@ -813,17 +813,6 @@ class Controller:
             except MalformedMessage as exc:
                 log.warning("dropped malformed message on %s: %s", topic, exc)
             self._changed.set()
-
-    def _newest_state(self, topic: str, msg):
-        """``msg`` (an agent's profile, status or stats from ``topic``) if :class:`NewestState` accepts it.
-
-        Raises:
-            MalformedMessage: an old copy replayed, or another agent's message on this agent's topic.
-        """
-        why = self._state_order.accept(topic.split("/")[-2], msg)
-        if why is not None:
-            raise MalformedMessage(why)
-        return msg
 
     def _on_stream(self, request_id: str, event: StreamEvent) -> None:
         """A stream event from a head: in order, once, to the request's consumer (see :class:`StreamOrder`)."""

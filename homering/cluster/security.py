@@ -44,6 +44,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from homering.cluster.schema import MalformedMessage
 from homering.errors import HomeringError
 
 log = logging.getLogger("homering.security")
@@ -122,6 +123,11 @@ class ClusterKey:
         return None
 
 
+KEY_GRACE_S = 5.0
+"""How long a keyless client or agent waits for a status it can read once it met a signed one (which may be a
+stale retained copy of an earlier keyed cluster on the same broker)."""
+
+
 class NewestState:
     """A receiver's replay check for an agent's retained state (profile, status, stats): newest wins.
 
@@ -142,25 +148,30 @@ class NewestState:
         self._last: dict[tuple[str, str], tuple[int, str | None]] = {}  # (kind, agent) -> (ts, session)
         self._wills: dict[str, set[int]] = {}  # agent -> signing times of offline statuses accepted late
 
-    def accept(self, topic_agent: str, msg) -> str | None:
-        """None when ``msg`` (an ``AgentProfile``/``AgentStatus``/``AgentStats``) may be used, else why not."""
+    def check(self, topic: str, msg):
+        """``msg`` (an ``AgentProfile``/``AgentStatus``/``AgentStats`` from ``homering/agents/<name>/…``) when it
+        may be used.
+
+        Raises:
+            MalformedMessage: another agent's message on this topic, or one signed before the last accepted.
+        """
         ts = msg.signed_at
-        kind = type(msg).__name__
         if ts is None:
-            return None
+            return msg
+        agent, kind = topic.split("/")[-2], type(msg).__name__
         name = getattr(msg, "name", None)
-        if name != topic_agent:
-            return f"{kind} of agent {name!r} on the topic of {topic_agent!r}"
-        last = self._last.get((kind, topic_agent))
+        if name != agent:
+            raise MalformedMessage(f"{kind} of agent {name!r} on the topic of {agent!r}")
+        last = self._last.get((kind, agent))
         session = getattr(msg, "session", None)
         if last is None or ts > last[0]:
-            self._last[(kind, topic_agent)] = (ts, session)
-            return None
+            self._last[(kind, agent)] = (ts, session)
+            return msg
         late_will = getattr(msg, "state", None) == "offline" and session is not None and session == last[1]
-        if late_will and ts not in self._wills.setdefault(topic_agent, set()):
-            self._wills[topic_agent].add(ts)
-            return None
-        return f"{kind} of {topic_agent} signed before the last one accepted (a replay)"
+        if late_will and ts not in self._wills.setdefault(agent, set()):
+            self._wills[agent].add(ts)
+            return msg
+        raise MalformedMessage(f"{kind} of {agent} signed before the last one accepted (a replay)")
 
 
 def generate_secret() -> str:
