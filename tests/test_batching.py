@@ -56,8 +56,12 @@ def test_mixed_sequence_batches_equal_separate_runs_on_a_hidden_state_window(smo
 def test_sequences_first_come_first_served_and_bounded():
     async def go():
         seqs = Sequences(2, max_queue=1)
-        a, b = await seqs.acquire(), await seqs.acquire()
+        a = await seqs.acquire()
+        assert seqs.busy_since is None  # one is still free
+        b = await seqs.acquire()
         assert {a, b} == {0, 1} and seqs.in_use == 2
+        full_at = seqs.busy_since
+        assert full_at is not None  # none free from now on (/health's "degraded" counts from here)
         waiter = asyncio.create_task(seqs.acquire())
         await asyncio.sleep(0)
         assert seqs.queue_depth == 1
@@ -65,12 +69,13 @@ def test_sequences_first_come_first_served_and_bounded():
             await seqs.acquire()
         seqs.release(b)
         assert await waiter == b  # the waiter got the freed sequence
+        assert seqs.busy_since == full_at  # handed straight on: still none free
         gone = asyncio.create_task(seqs.acquire())
         await asyncio.sleep(0)
         gone.cancel()  # a client that left the queue
         await asyncio.gather(gone, return_exceptions=True)
         seqs.release(a)
-        assert seqs.queue_depth == 0 and seqs.in_use == 1
+        assert seqs.queue_depth == 0 and seqs.in_use == 1 and seqs.busy_since is None
         with pytest.raises(ValueError):
             seqs.release(a)
 

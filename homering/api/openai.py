@@ -435,36 +435,6 @@ STREAM_CHUNKS = (ChatCompletionChunk, CompletionChunk)
 """Models only the streams' events refer to: the document adds them to its components."""
 
 
-class _Saturation:
-    """Since when none of the controller's KV sequences has been free (sampled; None while one is free).
-
-    :meth:`watch` samples a few times a second on the serving loop (and every
-    ``/health`` samples too), so a stretch in which all sequences stay busy is
-    timed to within a sample period.
-    """
-
-    PERIOD_S = 0.25
-
-    def __init__(self):
-        self.since: float | None = None
-
-    def sample(self, controller: "Controller") -> float | None:
-        """How long no sequence has been free, s; None when one is free now."""
-        seqs = controller.sequences
-        now = time.monotonic()
-        if seqs.in_use < seqs.n:
-            self.since = None
-            return None
-        if self.since is None:
-            self.since = now
-        return now - self.since
-
-    async def watch(self, controller: "Controller") -> None:
-        while True:
-            self.sample(controller)
-            await asyncio.sleep(self.PERIOD_S)
-
-
 # ------------------------------------------------------------------ authentication
 async def require_api_key(request: Request) -> None:
     """FastAPI dependency: require ``Authorization: Bearer <key>`` when the app has a key.
@@ -546,12 +516,10 @@ def create_app(controller: "Controller", *, default_max_tokens: int = 256, api_k
     """The FastAPI application serving ``controller``'s cluster.
 
     With ``api_key`` every route but ``/health`` requires it (see :func:`require_api_key`).
-    ``app.state.saturation`` times how long no sequence has been free (:func:`serve` keeps it sampling).
     """
     app = FastAPI(title="homering", description="OpenAI-compatible API of a homering cluster",
                   version="1")
     app.state.api_key = api_key
-    app.state.saturation = saturation = _Saturation()
     authed = APIRouter(dependencies=[Depends(require_api_key)])
 
     @app.exception_handler(ApiError)
@@ -592,7 +560,7 @@ def create_app(controller: "Controller", *, default_max_tokens: int = 256, api_k
         503: {"model": Health, "description": "degraded: no plan is ready, or no sequence has been free for "
                                              "longer than a request is predicted to take (see `reason`)"}})
     async def health():
-        report = health_report(controller, saturation.sample(controller), default_max_tokens)
+        report = health_report(controller, default_max_tokens)
         return JSONResponse(status_code=200 if report["status"] == "ok" else 503, content=report)
 
     no_model = {404: _error("this cluster does not serve the model")}
@@ -711,7 +679,7 @@ def _openapi(app: FastAPI, controller: "Controller") -> dict:
     return doc
 
 
-def health_report(controller: "Controller", busy_s: float | None, default_max_tokens: int) -> dict:
+def health_report(controller: "Controller", default_max_tokens: int) -> dict:
     """``GET /health``'s body (:class:`Health`): ``ok``, or ``degraded`` and why requests cannot be served.
 
     Degraded: no plan or no ring, the plan is not ready (agents joining,
@@ -722,6 +690,7 @@ def health_report(controller: "Controller", busy_s: float | None, default_max_to
     """
     plan = controller.plan
     seqs = controller.sequences
+    busy_s = time.monotonic() - seqs.busy_since if seqs.busy_since is not None else None
     n_tokens = min(default_max_tokens, controller.n_ctx or default_max_tokens)
     ms = plan.predicted_ms_per_token if plan is not None else None
     predicted_s = ms * n_tokens / 1000 if ms else None
@@ -930,8 +899,6 @@ async def serve(controller: "Controller", host: str, port: int):
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    watcher = asyncio.create_task(app.state.saturation.watch(controller))  # /health's "no free sequence since"
-    task.add_done_callback(lambda _: watcher.cancel())
     while not server.started:
         if task.done():
             raise HomeringError(f"the API could not listen on {host}:{port} (is the port in use?)")

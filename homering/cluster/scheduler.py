@@ -10,6 +10,7 @@ when the queue is full it is refused (the API's 429).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 from homering.errors import HomeringError
@@ -34,6 +35,8 @@ class Sequences:
         self.max_queue = max_queue
         self._free = list(range(n))
         self._waiters: deque[asyncio.Future] = deque()
+        self.busy_since: float | None = None
+        """Since when (monotonic seconds) no sequence has been free; None while one is."""
 
     @property
     def in_use(self) -> int:
@@ -50,7 +53,10 @@ class Sequences:
             QueueFull: no sequence is free and the queue is full.
         """
         if self._free and not self.queue_depth:
-            return self._free.pop(0)
+            seq = self._free.pop(0)
+            if not self._free:
+                self.busy_since = time.monotonic()
+            return seq
         if self.queue_depth >= self.max_queue:
             raise QueueFull(f"all {self.n} sequences are busy and {self.max_queue} request(s) are waiting; "
                             "try again later")
@@ -77,3 +83,4 @@ class Sequences:
                 return
         self._free.append(seq_id)
         self._free.sort()
+        self.busy_since = None
