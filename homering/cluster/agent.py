@@ -913,13 +913,7 @@ class Agent:
             if client is None:
                 continue
             try:
-                payload = event.dump(self.key)
-            except ValueError as exc:  # not serializable (e.g. a lone surrogate): the stream still ends
-                log.warning("an event of %s cannot be sent (%s): an error instead", topic, exc)
-                payload = StreamEvent(request_id=event.request_id, type="error", attempt=event.attempt,
-                                      index=event.index, error="the answer could not be encoded").dump(self.key)
-            try:
-                await client.publish(topic, payload, qos=0 if event.type == "token" else 1)
+                await client.publish(topic, event.dump(self.key), qos=0 if event.type == "token" else 1)
             except aiomqtt.MqttError as exc:
                 log.warning("could not publish to %s: %s", topic, exc)
 

@@ -856,17 +856,15 @@ class Controller:
         """
         if sum(x is not None for x in (req.messages, req.prompt, req.prompt_token_ids)) != 1:
             raise RequestError(400, "a request needs exactly one of 'messages', 'prompt' or 'prompt_token_ids'")
-        # Bounds that need no tokenizing (its cost grows faster than linearly with the special tokens
-        # in a text): every message renders to at least one token, and every token stands for at most
-        # max_token_bytes bytes of text.
+        # Before tokenizing (its cost grows faster than linearly with the special tokens in a text): a
+        # lower bound of the tokens, as every message renders to one at least and no token stands for more
+        # than max_token_bytes bytes of text. Token ids are counted as they are, below.
         tokenizer = self.tokenizer
-        size = (len(req.messages) if req.messages is not None else len(req.prompt_token_ids or ()))
-        text = sum(len(m.content) for m in req.messages) if req.messages is not None else len(req.prompt or "")
-        if size >= self.n_ctx or text // tokenizer.max_token_bytes >= self.n_ctx:
-            what = f"{size} messages" if req.messages is not None and size >= self.n_ctx else \
-                f"{size} token ids" if req.prompt_token_ids is not None else f"{text} characters"
-            raise RequestError(413, f"the prompt ({what}) cannot fit the context of {self.n_ctx} tokens",
-                               code="context_length_exceeded")
+        texts = [m.content for m in req.messages] if req.messages is not None else [req.prompt or ""]
+        least = max(len(req.messages or ()), sum(map(len, texts)) // tokenizer.max_token_bytes)
+        if least >= self.n_ctx:
+            raise RequestError(413, f"the prompt ({len(texts)} message(s), {sum(map(len, texts))} characters) "
+                                    f"cannot fit the context of {self.n_ctx} tokens", code="context_length_exceeded")
         try:
             if req.messages is not None:
                 ids = tokenizer.chat_tokens([m.model_dump() for m in req.messages])
