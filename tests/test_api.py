@@ -556,8 +556,10 @@ def test_a_10000_message_request_beside_a_stream_changes_nothing(api, model_id):
 
     answer, floods = asyncio.run(go())
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"] == expected
-    for flood in floods:
-        assert _error(flood, 413)["code"] == "context_length_exceeded"
+    errors = [_error(flood, 413) for flood in floods]
+    assert all(e["code"] == "context_length_exceeded" for e in errors)
+    assert "cannot fit the context" in errors[0]["message"]  # 10,000 messages: refused before tokenizing
+    assert "tokens but the context holds" in errors[1]["message"]  # counted, in the tokenizer's thread
     cluster = httpx.get(f"{api}/v1/cluster").json()
     assert cluster["plan"]["plan_id"] == plan_before and cluster["state"] == "ready"
 
