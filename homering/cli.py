@@ -152,7 +152,7 @@ KEY_OPTION = click.option(
 
 def _key(key_file: str | None):
     """The cluster key from --key-file or the environment (None: an open cluster)."""
-    from homering.cluster.security import load_key
+    from homering.wire.security import load_key
 
     return load_key(key_file)
 
@@ -160,7 +160,7 @@ def _key(key_file: str | None):
 
 def broker_options(*, embedded: bool = False):
     """``--broker``, ``--user``, ``--password-file`` and ``--ca-file``, handed to the command as one
-    ``broker`` argument: a :class:`~homering.cluster.mqtt.BrokerURL` carrying its credentials.
+    ``broker`` argument: a :class:`~homering.transport.mqtt.BrokerURL` carrying its credentials.
 
     With ``embedded=False`` the broker defaults to mqtt://127.0.0.1:1883. With
     ``embedded=True`` (commands that can start their own anonymous broker)
@@ -207,7 +207,7 @@ def broker_options(*, embedded: bool = False):
 def _broker(url: str | None, user: str | None = None, password_file: str | None = None,
             ca_file: str | None = None):
     """The broker at ``url`` (default mqtt://127.0.0.1:1883) with credentials from options or the environment."""
-    from homering.cluster.mqtt import DEFAULT_BROKER, BrokerAuth, BrokerURL
+    from homering.transport.mqtt import DEFAULT_BROKER, BrokerAuth, BrokerURL
 
     return BrokerURL.parse(url or DEFAULT_BROKER, BrokerAuth.load(user, password_file, ca_file))
 
@@ -271,7 +271,7 @@ def agent(broker, name, threads, data_port, host, release, ha_discovery, key_fil
     The windows come from the model file when this device has it, else from the
     controller (its --api-port), checked against the plan's SHA-256 and cached by hash.
     """
-    from homering.cluster.agent import Agent, default_name
+    from homering.agent.agent import Agent, default_name
     from homering.engine.pages import limit_malloc_arenas
     from homering.secrets import api_key
 
@@ -349,7 +349,7 @@ def controller(broker, model, agents, ctx, timeout, planner, rounds, n_batch, pa
     With --api-port it also serves the OpenAI API (/v1/chat/completions,
     /v1/completions, /v1/models, /v1/cluster, /health, /metrics).
     """
-    from homering.cluster.controller import DEFAULT_BATCH, Controller
+    from homering.controller.controller import DEFAULT_BATCH, Controller
     from homering.models.registry import resolve_model
     from homering.secrets import api_key
 
@@ -369,8 +369,8 @@ def controller(broker, model, agents, ctx, timeout, planner, rounds, n_batch, pa
 def broker(host, port) -> None:
     """Run the embedded (amqtt) MQTT broker: only the user and password in $HOMERING_MQTT_USER and
     $HOMERING_MQTT_PASSWORD may connect when they are set, anyone otherwise."""
-    from homering.cluster.broker import run_broker
-    from homering.cluster.mqtt import BrokerAuth
+    from homering.transport.broker import run_broker
+    from homering.transport.mqtt import BrokerAuth
 
     auth = BrokerAuth.load()
     _run(run_broker(host, port, auth if auth.username else None))
@@ -379,7 +379,7 @@ def broker(host, port) -> None:
 # ---------------------------------------------------------------- user front ends
 def _sampling(max_tokens, temperature, seed):
     """The command line's sampling settings; top_k, top_p and min_p keep :class:`Sampling`'s (llama.cpp's) defaults."""
-    from homering.cluster.schema import Sampling
+    from homering.wire import Sampling
 
     return Sampling(max_tokens=max_tokens, temperature=temperature, seed=seed)
 
@@ -406,7 +406,7 @@ def sampling_options(fn):
 @KEY_OPTION
 def chat(broker, max_tokens, temperature, seed, system, key_file) -> None:
     """Chat with the cluster in the terminal (/plan, /reset, /quit)."""
-    from homering.api.chat import chat as chat_loop
+    from homering.client.chat import chat as chat_loop
 
     _run(chat_loop(broker, sampling=_sampling(max_tokens, temperature, seed), system=system, key=_key(key_file)))
 
@@ -459,9 +459,9 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_por
     could otherwise reach the broker and data ports on loopback); with
     --broker and no key the cluster runs open, so others can join or chat.
     """
-    from homering.api.chat import chat as chat_loop
-    from homering.api.chat import headless, one_shot
-    from homering.cluster.local import LocalCluster
+    from homering.client.chat import chat as chat_loop
+    from homering.client.chat import headless, one_shot
+    from homering.client.local import LocalCluster
     from homering.models.registry import resolve_model
 
     if (raw or as_json) and prompt is None:
@@ -481,7 +481,7 @@ def up(obj, agents, model, broker, threads, n_ctx, prompt, raw, as_json, api_por
     sampling = _sampling(max_tokens, temperature, seed)
     key = _key(key_file)
     if key is None and broker is None:  # a private cluster: nobody else needs the key
-        from homering.cluster.security import ClusterKey, generate_secret
+        from homering.wire.security import ClusterKey, generate_secret
 
         key = ClusterKey(generate_secret(), source="homering up (random)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -518,7 +518,7 @@ def profile(model, threads, as_json, refresh) -> None:
     """
     from rich.console import Console
 
-    from homering.cluster.local import default_threads
+    from homering.client.local import default_threads
     from homering.models.registry import resolve_model
     from homering.profiler import profile_device
 
@@ -533,7 +533,7 @@ def profile(model, threads, as_json, refresh) -> None:
 
 
 def _print_profile(prof, model_path) -> None:
-    """A rich table of a :class:`~homering.cluster.schema.DeviceProfile`."""
+    """A rich table of a :class:`~homering.wire.DeviceProfile`."""
     from rich.console import Console
     from rich.table import Table
 
@@ -643,7 +643,7 @@ def bench_decode(agent_counts, more_counts, model, threads, tokens, repeats, out
     Example: `homering bench decode --agents 1 3`.
     """
     from homering.bench.decode import run_decode_bench
-    from homering.cluster.local import default_threads
+    from homering.client.local import default_threads
     from homering.models.registry import resolve_model
 
     counts = sorted(set(agent_counts) | set(more_counts))
@@ -915,9 +915,9 @@ def testbed_run(obj, spec_file, workdir, model, planner, rounds, n_ctx, prompt, 
     """
     from rich.console import Console
 
-    from homering.api.chat import chat as chat_loop
-    from homering.api.chat import one_shot
-    from homering.cluster.mqtt import BrokerURL
+    from homering.client.chat import chat as chat_loop
+    from homering.client.chat import one_shot
+    from homering.transport.mqtt import BrokerURL
     from homering.models.registry import resolve_model
 
     if as_json and prompt is None:

@@ -12,8 +12,8 @@ import httpx
 
 import pytest
 
-from homering.cluster.broker import free_port, wait_for_port
-from homering.cluster.mqtt import BrokerURL
+from homering.transport.broker import free_port, wait_for_port
+from homering.transport.mqtt import BrokerURL
 from homering.models.registry import resolve_model
 
 from tests.reference import Reference
@@ -104,8 +104,8 @@ def keyed_cluster(smollm2, mosquitto, tmp_path_factory):
     Module-scoped (one cluster on the broker at a time: controllers share a client id). The key is
     ``cluster.key``; the children's logs are in ``cluster.log_path``.
     """
-    from homering.cluster.local import LocalCluster
-    from homering.cluster.security import ClusterKey, generate_secret
+    from homering.client.local import LocalCluster
+    from homering.wire.security import ClusterKey, generate_secret
 
     key = ClusterKey(generate_secret(), source="the test")
     log_path = tmp_path_factory.mktemp("logs") / "keyed-cluster.log"

@@ -16,8 +16,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from homering.cluster.broker import free_port
-from homering.cluster.local import stop_processes
+from homering.transport.broker import free_port
+from homering.client.local import stop_processes
 from homering.engine.tokenizer import Tokenizer
 
 from tests.conftest import wait_healthy

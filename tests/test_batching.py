@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from homering.cluster.scheduler import QueueFull, Sequences
+from homering.controller.admission import QueueFull, Sequences
 from homering.engine.sampling import StopMatcher
 from homering.engine.window import LayerWindow
 from homering.models.slicing import Role, WindowSpec, slice_window

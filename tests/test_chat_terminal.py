@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from homering.cluster.broker import free_port
-from homering.cluster.rate import WorkRate
+from homering.transport.broker import free_port
+from homering.rate import WorkRate
 
 HOMERING = [sys.executable, "-m", "homering"]
 READY_S = 300.0  # hang guards: a cluster starting on a shared two-core machine ...
@@ -180,7 +180,7 @@ def test_ctrl_c_cancels_the_answer_on_the_cluster_and_ctrl_c_at_the_prompt_exits
 @pytest.fixture(scope="module")
 def chat_cluster(smollm2, mosquitto, tmp_path_factory):
     """A controller and one agent on mosquitto (context 2048, as `homering up`'s default) for `homering chat`."""
-    from homering.cluster.local import LocalCluster
+    from homering.client.local import LocalCluster
 
     log_path = tmp_path_factory.mktemp("logs") / "chat-cluster.log"
     with open(log_path, "w") as log_file, LocalCluster(smollm2, n_agents=1, broker=mosquitto, threads=1,

@@ -11,11 +11,11 @@ import sys
 import aiomqtt
 import pytest
 
-from homering.api.chat import ask
-from homering.cluster.client import ClusterClient, new_request_id
-from homering.cluster.local import LocalCluster
-from homering.cluster.mqtt import BrokerURL
-from homering.cluster.schema import ChatMessage, ControllerStatus, GenerateRequest, Sampling, Topics
+from homering.client.chat import ask
+from homering.client.client import ClusterClient, new_request_id
+from homering.client.local import LocalCluster
+from homering.transport.mqtt import BrokerURL
+from homering.wire import ChatMessage, ControllerStatus, GenerateRequest, Sampling, Topics
 from homering.errors import HomeringError
 
 from tests.conftest import run_mosquitto
@@ -190,8 +190,8 @@ def test_client_reports_the_controllers_detail_and_a_lost_connection(tmp_path):
 
 def test_a_loading_plan_names_the_agents_it_waits_for(smollm2):
     """While a plan loads, the controller's status detail names the agents of its ring not ready with it."""
-    from homering.cluster.controller import Controller
-    from homering.cluster.schema import AgentStatus, Plan, PlanAgent
+    from homering.controller.controller import Controller
+    from homering.wire import AgentStatus, Plan, PlanAgent
 
     c = Controller(BrokerURL("127.0.0.1", 1), smollm2, n_agents=1)
     c.plan = Plan.model_construct(plan_id="p2", ring=[PlanAgent.model_construct(name=n) for n in ("a", "late", "b")])

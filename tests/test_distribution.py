@@ -19,12 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from homering.api.chat import ask
-from homering.cluster.broker import free_port
-from homering.cluster.client import ClusterClient, new_request_id
-from homering.cluster.local import stop_processes
-from homering.cluster.schema import ChatMessage, GenerateRequest, Sampling
-from homering.cluster.windows import WindowClient, cache_path
+from homering.client.chat import ask
+from homering.transport.broker import free_port
+from homering.client.client import ClusterClient, new_request_id
+from homering.client.local import stop_processes
+from homering.wire import ChatMessage, GenerateRequest, Sampling
+from homering.transport.windows import WindowClient, cache_path
 
 from tests.conftest import run_mosquitto, wait_healthy
 
@@ -190,7 +190,7 @@ def test_without_an_api_port_an_agent_without_the_model_says_why(smollm2, own_br
 def test_the_window_cache_keeps_the_plan_recent_files_and_a_budget_of_others(tmp_path, monkeypatch):
     """prune_cache: never the plan's files nor files younger than the age guard; the oldest others go
     first, with their hash memos, until the spare budget holds; the disk probe file is not a window."""
-    from homering.cluster.windows import prune_cache
+    from homering.transport.windows import prune_cache
 
     monkeypatch.setenv("HOMERING_HOME", str(tmp_path))
     root = tmp_path / "windows"

@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
-from homering.cluster.broker import free_port, wait_for_port
-from homering.cluster.local import stop_processes
+from homering.transport.broker import free_port, wait_for_port
+from homering.client.local import stop_processes
 
 from tests.conftest import _mosquitto_binary, wait_healthy
 
@@ -316,9 +316,9 @@ def test_cut_off_agent_mid_answer_and_finish_it_identically(testbed3):
 def test_loss_signals_and_join_hysteresis(smollm2):
     """The controller's membership rules, on its own state (no processes): heartbeats, last wills (live,
     retained, or sent by a stopping broker), and the hold that keeps a flapping agent out."""
-    from homering.cluster.controller import JOIN_HOLD_S, LOST_AFTER_S, OFFLINE_GRACE_S, Controller
-    from homering.cluster.mqtt import BrokerURL
-    from homering.cluster.schema import AgentProfile, AgentStatus, DeviceProfile, Plan, PlanAgent
+    from homering.controller.controller import JOIN_HOLD_S, LOST_AFTER_S, OFFLINE_GRACE_S, Controller
+    from homering.transport.mqtt import BrokerURL
+    from homering.wire import AgentProfile, AgentStatus, DeviceProfile, Plan, PlanAgent
 
     c = Controller(BrokerURL("127.0.0.1", 1), smollm2, n_agents=1)
     c.fingerprint = "fp"
@@ -371,8 +371,8 @@ def test_requests_that_waited_through_a_replan_start_before_a_join_replans_again
     """Admission order, on the controller's own state: a request that waited for a plan starts on it even
     when agents join meanwhile (and holds the join's re-plan back until it runs); one that arrives while
     the join is pending waits for the join's plan; one waiting to resume does not block the join."""
-    from homering.cluster.controller import Controller
-    from homering.cluster.mqtt import BrokerURL
+    from homering.controller.controller import Controller
+    from homering.transport.mqtt import BrokerURL
 
     c = Controller(BrokerURL("127.0.0.1", 1), smollm2, n_agents=1)
     assert not c.ready and not c._admissible(c._ready_gen)
@@ -399,9 +399,9 @@ def test_requests_that_waited_through_a_replan_start_before_a_join_replans_again
 def test_a_replan_that_loses_its_joiner_keeps_the_plan_in_force(smollm2):
     """When the agent that made a join re-plan leaves while links are probed, the plan in force still runs
     (its ring is intact and ready): the controller serves it again instead of waiting for the next change."""
-    from homering.cluster.controller import Controller
-    from homering.cluster.mqtt import BrokerURL
-    from homering.cluster.schema import AgentProfile, AgentStatus, DeviceProfile, Plan, PlanAgent
+    from homering.controller.controller import Controller
+    from homering.transport.mqtt import BrokerURL
+    from homering.wire import AgentProfile, AgentStatus, DeviceProfile, Plan, PlanAgent
 
     c = Controller(BrokerURL("127.0.0.1", 1), smollm2, n_agents=1)
     c.fingerprint = "fp"
@@ -467,8 +467,8 @@ def test_a_blocked_event_loop_declares_no_agent_lost(smollm2):
     right after a 2 x LOST_AFTER_S block the agent is live; only real silence afterwards loses it."""
     import asyncio
 
-    from homering.cluster.controller import LOOP_TICK_S, LOST_AFTER_S, Controller
-    from homering.cluster.mqtt import BrokerURL
+    from homering.controller.controller import LOOP_TICK_S, LOST_AFTER_S, Controller
+    from homering.transport.mqtt import BrokerURL
 
     c = Controller(BrokerURL("127.0.0.1", 1), smollm2, n_agents=1)
     c._connected.set()

@@ -13,17 +13,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from homering.api.chat import ask
-from homering.cluster.agent import Agent
-from homering.cluster.client import ClusterClient, new_request_id
-from homering.cluster.controller import Controller
-from homering.cluster.dataplane import client_handshake, recv_group, server_handshake
-from homering.cluster.mqtt import BrokerURL
-from homering.cluster.schema import (
-    HEADER, LINK_HELLO, LINK_REPLY, MESSAGE_MAC_LABEL, ChatMessage, FrameError, FrameHeader, GenerateRequest,
+from homering.client.chat import ask
+from homering.agent.agent import Agent
+from homering.client.client import ClusterClient, new_request_id
+from homering.controller.controller import Controller
+from homering.transport.links import recv_group
+from homering.wire.handshake import client_handshake, server_handshake
+from homering.transport.mqtt import BrokerURL
+from homering.wire.base import MESSAGE_MAC_LABEL
+from homering.wire.handshake import LINK_HELLO, LINK_REPLY
+from homering.wire import (
+    HEADER, ChatMessage, FrameError, FrameHeader, GenerateRequest,
     HandshakeError, MalformedMessage, Message, Sampling, Topics,
 )
-from homering.cluster.security import ClusterKey
+from homering.wire.security import ClusterKey
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 KEY = ClusterKey("f" * 32, source="fuzz")
@@ -58,7 +61,7 @@ def _dumps(value) -> bytes:
 
 def _samples() -> dict[str, dict]:
     """A valid message of the classes handlers act on (mutated one field at a time by :func:`payloads_for`)."""
-    from homering.cluster.schema import (
+    from homering.wire import (
         AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStatus, GenerateJob, LinkReport, PlanAgent,
         Plan, StreamEvent, WindowAssignment,
     )
@@ -128,11 +131,11 @@ def test_every_message_parser_raises_only_malformed_message(cls):
 
 
 def test_messages_reject_non_finite_numbers():
-    from homering.cluster.schema import LinkReport
+    from homering.wire import LinkReport
 
     for text in (b'{"probe_id":"a","link_ms":NaN}', b'{"probe_id":"a","link_mbps":Infinity}'):
         with pytest.raises(MalformedMessage):
-            LinkReport.load(text)
+            LinkReport.load(text, key=None)
 
 
 # ------------------------------------------------------------------ frames and the handshake
@@ -372,7 +375,7 @@ def test_a_running_cluster_survives_random_payloads_on_every_topic(keyed_cluster
 def test_an_unexpected_failure_in_a_request_still_ends_its_stream_with_an_error():
     """A bug on the head (here a TypeError, as llama.cpp's 5-argument penalties sampler once raised) ends
     the request with an error event, so the controller frees its sequence instead of waiting forever."""
-    from homering.cluster.schema import GenerateJob, Sampling, StreamEvent
+    from homering.wire import GenerateJob, Sampling, StreamEvent
 
     agent = Agent(BrokerURL("127.0.0.1", 1), name="bug", threads=1)
     agent._mqtt = _Feed([])
@@ -383,5 +386,5 @@ def test_an_unexpected_failure_in_a_request_still_ends_its_stream_with_an_error(
     agent._generate_sync = broken
     job = GenerateJob(request_id="r-bug", plan_id="p", seq_id=0, prompt_token_ids=[1], sampling=Sampling())
     asyncio.run(agent._generate(job))
-    events = [StreamEvent.load(payload) for _, payload in agent._mqtt.published]
+    events = [StreamEvent.load(payload, key=None) for _, payload in agent._mqtt.published]
     assert [e.type for e in events] == ["error"] and "TypeError" in events[0].error

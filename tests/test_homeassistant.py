@@ -9,8 +9,8 @@ import re
 import jinja2
 import pytest
 
-from homering.cluster import mqtt
-from homering.cluster.homeassistant import (
+from homering.transport import mqtt
+from homering.integrations.homeassistant import (
     DISCOVERY_PREFIX,
     CONTROLLER_NODE,
     agent_configs,
@@ -19,7 +19,7 @@ from homering.cluster.homeassistant import (
     controller_configs,
     publish_discovery,
 )
-from homering.cluster.schema import (
+from homering.wire import (
     AgentStats,
     AgentStatus,
     ControllerStats,
@@ -163,7 +163,7 @@ def test_an_agent_that_leaves_for_good_disappears_from_home_assistant(mosquitto,
     import subprocess
     import sys
 
-    from homering.cluster.local import stop_processes
+    from homering.client.local import stop_processes
 
     name = f"ha-leaver-{os.getpid()}"
     node = agent_node_id(name)

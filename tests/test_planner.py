@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.brute import brute_force
-from homering.cluster.schema import AgentProfile, DeviceProfile, GpuProfile
-from homering.planner import make_plan, plan_cluster
+from homering.wire import AgentProfile, DeviceProfile, GpuProfile
+from homering.controller.plans import make_plan
+from homering.planner import plan_cluster
 from homering.planner.halda import solve
 from homering.planner.model import GIB, ModelShape, PlanError, evaluate, parse_cluster
 
@@ -165,7 +166,7 @@ def _agent(name, port, ram_gib, cpu, **kw):
 
 def test_head_is_the_agent_whose_cgroup_leaves_the_most_ram():
     """Agents on one host see the same machine-wide RAM; the measured (cgroup-aware) RAM decides."""
-    from homering.planner import head_of
+    from homering.controller.plans import head_of
 
     small, big = _agent("a-phone", 9000, 0.3, 1.0), _agent("b-desktop", 9001, 1.4, 1.0)
     small = small.model_copy(update={"ram_available": 20 * GIB})  # what psutil says on the shared host
@@ -246,8 +247,8 @@ def test_release_is_asked_only_of_devices_that_stream_several_windows():
 
 
 def test_pipeline_depth_counts_devices_that_can_compute_at_once():
-    from homering.cluster.schema import AgentProfile
-    from homering.planner import pipeline_depth
+    from homering.wire import AgentProfile
+    from homering.controller.plans import pipeline_depth
 
     def agent(host: str, cpus: int, threads: int) -> AgentProfile:
         return AgentProfile.model_construct(host=host, cpu_count=cpus, threads=threads)

@@ -12,7 +12,7 @@ import pytest
 
 import llama_cpp
 
-from homering.cluster.schema import DeviceProfile
+from homering.wire import DeviceProfile
 from homering.profiler import (AGENT_RESERVE_BYTES, available_ram_bytes, cgroup_memory_headroom, detect_os,
                                gpu_free_vram, measure_disk_gbps, profile_device, profiles_dir)
 from homering.profiler.disk import DISK_PROBE_NAME
@@ -238,7 +238,7 @@ def test_profile_measures_then_caches_then_refreshes(smollm2, home):
     # the CLI (its own process) finds the cached profile and prints a DeviceProfile
     proc = homering("profile", "--model", str(smollm2), "--threads", "1", "--json", env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
-    printed = DeviceProfile.load(proc.stdout)
+    printed = DeviceProfile.model_validate_json(proc.stdout)
     assert printed.cached and printed.profile_ms == refreshed.profile_ms
     assert printed.cpu_ms_per_layer == refreshed.cpu_ms_per_layer
 
@@ -252,7 +252,7 @@ def test_concurrent_profilers_measure_once(smollm2, home):
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-        outs.append(DeviceProfile.load(out))
+        outs.append(DeviceProfile.model_validate_json(out))
     # one measured; the other waited for the lock, then read the cache
     assert sorted(o.cached for o in outs) == [False, True]
     assert outs[0].profile_ms == outs[1].profile_ms > 0  # the one measurement's time
@@ -277,7 +277,7 @@ def test_profile_cli_table_and_json_agree(smollm2, home):
     again = homering(*args, env=env)
     assert again.returncode == 0, again.stderr
 
-    printed = DeviceProfile.load(as_json.stdout)
+    printed = DeviceProfile.model_validate_json(as_json.stdout)
     seconds = f"{printed.profile_ms / 1000:.1f} s"
     assert printed.cached and printed.profile_ms > 0
     assert took(measured.stdout) == seconds, measured.stdout  # measured now: not "cached"

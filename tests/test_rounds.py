@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from homering.api.chat import ask
-from homering.cluster.client import ClusterClient
-from homering.cluster.local import LocalCluster
+from homering.client.chat import ask
+from homering.client.client import ClusterClient
+from homering.client.local import LocalCluster
 from tests.test_cluster import PROMPTS, chat_request, run
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from homering.api.openai import ChatCompletionBody as ChatBody
-from homering.cluster.schema import Sampling
+from homering.engine.sampling import Sampling
 from homering.engine.sampling import SamplerChain
 
 N_VOCAB = 100

@@ -18,10 +18,10 @@ import openai
 import psutil
 import pytest
 
-from homering.cluster import mqtt
-from homering.cluster.broker import free_port
-from homering.cluster.local import stop_processes
-from homering.cluster.mqtt import BrokerAuth, BrokerURL
+from homering.transport import mqtt
+from homering.transport.broker import free_port
+from homering.client.local import stop_processes
+from homering.transport.mqtt import BrokerAuth, BrokerURL
 from homering.errors import HomeringError
 
 from tests.conftest import run_mosquitto, wait_healthy
@@ -124,10 +124,10 @@ def _sub_everything(broker: BrokerURL, user: str | None = None, password: str | 
 
 def test_ups_own_mosquitto_accepts_only_the_clusters_processes(smollm2):
     """`up`'s broker (LocalCluster without --broker) refuses anonymous and wrong logins; its processes work."""
-    from homering.api.chat import ask
-    from homering.cluster.client import ClusterClient, new_request_id
-    from homering.cluster.local import LocalCluster
-    from homering.cluster.schema import ChatMessage, GenerateRequest, Sampling
+    from homering.client.chat import ask
+    from homering.client.client import ClusterClient, new_request_id
+    from homering.client.local import LocalCluster
+    from homering.wire import ChatMessage, GenerateRequest, Sampling
 
     with LocalCluster(smollm2, n_agents=1, threads=1, n_ctx=256) as cluster:
         broker = cluster.broker
@@ -151,7 +151,7 @@ def test_ups_own_mosquitto_accepts_only_the_clusters_processes(smollm2):
 
 def test_embedded_amqtt_broker_with_credentials_refuses_anonymous_clients():
     """`homering broker` (amqtt, where mosquitto is missing) with $HOMERING_MQTT_USER/PASSWORD: that login only."""
-    from homering.cluster.broker import broker_credentials, wait_for_port
+    from homering.transport.broker import broker_credentials, wait_for_port
 
     auth, port = broker_credentials(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "homering", "broker", "--port", str(port)],
@@ -264,7 +264,7 @@ def test_shared_agent_account_cannot_publish_a_plan(secured):
 
 def test_shared_agent_account_cannot_touch_the_controllers_home_assistant_sensors(secured):
     """Stack agents share one account: they may publish agents' discovery configs, never the controller's."""
-    from homering.cluster.homeassistant import CONTROLLER_NODE, agent_node_id
+    from homering.integrations.homeassistant import CONTROLLER_NODE, agent_node_id
 
     mine = (f"homeassistant/sensor/{agent_node_id('host-7')}/status/config", "{}")
     got = asyncio.run(_deliveries(secured, "agent", [(f"homeassistant/sensor/{CONTROLLER_NODE}/state/config", "{}")],

@@ -194,8 +194,8 @@ def test_paho_socket_errors_log_at_debug(caplog):
     import asyncio
     import logging
 
-    from homering.cluster import mqtt
-    from homering.cluster.mqtt import BrokerURL
+    from homering.transport import mqtt
+    from homering.transport.mqtt import BrokerURL
 
     async def made():  # an aiomqtt client is made on a running loop
         return mqtt.client(BrokerURL("127.0.0.1", 1883))

@@ -15,17 +15,17 @@ import aiomqtt
 import numpy as np
 import pytest
 
-from homering.api.chat import ask
-from homering.cluster.client import ClusterClient, new_request_id
-from homering.cluster.dataplane import (
-    Frame, LinkServer, client_handshake, connect_link, measure_link, recv_frame, recv_group, send_frame,
-    server_handshake,
-)
-from homering.cluster.schema import (
-    HEADER, LINK_ACCEPT, LINK_HELLO, LINK_REPLY, MAX_PAYLOAD, MESSAGE_MAC_LABEL, BadSignature, ChatMessage, ControllerStatus, DType, FrameError, FrameHeader, FrameKind, GenerateJob, GenerateRequest, HandshakeError,
+from homering.client.chat import ask
+from homering.client.client import ClusterClient, new_request_id
+from homering.transport.links import LinkServer, connect_link, measure_link, recv_frame, recv_group, send_frame
+from homering.wire.frames import FRAME_VERSION, Frame
+from homering.wire.base import MESSAGE_MAC_LABEL
+from homering.wire.handshake import LINK_ACCEPT, LINK_HELLO, LINK_REPLY, client_handshake, server_handshake
+from homering.wire import (
+    HEADER, MAX_PAYLOAD, BadSignature, ChatMessage, ControllerStatus, DType, FrameError, FrameHeader, FrameKind, GenerateJob, GenerateRequest, HandshakeError,
     LinkProbe, Message, Sampling, Topics,
 )
-from homering.cluster.security import (
+from homering.wire.security import (
     ENV_KEY, ENV_KEY_FILE, MAX_AGE_S, ClusterKey, child_environment, generate_secret, load_key,
 )
 from homering.errors import HomeringError
@@ -211,7 +211,7 @@ def test_link_server_drops_bad_peers_and_keeps_serving():
 
 # ------------------------------------------------------------------ frames
 def _header(kind=FrameKind.FORWARD, dtype=DType.F32, n_tokens=1, n_embd=4, payload_len=None, *, seq_id=0, pos=0,
-            version=1, flags=0, reserved=0):
+            version=FRAME_VERSION, flags=0, reserved=0):
     if payload_len is None:
         payload_len = n_tokens * (n_embd or 1) * 4
     return HEADER.pack(b"HRNG", version, kind, dtype, flags, 1, seq_id, 0, reserved, pos, n_tokens, n_embd,
@@ -229,7 +229,7 @@ def _header(kind=FrameKind.FORWARD, dtype=DType.F32, n_tokens=1, n_embd=4, paylo
     (_header(dtype=DType.TOKENS, n_tokens=2, n_embd=3, payload_len=8), "n_embd"),
     (_header(kind=9), "FrameKind"),
     (_header(dtype=9), "DType"),
-    (_header(version=2), "version"),
+    (_header(version=FRAME_VERSION + 1), "version"),
     (_header(kind=FrameKind.FORWARD, dtype=DType.TEXT, n_tokens=0, n_embd=0, payload_len=5), "cannot carry"),
     (_header(kind=FrameKind.ERROR, dtype=DType.TEXT, n_tokens=0, n_embd=0, payload_len=1 << 20), "at most"),
     (_header(kind=FrameKind.PING, dtype=DType.BYTES, n_tokens=0, n_embd=0, payload_len=(1 << 24) + 1), "at most"),
@@ -287,7 +287,7 @@ def test_signed_orders_verify_once_and_only_with_the_key():
     with pytest.raises(BadSignature, match="bad signature"):
         GenerateJob.load(job.dump(key).replace(b'"r1"', b'"r2"'), key=key)
     with pytest.raises(BadSignature, match="no cluster key"):
-        GenerateJob.load(job.dump(key))
+        GenerateJob.load(job.dump(key), key=None)
     old = int((time.time() - MAX_AGE_S - 10) * 1000)
     with pytest.raises(BadSignature, match="stale"):
         GenerateJob.load(_signed_at(job, key, old), key=key)
@@ -302,7 +302,7 @@ def test_signed_orders_verify_once_and_only_with_the_key():
     with pytest.raises(BadSignature, match="bad signature"):
         GenerateRequest.load(Order(request_id="x").dump(key), key=key)
     # unsigned kinds ignore the key
-    assert GenerateJob.load(job.dump()) == job
+    assert GenerateJob.load(job.dump(None), key=None) == job
 
 
 def test_retained_state_is_signed_but_not_aged_and_stays_plain_json():
@@ -470,7 +470,7 @@ def test_keyed_cluster_ignores_forged_streams_statuses_and_profiles(keyed_cluste
     (done, error, token, interrupted) and replayed genuine ones, a forged offline status of the head, another
     agent's genuine status replayed on the head's topic, a fake retained profile. The answer in flight is the
     right one, nobody re-plans and the fake agent is never planned."""
-    from homering.cluster.schema import AgentProfile, AgentStatus, StreamEvent
+    from homering.wire import AgentProfile, AgentStatus, StreamEvent
 
     cluster, key = keyed_cluster, keyed_cluster.key
 
@@ -536,8 +536,8 @@ def test_newest_state_keeps_the_newest_per_agent_on_its_own_topic_and_each_sessi
     """NewestState, on messages signed at given times: replays of older state, another agent's state on this
     topic, and an old process's will are refused; the current process's will (signed before its statuses)
     counts once; unsigned messages (no key) all pass."""
-    from homering.cluster.schema import AgentStatus, MalformedMessage
-    from homering.cluster.security import NewestState
+    from homering.wire import AgentStatus, MalformedMessage
+    from homering.wire.security import NewestState
 
     def signed(at: int, **fields) -> AgentStatus:
         msg = AgentStatus(**fields)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from homering.cluster.dataplane import Frame
-from homering.cluster.schema import (
-    HEADER, AgentProfile, DeviceProfile, FrameError, FrameHeader, GenerateJob, MalformedMessage, Plan,
+from homering.wire import (
+    HEADER, AgentProfile, DeviceProfile, Frame, FrameError, FrameHeader, GenerateJob, MalformedMessage, Plan,
 )
-from homering.planner import make_plan
+from homering.controller.plans import make_plan
 from homering.planner.model import ModelShape
 from homering.planner.proportional import split_proportional
 
@@ -44,7 +43,7 @@ def test_plan_is_contiguous_with_head_last():
     assert spans[0][0] == 0 and spans[-1][1] == 30
     assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
     assert spans == [(0, 8), (8, 16), (16, 30)]  # 1 each, then 27 split 2:2:4 by largest remainder
-    assert Plan.load(plan.dump()) == plan
+    assert Plan.load(plan.dump(None), key=None) == plan
 
 
 def test_frame_roundtrip_and_validation():
@@ -69,7 +68,7 @@ def test_frame_roundtrip_and_validation():
                                      b'{"request_id": "a", "plan_id": "p", "prompt_token_ids": [], "sampling": {}}'])
 def test_malformed_job_is_rejected(payload):
     with pytest.raises(MalformedMessage):
-        GenerateJob.load(payload)
+        GenerateJob.load(payload, key=None)
 
 
 def _on_tmpfs(path) -> bool:
@@ -149,7 +148,7 @@ def _fake_controller_metrics():
     from types import SimpleNamespace as NS
 
     from homering.api.metrics import Metrics
-    from homering.cluster.schema import AgentStats, WindowStats
+    from homering.wire import AgentStats, WindowStats
 
     def stats(name, plan_id, rss, start=0, end=10):
         windows = [WindowStats(start=start, end=end, forwards=3, tokens=30, compute_ms=120.0)] if plan_id else []

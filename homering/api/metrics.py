@@ -2,7 +2,7 @@
 
 Request counters and histograms are updated as requests finish; the cluster's
 state (agents up, queue depth, per-window compute time and each live agent's memory from the agents'
-:class:`~homering.cluster.schema.AgentStats`) is read at scrape time by a
+:class:`~homering.wire.AgentStats`) is read at scrape time by a
 custom collector, so it is never stale.
 """
 
@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from homering.cluster.controller import Controller
-    from homering.cluster.schema import StreamEvent
+    from homering.controller.controller import Controller
+    from homering.wire import StreamEvent
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)

@@ -5,7 +5,7 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with
 /v1/models``, ``GET /v1/cluster``, ``GET /health`` and ``GET /metrics``
 (Prometheus); for agents without the model, ``GET /v1/windows/<sha256>`` (a
 window file of the current plan, or a probe window) and ``GET
-/v1/windows/probe/<start>-<end>-<role>`` (see :mod:`homering.cluster.windows`). Errors are OpenAI error objects (``{"error": {"message",
+/v1/windows/probe/<start>-<end>-<role>`` (see :mod:`homering.transport.windows`). Errors are OpenAI error objects (``{"error": {"message",
 "type", "param", "code"}}``): 400 bad request, 401 a missing or wrong API key,
 404 unknown model (or route, or window file), 405 a method the route does not
 have (with ``Allow``), 413 the prompt does not fit the context, 429 the queue is
@@ -58,13 +58,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from typing_extensions import TypedDict
 
 from homering.api.metrics import CONTENT_TYPE
-from homering.cluster.schema import (
+from homering.wire import (
     SHA256, WINDOWS_PATH, AgentStats, ChatMessage, DeviceProfile, GenerateRequest, Sampling, StreamEvent,
     WindowAssignment, WindowFile,
 )
 
 if TYPE_CHECKING:
-    from homering.cluster.controller import Controller
+    from homering.controller.controller import Controller
 
 log = logging.getLogger("homering.api")
 
@@ -730,7 +730,7 @@ def _finish(reason: str | None) -> str:
 
 async def _answer(controller: "Controller", req: GenerateRequest, body: _Body, request: Request, *, chat: bool):
     """Run ``req`` and answer as one JSON object or as server-sent events."""
-    from homering.cluster.controller import RequestError
+    from homering.controller.controller import RequestError
 
     events = controller.submit(req)
     try:

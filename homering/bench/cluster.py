@@ -41,12 +41,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from homering.api.chat import ask
-from homering.cluster import mqtt
-from homering.cluster.client import ClusterClient, new_request_id
-from homering.cluster.local import stop_processes
-from homering.cluster.schema import GenerateRequest, Sampling
-from homering.cluster.security import load_key
+from homering.client.chat import ask
+from homering.transport import mqtt
+from homering.client.client import ClusterClient, new_request_id
+from homering.client.local import stop_processes
+from homering.wire import GenerateRequest, Sampling
+from homering.wire.security import load_key
 from homering.engine.pages import WindowPages
 from homering.errors import HomeringError
 

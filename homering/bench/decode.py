@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.table import Table
 
 from homering.bench import write_json
-from homering.api.chat import ask
-from homering.cluster.client import ClusterClient, new_request_id
-from homering.cluster.local import LocalCluster
-from homering.cluster.schema import GenerateRequest, Sampling
+from homering.client.chat import ask
+from homering.client.client import ClusterClient, new_request_id
+from homering.client.local import LocalCluster
+from homering.wire import GenerateRequest, Sampling
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 

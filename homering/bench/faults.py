@@ -34,10 +34,10 @@ from rich.table import Table
 from homering.bench import write_json
 from homering import paths
 from homering.bench.concurrent import PROMPTS
-from homering.cluster.client import ClusterClient, new_request_id
-from homering.cluster.local import stop_processes
-from homering.cluster.mqtt import BrokerURL
-from homering.cluster.schema import GenerateRequest, Sampling
+from homering.client.client import ClusterClient, new_request_id
+from homering.client.local import stop_processes
+from homering.transport.mqtt import BrokerURL
+from homering.wire import GenerateRequest, Sampling
 from homering.errors import HomeringError
 
 PAUSE_WINDOW_S = 30.0

@@ -9,11 +9,38 @@ import numpy as np
 
 import llama_cpp
 
-from homering.cluster.schema import Sampling
+from pydantic import BaseModel, ConfigDict, Field
 
 # llama.cpp's struct llama_token_data {llama_token id; float logit; float p;}
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 PENALTY_LAST_N = 64  # tokens the presence/frequency penalties look back on (llama.cpp's default)
+
+
+class Sampling(BaseModel):
+    """Sampling settings; temperature <= 0 means greedy.
+
+    The defaults are llama.cpp's (llama-server's and ``llama-cli``'s): temperature
+    0.8, top_k 40, top_p 0.95, min_p 0.05. Every API fills in these when a client
+    sends no value, so small models do not ramble on a flat distribution.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_tokens: int = Field(ge=1, le=1 << 20, default=256)
+    temperature: float = Field(ge=0.0, le=10.0, default=0.8)
+    top_k: int = Field(ge=0, default=40)
+    top_p: float = Field(gt=0.0, le=1.0, default=0.95)
+    min_p: float = Field(ge=0.0, le=1.0, default=0.05, description="drop tokens whose probability is below "
+                                                                   "min_p times the most likely one's")
+    seed: int | None = Field(ge=0, le=2**32 - 1, default=None)
+    presence_penalty: float = Field(ge=-2.0, le=2.0, default=0.0, description="OpenAI's: subtracted once "
+                                                                             "from every token already generated")
+    frequency_penalty: float = Field(ge=-2.0, le=2.0, default=0.0, description="OpenAI's: subtracted per "
+                                                                               "occurrence of a generated token")
+    stop: list[str] = Field(default_factory=list, max_length=4, description="end the answer before the first "
+                                                                              "of these strings (not included)")
+    ignore_eos: bool = Field(default=False, description="generate max_tokens even past end-of-generation "
+                                                        "tokens (benchmarks)")
 
 
 class SamplerChain:

@@ -45,7 +45,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from homering.cluster.schema import GpuProfile, OsName
+from homering.profiler.profile import GpuProfile, OsName
 from homering.errors import HomeringError
 
 KIB = 1 << 10

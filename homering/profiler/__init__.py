@@ -5,7 +5,7 @@ may use, disk read speed (for weights that do not stay in RAM), compute time
 per layer on the CPU and the GPU, and the output head's time. This package
 measures them on the real model (:func:`profile_device`), caches the slow
 figures per (device, model), and fills a
-:class:`~homering.cluster.schema.DeviceProfile` that ``homering profile``
+:class:`~homering.wire.DeviceProfile` that ``homering profile``
 prints and the agent publishes.
 
 Modules: :mod:`.memory` (RAM and cgroup limits), :mod:`.disk` (read

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from homering.cluster.schema import GpuProfile
+from homering.profiler.profile import GpuProfile
 from homering.engine.window import LayerWindow
 from homering.models.gguf_info import ModelInfo, inspect_gguf
 from homering.models.slicing import Role, WindowSpec, slice_window

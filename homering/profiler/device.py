@@ -1,4 +1,4 @@
-"""``profile_device``: the :class:`~homering.cluster.schema.DeviceProfile` of this device for a model.
+"""``profile_device``: the :class:`~homering.wire.DeviceProfile` of this device for a model.
 
 RAM is measured on every call (it is cheap and changes all the time). The
 slow figures (disk throughput, CPU/GPU decode times) are cached per (device,
@@ -32,7 +32,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from homering import paths
-from homering.cluster.schema import DeviceProfile, GpuProfile, OsName
+from homering.profiler.profile import DeviceProfile, GpuProfile, OsName
 from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo, inspect_gguf
 from homering.profiler.compute import WindowSource, measure_compute, measure_gpu
@@ -169,7 +169,7 @@ def profile_device(model_path: str | os.PathLike | None, *, threads: int, refres
         disk_dir: where to measure the disk; default the window cache folder.
         info: the model's shape, when known (required without ``model_path``).
         windows: where the probe windows come from (required without ``model_path``: an agent
-            without the model downloads them, see :mod:`homering.cluster.windows`)
+            without the model downloads them, see :mod:`homering.transport.windows`)
             [default: sliced from ``model_path``].
 
     Returns:

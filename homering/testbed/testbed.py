@@ -1030,7 +1030,7 @@ class Testbed:
         """Start mosquitto (or, without it, homering's embedded amqtt broker) in the bridge namespace on
         the bridge address; wait until it accepts connections from the host. Returns :attr:`broker_url`.
         """
-        from homering.cluster.broker import mosquitto_binary, wait_for_port, write_mosquitto_config
+        from homering.transport.broker import mosquitto_binary, wait_for_port, write_mosquitto_config
 
         if self._broker is not None and self._broker.poll() is None:
             return self.broker_url

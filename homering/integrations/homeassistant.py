@@ -17,8 +17,8 @@ Source: Home Assistant's MQTT discovery documentation
 (https://www.home-assistant.io/integrations/sensor.mqtt/).
 
 No new topics are needed: the sensors read the retained messages the cluster publishes anyway
-(:class:`~homering.cluster.schema.AgentStatus`, :class:`~homering.cluster.schema.AgentStats`,
-:class:`~homering.cluster.schema.ControllerStatus`, :class:`~homering.cluster.schema.ControllerStats`),
+(:class:`~homering.wire.AgentStatus`, :class:`~homering.wire.AgentStats`,
+:class:`~homering.wire.ControllerStatus`, :class:`~homering.wire.ControllerStats`),
 and availability follows their ``state`` field, which each last will sets to ``offline``.
 """
 
@@ -30,7 +30,7 @@ from collections.abc import Iterable
 
 import aiomqtt
 
-from homering.cluster.schema import _NAME, Topics
+from homering.wire import NAME, Topics
 
 DISCOVERY_PREFIX = "homeassistant"
 
@@ -90,8 +90,8 @@ def agent_configs(name: str, *, prefix: str = DISCOVERY_PREFIX) -> list[tuple[st
     """Discovery ``(topic, payload)`` pairs that make agent ``name`` a Home Assistant device.
 
     The device (identifiers ``homering_agent_<name>``) gets four sensors: its status
-    (:class:`~homering.cluster.schema.AgentStatus` ``state``), tokens/s, resident memory and
-    layers held (from :class:`~homering.cluster.schema.AgentStats`). All are unavailable while the
+    (:class:`~homering.wire.AgentStatus` ``state``), tokens/s, resident memory and
+    layers held (from :class:`~homering.wire.AgentStats`). All are unavailable while the
     agent's status is ``offline``. Publish them retained with :func:`publish_discovery`.
 
     The topic's ``node_id`` is :func:`agent_node_id`'s (one per name); ``unique_id`` keeps the name
@@ -100,7 +100,7 @@ def agent_configs(name: str, *, prefix: str = DISCOVERY_PREFIX) -> list[tuple[st
     Raises:
         ValueError: ``name`` is not a valid agent name.
     """
-    if not re.fullmatch(_NAME, name):
+    if not re.fullmatch(NAME, name):
         raise ValueError(f"invalid agent name {name!r}")
     node_id = agent_node_id(name)
     device = {"identifiers": [f"homering_agent_{name}"], "name": f"homering agent {name}",
@@ -126,8 +126,8 @@ def controller_configs(*, prefix: str = DISCOVERY_PREFIX) -> list[tuple[str, dic
     """Discovery ``(topic, payload)`` pairs that make the controller a Home Assistant device.
 
     The device (identifiers ``homering_controller``) gets four sensors: its state and current
-    model (from :class:`~homering.cluster.schema.ControllerStatus`), requests in flight and queue
-    depth (from :class:`~homering.cluster.schema.ControllerStats`). All are unavailable while the
+    model (from :class:`~homering.wire.ControllerStatus`), requests in flight and queue
+    depth (from :class:`~homering.wire.ControllerStats`). All are unavailable while the
     controller's status is ``offline``. Publish them retained with :func:`publish_discovery`.
     """
     node_id = CONTROLLER_NODE

@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from homering.cluster import mqtt
-from homering.cluster.client import ClusterClient, new_request_id
-from homering.cluster.schema import ChatMessage, GenerateRequest, Plan, Sampling, StreamEvent
-from homering.cluster.security import ClusterKey
+from homering.transport import mqtt
+from homering.client.client import ClusterClient, new_request_id
+from homering.wire import ChatMessage, GenerateRequest, Plan, Sampling, StreamEvent
+from homering.wire.security import ClusterKey
 from homering.errors import HomeringError
 
 HELP = ("commands: /plan shows the layer assignment, /cluster the agents at work, /reset forgets the "
@@ -81,7 +81,7 @@ def plan_table(plan: Plan) -> Table:
 def cluster_table(client: ClusterClient) -> Table:
     """The agents at work: status, layer windows, measured ms per window, link latency, memory and tokens/s.
 
-    From the agents' retained :class:`~homering.cluster.schema.AgentStats` (every few seconds)
+    From the agents' retained :class:`~homering.wire.AgentStats` (every few seconds)
     and the plan (link latency to the head, measured when it was made).
     """
     plan = client.plan

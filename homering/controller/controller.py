@@ -23,7 +23,7 @@ by the head (:class:`StreamReplay`).
 Window distribution: the controller slices every plan's windows itself and
 puts each file's SHA-256 and size in the plan; with an API port it serves
 those files, and the probe windows agents profile with, to agents that do not
-have the model (:mod:`homering.cluster.windows`).
+have the model (:mod:`homering.transport.windows`).
 """
 
 from __future__ import annotations
@@ -39,21 +39,22 @@ from pathlib import Path
 import aiomqtt
 
 from homering.api.metrics import Metrics
-from homering.cluster import mqtt
-from homering.cluster import windows as dist
-from homering.cluster.homeassistant import controller_configs, publish_discovery
-from homering.cluster.scheduler import QueueFull, Sequences
-from homering.cluster.schema import (
+from homering.transport import mqtt
+from homering.transport import windows as dist
+from homering.integrations.homeassistant import controller_configs, publish_discovery
+from homering.controller.admission import QueueFull, Sequences
+from homering.wire import (
     MAX_PAYLOAD, AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStats, ControllerStatus, GenerateJob,
     GenerateRequest, LinkProbe, LinkReport, MalformedMessage, Plan, StreamEvent, StreamReplay, Topics, WindowFile,
 )
-from homering.cluster.client import StreamOrder
-from homering.cluster.security import ClusterKey, NewestState
+from homering.transport.streams import StreamOrder
+from homering.wire.security import ClusterKey, NewestState
 from homering.engine.tokenizer import Tokenizer
 from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo, inspect_gguf
 from homering.models.slicing import Role, WindowSpec, slice_window
-from homering.planner import DEFAULT_BATCH, head_of, make_plan
+from homering.controller.plans import head_of, make_plan
+from homering.planner import DEFAULT_BATCH
 from homering.planner.model import PlanError, shape_from_gguf
 
 DEFAULT_PARALLEL = 4  # requests served at once (KV sequences per window)
@@ -109,7 +110,7 @@ class Controller:
         api: serve the OpenAI-compatible HTTP API on this ``(host, port)``.
         api_key: require ``Authorization: Bearer <api_key>`` on the API (None: open).
         ha_discovery: announce the controller to Home Assistant (MQTT discovery).
-        key: the cluster key (:mod:`homering.cluster.security`): plans, jobs, probes and the status go out
+        key: the cluster key (:mod:`homering.wire.security`): plans, jobs, probes and the status go out
             signed, and requests must be signed [default: an open cluster].
     """
 

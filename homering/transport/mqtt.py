@@ -228,7 +228,7 @@ async def keep_connected(broker: BrokerURL, session, *, identifier: str, will=No
     """Run ``await session(client, reconnected)`` on a connection to ``broker``, again after every loss.
 
     ``will`` is an ``aiomqtt.Will``, or a function that makes one for each connection
-    (a signed will carries the time it was signed: see :class:`~homering.cluster.security.NewestState`).
+    (a signed will carries the time it was signed: see :class:`~homering.wire.security.NewestState`).
 
     A lost connection is retried with backoff (0.25 s doubling up to
     :data:`RECONNECT_MAX_S`); ``reconnected`` tells the session to publish

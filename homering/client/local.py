@@ -13,11 +13,11 @@ import threading
 import time
 from pathlib import Path
 
-from homering.cluster.broker import (
+from homering.transport.broker import (
     broker_credentials, free_port, mosquitto_binary, wait_for_port, write_mosquitto_config,
 )
-from homering.cluster.mqtt import AUTH_ENV, BrokerAuth, BrokerURL
-from homering.cluster.security import ClusterKey, child_environment
+from homering.transport.mqtt import AUTH_ENV, BrokerAuth, BrokerURL
+from homering.wire.security import ClusterKey, child_environment
 from homering.errors import HomeringError
 from homering.secrets import ENV_API_KEY, ENV_API_KEY_FILE
 
@@ -132,7 +132,7 @@ class LocalCluster:
         return proc
 
     def _start_broker(self, port: int, auth: BrokerAuth) -> None:
-        """mosquitto on loopback when installed (see :mod:`homering.cluster.broker`), else ``homering broker``;
+        """mosquitto on loopback when installed (see :mod:`homering.transport.broker`), else ``homering broker``;
         either accepts only ``auth`` (no anonymous clients: other users of this machine can reach loopback)."""
         exe = mosquitto_binary()
         if exe is None:
@@ -150,7 +150,7 @@ class LocalCluster:
 
     def _child_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """This process's environment, with the broker's credentials (if any) as the only MQTT settings,
-        exactly this cluster's key (:func:`~homering.cluster.security.child_environment`), and no API key
+        exactly this cluster's key (:func:`~homering.wire.security.child_environment`), and no API key
         unless ``extra`` has one."""
         env = {k: v for k, v in child_environment(self.key).items() if k not in AUTH_ENV and k not in API_KEY_ENV}
         if self.broker is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from homering.cluster.mqtt import BrokerAuth
+    from homering.transport.mqtt import BrokerAuth
 
 log = logging.getLogger("homering.broker")
 
@@ -47,7 +47,7 @@ _ACL = f"user {CLUSTER_USER}\ntopic readwrite homering/#\ntopic readwrite homeas
 
 def broker_credentials() -> "BrokerAuth":
     """Fresh credentials for a private broker: user :data:`CLUSTER_USER`, a random 256-bit password."""
-    from homering.cluster.mqtt import BrokerAuth
+    from homering.transport.mqtt import BrokerAuth
 
     return BrokerAuth(CLUSTER_USER, secrets.token_urlsafe(32))
 

@@ -12,7 +12,7 @@ The secret is text: the file's contents without surrounding whitespace, at
 least :data:`MIN_KEY_BYTES` bytes of UTF-8 (``openssl rand -hex 32 > cluster.key``
 makes a good one). With no key configured the cluster runs open, as before:
 links skip the MAC and messages go unsigned (see
-:mod:`homering.cluster.schema` for both wire formats). A keyed and a keyless
+:mod:`homering.wire` for both wire formats). A keyed and a keyless
 process do not talk to each other: the link handshake fails on both sides at
 once, and signed messages are dropped by keyless receivers and vice versa.
 
@@ -44,7 +44,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from homering.cluster.schema import MalformedMessage
+from homering.wire.base import MalformedMessage
 from homering.errors import HomeringError
 
 log = logging.getLogger("homering.security")

@@ -30,19 +30,17 @@ import aiomqtt
 import numpy as np
 import psutil
 
-from homering.cluster import mqtt
-from homering.cluster.homeassistant import agent_configs, clear_discovery, publish_discovery
-from homering.cluster.dataplane import (
-    Frame, LinkServer, connect_link, measure_link, recv_group, send_frame, send_group,
-)
-from homering.cluster.rate import WorkRate
-from homering.cluster.schema import (
-    AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStatus, DeviceProfile, FrameError, FrameKind,
+from homering.transport import mqtt
+from homering.integrations.homeassistant import agent_configs, clear_discovery, publish_discovery
+from homering.transport.links import LinkServer, connect_link, measure_link, recv_group, send_frame, send_group
+from homering.rate import WorkRate
+from homering.wire import (
+    AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStatus, DeviceProfile, Frame, FrameError, FrameKind,
     GenerateJob, LinkProbe, LinkReport, MalformedMessage, MissingKey, Plan, StreamEvent, StreamReplay, Topics,
     WindowAssignment, WindowStats,
 )
-from homering.cluster.security import KEY_GRACE_S, ClusterKey
-from homering.cluster.windows import (WindowClient, cached, matches, model_info, plan_files, prune_cache,
+from homering.wire.security import KEY_GRACE_S, ClusterKey
+from homering.transport.windows import (WindowClient, cached, matches, model_info, plan_files, prune_cache,
                                       reachable_url, remove)
 from homering.engine.sampling import SamplerChain, StopMatcher
 from homering.engine.pages import WindowPages, trim_heap
@@ -241,7 +239,7 @@ class Agent:
             on devices whose windows overflow their RAM).
         ha_discovery: announce this agent to Home Assistant (MQTT discovery).
         stats_interval: seconds between :class:`AgentStats` publications.
-        key: the cluster key (:mod:`homering.cluster.security`): data-plane links must prove it, and plans,
+        key: the cluster key (:mod:`homering.wire.security`): data-plane links must prove it, and plans,
             jobs, probes and the controller's status must be signed with it [default: an open cluster].
         model: this device's copy of the controller's model, when it is not at the
             controller's path (it must have the same fingerprint).
@@ -249,10 +247,10 @@ class Agent:
             False: always download the windows from the controller.
         api_key: the controller's API key, for downloading windows (None: none sent).
         controller_url: the controller's API base URL for downloads [default: the one
-            it announces, see :func:`~homering.cluster.windows.reachable_url`].
+            it announces, see :func:`~homering.transport.windows.reachable_url`].
 
     Windows: an agent with the model slices its windows itself; one without
-    downloads them from the controller (:mod:`homering.cluster.windows`). Either
+    downloads them from the controller (:mod:`homering.transport.windows`). Either
     way every window file is checked against the plan's SHA-256.
     """
 
@@ -414,7 +412,7 @@ class Agent:
     async def _give_up_without_key(self, why: str) -> None:
         """A signed status or plan arrived and this agent has no key. It may be a stale retained copy of
         an earlier keyed cluster (a live keyless controller replaces it at once); if no status this agent
-        can read follows within :data:`~homering.cluster.security.KEY_GRACE_S`, the cluster is keyed and this
+        can read follows within :data:`~homering.wire.security.KEY_GRACE_S`, the cluster is keyed and this
         agent can never join it: :meth:`run` ends with one line that says so."""
         await asyncio.sleep(KEY_GRACE_S)
         if self._controller is None and self._run_task is not None:
@@ -456,7 +454,7 @@ class Agent:
 
     def stats(self) -> AgentStats:
         """This agent's telemetry now; ``tokens_per_s`` is the rate of its most recent run of work (tokens
-        sampled on the head, rows computed elsewhere; see :class:`~homering.cluster.rate.WorkRate`): during an
+        sampled on the head, rows computed elsewhere; see :class:`~homering.rate.WorkRate`): during an
         answer its current rate, after it that answer's (not 0.0 as soon as an interval passes without work)."""
         loaded = self._loaded
         proc = psutil.Process()
@@ -704,7 +702,7 @@ class Agent:
                     send_frame(sock, Frame.pong())
                     continue
                 if kind is FrameKind.HELLO:
-                    tag = group[0].header.request_id
+                    tag = group[0].plan_tag
                     continue
                 if kind is FrameKind.PONG:
                     continue

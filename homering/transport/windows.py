@@ -1,7 +1,7 @@
 """Window distribution: window files named by their SHA-256, checked, cached, downloaded.
 
 The controller slices the plan's windows (it has the model), records each
-file's SHA-256 and size in the plan (:class:`~homering.cluster.schema.WindowAssignment`)
+file's SHA-256 and size in the plan (:class:`~homering.wire.WindowAssignment`)
 and serves the files by hash from its API server (``GET /v1/windows/<sha256>``,
 the API key required). An agent that has the model slices its windows itself
 and checks them against the plan's hashes (slicing is deterministic: the same
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from homering import paths
-from homering.cluster.schema import WINDOWS_PATH, ModelFacts, Plan, WindowFile
+from homering.wire import WINDOWS_PATH, ModelFacts, Plan, WindowFile
 from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo
 from homering.models.slicing import Role, WindowSpec, window_path

@@ -1,1 +1,0 @@
-"""The cluster: MQTT control plane, TCP data plane, agents and the controller."""

@@ -1,0 +1,116 @@
+"""Requests and their streams: what a client asks, what the controller orders the head, what comes back."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from homering.engine.sampling import Sampling
+from homering.wire.base import NAME, Message
+
+__all__ = ["ChatMessage", "GenerateRequest", "GenerateJob", "StreamEvent", "CancelJob", "StreamReplay", "Sampling"]
+
+
+class ChatMessage(Message):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateRequest(Message):
+    """A user's request to the controller: chat messages, a raw prompt, or prompt token ids (exactly one)."""
+
+    SIGNED: ClassVar[bool] = True
+    LIVE: ClassVar[bool] = True
+
+    request_id: str = Field(pattern=NAME)
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = Field(default=None, description="the prompt, already tokenized")
+    sampling: Sampling = Sampling()
+
+
+class GenerateJob(Message):
+    """The controller's order to the head: generate from these token ids in KV sequence ``seq_id``.
+
+    The controller gives each request in flight its own sequence (0 …
+    ``Plan.n_parallel`` - 1), so requests share the ring and every window's KV cache.
+    """
+
+    SIGNED: ClassVar[bool] = True
+    LIVE: ClassVar[bool] = True
+
+    request_id: str = Field(pattern=NAME)
+    plan_id: str
+    seq_id: int = Field(ge=0, default=0)
+    prompt_token_ids: list[int] = Field(min_length=1)
+    sampling: Sampling
+    attempt: int = Field(ge=0, default=0, description="0, then +1 each time the request resumes on a new ring")
+    resume_token_ids: list[int] = Field(
+        default_factory=list, description="tokens already streamed to the client by an earlier attempt: the head "
+        "replays prompt + these through the ring to rebuild the KV caches, then goes on generating")
+
+
+class StreamEvent(Message):
+    """One event of a request's stream: a text delta, the end, an error, or an interruption.
+
+    ``interrupted`` (head → controller) says the ring broke (an agent was
+    lost, or the controller re-planned) after the tokens in ``token_ids``
+    were streamed; the controller then resumes the request on the new ring
+    (a :class:`GenerateJob` with ``resume_token_ids``), and the client's
+    stream goes on from there. ``index`` numbers an attempt's events 0, 1, …
+    so that a receiver drops duplicates after a :class:`StreamReplay`.
+    """
+
+    SIGNED: ClassVar[bool] = True
+    LIVE: ClassVar[bool] = True
+
+    request_id: str
+    type: Literal["token", "done", "error", "interrupted"]
+    attempt: int = 0
+    index: int | None = None
+    text: str = ""
+    token_id: int | None = None
+    # done only
+    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None
+    finish_reason: Literal["stop", "length", "cancelled"] | None = None
+    ttft_ms: float | None = None
+    ms_per_token: float | None = None
+    # error only
+    error: str | None = None
+
+
+class CancelJob(Message):
+    """The controller asks the head to stop a request.
+
+    Its client went away: the head ends the stream with ``done`` and
+    ``finish_reason = "cancelled"``. Or (``interrupt``) the ring lost an
+    agent: the head ends it with ``interrupted`` and the tokens so far, and
+    the controller resumes it elsewhere. Either way the sequence is freed.
+    """
+
+    SIGNED: ClassVar[bool] = True
+    LIVE: ClassVar[bool] = True
+
+    request_id: str = Field(pattern=NAME)
+    interrupt: bool = False
+
+
+class StreamReplay(Message):
+    """The controller asks the head to publish again a request's events from ``from_index`` on.
+
+    Sent after the controller reconnects to the broker: events the head
+    published while the controller was away were lost (stream events are not
+    retained). The head keeps the events of its recent requests.
+    """
+
+    SIGNED: ClassVar[bool] = True
+    LIVE: ClassVar[bool] = True
+
+    request_id: str = Field(pattern=NAME)
+    attempt: int = 0
+    from_index: int = Field(ge=0, default=0)
+
+
+# ------------------------------------------------------------------ data plane
