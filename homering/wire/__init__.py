@@ -96,10 +96,10 @@ from homering.wire.frames import (
 )
 from homering.wire.handshake import HandshakeError
 from homering.wire.messages import (
-    SHA256, WINDOWS_PATH, AgentProfile, AgentStats, AgentStatus, ControllerStats, ControllerStatus, LinkProbe,
+    LIVE_AGENT_STATES, SHA256, WINDOWS_PATH, AgentProfile, AgentState, ControllerState, AgentStats, AgentStatus, ControllerStats, ControllerStatus, LinkProbe,
     LinkReport, ModelFacts, Plan, PlanAgent, PredictedCost, WindowAssignment, WindowFile, WindowRole, WindowStats,
 )
-from homering.wire.requests import CancelJob, ChatMessage, GenerateJob, GenerateRequest, StreamEvent, StreamReplay
+from homering.wire.requests import END_EVENTS, CancelJob, EventType, ChatMessage, GenerateJob, GenerateRequest, StreamEvent, StreamReplay
 from homering.wire.security import ClusterKey, NewestState
 from homering.wire.topics import PREFIX, TopicRef, Topics, parse
 
@@ -110,5 +110,5 @@ __all__ = [
     "GenerateJob", "GenerateRequest", "GpuProfile", "HandshakeError", "LinkProbe", "LinkReport", "MalformedMessage",
     "Message", "MissingKey", "ModelFacts", "NewestState", "OsName", "Plan", "PlanAgent", "PredictedCost", "Sampling",
     "StreamEvent", "StreamReplay", "TopicRef", "Topics", "WindowAssignment", "WindowFile", "WindowRole", "WindowStats",
-    "parse",
+    "parse", "AgentState", "ControllerState", "EventType", "END_EVENTS", "LIVE_AGENT_STATES",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from enum import Enum
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
@@ -24,6 +25,16 @@ NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 """The pattern of agent names and request ids (they appear in topics)."""
 
 M = TypeVar("M", bound="Message")
+
+
+class WireEnum(str, Enum):
+    """A string-valued enum of the wire: compares equal to, prints and formats as its value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 AUTH_FIELD = "_auth"
 MESSAGE_MAC_LABEL = b"homering-msg-v1"

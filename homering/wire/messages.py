@@ -9,7 +9,31 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from homering.profiler.profile import DeviceProfile
-from homering.wire.base import NAME, SCHEMA_VERSION, Message
+from homering.wire.base import NAME, WireEnum, SCHEMA_VERSION, Message
+
+
+class AgentState(WireEnum):
+    """An agent's :attr:`AgentStatus.state` (a ``str``: compares equal to its value)."""
+
+    ONLINE = "online"
+    LOADING = "loading"
+    READY = "ready"
+    ERROR = "error"
+    OFFLINE = "offline"
+
+
+LIVE_AGENT_STATES = frozenset({AgentState.ONLINE, AgentState.LOADING, AgentState.READY})
+"""States of an agent that is up (it may be planned in)."""
+
+
+class ControllerState(WireEnum):
+    """The controller's :attr:`ControllerStatus.state` (a ``str``: compares equal to its value)."""
+
+    WAITING = "waiting"
+    PLANNING = "planning"
+    READY = "ready"
+    OFFLINE = "offline"
+    ERROR = "error"
 
 class AgentProfile(Message):
     """What an agent publishes about its device (retained)."""
@@ -42,9 +66,13 @@ class AgentStatus(Message):
 
     name: str | None = Field(default=None, pattern=NAME)
     session: str | None = Field(default=None, pattern=r"^[0-9a-f]{1,32}$")
-    state: Literal["online", "loading", "ready", "error", "offline"]
+    state: AgentState
     plan_id: str | None = None
     detail: str | None = None
+
+    def ready_on(self, plan_id: str | None) -> bool:
+        """This agent has loaded plan ``plan_id`` and serves it."""
+        return self.state == AgentState.READY and plan_id is not None and self.plan_id == plan_id
 
 
 SHA256 = r"^[0-9a-f]{64}$"
@@ -190,7 +218,7 @@ class ControllerStatus(Message):
 
     SIGNED: ClassVar[bool] = True
 
-    state: Literal["waiting", "planning", "ready", "offline", "error"]
+    state: ControllerState
     model: str | None = None
     model_path: str | None = Field(default=None, description="agents that have this file (same fingerprint) "
                                                              "profile and slice it themselves")

@@ -7,9 +7,23 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from homering.engine.sampling import Sampling
-from homering.wire.base import NAME, Message
+from homering.wire.base import NAME, WireEnum, Message
 
-__all__ = ["ChatMessage", "GenerateRequest", "GenerateJob", "StreamEvent", "CancelJob", "StreamReplay", "Sampling"]
+
+
+class EventType(WireEnum):
+    """A :class:`StreamEvent`'s ``type`` (a ``str``: compares equal to its value)."""
+
+    TOKEN = "token"
+    DONE = "done"
+    ERROR = "error"
+    INTERRUPTED = "interrupted"
+
+
+END_EVENTS = frozenset({EventType.DONE, EventType.ERROR, EventType.INTERRUPTED})
+"""The event types that end an attempt's stream."""
+
+__all__ = ["EventType", "END_EVENTS", "ChatMessage", "GenerateRequest", "GenerateJob", "StreamEvent", "CancelJob", "StreamReplay", "Sampling"]
 
 
 class ChatMessage(Message):
@@ -66,7 +80,7 @@ class StreamEvent(Message):
     LIVE: ClassVar[bool] = True
 
     request_id: str
-    type: Literal["token", "done", "error", "interrupted"]
+    type: EventType
     attempt: int = 0
     index: int | None = None
     text: str = ""
