@@ -21,11 +21,13 @@ PIP_PIN   := pip==26.3
 # pip warns about every index location in a machine's pip.conf that does not exist; that is not our news
 QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d' >&2
 
-.PHONY: lock promtool run test bench bench-cluster bench-faults install mosquitto models model-default compose-config secrets clean help
+.PHONY: lock promtool run test lint format bench bench-cluster bench-faults install mosquitto models model-default compose-config secrets clean help
 
 help:
 	@echo "make run    - install what is missing, then 'homering up' on the default model (smollm2)"
-	@echo "make test   - install what is missing (mosquitto too), then run the test suite"
+	@echo "make test   - install what is missing (mosquitto too), then make lint and the test suite"
+	@echo "make lint   - the layering (lint-imports), ruff check, ruff format --check and mypy"
+	@echo "make format - ruff check --fix, then ruff format"
 	@echo "make bench  - decode (1 and 3 agents vs plain llama-cpp-python), 1 vs 4 concurrent streams, planner solve times"
 	@echo "make bench-cluster - (root, Linux) the paper's headline on an emulated 4-device home cluster"
 	@echo "make bench-faults - (root, Linux) kill agents while requests flow: completed/garbled, recovery pause"
@@ -37,7 +39,24 @@ run: install model-default
 	$(HR) up
 
 test: install mosquitto promtool models
+	@$(LINT)
 	$(PY) -m pytest -q
+
+# The design's checks (contracts and settings in pyproject.toml): each one prints only when it fails,
+# and every one runs before the verdict.
+LINT_CHECKS := "lint-imports --no-logo" "ruff check --quiet --output-format concise" "ruff format --check --quiet" "mypy"
+define LINT
+fail=0; for check in $(LINT_CHECKS); do \
+  out=$$($(VENV)/bin/$$check 2>&1) || { printf '%s\n' "$$out" >&2; echo "FAILED: $$check" >&2; fail=1; }; \
+done; exit $$fail
+endef
+
+lint: install
+	@$(LINT)
+
+format: install
+	@$(VENV)/bin/ruff check --fix --quiet --exit-zero
+	@$(VENV)/bin/ruff format --quiet
 
 bench: install model-default
 	$(HR) bench decode --agents 1 3
@@ -130,4 +149,4 @@ secrets:
 	@sh docker/make-secrets.sh
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .pytest_cache bench-results
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache bench-results

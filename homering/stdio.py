@@ -43,6 +43,10 @@ def reserve_stdout(stray_to_log: bool) -> None:
                 os.close(target)
     except (OSError, ValueError, io.UnsupportedOperation):
         return
-    sys.stdout = io.TextIOWrapper(io.FileIO(saved, "w", closefd=True), encoding=stream.encoding,
-                                  errors=stream.errors, line_buffering=stream.line_buffering,
-                                  write_through=True)
+    sys.stdout = io.TextIOWrapper(
+        io.FileIO(saved, "w", closefd=True),
+        encoding=stream.encoding,
+        errors=stream.errors,
+        line_buffering=bool(stream.line_buffering),
+        write_through=True,
+    )

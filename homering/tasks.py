@@ -41,3 +41,15 @@ class Tasks:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+
+def cancelling(task: asyncio.Task[Any] | None = None) -> bool:
+    """True while ``task`` (by default the current one) is being cancelled.
+
+    ``Task.cancelling()`` came with Python 3.11 (calling it on 3.10 raised AttributeError); Python 3.10 has
+    no way to tell and gets False, so there a cancellation that a library turned into another exception
+    is not seen.
+    """
+    task = task if task is not None else asyncio.current_task()
+    probe = getattr(task, "cancelling", None)  # absent on Python 3.10
+    return bool(probe is not None and probe())

@@ -9,18 +9,17 @@ import time
 from pathlib import Path
 
 import httpx
-
 import pytest
 
+from homering.models.registry import resolve_model
 from homering.transport.broker import free_port, wait_for_port
 from homering.transport.mqtt import BrokerURL
-from homering.models.registry import resolve_model
-
 from tests.reference import Reference
 
 
-def wait_healthy(base: str, procs: list[subprocess.Popen], *, timeout: float = 240.0,
-                 log_path: Path | None = None) -> float:
+def wait_healthy(
+    base: str, procs: list[subprocess.Popen], *, timeout: float = 240.0, log_path: Path | None = None
+) -> float:
     """Wait until ``base``/health answers 200; fail the test (with the log's tail) if one of ``procs`` exits
     first or ``timeout`` seconds pass. Returns the seconds waited."""
     t0 = time.monotonic()
@@ -109,7 +108,18 @@ def keyed_cluster(smollm2, mosquitto, tmp_path_factory):
 
     key = ClusterKey(generate_secret(), source="the test")
     log_path = tmp_path_factory.mktemp("logs") / "keyed-cluster.log"
-    with open(log_path, "w") as log_file, LocalCluster(smollm2, n_agents=3, broker=mosquitto, threads=1, n_ctx=256,
-                                                       planner="proportional", log_file=log_file, key=key) as c:
+    with (
+        open(log_path, "w") as log_file,
+        LocalCluster(
+            smollm2,
+            n_agents=3,
+            broker=mosquitto,
+            threads=1,
+            n_ctx=256,
+            planner="proportional",
+            log_file=log_file,
+            key=key,
+        ) as c,
+    ):
         c.log_path = log_path
         yield c

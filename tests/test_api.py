@@ -16,14 +16,17 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from homering.transport.broker import free_port
 from homering.client.local import stop_processes
 from homering.engine.tokenizer import Tokenizer
-
+from homering.transport.broker import free_port
 from tests.conftest import wait_healthy
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
-           "Name a color."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Name a color.",
+]
 N_CTX = 1024
 MAX_NEW = 24
 
@@ -36,10 +39,36 @@ def api(smollm2, mosquitto, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("logs") / "up.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "homering", "up", "--agents", "2", "--model", str(smollm2), "--broker",
-             str(mosquitto), "--threads", "1", "--ctx", str(N_CTX), "--planner", "proportional",
-             "--api-port", str(port), "--no-chat", "--parallel", "4", "--queue", "1", "--ha-discovery"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "homering",
+                "up",
+                "--agents",
+                "2",
+                "--model",
+                str(smollm2),
+                "--broker",
+                str(mosquitto),
+                "--threads",
+                "1",
+                "--ctx",
+                str(N_CTX),
+                "--planner",
+                "proportional",
+                "--api-port",
+                str(port),
+                "--no-chat",
+                "--parallel",
+                "4",
+                "--queue",
+                "1",
+                "--ha-discovery",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(base, [proc], log_path=log_path)
@@ -66,8 +95,9 @@ def tokenizer(smollm2):
 
 
 def chat(client, model_id, text, **kw):
-    return client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": text}],
-                                          temperature=0, max_tokens=MAX_NEW, **kw)
+    return client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": text}], temperature=0, max_tokens=MAX_NEW, **kw
+    )
 
 
 def stream_text(client, model_id, text, **kw) -> tuple[str, str, dict | None]:
@@ -126,16 +156,18 @@ def test_completions_endpoint_and_stop(client, model_id, smollm2_ref, tokenizer)
     full = resp.choices[0].text
     stop = full.strip().split()[1]
     cut = client.completions.create(model=model_id, prompt=prompt, temperature=0, max_tokens=16, stop=[stop])
-    assert cut.choices[0].text == full[:full.index(stop)]
+    assert cut.choices[0].text == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
 
 
 def test_seeded_sampling_is_reproducible(client, model_id):
     kw = dict(temperature=0.9, top_p=0.9, seed=1234)
-    a = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": PROMPTS[3]}],
-                                       max_tokens=16, **kw)
-    b = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": PROMPTS[3]}],
-                                       max_tokens=16, **kw)
+    a = client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": PROMPTS[3]}], max_tokens=16, **kw
+    )
+    b = client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": PROMPTS[3]}], max_tokens=16, **kw
+    )
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
@@ -167,14 +199,16 @@ def test_bad_requests_get_400_and_the_server_lives(api, model_id):
     url = f"{api}/v1/chat/completions"
     _error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
     _error(httpx.post(url, json={"model": model_id}), 400)  # no messages
-    err = _error(httpx.post(url, json={"model": model_id, "messages": [{"role": "user", "content": "x"}],
-                                       "temperature": 7}), 400)
+    err = _error(
+        httpx.post(url, json={"model": model_id, "messages": [{"role": "user", "content": "x"}], "temperature": 7}), 400
+    )
     assert err["param"] == "temperature"
     _error(httpx.post(url, json={"model": model_id, "messages": [{"role": "wizard", "content": "x"}]}), 400)
     _error(httpx.post(url, json={"model": model_id, "messages": [{"role": "user", "content": "x"}], "n": 3}), 400)
     with pytest.raises(openai.BadRequestError):
         openai.OpenAI(base_url=f"{api}/v1", api_key="x", max_retries=0).chat.completions.create(
-            model=model_id, messages=[{"role": "user", "content": "x"}], max_tokens=0)
+            model=model_id, messages=[{"role": "user", "content": "x"}], max_tokens=0
+        )
     assert httpx.get(f"{api}/health").status_code == 200
 
 
@@ -187,14 +221,17 @@ def test_requests_that_wedged_the_server_get_answers_or_400s_and_it_serves_on(ap
         r = httpx.post(url, json={"model": model_id, "messages": hi, "max_tokens": 8, penalty: 0.5}, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] >= 1
-    bad = [({"model": model_id, "messages": hi, "stop": ["\ud800"]}, "stop"),
-           ({"model": model_id, "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages"),
-           ({"model": "m\ud800", "messages": hi}, "model"),
-           ({"model": model_id, "messages": hi, "max_tokens": 2_000_000}, "max_tokens"),
-           ({"model": model_id, "messages": hi, "max_tokens": N_CTX + 1}, "max_tokens"),
-           ({"model": model_id, "messages": hi, "max_tokens": "5"}, "max_tokens"),
-           ({"model": model_id, "messages": hi, "max_tokens": True}, "max_tokens"),
-           ({"model": model_id, "messages": hi, "stream": "yes"}, "stream")]
+    bad = [
+        ({"model": model_id, "messages": hi, "stop": ["\ud800"]}, "stop"),
+        ({"model": model_id, "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages"),
+        ({"model": "m\ud800", "messages": hi}, "model"),
+        ({"model": model_id, "messages": hi, "max_tokens": 2_000_000}, "max_tokens"),
+        ({"model": model_id, "messages": hi, "max_tokens": N_CTX + 1}, "max_tokens"),
+        ({"model": model_id, "messages": hi, "max_tokens": "5"}, "max_tokens"),
+        ({"model": model_id, "messages": hi, "max_tokens": True}, "max_tokens"),
+        ({"model": model_id, "messages": hi, "stream": "yes"}, "stream"),
+    ]
+
     def post(u, body):  # ASCII JSON: a lone surrogate travels as the escape \ud800, as a hostile client sends it
         return httpx.post(u, content=json.dumps(body), headers={"content-type": "application/json"})
 
@@ -217,8 +254,7 @@ def test_unknown_model_gets_404(client):
 
 
 def test_context_overflow_gets_413(api, model_id):
-    err = _error(httpx.post(f"{api}/v1/completions", json={"model": model_id, "prompt": "word " * (2 * N_CTX)}),
-                 413)
+    err = _error(httpx.post(f"{api}/v1/completions", json={"model": model_id, "prompt": "word " * (2 * N_CTX)}), 413)
     assert err["code"] == "context_length_exceeded"
 
 
@@ -239,8 +275,14 @@ async def _hold_sequences(http: httpx.AsyncClient, url: str, body: dict, n: int)
 def test_full_queue_gets_429_and_a_dropped_client_frees_its_sequence(api, model_id):
     """4 sequences busy + 1 waiting (the queue holds 1): the next request is refused. Closing the
     streams frees their sequences at once: the cluster is idle again long before they could have finished."""
-    body = {"model": model_id, "prompt": "Once upon a time", "max_tokens": N_CTX, "stream": True,
-            "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": model_id,
+        "prompt": "Once upon a time",
+        "max_tokens": N_CTX,
+        "stream": True,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     url = f"{api}/v1/completions"
 
     async def go():
@@ -260,7 +302,8 @@ def test_full_queue_gets_429_and_a_dropped_client_frees_its_sequence(api, model_
             t0 = time.monotonic()
             while (await http.get(f"{api}/v1/cluster")).json()["requests_in_flight"] and time.monotonic() - t0 < 30:
                 await asyncio.sleep(0.1)
-            return refused, waited, (await http.get(f"{api}/v1/cluster")).json(), (await http.get(f"{api}/metrics")).text
+            cluster = (await http.get(f"{api}/v1/cluster")).json()
+            return refused, waited, cluster, (await http.get(f"{api}/metrics")).text
 
     refused, waited, cluster, metrics = asyncio.run(go())
     assert _error(refused, 429)["code"] == "queue_full"
@@ -274,11 +317,27 @@ def test_no_plan_gets_503(smollm2, mosquitto, tmp_path):
     """A controller whose agents never came: requests get 503 and /health says it is not ready."""
     port, broker_port = free_port(), free_port()
     with open(tmp_path / "controller.log", "w") as log:  # its own broker: not the module cluster's
-        broker = subprocess.Popen([sys.executable, "-m", "homering", "broker", "--port", str(broker_port)],
-                                  stdout=log, stderr=log)
-        proc = subprocess.Popen([sys.executable, "-m", "homering", "controller", "--broker",
-                                 f"mqtt://127.0.0.1:{broker_port}", "--model", str(smollm2), "--api-port", str(port),
-                                 "--timeout", "600"], stdout=log, stderr=log)
+        broker = subprocess.Popen(
+            [sys.executable, "-m", "homering", "broker", "--port", str(broker_port)], stdout=log, stderr=log
+        )
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "homering",
+                "controller",
+                "--broker",
+                f"mqtt://127.0.0.1:{broker_port}",
+                "--model",
+                str(smollm2),
+                "--api-port",
+                str(port),
+                "--timeout",
+                "600",
+            ],
+            stdout=log,
+            stderr=log,
+        )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -293,8 +352,12 @@ def test_no_plan_gets_503(smollm2, mosquitto, tmp_path):
         assert health.status_code == 503
         assert health.json()["status"] == "degraded" and "no plan" in health.json()["reason"]
         model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
-        _error(httpx.post(f"{base}/v1/chat/completions",
-                          json={"model": model, "messages": [{"role": "user", "content": "hi"}]}), 503)
+        _error(
+            httpx.post(
+                f"{base}/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            ),
+            503,
+        )
     finally:
         stop_processes([proc, broker], 10)
 
@@ -302,8 +365,14 @@ def test_no_plan_gets_503(smollm2, mosquitto, tmp_path):
 def test_health_degrades_while_no_sequence_frees_for_longer_than_a_request_takes(api, model_id):
     """4 sequences busy with long streams: once none has been free for longer than a request is predicted to
     take, /health answers 503 "degraded" saying why; when the clients leave, it is "ok" again."""
-    body = {"model": model_id, "prompt": "Once upon a time", "max_tokens": N_CTX, "stream": True,
-            "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": model_id,
+        "prompt": "Once upon a time",
+        "max_tokens": N_CTX,
+        "stream": True,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     url = f"{api}/v1/completions"
 
     async def go():
@@ -355,8 +424,11 @@ def test_openapi_document_lists_what_the_server_answers(api, model_id):
     body = doc["components"]["schemas"]["ChatCompletionBody"]["properties"]
     assert model_id in body["model"]["enum"]
     assert max(v.get("maximum", 0) for v in body["max_tokens"]["anyOf"]) == N_CTX
-    for method, path, allowed in (("TRACE", "/health", "GET"), ("GET", "/v1/completions", "POST"),
-                                  ("DELETE", "/v1/models", "GET")):
+    for method, path, allowed in (
+        ("TRACE", "/health", "GET"),
+        ("GET", "/v1/completions", "POST"),
+        ("DELETE", "/v1/models", "GET"),
+    ):
         resp = httpx.request(method, f"{api}{path}")
         assert resp.status_code == 405 and allowed in resp.headers["allow"], (method, path, resp.headers)
         assert _error(resp, 405)
@@ -399,12 +471,16 @@ def test_schemathesis_finds_the_server_as_the_document_says(api):
     schemathesis = pytest.importorskip("schemathesis", reason="schemathesis needs Python 3.11 or later")
     from schemathesis.engine import StopReason, events, from_schema
 
-    config = schemathesis.Config.from_dict({
-        "base-url": api, "workers": 1, "request-timeout": 120, "seed": 1,
-        "generation": {"max-examples": 5},
-        "operations": [{"include-method": "POST",
-                        "phases": {"coverage": {"generation": {"mode": "negative"}}}}],
-    })
+    config = schemathesis.Config.from_dict(
+        {
+            "base-url": api,
+            "workers": 1,
+            "request-timeout": 120,
+            "seed": 1,
+            "generation": {"max-examples": 5},
+            "operations": [{"include-method": "POST", "phases": {"coverage": {"generation": {"mode": "negative"}}}}],
+        }
+    )
     schema = schemathesis.openapi.from_url(f"{api}/openapi.json", config=config)
 
     @schema.hook
@@ -426,8 +502,10 @@ def test_schemathesis_finds_the_server_as_the_document_says(api):
                     checks += 1
                     if check.failure_info is not None:
                         f = check.failure_info.failure
-                        failures.setdefault((event.recorder.label, check.name, f.title),
-                                            f"{f.message}\n{check.failure_info.code_sample}")
+                        failures.setdefault(
+                            (event.recorder.label, check.name, f.title),
+                            f"{f.message}\n{check.failure_info.code_sample}",
+                        )
         elif isinstance(event, events.NonFatalError):
             errors.append(f"{event.label}: {event.info.title}: {event.info.message}")
         elif isinstance(event, events.FatalError):
@@ -435,8 +513,9 @@ def test_schemathesis_finds_the_server_as_the_document_says(api):
         elif isinstance(event, events.EngineFinished):
             finished = event
     assert not errors, "\n".join(errors)
-    assert not failures, "\n\n".join(f"{label} [{check}] {title}\n{detail}"
-                                      for (label, check, title), detail in failures.items())
+    assert not failures, "\n\n".join(
+        f"{label} [{check}] {title}\n{detail}" for (label, check, title), detail in failures.items()
+    )
     assert finished is not None and finished.stop_reason == StopReason.COMPLETED and not finished.failures
     documented = {f"{method.upper()} {path}" for path, item in schema.raw_schema["paths"].items() for method in item}
     assert documented <= tested, documented - tested
@@ -456,23 +535,36 @@ def _sample(text: str, name: str, **labels) -> float:
 def test_metrics_parse_and_move(api, client, model_id):
     before = httpx.get(f"{api}/metrics").text
     families = {f.name for f in text_string_to_metric_families(before)}
-    for name in ("homering_tokens_generated", "homering_request_latency_seconds", "homering_ttft_seconds",
-                 "homering_queue_depth", "homering_agents_up", "homering_window_compute_seconds"):
+    for name in (
+        "homering_tokens_generated",
+        "homering_request_latency_seconds",
+        "homering_ttft_seconds",
+        "homering_queue_depth",
+        "homering_agents_up",
+        "homering_window_compute_seconds",
+    ):
         assert name in families, name
     resp = chat(client, model_id, PROMPTS[2])
     time.sleep(2.5)  # agents publish their window timings every 2 s
     after = httpx.get(f"{api}/metrics").text
     n = resp.usage.completion_tokens
     assert _sample(after, "homering_tokens_generated_total") - _sample(before, "homering_tokens_generated_total") == n
-    assert _sample(after, "homering_request_latency_seconds_count") == \
-        _sample(before, "homering_request_latency_seconds_count") + 1
+    assert (
+        _sample(after, "homering_request_latency_seconds_count")
+        == _sample(before, "homering_request_latency_seconds_count") + 1
+    )
     assert _sample(after, "homering_ttft_seconds_count") == _sample(before, "homering_ttft_seconds_count") + 1
     assert _sample(after, "homering_agents_up") == 2
-    per_agent = {s.labels["agent"] for f in text_string_to_metric_families(after) for s in f.samples
-                 if s.name == "homering_window_compute_seconds_total" and s.value > 0}
+    per_agent = {
+        s.labels["agent"]
+        for f in text_string_to_metric_families(after)
+        for s in f.samples
+        if s.name == "homering_window_compute_seconds_total" and s.value > 0
+    }
     assert len(per_agent) == 2
-    assert _sample(after, "homering_window_compute_seconds_total") > \
-        _sample(before, "homering_window_compute_seconds_total")
+    assert _sample(after, "homering_window_compute_seconds_total") > _sample(
+        before, "homering_window_compute_seconds_total"
+    )
 
 
 def test_metrics_pass_promtool_and_cover_every_agent_up(api, client, model_id):
@@ -483,8 +575,12 @@ def test_metrics_pass_promtool_and_cover_every_agent_up(api, client, model_id):
     text = httpx.get(f"{api}/metrics").text
     agents = httpx.get(f"{api}/v1/cluster").json()["agents"]
     up = {a["name"] for a in agents if a["status"] != "offline"}  # the broker may remember earlier tests'
-    rss = {s.labels["agent"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
-           if s.name == "homering_agent_rss_bytes"}
+    rss = {
+        s.labels["agent"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "homering_agent_rss_bytes"
+    }
     assert _sample(text, "homering_agents_up") == len(up) == 2
     assert set(rss) == up and all(v > 0 for v in rss.values())
     assert _sample(text, "homering_predicted_seconds_per_token") > 0
@@ -542,16 +638,26 @@ def test_a_10000_message_request_beside_a_stream_changes_nothing(api, model_id):
     """Huge chats are refused (413) without blocking the controller's loop: a greedy stream running beside
     them completes with the same text, and no agent is declared lost (the plan stays)."""
     prompt = "Tell me a long story about a lighthouse."
-    body = {"model": model_id, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": 64, "ignore_eos": True}
+    body = {
+        "model": model_id,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": 64,
+        "ignore_eos": True,
+    }
     expected = httpx.post(f"{api}/v1/chat/completions", json=body, timeout=120).json()["choices"][0]["message"]
     plan_before = httpx.get(f"{api}/v1/cluster").json()["plan"]["plan_id"]
 
     async def go():
         async with httpx.AsyncClient(timeout=180) as http:
             answer = asyncio.create_task(http.post(f"{api}/v1/chat/completions", json=body))
-            floods = [http.post(f"{api}/v1/chat/completions", json={
-                "model": model_id, "messages": [{"role": "user", "content": "x"}] * n}) for n in (10_000, N_CTX - 1)]
+            floods = [
+                http.post(
+                    f"{api}/v1/chat/completions",
+                    json={"model": model_id, "messages": [{"role": "user", "content": "x"}] * n},
+                )
+                for n in (10_000, N_CTX - 1)
+            ]
             return await answer, await asyncio.gather(*floods)
 
     answer, floods = asyncio.run(go())
@@ -568,13 +674,17 @@ def test_a_body_too_large_for_the_context_is_refused_before_it_is_read(api, mode
     """413 with an error object for a 10 MB body, by its Content-Length and streamed in chunks; the server lives."""
     url = f"{api}/v1/chat/completions"
     big = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "x" * (10 << 20)}]}).encode()
-    assert _error(httpx.post(url, content=big, headers={"content-type": "application/json"}, timeout=60),
-                  413)["code"] == "request_too_large"
+    assert (
+        _error(httpx.post(url, content=big, headers={"content-type": "application/json"}, timeout=60), 413)["code"]
+        == "request_too_large"
+    )
 
     def chunks():
         for i in range(0, len(big), 1 << 16):
-            yield big[i:i + (1 << 16)]
+            yield big[i : i + (1 << 16)]
 
-    assert _error(httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=60),
-                  413)["code"] == "request_too_large"
+    assert (
+        _error(httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=60), 413)["code"]
+        == "request_too_large"
+    )
     assert httpx.get(f"{api}/health").status_code == 200

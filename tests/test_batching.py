@@ -31,10 +31,13 @@ def test_mixed_sequence_batches_equal_separate_runs_on_the_logits_window(smollm2
             assert np.array_equal(a, b)
         for step in range(4):  # decode: one token per sequence, in one batch
             nxt = [int(np.argmax(x)) for x in ref]
-            ref = [alone.forward(np.array([t]), len(p) + step, s).logits
-                   for s, (t, p) in enumerate(zip(nxt, PROMPTS))]
-            got = [o.logits for o in together.forward_many(
-                [(np.array([t]), len(p) + step, s) for s, (t, p) in enumerate(zip(nxt, PROMPTS))])]
+            ref = [alone.forward(np.array([t]), len(p) + step, s).logits for s, (t, p) in enumerate(zip(nxt, PROMPTS))]
+            got = [
+                o.logits
+                for o in together.forward_many(
+                    [(np.array([t]), len(p) + step, s) for s, (t, p) in enumerate(zip(nxt, PROMPTS))]
+                )
+            ]
             for a, b in zip(ref, got):
                 assert np.array_equal(a, b)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from homering.transport.broker import free_port
 from homering.rate import WorkRate
+from homering.transport.broker import free_port
 
 HOMERING = [sys.executable, "-m", "homering"]
 READY_S = 300.0  # hang guards: a cluster starting on a shared two-core machine ...
@@ -36,13 +36,27 @@ class Terminal:
         with tempfile.NamedTemporaryFile("w", suffix=".conf") as conf:  # set before the command starts
             conf.write("set -g remain-on-exit on\nset -g history-limit 100000\n")
             conf.flush()
-            self._tmux("-f", conf.name, "new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height),
-                       "-c", os.getcwd(),
-                       *(a for k, v in env.items() for a in ("-e", f"{k}={v}")), " ".join(_quote(a) for a in argv))
+            self._tmux(
+                "-f",
+                conf.name,
+                "new-session",
+                "-d",
+                "-s",
+                "t",
+                "-x",
+                str(width),
+                "-y",
+                str(height),
+                "-c",
+                os.getcwd(),
+                *(a for k, v in env.items() for a in ("-e", f"{k}={v}")),
+                " ".join(_quote(a) for a in argv),
+            )
 
     def _tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-L", self.socket, *args], check=True, capture_output=True, text=True,
-                              timeout=30).stdout
+        return subprocess.run(
+            ["tmux", "-L", self.socket, *args], check=True, capture_output=True, text=True, timeout=30
+        ).stdout
 
     def screen(self) -> str:
         """Everything the pane showed (its scrollback too), wrapped lines joined."""
@@ -80,8 +94,11 @@ class Terminal:
 
     def exit_status(self) -> int | None:
         """The command's exit status (minus the signal that killed it); None while it runs."""
-        dead, status, sig = self._tmux("display-message", "-p", "-t", "t",
-                                       "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}").strip().split(":")
+        dead, status, sig = (
+            self._tmux("display-message", "-p", "-t", "t", "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}")
+            .strip()
+            .split(":")
+        )
         if dead != "1":
             return None
         return int(status) if status else -int(sig or 0)
@@ -137,9 +154,27 @@ def test_ctrl_c_cancels_the_answer_on_the_cluster_and_ctrl_c_at_the_prompt_exits
 
     It ended the whole cluster: the terminal's SIGINT reached the broker, controller and agents too."""
     mark, port = uuid.uuid4().hex, free_port()
-    term = Terminal([*HOMERING, "up", "--agents", "2", "--model", str(smollm2), "--threads", "1",
-                     "--parallel", "1", "--temperature", "0", "--max-tokens", "1500", "--api-port", str(port)],
-                    {"HOMERING_TEST_MARK": mark})
+    term = Terminal(
+        [
+            *HOMERING,
+            "up",
+            "--agents",
+            "2",
+            "--model",
+            str(smollm2),
+            "--threads",
+            "1",
+            "--parallel",
+            "1",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "1500",
+            "--api-port",
+            str(port),
+        ],
+        {"HOMERING_TEST_MARK": mark},
+    )
     api = f"http://127.0.0.1:{port}"
     try:
         term.wait_for(lambda s: "you>" in s, "prompt", READY_S)
@@ -183,14 +218,18 @@ def chat_cluster(smollm2, mosquitto, tmp_path_factory):
     from homering.client.local import LocalCluster
 
     log_path = tmp_path_factory.mktemp("logs") / "chat-cluster.log"
-    with open(log_path, "w") as log_file, LocalCluster(smollm2, n_agents=1, broker=mosquitto, threads=1,
-                                                       n_ctx=2048, log_file=log_file) as c:
+    with (
+        open(log_path, "w") as log_file,
+        LocalCluster(smollm2, n_agents=1, broker=mosquitto, threads=1, n_ctx=2048, log_file=log_file) as c,
+    ):
         yield c
 
 
 def _chat(cluster, *args: str) -> Terminal:
-    term = Terminal([*HOMERING, "chat", "--broker", str(cluster.broker), "--temperature", "0", *args],
-                    {"HOMERING_TEST_MARK": uuid.uuid4().hex})
+    term = Terminal(
+        [*HOMERING, "chat", "--broker", str(cluster.broker), "--temperature", "0", *args],
+        {"HOMERING_TEST_MARK": uuid.uuid4().hex},
+    )
     term.wait_for(lambda s: "you>" in s, "prompt", READY_S)
     return term
 
@@ -202,7 +241,7 @@ def test_a_32k_paste_arrives_whole_and_is_refused_in_one_line(chat_cluster, tmp_
     It was cut at 4095 characters without a word, and the model answered the cut text."""
     words = "the keeper climbs the stairs of the lighthouse at night and lights the lamp for the ships".split()
     end = "END-OF-THE-PASTE"
-    text = " ".join(words[i % len(words)] + str(i % 7) for i in range(6000))[:32768 - len(end) - 1] + " " + end
+    text = " ".join(words[i % len(words)] + str(i % 7) for i in range(6000))[: 32768 - len(end) - 1] + " " + end
     flat = lambda s: s.replace("\n", "")  # noqa: E731 - the line editor wraps the long line
     term = _chat(chat_cluster)
     try:
@@ -277,14 +316,23 @@ def test_cluster_shows_the_heads_rate_after_an_answer(chat_cluster):
 def test_piped_input_is_read_line_by_line_and_sigint_at_the_prompt_exits_0(chat_cluster):
     """Without a terminal the chat reads standard input line by line (scripts and tests pipe it); SIGINT while it
     waits for a line ends it with 0 and no traceback."""
-    proc = subprocess.run([*HOMERING, "chat", "--broker", str(chat_cluster.broker), "--temperature", "0",
-                           "--max-tokens", "16"], input="Hi!\n/reset\n/quit\n", capture_output=True, text=True,
-                          timeout=READY_S + ANSWER_S)
+    proc = subprocess.run(
+        [*HOMERING, "chat", "--broker", str(chat_cluster.broker), "--temperature", "0", "--max-tokens", "16"],
+        input="Hi!\n/reset\n/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=READY_S + ANSWER_S,
+    )
     assert proc.returncode == 0, proc.stderr
     assert _answers(proc.stdout) == 1, proc.stdout
     assert "forgot the conversation (1 exchange(s))" in proc.stdout
-    with subprocess.Popen([*HOMERING, "chat", "--broker", str(chat_cluster.broker)], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as chat:
+    with subprocess.Popen(
+        [*HOMERING, "chat", "--broker", str(chat_cluster.broker)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as chat:
         try:
             deadline = time.monotonic() + READY_S
             seen = ""

@@ -12,8 +12,9 @@ PRIMA = Path(__file__).resolve().parents[1] / "examples" / "clusters" / "prima-h
 
 
 def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
 
 
 def test_raw_writes_to_fd_1_go_to_the_log_or_nowhere_and_sys_stdout_stays_clean():
@@ -50,8 +51,24 @@ def test_plan_json_is_the_whole_of_stdout_and_the_solver_banner_is_not_in_it():
 
 
 def test_up_prompt_raw_prints_only_the_answer_and_shows_progress_on_stderr(smollm2):
-    proc = _run("-m", "homering", "up", "--agents", "2", "--model", str(smollm2), "--threads", "1",
-                "--prompt", "The capital of France is", "--raw", "--temperature", "0", "--max-tokens", "8")
+    proc = _run(
+        "-m",
+        "homering",
+        "up",
+        "--agents",
+        "2",
+        "--model",
+        str(smollm2),
+        "--threads",
+        "1",
+        "--prompt",
+        "The capital of France is",
+        "--raw",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip(), "no answer on stdout"
     for noise in ("·", "ready in", "WARNING", "INFO", "Running HiGHS", "planning"):
@@ -64,7 +81,6 @@ def test_up_with_its_api_port_taken_stops_everything_and_exits_at_once(smollm2):
     import os
     import signal
     import socket
-
     import uuid
 
     from tests.test_chat_terminal import _processes_marked
@@ -72,11 +88,29 @@ def test_up_with_its_api_port_taken_stops_everything_and_exits_at_once(smollm2):
     mark = uuid.uuid4().hex
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, "-m", "homering", "up", "--agents", "2", "--model", str(smollm2),
-                                 "--threads", "1", "--api-port", str(port), "--no-chat"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, "HOMERING_TEST_MARK": mark})
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "homering",
+                "up",
+                "--agents",
+                "2",
+                "--model",
+                str(smollm2),
+                "--threads",
+                "1",
+                "--api-port",
+                str(port),
+                "--no-chat",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "HOMERING_TEST_MARK": mark},
+        )
         try:
             out, err = proc.communicate(timeout=120)  # a hang guard: it used to wait 301 s
         finally:

@@ -14,10 +14,9 @@ import pytest
 from homering.client.chat import ask
 from homering.client.client import ClusterClient, new_request_id
 from homering.client.local import LocalCluster
+from homering.errors import HomeringError
 from homering.transport.mqtt import BrokerURL
 from homering.wire import ChatMessage, ControllerStatus, GenerateRequest, Sampling, Topics
-from homering.errors import HomeringError
-
 from tests.conftest import run_mosquitto
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
@@ -25,8 +24,9 @@ GREEDY = Sampling(max_tokens=32, temperature=0)
 
 
 def chat_request(text: str, sampling: Sampling = GREEDY) -> GenerateRequest:
-    return GenerateRequest(request_id=new_request_id(), messages=[ChatMessage(role="user", content=text)],
-                           sampling=sampling)
+    return GenerateRequest(
+        request_id=new_request_id(), messages=[ChatMessage(role="user", content=text)], sampling=sampling
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,12 @@ def cluster(smollm2, mosquitto, tmp_path_factory):
     keep them all on one, as hops on one machine only cost time).
     """
     log_path = tmp_path_factory.mktemp("logs") / "cluster.log"
-    with open(log_path, "w") as log_file, LocalCluster(smollm2, n_agents=3, broker=mosquitto, threads=1,
-                                                       n_ctx=256, planner="proportional",
-                                                       log_file=log_file) as c:
+    with (
+        open(log_path, "w") as log_file,
+        LocalCluster(
+            smollm2, n_agents=3, broker=mosquitto, threads=1, n_ctx=256, planner="proportional", log_file=log_file
+        ) as c,
+    ):
         c.log_path = log_path
         yield c
 
@@ -80,16 +83,29 @@ def test_prompt_longer_than_context_is_refused_and_cluster_keeps_serving(cluster
 
 def test_prompt_token_ids_are_served_and_checked(cluster, smollm2_ref):
     """A request may carry token ids instead of text; ids outside the vocabulary get an error reply."""
+
     async def go():
         async with ClusterClient(cluster.broker) as client:
             await client.wait_ready()
             by_text = await ask(client, chat_request(PROMPTS[1]))
-            by_ids = await ask(client, GenerateRequest(request_id=new_request_id(), sampling=GREEDY,
-                                                       prompt_token_ids=by_text.prompt_token_ids))
-            bad = [e async for e in client.generate(GenerateRequest(
-                request_id=new_request_id(), sampling=GREEDY, prompt_token_ids=[1, 2, 49152]))]
-            both = [e async for e in client.generate(GenerateRequest(
-                request_id=new_request_id(), sampling=GREEDY, prompt="hi", prompt_token_ids=[1, 2]))]
+            by_ids = await ask(
+                client,
+                GenerateRequest(
+                    request_id=new_request_id(), sampling=GREEDY, prompt_token_ids=by_text.prompt_token_ids
+                ),
+            )
+            bad = [
+                e
+                async for e in client.generate(
+                    GenerateRequest(request_id=new_request_id(), sampling=GREEDY, prompt_token_ids=[1, 2, 49152])
+                )
+            ]
+            both = [
+                e
+                async for e in client.generate(
+                    GenerateRequest(request_id=new_request_id(), sampling=GREEDY, prompt="hi", prompt_token_ids=[1, 2])
+                )
+            ]
             return by_text, by_ids, bad, both
 
     by_text, by_ids, bad, both = run(go())
@@ -108,7 +124,7 @@ def test_malformed_messages_and_frames_are_dropped(cluster, smollm2_ref):
                 for name in (a.name for a in plan.ring):
                     await bad.publish(Topics.generate(name), b"\xff not json", qos=1)
                     await bad.publish(Topics.generate(name), json.dumps({"request_id": 5}), qos=1)
-                await bad.publish(Topics.PLAN, b"{\"plan_id\": []}", qos=1)
+                await bad.publish(Topics.PLAN, b'{"plan_id": []}', qos=1)
                 await bad.publish(Topics.REQUESTS, b"[1, 2, 3]", qos=1)
             # garbage on a data port: the agent drops that link and keeps its ring
             target = plan.ring[1]
@@ -132,19 +148,36 @@ def test_agents_joining_and_leaving_trigger_a_replan_between_requests(cluster, s
     took 18 s on a loaded machine), and the broker then drops the client for its missed keepalive. The late
     agent's output goes to the cluster log.
     """
+
     async def go():
         async with ClusterClient(cluster.broker) as client:
             await client.wait_ready()
             first = client.plan.plan_id
-            extra = subprocess.Popen([sys.executable, "-m", "homering", "agent", "--broker", str(cluster.broker),
-                                      "--name", "late-agent", "--threads", "1"],
-                                     stdin=subprocess.DEVNULL, stdout=cluster.log_file, stderr=cluster.log_file)
+            extra = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "homering",
+                    "agent",
+                    "--broker",
+                    str(cluster.broker),
+                    "--name",
+                    "late-agent",
+                    "--threads",
+                    "1",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=cluster.log_file,
+                stderr=cluster.log_file,
+            )
             try:
                 # a request in flight while the agent joins keeps its ring to the end
                 seen: set[str] = set()
-                during = await ask(client, chat_request("Tell me a long story about a lighthouse.",
-                                                        Sampling(max_tokens=96, temperature=0)),
-                                   on_text=lambda _: seen.add(client.plan.plan_id))
+                during = await ask(
+                    client,
+                    chat_request("Tell me a long story about a lighthouse.", Sampling(max_tokens=96, temperature=0)),
+                    on_text=lambda _: seen.add(client.plan.plan_id),
+                )
                 assert seen == {first}
                 await client.wait_ready(120, until=lambda p: p.position("late-agent") is not None)
                 grown = client.plan
@@ -177,7 +210,7 @@ def test_client_reports_the_controllers_detail_and_a_lost_connection(tmp_path):
             with pytest.raises(HomeringError, match=r"\(planning: waiting for late-agent to load plan p2\)"):
                 await client.wait_ready(1)
             # a client with the same id takes the session over: the broker drops the first connection
-            async with aiomqtt.Client(broker.host, broker.port, identifier=client._client.identifier):
+            async with aiomqtt.Client(broker.host, broker.port, identifier=client.identifier):
                 with pytest.raises(HomeringError, match="lost the connection to the MQTT broker") as lost:
                     await client.wait_ready(600)
                 assert "planning, waiting for late-agent to load plan p2" in str(lost.value)
@@ -194,26 +227,55 @@ def test_a_loading_plan_names_the_agents_it_waits_for(smollm2):
     from homering.wire import AgentStatus, Plan, PlanAgent
 
     c = Controller(BrokerURL("127.0.0.1", 1), smollm2, n_agents=1)
-    c.plan = Plan.model_construct(plan_id="p2", ring=[PlanAgent.model_construct(name=n) for n in ("a", "late", "b")])
-    c.statuses = {"a": AgentStatus(state="ready", plan_id="p2"), "b": AgentStatus(state="ready", plan_id="p1")}
-    assert c._loading_detail() == "waiting for late, b to load plan p2"
-    c.statuses["late"] = AgentStatus(state="loading", plan_id="p2")
-    c.statuses["b"] = AgentStatus(state="ready", plan_id="p2")
-    assert c._loading_detail() == "waiting for late to load plan p2"
-    c.statuses["late"] = AgentStatus(state="ready", plan_id="p2")
-    assert c._loading_detail() == "plan p2 loaded"
+    plan = Plan.model_construct(plan_id="p2", ring=[PlanAgent.model_construct(name=n) for n in ("a", "late", "b")])
+    status = c.membership.on_status  # the agents' statuses, as the bus hands them over
+    status("a", AgentStatus(state="ready", plan_id="p2"), retained=False)
+    status("b", AgentStatus(state="ready", plan_id="p1"), retained=False)
+    assert c.loader.loading_detail(plan) == "waiting for late, b to load plan p2"
+    status("late", AgentStatus(state="loading", plan_id="p2"), retained=False)
+    status("b", AgentStatus(state="ready", plan_id="p2"), retained=False)
+    assert c.loader.loading_detail(plan) == "waiting for late to load plan p2"
+    status("late", AgentStatus(state="ready", plan_id="p2"), retained=False)
+    assert c.loader.loading_detail(plan) == "plan p2 loaded"
 
 
 def test_up_plans_from_measured_profiles(smollm2, smollm2_ref):
     """`homering up` with Halda: the plan comes from the agents' measured profiles and predicts ms/token."""
     proc = subprocess.run(
-        [sys.executable, "-m", "homering", "up", "--agents", "3", "--model", str(smollm2), "--threads", "1",
-         "--prompt", "Name a colour.", "--temperature", "0", "--max-tokens", "24", "--json"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "homering",
+            "up",
+            "--agents",
+            "3",
+            "--model",
+            str(smollm2),
+            "--threads",
+            "1",
+            "--prompt",
+            "Name a colour.",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) >= {"text", "prompt_token_ids", "token_ids", "ttft_ms", "ms_per_token", "plan",
-                        "predicted_ms_per_token"}
+    assert set(out) >= {
+        "text",
+        "prompt_token_ids",
+        "token_ids",
+        "ttft_ms",
+        "ms_per_token",
+        "plan",
+        "predicted_ms_per_token",
+    }
     plan = out["plan"]
     assert plan["planner"] == "halda" and plan["k"] == 1
     assert out["predicted_ms_per_token"] == plan["predicted_ms_per_token"] > 0
@@ -223,4 +285,3 @@ def test_up_plans_from_measured_profiles(smollm2, smollm2_ref):
     assert all(a["mode"] == "resident" for a in plan["ring"])  # SmolLM2 fits in RAM
     smollm2_ref.check_answer(out["prompt_token_ids"], out["token_ids"], out["finish_reason"], 24)
     assert out["text"].strip()
-

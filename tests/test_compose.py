@@ -28,15 +28,17 @@ def readme_services() -> dict[str, dict]:
     """The service table of the README's "Home server" section: name → {"ports", "volumes"}."""
     text = (REPO / "README.md").read_text()
     start = text.index("\n## Home server\n")
-    section = text[start + 1:text.find("\n## ", start + 1)]
+    section = text[start + 1 : text.find("\n## ", start + 1)]
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if not line.startswith("| `") or len(cells) < 3:
             continue
         name = cells[0].strip("`")
-        rows[name] = {"ports": set(re.findall(r"`(\d+)`", cells[1])),
-                      "volumes": set(re.findall(r"`([\w.-]+)`", cells[2]))}
+        rows[name] = {
+            "ports": set(re.findall(r"`(\d+)`", cells[1])),
+            "volumes": set(re.findall(r"`([\w.-]+)`", cells[2])),
+        }
     return rows
 
 
@@ -65,12 +67,12 @@ def test_services_ports_and_volumes_match_the_readme(compose):
 
 def test_readme_commands_use_this_compose_file():
     text = (REPO / "README.md").read_text()
-    section = text[text.index("\n## Home server\n"):]
+    section = text[text.index("\n## Home server\n") :]
     assert "docker compose -f docker/compose.yaml up -d" in section
     assert "--scale agent=" in section
     assert "mqtt://homeserver:1883" in section  # the mosquitto service's published port
     assert text.lstrip().splitlines()[0] == "# homering"
-    first_block = text[text.index("```sh"):text.index("```", text.index("```sh") + 5)]
+    first_block = text[text.index("```sh") : text.index("```", text.index("```sh") + 5)]
     assert "make run" in first_block and "make test" in first_block
 
 
@@ -103,8 +105,9 @@ def test_mosquitto_allows_no_anonymous_access(compose):
     assert conf["allow_anonymous"] == ["false"]
     assert conf["password_file"] == ["/mosquitto/config/passwd"]
     assert conf["acl_file"] == ["/mosquitto/config/acl"]
-    assert not (DOCKER / "mosquitto" / "passwd").exists() or "docker/mosquitto/passwd" in \
-        (REPO / ".gitignore").read_text()
+    assert (
+        not (DOCKER / "mosquitto" / "passwd").exists() or "docker/mosquitto/passwd" in (REPO / ".gitignore").read_text()
+    )
 
 
 def test_clients_log_in_with_secret_files_known_to_the_acl(compose):

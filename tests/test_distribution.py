@@ -20,12 +20,11 @@ import httpx
 import pytest
 
 from homering.client.chat import ask
-from homering.transport.broker import free_port
 from homering.client.client import ClusterClient, new_request_id
 from homering.client.local import stop_processes
-from homering.wire import ChatMessage, GenerateRequest, Sampling
+from homering.transport.broker import free_port
 from homering.transport.windows import WindowClient, cache_path
-
+from homering.wire import ChatMessage, GenerateRequest, Sampling
 from tests.conftest import run_mosquitto, wait_healthy
 
 API_KEY = "sk-homering-dist-0123456789"
@@ -34,8 +33,9 @@ MAX_NEW = 24
 
 
 def _homering(*args: str, log, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "homering", *args], stdout=log, stderr=log,
-                            stdin=subprocess.DEVNULL, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "homering", *args], stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env
+    )
 
 
 def _clean_env() -> dict[str, str]:
@@ -55,18 +55,47 @@ def remote(smollm2, mosquitto, tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     log_path = folder / "cluster.log"
     log = open(log_path, "w")
-    procs = [_homering("controller", "--broker", str(mosquitto), "--model", str(smollm2), "--agents", "2",
-                       "--ctx", str(N_CTX), "--planner", "proportional", "--api-port", str(port),
-                       "--api-key-file", str(key_file), log=log, env=_clean_env())]
+    procs = [
+        _homering(
+            "controller",
+            "--broker",
+            str(mosquitto),
+            "--model",
+            str(smollm2),
+            "--agents",
+            "2",
+            "--ctx",
+            str(N_CTX),
+            "--planner",
+            "proportional",
+            "--api-port",
+            str(port),
+            "--api-key-file",
+            str(key_file),
+            log=log,
+            env=_clean_env(),
+        )
+    ]
     agent_env = {**_clean_env(), "HOMERING_HOME": str(agent_home), "HOMERING_API_KEY": API_KEY}
     t0 = time.monotonic()
     for i in range(2):
-        procs.append(_homering("agent", "--broker", str(mosquitto), "--name", f"remote-{i}", "--threads", "1",
-                               "--no-local-model", log=log, env=agent_env))
+        procs.append(
+            _homering(
+                "agent",
+                "--broker",
+                str(mosquitto),
+                "--name",
+                f"remote-{i}",
+                "--threads",
+                "1",
+                "--no-local-model",
+                log=log,
+                env=agent_env,
+            )
+        )
     try:
         wait_healthy(base, procs, timeout=300, log_path=log_path)
-        yield {"base": base, "broker": mosquitto, "home": agent_home, "log": log_path,
-               "ready_s": time.monotonic() - t0}
+        yield {"base": base, "broker": mosquitto, "home": agent_home, "log": log_path, "ready_s": time.monotonic() - t0}
     finally:
         stop_processes(procs, 15)
         log.close()
@@ -102,9 +131,14 @@ def test_agents_without_the_model_download_their_windows_and_match_the_unsplit_m
     async def go():
         async with ClusterClient(remote["broker"]) as client:
             await client.wait_ready()
-            return await ask(client, GenerateRequest(
-                request_id=new_request_id(), sampling=Sampling(max_tokens=MAX_NEW, temperature=0),
-                messages=[ChatMessage(role="user", content="What is the capital of France?")]))
+            return await ask(
+                client,
+                GenerateRequest(
+                    request_id=new_request_id(),
+                    sampling=Sampling(max_tokens=MAX_NEW, temperature=0),
+                    messages=[ChatMessage(role="user", content="What is the capital of France?")],
+                ),
+            )
 
     answer = asyncio.run(asyncio.wait_for(go(), 180))
     smollm2_ref.check_answer(answer.prompt_token_ids, answer.token_ids, answer.finish_reason, MAX_NEW)
@@ -175,10 +209,33 @@ def test_without_an_api_port_an_agent_without_the_model_says_why(smollm2, own_br
     mosquitto = own_broker
     env = {**_clean_env(), "HOMERING_HOME": str(tmp_path / "home")}
     with open(tmp_path / "log", "w") as log:
-        procs = [_homering("controller", "--broker", str(mosquitto), "--model", str(smollm2), "--agents", "1",
-                           "--timeout", "6", log=log, env=_clean_env()),
-                 _homering("agent", "--broker", str(mosquitto), "--name", "lonely", "--threads", "1",
-                           "--no-local-model", log=log, env=env)]
+        procs = [
+            _homering(
+                "controller",
+                "--broker",
+                str(mosquitto),
+                "--model",
+                str(smollm2),
+                "--agents",
+                "1",
+                "--timeout",
+                "6",
+                log=log,
+                env=_clean_env(),
+            ),
+            _homering(
+                "agent",
+                "--broker",
+                str(mosquitto),
+                "--name",
+                "lonely",
+                "--threads",
+                "1",
+                "--no-local-model",
+                log=log,
+                env=env,
+            ),
+        ]
         try:
             assert procs[0].wait(60) == 2
         finally:
@@ -204,11 +261,11 @@ def test_the_window_cache_keeps_the_plan_recent_files_and_a_budget_of_others(tmp
         os.utime(p, (now - age_s, now - age_s))
         return p
 
-    plan = window("fp/0-10-first.f2.gguf", 3, 10_000)          # in the plan: kept although oldest
-    old = window("fp/10-20-middle.f2.gguf", 2, 9_000)          # oldest other: goes first
+    plan = window("fp/0-10-first.f2.gguf", 3, 10_000)  # in the plan: kept although oldest
+    old = window("fp/10-20-middle.f2.gguf", 2, 9_000)  # oldest other: goes first
     older_hash = window("sha256/" + "a" * 64 + ".gguf", 2, 8_000)
     newer = window("fp/20-30-last.f2.gguf", 2, 7_000)
-    fresh = window("other/0-5-first.f2.gguf", 2, 60)           # written a minute ago: kept
+    fresh = window("other/0-5-first.f2.gguf", 2, 60)  # written a minute ago: kept
     probe = root / "homering-disk-probe.bin"
     probe.write_bytes(b"\0" * (1 << 20))
     os.utime(probe, (now - 99_999, now - 99_999))

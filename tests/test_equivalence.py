@@ -17,9 +17,11 @@ def chain_greedy(model_path, cuts, prompt_ids, n_new):
     for a, b in zip(cuts[:-1], cuts[1:]):
         role = Role.for_range(a, b, cuts[-1])
         path = slice_window(model_path, WindowSpec(a, b, role), progress=False)
-        windows.append(LayerWindow(path, takes_tokens=role.takes_tokens, gives_logits=role.gives_logits,
-                                   n_ctx=512, n_threads=2))
+        windows.append(
+            LayerWindow(path, takes_tokens=role.takes_tokens, gives_logits=role.gives_logits, n_ctx=512, n_threads=2)
+        )
     try:
+
         def step(x, pos):
             for w in windows:
                 out = w.forward(x, pos)
@@ -39,9 +41,14 @@ def chain_greedy(model_path, cuts, prompt_ids, n_new):
             w.close()
 
 
-SPLITS = [("smollm2", [0, 10, 20, 30]), ("smollm2", [0, 1, 29, 30]), ("smollm2", [0, 7, 30]),
-          ("gemma", [0, 7, 18]), ("gemma", [0, 5, 11, 18]),
-          ("gemma", [0, 5, 6, 11, 12, 17, 18])]  # windows of one global-attention layer (5, 11, 17) only
+SPLITS = [
+    ("smollm2", [0, 10, 20, 30]),
+    ("smollm2", [0, 1, 29, 30]),
+    ("smollm2", [0, 7, 30]),
+    ("gemma", [0, 7, 18]),
+    ("gemma", [0, 5, 11, 18]),
+    ("gemma", [0, 5, 6, 11, 12, 17, 18]),
+]  # windows of one global-attention layer (5, 11, 17) only
 
 
 @pytest.mark.parametrize("model,cuts", SPLITS, ids=[f"{m}-{c}" for m, c in SPLITS])

@@ -5,27 +5,36 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
+from types import SimpleNamespace
 
 import aiomqtt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from homering.client.chat import ask
 from homering.agent.agent import Agent
+from homering.client.chat import ask
 from homering.client.client import ClusterClient, new_request_id
 from homering.controller.controller import Controller
 from homering.transport.links import recv_group
-from homering.wire.handshake import client_handshake, server_handshake
 from homering.transport.mqtt import BrokerURL
-from homering.wire.base import MESSAGE_MAC_LABEL
-from homering.wire.handshake import LINK_HELLO, LINK_REPLY
 from homering.wire import (
-    HEADER, ChatMessage, FrameError, FrameHeader, GenerateRequest,
-    HandshakeError, MalformedMessage, Message, Sampling, Topics,
+    HEADER,
+    ChatMessage,
+    FrameError,
+    FrameHeader,
+    GenerateRequest,
+    HandshakeError,
+    MalformedMessage,
+    Message,
+    Sampling,
+    Topics,
 )
+from homering.wire.base import MESSAGE_MAC_LABEL
+from homering.wire.handshake import LINK_HELLO, LINK_REPLY, client_handshake, server_handshake
 from homering.wire.security import ClusterKey
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -45,8 +54,12 @@ def _message_classes() -> list[type[Message]]:
 CLASSES = _message_classes()
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(10 ** 30), max_value=10 ** 30) | st.floats()
-    | st.text(max_size=20) | st.sampled_from([2 ** 63, -(2 ** 63) - 1, 10 ** 400, 1e308, "ready", "x" * 65]),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from([2**63, -(2**63) - 1, 10**400, 1e308, "ready", "x" * 65]),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
     max_leaves=12,
 )
@@ -62,21 +75,51 @@ def _dumps(value) -> bytes:
 def _samples() -> dict[str, dict]:
     """A valid message of the classes handlers act on (mutated one field at a time by :func:`payloads_for`)."""
     from homering.wire import (
-        AgentProfile, AgentStats, AgentStatus, CancelJob, ControllerStatus, GenerateJob, LinkReport, PlanAgent,
-        Plan, StreamEvent, WindowAssignment,
+        AgentProfile,
+        AgentStats,
+        AgentStatus,
+        CancelJob,
+        ControllerStatus,
+        GenerateJob,
+        LinkReport,
+        Plan,
+        PlanAgent,
+        StreamEvent,
+        WindowAssignment,
     )
 
-    plan = Plan(plan_id="p1", model_path="/nonexistent.gguf", model_fingerprint="f", n_layers=2, n_ctx=64,
-                planner="proportional", ring=[PlanAgent(name="fuzz", host="127.0.0.1", data_port=9,
-                                                        windows=[WindowAssignment(start=0, end=2)])])
-    msgs = [plan, ControllerStatus(state="ready", plan_id="p1", model_path="/nonexistent.gguf", model_fingerprint="f"),
-            GenerateJob(request_id="r1", plan_id="p1", prompt_token_ids=[1, 2], sampling=Sampling()),
-            CancelJob(request_id="r1"), GenerateRequest(request_id="r1", prompt="hi"),
-            GenerateRequest(request_id="r2", prompt_token_ids=[1, 2, 3]),
-            AgentProfile(name="a1", host="127.0.0.1", data_port=9, pid=1, os="linux", cpu_count=1, threads=1,
-                         ram_total=1, ram_available=1),
-            AgentStatus(state="ready", plan_id="p1"), AgentStats(name="a1"), LinkReport(probe_id="x"),
-            StreamEvent(request_id="r1", type="done", token_ids=[1])]
+    plan = Plan(
+        plan_id="p1",
+        model_path="/nonexistent.gguf",
+        model_fingerprint="f",
+        n_layers=2,
+        n_ctx=64,
+        planner="proportional",
+        ring=[PlanAgent(name="fuzz", host="127.0.0.1", data_port=9, windows=[WindowAssignment(start=0, end=2)])],
+    )
+    msgs = [
+        plan,
+        ControllerStatus(state="ready", plan_id="p1", model_path="/nonexistent.gguf", model_fingerprint="f"),
+        GenerateJob(request_id="r1", plan_id="p1", prompt_token_ids=[1, 2], sampling=Sampling()),
+        CancelJob(request_id="r1"),
+        GenerateRequest(request_id="r1", prompt="hi"),
+        GenerateRequest(request_id="r2", prompt_token_ids=[1, 2, 3]),
+        AgentProfile(
+            name="a1",
+            host="127.0.0.1",
+            data_port=9,
+            pid=1,
+            os="linux",
+            cpu_count=1,
+            threads=1,
+            ram_total=1,
+            ram_available=1,
+        ),
+        AgentStatus(state="ready", plan_id="p1"),
+        AgentStats(name="a1"),
+        LinkReport(probe_id="x"),
+        StreamEvent(request_id="r1", type="done", token_ids=[1]),
+    ]
     return {type(m).__name__: json.loads(m.model_dump_json()) for m in msgs}
 
 
@@ -103,15 +146,24 @@ def payloads_for(draw, cls: type[Message]) -> bytes:
         raw = _dumps(draw(json_values))
     else:
         fields = list(cls.model_fields)
-        obj = draw(st.dictionaries(st.sampled_from(fields + ["version", "_auth", "extra"]), json_values,
-                                   max_size=len(fields) + 1))
+        obj = draw(
+            st.dictionaries(
+                st.sampled_from(fields + ["version", "_auth", "extra"]), json_values, max_size=len(fields) + 1
+            )
+        )
         raw = _dumps(obj)
         if kind == 3 and raw.endswith(b"}"):
-            trailer = draw(st.sampled_from([
-                b',"_auth":{"ts":1,"nonce":"' + b"0" * 32 + b'","mac":"' + b"0" * 64 + b'"}}',
-                b',"_auth":{"ts":99999999999999999,"nonce":"' + b"a" * 32 + b'","mac":"' + b"f" * 64 + b'"}}',
-                b',"_auth":{"ts":1,"nonce":"zz","mac":""}}', b',"_auth":{}}', b',"_auth"',
-            ]))
+            trailer = draw(
+                st.sampled_from(
+                    [
+                        b',"_auth":{"ts":1,"nonce":"' + b"0" * 32 + b'","mac":"' + b"0" * 64 + b'"}}',
+                        b',"_auth":{"ts":99999999999999999,"nonce":"' + b"a" * 32 + b'","mac":"' + b"f" * 64 + b'"}}',
+                        b',"_auth":{"ts":1,"nonce":"zz","mac":""}}',
+                        b',"_auth":{}}',
+                        b',"_auth"',
+                    ]
+                )
+            )
             raw = raw[:-1] + trailer
     return raw
 
@@ -140,11 +192,19 @@ def test_messages_reject_non_finite_numbers():
 
 # ------------------------------------------------------------------ frames and the handshake
 header_fields = st.tuples(
-    st.sampled_from([b"HRNG", b"HRNG", b"XXXX"]), st.integers(0, 3), st.integers(0, 7), st.integers(0, 7),
-    st.integers(0, 3), st.integers(0, 2 ** 32 - 1), st.integers(0, 300) | st.integers(0, 2 ** 32 - 1),
-    st.integers(0, 2 ** 16 - 1), st.integers(0, 2) | st.integers(0, 2 ** 16 - 1), st.integers(0, 2 ** 32 - 1),
-    st.integers(0, 70000) | st.integers(0, 4), st.integers(0, 40000) | st.integers(0, 8),
-    st.integers(0, 2 ** 32 - 1) | st.integers(0, 256),
+    st.sampled_from([b"HRNG", b"HRNG", b"XXXX"]),
+    st.integers(0, 3),
+    st.integers(0, 7),
+    st.integers(0, 7),
+    st.integers(0, 3),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 300) | st.integers(0, 2**32 - 1),
+    st.integers(0, 2**16 - 1),
+    st.integers(0, 2) | st.integers(0, 2**16 - 1),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 70000) | st.integers(0, 4),
+    st.integers(0, 40000) | st.integers(0, 8),
+    st.integers(0, 2**32 - 1) | st.integers(0, 256),
 )
 
 
@@ -159,8 +219,9 @@ def test_frame_header_parser_raises_only_frame_error(raw):
 
 
 @FAST
-@given(st.lists(st.binary(max_size=64) | header_fields.map(lambda f: HEADER.pack(*f)), max_size=6),
-       st.binary(max_size=600))
+@given(
+    st.lists(st.binary(max_size=64) | header_fields.map(lambda f: HEADER.pack(*f)), max_size=6), st.binary(max_size=600)
+)
 def test_frame_reader_raises_only_frame_error_or_ends(chunks, tail):
     """Whatever arrives on a link, recv_group returns groups, None at the end, or raises FrameError
     (ConnectionError only when the stream ends inside a frame)."""
@@ -195,7 +256,7 @@ def test_handshake_raises_only_handshake_error(raw, keyed, server_side):
             with pytest.raises(HandshakeError):
                 server_handshake(a, key, timeout=2)
         else:
-            b.sendall(raw[:LINK_HELLO.size] if len(raw) >= LINK_HELLO.size else raw)
+            b.sendall(raw[: LINK_HELLO.size] if len(raw) >= LINK_HELLO.size else raw)
             b.shutdown(socket.SHUT_WR)
             with pytest.raises(HandshakeError):
                 client_handshake(a, key, timeout=2)
@@ -205,10 +266,6 @@ def test_handshake_raises_only_handshake_error(raw, keyed, server_side):
 
 
 # ------------------------------------------------------------------ MQTT handlers, in process
-def _msg(topic: str, payload: bytes) -> aiomqtt.Message:
-    return aiomqtt.Message(topic, payload, qos=1, retain=False, mid=1, properties=None)
-
-
 def _signed_body(cls_name: str, body: bytes) -> bytes:
     """``body`` (a JSON object) signed with :data:`KEY` as message type ``cls_name``: passes the signature
     check, so the fuzz reaches the parser and handler behind it."""
@@ -216,16 +273,34 @@ def _signed_body(cls_name: str, body: bytes) -> bytes:
 
     ts, nonce = str(int(time.time() * 1000)).encode(), os.urandom(16).hex().encode()
     tag = KEY.mac(MESSAGE_MAC_LABEL, cls_name.encode(), ts, nonce, body).hex().encode()
-    return body[:-1] + (b"," if body != b"{}" else b"") + b'"_auth":{"ts":' + ts + b',"nonce":"' + nonce + \
-        b'","mac":"' + tag + b'"}}'
+    return (
+        body[:-1]
+        + (b"," if body != b"{}" else b"")
+        + b'"_auth":{"ts":'
+        + ts
+        + b',"nonce":"'
+        + nonce
+        + b'","mac":"'
+        + tag
+        + b'"}}'
+    )
 
 
-AGENT_TOPICS = [(Topics.PLAN, "Plan"), (Topics.CONTROLLER, "ControllerStatus"),
-                (Topics.generate("fuzz"), "GenerateJob"), (Topics.probe("fuzz"), "LinkProbe"),
-                (Topics.cancel("fuzz"), "CancelJob")]  # LinkProbe has no valid sample: a probe measures for seconds
-CONTROLLER_TOPICS = [(Topics.profile("a1"), "AgentProfile"), (Topics.status("a1"), "AgentStatus"),
-                     (Topics.REQUESTS, "GenerateRequest"), (Topics.probe_result("a1"), "LinkReport"),
-                     (Topics.stream("r1"), "StreamEvent"), (Topics.stats("a1"), "AgentStats")]
+AGENT_TOPICS = [
+    (Topics.PLAN, "Plan"),
+    (Topics.CONTROLLER, "ControllerStatus"),
+    (Topics.generate("fuzz"), "GenerateJob"),
+    (Topics.probe("fuzz"), "LinkProbe"),
+    (Topics.cancel("fuzz"), "CancelJob"),
+]  # LinkProbe has no valid sample: a probe measures for seconds
+CONTROLLER_TOPICS = [
+    (Topics.profile("a1"), "AgentProfile"),
+    (Topics.status("a1"), "AgentStatus"),
+    (Topics.REQUESTS, "GenerateRequest"),
+    (Topics.probe_result("a1"), "LinkReport"),
+    (Topics.stream("r1"), "StreamEvent"),
+    (Topics.stats("a1"), "AgentStats"),
+]
 BY_NAME = {c.__name__: c for c in CLASSES}
 
 
@@ -242,48 +317,60 @@ def handler_input(draw, topics):
     return topic, raw
 
 
-async def _settle(tasks: set) -> None:
-    """Let spawned handler tasks run briefly, cancel the rest; re-raise any error they ended with."""
-    await asyncio.sleep(0)
-    pending = list(tasks)
-    done, still = await asyncio.wait(pending, timeout=0.05) if pending else (set(), set())
-    for t in still:
-        t.cancel()
-    for t in done:
-        if not t.cancelled() and t.exception() is not None:
-            raise t.exception()
+class _Recorder:
+    """Stands in for the MQTT client of a bus fed by hand (``Bus.attach``): records what is published."""
+
+    def __init__(self):
+        self.published: list[tuple[str, bytes]] = []
+
+    async def publish(self, topic, payload, **kw):
+        self.published.append((topic, payload))
+
+
+class _Failures(logging.Handler):
+    """The failures a process logs: a handler that raised (the bus), a background task that raised
+    (``Tasks``), a task whose exception nobody retrieved (asyncio)."""
+
+    WATCHED = ("homering.bus", "homering.tasks", "asyncio")
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.setFormatter(logging.Formatter("%(name)s: %(message)s"))  # and the traceback
+        self.seen: list[str] = []
+
+    def emit(self, record):
+        self.seen.append(self.format(record))
+
+    def __enter__(self):
+        for name in self.WATCHED:
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.WATCHED:
+            logging.getLogger(name).removeHandler(self)
+
+
+def _feed(process, messages) -> list[str]:
+    """Dispatch ``messages`` on ``process``'s bus (no broker), let the handlers' tasks run a moment; the
+    failures logged meanwhile (tasks still running at the end are cancelled, as when a process stops)."""
+    process.bus.attach(_Recorder())
+
+    async def go():
+        for topic, raw in messages:
+            process.bus.dispatch(topic, raw)
+        await asyncio.sleep(0.05)
+
+    with _Failures() as failures:
+        asyncio.run(go())
+    return failures.seen
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(handler_input(AGENT_TOPICS), min_size=1, max_size=5), st.booleans())
-def test_agent_dispatch_logs_and_drops_whatever_arrives(messages, keyed):
+def test_an_agent_logs_and_drops_whatever_arrives(messages, keyed):
     agent = Agent(BrokerURL("127.0.0.1", 1), name="fuzz", threads=1, key=KEY if keyed else None)
-    agent._mqtt = _Feed([])  # records what the handlers publish (no broker here)
-
-    async def go():
-        for topic, raw in messages:
-            agent._dispatch(_msg(topic, raw))
-        await _settle(agent._tasks)
-
-    asyncio.run(go())
-
-
-class _Feed:
-    """Real aiomqtt messages for Controller._read, and a record of what it publishes (no broker here)."""
-
-    def __init__(self, messages):
-        self._messages = messages
-        self.published = []
-
-    @property
-    def messages(self):
-        async def gen():
-            for m in self._messages:
-                yield m
-        return gen()
-
-    async def publish(self, topic, payload, **kw):
-        self.published.append((topic, payload))
+    assert _feed(agent, messages) == []
 
 
 @pytest.fixture(scope="module")
@@ -293,20 +380,13 @@ def tokenizer(smollm2):
     return Tokenizer(smollm2)
 
 
-def test_controller_read_logs_and_drops_whatever_arrives(smollm2, tokenizer):
+def test_the_controller_logs_and_drops_whatever_arrives(smollm2, tokenizer):
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(handler_input(CONTROLLER_TOPICS), min_size=1, max_size=5), st.booleans())
     def check(messages, keyed):
         controller = Controller(BrokerURL("127.0.0.1", 1), smollm2, n_agents=1, key=KEY if keyed else None)
-        controller.tokenizer = tokenizer
-        feed = _Feed([_msg(t, raw) for t, raw in messages])
-        controller._client = feed
-
-        async def go():
-            await controller._read(feed)
-            await _settle(controller._tasks)
-
-        asyncio.run(go())
+        controller.requests.tokenizer = tokenizer
+        assert _feed(controller, messages) == []
 
     check()
 
@@ -319,10 +399,15 @@ def test_a_running_cluster_survives_random_payloads_on_every_topic(keyed_cluster
     names = ["agent-0", "agent-1", "agent-2", "stranger"]
     topics = [(Topics.PLAN, "Plan"), (Topics.CONTROLLER, "ControllerStatus"), (Topics.REQUESTS, "GenerateRequest")]
     for n in names:
-        topics += [(Topics.generate(n), "GenerateJob"), (Topics.probe(n), "LinkProbe"),
-                   (Topics.cancel(n), "CancelJob"), (Topics.profile(n), "AgentProfile"),
-                   (Topics.status(n), "AgentStatus"), (Topics.stats(n), "AgentStats"),
-                   (Topics.probe_result(n), "LinkReport")]
+        topics += [
+            (Topics.generate(n), "GenerateJob"),
+            (Topics.probe(n), "LinkProbe"),
+            (Topics.cancel(n), "CancelJob"),
+            (Topics.profile(n), "AgentProfile"),
+            (Topics.status(n), "AgentStatus"),
+            (Topics.stats(n), "AgentStats"),
+            (Topics.probe_result(n), "LinkReport"),
+        ]
     topics.append((Topics.stream("fuzzed"), "StreamEvent"))
     collected: list[tuple[str, bytes]] = []
 
@@ -357,9 +442,14 @@ def test_a_running_cluster_survives_random_payloads_on_every_topic(keyed_cluster
                     await fuzzer.publish(topic, raw, qos=1)  # never retained: the broker keeps no garbage
             await asyncio.sleep(1.0)
             await client.wait_ready()
-            answer = await ask(client, GenerateRequest(
-                request_id=new_request_id(), sampling=Sampling(max_tokens=24, temperature=0),
-                messages=[ChatMessage(role="user", content="Name a colour.")]))
+            answer = await ask(
+                client,
+                GenerateRequest(
+                    request_id=new_request_id(),
+                    sampling=Sampling(max_tokens=24, temperature=0),
+                    messages=[ChatMessage(role="user", content="Name a colour.")],
+                ),
+            )
             return answer, plan_id, client.plan.plan_id
 
     answer, before, after = asyncio.run(asyncio.wait_for(go(), 180))
@@ -374,17 +464,45 @@ def test_a_running_cluster_survives_random_payloads_on_every_topic(keyed_cluster
 
 def test_an_unexpected_failure_in_a_request_still_ends_its_stream_with_an_error():
     """A bug on the head (here a TypeError, as llama.cpp's 5-argument penalties sampler once raised) ends
-    the request with an error event, so the controller frees its sequence instead of waiting forever."""
-    from homering.wire import GenerateJob, Sampling, StreamEvent
+    the request with an error event and frees its sequence, so the controller does not wait forever."""
+    from homering.agent.generation import Generator
+    from homering.agent.telemetry import StreamHistory
+    from homering.tasks import Tasks
+    from homering.wire import GenerateJob, Sampling
 
-    agent = Agent(BrokerURL("127.0.0.1", 1), name="bug", threads=1)
-    agent._mqtt = _Feed([])
+    class HeadRing:  # what the generator asks of the loaded plan: this agent heads plan "p"
+        is_head = True
+        plan = SimpleNamespace(plan_id="p")
 
-    def broken(job, emit):
+        def __init__(self):
+            self.released = []
+
+        def claim(self, request_id, seq_id):
+            return (request_id, seq_id)
+
+        def release(self, slot):
+            self.released.append(slot)
+
+    def broken(ring, slot, job, emit):
         raise TypeError("llama_sampler_init_penalties() takes 5 arguments")
 
-    agent._generate_sync = broken
+    published = []
+
+    async def publish(topic, msg, *, qos=1, retain=False):
+        published.append(msg)
+        return True
+
+    ring = HeadRing()
     job = GenerateJob(request_id="r-bug", plan_id="p", seq_id=0, prompt_token_ids=[1], sampling=Sampling())
-    asyncio.run(agent._generate(job))
-    events = [StreamEvent.load(payload, key=None) for _, payload in agent._mqtt.published]
-    assert [e.type for e in events] == ["error"] and "TypeError" in events[0].error
+
+    async def go():
+        tasks = Tasks("test")
+        generator = Generator("bug", lambda: ring, StreamHistory(publish, tasks), tasks, session=broken)
+        try:
+            await generator.serve(job)
+        finally:
+            generator.close()
+
+    asyncio.run(go())
+    assert [e.type for e in published] == ["error"] and "TypeError" in published[0].error
+    assert ring.released == [("r-bug", 0)]

@@ -9,16 +9,16 @@ import re
 import jinja2
 import pytest
 
-from homering.transport import mqtt
 from homering.integrations.homeassistant import (
-    DISCOVERY_PREFIX,
     CONTROLLER_NODE,
+    DISCOVERY_PREFIX,
     agent_configs,
     agent_node_id,
     clear_discovery,
     controller_configs,
     publish_discovery,
 )
+from homering.transport import mqtt
 from homering.wire import (
     AgentStats,
     AgentStatus,
@@ -98,8 +98,11 @@ def test_agent_names_are_encoded_in_topics_only_and_one_per_name():
     assert CONTROLLER_NODE not in nodes.values()
     assert all(CONTROLLER_NODE not in t for name in nodes for t, _ in agent_configs(name))
     assert {p["unique_id"] for _, p in agent_configs("a.b_c-d")} == {
-        "homering_a.b_c-d_status", "homering_a.b_c-d_tokens_per_s", "homering_a.b_c-d_memory_used",
-        "homering_a.b_c-d_layers"}
+        "homering_a.b_c-d_status",
+        "homering_a.b_c-d_tokens_per_s",
+        "homering_a.b_c-d_memory_used",
+        "homering_a.b_c-d_layers",
+    }
     assert agent_configs("x", prefix="ha")[0][0] == "ha/sensor/homering_x/status/config"
     with pytest.raises(ValueError):
         agent_configs("bad/name")
@@ -168,9 +171,26 @@ def test_an_agent_that_leaves_for_good_disappears_from_home_assistant(mosquitto,
     name = f"ha-leaver-{os.getpid()}"
     node = agent_node_id(name)
     with open(tmp_path / "agent.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "homering", "agent", "--broker", str(mosquitto), "--name", name,
-                                 "--threads", "1", "--ha-discovery"], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "homering",
+                "agent",
+                "--broker",
+                str(mosquitto),
+                "--name",
+                name,
+                "--threads",
+                "1",
+                "--ha-discovery",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
         try:
+
             async def configs(expect: int) -> dict[str, bytes]:
                 """The agent's retained, non-empty discovery configs a new subscriber gets."""
                 got: dict[str, bytes] = {}

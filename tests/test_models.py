@@ -14,8 +14,7 @@ from homering.models.registry import KNOWN_MODELS, resolve_model
 
 
 def homering(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "homering", *args], capture_output=True, text=True,
-                          timeout=120, **kw)
+    return subprocess.run([sys.executable, "-m", "homering", *args], capture_output=True, text=True, timeout=120, **kw)
 
 
 def assert_clean_error(proc, *needles):

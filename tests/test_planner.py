@@ -8,31 +8,50 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.brute import brute_force
-from homering.wire import AgentProfile, DeviceProfile, GpuProfile
 from homering.controller.plans import make_plan
 from homering.planner import plan_cluster
 from homering.planner.halda import solve
 from homering.planner.model import GIB, ModelShape, PlanError, evaluate, parse_cluster
+from homering.wire import AgentProfile, DeviceProfile, GpuProfile
+from tests.brute import brute_force
 
 ROOT = Path(__file__).resolve().parent.parent
 PRIMA = ROOT / "examples" / "clusters" / "prima-home4.json"
 
 
-def dev(name, *, os="linux", ram=64.0, disk=2.0, cpu=10.0, out=5.0, gpu=None, link_ms=1.0, mbps=500.0,
-        head=False):
-    return {"name": name, "os": os, "ram_gib": ram, "disk_gbps": disk, "cpu_ms_per_layer": cpu,
-            "cpu_ms_output": out, "gpu": gpu, "link_ms": link_ms, "link_mbps": mbps, "head": head}
+def dev(name, *, os="linux", ram=64.0, disk=2.0, cpu=10.0, out=5.0, gpu=None, link_ms=1.0, mbps=500.0, head=False):
+    return {
+        "name": name,
+        "os": os,
+        "ram_gib": ram,
+        "disk_gbps": disk,
+        "cpu_ms_per_layer": cpu,
+        "cpu_ms_output": out,
+        "gpu": gpu,
+        "link_ms": link_ms,
+        "link_mbps": mbps,
+        "head": head,
+    }
 
 
 def spec_of(devices, *, layers=8, layer_gib=1.0, kv=0, out_gib=0.0, hidden=16384, compute=0, compute_vocab=0):
-    return parse_cluster({"model": {"n_layers": layers, "layer_bytes": int(layer_gib * GIB),
-                                    "kv_bytes_per_layer": kv, "output_bytes": int(out_gib * GIB),
-                                    "hidden_bytes": hidden, "compute_bytes": compute,
-                                    "compute_vocab_bytes": compute_vocab}, "devices": devices})
+    return parse_cluster(
+        {
+            "model": {
+                "n_layers": layers,
+                "layer_bytes": int(layer_gib * GIB),
+                "kv_bytes_per_layer": kv,
+                "output_bytes": int(out_gib * GIB),
+                "hidden_bytes": hidden,
+                "compute_bytes": compute,
+                "compute_vocab_bytes": compute_vocab,
+            },
+            "devices": devices,
+        }
+    )
 
 
 # ---------------------------------------------------------------- optimality
@@ -47,28 +66,87 @@ def clusters(draw):
         gpu = None
         if gpus < 2 and draw(st.booleans()):
             gpus += 1
-            gpu = {"vram_gib": draw(st.floats(0.0, 4 * layer_gib)), "ms_per_layer": draw(st.floats(0.2, 20.0)),
-                   "unified": draw(st.booleans())}
-        devices.append(dev(f"d{i}", os=draw(st.sampled_from(["linux", "android", "macos"])),
-                           ram=draw(st.floats(0.0, 1.2 * n_layers * layer_gib)),
-                           disk=draw(st.floats(0.1, 8.0)), cpu=draw(st.floats(0.5, 400.0)),
-                           out=draw(st.floats(0.0, 50.0)), gpu=gpu, link_ms=draw(st.floats(0.0, 20.0)),
-                           mbps=draw(st.floats(5.0, 2000.0)), head=i == head))
+            gpu = {
+                "vram_gib": draw(st.floats(0.0, 4 * layer_gib)),
+                "ms_per_layer": draw(st.floats(0.2, 20.0)),
+                "unified": draw(st.booleans()),
+            }
+        devices.append(
+            dev(
+                f"d{i}",
+                os=draw(st.sampled_from(["linux", "android", "macos"])),
+                ram=draw(st.floats(0.0, 1.2 * n_layers * layer_gib)),
+                disk=draw(st.floats(0.1, 8.0)),
+                cpu=draw(st.floats(0.5, 400.0)),
+                out=draw(st.floats(0.0, 50.0)),
+                gpu=gpu,
+                link_ms=draw(st.floats(0.0, 20.0)),
+                mbps=draw(st.floats(5.0, 2000.0)),
+                head=i == head,
+            )
+        )
     compute = draw(st.integers(0, int(0.5 * layer_gib * GIB)))
-    return spec_of(devices, layers=n_layers, layer_gib=layer_gib,
-                   kv=draw(st.integers(0, 1 << 26)), out_gib=draw(st.floats(0.0, 2.0)),
-                   hidden=draw(st.sampled_from([2304, 16384, 32768])),
-                   compute=compute, compute_vocab=compute + draw(st.integers(0, int(0.5 * layer_gib * GIB))))
+    return spec_of(
+        devices,
+        layers=n_layers,
+        layer_gib=layer_gib,
+        kv=draw(st.integers(0, 1 << 26)),
+        out_gib=draw(st.floats(0.0, 2.0)),
+        hidden=draw(st.sampled_from([2304, 16384, 32768])),
+        compute=compute,
+        compute_vocab=compute + draw(st.integers(0, int(0.5 * layer_gib * GIB))),
+    )
+
+
+def _bare(name, ram, *, os="linux", head=False):
+    """A device that costs 1 ms per layer, reads 1 GB/s and sends hidden states over a 5 Mbit/s link."""
+    return dev(name, os=os, ram=ram, disk=1.0, cpu=1.0, out=0.0, link_ms=0.0, mbps=5.0, head=head)
+
+
+# Found by hypothesis: HiGHS cut off the optimum (one layer more on the device with RAM) and called the worse
+# plan optimal while the program's memory rows were in KiB with a 1-byte vocabulary buffer in them.
+ONE_BYTE_BUFFER_12 = spec_of(
+    [_bare("d0", 11.99250849364324), _bare("d1", 0.0, head=True), _bare("d2", 0.0)],
+    layers=12,
+    hidden=2304,
+    compute_vocab=1,
+)
+ONE_BYTE_BUFFER_15 = spec_of(
+    [_bare("d0", 0.0, head=True), _bare("d1", 16.0, os="macos")],
+    layers=15,
+    layer_gib=0.953125,
+    hidden=2304,
+    compute_vocab=1,
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters())
+@example(ONE_BYTE_BUFFER_12)
+@example(ONE_BYTE_BUFFER_15)
 def test_halda_matches_brute_force(spec):
     best = brute_force(spec)
     sol = solve(spec)
     assert sol.prediction.ms_per_token == pytest.approx(best.ms_per_token, rel=1e-7, abs=1e-7)
     for k, objective in sol.objectives.items():  # the program's optimum is the model's value of its solution
         assert objective == pytest.approx(sol.per_k[k], rel=1e-6, abs=1e-5)
+
+
+@pytest.mark.parametrize("spare_bytes", [0, -1])
+def test_one_byte_of_ram_decides_the_plan_and_halda_sees_it(spare_bytes):
+    """11 layers of 1 GiB and a 1-byte vocabulary buffer fit the Mac's RAM exactly, or miss by one byte (then
+    macOS re-reads all of it every token): Halda's optimum is brute force's either way."""
+    ram = 11 + (1 + spare_bytes) / GIB
+    spec = spec_of(
+        [_bare("mac", ram, os="macos"), _bare("head", 0.0, head=True)], layers=12, hidden=2304, compute_vocab=1
+    )
+    best, sol = brute_force(spec), solve(spec)
+    assert sol.prediction.ms_per_token == pytest.approx(best.ms_per_token, rel=1e-9)
+    mac = sol.prediction.devices[0]
+    if spare_bytes == 0:
+        assert (sol.prediction.k, mac.layers_per_round, mac.mode) == (1, 11, "resident")
+    else:
+        assert mac.layers_per_round * sol.prediction.k < 11
 
 
 @settings(max_examples=25, deadline=None)
@@ -98,8 +176,7 @@ def test_a_far_slower_device_is_dropped():
 @pytest.mark.parametrize("os_name", ["linux", "macos"])
 def test_little_ram_fast_disk_overflows_on_linux_not_macos(os_name):
     # 12 layers of 1 GiB; "nimble" computes fast but holds 6 layers; its disk re-reads 1 GiB in 107 ms.
-    spec = spec_of([dev("nimble", os=os_name, ram=6.0, disk=10.0, cpu=10), dev("head", cpu=150, head=True)],
-                   layers=12)
+    spec = spec_of([dev("nimble", os=os_name, ram=6.0, disk=10.0, cpu=10), dev("head", cpu=150, head=True)], layers=12)
     one_round = solve(spec, ks=[1]).prediction.devices[0]
     any_k = solve(spec).prediction.devices[0]
     if os_name == "linux":  # the page cache keeps 6 GiB; each token re-reads only the rest
@@ -158,10 +235,29 @@ def test_unsatisfiable_inputs_say_why():
 
 # ---------------------------------------------------------------- online: plans from agent profiles
 def _agent(name, port, ram_gib, cpu, **kw):
-    device = DeviceProfile(os="linux", ram_gib=ram_gib, disk_gbps=2.0, cpu_ms_per_layer=cpu, cpu_ms_output=1.0,
-                           link_ms=0.5, link_mbps=1000, model_fingerprint="f" * 16, **kw)
-    return AgentProfile(name=name, host="127.0.0.1", data_port=port, pid=1, os="linux", cpu_count=2, threads=1,
-                        ram_total=int(ram_gib * GIB), ram_available=int(ram_gib * GIB), device=device)
+    device = DeviceProfile(
+        os="linux",
+        ram_gib=ram_gib,
+        disk_gbps=2.0,
+        cpu_ms_per_layer=cpu,
+        cpu_ms_output=1.0,
+        link_ms=0.5,
+        link_mbps=1000,
+        model_fingerprint="f" * 16,
+        **kw,
+    )
+    return AgentProfile(
+        name=name,
+        host="127.0.0.1",
+        data_port=port,
+        pid=1,
+        os="linux",
+        cpu_count=2,
+        threads=1,
+        ram_total=int(ram_gib * GIB),
+        ram_available=int(ram_gib * GIB),
+        device=device,
+    )
 
 
 def test_head_is_the_agent_whose_cgroup_leaves_the_most_ram():
@@ -177,21 +273,25 @@ def test_head_is_the_agent_whose_cgroup_leaves_the_most_ram():
 
 
 def test_make_plan_builds_the_ring_from_profiles():
-    shape = ModelShape(n_layers=30, layer_bytes=2_216_448, kv_bytes_per_layer=1 << 20, output_bytes=30_000_000,
-                       hidden_bytes=2304)
-    agents = [_agent("b", 9001, 4, 1.0), _agent("a", 9000, 8, 1.0, gpu=GpuProfile(vram_gib=1, ms_per_layer=0.1,
-                                                                                     unified=False)),
-              _agent("slow", 9002, 2, 80.0)]
+    shape = ModelShape(
+        n_layers=30, layer_bytes=2_216_448, kv_bytes_per_layer=1 << 20, output_bytes=30_000_000, hidden_bytes=2304
+    )
+    agents = [
+        _agent("b", 9001, 4, 1.0),
+        _agent("a", 9000, 8, 1.0, gpu=GpuProfile(vram_gib=1, ms_per_layer=0.1, unified=False)),
+        _agent("slow", 9002, 2, 80.0),
+    ]
     plan = make_plan(agents, shape, model_path="m.gguf", model_fingerprint="f" * 16, n_ctx=512, ks=[1])
-    assert plan.head.name == "a"            # the most RAM
+    assert plan.head.name == "a"  # the most RAM
     assert "slow" in plan.dropped and plan.position("slow") is None
     assert plan.k == 1 and plan.predicted_ms_per_token > 0
     starts = [w.start for a in plan.ring for w in a.windows]
     ends = [w.end for a in plan.ring for w in a.windows]
     assert starts[0] == 0 and ends[-1] == 30 and starts[1:] == ends[:-1]
     assert plan.head.windows[0].gpu_layers > 0 and plan.head.mode == "resident"
-    proportional = make_plan(agents, shape, model_path="m.gguf", model_fingerprint="f" * 16, n_ctx=512,
-                             planner="proportional")
+    proportional = make_plan(
+        agents, shape, model_path="m.gguf", model_fingerprint="f" * 16, n_ctx=512, planner="proportional"
+    )
     assert len(proportional.ring) == 3 and not proportional.dropped
 
 
@@ -205,7 +305,7 @@ def test_plan_cli_json_fields():
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert set(doc) >= {"k", "layers_per_round", "predicted_ms_per_token", "devices", "dropped", "solve_ms"}
-    assert [d["name"] for d in doc["devices"]][-1] == "d1-mac-m1"   # the head closes the ring
+    assert [d["name"] for d in doc["devices"]][-1] == "d1-mac-m1"  # the head closes the ring
     total = sum(sum(d["predicted"].values()) for d in doc["devices"])
     assert total == pytest.approx(doc["predicted_ms_per_token"])
     for d in doc["devices"]:
@@ -240,15 +340,15 @@ def test_release_is_asked_only_of_devices_that_stream_several_windows():
     from homering.planner import wants_release
 
     assert wants_release("stream", 2) and wants_release("stream", 4)
-    assert not wants_release("overflow", 2)   # re-reads only what exceeds the RAM; dropping re-reads more
-    assert not wants_release("resident", 2)   # fits: dropping it would re-read it every token
-    assert not wants_release("stream", 1)     # one window, needed again at the next token
+    assert not wants_release("overflow", 2)  # re-reads only what exceeds the RAM; dropping re-reads more
+    assert not wants_release("resident", 2)  # fits: dropping it would re-read it every token
+    assert not wants_release("stream", 1)  # one window, needed again at the next token
     assert not wants_release(None, 3)
 
 
 def test_pipeline_depth_counts_devices_that_can_compute_at_once():
-    from homering.wire import AgentProfile
     from homering.controller.plans import pipeline_depth
+    from homering.wire import AgentProfile
 
     def agent(host: str, cpus: int, threads: int) -> AgentProfile:
         return AgentProfile.model_construct(host=host, cpu_count=cpus, threads=threads)
@@ -266,7 +366,7 @@ def test_compute_buffers_and_kv_cache_match_what_llama_cpp_allocates(smollm2, tm
     import re
 
     from homering.models.gguf_info import inspect_gguf
-    from homering.planner.model import VOCAB_BYTES_PER_TOKEN, shape_from_gguf
+    from homering.planner.cluster import VOCAB_BYTES_PER_TOKEN, shape_from_gguf
 
     script = tmp_path / "sizes.py"
     script.write_text(
@@ -278,9 +378,11 @@ def test_compute_buffers_and_kv_cache_match_what_llama_cpp_allocates(smollm2, tm
         "    path = slice_window(sys.argv[1], WindowSpec(a, b, role), progress=False)\n"
         "    print(f'== {a} {b} {batch} {ctx}', file=sys.stderr, flush=True)\n"
         "    LayerWindow(path, takes_tokens=role.takes_tokens, gives_logits=role.gives_logits, n_ctx=ctx,\n"
-        "                n_batch=batch, n_threads=1, verbose=True).close()\n")
-    r = subprocess.run([sys.executable, str(script), str(smollm2)], capture_output=True, text=True, timeout=120,
-                       cwd=ROOT)
+        "                n_batch=batch, n_threads=1, verbose=True).close()\n"
+    )
+    r = subprocess.run(
+        [sys.executable, str(script), str(smollm2)], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     runs = re.split(r"^== ", r.stderr, flags=re.M)[1:]
     assert len(runs) == 4

@@ -7,16 +7,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import llama_cpp
 import psutil
 import pytest
 
-import llama_cpp
-
-from homering.wire import DeviceProfile
-from homering.profiler import (AGENT_RESERVE_BYTES, available_ram_bytes, cgroup_memory_headroom, detect_os,
-                               gpu_free_vram, measure_disk_gbps, profile_device, profiles_dir)
+from homering.profiler import (
+    AGENT_RESERVE_BYTES,
+    available_ram_bytes,
+    cgroup_memory_headroom,
+    detect_os,
+    gpu_free_vram,
+    measure_disk_gbps,
+    profile_device,
+    profiles_dir,
+)
 from homering.profiler.disk import DISK_PROBE_NAME
 from homering.profiler.memory import V1_UNLIMITED, parse_proc_cgroup
+from homering.wire import DeviceProfile
 
 MiB, GiB = 1 << 20, 1 << 30
 V1_NO_LIMIT = "9223372036854771712"  # what the kernel writes for "no limit" (x86-64)
@@ -31,11 +38,13 @@ def write_tree(root: Path, files: dict[str, str]) -> Path:
 
 
 def homering(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "homering", *args], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "homering", *args], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 # ------------------------------------------------------------------ RAM / cgroups
+
 
 def test_parse_proc_cgroup_hybrid_and_unified():
     hybrid = "9:name=systemd:/\n4:memory:/lxc/dev1\n2:cpu,cpuacct:/x\n0::/\n"
@@ -47,14 +56,17 @@ def test_parse_proc_cgroup_hybrid_and_unified():
 
 def test_cgroup_v2_limit_and_tighter_parent(tmp_path):
     cg = "sys/fs/cgroup/homering/dev1"
-    root = write_tree(tmp_path, {
-        "proc/self/cgroup": "0::/homering/dev1\n",
-        "sys/fs/cgroup/cgroup.controllers": "cpu memory\n",
-        f"{cg}/memory.max": f"{GiB}\n",
-        f"{cg}/memory.current": f"{300 * MiB}\n",
-        f"{cg}/memory.stat": f"anon {200 * MiB}\nfile {100 * MiB}\ninactive_file {40 * MiB}\nactive_file 7\n",
-        "sys/fs/cgroup/homering/memory.max": "max\n",
-    })
+    root = write_tree(
+        tmp_path,
+        {
+            "proc/self/cgroup": "0::/homering/dev1\n",
+            "sys/fs/cgroup/cgroup.controllers": "cpu memory\n",
+            f"{cg}/memory.max": f"{GiB}\n",
+            f"{cg}/memory.current": f"{300 * MiB}\n",
+            f"{cg}/memory.stat": f"anon {200 * MiB}\nfile {100 * MiB}\ninactive_file {40 * MiB}\nactive_file 7\n",
+            "sys/fs/cgroup/homering/memory.max": "max\n",
+        },
+    )
     assert cgroup_memory_headroom(root) == GiB - 300 * MiB + 40 * MiB + 7  # page cache is reclaimable
     # a cgroup limit below what the machine has available wins, minus the agent's reserve,
     # which on a small device is an eighth of what is available
@@ -66,8 +78,13 @@ def test_cgroup_v2_limit_and_tighter_parent(tmp_path):
     assert available_ram_bytes(root=root) == 4 * GiB - 260 * MiB + 7 - AGENT_RESERVE_BYTES
     write_tree(root, {f"{cg}/memory.max": f"{GiB}\n"})
     # a parent's limit binds its children
-    write_tree(root, {"sys/fs/cgroup/homering/memory.max": f"{512 * MiB}\n",
-                      "sys/fs/cgroup/homering/memory.current": f"{500 * MiB}\n"})
+    write_tree(
+        root,
+        {
+            "sys/fs/cgroup/homering/memory.max": f"{512 * MiB}\n",
+            "sys/fs/cgroup/homering/memory.current": f"{500 * MiB}\n",
+        },
+    )
     assert cgroup_memory_headroom(root) == 12 * MiB
     assert available_ram_bytes(root=root) == 0  # less than the smallest reserve
     write_tree(root, {"sys/fs/cgroup/homering/memory.current": f"{300 * MiB}\n"})
@@ -80,12 +97,15 @@ def test_cgroup_v2_limit_and_tighter_parent(tmp_path):
 
 
 def test_cgroup_v2_max_means_no_limit(tmp_path):
-    root = write_tree(tmp_path, {
-        "proc/self/cgroup": "0::/user.slice\n",
-        "sys/fs/cgroup/cgroup.controllers": "memory\n",
-        "sys/fs/cgroup/user.slice/memory.max": "max\n",
-        "sys/fs/cgroup/user.slice/memory.current": f"{GiB}\n",
-    })
+    root = write_tree(
+        tmp_path,
+        {
+            "proc/self/cgroup": "0::/user.slice\n",
+            "sys/fs/cgroup/cgroup.controllers": "memory\n",
+            "sys/fs/cgroup/user.slice/memory.max": "max\n",
+            "sys/fs/cgroup/user.slice/memory.current": f"{GiB}\n",
+        },
+    )
     assert cgroup_memory_headroom(root) is None
     ram = available_ram_bytes(root=root, reserve=0)
     assert 0 < ram <= psutil.virtual_memory().total
@@ -94,22 +114,29 @@ def test_cgroup_v2_max_means_no_limit(tmp_path):
 def test_cgroup_cpu_quota_v1_and_v2(tmp_path):
     from homering.profiler.memory import cgroup_cpu_quota
 
-    v1 = write_tree(tmp_path / "v1", {
-        "proc/self/cgroup": "4:memory:/tb/d4\n2:cpu,cpuacct:/tb/d4\n0::/\n",
-        "sys/fs/cgroup/cpu,cpuacct/tb/d4/cpu.cfs_quota_us": "4250\n",
-        "sys/fs/cgroup/cpu,cpuacct/tb/d4/cpu.cfs_period_us": "10000\n",
-        "sys/fs/cgroup/cpu,cpuacct/tb/cpu.cfs_quota_us": "-1\n",   # no limit on the parent
-        "sys/fs/cgroup/cpu,cpuacct/tb/cpu.cfs_period_us": "100000\n",
-    })
+    v1 = write_tree(
+        tmp_path / "v1",
+        {
+            "proc/self/cgroup": "4:memory:/tb/d4\n2:cpu,cpuacct:/tb/d4\n0::/\n",
+            "sys/fs/cgroup/cpu,cpuacct/tb/d4/cpu.cfs_quota_us": "4250\n",
+            "sys/fs/cgroup/cpu,cpuacct/tb/d4/cpu.cfs_period_us": "10000\n",
+            "sys/fs/cgroup/cpu,cpuacct/tb/cpu.cfs_quota_us": "-1\n",  # no limit on the parent
+            "sys/fs/cgroup/cpu,cpuacct/tb/cpu.cfs_period_us": "100000\n",
+        },
+    )
     (v1 / "proc/self/mountinfo").write_text(
-        "30 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n")
+        "30 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
+    )
     assert cgroup_cpu_quota(v1) == pytest.approx(0.425)
-    v2 = write_tree(tmp_path / "v2", {
-        "proc/self/cgroup": "0::/a/b\n",
-        "sys/fs/cgroup/cgroup.controllers": "cpu memory\n",
-        "sys/fs/cgroup/a/b/cpu.max": "max 100000\n",
-        "sys/fs/cgroup/a/cpu.max": "150000 100000\n",  # a parent's quota binds its children
-    })
+    v2 = write_tree(
+        tmp_path / "v2",
+        {
+            "proc/self/cgroup": "0::/a/b\n",
+            "sys/fs/cgroup/cgroup.controllers": "cpu memory\n",
+            "sys/fs/cgroup/a/b/cpu.max": "max 100000\n",
+            "sys/fs/cgroup/a/cpu.max": "150000 100000\n",  # a parent's quota binds its children
+        },
+    )
     assert cgroup_cpu_quota(v2) == pytest.approx(1.5)
     write_tree(v2, {"sys/fs/cgroup/a/cpu.max": "max 100000\n"})
     assert cgroup_cpu_quota(v2) is None
@@ -117,37 +144,48 @@ def test_cgroup_cpu_quota_v1_and_v2(tmp_path):
 
 def test_cgroup_v1_limit_on_a_hybrid_host(tmp_path):
     cg = "sys/fs/cgroup/memory/lxc/dev1"
-    root = write_tree(tmp_path, {
-        "proc/self/cgroup": "9:name=systemd:/\n4:memory:/lxc/dev1\n0::/\n",
-        f"{cg}/memory.limit_in_bytes": f"{2 * GiB}\n",
-        f"{cg}/memory.usage_in_bytes": f"{1536 * MiB}\n",
-        f"{cg}/memory.stat": f"inactive_file {MiB}\ntotal_inactive_file {512 * MiB}\n",
-        "sys/fs/cgroup/memory/lxc/memory.limit_in_bytes": V1_NO_LIMIT + "\n",
-        "sys/fs/cgroup/memory/lxc/memory.usage_in_bytes": f"{20 * GiB}\n",
-        "sys/fs/cgroup/unified/cgroup.procs": "1\n",  # v2 without the memory controller
-    })
+    root = write_tree(
+        tmp_path,
+        {
+            "proc/self/cgroup": "9:name=systemd:/\n4:memory:/lxc/dev1\n0::/\n",
+            f"{cg}/memory.limit_in_bytes": f"{2 * GiB}\n",
+            f"{cg}/memory.usage_in_bytes": f"{1536 * MiB}\n",
+            f"{cg}/memory.stat": f"inactive_file {MiB}\ntotal_inactive_file {512 * MiB}\n",
+            "sys/fs/cgroup/memory/lxc/memory.limit_in_bytes": V1_NO_LIMIT + "\n",
+            "sys/fs/cgroup/memory/lxc/memory.usage_in_bytes": f"{20 * GiB}\n",
+            "sys/fs/cgroup/unified/cgroup.procs": "1\n",  # v2 without the memory controller
+        },
+    )
     assert cgroup_memory_headroom(root) == GiB  # total_inactive_file counts, not inactive_file
 
 
 def test_cgroup_v1_huge_limit_means_no_limit(tmp_path):
     assert int(V1_NO_LIMIT) >= V1_UNLIMITED
-    root = write_tree(tmp_path, {
-        "proc/self/cgroup": "4:memory:/docker/abc\n",
-        "sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes": V1_NO_LIMIT + "\n",
-        "sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes": f"{GiB}\n",
-    })
+    root = write_tree(
+        tmp_path,
+        {
+            "proc/self/cgroup": "4:memory:/docker/abc\n",
+            "sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes": V1_NO_LIMIT + "\n",
+            "sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes": f"{GiB}\n",
+        },
+    )
     assert cgroup_memory_headroom(root) is None
 
 
 def test_cgroup_v1_container_sees_its_cgroup_at_the_mount_point(tmp_path):
     # no cgroup namespace: /proc/self/cgroup names /docker/abc, mounted at .../memory itself
-    root = write_tree(tmp_path, {
-        "proc/self/cgroup": "4:memory:/docker/abc\n",
-        "proc/self/mountinfo": "35 31 0:32 /docker/abc /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n",
-        "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{GiB}\n",
-        "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{256 * MiB}\n",
-        "sys/fs/cgroup/memory/memory.stat": "total_inactive_file 0\n",
-    })
+    root = write_tree(
+        tmp_path,
+        {
+            "proc/self/cgroup": "4:memory:/docker/abc\n",
+            "proc/self/mountinfo": (
+                "35 31 0:32 /docker/abc /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+            ),
+            "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{GiB}\n",
+            "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{256 * MiB}\n",
+            "sys/fs/cgroup/memory/memory.stat": "total_inactive_file 0\n",
+        },
+    )
     assert cgroup_memory_headroom(root) == 768 * MiB
 
 
@@ -157,6 +195,7 @@ def test_no_cgroup_files_means_no_limit(tmp_path):
 
 
 # ------------------------------------------------------------------ disk, OS, GPU
+
 
 def test_disk_probe_leaves_no_file_behind(tmp_path):
     """The scratch file goes once read; the file earlier versions kept (256 MiB in every agent's home) and
@@ -195,6 +234,7 @@ def test_no_gpu_means_no_vram():
 
 
 # ------------------------------------------------------------------ real profiles
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
@@ -244,10 +284,20 @@ def test_profile_measures_then_caches_then_refreshes(smollm2, home):
 
 
 def test_concurrent_profilers_measure_once(smollm2, home):
-    script = ("import sys; from homering.profiler import profile_device; "
-              f"print(profile_device(sys.argv[1], threads=1, disk_bytes={16 * MiB}).model_dump_json())")
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(smollm2)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=dict(os.environ)) for _ in range(2)]
+    script = (
+        "import sys; from homering.profiler import profile_device; "
+        f"print(profile_device(sys.argv[1], threads=1, disk_bytes={16 * MiB}).model_dump_json())"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(smollm2)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
+        )
+        for _ in range(2)
+    ]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=300)
@@ -302,8 +352,17 @@ def test_probe_windows_fit_in_the_devices_ram():
     from homering.profiler.compute import PROBE_RAM_FRACTION, probe_plan
 
     layer, out = 57 * MiB, 85 * MiB  # Llama-3.2-3B Q4_0 layers, SmolLM2-sized head
-    info = ModelInfo(path=Path("m.gguf"), arch="llama", n_layers=28, n_embd=3072, n_ctx_train=4096, name="m",
-                     fingerprint="f", size_bytes=28 * layer + out, layer_bytes=(layer,) * 28)
+    info = ModelInfo(
+        path=Path("m.gguf"),
+        arch="llama",
+        n_layers=28,
+        n_embd=3072,
+        n_ctx_train=4096,
+        name="m",
+        fingerprint="f",
+        size_bytes=28 * layer + out,
+        layer_bytes=(layer,) * 28,
+    )
     assert probe_plan(info, None, True) == (4, 4)  # no RAM figure: the usual probe
     assert probe_plan(info, 16 * GiB, True) == (4, 4)
     for ram in (120 * MiB, 281 * MiB, 355 * MiB, 606 * MiB, 1433 * MiB):

@@ -23,18 +23,21 @@ def said(pattern: str) -> float:
 
 
 def test_readme_intervals_and_timeouts_are_the_codes():
-    from homering.cluster import agent, controller, security, windows
+    from homering.agent import agent
+    from homering.controller import controller, membership
+    from homering.transport import windows
+    from homering.wire import security
 
     assert said(r"Agents publish their telemetry every ([\d.]+) s") == agent.STATS_INTERVAL_S
     assert said(r"the controller every ([\d.]+) s on `homering/controller/stats`") == controller.STATS_INTERVAL_S
     assert agent.STATS_INTERVAL_S == 1.0 and "(`AgentStats` every second;" in TEXT
-    assert said(r"silent for ([\d.]+) s counts as lost") == controller.LOST_AFTER_S
+    assert said(r"silent for ([\d.]+) s counts as lost") == membership.LOST_AFTER_S
     assert said(r"keepalive ([\d.]+) s\)") == agent.KEEPALIVE_S
     assert said(r"within ([\d.]+) s plus \d+ times the plan's prediction") == agent.RING_STALL_MIN_S
     assert said(r"within [\d.]+ s plus (\d+) times the plan's prediction") == agent.RING_STALL_FACTOR
-    assert said(r"after it has stayed up ([\d.]+) s") == controller.JOIN_HOLD_S
-    assert said(r"doubling with each loss in the last (\d+) minutes") * 60 == controller.FLAP_WINDOW_S
-    assert said(r"doubling with each loss in the last \d+ minutes, up to (\d+) s") == controller.JOIN_HOLD_MAX_S
+    assert said(r"after it has stayed up ([\d.]+) s") == membership.JOIN_HOLD_S
+    assert said(r"doubling with each loss in the last (\d+) minutes") * 60 == membership.FLAP_WINDOW_S
+    assert said(r"doubling with each loss in the last \d+ minutes, up to (\d+) s") == membership.JOIN_HOLD_MAX_S
     assert said(r"clocks within (\d+) minutes") * 60 == security.MAX_AGE_S
     assert said(r"anything written in the last (\d+) minutes") * 60 == windows.CACHE_MIN_AGE_S
 
@@ -46,6 +49,7 @@ def test_readme_says_when_an_agent_needs_the_model_file():
 
 
 # ------------------------------------------------------------------ commands and options
+
 
 def command_lines() -> list[str]:
     """Every `homering …` command line in the README: inline code spans and lines of code blocks."""
@@ -115,20 +119,25 @@ def test_every_command_line_in_the_readme_exists():
         for path in paths:
             text = help_of(path)
             for opt in options:
-                assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", text), \
+                assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", text), (
                     f"`{line}`: homering {' '.join(path)} has no option {opt}"
+                )
                 checked += 1
     assert checked > 50
 
 
-@pytest.mark.parametrize("line, problem", [
-    ("homering up --no-such-option", "no option --no-such-option"),
-    ("homering models frobnicate", "no subcommand 'frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("homering up --no-such-option", "no option --no-such-option"),
+        ("homering models frobnicate", "no subcommand 'frobnicate'"),
+    ],
+)
 def test_the_readme_check_catches_a_wrong_command(line, problem):
     with pytest.raises(AssertionError, match=problem):
         paths, options = resolve(line)
         for path in paths:
             for opt in options:
-                assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", help_of(path)), \
+                assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", help_of(path)), (
                     f"`{line}`: homering {' '.join(path)} has no option {opt}"
+                )

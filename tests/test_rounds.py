@@ -14,15 +14,26 @@ from homering.client.local import LocalCluster
 from tests.test_cluster import PROMPTS, chat_request, run
 
 
-
-@pytest.mark.parametrize("model,agents,rounds", [("smollm2", 3, 2), ("smollm2", 3, 3), ("gemma", 3, 2),
-                                                 ("gemma", 3, 3), ("smollm2", 1, 3)])
+@pytest.mark.parametrize(
+    "model,agents,rounds", [("smollm2", 3, 2), ("smollm2", 3, 3), ("gemma", 3, 2), ("gemma", 3, 3), ("smollm2", 1, 3)]
+)
 def test_piped_ring_rounds_match_unsplit_model(model, agents, rounds, mosquitto, request, tmp_path):
     """k rounds: every agent holds k windows, a token goes k times around the ring; same greedy tokens."""
     path, ref = request.getfixturevalue(model), request.getfixturevalue(f"{model}_ref")
-    with open(tmp_path / "cluster.log", "w") as log_file, LocalCluster(
-            path, n_agents=agents, broker=mosquitto, threads=1, n_ctx=256, planner="proportional",
-            rounds=rounds, log_file=log_file) as cluster:
+    with (
+        open(tmp_path / "cluster.log", "w") as log_file,
+        LocalCluster(
+            path,
+            n_agents=agents,
+            broker=mosquitto,
+            threads=1,
+            n_ctx=256,
+            planner="proportional",
+            rounds=rounds,
+            log_file=log_file,
+        ) as cluster,
+    ):
+
         async def go():
             async with ClusterClient(cluster.broker) as client:
                 await client.wait_ready()
@@ -42,9 +53,22 @@ def test_piped_ring_rounds_match_unsplit_model(model, agents, rounds, mosquitto,
 def test_release_and_micro_batches_keep_tokens(mosquitto, smollm2, smollm2_ref, tmp_path):
     """--release drops every window from the page cache after use, and an 8-token micro-batch puts several
     chunks of a prompt in the 3-round ring at once: the greedy tokens stay those of the unsplit model."""
-    with open(tmp_path / "cluster.log", "w") as log_file, LocalCluster(
-            smollm2, n_agents=3, broker=mosquitto, threads=1, n_ctx=256, planner="proportional", rounds=3,
-            n_batch=8, agent_args=("--release",), log_file=log_file) as cluster:
+    with (
+        open(tmp_path / "cluster.log", "w") as log_file,
+        LocalCluster(
+            smollm2,
+            n_agents=3,
+            broker=mosquitto,
+            threads=1,
+            n_ctx=256,
+            planner="proportional",
+            rounds=3,
+            n_batch=8,
+            agent_args=("--release",),
+            log_file=log_file,
+        ) as cluster,
+    ):
+
         async def go():
             async with ClusterClient(cluster.broker) as client:
                 await client.wait_ready()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from homering.api.openai import ChatCompletionBody as ChatBody
-from homering.engine.sampling import Sampling
-from homering.engine.sampling import SamplerChain
+from homering.engine.sampling import SamplerChain, Sampling
+from homering.engine.window import LayerWindow
 
 N_VOCAB = 100
 
@@ -34,11 +35,20 @@ def test_a_request_without_sampling_fields_gets_llama_cpps_defaults():
     s = body.sampling(256)
     assert (s.temperature, s.top_k, s.top_p, s.min_p) == (0.8, 40, 0.95, 0.05)
     assert s == Sampling(max_tokens=256)  # one place holds the defaults
-    nulls = ChatBody.model_validate({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}],
-                                     "temperature": None, "top_p": None})
+    nulls = ChatBody.model_validate(
+        {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "temperature": None, "top_p": None}
+    )
     assert nulls.sampling(256) == s
-    chosen = ChatBody.model_validate({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}],
-                                      "temperature": 0, "top_k": 0, "top_p": 1, "min_p": 0}).sampling(9)
+    chosen = ChatBody.model_validate(
+        {
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "temperature": 0,
+            "top_k": 0,
+            "top_p": 1,
+            "min_p": 0,
+        }
+    ).sampling(9)
     assert (chosen.temperature, chosen.top_k, chosen.top_p, chosen.min_p, chosen.max_tokens) == (0, 0, 1, 0, 9)
 
 
@@ -62,3 +72,26 @@ def test_presence_penalty_changes_the_greedy_choice():
     finally:
         plain.close()
         penalised.close()
+
+
+def test_a_window_samples_from_its_last_forwards_logits(smollm2):
+    """``LayerWindow.sample`` hands the chain the logits of the last forward (it passed the llama.cpp context)."""
+    with LayerWindow(smollm2, takes_tokens=True, gives_logits=True, n_ctx=64, n_seq_max=2) as window:
+        greedy = SamplerChain(Sampling(temperature=0), window.n_vocab)
+        try:
+            first, second = window.forward_many([(np.array([1, 2, 3]), 0, 0), (np.array([4, 5]), 0, 1)])
+            assert window.sample(greedy) == int(np.argmax(second.logits))  # the last item of the batch
+            out = window.forward(np.array([6, 7, 8, 9]), 3, 0)
+            assert window.sample(greedy) == int(np.argmax(out.logits))
+        finally:
+            greedy.close()
+
+
+def test_a_window_without_logits_cannot_sample(smollm2):
+    with LayerWindow(smollm2, takes_tokens=True, gives_logits=True, n_ctx=64) as window:
+        greedy = SamplerChain(Sampling(temperature=0), window.n_vocab)
+        try:
+            with pytest.raises(ValueError, match="no logits"):
+                window.sample(greedy)  # nothing decoded yet
+        finally:
+            greedy.close()

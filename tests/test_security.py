@@ -18,23 +18,28 @@ import openai
 import psutil
 import pytest
 
+from homering.client.local import stop_processes
+from homering.errors import HomeringError
 from homering.transport import mqtt
 from homering.transport.broker import free_port
-from homering.client.local import stop_processes
 from homering.transport.mqtt import BrokerAuth, BrokerURL
-from homering.errors import HomeringError
-
 from tests.conftest import run_mosquitto, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO_DIR = REPO / "docker" / "mosquitto"
-PASSWORDS = {"controller": "c0ntroller-pw", "laptop": "l4ptop-pw", "agent": "sh4red-agent-pw", "chat": "ch4t-pw",
-             "homeassistant": "h0me-4ssistant-pw"}
+PASSWORDS = {
+    "controller": "c0ntroller-pw",
+    "laptop": "l4ptop-pw",
+    "agent": "sh4red-agent-pw",
+    "chat": "ch4t-pw",
+    "homeassistant": "h0me-4ssistant-pw",
+}
 
 
 def _binary(name: str) -> str:
-    found = shutil.which(name) or next((str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name)
-                                        if p.exists()), None)
+    found = shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.exists()), None
+    )
     if not found:
         pytest.fail(f"{name} is not installed: run 'make test' (it installs mosquitto)")
     return found
@@ -141,9 +146,14 @@ def test_ups_own_mosquitto_accepts_only_the_clusters_processes(smollm2):
         async def answer():
             async with ClusterClient(broker) as client:
                 await client.wait_ready(120)
-                return await ask(client, GenerateRequest(
-                    request_id=new_request_id(), messages=[ChatMessage(role="user", content="Hi")],
-                    sampling=Sampling(max_tokens=4, temperature=0)))
+                return await ask(
+                    client,
+                    GenerateRequest(
+                        request_id=new_request_id(),
+                        messages=[ChatMessage(role="user", content="Hi")],
+                        sampling=Sampling(max_tokens=4, temperature=0),
+                    ),
+                )
 
         assert asyncio.run(answer()).token_ids
         cluster.check()
@@ -154,9 +164,13 @@ def test_embedded_amqtt_broker_with_credentials_refuses_anonymous_clients():
     from homering.transport.broker import broker_credentials, wait_for_port
 
     auth, port = broker_credentials(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "homering", "broker", "--port", str(port)],
-                            env={**os.environ, **auth.env()}, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "homering", "broker", "--port", str(port)],
+        env={**os.environ, **auth.env()},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert wait_for_port("127.0.0.1", port), "the amqtt broker did not start"
         broker = BrokerURL("127.0.0.1", port)
@@ -169,10 +183,14 @@ def test_embedded_amqtt_broker_with_credentials_refuses_anonymous_clients():
 
 
 def _homering(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "homering", *args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL,
-                          env={**{k: v for k, v in os.environ.items() if not k.startswith("HOMERING_MQTT")},
-                               **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "homering", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("HOMERING_MQTT")}, **(env or {})},
+    )
 
 
 def test_cli_wrong_password_is_one_line_and_exit_2(secured, tmp_path):
@@ -181,18 +199,22 @@ def test_cli_wrong_password_is_one_line_and_exit_2(secured, tmp_path):
     res = _homering("chat", "--broker", str(secured), "--user", "chat", "--password-file", str(wrong))
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("homering: error: ") and "refused user 'chat'" in lines[0], \
+    assert len(lines) == 1 and lines[0].startswith("homering: error: ") and "refused user 'chat'" in lines[0], (
         res.stderr
+    )
 
 
 def test_cli_missing_password_file_is_one_line_and_exit_2(tmp_path):
     missing = tmp_path / "nope"
-    for argv in (["agent", "--broker", "mqtt://127.0.0.1:1", "--user", "laptop", "--password-file", str(missing)],
-                 ["chat", "--user", "chat", "--password-file", str(missing)]):
+    for argv in (
+        ["agent", "--broker", "mqtt://127.0.0.1:1", "--user", "laptop", "--password-file", str(missing)],
+        ["chat", "--user", "chat", "--password-file", str(missing)],
+    ):
         res = _homering(*argv)
         assert res.returncode == 2, res.stderr
         assert res.stderr.strip().splitlines() == [
-            f"homering: error: cannot read the MQTT password file {missing}: No such file or directory"]
+            f"homering: error: cannot read the MQTT password file {missing}: No such file or directory"
+        ]
     # the same through the environment
     res = _homering("chat", env={"HOMERING_MQTT_USER": "chat", "HOMERING_MQTT_PASSWORD_FILE": str(missing)})
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
@@ -222,8 +244,13 @@ def test_broker_url_schemes_and_credentials(tmp_path):
 
 
 # ------------------------------------------------------------------ the ACL
-async def _deliveries(broker: BrokerURL, publisher: str, publishes: list[tuple[str, str]],
-                      marker: tuple[str, str], reader: str = "controller") -> list[tuple[str, str]]:
+async def _deliveries(
+    broker: BrokerURL,
+    publisher: str,
+    publishes: list[tuple[str, str]],
+    marker: tuple[str, str],
+    reader: str = "controller",
+) -> list[tuple[str, str]]:
     """What a ``reader``-user subscriber on ``homering/#`` and ``homeassistant/#`` receives of ``publishes``
     then ``marker``, all published in that order by ``publisher``; returns once the marker arrives (a denied
     publish is dropped silently with MQTT 3.1.1, and one broker delivers one publisher's messages in order)."""
@@ -246,19 +273,27 @@ async def _deliveries(broker: BrokerURL, publisher: str, publishes: list[tuple[s
 
 
 def test_agent_cannot_publish_a_plan_but_can_publish_its_own_topics(secured):
-    fake = [("homering/plan", "fake plan"), ("homering/controller/status", "fake status"),
-            ("homering/agents/desktop/status", "speaking for another agent"),
-            ("homering/agents/desktop/generate", "a job for another agent"),
-            ("homering/requests", "a request")]
+    fake = [
+        ("homering/plan", "fake plan"),
+        ("homering/controller/status", "fake status"),
+        ("homering/agents/desktop/status", "speaking for another agent"),
+        ("homering/agents/desktop/generate", "a job for another agent"),
+        ("homering/requests", "a request"),
+    ]
     allowed = [("homering/agents/laptop/profile", "own profile"), ("homering/streams/r1", "a token")]
     got = asyncio.run(_deliveries(secured, "laptop", fake + allowed, ("homering/agents/laptop/status", "online")))
     assert got == [*allowed, ("homering/agents/laptop/status", "online")]
 
 
 def test_shared_agent_account_cannot_publish_a_plan(secured):
-    got = asyncio.run(_deliveries(secured, "agent", [("homering/plan", "fake plan"),
-                                                     ("homering/agents/agent-7/generate", "a job")],
-                                  ("homering/agents/agent-7/status", "online")))
+    got = asyncio.run(
+        _deliveries(
+            secured,
+            "agent",
+            [("homering/plan", "fake plan"), ("homering/agents/agent-7/generate", "a job")],
+            ("homering/agents/agent-7/status", "online"),
+        )
+    )
     assert got == [("homering/agents/agent-7/status", "online")]
 
 
@@ -267,22 +302,38 @@ def test_shared_agent_account_cannot_touch_the_controllers_home_assistant_sensor
     from homering.integrations.homeassistant import CONTROLLER_NODE, agent_node_id
 
     mine = (f"homeassistant/sensor/{agent_node_id('host-7')}/status/config", "{}")
-    got = asyncio.run(_deliveries(secured, "agent", [(f"homeassistant/sensor/{CONTROLLER_NODE}/state/config", "{}")],
-                                  mine, reader="homeassistant"))
+    got = asyncio.run(
+        _deliveries(
+            secured,
+            "agent",
+            [(f"homeassistant/sensor/{CONTROLLER_NODE}/state/config", "{}")],
+            mine,
+            reader="homeassistant",
+        )
+    )
     assert got == [mine]
 
 
 def test_chat_user_can_send_requests_and_cancels_only(secured):
-    got = asyncio.run(_deliveries(secured, "chat", [("homering/plan", "fake plan"),
-                                                    ("homering/agents/chat2/status", "x"),
-                                                    ("homering/agents/laptop/cancel", "stop it")],
-                                  ("homering/requests", "a request")))
+    got = asyncio.run(
+        _deliveries(
+            secured,
+            "chat",
+            [
+                ("homering/plan", "fake plan"),
+                ("homering/agents/chat2/status", "x"),
+                ("homering/agents/laptop/cancel", "stop it"),
+            ],
+            ("homering/requests", "a request"),
+        )
+    )
     assert got == [("homering/agents/laptop/cancel", "stop it"), ("homering/requests", "a request")]
 
 
 def test_controller_can_publish_the_plan(secured):
-    got = asyncio.run(_deliveries(secured, "controller", [("homering/plan", "plan")],
-                                  ("homering/agents/laptop/generate", "job")))
+    got = asyncio.run(
+        _deliveries(secured, "controller", [("homering/plan", "plan")], ("homering/agents/laptop/generate", "job"))
+    )
     assert got == [("homering/plan", "plan"), ("homering/agents/laptop/generate", "job")]
 
 
@@ -301,10 +352,36 @@ def keyed_api(smollm2, secured, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HOMERING_MQTT", "HOMERING_API_KEY"))}
     with open(folder / "up.log", "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "homering", "up", "--agents", "1", "--model", str(smollm2), "--broker",
-             str(secured), "--user", "controller", "--password-file", str(folder / "mqtt-password"),
-             "--threads", "1", "--ctx", "512", "--api-port", str(port), "--api-key-file", str(folder / "api-key"),
-             "--no-chat"], stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
+            [
+                sys.executable,
+                "-m",
+                "homering",
+                "up",
+                "--agents",
+                "1",
+                "--model",
+                str(smollm2),
+                "--broker",
+                str(secured),
+                "--user",
+                "controller",
+                "--password-file",
+                str(folder / "mqtt-password"),
+                "--threads",
+                "1",
+                "--ctx",
+                "512",
+                "--api-port",
+                str(port),
+                "--api-key-file",
+                str(folder / "api-key"),
+                "--no-chat",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(base, [proc], log_path=folder / "up.log")
@@ -324,8 +401,13 @@ def test_api_requires_the_key(keyed_api):
     base, _ = keyed_api
     wrong = {"Authorization": "Bearer sk-wrong"}
     right = {"Authorization": f"Bearer {API_KEY}"}
-    for method, path in (("GET", "/v1/models"), ("GET", "/v1/cluster"), ("GET", "/metrics"),
-                         ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")):
+    for method, path in (
+        ("GET", "/v1/models"),
+        ("GET", "/v1/cluster"),
+        ("GET", "/metrics"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+    ):
         _assert_401(httpx.request(method, base + path, json={}))
         _assert_401(httpx.request(method, base + path, json={}, headers=wrong))
         _assert_401(httpx.request(method, base + path, json={}, headers={"Authorization": API_KEY}))  # no scheme
@@ -339,8 +421,9 @@ def test_openai_client_with_and_without_the_key(keyed_api):
     base, _ = keyed_api
     good = openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0, timeout=120)
     model = good.models.list().data[0].id
-    resp = good.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                        temperature=0)
+    resp = good.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+    )
     assert resp.usage.completion_tokens >= 1
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base}/v1", api_key="sk-wrong", max_retries=0).models.list()

@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "three-agents.sh"
 HR = f"{sys.executable} -m homering"
 # what must never reach the terminal on the way out
-NOISE = re.compile(r"Traceback|ERROR|Fatal Python error|exception was never retrieved|Broken pipe|"
-                   r"went offline|lost the broker")
+NOISE = re.compile(
+    r"Traceback|ERROR|Fatal Python error|exception was never retrieved|Broken pipe|"
+    r"went offline|lost the broker"
+)
 
 
 class Reader:
@@ -85,9 +87,16 @@ def test_three_agents_script_stops_quietly_on_ctrl_c(smollm2, tmp_path):
     terminal's process group) while the chat waits for input ends everything, in order, with no
     traceback or error on stderr, and leaves no process and no temporary folder behind."""
     env = {k: v for k, v in os.environ.items() if k != "BROKER"} | {"HR": HR, "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # its own process group, as a terminal's foreground job
     err, out = Reader(proc.stderr), Reader(proc.stdout)
     try:
         broker = err.wait_for(r"three-agents\.sh: broker (mqtt://127\.0\.0\.1:\d+)", proc, 30).group(1)
@@ -120,8 +129,14 @@ def test_three_agents_script_refuses_a_taken_port():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                              env={**os.environ, "HR": HR, "BROKER": f"mqtt://127.0.0.1:{port}"})
+        proc = subprocess.run(
+            ["bash", str(SCRIPT)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "HR": HR, "BROKER": f"mqtt://127.0.0.1:{port}"},
+        )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "Address already in use" in lines[0], proc.stderr
@@ -170,9 +185,25 @@ def test_an_agent_stopped_as_the_broker_goes_exits_quietly(tmp_path):
     "Broken pipe" error, no reconnect."""
     with run_mosquitto(tmp_path) as broker:
         proxy = CuttingProxy((broker.host, broker.port), b'"state":"offline"')
-        proc = subprocess.Popen([sys.executable, "-m", "homering", "agent", "--broker", f"mqtt://127.0.0.1:{proxy.port}",
-                                 "--name", "quiet", "--threads", "1"], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "homering",
+                "agent",
+                "--broker",
+                f"mqtt://127.0.0.1:{proxy.port}",
+                "--name",
+                "quiet",
+                "--threads",
+                "1",
+            ],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         err = Reader(proc.stderr)
         try:
             err.wait_for(r"agent quiet up", proc, 60)
@@ -205,9 +236,11 @@ def test_paho_socket_errors_log_at_debug(caplog):
         log.error("failed to receive on socket: %s", BrokenPipeError(32, "Broken pipe"))
         log.error("Caught exception in on_message: %s", "boom")
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
-        ("ERROR", "Caught exception in on_message: boom")]
+        ("ERROR", "Caught exception in on_message: boom")
+    ]
     caplog.clear()
     with caplog.at_level(logging.DEBUG):
         log.error("failed to receive on socket: %s", "[Errno 32] Broken pipe")
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
-        ("DEBUG", "failed to receive on socket: [Errno 32] Broken pipe")]
+        ("DEBUG", "failed to receive on socket: [Errno 32] Broken pipe")
+    ]

@@ -17,18 +17,38 @@ import pytest
 
 from homering.client.chat import ask
 from homering.client.client import ClusterClient, new_request_id
-from homering.transport.links import LinkServer, connect_link, measure_link, recv_frame, recv_group, send_frame
-from homering.wire.frames import FRAME_VERSION, Frame
-from homering.wire.base import MESSAGE_MAC_LABEL
-from homering.wire.handshake import LINK_ACCEPT, LINK_HELLO, LINK_REPLY, client_handshake, server_handshake
-from homering.wire import (
-    HEADER, MAX_PAYLOAD, BadSignature, ChatMessage, ControllerStatus, DType, FrameError, FrameHeader, FrameKind, GenerateJob, GenerateRequest, HandshakeError,
-    LinkProbe, Message, Sampling, Topics,
-)
-from homering.wire.security import (
-    ENV_KEY, ENV_KEY_FILE, MAX_AGE_S, ClusterKey, child_environment, generate_secret, load_key,
-)
 from homering.errors import HomeringError
+from homering.transport.links import LinkServer, connect_link, measure_link, recv_frame, recv_group, send_frame
+from homering.wire import (
+    HEADER,
+    MAX_PAYLOAD,
+    BadSignature,
+    ChatMessage,
+    ControllerStatus,
+    DType,
+    FrameError,
+    FrameHeader,
+    FrameKind,
+    GenerateJob,
+    GenerateRequest,
+    HandshakeError,
+    LinkProbe,
+    Message,
+    Sampling,
+    Topics,
+)
+from homering.wire.base import MESSAGE_MAC_LABEL
+from homering.wire.frames import FRAME_VERSION, Frame
+from homering.wire.handshake import LINK_ACCEPT, LINK_HELLO, LINK_REPLY, client_handshake, server_handshake
+from homering.wire.security import (
+    ENV_KEY,
+    ENV_KEY_FILE,
+    MAX_AGE_S,
+    ClusterKey,
+    child_environment,
+    generate_secret,
+    load_key,
+)
 
 GREEDY = Sampling(max_tokens=24, temperature=0)
 KEY = ClusterKey("a" * 32, source="test A")
@@ -40,8 +60,9 @@ def run(coro):
 
 
 def chat_request(text: str) -> GenerateRequest:
-    return GenerateRequest(request_id=new_request_id(), messages=[ChatMessage(role="user", content=text)],
-                           sampling=GREEDY)
+    return GenerateRequest(
+        request_id=new_request_id(), messages=[ChatMessage(role="user", content=text)], sampling=GREEDY
+    )
 
 
 # ------------------------------------------------------------------ the key
@@ -210,46 +231,65 @@ def test_link_server_drops_bad_peers_and_keeps_serving():
 
 
 # ------------------------------------------------------------------ frames
-def _header(kind=FrameKind.FORWARD, dtype=DType.F32, n_tokens=1, n_embd=4, payload_len=None, *, seq_id=0, pos=0,
-            version=FRAME_VERSION, flags=0, reserved=0):
+def _header(
+    kind=FrameKind.FORWARD,
+    dtype=DType.F32,
+    n_tokens=1,
+    n_embd=4,
+    payload_len=None,
+    *,
+    seq_id=0,
+    pos=0,
+    version=FRAME_VERSION,
+    flags=0,
+    reserved=0,
+):
     if payload_len is None:
         payload_len = n_tokens * (n_embd or 1) * 4
-    return HEADER.pack(b"HRNG", version, kind, dtype, flags, 1, seq_id, 0, reserved, pos, n_tokens, n_embd,
-                       payload_len)
+    return HEADER.pack(b"HRNG", version, kind, dtype, flags, 1, seq_id, 0, reserved, pos, n_tokens, n_embd, payload_len)
 
 
-@pytest.mark.parametrize("raw, match", [
-    (_header(n_tokens=2, n_embd=4, payload_len=31), "payload"),                   # mis-sized hidden states
-    (_header(dtype=DType.TOKENS, n_tokens=3, n_embd=0, payload_len=8), "payload"),  # mis-sized tokens
-    (_header(n_tokens=1 << 16, n_embd=8192), "too large"),                      # 2 GiB
-    (_header(n_tokens=1, n_embd=1 << 16), "too large"),
-    (_header(dtype=DType.TOKENS, n_tokens=(1 << 16) + 1, n_embd=0), "too large"),
-    (_header(n_tokens=0, n_embd=4), "empty"),
-    (_header(n_tokens=2, n_embd=0, payload_len=8), "empty"),
-    (_header(dtype=DType.TOKENS, n_tokens=2, n_embd=3, payload_len=8), "n_embd"),
-    (_header(kind=9), "FrameKind"),
-    (_header(dtype=9), "DType"),
-    (_header(version=FRAME_VERSION + 1), "version"),
-    (_header(kind=FrameKind.FORWARD, dtype=DType.TEXT, n_tokens=0, n_embd=0, payload_len=5), "cannot carry"),
-    (_header(kind=FrameKind.ERROR, dtype=DType.TEXT, n_tokens=0, n_embd=0, payload_len=1 << 20), "at most"),
-    (_header(kind=FrameKind.PING, dtype=DType.BYTES, n_tokens=0, n_embd=0, payload_len=(1 << 24) + 1), "at most"),
-    (_header(kind=FrameKind.KV_REMOVE, dtype=DType.NONE, n_tokens=0, n_embd=0, payload_len=4), "at most"),
-    (_header(kind=FrameKind.PONG, dtype=DType.NONE, n_tokens=3, n_embd=0, payload_len=0), "shape"),
-    (_header(seq_id=1 << 20), "sequence"),
-    (_header(pos=(1 << 31) - 1), "int32"),
-    (_header(reserved=7), "reserved"),
-    (_header(flags=0x80), "flags"),
-    (_header(kind=FrameKind.PING, dtype=DType.NONE, n_tokens=0, n_embd=0, flags=1), "flags"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (_header(n_tokens=2, n_embd=4, payload_len=31), "payload"),  # mis-sized hidden states
+        (_header(dtype=DType.TOKENS, n_tokens=3, n_embd=0, payload_len=8), "payload"),  # mis-sized tokens
+        (_header(n_tokens=1 << 16, n_embd=8192), "too large"),  # 2 GiB
+        (_header(n_tokens=1, n_embd=1 << 16), "too large"),
+        (_header(dtype=DType.TOKENS, n_tokens=(1 << 16) + 1, n_embd=0), "too large"),
+        (_header(n_tokens=0, n_embd=4), "empty"),
+        (_header(n_tokens=2, n_embd=0, payload_len=8), "empty"),
+        (_header(dtype=DType.TOKENS, n_tokens=2, n_embd=3, payload_len=8), "n_embd"),
+        (_header(kind=9), "FrameKind"),
+        (_header(dtype=9), "DType"),
+        (_header(version=FRAME_VERSION + 1), "version"),
+        (_header(kind=FrameKind.FORWARD, dtype=DType.TEXT, n_tokens=0, n_embd=0, payload_len=5), "cannot carry"),
+        (_header(kind=FrameKind.ERROR, dtype=DType.TEXT, n_tokens=0, n_embd=0, payload_len=1 << 20), "at most"),
+        (_header(kind=FrameKind.PING, dtype=DType.BYTES, n_tokens=0, n_embd=0, payload_len=(1 << 24) + 1), "at most"),
+        (_header(kind=FrameKind.KV_REMOVE, dtype=DType.NONE, n_tokens=0, n_embd=0, payload_len=4), "at most"),
+        (_header(kind=FrameKind.PONG, dtype=DType.NONE, n_tokens=3, n_embd=0, payload_len=0), "shape"),
+        (_header(seq_id=1 << 20), "sequence"),
+        (_header(pos=(1 << 31) - 1), "int32"),
+        (_header(reserved=7), "reserved"),
+        (_header(flags=0x80), "flags"),
+        (_header(kind=FrameKind.PING, dtype=DType.NONE, n_tokens=0, n_embd=0, flags=1), "flags"),
+    ],
+)
 def test_frame_header_validation(raw, match):
     with pytest.raises(FrameError, match=match):
         FrameHeader.unpack(raw)
 
 
 def test_valid_frames_pass_and_non_finite_hidden_states_do_not():
-    frames = [Frame.forward(3, 1, 7, np.arange(5, dtype=np.int32)),
-              Frame.forward(3, 1, 7, np.ones((2, 576), dtype=np.float32)),
-              Frame.kv_remove(3, 1, 0), Frame.error(3, 1, "é" * 5000), Frame.ping(), Frame.ping(1000), Frame.pong()]
+    frames = [
+        Frame.forward(3, 1, 7, np.arange(5, dtype=np.int32)),
+        Frame.forward(3, 1, 7, np.ones((2, 576), dtype=np.float32)),
+        Frame.kv_remove(3, 1, 0),
+        Frame.error(3, 1, "é" * 5000),
+        Frame.ping(),
+        Frame.ping(1000),
+        Frame.pong(),
+    ]
     a, b = socket.socketpair()
     with a, b:
         for f in frames:
@@ -293,6 +333,7 @@ def test_signed_orders_verify_once_and_only_with_the_key():
         GenerateJob.load(_signed_at(job, key, old), key=key)
     with pytest.raises(BadSignature, match="future"):
         GenerateJob.load(_signed_at(job, key, int((time.time() + MAX_AGE_S + 10) * 1000)), key=key)
+
     # a signature does not carry over to another message type with the same body
     class Order(Message):  # a signed kind whose body is a valid GenerateRequest body
         SIGNED: ClassVar[bool] = True
@@ -339,21 +380,26 @@ def test_keyed_cluster_ignores_unsigned_and_forged_orders(keyed_cluster, smollm2
                 await bad.subscribe(Topics.stream(fake_id), qos=1)
                 await bad.subscribe(Topics.generate(head), qos=1)
                 forged = plan.model_copy(update={"plan_id": "forged", "ring": list(reversed(plan.ring))})
-                job = GenerateJob(request_id=fake_id, plan_id=plan.plan_id, seq_id=0, prompt_token_ids=[1, 2, 3],
-                                  sampling=GREEDY)
+                job = GenerateJob(
+                    request_id=fake_id, plan_id=plan.plan_id, seq_id=0, prompt_token_ids=[1, 2, 3], sampling=GREEDY
+                )
                 for payload in (forged.dump(), forged.dump(OTHER)):
                     await bad.publish(Topics.PLAN, payload, qos=1)
                 await bad.publish(Topics.CONTROLLER, ControllerStatus(state="ready", plan_id="forged").dump(), qos=1)
                 for payload in (job.dump(), job.dump(OTHER)):
                     await bad.publish(Topics.generate(head), payload, qos=1)
-                await bad.publish(Topics.probe(plan.ring[0].name),
-                                  LinkProbe(probe_id="x", host="127.0.0.1", port=9).dump(), qos=1)
+                await bad.publish(
+                    Topics.probe(plan.ring[0].name), LinkProbe(probe_id="x", host="127.0.0.1", port=9).dump(), qos=1
+                )
                 await bad.publish(Topics.REQUESTS, GenerateRequest(request_id=fake_id, prompt="hi").dump(), qos=1)
                 # a genuine job, recorded on its way to the head and replayed
                 genuine = await ask(client, chat_request("What is the capital of France?"))
                 got = await _drain(bad, 1.0)
-                recorded = [m.payload for m in got if m.topic.matches(Topics.generate(head))
-                            and fake_id.encode() not in m.payload]
+                recorded = [
+                    m.payload
+                    for m in got
+                    if m.topic.matches(Topics.generate(head)) and fake_id.encode() not in m.payload
+                ]
                 assert len(recorded) == 1
                 replay_id = json.loads(recorded[0])["request_id"]
                 await bad.subscribe(Topics.stream(replay_id), qos=1)
@@ -403,8 +449,8 @@ def test_keyed_cluster_data_ports_refuse_strangers_and_bad_frames(keyed_cluster,
                     _header(n_tokens=1 << 16, n_embd=8192) + b"x" * 1000,  # says 2 GiB
                     _header(dtype=DType.TOKENS, n_tokens=3, n_embd=0, payload_len=8) + b"\0" * 8,
                     _header(n_tokens=1, n_embd=n_embd, payload_len=n_embd * 4) + nan.tobytes(),
-                    _header(n_tokens=1, n_embd=n_embd, payload_len=n_embd * 4) + np.full(
-                        (1, n_embd), np.inf, dtype=np.float32).tobytes(),
+                    _header(n_tokens=1, n_embd=n_embd, payload_len=n_embd * 4)
+                    + np.full((1, n_embd), np.inf, dtype=np.float32).tobytes(),
                     _header(kind=11),
                     _header(seq_id=1 << 30),
                 ]
@@ -451,11 +497,22 @@ def test_a_chat_and_an_agent_without_the_key_exit_with_one_line_that_names_it(ke
     env = {k: v for k, v in os.environ.items() if k not in (ENV_KEY, ENV_KEY_FILE)}
     broker = str(keyed_cluster.broker)
     runs = {
-        "chat": subprocess.run([sys.executable, "-m", "homering", "chat", "--broker", broker], input="Hi!\n/quit\n",
-                               capture_output=True, text=True, env=env, timeout=60),
-        "agent": subprocess.run([sys.executable, "-m", "homering", "agent", "--broker", broker, "--name", "keyless",
-                                 "--threads", "1"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                env=env, timeout=60),
+        "chat": subprocess.run(
+            [sys.executable, "-m", "homering", "chat", "--broker", broker],
+            input="Hi!\n/quit\n",
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        ),
+        "agent": subprocess.run(
+            [sys.executable, "-m", "homering", "agent", "--broker", broker, "--name", "keyless", "--threads", "1"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        ),
     }
     for what, proc in runs.items():
         assert proc.returncode != 0, what
@@ -483,8 +540,9 @@ def test_keyed_cluster_ignores_forged_streams_statuses_and_profiles(keyed_cluste
                 await bad.subscribe(Topics.generate(head), qos=1)
                 await bad.subscribe(Topics.ALL_STATUS, qos=1)
                 await bad.subscribe(f"{Topics.stream('')}+", qos=1)
-                genuine_statuses = {m.topic.value: m.payload for m in await _drain(bad, 1.0)
-                                    if m.topic.matches(Topics.ALL_STATUS)}
+                genuine_statuses = {
+                    m.topic.value: m.payload for m in await _drain(bad, 1.0) if m.topic.matches(Topics.ALL_STATUS)
+                }
                 request = chat_request("Write a haiku about the sea.")
                 asking = asyncio.create_task(ask(client, request))
                 stream = Topics.stream(request.request_id)
@@ -494,19 +552,37 @@ def test_keyed_cluster_ignores_forged_streams_statuses_and_profiles(keyed_cluste
                         if m.topic.value == stream:
                             recorded.append(m.payload)
                             break
-                for event in (StreamEvent(request_id=request.request_id, type="done", text="HACKED-BY-MQTT",
-                                          token_ids=[1], prompt_token_ids=[1], finish_reason="stop", index=1),
-                              StreamEvent(request_id=request.request_id, type="error", error="forged", index=1),
-                              StreamEvent(request_id=request.request_id, type="token", text="HACKED", index=1),
-                              StreamEvent(request_id=request.request_id, type="interrupted", index=1)):
+                for event in (
+                    StreamEvent(
+                        request_id=request.request_id,
+                        type="done",
+                        text="HACKED-BY-MQTT",
+                        token_ids=[1],
+                        prompt_token_ids=[1],
+                        finish_reason="stop",
+                        index=1,
+                    ),
+                    StreamEvent(request_id=request.request_id, type="error", error="forged", index=1),
+                    StreamEvent(request_id=request.request_id, type="token", text="HACKED", index=1),
+                    StreamEvent(request_id=request.request_id, type="interrupted", index=1),
+                ):
                     await bad.publish(stream, event.dump(), qos=1)
                 for payload in recorded:  # a genuine signed event, again
                     await bad.publish(stream, payload, qos=1)
                 await bad.publish(Topics.status(head), AgentStatus(state="offline").dump(), qos=1)
                 if other is not None:
                     await bad.publish(Topics.status(head), genuine_statuses[Topics.status(other)], qos=1)
-                fake = AgentProfile(name="evil", host="127.0.0.1", data_port=9, pid=1, os="linux", cpu_count=64,
-                                    threads=64, ram_total=1 << 40, ram_available=1 << 40)
+                fake = AgentProfile(
+                    name="evil",
+                    host="127.0.0.1",
+                    data_port=9,
+                    pid=1,
+                    os="linux",
+                    cpu_count=64,
+                    threads=64,
+                    ram_total=1 << 40,
+                    ram_available=1 << 40,
+                )
                 await bad.publish(Topics.profile("evil"), fake.dump(), qos=1, retain=True)
                 await bad.publish(Topics.status("evil"), AgentStatus(state="online").dump(), qos=1, retain=True)
                 try:
@@ -548,9 +624,11 @@ def test_newest_state_keeps_the_newest_per_agent_on_its_own_topic_and_each_sessi
     order = NewestState()
     will = signed(100, name="a", session="51", state="offline")  # signed when process 51 connected
     assert order.check(topic, signed(200, name="a", session="51", state="ready")).state == "ready"
-    for refused in (signed(150, name="a", session="51", state="ready"),  # an older status, replayed
-                    signed(300, name="b", session="52", state="offline"),  # b's, on a's topic
-                    signed(90, name="a", session="40", state="offline")):  # an earlier process's will
+    for refused in (
+        signed(150, name="a", session="51", state="ready"),  # an older status, replayed
+        signed(300, name="b", session="52", state="offline"),  # b's, on a's topic
+        signed(90, name="a", session="40", state="offline"),
+    ):  # an earlier process's will
         with pytest.raises(MalformedMessage):
             order.check(topic, refused)
     assert order.check(topic, will) is will  # 51's will: it lost the broker

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 
 from homering.errors import ModelError
-from homering.models import synth
 from homering.models.gguf_file import read_gguf
 from homering.models.registry import SYNTHETIC_MODELS, resolve_model
-from homering.models.synth import QUANTS, SHAPES, expected_size, synthesize
-
+from homering.models.synth import QUANTS, SHAPES, expected_size, synthesize, tensor_bytes
 from tests.reference import Reference
 from tests.test_equivalence import chain_greedy
 from tests.test_models import assert_clean_error, homering
@@ -78,8 +76,7 @@ def test_size_metadata_and_tensors(request, quant, n_layers):
     weight_type = {"q4_0": 2, "q8_0": 8}[quant]
     for t in gf.tensors:
         assert t.ggml_type == (0 if t.name.endswith("norm.weight") else weight_type), t.name
-    assert (names["blk.0.attn_q.weight"].n_bytes
-            == 2048 * 2048 // 32 * {"q4_0": 18, "q8_0": 34}[quant])
+    assert names["blk.0.attn_q.weight"].n_bytes == 2048 * 2048 // 32 * {"q4_0": 18, "q8_0": 34}[quant]
 
     llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)
     try:
@@ -153,18 +150,19 @@ def test_windows_of_a_synthetic_model_match_it(q8, tmp_path, monkeypatch):
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
 
 
-def test_interrupted_run_leaves_no_file(tmp_path, monkeypatch):
-    real = synth._quant_chunks
+def test_interrupted_run_leaves_no_file(tmp_path):
+    half = tensor_bytes("llama3.2-1b", "q4_0", n_layers=2) // 2
+    written = []
 
-    def interrupted(t, q, seed):
-        if t.name.startswith("blk.1."):
+    def interrupt_halfway(n: int) -> None:
+        written.append(n)
+        if sum(written) > half:
             raise KeyboardInterrupt
-        yield from real(t, q, seed)
 
-    monkeypatch.setattr(synth, "_quant_chunks", interrupted)
     out = tmp_path / "m.gguf"
     with pytest.raises(KeyboardInterrupt):
-        synthesize("llama3.2-1b", "q4_0", out, n_layers=2, progress=False)
+        synthesize("llama3.2-1b", "q4_0", out, n_layers=2, progress=False, on_bytes=interrupt_halfway)
+    assert sum(written) > half  # stopped mid-way, with data written to the partial file
     assert list(tmp_path.iterdir()) == []
 
 

@@ -22,9 +22,9 @@ import pytest
 
 from homering.errors import HomeringError
 from homering.testbed import Testbed, down_all, load_spec, parse_bytes, parse_spec
-from homering.testbed.testbed import (
-    BROKER_PORT, PREFIX, _which, find_cgroups, host_links, link_prefix, list_netns, port_open,
-)
+from homering.testbed.broker import BROKER_PORT, port_open
+from homering.testbed.cgroups import find_cgroups
+from homering.testbed.netns import PREFIX, host_links, link_prefix, list_netns, which
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def _can_run() -> str | None:
         return "the testbed needs Linux"
     if os.geteuid() != 0:
         return "the testbed needs root (network namespaces, cgroups)"
-    if _which("ip") is None or _which("tc") is None:
+    if which("ip") is None or which("tc") is None:
         return "the testbed needs iproute2 (ip, tc)"
     return None
 
@@ -75,8 +75,9 @@ def disk_dir(tmp_path: Path) -> Path:
         mounts.append((left.split()[4], right.split()[0]))
     for cand in (tmp_path, Path("/var/tmp"), ROOT):
         real = os.path.realpath(cand)
-        fstype = max(((mp, fs) for mp, fs in mounts if (real + "/").startswith(mp.rstrip("/") + "/")),
-                     key=lambda m: len(m[0]))[1]
+        fstype = max(
+            ((mp, fs) for mp, fs in mounts if (real + "/").startswith(mp.rstrip("/") + "/")), key=lambda m: len(m[0])
+        )[1]
         if fstype not in ("tmpfs", "ramfs"):
             path = cand / f"testbed-{uuid.uuid4().hex[:8]}"
             path.mkdir()
@@ -86,8 +87,11 @@ def disk_dir(tmp_path: Path) -> Path:
 
 def swap_unaccounted(tb: Testbed, device: str) -> bool:
     """Swap is on but the device's cgroup cannot limit it (cgroup v1 booted with swapaccount=0)."""
-    swap = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                    if line.startswith("SwapTotal:")))
+    swap = int(
+        next(
+            line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("SwapTotal:")
+        )
+    )
     cgs = [Path(c) for c in tb.describe(device)["cgroups"]]
     v1 = [c for c in cgs if (c / "memory.limit_in_bytes").exists()]
     return swap > 0 and bool(v1) and not (v1[0] / "memory.memsw.limit_in_bytes").exists()
@@ -106,8 +110,7 @@ def cpu_cores(tb: Testbed, device: str) -> float | None:
 
 def run_in(tb: Testbed, device: str | None, code: str, timeout: float = 30) -> subprocess.CompletedProcess:
     """Run Python ``code`` in a device; return its exit code and output."""
-    p = tb.spawn(device, [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
-                 stderr=subprocess.PIPE)
+    p = tb.spawn(device, [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = p.communicate(timeout=timeout)
     return subprocess.CompletedProcess(p.args, p.returncode, out.decode(), err.decode())
 
@@ -116,9 +119,11 @@ def run_in(tb: Testbed, device: str | None, code: str, timeout: float = 30) -> s
 @needs_root
 def test_devices_have_their_own_addresses_and_reach_each_other_and_the_broker(tmp_path):
     name = unique("net")
-    s = spec(name,
-             {"name": "a", "ram": "128MiB", "cpus": 0.5, "rate_mbit": 200, "delay_ms": 2, "jitter_ms": 0.5},
-             {"name": "b", "ram": "96MiB", "cpus": 1})
+    s = spec(
+        name,
+        {"name": "a", "ram": "128MiB", "cpus": 0.5, "rate_mbit": 200, "delay_ms": 2, "jitter_ms": 0.5},
+        {"name": "b", "ram": "96MiB", "cpus": 1},
+    )
     with Testbed(s, workdir=tmp_path / "tb") as tb:
         a, b = tb.address("a"), tb.address("b")
         assert a != b and tb.bridge_address not in (a, b) and tb.host_address not in (a, b)
@@ -126,7 +131,7 @@ def test_devices_have_their_own_addresses_and_reach_each_other_and_the_broker(tm
         assert tb.describe("b")["shaping"] == "none"
 
         # a process in A sees A's address on its interface, and not B's
-        p = tb.spawn("a", [_which("ip"), "-o", "-4", "addr", "show"], stdout=subprocess.PIPE)
+        p = tb.spawn("a", [which("ip"), "-o", "-4", "addr", "show"], stdout=subprocess.PIPE)
         out = p.communicate(timeout=10)[0].decode()
         assert f"inet {a}/" in out and f"inet {b}/" not in out, out
 
@@ -136,20 +141,32 @@ def test_devices_have_their_own_addresses_and_reach_each_other_and_the_broker(tm
             assert cpu_cores(tb, "a") == 0.5 and cpu_cores(tb, "b") == 1.0
 
         # a server in B on B's address, a client in A
-        server = tb.spawn("b", [sys.executable, "-c", textwrap.dedent(f"""
+        server = tb.spawn(
+            "b",
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(f"""
             import socket
             s = socket.create_server(({b!r}, 7000))
             print("listening", flush=True)
             c, peer = s.accept()
             c.sendall(b"pong " + c.recv(64) + b" from " + peer[0].encode())
-            """)], stdout=subprocess.PIPE)
+            """),
+            ],
+            stdout=subprocess.PIPE,
+        )
         assert server.stdout.readline() == b"listening\n"
-        client = run_in(tb, "a", f"""
+        client = run_in(
+            tb,
+            "a",
+            f"""
             import socket
             with socket.create_connection(({b!r}, 7000), timeout=5) as c:
                 c.sendall(b"ping")
                 print(c.recv(64).decode())
-            """)
+            """,
+        )
         assert client.returncode == 0, client.stderr
         assert client.stdout.strip() == f"pong ping from {a}"
         server.wait(10)
@@ -157,10 +174,14 @@ def test_devices_have_their_own_addresses_and_reach_each_other_and_the_broker(tm
         # the broker in the bridge namespace: reachable from a device and from the host
         url = tb.start_broker()
         assert url == f"mqtt://{tb.bridge_address}:{BROKER_PORT}"
-        probe = run_in(tb, "b", f"""
+        probe = run_in(
+            tb,
+            "b",
+            f"""
             import socket
             socket.create_connection(({tb.bridge_address!r}, {BROKER_PORT}), timeout=5).close()
-            """)
+            """,
+        )
         assert probe.returncode == 0, probe.stderr
         assert port_open(tb.bridge_address, BROKER_PORT)
         assert tb.pids(None)  # the broker runs in the bridge namespace
@@ -216,9 +237,15 @@ def _sleepers(tb: Testbed) -> list[int]:
 @needs_root
 def test_down_removes_processes_namespaces_links_and_cgroups(tmp_path):
     name = unique("down")
-    tb = Testbed(spec(name, {"name": "a", "ram": "32MiB", "cpus": 0.5, "rate_mbit": 100},
-                      {"name": "b", "ram": "32MiB", "cpus": 0.5, "disk_read_mbps": 50}),
-                 workdir=tmp_path / "tb", grace=2.0).up()
+    tb = Testbed(
+        spec(
+            name,
+            {"name": "a", "ram": "32MiB", "cpus": 0.5, "rate_mbit": 100},
+            {"name": "b", "ram": "32MiB", "cpus": 0.5, "disk_read_mbps": 50},
+        ),
+        workdir=tmp_path / "tb",
+        grace=2.0,
+    ).up()
     try:
         tb.start_broker()
         pids = _sleepers(tb)
@@ -239,9 +266,15 @@ def test_down_all_cleans_up_after_a_crash(tmp_path):
     crashed, dropped = unique("crash"), unique("drop")
     try:
         # 1. the process that owns the testbed is killed with SIGKILL
-        s = {"name": crashed, "devices": [{"name": "a", "ram": "32MiB", "cpus": 0.5},
-                                          {"name": "b", "ram": "32MiB", "cpus": 0.5}]}
-        owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        s = {
+            "name": crashed,
+            "devices": [{"name": "a", "ram": "32MiB", "cpus": 0.5}, {"name": "b", "ram": "32MiB", "cpus": 0.5}],
+        }
+        owner = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent("""
             import json, sys, time
             from pathlib import Path
             from homering.testbed import Testbed, parse_spec
@@ -251,7 +284,13 @@ def test_down_all_cleans_up_after_a_crash(tmp_path):
                 tb.spawn(d, ["sleep", "300"])
             print("ready", flush=True)
             time.sleep(300)
-            """), json.dumps(s), str(tmp_path / "crashed")], stdout=subprocess.PIPE, cwd=ROOT)
+            """),
+                json.dumps(s),
+                str(tmp_path / "crashed"),
+            ],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
         try:
             assert owner.stdout.readline() == b"ready\n"
         finally:
@@ -287,8 +326,13 @@ def test_cli_down_reports_and_a_name_in_use_is_refused(tmp_path):
     with Testbed(s, workdir=tmp_path / "one"):
         with pytest.raises(HomeringError, match="already up"):
             Testbed(s, workdir=tmp_path / "two").up()
-        res = subprocess.run([sys.executable, "-m", "homering", "testbed", "down", "--name", name],
-                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+        res = subprocess.run(
+            [sys.executable, "-m", "homering", "testbed", "down", "--name", name],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
         assert res.returncode == 0, res.stderr
         assert f"removed netns {PREFIX}{name}" in res.stdout
         assert leftovers(name) == []
@@ -332,8 +376,13 @@ def test_spec_errors_name_the_field(tmp_path):
     with pytest.raises(HomeringError, match="not valid YAML"):
         load_spec(f)
     # and the command line says it in one line, exit code 2
-    res = subprocess.run([sys.executable, "-m", "homering", "testbed", "run", "--spec", str(f)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "homering", "testbed", "run", "--spec", str(f)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "not valid YAML" in res.stderr
 
 
@@ -344,8 +393,7 @@ def test_sizes_and_the_home4_example():
     assert parse_bytes(1024) == 1024
     home4 = load_spec(ROOT / "examples" / "clusters" / "home4.yaml")
     assert home4.name == "home4" and home4.model == "llama3.2-3b-q4_0"
-    got = {d.name: (d.ram >> 20, d.cpus, d.disk_read_mbps, d.delay_ms, d.jitter_ms, d.rate_mbit)
-           for d in home4.devices}
+    got = {d.name: (d.ram >> 20, d.cpus, d.disk_read_mbps, d.delay_ms, d.jitter_ms, d.rate_mbit) for d in home4.devices}
     assert got == {
         "d1-mac-m1": (355, 1.0, 72, 5, 1, 465),
         "d2-laptop": (606, 0.77, 298, 5, 1, 465),

@@ -5,26 +5,52 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from homering.wire import (
-    HEADER, AgentProfile, DeviceProfile, Frame, FrameError, FrameHeader, GenerateJob, MalformedMessage, Plan,
-)
 from homering.controller.plans import make_plan
 from homering.planner.model import ModelShape
 from homering.planner.proportional import split_proportional
+from homering.wire import (
+    HEADER,
+    AgentProfile,
+    DeviceProfile,
+    Frame,
+    FrameError,
+    FrameHeader,
+    GenerateJob,
+    MalformedMessage,
+    Plan,
+)
 
 
 def profile(name, ram):
-    device = DeviceProfile(os="linux", ram_gib=ram / (1 << 30), disk_gbps=1.0, cpu_ms_per_layer=1.0,
-                           cpu_ms_output=1.0, link_ms=0.1, link_mbps=1000.0)
-    return AgentProfile(name=name, host="127.0.0.1", data_port=1000, pid=1, os="linux", cpu_count=2,
-                        threads=2, ram_total=ram, ram_available=ram, device=device)
+    device = DeviceProfile(
+        os="linux",
+        ram_gib=ram / (1 << 30),
+        disk_gbps=1.0,
+        cpu_ms_per_layer=1.0,
+        cpu_ms_output=1.0,
+        link_ms=0.1,
+        link_mbps=1000.0,
+    )
+    return AgentProfile(
+        name=name,
+        host="127.0.0.1",
+        data_port=1000,
+        pid=1,
+        os="linux",
+        cpu_count=2,
+        threads=2,
+        ram_total=ram,
+        ram_available=ram,
+        device=device,
+    )
 
 
 SHAPE = ModelShape(n_layers=30, layer_bytes=1 << 20, kv_bytes_per_layer=0, output_bytes=1 << 20, hidden_bytes=2304)
 
 
-@pytest.mark.parametrize("weights,total", [([1, 1, 1], 30), ([8, 1, 1], 30), ([1, 2], 3), ([5, 5, 5, 5], 4),
-                                           ([0, 0], 7), ([3, 1, 1], 2)])
+@pytest.mark.parametrize(
+    "weights,total", [([1, 1, 1], 30), ([8, 1, 1], 30), ([1, 2], 3), ([5, 5, 5, 5], 4), ([0, 0], 7), ([3, 1, 1], 2)]
+)
 def test_split_proportional(weights, total):
     counts = split_proportional(weights, total)
     assert sum(counts) == total
@@ -36,8 +62,14 @@ def test_split_proportional(weights, total):
 
 
 def test_plan_is_contiguous_with_head_last():
-    plan = make_plan([profile("b", 4 << 30), profile("a", 2 << 30), profile("c", 2 << 30)], SHAPE,
-                     model_path="/m.gguf", model_fingerprint="f", n_ctx=512, planner="proportional")
+    plan = make_plan(
+        [profile("b", 4 << 30), profile("a", 2 << 30), profile("c", 2 << 30)],
+        SHAPE,
+        model_path="/m.gguf",
+        model_fingerprint="f",
+        n_ctx=512,
+        planner="proportional",
+    )
     assert [a.name for a in plan.ring] == ["a", "c", "b"]  # head (most RAM) closes the ring
     spans = [(a.windows[0].start, a.windows[0].end) for a in plan.ring]
     assert spans[0][0] == 0 and spans[-1][1] == 30
@@ -50,11 +82,11 @@ def test_frame_roundtrip_and_validation():
     hidden = np.arange(6, dtype=np.float32).reshape(2, 3)
     f = Frame.forward(7, 0, 12, hidden)
     raw = b"".join(bytes(p) for p in f.encode())
-    h = FrameHeader.unpack(raw[:HEADER.size])
+    h = FrameHeader.unpack(raw[: HEADER.size])
     assert (h.request_id, h.pos, h.n_tokens, h.n_embd, h.payload_len) == (7, 12, 2, 3, 24)
-    assert np.frombuffer(raw[HEADER.size:], dtype=np.float32).tolist() == hidden.ravel().tolist()
+    assert np.frombuffer(raw[HEADER.size :], dtype=np.float32).tolist() == hidden.ravel().tolist()
     with pytest.raises(FrameError, match="magic"):
-        FrameHeader.unpack(b"XXXX" + raw[4:HEADER.size])
+        FrameHeader.unpack(b"XXXX" + raw[4 : HEADER.size])
     bad = FrameHeader(h.kind, h.dtype, 7, 0, 0, 12, 2, 3, 20).pack()  # payload size does not match
     with pytest.raises(FrameError, match="payload"):
         FrameHeader.unpack(bad)
@@ -63,9 +95,17 @@ def test_frame_roundtrip_and_validation():
         FrameHeader.unpack(huge)
 
 
-@pytest.mark.parametrize("payload", [b"", b"\xff\xfe", b"[]", b'{"request_id": "x"}',
-                                     b'{"request_id": "a b", "plan_id": "p", "prompt_token_ids": [1], "sampling": {}}',
-                                     b'{"request_id": "a", "plan_id": "p", "prompt_token_ids": [], "sampling": {}}'])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\xff\xfe",
+        b"[]",
+        b'{"request_id": "x"}',
+        b'{"request_id": "a b", "plan_id": "p", "prompt_token_ids": [1], "sampling": {}}',
+        b'{"request_id": "a", "plan_id": "p", "prompt_token_ids": [], "sampling": {}}',
+    ],
+)
 def test_malformed_job_is_rejected(payload):
     with pytest.raises(MalformedMessage):
         GenerateJob.load(payload, key=None)
@@ -115,11 +155,14 @@ def test_bench_cluster_summary_checks_the_targets():
     def run(ms, ttft, pressure, pred=None):
         return {"ms_per_token": ms, "ttft_ms": ttft, "memory_pressure": pressure, "predicted_ms_per_token": pred}
 
-    runs = {"single": run(5000.0, 30000.0, {"d3": 0.04}),
-            "memory": run(900.0, 9000.0, {"d1": 0.05, "d3": 0.08}),
-            "halda": run(600.0, 8000.0, {"d1": 0.06, "d3": 0.12}, pred=700.0),
-            "halda_one_batch": run(610.0, 10000.0, {"d1": 0.06}),
-            "halda_release": run(630.0, 8000.0, {"d1": 0.06}), "halda_no_release": run(600.0, 8000.0, {"d1": 0.06})}
+    runs = {
+        "single": run(5000.0, 30000.0, {"d3": 0.04}),
+        "memory": run(900.0, 9000.0, {"d1": 0.05, "d3": 0.08}),
+        "halda": run(600.0, 8000.0, {"d1": 0.06, "d3": 0.12}, pred=700.0),
+        "halda_one_batch": run(610.0, 10000.0, {"d1": 0.06}),
+        "halda_release": run(630.0, 8000.0, {"d1": 0.06}),
+        "halda_no_release": run(600.0, 8000.0, {"d1": 0.06}),
+    }
     s = summarize({"runs": runs})
     assert s["halda_speedup_vs_single"] == pytest.approx(5000 / 600) and s["target_5x_single"]
     assert s["halda_speedup_vs_memory"] == pytest.approx(1.5) and s["target_faster_than_memory"]
@@ -137,8 +180,12 @@ def test_malloc_arenas_can_be_limited():
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", "from homering.engine.pages import limit_malloc_arenas as f; "
-                        "print(f(1))"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", "from homering.engine.pages import limit_malloc_arenas as f; print(f(1))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and r.stdout.split() == ["True"], r.stderr
 
 
@@ -157,12 +204,25 @@ def _fake_controller_metrics():
     controller = NS(
         live_agents=lambda: [NS(name=n) for n in "abc"],
         plan=NS(plan_id="p2", ring=[NS(name="a"), NS(name="b")], predicted_ms_per_token=250.0),
-        sequences=NS(queue_depth=0), in_flight={}, ready=True,
-        agent_stats={"a": stats("a", "p2", 100 << 20), "b": stats("b", "p2", 200 << 20, 10, 30),
-                     "c": stats("c", "p1", 50 << 20), "d": stats("d", "p1", 70 << 20)})
+        sequences=NS(queue_depth=0),
+        in_flight={},
+        ready=True,
+        agent_stats={
+            "a": stats("a", "p2", 100 << 20),
+            "b": stats("b", "p2", 200 << 20, 10, 30),
+            "c": stats("c", "p1", 50 << 20),
+            "d": stats("d", "p1", 70 << 20),
+        },
+    )
     m = Metrics(controller)
-    done = NS(type="done", finish_reason="stop", token_ids=[1, 2, 3], prompt_token_ids=[4, 5], ttft_ms=80.0,
-              ms_per_token=240.0)
+    done = NS(
+        type="done",
+        finish_reason="stop",
+        token_ids=[1, 2, 3],
+        prompt_token_ids=[4, 5],
+        ttft_ms=80.0,
+        ms_per_token=240.0,
+    )
     m.finished(done, 1.5)
     return m.exposition().decode()
 
@@ -189,6 +249,7 @@ def test_metrics_exposition_passes_promtool():
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (Debian's prometheus package ships it; see the Makefile)")
-    out = subprocess.run([promtool, "check", "metrics"], input=_fake_controller_metrics(), capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [promtool, "check", "metrics"], input=_fake_controller_metrics(), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr

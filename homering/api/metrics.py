@@ -1,4 +1,4 @@
-"""Prometheus metrics of the controller (``GET /metrics``), with ``prometheus_client``.
+"""Prometheus metrics of the controller (``GET /metrics``, behind the API key), with ``prometheus_client``.
 
 Request counters and histograms are updated as requests finish; the cluster's
 state (agents up, queue depth, per-window compute time and each live agent's memory from the agents'
@@ -8,16 +8,21 @@ custom collector, so it is never stale.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from fastapi import APIRouter
+from fastapi.params import Depends
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from homering.controller.controller import Controller
+    from homering.api.view import ClusterView
     from homering.wire import StreamEvent
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The Prometheus text exposition format's media type."""
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -26,25 +31,38 @@ class Metrics:
     """The controller's metrics in their own registry (``homering_*``).
 
     Args:
-        controller: read at scrape time for the gauges.
+        view: the cluster (the controller), read at scrape time for the gauges.
     """
 
-    def __init__(self, controller: "Controller"):
+    def __init__(self, view: ClusterView):
         self.registry = CollectorRegistry()
-        self.tokens = Counter("homering_tokens_generated", "Tokens generated (sampled on the head)",
-                              registry=self.registry)
+        self.tokens = Counter(
+            "homering_tokens_generated", "Tokens generated (sampled on the head)", registry=self.registry
+        )
         self.prompt_tokens = Counter("homering_prompt_tokens", "Prompt tokens prefilled", registry=self.registry)
         self.requests = Counter("homering_requests", "Requests by outcome", ["outcome"], registry=self.registry)
-        self.latency = Histogram("homering_request_latency_seconds", "Time from admission to the last token",
-                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.ttft = Histogram("homering_ttft_seconds", "Time to first token, measured on the head",
-                              buckets=_TTFT_BUCKETS, registry=self.registry)
-        self.tpot = Histogram("homering_token_latency_seconds", "Mean decode time per token (TPOT) of a request",
-                              buckets=_TTFT_BUCKETS, registry=self.registry)
-        self.registry.register(_ClusterCollector(controller))
+        self.latency = Histogram(
+            "homering_request_latency_seconds",
+            "Time from admission to the last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "homering_ttft_seconds",
+            "Time to first token, measured on the head",
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "homering_token_latency_seconds",
+            "Mean decode time per token (TPOT) of a request",
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_ClusterCollector(view))
         self.tokens_total = 0
 
-    def finished(self, event: "StreamEvent", seconds: float) -> None:
+    def finished(self, event: StreamEvent, seconds: float) -> None:
         """Count a request whose last event (``done`` or ``error``) arrived ``seconds`` after admission."""
         if event.type == "error":
             self.requests.labels("error").inc()
@@ -72,8 +90,8 @@ class Metrics:
 class _ClusterCollector:
     """Gauges of the cluster's state, computed from the controller when scraped."""
 
-    def __init__(self, controller: "Controller"):
-        self.c = controller
+    def __init__(self, view: ClusterView):
+        self.c = view
 
     def describe(self):
         return []
@@ -98,15 +116,16 @@ class _ClusterCollector:
         ready.add_metric([], 1.0 if c.ready else 0.0)
         yield ready
         if c.plan and c.plan.predicted_ms_per_token is not None:
-            pred = GaugeMetricFamily("homering_predicted_seconds_per_token",
-                                     "The plan's predicted decode time per token, seconds")
+            pred = GaugeMetricFamily(
+                "homering_predicted_seconds_per_token", "The plan's predicted decode time per token, seconds"
+            )
             pred.add_metric([], c.plan.predicted_ms_per_token / 1000)
             yield pred
         labels = ["agent", "window", "round"]
-        compute = CounterMetricFamily("homering_window_compute_seconds",
-                                      "Time an agent spent in a layer window's forward", labels=labels)
-        forwards = CounterMetricFamily("homering_window_forwards", "Forward passes of a layer window",
-                                       labels=labels)
+        compute = CounterMetricFamily(
+            "homering_window_compute_seconds", "Time an agent spent in a layer window's forward", labels=labels
+        )
+        forwards = CounterMetricFamily("homering_window_forwards", "Forward passes of a layer window", labels=labels)
         mem = GaugeMetricFamily("homering_agent_rss_bytes", "Resident memory of an agent process", labels=["agent"])
         plan_id = c.plan.plan_id if c.plan else None
         for name, st in sorted(c.agent_stats.items()):
@@ -123,3 +142,19 @@ class _ClusterCollector:
         yield compute
         yield forwards
         yield mem
+
+
+def router(view: ClusterView, *, auth: Sequence[Depends] = ()) -> APIRouter:
+    """``GET /metrics`` (behind ``auth``): ``view.metrics`` in the Prometheus text format."""
+    routes = APIRouter()
+
+    @routes.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        dependencies=list(auth),
+        responses={200: {"description": "Prometheus text exposition format 0.0.4"}},
+    )
+    async def metrics():
+        return Response(view.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    return routes

@@ -42,34 +42,55 @@ def baseline_ms_per_token(model_path: Path, threads: int, n_tokens: int) -> floa
 
 async def _cluster_runs(cluster: LocalCluster, n_tokens: int, repeats: int) -> list[dict]:
     out = []
+    assert cluster.broker is not None  # the cluster is up
     async with ClusterClient(cluster.broker) as client:
         await client.wait_ready(300)
         for _ in range(repeats):
-            req = GenerateRequest(request_id=new_request_id(), prompt=PROMPT,
-                                  sampling=Sampling(max_tokens=n_tokens, temperature=0))
+            req = GenerateRequest(
+                request_id=new_request_id(), prompt=PROMPT, sampling=Sampling(max_tokens=n_tokens, temperature=0)
+            )
             answer = await ask(client, req)
-            out.append({"ms_per_token": answer.ms_per_token, "ttft_ms": answer.ttft_ms,
-                        "tokens": len(answer.token_ids)})
+            out.append(
+                {"ms_per_token": answer.ms_per_token, "ttft_ms": answer.ttft_ms, "tokens": len(answer.token_ids)}
+            )
     return out
 
 
-def run_decode_bench(model_path: Path, agent_counts: list[int], *, threads: int, n_tokens: int = 128,
-                     repeats: int = 3, out: str | Path = "bench-results/decode.json",
-                     broker=None, console: Console | None = None) -> dict:
+def run_decode_bench(
+    model_path: Path,
+    agent_counts: list[int],
+    *,
+    threads: int,
+    n_tokens: int = 128,
+    repeats: int = 3,
+    out: str | Path = "bench-results/decode.json",
+    broker=None,
+    console: Console | None = None,
+) -> dict:
     """Run the benchmark, print a table, write JSON to ``out``, and return the results."""
     console = console or Console(stderr=True)
     baseline: list[float] = []
-    results: dict = {"model": str(model_path), "threads": threads, "tokens": n_tokens, "repeats": repeats,
-                     "broker": str(broker) if broker else "own (mosquitto if installed, else amqtt)", "configs": []}
+    results: dict = {
+        "model": str(model_path),
+        "threads": threads,
+        "tokens": n_tokens,
+        "repeats": repeats,
+        "broker": str(broker) if broker else "own (mosquitto if installed, else amqtt)",
+        "configs": [],
+    }
     for count in agent_counts:
         with console.status(f"baseline (plain llama-cpp-python, {threads} threads)…"):
             baseline.append(baseline_ms_per_token(model_path, threads, n_tokens))
-        with console.status(f"{count} agent(s)…"), LocalCluster(model_path, n_agents=count, threads=threads,
-                                                                  broker=broker, planner="proportional",
-                                                                  log_args=("-qq",)) as cluster:
+        with (
+            console.status(f"{count} agent(s)…"),
+            LocalCluster(
+                model_path, n_agents=count, threads=threads, broker=broker, planner="proportional", log_args=("-qq",)
+            ) as cluster,
+        ):
             runs = asyncio.run(_cluster_runs(cluster, n_tokens, repeats))
-        results["configs"].append({"agents": count, "runs": runs,
-                                   "ms_per_token": statistics.median(r["ms_per_token"] for r in runs)})
+        results["configs"].append(
+            {"agents": count, "runs": runs, "ms_per_token": statistics.median(r["ms_per_token"] for r in runs)}
+        )
     with console.status("baseline…"):
         baseline.append(baseline_ms_per_token(model_path, threads, n_tokens))
     base = statistics.median(baseline)
@@ -83,8 +104,12 @@ def run_decode_bench(model_path: Path, agent_counts: list[int], *, threads: int,
     for cfg in results["configs"]:
         cfg["tokens_per_s"] = 1000 / cfg["ms_per_token"]
         cfg["ratio_vs_baseline"] = base / cfg["ms_per_token"]
-        table.add_row(f"{cfg['agents']} agent(s)", f"{cfg['ms_per_token']:.2f}", f"{cfg['tokens_per_s']:.1f}",
-                      f"{cfg['ratio_vs_baseline']:.2f}")
+        table.add_row(
+            f"{cfg['agents']} agent(s)",
+            f"{cfg['ms_per_token']:.2f}",
+            f"{cfg['tokens_per_s']:.1f}",
+            f"{cfg['ratio_vs_baseline']:.2f}",
+        )
     Console().print(table)
     write_json(results, out)
     return results

@@ -22,8 +22,9 @@ import time
 import numpy as np
 
 
-def run(model: str, prompt_ids: list[int], n_tokens: int, *, threads: int = 1, n_ctx: int = 512,
-        n_batch: int = 512) -> dict:
+def run(
+    model: str, prompt_ids: list[int], n_tokens: int, *, threads: int = 1, n_ctx: int = 512, n_batch: int = 512
+) -> dict:
     """Time one prompt and ``n_tokens`` greedy decode steps with ``llama_cpp.Llama``.
 
     Args:
@@ -40,8 +41,17 @@ def run(model: str, prompt_ids: list[int], n_tokens: int, *, threads: int = 1, n
 
     from homering.engine.window import plain_llama
 
-    llm = plain_llama(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
-                      n_threads_batch=threads, use_mmap=True, use_mlock=False, verbose=False)
+    llm = plain_llama(
+        model,
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        n_threads=threads,
+        n_threads_batch=threads,
+        use_mmap=True,
+        use_mlock=False,
+        verbose=False,
+    )
     try:
         n_vocab = llm.n_vocab()
 
@@ -61,11 +71,16 @@ def run(model: str, prompt_ids: list[int], n_tokens: int, *, threads: int = 1, n
         t_end = time.perf_counter()
     finally:
         llm.close()
-    return {"ttft_ms": (t_first - t0) * 1000, "ms_per_token": (t_end - t_first) * 1000 / max(1, n_tokens - 1),
-            "n_prompt": len(prompt_ids), "tokens": tokens}
+    return {
+        "ttft_ms": (t_first - t0) * 1000,
+        "ms_per_token": (t_end - t_first) * 1000 / max(1, n_tokens - 1),
+        "n_prompt": len(prompt_ids),
+        "tokens": tokens,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (``python -m homering.bench.single``): print :func:`run`'s result as one JSON line."""
     ap = argparse.ArgumentParser(prog="python -m homering.bench.single", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--prompt-file", required=True, help="JSON list of prompt token ids")

@@ -13,13 +13,17 @@ import threading
 import time
 from pathlib import Path
 
+from homering.errors import HomeringError
+from homering.secrets import ENV_API_KEY, ENV_API_KEY_FILE
 from homering.transport.broker import (
-    broker_credentials, free_port, mosquitto_binary, wait_for_port, write_mosquitto_config,
+    broker_credentials,
+    free_port,
+    mosquitto_binary,
+    wait_for_port,
+    write_mosquitto_config,
 )
 from homering.transport.mqtt import AUTH_ENV, BrokerAuth, BrokerURL
 from homering.wire.security import ClusterKey, child_environment
-from homering.errors import HomeringError
-from homering.secrets import ENV_API_KEY, ENV_API_KEY_FILE
 
 log = logging.getLogger("homering.up")
 
@@ -96,12 +100,25 @@ class LocalCluster:
             None: the children run open (inherited key settings are removed).
     """
 
-    def __init__(self, model_path: Path, *, n_agents: int = 3, broker: BrokerURL | None = None,
-                 threads: int | None = None, n_ctx: int = 2048, planner: str = "halda", rounds: int | None = None,
-                 n_batch: int | None = None, agent_args: tuple[str, ...] = (),
-                 controller_args: tuple[str, ...] = (), controller_env: dict[str, str] | None = None,
-                 log_args: tuple[str, ...] = (),
-                 grace: float = 5.0, log_file=None, key: ClusterKey | None = None):
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        n_agents: int = 3,
+        broker: BrokerURL | None = None,
+        threads: int | None = None,
+        n_ctx: int = 2048,
+        planner: str = "halda",
+        rounds: int | None = None,
+        n_batch: int | None = None,
+        agent_args: tuple[str, ...] = (),
+        controller_args: tuple[str, ...] = (),
+        controller_env: dict[str, str] | None = None,
+        log_args: tuple[str, ...] = (),
+        grace: float = 5.0,
+        log_file=None,
+        key: ClusterKey | None = None,
+    ):
         if n_agents < 1:
             raise HomeringError("--agents must be at least 1")
         self.model_path = model_path
@@ -117,19 +134,28 @@ class LocalCluster:
         self.controller_env = dict(controller_env or {})
         self.log_args = list(log_args)
         self.grace = grace
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._roles: dict[int, str] = {}  # pid -> e.g. "agent --broker mqtt://…", for error messages
+        self._reported: set[int] = set()  # pids of agents whose exit was logged
         self.log_file = log_file
         self.key = key
         self._broker_dir: tempfile.TemporaryDirectory | None = None  # a started mosquitto's config
 
-    def _spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "homering", *self.log_args, *args]
         out = self.log_file.fileno() if self.log_file is not None else sys.stderr.fileno()
         with sigint_ignored_by_children():  # Ctrl-C is the chat's (see there)
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self._child_env(env))
-        proc.role = " ".join(args[:3])  # e.g. "agent --broker mqtt://…" for error messages
-        self.procs.append(proc)
+        self._keep(proc, " ".join(args[:3]))
         return proc
+
+    def _keep(self, proc: subprocess.Popen[bytes], role: str) -> None:
+        self.procs.append(proc)
+        self._roles[proc.pid] = role
+
+    def role(self, proc: subprocess.Popen[bytes]) -> str:
+        """What ``proc`` is: ``"controller --broker …"``, ``"agent --broker …"``, ``"broker (mosquitto)"``."""
+        return self._roles.get(proc.pid, "?")
 
     def _start_broker(self, port: int, auth: BrokerAuth) -> None:
         """mosquitto on loopback when installed (see :mod:`homering.transport.broker`), else ``homering broker``;
@@ -139,14 +165,19 @@ class LocalCluster:
             self._spawn("broker", "--port", str(port), env=auth.env())
             return
         self._broker_dir = tempfile.TemporaryDirectory(prefix="homering-broker-")
-        conf = write_mosquitto_config(Path(self._broker_dir.name), "127.0.0.1", port, auth=auth,
-                                      log=bool(self.log_args and self.log_args[0] == "-v"))
+        conf = write_mosquitto_config(
+            Path(self._broker_dir.name),
+            "127.0.0.1",
+            port,
+            auth=auth,
+            log=bool(self.log_args and self.log_args[0] == "-v"),
+        )
         out = self.log_file.fileno() if self.log_file is not None else sys.stderr.fileno()
         # a session of its own: mosquitto handles SIGINT (it exits), so the terminal's Ctrl-C must not reach it
-        proc = subprocess.Popen([exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True)
-        proc.role = "broker (mosquitto)"
-        self.procs.append(proc)
+        proc = subprocess.Popen(
+            [exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+        self._keep(proc, "broker (mosquitto)")
 
     def _child_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """This process's environment, with the broker's credentials (if any) as the only MQTT settings,
@@ -158,7 +189,7 @@ class LocalCluster:
         env.update(extra or {})
         return env
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         try:
             if self.broker is None:
                 port, auth = free_port(), broker_credentials()
@@ -167,14 +198,27 @@ class LocalCluster:
                     raise HomeringError("the embedded MQTT broker did not start")
                 self.broker = BrokerURL("127.0.0.1", port, auth=auth)
             url = str(self.broker)
-            self._spawn("controller", "--broker", url, "--model", str(self.model_path),
-                        "--agents", str(self.n_agents), "--ctx", str(self.n_ctx), "--planner", self.planner,
-                        *(("--rounds", str(self.rounds)) if self.rounds else ()),
-                        *(("--batch", str(self.n_batch)) if self.n_batch else ()), *self.controller_args,
-                        env=self.controller_env)
+            self._spawn(
+                "controller",
+                "--broker",
+                url,
+                "--model",
+                str(self.model_path),
+                "--agents",
+                str(self.n_agents),
+                "--ctx",
+                str(self.n_ctx),
+                "--planner",
+                self.planner,
+                *(("--rounds", str(self.rounds)) if self.rounds else ()),
+                *(("--batch", str(self.n_batch)) if self.n_batch else ()),
+                *self.controller_args,
+                env=self.controller_env,
+            )
             for i in range(self.n_agents):
-                self._spawn("agent", "--broker", url, "--name", f"agent-{i}", "--threads", str(self.threads),
-                            *self.agent_args)
+                self._spawn(
+                    "agent", "--broker", url, "--name", f"agent-{i}", "--threads", str(self.threads), *self.agent_args
+                )
         except BaseException:
             self.stop()
             raise
@@ -189,10 +233,10 @@ class LocalCluster:
         for p in self.procs:
             if p.poll() is None:
                 continue
-            if not p.role.startswith("agent"):
-                raise HomeringError(f"a cluster process exited with code {p.returncode}: {p.role}")
-            if not getattr(p, "reported", False):
-                p.reported = True
+            if not self.role(p).startswith("agent"):
+                raise HomeringError(f"a cluster process exited with code {p.returncode}: {self.role(p)}")
+            if p.pid not in self._reported:
+                self._reported.add(p.pid)
                 log.warning("an agent exited with code %d; the cluster goes on without it", p.returncode)
 
     def stop(self) -> None:
@@ -203,8 +247,10 @@ class LocalCluster:
         broker goes last.
         """
         for role in ("controller", "agent", "broker"):
-            stop_processes([p for p in self.procs if p.role.startswith(role)], self.grace)
+            stop_processes([p for p in self.procs if self.role(p).startswith(role)], self.grace)
         self.procs.clear()
+        self._roles.clear()
+        self._reported.clear()
         if self._broker_dir is not None:
             self._broker_dir.cleanup()
             self._broker_dir = None

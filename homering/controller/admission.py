@@ -1,10 +1,15 @@
-"""Admission of requests: a fixed set of KV sequences and a bounded FIFO queue in front of them.
+"""Admission of requests: a fixed set of KV sequences, a bounded FIFO queue in front of them, and the
+ready generations that decide which plan a waiting request starts on.
 
 Every request in flight owns one sequence (``seq_id``) in every window's KV
 cache, as in llama.cpp's server slots; the ring then carries several
 requests at once, each device working on whichever token reaches it. A
 request that finds every sequence busy waits in a first-in-first-out queue;
 when the queue is full it is refused (the API's 429).
+
+Across re-plans, :class:`Admission` keeps order: requests that waited through a re-plan start
+on the plan that ended their wait, even when agents joined meanwhile; requests that arrive
+once a join is pending wait for the join's plan.
 """
 
 from __future__ import annotations
@@ -40,10 +45,12 @@ class Sequences:
 
     @property
     def in_use(self) -> int:
+        """Sequences taken by requests."""
         return self.n - len(self._free)
 
     @property
     def queue_depth(self) -> int:
+        """Requests waiting for a sequence."""
         return sum(not f.done() for f in self._waiters)
 
     async def acquire(self) -> int:
@@ -58,8 +65,9 @@ class Sequences:
                 self.busy_since = time.monotonic()
             return seq
         if self.queue_depth >= self.max_queue:
-            raise QueueFull(f"all {self.n} sequences are busy and {self.max_queue} request(s) are waiting; "
-                            "try again later")
+            raise QueueFull(
+                f"all {self.n} sequences are busy and {self.max_queue} request(s) are waiting; try again later"
+            )
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
@@ -84,3 +92,50 @@ class Sequences:
         self._free.append(seq_id)
         self._free.sort()
         self.busy_since = None
+
+
+class Admission:
+    """Which plan a request may start on: the ready generations and the join that drains the plan in force.
+
+    ``generation`` counts the plans that became ready. A request notes the generation when it
+    begins to wait; it may start once a plan is ready (:meth:`plan_ready`) and, while agents
+    joined and the plan in force drains (:meth:`drain`), only if it waited since before that
+    plan became ready. The controller's state machine (:class:`~homering.controller.planning.Planning`)
+    opens and closes the gate; the re-planning loop drains it.
+
+    Args:
+        n_parallel: KV sequences (requests served at once).
+        max_queue: requests that may wait for a sequence.
+    """
+
+    def __init__(self, n_parallel: int, max_queue: int):
+        self.sequences = Sequences(n_parallel, max_queue)
+        self.generation = 0
+        self.open = False
+        self.draining = False
+
+    def plan_ready(self) -> None:
+        """A plan became ready: a new generation (unless one already was), and no join is pending on it."""
+        if not self.open:
+            self.generation += 1
+            self.draining = False
+        self.open = True
+
+    def plan_gone(self) -> None:
+        """No plan serves requests now (re-planning, waiting, failed)."""
+        self.open = False
+
+    def drain(self, joined: bool) -> None:
+        """Agents joined (``joined``), or the joiners left again: while draining, new requests wait for the
+        next plan and those already running finish."""
+        self.draining = joined
+
+    def admits(self, generation: int) -> bool:
+        """May a request that began waiting at ``generation`` start now?
+
+        Requests that waited through a re-plan start on the plan that ended the wait even if agents
+        have joined since; requests that arrive while draining wait for the join's plan. Without
+        this, a join could re-plan again before the waiting requests ran, and they would wait
+        through a second re-plan.
+        """
+        return self.open and (not self.draining or generation < self.generation)

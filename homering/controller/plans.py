@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 
 from homering.planner import DEFAULT_BATCH, plan_cluster, wants_release
-from homering.planner.model import Device, ModelShape, PlanError, parse_cluster
+from homering.planner.model import Device, DevicePrediction, ModelShape, PlanError, parse_cluster
 from homering.wire import AgentProfile, Plan, PlanAgent, PredictedCost, WindowAssignment
 
 
@@ -20,6 +20,7 @@ def head_of(profiles: list[AgentProfile]) -> AgentProfile:
     The measured device profile's RAM counts when there is one (it sees cgroup
     limits); the machine-wide ``ram_available`` otherwise.
     """
+
     def ram(p: AgentProfile) -> float:
         return p.device.ram_gib * (1 << 30) if p.device is not None else p.ram_available
 
@@ -35,21 +36,32 @@ def devices_from_profiles(profiles: list[AgentProfile]) -> list[Device]:
     Raises:
         PlanError: an agent has not published a measured device profile.
     """
-    missing = [p.name for p in profiles if p.device is None]
+    devices = {p.name: p.device for p in profiles if p.device is not None}
+    missing = [p.name for p in profiles if p.name not in devices]
     if missing:
         raise PlanError(f"agents without a device profile: {', '.join(missing)}")
     head = head_of(profiles)
     others = sorted((p for p in profiles if p.name != head.name), key=lambda p: p.name)
-    links = sorted((p.device.link_ms, p.device.link_mbps) for p in others if p.device.link_mbps > 0)
+    links = sorted((d.link_ms, d.link_mbps) for p in others if (d := devices[p.name]).link_mbps > 0)
     mid = links[len(links) // 2] if links else (0.0, 10_000.0)
     out = []
     for p in others + [head]:
-        d = p.device
+        d = devices[p.name]
         link_ms, link_mbps = (d.link_ms, d.link_mbps) if p is not head else mid
-        out.append(Device(name=p.name, os=d.os, ram_gib=d.ram_gib, disk_gbps=d.disk_gbps,
-                          cpu_ms_per_layer=d.cpu_ms_per_layer, cpu_ms_output=d.cpu_ms_output, gpu=d.gpu,
-                          link_ms=link_ms, link_mbps=link_mbps if link_mbps > 0 else 10_000.0,
-                          head=p is head))
+        out.append(
+            Device(
+                name=p.name,
+                os=d.os,
+                ram_gib=d.ram_gib,
+                disk_gbps=d.disk_gbps,
+                cpu_ms_per_layer=d.cpu_ms_per_layer,
+                cpu_ms_output=d.cpu_ms_output,
+                gpu=d.gpu,
+                link_ms=link_ms,
+                link_mbps=link_mbps if link_mbps > 0 else 10_000.0,
+                head=p is head,
+            )
+        )
     return out
 
 
@@ -64,13 +76,27 @@ def pipeline_depth(agents: list[AgentProfile]) -> int:
     by_host: dict[str, list[AgentProfile]] = {}
     for a in agents:
         by_host.setdefault(a.host, []).append(a)
-    return max(1, sum(min(len(group), max(1, min(a.cpu_count for a in group) // max(1, max(a.threads for a in group))))
-                      for group in by_host.values()))
+    return max(
+        1,
+        sum(
+            min(len(group), max(1, min(a.cpu_count for a in group) // max(1, max(a.threads for a in group))))
+            for group in by_host.values()
+        ),
+    )
 
 
-def make_plan(profiles: list[AgentProfile], shape: ModelShape, *, model_path: str, model_fingerprint: str,
-              n_ctx: int, n_batch: int = DEFAULT_BATCH, n_parallel: int = 1, planner: str = "halda",
-              ks: list[int] | None = None) -> Plan:
+def make_plan(
+    profiles: list[AgentProfile],
+    shape: ModelShape,
+    *,
+    model_path: str,
+    model_fingerprint: str,
+    n_ctx: int,
+    n_batch: int = DEFAULT_BATCH,
+    n_parallel: int = 1,
+    planner: str = "halda",
+    ks: list[int] | None = None,
+) -> Plan:
     """Plan the agents' layer windows and build the ring message.
 
     Agents the planner drops are left out of the ring. ``shape`` should
@@ -82,23 +108,42 @@ def make_plan(profiles: list[AgentProfile], shape: ModelShape, *, model_path: st
     """
     if not profiles:
         raise PlanError("no agents to plan for")
-    spec = parse_cluster({"model": shape.model_dump(),
-                          "devices": [d.model_dump() for d in devices_from_profiles(profiles)]})
+    spec = parse_cluster(
+        {"model": shape.model_dump(), "devices": [d.model_dump() for d in devices_from_profiles(profiles)]}
+    )
     result = plan_cluster(spec, planner, ks)
     by_name = {p.name: p for p in profiles}
-    ring = []
-    for d in result.prediction.in_use:
-        p = by_name[d.name]
-        ring.append(PlanAgent(
-            name=d.name, host=p.host, data_port=p.data_port, mode=d.mode,
-            release=wants_release(d.mode, result.prediction.k),
-            link_ms=p.device.link_ms if p.device else None,
-            windows=[WindowAssignment(start=a, end=b, round=r, gpu_layers=d.gpu_layers_per_round)
-                     for r, (a, b) in enumerate(d.windows)],
-            predicted=PredictedCost(compute_ms=d.compute_ms, disk_ms=d.disk_ms, hop_ms=d.hop_ms)))
-    return Plan(plan_id=uuid.uuid4().hex[:12], model_path=model_path, model_fingerprint=model_fingerprint,
-                pipeline_depth=pipeline_depth([by_name[a.name] for a in ring]),
-                n_layers=shape.n_layers, n_ctx=n_ctx, n_batch=n_batch, n_parallel=n_parallel, planner=planner,
-                k=result.prediction.k,
-                predicted_ms_per_token=result.prediction.ms_per_token, solve_ms=result.solve_ms,
-                dropped=result.prediction.dropped, ring=ring)
+    ring = [_place(d, by_name[d.name], result.prediction.k) for d in result.prediction.in_use]
+    return Plan(
+        plan_id=uuid.uuid4().hex[:12],
+        model_path=model_path,
+        model_fingerprint=model_fingerprint,
+        pipeline_depth=pipeline_depth([by_name[a.name] for a in ring]),
+        n_layers=shape.n_layers,
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_parallel=n_parallel,
+        planner=planner,
+        k=result.prediction.k,
+        predicted_ms_per_token=result.prediction.ms_per_token,
+        solve_ms=result.solve_ms,
+        dropped=result.prediction.dropped,
+        ring=ring,
+    )
+
+
+def _place(d: DevicePrediction, p: AgentProfile, k: int) -> PlanAgent:
+    """Agent ``p``'s place in the ring from the planner's prediction ``d`` for it (``k`` rounds)."""
+    return PlanAgent(
+        name=d.name,
+        host=p.host,
+        data_port=p.data_port,
+        mode=d.mode,
+        release=wants_release(d.mode, k),
+        link_ms=p.device.link_ms if p.device else None,
+        windows=[
+            WindowAssignment(start=a, end=b, round=r, gpu_layers=d.gpu_layers_per_round)
+            for r, (a, b) in enumerate(d.windows)
+        ],
+        predicted=PredictedCost(compute_ms=d.compute_ms, disk_ms=d.disk_ms, hop_ms=d.hop_ms),
+    )

@@ -25,10 +25,10 @@ from pathlib import Path
 log = logging.getLogger("homering.pages")
 
 _MADV_DONTNEED = 4  # Linux <asm-generic/mman-common.h>
-_libc = None
+_libc: ctypes.CDLL | None = None
 
 
-def _load_libc():
+def _load_libc() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -128,8 +128,10 @@ def resident_bytes(path: str | Path) -> int:
         view = np.frombuffer(mm, dtype=np.uint8)
         vec = np.zeros(n_pages, dtype=np.uint8)
         try:
-            if libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size),
-                            ctypes.c_void_p(vec.ctypes.data)) != 0:
+            if (
+                libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), ctypes.c_void_p(vec.ctypes.data))
+                != 0
+            ):
                 err = ctypes.get_errno()
                 raise OSError(err, f"mincore: {os.strerror(err)}")
         finally:
@@ -157,7 +159,7 @@ def limit_malloc_arenas(n: int = 1) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return mallopt(M_ARENA_MAX, n) == 1
+    return bool(mallopt(M_ARENA_MAX, n) == 1)
 
 
 def trim_heap() -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import ctypes
 import random
 
-import numpy as np
-
 import llama_cpp
-
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 # llama.cpp's struct llama_token_data {llama_token id; float logit; float p;}
@@ -30,17 +29,27 @@ class Sampling(BaseModel):
     temperature: float = Field(ge=0.0, le=10.0, default=0.8)
     top_k: int = Field(ge=0, default=40)
     top_p: float = Field(gt=0.0, le=1.0, default=0.95)
-    min_p: float = Field(ge=0.0, le=1.0, default=0.05, description="drop tokens whose probability is below "
-                                                                   "min_p times the most likely one's")
+    min_p: float = Field(
+        ge=0.0,
+        le=1.0,
+        default=0.05,
+        description="drop tokens whose probability is below min_p times the most likely one's",
+    )
     seed: int | None = Field(ge=0, le=2**32 - 1, default=None)
-    presence_penalty: float = Field(ge=-2.0, le=2.0, default=0.0, description="OpenAI's: subtracted once "
-                                                                             "from every token already generated")
-    frequency_penalty: float = Field(ge=-2.0, le=2.0, default=0.0, description="OpenAI's: subtracted per "
-                                                                               "occurrence of a generated token")
-    stop: list[str] = Field(default_factory=list, max_length=4, description="end the answer before the first "
-                                                                              "of these strings (not included)")
-    ignore_eos: bool = Field(default=False, description="generate max_tokens even past end-of-generation "
-                                                        "tokens (benchmarks)")
+    presence_penalty: float = Field(
+        ge=-2.0, le=2.0, default=0.0, description="OpenAI's: subtracted once from every token already generated"
+    )
+    frequency_penalty: float = Field(
+        ge=-2.0, le=2.0, default=0.0, description="OpenAI's: subtracted per occurrence of a generated token"
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=4,
+        description="end the answer before the first of these strings (not included)",
+    )
+    ignore_eos: bool = Field(
+        default=False, description="generate max_tokens even past end-of-generation tokens (benchmarks)"
+    )
 
 
 class SamplerChain:
@@ -62,13 +71,19 @@ class SamplerChain:
             in the llama.cpp that llama-cpp-python 0.3.36 vendors).
     """
 
-    def __init__(self, s: Sampling, n_vocab: int):
+    def __init__(self, s: Sampling, n_vocab: int) -> None:
         params = llama_cpp.llama_sampler_chain_default_params()
-        self._chain = llama_cpp.llama_sampler_chain_init(params)
-        add = lambda smpl: llama_cpp.llama_sampler_chain_add(self._chain, smpl)  # noqa: E731
+        self._chain: llama_cpp.llama_sampler_p | None = llama_cpp.llama_sampler_chain_init(params)
+
+        def add(smpl: llama_cpp.llama_sampler_p) -> None:
+            llama_cpp.llama_sampler_chain_add(self._chain, smpl)
+
         if s.presence_penalty or s.frequency_penalty:
-            add(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, 1.0, s.frequency_penalty,
-                                                       s.presence_penalty))
+            add(
+                llama_cpp.llama_sampler_init_penalties(
+                    n_vocab, PENALTY_LAST_N, 1.0, s.frequency_penalty, s.presence_penalty
+                )
+            )
         if s.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -81,9 +96,10 @@ class SamplerChain:
             add(llama_cpp.llama_sampler_init_temp(s.temperature))
             seed = s.seed if s.seed is not None else random.getrandbits(32)
             add(llama_cpp.llama_sampler_init_dist(seed))
-        self._cells: np.ndarray | None = None
+        self._cells: npt.NDArray[np.void] | None = None
+        self._ids = np.zeros(0, dtype=np.int32)
 
-    def sample(self, logits: np.ndarray) -> int:
+    def sample(self, logits: npt.NDArray[np.float32]) -> int:
         """Sample a token id from ``logits`` ((n_vocab,) float32) and accept it into the chain's history."""
         n = logits.shape[0]
         if self._cells is None or self._cells.shape[0] != n:
@@ -94,7 +110,8 @@ class SamplerChain:
         cells["logit"] = logits
         cells["p"] = 0.0
         arr = llama_cpp.llama_token_data_array(
-            data=ctypes.cast(cells.ctypes.data, llama_cpp.llama_token_data_p), size=n, selected=-1, sorted=False)
+            data=ctypes.cast(cells.ctypes.data, llama_cpp.llama_token_data_p), size=n, selected=-1, sorted=False
+        )
         llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(arr))
         if not 0 <= arr.selected < arr.size:
             raise RuntimeError("the sampler chain selected no token")
@@ -116,7 +133,7 @@ class SamplerChain:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
 
-    def __del__(self):  # pragma: no cover
+    def __del__(self) -> None:  # pragma: no cover
         self.close()
 
 
@@ -151,8 +168,8 @@ class StopMatcher:
                 if text.endswith(s[:k]):
                     hold = max(hold, k)
                     break
-        self._pending = text[len(text) - hold:] if hold else ""
-        return text[:len(text) - hold]
+        self._pending = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold]
 
     def flush(self) -> str:
         """The held-back text at the end of the stream."""

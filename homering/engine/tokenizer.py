@@ -5,11 +5,13 @@ from __future__ import annotations
 import ctypes
 import functools
 from pathlib import Path
+from typing import Any, cast
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_types import ChatCompletionRequestMessage
 
-from homering.engine.window import _init_backend, token_piece
+from homering.engine.backend import init_backend, token_piece
 from homering.errors import ModelError
 from homering.models.gguf_file import read_gguf
 
@@ -36,8 +38,8 @@ class Tokenizer:
         ModelError: llama.cpp cannot load the vocabulary.
     """
 
-    def __init__(self, path: str | Path):
-        _init_backend(False)
+    def __init__(self, path: str | Path) -> None:
+        init_backend(False)
         self.path = Path(path)
         gf = read_gguf(self.path)
         params = llama_cpp.llama_model_default_params()
@@ -47,14 +49,16 @@ class Tokenizer:
             raise ModelError(f"llama.cpp could not load the vocabulary of {self.path}")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self.bos_text = token_piece(self._vocab, llama_cpp.llama_vocab_bos(self._vocab), special=True).decode(errors="replace")
-        self.eos_text = token_piece(self._vocab, llama_cpp.llama_vocab_eos(self._vocab), special=True).decode(errors="replace")
+        bos, eos = llama_cpp.llama_vocab_bos(self._vocab), llama_cpp.llama_vocab_eos(self._vocab)
+        self.bos_text = token_piece(self._vocab, bos, special=True).decode(errors="replace")
+        self.eos_text = token_piece(self._vocab, eos, special=True).decode(errors="replace")
         template = gf.get("tokenizer.chat_template")
         if not template:
             template = GEMMA_TEMPLATE if gf.arch.startswith("gemma") else CHATML_TEMPLATE
         self.chat_template = template
-        self._formatter = Jinja2ChatFormatter(template, eos_token=self.eos_text, bos_token=self.bos_text,
-                                              add_generation_prompt=True)
+        self._formatter = Jinja2ChatFormatter(
+            template, eos_token=self.eos_text, bos_token=self.bos_text, add_generation_prompt=True
+        )
 
     @functools.cached_property
     def max_token_bytes(self) -> int:
@@ -80,27 +84,32 @@ class Tokenizer:
         buf = ctypes.create_string_buffer(cap)
         arr = (llama_cpp.llama_token * len(ids))(*ids)
         n = llama_cpp.llama_detokenize(self._vocab, arr, len(ids), buf, cap, False, False)
-        return buf.raw[:max(n, 0)].decode(errors="replace")
+        return buf.raw[: max(n, 0)].decode(errors="replace")
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        """Render ``[{"role", "content"}, …]`` with the model's chat template, ready for the assistant."""
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """Render ``[{"role", "content"}, …]`` with the model's chat template, ready for the assistant.
+
+        Raises:
+            ModelError: the template rejects these messages.
+        """
         try:
-            return self._formatter(messages=messages).prompt
+            return self._formatter(messages=cast("list[ChatCompletionRequestMessage]", messages)).prompt
         except Exception as exc:  # jinja errors: a template that rejects these messages
             raise ModelError(f"the chat template rejected the messages: {exc}") from None
 
-    def chat_tokens(self, messages: list[dict]) -> list[int]:
+    def chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of the rendered chat (BOS added once, special tokens parsed)."""
         prompt = self.chat_prompt(messages)
         add = not (self.bos_text and prompt.startswith(self.bos_text))
         return self.tokenize(prompt, add_special=add, parse_special=True)
 
     def close(self) -> None:
+        """Free the vocabulary. Idempotent."""
         if self._model:
             llama_cpp.llama_model_free(self._model)
             self._model = None
 
-    def __del__(self):  # pragma: no cover
+    def __del__(self) -> None:  # pragma: no cover
         try:
             self.close()
         except Exception:

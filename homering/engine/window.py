@@ -11,62 +11,40 @@ How a window talks to llama.cpp (design.md, facts 2, 3, 5 and 6):
   returns false, which stops the scheduler before the output norm and the
   vocabulary projection. Every token is then marked as an output, or the last
   layer would keep only the output rows;
-- decode releases the GIL, so :meth:`LayerWindow.aforward` runs it in a
-  worker thread and the asyncio loop keeps serving MQTT and TCP.
+- llama_decode releases the GIL: callers run :meth:`LayerWindow.forward_many`
+  in threads of their own (the agent does) while an asyncio loop keeps serving
+  MQTT and TCP; a window serialises the calls it gets with a lock.
+
+Sampling is the head's: :class:`~homering.engine.sampling.SamplerChain` over a
+copy of the logits (:attr:`WindowOutput.logits`, or :meth:`LayerWindow.sample`
+for the last forward's).
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
-from llama_cpp import _ggml
+import numpy as np
+import numpy.typing as npt
 
+from homering.engine.backend import context_params, ggml, init_backend, model_params, token_piece
+from homering.engine.backend import plain_llama as plain_llama  # where the benchmarks and tests import it from
 from homering.errors import HomeringError
 
-_lib = _ggml.libggml
-_lib.ggml_get_name.argtypes = [ctypes.c_void_p]
-_lib.ggml_get_name.restype = ctypes.c_char_p
-_lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
-_lib.ggml_nbytes.restype = ctypes.c_size_t
-_lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-_lib.ggml_backend_tensor_get.restype = None
+if TYPE_CHECKING:
+    from homering.engine.sampling import SamplerChain
 
-_backend_lock = threading.Lock()
-_backend_ready = False
-
-
-def _init_backend(verbose: bool) -> None:
-    global _backend_ready
-    with _backend_lock:
-        if not _backend_ready:
-            if not verbose:
-                llama_cpp.llama_log_set(_silent_log, ctypes.c_void_p(0))
-            llama_cpp.llama_backend_init()
-            _backend_ready = True
-
-
-@llama_cpp.llama_log_callback
-def _silent_log(level, text, user_data):  # pragma: no cover - C callback
-    return None
-
-
-def token_piece(vocab, token: int, *, special: bool) -> bytes:
-    """The bytes of one token's text (``special``: render control tokens such as ``<|im_end|>``)."""
-    if token < 0:
-        return b""
-    buf = ctypes.create_string_buffer(256)
-    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-    if n < 0:
-        buf = ctypes.create_string_buffer(-n)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-    return buf.raw[:n]
+Floats = npt.NDArray[np.float32]
+"""float32 rows: hidden states (n_tokens, n_embd) or logits (n_vocab,)."""
+# One run of one sequence's inputs for forward_many: (token ids or hidden states, first position, seq_id).
+Item = tuple[npt.NDArray[Any], int, int]
+# A piece of an item that fits one batch: (item index, offset in the item, n tokens).
+Piece = tuple[int, int, int]
 
 
 class DecodeError(HomeringError):
@@ -83,8 +61,57 @@ class WindowOutput:
         logits: (n_vocab,) float32, the last token's logits (``last``/``whole``).
     """
 
-    hidden: np.ndarray | None = None
-    logits: np.ndarray | None = None
+    hidden: Floats | None = None
+    logits: Floats | None = None
+
+
+def _batches(arrays: list[npt.NDArray[Any]], n_batch: int) -> list[list[Piece]]:
+    """The items' tokens in order, cut into pieces (an item longer than ``n_batch`` is split) and packed
+    into batches of at most ``n_batch`` tokens."""
+    batches: list[list[Piece]] = [[]]
+    total = 0
+    for i, arr in enumerate(arrays):
+        for off in range(0, arr.shape[0], n_batch):
+            n = min(n_batch, arr.shape[0] - off)
+            if total + n > n_batch:
+                batches.append([])
+                total = 0
+            batches[-1].append((i, off, n))
+            total += n
+    return [b for b in batches if b]
+
+
+def _fill_batch(
+    b: Any,  # a llama_batch (llama-cpp-python types its pointers as arrays)
+    group: list[Piece],
+    arrays: list[npt.NDArray[Any]],
+    items: list[Item],
+    *,
+    row_floats: int,
+    every_row: bool,
+) -> list[tuple[int, int]]:
+    """Copy ``group``'s inputs, positions and sequences into the batch ``b``: token ids (``row_floats`` = 0)
+    or hidden-state rows of ``row_floats`` floats. Every row is an output when ``every_row``, else each
+    finished item's last one. Returns (item, batch row) of each finished item's last token."""
+    row = 0
+    last_rows = []
+    for i, off, n in group:
+        chunk = arrays[i][off : off + n]
+        pos, seq_id = items[i][1] + off, items[i][2]
+        if row_floats:
+            ctypes.memmove(ctypes.addressof(b.embd.contents) + row * row_floats * 4, chunk.ctypes.data, chunk.nbytes)
+        else:
+            ctypes.memmove(ctypes.addressof(b.token.contents) + row * 4, chunk.ctypes.data, chunk.nbytes)
+        is_last = off + n == arrays[i].shape[0]
+        for j in range(n):
+            b.pos[row + j] = pos + j
+            b.n_seq_id[row + j] = 1
+            b.seq_id[row + j][0] = seq_id
+            b.logits[row + j] = every_row or (is_last and j == n - 1)
+        if is_last:
+            last_rows.append((i, row + n - 1))
+        row += n
+    return last_rows
 
 
 class LayerWindow:
@@ -112,24 +139,27 @@ class LayerWindow:
         HomeringError: the file cannot be loaded by llama.cpp.
     """
 
-    def __init__(self, path: str | Path, *, takes_tokens: bool, gives_logits: bool,
-                 n_ctx: int = 2048, n_batch: int = 256, n_threads: int = 2,
-                 n_seq_max: int = 1, n_gpu_layers: int = 0, verbose: bool = False):
-        _init_backend(verbose)
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        takes_tokens: bool,
+        gives_logits: bool,
+        n_ctx: int = 2048,
+        n_batch: int = 256,
+        n_threads: int = 2,
+        n_seq_max: int = 1,
+        n_gpu_layers: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        init_backend(verbose)
         self.path = Path(path)
         self.takes_tokens = takes_tokens
         self.gives_logits = gives_logits
         self.n_batch = n_batch
         self._lock = threading.Lock()
 
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
-        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP  # memory-mapped, never locked
-        # No CPU weight repacking (llama.cpp's --no-repack): on CPUs with AVX2/NEON llama.cpp
-        # otherwise copies Q4_0 weights into anonymous RAM (the CPU_REPACK buffer), so a window
-        # would neither stay memory-mapped nor be reclaimable page cache. Costs ~20% decode speed.
-        mparams.use_extra_bufts = False
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params(n_gpu_layers))
         if not self._model:
             raise HomeringError(f"llama.cpp could not load {self.path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -138,22 +168,14 @@ class LayerWindow:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._target = f"l_out-{self.n_layer - 1}".encode()
 
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx * n_seq_max
-        cparams.kv_unified = True  # one cache for every sequence: a batch may mix sequences, kept in order
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = n_batch
-        cparams.n_seq_max = n_seq_max
-        cparams.n_threads = n_threads
-        cparams.n_threads_batch = n_threads
-        cparams.no_perf = True
-        self._captured: np.ndarray | None = None
+        cparams = context_params(n_ctx, n_batch, n_seq_max, n_threads)
+        self._captured: Floats | None = None
         self._filled = False
+        self._last_logits: Floats | None = None  # the last item's of the last forward, for sample()
         self._cb = None
         if not gives_logits:
             self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._eval_callback)
             cparams.cb_eval = self._cb
-            cparams.cb_eval_user_data = None
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -167,22 +189,22 @@ class LayerWindow:
         self._closed = False
 
     # ------------------------------------------------------------ hook
-    def _eval_callback(self, tensor, ask, user_data):
-        name = _lib.ggml_get_name(tensor)
+    def _eval_callback(self, tensor: ctypes.c_void_p, ask: bool, user_data: ctypes.c_void_p) -> bool:
+        name: bytes | None = ggml.ggml_get_name(tensor)
         if ask:
             return name == self._target
         if name != self._target:
             return True
         out = self._captured
-        nbytes = _lib.ggml_nbytes(tensor)
+        nbytes = ggml.ggml_nbytes(tensor)
         if out is None or out.nbytes != nbytes:
             return False  # self._captured stays unfilled: forward() raises
-        _lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, nbytes)
+        ggml.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, nbytes)
         self._filled = True
         return False  # stop: the rest of the graph (output norm, head) is not needed
 
     # ------------------------------------------------------------ forward
-    def forward(self, inputs: np.ndarray, pos: int, seq_id: int = 0) -> WindowOutput:
+    def forward(self, inputs: npt.NDArray[Any], pos: int, seq_id: int = 0) -> WindowOutput:
         """Run the window on a contiguous run of one sequence's tokens.
 
         Args:
@@ -201,7 +223,7 @@ class LayerWindow:
         """
         return self.forward_many([(inputs, pos, seq_id)])[0]
 
-    def forward_many(self, items: list[tuple[np.ndarray, int, int]]) -> list[WindowOutput]:
+    def forward_many(self, items: list[Item]) -> list[WindowOutput]:
         """Run several runs of tokens, of one or several sequences, in as few llama_decode calls as fit.
 
         ``items`` are ``(inputs, pos, seq_id)`` as for :meth:`forward`; they are
@@ -218,57 +240,42 @@ class LayerWindow:
         arrays = [self._check_inputs(x) for x, _, _ in items]
         for arr, (_, pos, seq_id) in zip(arrays, items):
             self._check_place(seq_id, pos, arr.shape[0])
-        pieces = []  # (item, offset in the item, n tokens), each <= n_batch
-        for i, arr in enumerate(arrays):
-            for off in range(0, arr.shape[0], self.n_batch):
-                pieces.append((i, off, min(self.n_batch, arr.shape[0] - off)))
         # every item's hidden states, one after another: a batch of pieces is a run of these rows,
         # which the hook fills directly
-        rows = None if self.gives_logits else np.empty((sum(a.shape[0] for a in arrays), self.n_embd),
-                                                       dtype=np.float32)
-        logits: list[np.ndarray | None] = [None] * len(items)
+        rows = None if self.gives_logits else np.empty((sum(a.shape[0] for a in arrays), self.n_embd), dtype=np.float32)
+        logits: list[Floats | None] = [None] * len(items)
         with self._lock:
             if self._closed:
                 raise DecodeError("window is closed")
-            k = done = 0
-            while k < len(pieces):
-                group, total = [], 0
-                while k < len(pieces) and total + pieces[k][2] <= self.n_batch:
-                    group.append(pieces[k])
-                    total += pieces[k][2]
-                    k += 1
-                self._decode(group, arrays, items, total, None if rows is None else rows[done:done + total], logits)
+            done = 0
+            for group in _batches(arrays, self.n_batch):
+                total = sum(n for _, _, n in group)
+                self._decode(group, arrays, items, total, None if rows is None else rows[done : done + total], logits)
                 done += total
             self._captured = None
+            if rows is None and logits:
+                self._last_logits = logits[-1]
         if rows is None:
             return [WindowOutput(logits=lg) for lg in logits]
         starts = np.cumsum([0] + [a.shape[0] for a in arrays])
         return [WindowOutput(hidden=rows[a:b]) for a, b in zip(starts[:-1], starts[1:])]
 
-    def _decode(self, group, arrays, items, total: int, hidden: np.ndarray | None, logits: list) -> None:
+    def _decode(
+        self,
+        group: list[Piece],
+        arrays: list[npt.NDArray[Any]],
+        items: list[Item],
+        total: int,
+        hidden: Floats | None,
+        logits: list[Floats | None],
+    ) -> None:
         """One llama_decode of ``group`` (pieces of items, ``total`` tokens); the hidden states land in
         ``hidden`` ((total, n_embd) rows), or each finished item's last logits in ``logits``."""
         b = self._batch
         b.n_tokens = total
-        row = 0
-        last_rows = []  # (item, batch row) of each item's last token, for logits
-        for i, off, n in group:
-            chunk = arrays[i][off:off + n]
-            pos, seq_id = items[i][1] + off, items[i][2]
-            if self.takes_tokens:
-                ctypes.memmove(ctypes.addressof(b.token.contents) + row * 4, chunk.ctypes.data, chunk.nbytes)
-            else:
-                ctypes.memmove(ctypes.addressof(b.embd.contents) + row * self.n_embd * 4, chunk.ctypes.data,
-                               chunk.nbytes)
-            is_last = off + n == arrays[i].shape[0]
-            for j in range(n):
-                b.pos[row + j] = pos + j
-                b.n_seq_id[row + j] = 1
-                b.seq_id[row + j][0] = seq_id
-                b.logits[row + j] = hidden is not None or (is_last and j == n - 1)
-            if is_last:
-                last_rows.append((i, row + n - 1))
-            row += n
+        last_rows = _fill_batch(
+            b, group, arrays, items, row_floats=0 if self.takes_tokens else self.n_embd, every_row=hidden is not None
+        )
         if hidden is not None:
             # the hook copies l_out of the whole batch here (batch order: llama.cpp's unified KV cache
             # splits a batch into ubatches in order, and a ubatch is a whole batch)
@@ -276,22 +283,20 @@ class LayerWindow:
             self._filled = False
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
-            raise DecodeError(f"llama_decode failed with code {rc} for {total} token(s) "
-                              f"(KV cache of {self.n_ctx_total} cells, full?)")
+            raise DecodeError(
+                f"llama_decode failed with code {rc} for {total} token(s) (KV cache of {self.n_ctx_total} cells, full?)"
+            )
         if hidden is not None:
             if not self._filled:
-                raise DecodeError(f"the graph of {self.path.name} never produced {self._target.decode()} "
-                                  f"for {total} tokens")
+                raise DecodeError(
+                    f"the graph of {self.path.name} never produced {self._target.decode()} for {total} tokens"
+                )
         else:
             for i, r in last_rows:
                 ptr = llama_cpp.llama_get_logits_ith(self._ctx, r)
                 logits[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    async def aforward(self, inputs: np.ndarray, pos: int, seq_id: int = 0) -> WindowOutput:
-        """:meth:`forward` in a worker thread (llama_decode releases the GIL)."""
-        return await asyncio.to_thread(self.forward, inputs, pos, seq_id)
-
-    def _check_inputs(self, inputs: np.ndarray) -> np.ndarray:
+    def _check_inputs(self, inputs: npt.NDArray[Any]) -> npt.NDArray[Any]:
         if self.takes_tokens:
             arr = np.ascontiguousarray(inputs, dtype=np.int32)
             if arr.ndim != 1 or arr.size == 0:
@@ -305,11 +310,6 @@ class LayerWindow:
         return arr
 
     # ------------------------------------------------------------ KV cache
-    def kv_clear(self) -> None:
-        """Forget every sequence in this window's KV cache."""
-        with self._lock:
-            llama_cpp.llama_memory_clear(self._mem, True)
-
     def _check_place(self, seq_id: int, pos: int, n: int) -> None:
         """Raise ValueError unless ``seq_id`` exists and positions ``pos`` … ``pos + n - 1`` fit its context
         (llama.cpp would abort, or reinterpret seq_id -1 as every sequence)."""
@@ -331,11 +331,20 @@ class LayerWindow:
         with self._lock:
             llama_cpp.llama_memory_seq_rm(self._mem, seq_id, p0, -1)
 
-    def sample(self, sampler) -> int:
-        """Sample the next token from the last forward's logits with a
-        :class:`~homering.engine.sampling.SamplerChain` (``last``/``whole`` windows)."""
+    def sample(self, sampler: SamplerChain) -> int:
+        """Sample the next token with ``sampler`` from the logits of the last forward (``last``/``whole``
+        windows; of its last item, for :meth:`forward_many`).
+
+        Raises:
+            ValueError: the window gives no logits, or has not run a forward yet.
+        """
         with self._lock:
-            return sampler.sample(self._ctx)
+            logits = self._last_logits
+        if logits is None:
+            raise ValueError(
+                f"{self.path.name} has no logits to sample from (no forward yet, or a window that gives hidden states)"
+            )
+        return sampler.sample(logits)
 
     # ------------------------------------------------------------ vocabulary
     def is_eog(self, token: int) -> bool:
@@ -345,11 +354,6 @@ class LayerWindow:
     def token_bytes(self, token: int) -> bytes:
         """The raw bytes of a token's text (special tokens are not rendered)."""
         return token_piece(self.vocab, token, special=False)
-
-    @property
-    def ctx(self):
-        """The raw ``llama_context`` pointer (for llama.cpp samplers)."""
-        return self._ctx
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -362,39 +366,14 @@ class LayerWindow:
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
 
-    def __enter__(self) -> "LayerWindow":
+    def __enter__(self) -> LayerWindow:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self):  # pragma: no cover - best effort
+    def __del__(self) -> None:  # pragma: no cover - best effort
         try:
             self.close()
         except Exception:
             pass
-
-
-def plain_llama(path: str | Path, **kwargs) -> "llama_cpp.Llama":
-    """The whole model in a plain ``llama_cpp.Llama`` with the same weight layout as :class:`LayerWindow`.
-
-    ``kwargs`` go to ``llama_cpp.Llama``. Like the windows it does not repack
-    weights (llama.cpp's ``--no-repack``): the high-level API has no switch for
-    it, so the default model parameters are patched for the constructor call.
-    Repacked and plain kernels round differently, so the unsplit references of
-    the equivalence tests and the baselines of the benchmarks go through here.
-    """
-    import llama_cpp.llama_cpp as low  # the module llama_cpp.Llama takes its defaults from
-
-    default_params = low.llama_model_default_params
-
-    def no_repack():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    low.llama_model_default_params = no_repack
-    try:
-        return llama_cpp.Llama(str(path), **kwargs)
-    finally:
-        low.llama_model_default_params = default_params

@@ -66,12 +66,29 @@ def agent_node_id(name: str) -> str:
 
 
 def _availability(topic: str) -> list[dict]:
-    return [{"topic": topic, "value_template": AVAILABILITY_TEMPLATE,
-             "payload_available": "online", "payload_not_available": "offline"}]
+    return [
+        {
+            "topic": topic,
+            "value_template": AVAILABILITY_TEMPLATE,
+            "payload_available": "online",
+            "payload_not_available": "offline",
+        }
+    ]
 
 
-def _sensor(prefix: str, node_id: str, key: str, unique_id: str, device: dict, availability: list[dict], *,
-            name: str, state_topic: str, field: str, **extra) -> tuple[str, dict]:
+def _sensor(
+    prefix: str,
+    node_id: str,
+    key: str,
+    unique_id: str,
+    device: dict,
+    availability: list[dict],
+    *,
+    name: str,
+    state_topic: str,
+    field: str,
+    **extra,
+) -> tuple[str, dict]:
     """One sensor's discovery ``(topic, payload)``; ``field`` is read from the state message's JSON."""
     payload = {
         "name": name,
@@ -103,8 +120,12 @@ def agent_configs(name: str, *, prefix: str = DISCOVERY_PREFIX) -> list[tuple[st
     if not re.fullmatch(NAME, name):
         raise ValueError(f"invalid agent name {name!r}")
     node_id = agent_node_id(name)
-    device = {"identifiers": [f"homering_agent_{name}"], "name": f"homering agent {name}",
-              "manufacturer": "homering", "model": "agent"}
+    device = {
+        "identifiers": [f"homering_agent_{name}"],
+        "name": f"homering agent {name}",
+        "manufacturer": "homering",
+        "model": "agent",
+    }
     availability = _availability(Topics.status(name))
     status, stats = Topics.status(name), Topics.stats(name)
 
@@ -113,12 +134,32 @@ def agent_configs(name: str, *, prefix: str = DISCOVERY_PREFIX) -> list[tuple[st
 
     return [
         sensor("status", name="Status", state_topic=status, field="state", icon="mdi:state-machine"),
-        sensor("tokens_per_s", name="Tokens/s", state_topic=stats, field="tokens_per_s",
-               unit_of_measurement="tokens/s", state_class="measurement", icon="mdi:speedometer"),
-        sensor("memory_used", name="Memory used", state_topic=stats, field="rss_bytes",
-               device_class="data_size", unit_of_measurement="B", state_class="measurement"),
-        sensor("layers", name="Layers held", state_topic=stats, field="layers",
-               state_class="measurement", icon="mdi:layers"),
+        sensor(
+            "tokens_per_s",
+            name="Tokens/s",
+            state_topic=stats,
+            field="tokens_per_s",
+            unit_of_measurement="tokens/s",
+            state_class="measurement",
+            icon="mdi:speedometer",
+        ),
+        sensor(
+            "memory_used",
+            name="Memory used",
+            state_topic=stats,
+            field="rss_bytes",
+            device_class="data_size",
+            unit_of_measurement="B",
+            state_class="measurement",
+        ),
+        sensor(
+            "layers",
+            name="Layers held",
+            state_topic=stats,
+            field="layers",
+            state_class="measurement",
+            icon="mdi:layers",
+        ),
     ]
 
 
@@ -131,8 +172,12 @@ def controller_configs(*, prefix: str = DISCOVERY_PREFIX) -> list[tuple[str, dic
     controller's status is ``offline``. Publish them retained with :func:`publish_discovery`.
     """
     node_id = CONTROLLER_NODE
-    device = {"identifiers": ["homering_controller"], "name": "homering controller",
-              "manufacturer": "homering", "model": "controller"}
+    device = {
+        "identifiers": ["homering_controller"],
+        "name": "homering controller",
+        "manufacturer": "homering",
+        "model": "controller",
+    }
     availability = _availability(Topics.CONTROLLER)
 
     def sensor(key: str, **kw) -> tuple[str, dict]:
@@ -141,10 +186,22 @@ def controller_configs(*, prefix: str = DISCOVERY_PREFIX) -> list[tuple[str, dic
     return [
         sensor("state", name="State", state_topic=Topics.CONTROLLER, field="state", icon="mdi:state-machine"),
         sensor("model", name="Current model", state_topic=Topics.CONTROLLER, field="model", icon="mdi:brain"),
-        sensor("requests_in_flight", name="Requests in flight", state_topic=Topics.CONTROLLER_STATS,
-               field="requests_in_flight", state_class="measurement", icon="mdi:progress-clock"),
-        sensor("queue_depth", name="Queue depth", state_topic=Topics.CONTROLLER_STATS, field="queue_depth",
-               state_class="measurement", icon="mdi:tray-full"),
+        sensor(
+            "requests_in_flight",
+            name="Requests in flight",
+            state_topic=Topics.CONTROLLER_STATS,
+            field="requests_in_flight",
+            state_class="measurement",
+            icon="mdi:progress-clock",
+        ),
+        sensor(
+            "queue_depth",
+            name="Queue depth",
+            state_topic=Topics.CONTROLLER_STATS,
+            field="queue_depth",
+            state_class="measurement",
+            icon="mdi:tray-full",
+        ),
     ]
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 
@@ -27,11 +28,32 @@ DEFAULT_ALIGNMENT = 32
 
 # GGUF value types
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
-_SCALAR = {UINT8: "<B", INT8: "<b", UINT16: "<H", INT16: "<h", UINT32: "<I", INT32: "<i",
-           FLOAT32: "<f", BOOL: "<?", UINT64: "<Q", INT64: "<q", FLOAT64: "<d"}
-_NP = {UINT8: np.uint8, INT8: np.int8, UINT16: np.uint16, INT16: np.int16, UINT32: np.uint32,
-       INT32: np.int32, FLOAT32: np.float32, BOOL: np.bool_, UINT64: np.uint64, INT64: np.int64,
-       FLOAT64: np.float64}
+_SCALAR = {
+    UINT8: "<B",
+    INT8: "<b",
+    UINT16: "<H",
+    INT16: "<h",
+    UINT32: "<I",
+    INT32: "<i",
+    FLOAT32: "<f",
+    BOOL: "<?",
+    UINT64: "<Q",
+    INT64: "<q",
+    FLOAT64: "<d",
+}
+_NP = {
+    UINT8: np.uint8,
+    INT8: np.int8,
+    UINT16: np.uint16,
+    INT16: np.int16,
+    UINT32: np.uint32,
+    INT32: np.int32,
+    FLOAT32: np.float32,
+    BOOL: np.bool_,
+    UINT64: np.uint64,
+    INT64: np.int64,
+    FLOAT64: np.float64,
+}
 
 
 @dataclass
@@ -73,7 +95,7 @@ class GGUFFile:
     tensors: list[Tensor] = field(default_factory=list)
     alignment: int = DEFAULT_ALIGNMENT
 
-    def get(self, key: str, default=None):
+    def get(self, key: str, default: Any = None) -> Any:
         """The decoded value of ``key`` (numeric arrays as lists), or ``default``."""
         f = self.fields.get(key)
         if f is None:
@@ -97,10 +119,10 @@ def tensor_nbytes(dims: tuple[int, ...], ggml_type: int) -> int:
 
 
 class _Cursor:
-    def __init__(self, buf, pos: int = 0):
+    def __init__(self, buf: Any, pos: int = 0) -> None:
         self.buf, self.pos = buf, pos
 
-    def unpack(self, fmt: str):
+    def unpack(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
         if self.pos + size > len(self.buf):
             raise EOFError("unexpected end of file in the GGUF header")
@@ -112,7 +134,7 @@ class _Cursor:
         n = self.unpack("<Q")
         if self.pos + n > len(self.buf):
             raise EOFError("unexpected end of file in a GGUF string")
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return s
 
@@ -125,7 +147,7 @@ class _Cursor:
         self.pos = pos
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFFile:
+def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     """Parse the header of a GGUF file.
 
     Raises:
@@ -147,7 +169,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
             raise ModelError(f"corrupt or truncated GGUF file {path}: {exc}") from None
 
 
-def _parse(path: Path, buf, size: int) -> GGUFFile:
+def _parse(path: Path, buf: Any, size: int) -> GGUFFile:
     cur = _Cursor(buf, 4)
     version = cur.unpack("<I")
     if version not in (2, 3):
@@ -178,7 +200,7 @@ def _parse(path: Path, buf, size: int) -> GGUFFile:
             f.value = cur.unpack(_SCALAR[vtype])
         else:
             raise ValueError(f"unsupported value type {vtype} in {key}")
-        f.raw = bytes(buf[start:cur.pos])
+        f.raw = bytes(buf[start : cur.pos])
         out.fields[key] = f
     out.alignment = int(out.get("general.alignment", DEFAULT_ALIGNMENT))
     infos = []
@@ -199,17 +221,20 @@ def _parse(path: Path, buf, size: int) -> GGUFFile:
 
 # ---------------------------------------------------------------- writing
 
+
 def encode_string(s: str) -> bytes:
     b = s.encode("utf-8")
     return struct.pack("<Q", len(b)) + b
 
 
-def encode_field(key: str, vtype: int, value, sub_type: int | None = None) -> bytes:
+def encode_field(key: str, vtype: int, value: Any, sub_type: int | None = None) -> bytes:
     """Encode a metadata entry (key, type, value) as stored in a GGUF file."""
     out = encode_string(key) + struct.pack("<I", vtype)
     if vtype == STRING:
         return out + encode_string(value)
     if vtype == ARRAY:
+        if sub_type is None:
+            raise ValueError(f"{key}: an array needs its sub_type")
         out += struct.pack("<IQ", sub_type, len(value))
         if sub_type == STRING:
             return out + b"".join(encode_string(v) for v in value)
@@ -233,11 +258,16 @@ class TensorSource:
     src_path: Path | None = None
     src_offset: int = 0
     data: bytes | None = None
-    chunks: Iterable | None = None
+    chunks: Iterable[Any] | None = None
 
 
-def write_gguf(out: BinaryIO, entries: list[bytes], tensors: list[TensorSource],
-               alignment: int = DEFAULT_ALIGNMENT, on_bytes=None) -> None:
+def write_gguf(
+    out: BinaryIO,
+    entries: list[bytes],
+    tensors: list[TensorSource],
+    alignment: int = DEFAULT_ALIGNMENT,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
     """Write a GGUF v3 file: header, the encoded ``entries``, tensor infos, aligned data.
 
     ``on_bytes(n)`` is called as tensor bytes are written (for progress bars).
@@ -252,7 +282,7 @@ def write_gguf(out: BinaryIO, entries: list[bytes], tensors: list[TensorSource],
         out.write(struct.pack("<IQ", t.ggml_type, offset))
         offset += -(-t.n_bytes // alignment) * alignment
     _pad(out, alignment)
-    handles: dict[Path, BinaryIO] = {}
+    handles: dict[Path, IO[bytes]] = {}
     try:
         for t in tensors:
             if t.data is not None:
@@ -270,6 +300,8 @@ def write_gguf(out: BinaryIO, entries: list[bytes], tensors: list[TensorSource],
                 if written != t.n_bytes:
                     raise ModelError(f"tensor {t.name}: {written} bytes generated, {t.n_bytes} expected")
             else:
+                if t.src_path is None:
+                    raise ModelError(f"tensor {t.name}: no source (src_path, data or chunks)")
                 src = handles.get(t.src_path) or handles.setdefault(t.src_path, open(t.src_path, "rb"))
                 src.seek(t.src_offset)
                 left = t.n_bytes

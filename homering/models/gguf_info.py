@@ -63,7 +63,7 @@ class ModelInfo:
     layer_bytes: tuple[int, ...]
 
 
-def inspect_gguf(path: str | os.PathLike) -> ModelInfo:
+def inspect_gguf(path: str | os.PathLike[str]) -> ModelInfo:
     """Parse and check a GGUF file's header; no tensor data is read.
 
     Raises:

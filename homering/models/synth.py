@@ -32,29 +32,9 @@ embedding (and of the output head when untied), at the same quantisation:
 about 137 MB for llama3.2-3b Q4_0, 365 MB for llama3-8b Q4_0 (embedding and
 output head). Per-layer tensors are exactly the real ones.
 
-**Weights.** Every 2-D weight is stored in the chosen quantisation, blocks of
-32 values along a row (ggml's ``ne0``), as llama.cpp's ``ggml-common.h``
-defines them:
-
-- Q4_0 (ggml type 2), 18 bytes: ``d`` (float16 scale), then 16 bytes of
-  nibbles; byte j holds value j in its low nibble and value j + 16 in its high
-  nibble; a value is ``(nibble - 8) * d``.
-- Q8_0 (ggml type 8), 34 bytes: ``d`` (float16), then 32 ``int8`` quants; a
-  value is ``q * d``.
-
-Quants are uniform random bytes; ``|d|`` is chosen so that the weights'
-root-mean-square is ``1 / sqrt(fan_in)`` (``fan_in`` = ``ne0``, the row
-length), which keeps every projection's output at the scale of its input, so
-activations stay finite through all layers and the logits have a standard
-deviation of about 1. The sign of ``d`` is random per block (as in real
-quantised files, where ``d`` takes the sign of the block's largest value), so
-the nonzero mean of the uniform quants (-0.5) does not add up to a bias. Norm
-weights are float32 ones.
-
-Generation is deterministic: each tensor is drawn from its own generator,
-``np.random.default_rng([seed, crc32(name)])``, so a tensor's bytes depend only
-on the seed, its name, its shape and the quantisation (a model with
-``n_layers=2`` has the same first two blocks as the full one).
+**Weights** are random blocks of the chosen quantisation (Q4_0 or Q8_0), scaled
+so that activations stay finite through all layers, and float32 ones for the
+norms; the same seed gives the same bytes (:mod:`homering.models.random_weights`).
 
 Llama 3.2 rescales RoPE frequencies (``rope_scaling`` type ``llama3``); real
 GGUF files carry that as a small ``rope_freqs.weight`` tensor (head_dim / 2
@@ -66,19 +46,18 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
+from typing import BinaryIO
 
 from homering.errors import ModelError
 from homering.models import gguf_file as gfile
 from homering.models.gguf_file import DEFAULT_ALIGNMENT, TensorSource, encode_string, tensor_nbytes, write_gguf
+from homering.models.random_weights import GGML_TYPE_F32, QUANTS, Quant, ReadAhead, TensorPlan, weight_chunks
 
-GGML_TYPE_F32 = 0
-_CHUNK_BYTES = 16 << 20  # bytes generated at a time (peak memory is a small multiple of this)
+__all__ = ["QUANTS", "SHAPES", "Quant", "Shape", "expected_size", "synthesize", "tensor_bytes"]
 
 
 @dataclass(frozen=True)
@@ -126,34 +105,6 @@ SHAPES: dict[str, Shape] = {
 }
 
 
-@dataclass(frozen=True)
-class Quant:
-    """A block quantisation: ggml type, ``general.file_type``, block layout, quant statistics."""
-
-    name: str
-    ggml_type: int
-    file_type: int  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
-    block_bytes: int  # bytes of one block of 32 values: float16 scale + quants
-    quant_rms: float  # root-mean-square of a uniform random quant value, in units of d
-
-
-QK = 32  # values per block for both types
-QUANTS: dict[str, Quant] = {
-    # Q4_0: nibbles 0..15 minus 8, uniform: E[v^2] = (16^2 - 1) / 12 + 0.5^2 = 21.5
-    "q4_0": Quant("q4_0", 2, 2, 2 + QK // 2, 21.5 ** 0.5),
-    # Q8_0: int8 -128..127, uniform: E[v^2] = (256^2 - 1) / 12 + 0.5^2 = 5461.5
-    "q8_0": Quant("q8_0", 8, 7, 2 + QK, 5461.5 ** 0.5),
-}
-
-
-@dataclass(frozen=True)
-class _TensorPlan:
-    name: str
-    dims: tuple[int, ...]  # ggml order: ne0 (row length) first
-    ggml_type: int
-    n_bytes: int
-
-
 def _shape_quant(shape: str, quant: str, n_layers: int | None) -> tuple[Shape, Quant, int]:
     if shape not in SHAPES:
         raise ModelError(f"unknown synthetic shape {shape!r}: use one of {', '.join(SHAPES)}")
@@ -166,15 +117,15 @@ def _shape_quant(shape: str, quant: str, n_layers: int | None) -> tuple[Shape, Q
     return s, QUANTS[quant], n
 
 
-def _tensor_plan(s: Shape, q: Quant, n_layers: int, n_vocab: int) -> list[_TensorPlan]:
+def _tensor_plan(s: Shape, q: Quant, n_layers: int, n_vocab: int) -> list[TensorPlan]:
     """Every tensor of the file, in file order (embedding, blocks in order, output norm and head)."""
     e, kv = s.n_embd, s.n_head_kv * s.head_dim
 
-    def w(name: str, ne0: int, ne1: int) -> _TensorPlan:
-        return _TensorPlan(name, (ne0, ne1), q.ggml_type, tensor_nbytes((ne0, ne1), q.ggml_type))
+    def w(name: str, ne0: int, ne1: int) -> TensorPlan:
+        return TensorPlan(name, (ne0, ne1), q.ggml_type, tensor_nbytes((ne0, ne1), q.ggml_type))
 
-    def norm(name: str) -> _TensorPlan:
-        return _TensorPlan(name, (e,), GGML_TYPE_F32, 4 * e)
+    def norm(name: str) -> TensorPlan:
+        return TensorPlan(name, (e,), GGML_TYPE_F32, 4 * e)
 
     out = [w("token_embd.weight", e, n_vocab)]
     for i in range(n_layers):
@@ -247,7 +198,7 @@ def _metadata(s: Shape, q: Quant, n_layers: int, seed: int, tok_entries: list[by
     ]
 
 
-def _header_bytes(entries: list[bytes], tensors: list[_TensorPlan]) -> int:
+def _header_bytes(entries: list[bytes], tensors: list[TensorPlan]) -> int:
     """Bytes before the tensor data, as :func:`write_gguf` writes them (unpadded)."""
     n = 4 + struct.calcsize("<IQQ") + sum(len(e) for e in entries)
     for t in tensors:
@@ -276,66 +227,60 @@ def expected_size(shape: str, quant: str, n_layers: int | None = None) -> int:
     return _align(_header_bytes(entries, tensors)) + sum(_align(t.n_bytes) for t in tensors)
 
 
-def _f16_bits(x: float) -> int:
-    return int(np.array(x, dtype="<f2").view("<u2"))
+@contextmanager
+def _replaced_on_success(out: Path) -> Iterator[BinaryIO]:
+    """``<out>.partial`` opened for writing (``out``'s folder created); renamed to ``out`` when the block ends
+    without an error, removed on any error (an interrupt too)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        with open(partial, "wb") as fh:
+            yield fh
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
-def _quant_chunks(t: _TensorPlan, q: Quant, seed: int) -> Iterator[np.ndarray]:
-    """The bytes of a random quantised tensor, at most ``_CHUNK_BYTES`` at a time."""
-    fan_in = t.dims[0]
-    d_bits = _f16_bits(1.0 / (fan_in ** 0.5) / q.quant_rms)
-    lo, hi = d_bits & 0xFF, d_bits >> 8  # little-endian float16; sign bit is bit 7 of the high byte
-    bitgen = np.random.default_rng([seed, zlib.crc32(t.name.encode())]).bit_generator
-    n_blocks = t.n_bytes // q.block_bytes
-    per_chunk = max(1, _CHUNK_BYTES // q.block_bytes)
-    for first in range(0, n_blocks, per_chunk):
-        nb = min(per_chunk, n_blocks - first)
-        n = nb * q.block_bytes
-        raw = bitgen.random_raw(-(-n // 8)).view(np.uint8)[:n].reshape(nb, q.block_bytes)
-        raw[:, 0] = lo
-        raw[:, 1] = (raw[:, 1] & 0x80) | hi  # random sign, fixed magnitude
-        yield raw
+@contextmanager
+def _byte_counter(
+    description: str, total: int, *, bar: bool, on_bytes: Callable[[int], None] | None
+) -> Iterator[Callable[[int], None]]:
+    """A ``write_gguf`` ``on_bytes`` callback that advances a rich progress bar of ``total`` bytes (on stderr;
+    hidden unless ``bar``) and then calls ``on_bytes``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not bar,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+
+        def advance(n: int) -> None:
+            progress.advance(task, n)
+            if on_bytes is not None:
+                on_bytes(n)
+
+        yield advance
 
 
-def _norm_chunks(t: _TensorPlan) -> Iterator[bytes]:
-    yield np.ones(t.dims, dtype="<f4").tobytes()
-
-
-def _all_chunks(plan: list[_TensorPlan], q: Quant, seed: int) -> Iterator:
-    for t in plan:
-        yield from (_norm_chunks(t) if t.ggml_type == GGML_TYPE_F32 else _quant_chunks(t, q, seed))
-
-
-class _ReadAhead:
-    """The items of an iterator, each made in a worker thread while the caller writes the previous one.
-
-    Random generation and the file write both release the GIL, so they
-    overlap (at most two chunks are alive at a time).
-    """
-
-    def __init__(self, it: Iterator):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._it = it
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="synth")
-        self._next = self._pool.submit(next, it, None)
-
-    def take(self, n_bytes: int) -> Iterator:
-        """Items until ``n_bytes`` bytes have been taken (one tensor's worth)."""
-        while n_bytes > 0:
-            item = self._next.result()
-            if item is None:
-                return
-            self._next = self._pool.submit(next, self._it, None)
-            n_bytes -= memoryview(item).nbytes
-            yield item
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def synthesize(shape: str, quant: str, out: Path, *, seed: int = 0, n_layers: int | None = None,
-               progress: bool = True) -> Path:
+def synthesize(
+    shape: str,
+    quant: str,
+    out: Path,
+    *,
+    seed: int = 0,
+    n_layers: int | None = None,
+    progress: bool = True,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Path:
     """Write a random-weight GGUF with a real model's shape; return ``out``.
 
     Args:
@@ -350,6 +295,9 @@ def synthesize(shape: str, quant: str, out: Path, *, seed: int = 0, n_layers: in
         n_layers: number of blocks, instead of the shape's (quick tests at the
             real per-layer shapes).
         progress: a rich progress bar (bytes, on stderr) while writing.
+        on_bytes: called with the number of tensor bytes just written, as they
+            are written (after the progress bar); an exception it raises stops
+            the run like an interrupt (no file is left).
 
     Returns:
         ``out``, whose size is :func:`expected_size` bytes.
@@ -359,10 +307,6 @@ def synthesize(shape: str, quant: str, out: Path, *, seed: int = 0, n_layers: in
             seed, or SmolLM2 (the tokenizer) cannot be resolved.
         OSError: the file cannot be written.
     """
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
     s, q, n = _shape_quant(shape, quant, n_layers)
     if seed < 0:
         raise ModelError(f"seed must be non-negative, got {seed}")
@@ -370,22 +314,15 @@ def synthesize(shape: str, quant: str, out: Path, *, seed: int = 0, n_layers: in
     plan = _tensor_plan(s, q, n, n_vocab)
     entries = _metadata(s, q, n, seed, tok, n_vocab)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    total = sum(t.n_bytes for t in plan)
-    ahead = _ReadAhead(_all_chunks(plan, q, seed))
+    label, total = f"synthesizing {s.name} {q.name} ({n} layers)", sum(t.n_bytes for t in plan)
+    ahead = ReadAhead(weight_chunks(plan, q, seed))
     sources = [TensorSource(t.name, t.dims, t.ggml_type, t.n_bytes, chunks=ahead.take(t.n_bytes)) for t in plan]
     try:
-        with open(partial, "wb") as fh, Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=Console(stderr=True), disable=not progress, transient=True,
-        ) as bar:
-            task = bar.add_task(f"synthesizing {s.name} {q.name} ({n} layers)", total=total)
-            write_gguf(fh, entries, sources, DEFAULT_ALIGNMENT, on_bytes=lambda k: bar.advance(task, k))
-        os.replace(partial, out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        with (
+            _replaced_on_success(out) as fh,
+            _byte_counter(label, total, bar=progress, on_bytes=on_bytes) as counted,
+        ):
+            write_gguf(fh, entries, sources, DEFAULT_ALIGNMENT, on_bytes=counted)
     finally:
         ahead.close()
     return out

@@ -1,6 +1,6 @@
 """Planners: which device runs which layers, and the predicted ms per token.
 
-A planner maps a :class:`~homering.planner.model.ClusterSpec` (model shape
+A planner maps a :class:`~homering.planner.cluster.ClusterSpec` (model shape
 and measured devices) to an assignment evaluated with the latency model
 (:func:`~homering.planner.model.evaluate`). ``halda`` is the exact optimum
 (PRIMA.CPP §3); ``memory`` (exo) and ``proportional`` (the walking skeleton)
@@ -11,8 +11,8 @@ its devices and its answer into a :class:`~homering.wire.Plan` (:mod:`homering.c
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from homering.planner import halda
 from homering.planner.model import ClusterSpec, PlanError, Prediction, candidate_rounds
@@ -26,14 +26,19 @@ def _halda(spec: ClusterSpec, ks: list[int]) -> tuple[Prediction, dict[int, floa
     return sol.prediction, sol.per_k
 
 
-def _baseline(fn: Callable[[ClusterSpec, list[int]], Prediction]):
+Planner = Callable[[ClusterSpec, list[int]], tuple[Prediction, dict[int, float]]]
+"""``(spec, candidate k) -> (prediction, {k: ms per token of the best plan with that k})``."""
+
+
+def _baseline(fn: Callable[[ClusterSpec, list[int]], Prediction]) -> Planner:
     def run(spec: ClusterSpec, ks: list[int]) -> tuple[Prediction, dict[int, float]]:
         pred = fn(spec, ks)
         return pred, {pred.k: pred.ms_per_token}
+
     return run
 
 
-PLANNERS: dict[str, Callable[[ClusterSpec, list[int]], tuple[Prediction, dict[int, float]]]] = {
+PLANNERS: dict[str, Planner] = {
     "halda": _halda,
     "memory": _baseline(plan_memory),
     "proportional": _baseline(plan_proportional),

@@ -73,6 +73,5 @@ def plan_memory(spec: ClusterSpec, ks: list[int] | None = None) -> Prediction:
     """exo's split by memory (RAM + dedicated VRAM); devices may get no layers."""
     k = min(ks or [1])
     W = spec.model.n_layers // k
-    mem = [d.ram_gib + (d.gpu.vram_gib if d.gpu is not None and not d.gpu.unified else 0.0)
-           for d in spec.ring()]
+    mem = [d.ram_gib + (d.gpu.vram_gib if d.gpu is not None and not d.gpu.unified else 0.0) for d in spec.ring()]
     return _finish(spec, k, split_cumulative(mem, W))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.table import Table
 
 from homering.planner import PlanResult
 
 
-def plan_json(result: PlanResult) -> dict:
+def plan_json(result: PlanResult) -> dict[str, Any]:
     """The ``homering plan --json`` document.
 
     Keys: ``k``, ``layers_per_round``, ``predicted_ms_per_token``, ``devices``
@@ -22,14 +24,17 @@ def plan_json(result: PlanResult) -> dict:
         "k": p.k,
         "layers_per_round": p.layers_per_round,
         "predicted_ms_per_token": p.ms_per_token,
-        "devices": [{
-            "name": d.name,
-            "layers_per_round": d.layers_per_round,
-            "gpu_layers_per_round": d.gpu_layers_per_round,
-            "mode": d.mode,
-            "windows": [list(w) for w in d.windows],
-            "predicted": {"compute_ms": d.compute_ms, "disk_ms": d.disk_ms, "hop_ms": d.hop_ms},
-        } for d in p.devices],
+        "devices": [
+            {
+                "name": d.name,
+                "layers_per_round": d.layers_per_round,
+                "gpu_layers_per_round": d.gpu_layers_per_round,
+                "mode": d.mode,
+                "windows": [list(w) for w in d.windows],
+                "predicted": {"compute_ms": d.compute_ms, "disk_ms": d.disk_ms, "hop_ms": d.hop_ms},
+            }
+            for d in p.devices
+        ],
         "dropped": p.dropped,
         "solve_ms": result.solve_ms,
         "planner": result.planner,
@@ -40,8 +45,11 @@ def plan_json(result: PlanResult) -> dict:
 def plan_table(result: PlanResult, title: str | None = None) -> Table:
     """A rich table of the plan: one row per device (ring order, head last), costs in ms per token."""
     p = result.prediction
-    table = Table(title=title or f"{result.planner}: k={p.k}, {p.layers_per_round} layers per round, "
-                                 f"predicted {p.ms_per_token:.1f} ms/token (solved in {result.solve_ms:.0f} ms)")
+    table = Table(
+        title=title
+        or f"{result.planner}: k={p.k}, {p.layers_per_round} layers per round, "
+        f"predicted {p.ms_per_token:.1f} ms/token (solved in {result.solve_ms:.0f} ms)"
+    )
     for col in ("device", "layers", "gpu", "mode", "windows", "compute ms", "disk ms", "hop ms"):
         table.add_column(col, justify="left" if col in ("device", "mode", "windows") else "right")
     for i, d in enumerate(p.devices):
@@ -50,6 +58,14 @@ def plan_table(result: PlanResult, title: str | None = None) -> Table:
             table.add_row(name, "0", "0", "[dim]dropped[/]", "", "", "", "")
             continue
         windows = ", ".join(f"[{a},{b})" for a, b in d.windows[:4]) + (" …" if len(d.windows) > 4 else "")
-        table.add_row(name, str(d.layers_per_round), str(d.gpu_layers_per_round), d.mode, windows,
-                      f"{d.compute_ms:.1f}", f"{d.disk_ms:.1f}", f"{d.hop_ms:.1f}")
+        table.add_row(
+            name,
+            str(d.layers_per_round),
+            str(d.gpu_layers_per_round),
+            d.mode,
+            windows,
+            f"{d.compute_ms:.1f}",
+            f"{d.disk_ms:.1f}",
+            f"{d.hop_ms:.1f}",
+        )
     return table

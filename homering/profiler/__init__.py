@@ -5,17 +5,18 @@ may use, disk read speed (for weights that do not stay in RAM), compute time
 per layer on the CPU and the GPU, and the output head's time. This package
 measures them on the real model (:func:`profile_device`), caches the slow
 figures per (device, model), and fills a
-:class:`~homering.wire.DeviceProfile` that ``homering profile``
+:class:`~homering.profiler.profile.DeviceProfile` that ``homering profile``
 prints and the agent publishes.
 
 Modules: :mod:`.memory` (RAM and cgroup limits), :mod:`.disk` (read
-throughput), :mod:`.compute` (CPU/GPU decode timings), :mod:`.device`
-(the cache and :func:`profile_device`).
+throughput), :mod:`.compute` (CPU/GPU decode timings), :mod:`.gpu` (free
+VRAM and the GPU's profile), :mod:`.device` (the cache and :func:`profile_device`).
 """
 
-from homering.profiler.compute import ComputeTimings, gpu_free_vram, measure_compute, measure_gpu
+from homering.profiler.compute import ComputeTimings, measure_compute
 from homering.profiler.device import detect_os, device_key, profile_device, profiles_dir
 from homering.profiler.disk import DISK_PROBE_BYTES, measure_disk_gbps
+from homering.profiler.gpu import gpu_free_vram, measure_gpu
 from homering.profiler.memory import AGENT_RESERVE_BYTES, available_ram_bytes, cgroup_memory_headroom
 
 __all__ = [

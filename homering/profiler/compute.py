@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -32,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from homering.profiler.profile import GpuProfile
 from homering.engine.window import LayerWindow
 from homering.models.gguf_info import ModelInfo, inspect_gguf
 from homering.models.slicing import Role, WindowSpec, slice_window
@@ -56,9 +54,6 @@ TIMING_BUDGET_S = 8.0
 work (llama.cpp threads then wait on each other for whole time slices) must
 not make profiling take minutes."""
 MIN_TIMED_TOKENS = 5
-
-_GGML_DEV_GPU = 1   # enum ggml_backend_dev_type (ggml-backend.h): CPU, GPU, IGPU, ACCEL, META
-_GGML_DEV_IGPU = 2
 
 
 @dataclass(frozen=True)
@@ -138,11 +133,19 @@ def possible_probe_specs(info: ModelInfo) -> set[WindowSpec]:
     return out
 
 
-def measure_compute(model_path: str | Path | None, *, threads: int, gpu: bool = False, output: bool = True,
-                    tokens: int = TIMED_TOKENS, warmup: int = WARMUP_TOKENS, info: ModelInfo | None = None,
-                    ram_bytes: int | None = None,
-                    progress: Callable[[str], None] | None = None,
-                    windows: WindowSource | None = None) -> ComputeTimings:
+def measure_compute(
+    model_path: str | Path | None,
+    *,
+    threads: int,
+    gpu: bool = False,
+    output: bool = True,
+    tokens: int = TIMED_TOKENS,
+    warmup: int = WARMUP_TOKENS,
+    info: ModelInfo | None = None,
+    ram_bytes: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    windows: WindowSource | None = None,
+) -> ComputeTimings:
     """Time single-token decode through the model's own layers (see the module docstring).
 
     Args:
@@ -174,32 +177,86 @@ def measure_compute(model_path: str | Path | None, *, threads: int, gpu: bool = 
     if threads < 1 or tokens < 1 or warmup < 0 or warmup + tokens > PROBE_N_CTX:
         raise ValueError(f"bad probe settings: threads={threads}, tokens={tokens}, warmup={warmup}")
     say = progress or (lambda _msg: None)
-    info = info or inspect_gguf(model_path)
+    info = _model_info(model_path) if info is None else info
     n, n_out = probe_plan(info, ram_bytes, output)
     specs = probe_specs(info, n, n_out)
     say(f"{'slicing' if windows is None else 'getting'} {len(specs)} probe window(s) of {n} layer(s)")
-    if windows is None:
-        files = [slice_window(model_path, s, progress=False, model_fp=info.fingerprint) for s in specs]
-    else:
-        files = [windows(s) for s in specs]
-
+    files = _probe_files(model_path, info, specs, windows)
     where = "GPU" if gpu else f"CPU, {threads} thread(s)"
     say(f"timing decode through {n} layer(s) ({where})")
     _warn_if_busy(threads)
-    with ExitStack() as stack:
-        windows = [stack.enter_context(LayerWindow(
-            f, takes_tokens=False, gives_logits=s.role.gives_logits, n_ctx=PROBE_N_CTX, n_batch=1,
-            n_threads=threads, n_gpu_layers=(n + 1) if gpu else 0)) for f, s in zip(files, specs)]
-        ms = _time_decodes(windows, info.n_embd, warmup, tokens, cores=_usable_cores(threads))
+    ms = _time_probes(
+        files, specs, info.n_embd, threads, n_gpu_layers=(n + 1) if gpu else 0, warmup=warmup, tokens=tokens
+    )
     mid = statistics.median(ms[0])
-    ms_output = None
+    return ComputeTimings(
+        ms_per_layer=mid / n, ms_output=_output_ms(info, ms, n, n_out, output), probe_layers=n, tokens=len(ms[0])
+    )
+
+
+def _time_probes(
+    files: list[Path],
+    specs: list[WindowSpec],
+    n_embd: int,
+    threads: int,
+    *,
+    n_gpu_layers: int,
+    warmup: int,
+    tokens: int,
+) -> list[list[float]]:
+    """Open the probe windows (``files``, one per spec) and time their decodes (:func:`_time_decodes`)."""
+    with ExitStack() as stack:
+        opened = [
+            stack.enter_context(
+                LayerWindow(
+                    f,
+                    takes_tokens=False,
+                    gives_logits=s.role.gives_logits,
+                    n_ctx=PROBE_N_CTX,
+                    n_batch=1,
+                    n_threads=threads,
+                    n_gpu_layers=n_gpu_layers,
+                )
+            )
+            for f, s in zip(files, specs)
+        ]
+        return _time_decodes(opened, n_embd, warmup, tokens, cores=_usable_cores(threads))
+
+
+def _model_info(model_path: str | Path | None) -> ModelInfo:
+    """The model's :func:`~homering.models.gguf_info.inspect_gguf`; ValueError without ``model_path``."""
+    if model_path is None:
+        raise ValueError("measure_compute needs the model file or its info")
+    return inspect_gguf(model_path)
+
+
+def _probe_files(
+    model_path: str | Path | None, info: ModelInfo, specs: list[WindowSpec], windows: WindowSource | None
+) -> list[Path]:
+    """The probe windows' files: from ``windows``, else sliced from ``model_path``.
+
+    Raises:
+        ValueError: neither ``windows`` nor ``model_path``.
+    """
+    if windows is not None:
+        return [windows(s) for s in specs]
+    if model_path is None:
+        raise ValueError("measure_compute needs the model file or a window source")
+    return [slice_window(model_path, s, progress=False, model_fp=info.fingerprint) for s in specs]
+
+
+def _output_ms(info: ModelInfo, ms: list[list[float]], n: int, n_out: int | None, output: bool) -> float | None:
+    """The output's ms from the probe timings (:func:`probe_specs`' order); estimated from its bytes when
+    there was no room to time it; None when ``output`` is false."""
     if n_out:
-        ms_output = max(0.0, statistics.median(ms[1]) - statistics.median(ms[2]))
-    elif output:  # decode is memory-bound: the head costs its bytes at the layers' rate
-        out_bytes = max(0, info.size_bytes - sum(info.layer_bytes))
-        ms_output = mid / n * out_bytes / (max(info.layer_bytes, default=0) or 1)
-        log.info("too little RAM to time the output head; estimated %.1f ms from its size", ms_output)
-    return ComputeTimings(ms_per_layer=mid / n, ms_output=ms_output, probe_layers=n, tokens=len(ms[0]))
+        return max(0.0, statistics.median(ms[1]) - statistics.median(ms[2]))
+    if not output:
+        return None
+    # decode is memory-bound: the head costs its bytes at the layers' rate
+    out_bytes = max(0, info.size_bytes - sum(info.layer_bytes))
+    ms_output = statistics.median(ms[0]) / n * out_bytes / (max(info.layer_bytes, default=0) or 1)
+    log.info("too little RAM to time the output head; estimated %.1f ms from its size", ms_output)
+    return ms_output
 
 
 def _warn_if_busy(threads: int) -> None:
@@ -210,8 +267,13 @@ def _warn_if_busy(threads: int) -> None:
     cores = os.cpu_count() or 1
     busy = psutil.cpu_percent(interval=0.25) / 100.0 * cores
     if busy + threads > cores + 0.5:
-        log.warning("the machine is busy (%.1f of %d cores in use by other work, %d profiling threads): "
-                    "decode timings will be pessimistic", busy, cores, threads)
+        log.warning(
+            "the machine is busy (%.1f of %d cores in use by other work, %d profiling threads): "
+            "decode timings will be pessimistic",
+            busy,
+            cores,
+            threads,
+        )
 
 
 def _usable_cores(threads: int) -> float | None:
@@ -220,8 +282,9 @@ def _usable_cores(threads: int) -> float | None:
     return quota if quota is not None and quota < threads else None
 
 
-def _time_decodes(windows: list[LayerWindow], n_embd: int, warmup: int, tokens: int,
-                  cores: float | None = None) -> list[list[float]]:
+def _time_decodes(
+    windows: list[LayerWindow], n_embd: int, warmup: int, tokens: int, cores: float | None = None
+) -> list[list[float]]:
     """Per window, the ms of each timed single-token decode; the windows take turns.
 
     With ``cores`` (a cgroup CPU quota below the thread count) a decode's time
@@ -236,8 +299,11 @@ def _time_decodes(windows: list[LayerWindow], n_embd: int, warmup: int, tokens: 
         if pos == warmup:
             deadline = time.perf_counter() + TIMING_BUDGET_S
         elif deadline is not None and pos - warmup >= MIN_TIMED_TOKENS and time.perf_counter() > deadline:
-            log.warning("decode timing stopped after %d tokens (over %.0f s): the machine is slow or busy",
-                        pos - warmup, TIMING_BUDGET_S)
+            log.warning(
+                "decode timing stopped after %d tokens (over %.0f s): the machine is slow or busy",
+                pos - warmup,
+                TIMING_BUDGET_S,
+            )
             break
         for w, s in zip(windows, samples):
             t0, c0 = time.perf_counter(), time.process_time()
@@ -248,81 +314,3 @@ def _time_decodes(windows: list[LayerWindow], n_embd: int, warmup: int, tokens: 
             if pos >= warmup:
                 s.append(dt * 1000.0)
     return samples
-
-
-# ------------------------------------------------------------------ GPU
-
-def gpu_free_vram() -> tuple[int, bool] | None:
-    """Free memory of llama.cpp's GPU devices: (bytes summed over GPUs, any of them integrated).
-
-    Uses the ggml backend device API (``ggml_backend_dev_count``,
-    ``ggml_backend_dev_type``, ``ggml_backend_dev_memory``) from libggml
-    through ctypes. Integrated GPUs (``GGML_BACKEND_DEVICE_TYPE_IGPU``) use
-    system RAM.
-
-    Returns:
-        None when the API is not exported or llama.cpp has no GPU device
-        (an RPC-only build, for instance). Never raises.
-    """
-    import ctypes
-
-    import llama_cpp
-    from llama_cpp import _ggml
-
-    try:
-        llama_cpp.llama_supports_gpu_offload()  # loads dynamic backends if none is loaded yet
-        lib = _ggml.libggml
-        # lib[...] makes fresh function objects: the shared ones keep their own argtypes
-        dev_count, dev_get, dev_type, dev_memory = (lib[n] for n in (
-            "ggml_backend_dev_count", "ggml_backend_dev_get", "ggml_backend_dev_type", "ggml_backend_dev_memory"))
-    except (AttributeError, OSError) as exc:
-        log.warning("cannot query free VRAM (ggml backend device API: %s)", exc)
-        return None
-    dev_count.argtypes, dev_count.restype = [], ctypes.c_size_t
-    dev_get.argtypes, dev_get.restype = [ctypes.c_size_t], ctypes.c_void_p
-    dev_type.argtypes, dev_type.restype = [ctypes.c_void_p], ctypes.c_int
-    dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
-    dev_memory.restype = None
-    free_total, integrated, found = 0, False, False
-    for i in range(dev_count()):
-        dev = dev_get(i)
-        kind = dev_type(dev)
-        if kind not in (_GGML_DEV_GPU, _GGML_DEV_IGPU):
-            continue
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        free_total += free.value
-        integrated |= kind == _GGML_DEV_IGPU
-        found = True
-    return (free_total, integrated) if found else None
-
-
-def measure_gpu(model_path: str | Path | None, *, threads: int, info: ModelInfo | None = None,
-                progress: Callable[[str], None] | None = None,
-                windows: WindowSource | None = None) -> GpuProfile | None:
-    """The device's GPU profile, or None when llama.cpp offers no GPU.
-
-    ``vram_gib``: free VRAM (:func:`gpu_free_vram`), GiB; ``ms_per_layer``:
-    :func:`measure_compute` with the probe layers offloaded; ``unified``:
-    macOS (Metal) or an integrated GPU.
-
-    Returns:
-        None without ``llama_supports_gpu_offload()``, or when free VRAM
-        cannot be read (a warning is logged).
-
-    Raises:
-        the errors of :func:`measure_compute`.
-    """
-    import llama_cpp
-
-    if not llama_cpp.llama_supports_gpu_offload():
-        return None
-    vram = gpu_free_vram()
-    if vram is None:
-        log.warning("llama.cpp supports GPU offload but reports no GPU memory: profiling the CPU only")
-        return None
-    free, integrated = vram
-    timings = measure_compute(model_path, threads=threads, gpu=True, output=False, info=info, progress=progress,
-                              windows=windows)
-    return GpuProfile(vram_gib=free / (1 << 30), ms_per_layer=timings.ms_per_layer,
-                      unified=sys.platform == "darwin" or integrated)

@@ -1,4 +1,4 @@
-"""``profile_device``: the :class:`~homering.wire.DeviceProfile` of this device for a model.
+"""``profile_device``: the :class:`~homering.profiler.profile.DeviceProfile` of this device for a model.
 
 RAM is measured on every call (it is cheap and changes all the time). The
 slow figures (disk throughput, CPU/GPU decode times) are cached per (device,
@@ -25,19 +25,20 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
 from homering import paths
-from homering.profiler.profile import DeviceProfile, GpuProfile, OsName
 from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo, inspect_gguf
-from homering.profiler.compute import WindowSource, measure_compute, measure_gpu
+from homering.profiler.compute import WindowSource, measure_compute
 from homering.profiler.disk import DISK_PROBE_BYTES, measure_disk_gbps
+from homering.profiler.gpu import measure_gpu
 from homering.profiler.memory import available_ram_bytes
+from homering.profiler.profile import DeviceProfile, GpuProfile, OsName
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ def detect_os() -> OsName:
     Raises:
         HomeringError: any other platform (homering runs on these three).
     """
-    if sys.platform == "android" or (sys.platform.startswith("linux") and (
-            "ANDROID_ROOT" in os.environ or Path("/system/build.prop").exists())):
+    if sys.platform == "android" or (
+        sys.platform.startswith("linux") and ("ANDROID_ROOT" in os.environ or Path("/system/build.prop").exists())
+    ):
         return "android"
     if sys.platform.startswith("linux"):
         return "linux"
@@ -129,7 +131,7 @@ def _write_cache(path: Path, record: _CachedTimings) -> None:
 
 
 @contextmanager
-def _measuring_lock(say: Callable[[str], None]):
+def _measuring_lock(say: Callable[[str], None]) -> Iterator[None]:
     """Exclusive flock on ``<home>/profiles/.lock``; says so when it has to wait."""
     with open(profiles_dir() / ".lock", "a+") as fh:
         try:
@@ -143,12 +145,17 @@ def _measuring_lock(say: Callable[[str], None]):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def profile_device(model_path: str | os.PathLike | None, *, threads: int, refresh: bool = False,
-                   progress: Callable[[str], None] | None = None,
-                   disk_bytes: int = DISK_PROBE_BYTES,
-                   disk_dir: str | os.PathLike | None = None,
-                   info: ModelInfo | None = None,
-                   windows: WindowSource | None = None) -> DeviceProfile:
+def profile_device(
+    model_path: str | os.PathLike[str] | None,
+    *,
+    threads: int,
+    refresh: bool = False,
+    progress: Callable[[str], None] | None = None,
+    disk_bytes: int = DISK_PROBE_BYTES,
+    disk_dir: str | os.PathLike[str] | None = None,
+    info: ModelInfo | None = None,
+    windows: WindowSource | None = None,
+) -> DeviceProfile:
     """Measure (or read from the cache) this device's profile for one model.
 
     Measures: RAM available to homering (always, see
@@ -187,42 +194,104 @@ def profile_device(model_path: str | os.PathLike | None, *, threads: int, refres
         raise ValueError(f"threads must be >= 1, got {threads}")
     say = progress or (lambda _msg: None)
     os_name = detect_os()
-    if model_path is None and (info is None or windows is None):
-        raise ValueError("profile_device needs the model file, or its info and a window source")
-    info = info or inspect_gguf(model_path)
+    model = _model_info(model_path, info, windows)
     key = device_key(threads)
-    cache_file = profiles_dir() / f"{key}-{info.fingerprint}.json"
+    cache_file = profiles_dir() / f"{key}-{model.fingerprint}.json"
 
-    cached = None if refresh else _read_cache(cache_file, key, info.fingerprint)
+    def measure() -> tuple[int, _CachedTimings]:
+        return _measure(cache_file, key, model, threads, say, disk_bytes, disk_dir, windows)
+
+    ram, record, cached = _cached_or_measured(cache_file, key, model.fingerprint, refresh, say, measure)
+    return _profile(os_name, ram, record, cached=cached)
+
+
+def _model_info(
+    model_path: str | os.PathLike[str] | None, info: ModelInfo | None, windows: WindowSource | None
+) -> ModelInfo:
+    """``info``, else read from ``model_path``; ValueError unless there is a model file, or info and ``windows``."""
+    if info is None and model_path is not None:
+        info = inspect_gguf(model_path)
+    if info is None or (model_path is None and windows is None):
+        raise ValueError("profile_device needs the model file, or its info and a window source")
+    return info
+
+
+def _cached_or_measured(
+    cache_file: Path,
+    key: str,
+    fingerprint: str,
+    refresh: bool,
+    say: Callable[[str], None],
+    measure: Callable[[], tuple[int, _CachedTimings]],
+) -> tuple[int, _CachedTimings, bool]:
+    """(available RAM in bytes, the slow figures, whether they came from the cache).
+
+    The cache's figures unless ``refresh`` (the RAM is measured now); on a miss, ``measure()`` under
+    :func:`_measuring_lock`, unless another process wrote the cache while this one waited for the lock.
+    """
+    cached = None if refresh else _read_cache(cache_file, key, fingerprint)
     if cached is None:
         with _measuring_lock(say):
             # another process may have measured while this one waited
-            cached = None if refresh else _read_cache(cache_file, key, info.fingerprint)
+            cached = None if refresh else _read_cache(cache_file, key, fingerprint)
             if cached is None:
-                t0 = time.perf_counter()
-                say(f"measuring disk read throughput ({disk_bytes >> 20} MiB)")
-                disk = measure_disk_gbps(disk_dir, size_bytes=disk_bytes)
-                cpu = measure_compute(info.path, threads=threads, info=info, ram_bytes=available_ram_bytes(),
-                                      progress=say, windows=windows)
-                gpu = measure_gpu(info.path, threads=threads, info=info, progress=say, windows=windows)
-                say("measuring available RAM")
-                ram = available_ram_bytes()
-                record = _CachedTimings(
-                    version=CACHE_VERSION, device_key=key, host=socket.gethostname(),
-                    model_fingerprint=info.fingerprint, threads=threads, disk_gbps=disk,
-                    cpu_ms_per_layer=cpu.ms_per_layer, cpu_ms_output=cpu.ms_output or 0.0, gpu=gpu,
-                    profile_ms=(time.perf_counter() - t0) * 1000.0, measured_at=time.time())
-                try:
-                    _write_cache(cache_file, record)
-                except OSError as exc:
-                    log.warning("cannot write the profile cache %s: %s", cache_file, exc)
-                return _profile(os_name, ram, record, cached=False)
+                ram, record = measure()
+                return ram, record, False
     say("measuring available RAM")
-    return _profile(os_name, available_ram_bytes(), cached, cached=True)
+    return available_ram_bytes(), cached, True
+
+
+def _measure(
+    cache_file: Path,
+    key: str,
+    info: ModelInfo,
+    threads: int,
+    say: Callable[[str], None],
+    disk_bytes: int,
+    disk_dir: str | os.PathLike[str] | None,
+    windows: WindowSource | None,
+) -> tuple[int, _CachedTimings]:
+    """Measure the slow figures (and the RAM, last) and write them to ``cache_file`` (a failed write is
+    logged); returns (available RAM in bytes, the figures)."""
+    t0 = time.perf_counter()
+    say(f"measuring disk read throughput ({disk_bytes >> 20} MiB)")
+    disk = measure_disk_gbps(disk_dir, size_bytes=disk_bytes)
+    cpu = measure_compute(
+        info.path, threads=threads, info=info, ram_bytes=available_ram_bytes(), progress=say, windows=windows
+    )
+    gpu = measure_gpu(info.path, threads=threads, info=info, progress=say, windows=windows)
+    say("measuring available RAM")
+    ram = available_ram_bytes()
+    record = _CachedTimings(
+        version=CACHE_VERSION,
+        device_key=key,
+        host=socket.gethostname(),
+        model_fingerprint=info.fingerprint,
+        threads=threads,
+        disk_gbps=disk,
+        cpu_ms_per_layer=cpu.ms_per_layer,
+        cpu_ms_output=cpu.ms_output or 0.0,
+        gpu=gpu,
+        profile_ms=(time.perf_counter() - t0) * 1000.0,
+        measured_at=time.time(),
+    )
+    try:
+        _write_cache(cache_file, record)
+    except OSError as exc:
+        log.warning("cannot write the profile cache %s: %s", cache_file, exc)
+    return ram, record
 
 
 def _profile(os_name: OsName, ram_bytes: int, t: _CachedTimings, *, cached: bool) -> DeviceProfile:
-    return DeviceProfile(os=os_name, ram_gib=ram_bytes / _GIB, disk_gbps=t.disk_gbps,
-                         cpu_ms_per_layer=t.cpu_ms_per_layer, cpu_ms_output=t.cpu_ms_output, gpu=t.gpu,
-                         model_fingerprint=t.model_fingerprint, threads=t.threads, profile_ms=t.profile_ms,
-                         cached=cached)
+    return DeviceProfile(
+        os=os_name,
+        ram_gib=ram_bytes / _GIB,
+        disk_gbps=t.disk_gbps,
+        cpu_ms_per_layer=t.cpu_ms_per_layer,
+        cpu_ms_output=t.cpu_ms_output,
+        gpu=t.gpu,
+        model_fingerprint=t.model_fingerprint,
+        threads=t.threads,
+        profile_ms=t.profile_ms,
+        cached=cached,
+    )

@@ -56,8 +56,7 @@ _CHUNK = 4 << 20
 _RANDOM_BLOCK = 64 << 10
 
 
-def measure_disk_gbps(directory: str | os.PathLike | None = None, *,
-                      size_bytes: int = DISK_PROBE_BYTES) -> float:
+def measure_disk_gbps(directory: str | os.PathLike[str] | None = None, *, size_bytes: int = DISK_PROBE_BYTES) -> float:
     """Read throughput of the disk under ``directory``, in GB/s (1e9 bytes per second).
 
     Writes a ``size_bytes`` scratch file in ``directory``, drops it from the
@@ -99,8 +98,12 @@ def measure_disk_gbps(directory: str | os.PathLike | None = None, *,
         raise HomeringError(f"disk probe {path} read nothing")
     gbps = n_bytes / max(seconds, 1e-9) / 1e9
     if gbps > PAGE_CACHE_SUSPECT_GBPS:
-        log.warning("disk probe read %.1f GB/s in %s: the page cache probably served it "
-                    "(tmpfs, or dropping cached pages does not work here)", gbps, folder)
+        log.warning(
+            "disk probe read %.1f GB/s in %s: the page cache probably served it "
+            "(tmpfs, or dropping cached pages does not work here)",
+            gbps,
+            folder,
+        )
     return gbps
 
 
@@ -108,7 +111,7 @@ def _remove_stale_probes(folder: Path) -> None:
     """Remove the probe file earlier versions kept, and probe files of processes that are gone."""
     (folder / DISK_PROBE_NAME).unlink(missing_ok=True)
     for path in folder.glob(f"{DISK_PROBE_PREFIX}*.bin"):
-        pid = path.name[len(DISK_PROBE_PREFIX):].split(".")[0]
+        pid = path.name[len(DISK_PROBE_PREFIX) :].split(".")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             path.unlink(missing_ok=True)
 
@@ -134,7 +137,7 @@ def _write_random(path: Path, size: int) -> None:
             n = min(_CHUNK, left)
             view = memoryview(rng.bytes(n))
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             left -= n
         os.fsync(fd)
         _drop_cached(fd)

@@ -30,8 +30,10 @@ tests can build fake ``proc/self/cgroup`` and ``sys/fs/cgroup`` trees.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
@@ -82,7 +84,7 @@ def parse_proc_cgroup(text: str, controller: str = "memory") -> CgroupPaths:
 @dataclass(frozen=True)
 class _Mount:
     point: Path  # where the hierarchy is mounted, under the root directory
-    root: str    # the cgroup path that appears at that mount point ("/" normally)
+    root: str  # the cgroup path that appears at that mount point ("/" normally)
 
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
@@ -124,7 +126,7 @@ def _levels(mount: _Mount, cg_path: str) -> list[Path]:
     if cg_path == mount.root or mroot == "":
         rel = cg_path if mroot == "" else ""
     elif cg_path.startswith(mroot + "/"):
-        rel = cg_path[len(mroot):]
+        rel = cg_path[len(mroot) :]
     else:
         rel = ""  # our cgroup is not below the mounted one: the mount is the best we know
     leaf = mount.point / rel.strip("/")
@@ -167,8 +169,9 @@ def v1_headroom(cgroup_dir: Path) -> int | None:
         return None
     usage = _read_int(cgroup_dir / "memory.usage_in_bytes") or 0
     stat = _read_stat(cgroup_dir / "memory.stat")
-    reclaimable = (stat.get("total_inactive_file", stat.get("inactive_file", 0))
-                   + stat.get("total_active_file", stat.get("active_file", 0)))
+    reclaimable = stat.get("total_inactive_file", stat.get("inactive_file", 0)) + stat.get(
+        "total_active_file", stat.get("active_file", 0)
+    )
     return max(0, min(limit, limit - usage + reclaimable))
 
 
@@ -210,7 +213,12 @@ def cgroup_memory_headroom(root: str | Path = "/") -> int | None:
     return _smallest(Path(root), "memory", v1_headroom, v2_headroom)
 
 
-def _smallest(root: Path, controller: str, v1_read, v2_read):
+_N = TypeVar("_N", int, float)
+
+
+def _smallest(
+    root: Path, controller: str, v1_read: Callable[[Path], _N | None], v2_read: Callable[[Path], _N | None]
+) -> _N | None:
     """The smallest value ``v1_read``/``v2_read`` give over every level of the process's cgroups, or None.
 
     Walks the v1 hierarchy of ``controller`` and the v2 hierarchy, from the
@@ -221,7 +229,7 @@ def _smallest(root: Path, controller: str, v1_read, v2_read):
     except OSError:
         return None
     v1_mounts, v2_mounts = _cgroup_mounts(root, controller)
-    found = []
+    found: list[_N] = []
     for mounts, cg_path, read in ((v1_mounts, paths.v1_memory, v1_read), (v2_mounts, paths.v2, v2_read)):
         if cg_path is None:
             continue

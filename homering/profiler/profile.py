@@ -44,7 +44,10 @@ class DeviceProfile(_Strict):
     link_mbps: float = Field(ge=0, default=0.0, description="bandwidth to the head, Mbit/s (1e6 bits)")
     model_fingerprint: str | None = Field(default=None, description="the model the timings are for")
     threads: int = Field(ge=1, default=1, description="CPU threads the timings were measured with")
-    profile_ms: float | None = Field(default=None, description="how long the measurement took, ms (also when "
-                                                               "the figures come from the cache: see cached)")
-    cached: bool = Field(default=False, description="the slow figures come from this device's profile cache "
-                                                    "(measured earlier, not now)")
+    profile_ms: float | None = Field(
+        default=None,
+        description="how long the measurement took, ms (also when the figures come from the cache: see cached)",
+    )
+    cached: bool = Field(
+        default=False, description="the slow figures come from this device's profile cache (measured earlier, not now)"
+    )

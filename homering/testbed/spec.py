@@ -23,16 +23,30 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from homering.errors import HomeringError
 
 NAME_RE = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
-MAX_NAME = 20          # a testbed name (netns and cgroup names carry it)
+MAX_NAME = 20  # a testbed name (netns and cgroup names carry it)
 MAX_DEVICE_NAME = 32
-MAX_DEVICES = 200      # addresses .2 … in a /24, the host side takes the last one
-MIN_RAM = 8 << 20      # below this not even a Python interpreter starts
+MAX_DEVICES = 200  # addresses .2 … in a /24, the host side takes the last one
+MIN_RAM = 8 << 20  # below this not even a Python interpreter starts
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-    "ki": 1 << 10, "kib": 1 << 10, "mi": 1 << 20, "mib": 1 << 20, "gi": 1 << 30, "gib": 1 << 30,
-    "ti": 1 << 40, "tib": 1 << 40,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": 1 << 10,
+    "kib": 1 << 10,
+    "mi": 1 << 20,
+    "mib": 1 << 20,
+    "gi": 1 << 30,
+    "gib": 1 << 30,
+    "ti": 1 << 40,
+    "tib": 1 << 40,
 }
 
 
@@ -94,10 +108,12 @@ class DeviceSpec(BaseModel):
 
     @property
     def wants_delay(self) -> bool:
+        """Whether the link has a delay or jitter (netem only)."""
         return bool(self.delay_ms) or bool(self.jitter_ms)
 
     @property
     def wants_shaping(self) -> bool:
+        """Whether the link is shaped at all (a delay, jitter or rate)."""
         return self.wants_delay or self.rate_mbit is not None
 
 
@@ -133,7 +149,7 @@ class TestbedSpec(BaseModel):
         return str(net)
 
     @model_validator(mode="after")
-    def _check(self) -> "TestbedSpec":
+    def _check(self) -> TestbedSpec:
         seen: set[str] = set()
         for d in self.devices:
             if d.name in seen:
@@ -146,6 +162,7 @@ class TestbedSpec(BaseModel):
         return self
 
     def device(self, name: str) -> DeviceSpec:
+        """The device called ``name``; HomeringError if there is none."""
         for d in self.devices:
             if d.name == name:
                 return d
@@ -162,7 +179,7 @@ def spec_error(exc: ValidationError, source: str | None = None) -> HomeringError
     for err in exc.errors():
         msg = err["msg"]
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         if err["type"] == "string_pattern_mismatch":
             msg = "use lower-case letters, digits and '-' (not at either end)"
         elif err["type"] == "extra_forbidden":

@@ -19,6 +19,8 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from homering.errors import HomeringError
+
 if TYPE_CHECKING:
     from homering.transport.mqtt import BrokerAuth
 
@@ -35,17 +37,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 def mosquitto_binary() -> str | None:
     """The mosquitto executable, if installed (Debian puts it in /usr/sbin, often not on a user's PATH)."""
     return shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
+    )
 
 
 CLUSTER_USER = "homering"
 """The one MQTT user of a broker that ``homering up`` starts for its own processes."""
 
-# Topics a private cluster's processes use (homering/cluster/schema.py, homering/cluster/homeassistant.py).
+# Topics a private cluster's processes use (homering/wire/topics.py, homering/integrations/homeassistant.py).
 _ACL = f"user {CLUSTER_USER}\ntopic readwrite homering/#\ntopic readwrite homeassistant/#\n"
 
 
-def broker_credentials() -> "BrokerAuth":
+def broker_credentials() -> BrokerAuth:
     """Fresh credentials for a private broker: user :data:`CLUSTER_USER`, a random 256-bit password."""
     from homering.transport.mqtt import BrokerAuth
 
@@ -63,8 +66,9 @@ def mosquitto_password_hash(password: str, *, iterations: int = 101) -> str:
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def write_mosquitto_config(folder: Path, host: str, port: int, *, log: bool = False,
-                           auth: "BrokerAuth | None" = None) -> Path:
+def write_mosquitto_config(
+    folder: Path, host: str, port: int, *, log: bool = False, auth: BrokerAuth | None = None
+) -> Path:
     """Write ``mosquitto.conf`` for a broker on ``host:port`` that keeps nothing on disk; returns its path.
 
     With ``auth`` (a user and password) no anonymous client is accepted: ``passwd`` and an
@@ -77,8 +81,9 @@ def write_mosquitto_config(folder: Path, host: str, port: int, *, log: bool = Fa
     if auth is None:
         lines.append("allow_anonymous true")
     else:
+        user, password = _user_and_password(auth)
         passwd, acl = folder / "passwd", folder / "acl"
-        for path, text in ((passwd, f"{auth.username}:{mosquitto_password_hash(auth.password)}\n"), (acl, _ACL)):
+        for path, text in ((passwd, f"{user}:{mosquitto_password_hash(password)}\n"), (acl, _ACL)):
             path.touch(mode=0o600)
             path.write_text(text)
         lines += ["allow_anonymous false", f"password_file {passwd}", f"acl_file {acl}"]
@@ -86,6 +91,17 @@ def write_mosquitto_config(folder: Path, host: str, port: int, *, log: bool = Fa
     conf = folder / "mosquitto.conf"
     conf.write_text("\n".join(lines) + "\n")
     return conf
+
+
+def _user_and_password(auth: BrokerAuth) -> tuple[str, str]:
+    """The user name and password a broker with ``auth`` accepts.
+
+    Raises:
+        HomeringError: either is missing.
+    """
+    if not auth.username or auth.password is None:
+        raise HomeringError("a broker with a user needs its name and a password")
+    return auth.username, auth.password
 
 
 def _broker_user(folder: Path, *files: Path) -> list[str]:
@@ -102,7 +118,7 @@ def _broker_user(folder: Path, *files: Path) -> list[str]:
     return [f"user {pwd.getpwuid(os.getuid()).pw_name}"]
 
 
-async def run_broker(host: str = "127.0.0.1", port: int = 1883, auth: "BrokerAuth | None" = None) -> None:
+async def run_broker(host: str = "127.0.0.1", port: int = 1883, auth: BrokerAuth | None = None) -> None:
     """Run an amqtt broker (loopback by default) until cancelled.
 
     With ``auth`` only that user and password may connect (amqtt's ``FileAuthPlugin``, an
@@ -117,19 +133,25 @@ async def run_broker(host: str = "127.0.0.1", port: int = 1883, auth: "BrokerAut
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="homering-broker-") as folder:
+        plugins: dict[str, dict[str, object]]
         if auth is None:
             plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
         else:
+            user, password = _user_and_password(auth)
             from pwdlib import PasswordHash
             from pwdlib.hashers.argon2 import Argon2Hasher
 
             passwd = Path(folder) / "passwd"
-            passwd.write_text(f"{auth.username}:{PasswordHash((Argon2Hasher(),)).hash(auth.password)}\n")
+            passwd.write_text(f"{user}:{PasswordHash((Argon2Hasher(),)).hash(password)}\n")
             plugins = {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(passwd)}}
         broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}}, "plugins": plugins})
         await broker.start()
-        log.info("embedded broker on mqtt://%s:%d (%s)", host, port,
-                 "anonymous" if auth is None else f"user {auth.username} only")
+        log.info(
+            "embedded broker on mqtt://%s:%d (%s)",
+            host,
+            port,
+            "anonymous" if auth is None else f"user {auth.username} only",
+        )
         try:
             await asyncio.Event().wait()
         finally:

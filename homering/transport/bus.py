@@ -23,6 +23,7 @@ from typing import Any
 
 import aiomqtt
 
+from homering.tasks import cancelling
 from homering.transport import mqtt
 from homering.wire import Codec, MalformedMessage, Message, NewestState, TopicRef, parse
 
@@ -77,10 +78,17 @@ class Bus:
         on_message: called after every message, dropped or not (e.g. to wake waiters).
     """
 
-    def __init__(self, broker: mqtt.BrokerURL, codec: Codec, *, identifier: str,
-                 will: aiomqtt.Will | Callable[[], aiomqtt.Will] | None = None, keepalive: int = 10,
-                 on_refused: Callable[[str, MalformedMessage], None] | None = None,
-                 on_message: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        broker: mqtt.BrokerURL,
+        codec: Codec,
+        *,
+        identifier: str,
+        will: aiomqtt.Will | Callable[[], aiomqtt.Will] | None = None,
+        keepalive: int = 10,
+        on_refused: Callable[[str, MalformedMessage], None] | None = None,
+        on_message: Callable[[], None] | None = None,
+    ) -> None:
         self.broker = broker
         self.codec = codec
         self.identifier = identifier
@@ -97,8 +105,16 @@ class Bus:
         self._state = NewestState()
 
     # ------------------------------------------------------------------ setup
-    def route(self, topic: str, kind: type[Message], handler: Callable[[Received], object], *, qos: int = 1,
-              newest: bool = False, empty: bool = False) -> None:
+    def route(
+        self,
+        topic: str,
+        kind: type[Message],
+        handler: Callable[[Received], object],
+        *,
+        qos: int = 1,
+        newest: bool = False,
+        empty: bool = False,
+    ) -> None:
         """Deliver messages on ``topic`` (a filter, ``+``/``#`` allowed) to ``handler``; subscribed on every
         connection. The first route whose filter matches a topic takes its messages."""
         self.routes.append(Route(topic, kind, handler, qos, newest, empty))
@@ -122,8 +138,9 @@ class Bus:
         Raises:
             HomeringError: the first connection failed.
         """
-        await mqtt.keep_connected(self.broker, self._session, identifier=self.identifier, will=self.will,
-                                  keepalive=self.keepalive)
+        await mqtt.keep_connected(
+            self.broker, self._session, identifier=self.identifier, will=self.will, keepalive=self.keepalive
+        )
 
     async def _session(self, client: aiomqtt.Client, reconnected: bool) -> None:
         for r in self.routes:
@@ -137,14 +154,19 @@ class Bus:
                 self.dispatch(message.topic.value, bytes(message.payload or b""), bool(message.retain))
         finally:
             self.connected.clear()
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if cancelling():
                 for leave in self._on_leave:
                     with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
                         await asyncio.wait_for(leave(), LEAVE_TIMEOUT_S)
             self.client = None
             for gone in self._on_disconnect:
                 gone()
+
+    def attach(self, client: Any) -> None:
+        """Use ``client`` (anything with ``aiomqtt.Client.publish``) as the connection, without :meth:`run`:
+        no subscriptions, no hooks. For feeding :meth:`dispatch` by hand with no broker (the fuzz tests)."""
+        self.client = client
+        self.connected.set()
 
     def dispatch(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """Route one message (what :meth:`run` does with each one that arrives)."""
@@ -170,8 +192,9 @@ class Bus:
             if self.on_message is not None:
                 self.on_message()
 
-    async def subscribe(self, topic: str, kind: type[Message], handler: Callable[[Received], object], *,
-                        qos: int = 1) -> None:
+    async def subscribe(
+        self, topic: str, kind: type[Message], handler: Callable[[Received], object], *, qos: int = 1
+    ) -> None:
         """Add a route now (subscribed at once when connected, and on every later connection)."""
         self.route(topic, kind, handler, qos=qos)
         if self.client is not None:
@@ -185,8 +208,9 @@ class Bus:
             with contextlib.suppress(aiomqtt.MqttError):
                 await self.client.unsubscribe(topic)
 
-    async def publish(self, topic: str, msg: Message | bytes, *, qos: int = 1, retain: bool = False,
-                      wait: bool = True) -> bool:
+    async def publish(
+        self, topic: str, msg: Message | bytes, *, qos: int = 1, retain: bool = False, wait: bool = True
+    ) -> bool:
         """Publish ``msg`` (encoded with the codec; bytes as they are). With ``wait``, wait for the broker
         while it is away and retry after a reconnect; without, give up at once. False when not published."""
         payload = msg if isinstance(msg, bytes) else self.codec.encode(msg)

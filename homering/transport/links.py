@@ -90,8 +90,9 @@ def set_nodelay(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect_link(host: str, port: int, *, timeout: float = 30.0, key: ClusterKey | None = None,
-                 give_up=None) -> socket.socket:
+def connect_link(
+    host: str, port: int, *, timeout: float = 30.0, key: ClusterKey | None = None, give_up=None
+) -> socket.socket:
     """Connect to a neighbour's data port (retrying until ``timeout`` seconds pass) and run the handshake.
 
     ``give_up()``, when given, is asked before every retry: True stops
@@ -101,13 +102,15 @@ def connect_link(host: str, port: int, *, timeout: float = 30.0, key: ClusterKey
 
     Raises:
         HandshakeError: the handshake failed (not retried: another key will not change).
-        ConnectionError: the neighbour did not accept in time, or ``give_up()``.
+        ConnectionError: the neighbour did not accept in time, ``give_up()``, or ``host`` is no host name.
     """
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
         try:
             sock = socket.create_connection((host, port), timeout=5.0)
+        except ValueError as exc:  # a host name that cannot be encoded (e.g. an IDNA label over 63 bytes)
+            raise ConnectionError(f"cannot reach data port {host}:{port}: {exc}") from None
         except OSError as exc:
             if give_up is not None and give_up():
                 raise ConnectionError(f"gave up connecting to {host}:{port}") from None
@@ -128,8 +131,16 @@ def connect_link(host: str, port: int, *, timeout: float = 30.0, key: ClusterKey
         return sock
 
 
-def measure_link(host: str, port: int, *, pings: int = 9, probe_bytes: int = 1 << 22,
-                 transfers: int = 3, timeout: float = 10.0, key: ClusterKey | None = None) -> tuple[float, float]:
+def measure_link(
+    host: str,
+    port: int,
+    *,
+    pings: int = 9,
+    probe_bytes: int = 1 << 22,
+    transfers: int = 3,
+    timeout: float = 10.0,
+    key: ClusterKey | None = None,
+) -> tuple[float, float]:
     """Measure a data-plane link with PING/PONG frames: (one-way latency ms, bandwidth Mbit/s).
 
     Latency is half the median round trip of empty pings; bandwidth is
@@ -144,6 +155,7 @@ def measure_link(host: str, port: int, *, pings: int = 9, probe_bytes: int = 1 <
     sock = connect_link(host, port, timeout=timeout, key=key)
     sock.settimeout(timeout)
     try:
+
         def round_trip(frame: Frame) -> float:
             t0 = time.perf_counter()
             send_frame(sock, frame)

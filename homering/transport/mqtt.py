@@ -21,6 +21,7 @@ import aiomqtt
 
 from homering.errors import HomeringError
 from homering.secrets import read_secret
+from homering.tasks import cancelling
 
 log = logging.getLogger("homering.mqtt")
 
@@ -52,8 +53,14 @@ class BrokerAuth:
     ca_file: str | None = None
 
     @classmethod
-    def load(cls, username: str | None = None, password_file: str | os.PathLike | None = None,
-             ca_file: str | os.PathLike | None = None, *, environ: dict[str, str] | None = None) -> "BrokerAuth":
+    def load(
+        cls,
+        username: str | None = None,
+        password_file: str | os.PathLike | None = None,
+        ca_file: str | os.PathLike | None = None,
+        *,
+        environ: dict[str, str] | None = None,
+    ) -> BrokerAuth:
         """Credentials from options, falling back on the environment.
 
         ``username`` or ``$HOMERING_MQTT_USER``; the password from
@@ -107,7 +114,7 @@ class BrokerURL:
     auth: BrokerAuth = field(default_factory=BrokerAuth, compare=False)
 
     @classmethod
-    def parse(cls, url: str, auth: BrokerAuth | None = None) -> "BrokerURL":
+    def parse(cls, url: str, auth: BrokerAuth | None = None) -> BrokerURL:
         """Parse ``mqtt://host[:port]`` (port 1883 by default) or ``mqtts://host[:port]`` (TLS, 8883).
 
         Credentials go in ``auth``, not in the URL.
@@ -133,7 +140,7 @@ class BrokerURL:
             raise HomeringError("--ca-file goes with an mqtts:// broker URL")
         return cls(parsed.hostname, port, tls, auth)
 
-    def with_auth(self, auth: BrokerAuth) -> "BrokerURL":
+    def with_auth(self, auth: BrokerAuth) -> BrokerURL:
         """The same broker with other credentials."""
         return replace(self, auth=auth)
 
@@ -197,16 +204,25 @@ class _Client(aiomqtt.Client):
                 gone.exception()  # marks it retrieved
 
 
-def client(broker: BrokerURL, *, identifier: str | None = None, will: aiomqtt.Will | None = None,
-           keepalive: int = 10) -> aiomqtt.Client:
+def client(
+    broker: BrokerURL, *, identifier: str | None = None, will: aiomqtt.Will | None = None, keepalive: int = 10
+) -> aiomqtt.Client:
     """An aiomqtt client for ``broker``, logging in with its credentials (use it as ``async with``).
 
     Its exit never leaves an unretrieved disconnection behind, and paho's socket
     errors log at DEBUG (see :class:`_Client`, :class:`_SocketErrorsAtDebug`).
     """
-    return _Client(broker.host, broker.port, identifier=identifier or f"homering-{uuid.uuid4().hex[:8]}",
-                   will=will, keepalive=keepalive, username=broker.auth.username,
-                   password=broker.auth.password, tls_context=tls_context(broker), logger=_client_log)
+    return _Client(
+        broker.host,
+        broker.port,
+        identifier=identifier or f"homering-{uuid.uuid4().hex[:8]}",
+        will=will,
+        keepalive=keepalive,
+        username=broker.auth.username,
+        password=broker.auth.password,
+        tls_context=tls_context(broker),
+        logger=_client_log,
+    )
 
 
 def connect_error(broker: BrokerURL, exc: Exception) -> HomeringError:
@@ -215,8 +231,7 @@ def connect_error(broker: BrokerURL, exc: Exception) -> HomeringError:
     code = getattr(rc, "value", rc)
     if isinstance(code, int) and code in _AUTH_REFUSED:
         who = f"user '{broker.auth.username}'" if broker.auth.username else "an anonymous login"
-        return HomeringError(f"the MQTT broker at {broker} refused {who}: {exc} "
-                             "(check --user and --password-file)")
+        return HomeringError(f"the MQTT broker at {broker} refused {who}: {exc} (check --user and --password-file)")
     return HomeringError(f"cannot connect to the MQTT broker at {broker}: {exc}")
 
 
@@ -241,15 +256,15 @@ async def keep_connected(broker: BrokerURL, session, *, identifier: str, will=No
     backoff, connected_once = 0.25, False
     while True:
         try:
-            async with client(broker, identifier=identifier, will=will() if callable(will) else will,
-                              keepalive=keepalive) as c:
+            async with client(
+                broker, identifier=identifier, will=will() if callable(will) else will, keepalive=keepalive
+            ) as c:
                 backoff, reconnected, connected_once = 0.25, connected_once, True
                 if reconnected:
                     log.info("reconnected to the broker %s", broker)
                 await session(c, reconnected)
         except aiomqtt.MqttError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():  # stopping (SIGTERM) as the broker went: no reconnect
+            if cancelling():  # stopping (SIGTERM) as the broker went: no reconnect
                 raise asyncio.CancelledError() from None
             if not connected_once:
                 raise connect_error(broker, exc) from None

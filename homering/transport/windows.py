@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from homering import paths
-from homering.wire import WINDOWS_PATH, ModelFacts, Plan, WindowFile
 from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo
 from homering.models.slicing import Role, WindowSpec, window_path
+from homering.wire import WINDOWS_PATH, ModelFacts, Plan, WindowFile
 
 if TYPE_CHECKING:
     import httpx
@@ -117,8 +117,7 @@ def cached(sha256: str, size: int | None, label: str = "") -> Path | None:
         return None
     if matches(path, sha256, size):
         return path
-    log.warning("cached window %s does not match the plan's sha256: deleted, fetching it again",
-                label or path.name)
+    log.warning("cached window %s does not match the plan's sha256: deleted, fetching it again", label or path.name)
     remove(path)
     return None
 
@@ -182,15 +181,30 @@ def prune_cache(keep: set[Path], *, spare_bytes: int, min_age_s: float = CACHE_M
 # ------------------------------------------------------------------ model facts
 def model_facts(info: ModelInfo) -> ModelFacts:
     """What an agent without the model needs to know of it (published in the controller's status)."""
-    return ModelFacts(arch=info.arch, name=info.name, n_layers=info.n_layers, n_embd=info.n_embd,
-                      n_ctx_train=info.n_ctx_train, size_bytes=info.size_bytes, layer_bytes=list(info.layer_bytes))
+    return ModelFacts(
+        arch=info.arch,
+        name=info.name,
+        n_layers=info.n_layers,
+        n_embd=info.n_embd,
+        n_ctx_train=info.n_ctx_train,
+        size_bytes=info.size_bytes,
+        layer_bytes=list(info.layer_bytes),
+    )
 
 
 def model_info(facts: ModelFacts, path: str, fingerprint: str) -> ModelInfo:
     """A :class:`ModelInfo` rebuilt from :class:`ModelFacts` (``path`` is the controller's, not readable here)."""
-    return ModelInfo(path=Path(path), arch=facts.arch, n_layers=facts.n_layers, n_embd=facts.n_embd,
-                     n_ctx_train=facts.n_ctx_train, name=facts.name, fingerprint=fingerprint,
-                     size_bytes=facts.size_bytes, layer_bytes=tuple(facts.layer_bytes))
+    return ModelInfo(
+        path=Path(path),
+        arch=facts.arch,
+        n_layers=facts.n_layers,
+        n_embd=facts.n_embd,
+        n_ctx_train=facts.n_ctx_train,
+        name=facts.name,
+        fingerprint=fingerprint,
+        size_bytes=facts.size_bytes,
+        layer_bytes=tuple(facts.layer_bytes),
+    )
 
 
 # ------------------------------------------------------------------ the client
@@ -220,8 +234,7 @@ class WindowClient:
         attempts: downloads of one window before :class:`WindowError`.
     """
 
-    def __init__(self, api: str, api_key: str | None, *, progress: bool | None = None,
-                 attempts: int = FETCH_ATTEMPTS):
+    def __init__(self, api: str, api_key: str | None, *, progress: bool | None = None, attempts: int = FETCH_ATTEMPTS):
         self.api = api.rstrip("/")
         self.attempts = attempts
         self.progress = sys.stderr.isatty() if progress is None else progress
@@ -233,13 +246,13 @@ class WindowClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "WindowClient":
+    def __enter__(self) -> WindowClient:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _refused(self, resp: "httpx.Response", what: str) -> WindowError:
+    def _refused(self, resp: httpx.Response, what: str) -> WindowError:
         try:
             reason = resp.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
@@ -265,8 +278,10 @@ class WindowClient:
         try:
             return WindowFile.model_validate_json(resp.content)
         except ValueError:
-            raise WindowError(f"the controller at {self.api} answered probe window {spec.label()} "
-                              "with something else than a window file description") from None
+            raise WindowError(
+                f"the controller at {self.api} answered probe window {spec.label()} "
+                "with something else than a window file description"
+            ) from None
 
     def fetch(self, sha256: str, size: int | None, label: str) -> Path:
         """The window with this hash: from the cache if intact, else downloaded and checked.
@@ -296,16 +311,19 @@ class WindowClient:
                 dt = time.perf_counter() - t0
                 if digest == sha256 and (size is None or n == size):
                     os.replace(tmp, target)
-                    log.info("downloaded window %s (%.1f MB) in %.2f s (%.0f MB/s)", label, n / 1e6, dt,
-                             n / 1e6 / max(dt, 1e-6))
+                    log.info(
+                        "downloaded window %s (%.1f MB) in %.2f s (%.0f MB/s)",
+                        label,
+                        n / 1e6,
+                        dt,
+                        n / 1e6 / max(dt, 1e-6),
+                    )
                     return target
                 why = f"got {n} bytes with sha256 {digest[:12]}…, the plan says {sha256[:12]}…"
-                log.warning("window %s: corrupted download (%s); attempt %d of %d", label, why, attempt,
-                            self.attempts)
+                log.warning("window %s: corrupted download (%s); attempt %d of %d", label, why, attempt, self.attempts)
             except httpx.HTTPError as exc:
                 why = f"{type(exc).__name__}: {exc}"
-                log.warning("window %s: download failed (%s); attempt %d of %d", label, why, attempt,
-                            self.attempts)
+                log.warning("window %s: download failed (%s); attempt %d of %d", label, why, attempt, self.attempts)
                 time.sleep(min(2.0, 0.25 * attempt))
             finally:
                 tmp.unlink(missing_ok=True)
@@ -323,11 +341,23 @@ class WindowClient:
                 raise self._refused(resp, f"window {label}")
             total = size or int(resp.headers.get("content-length") or 0) or None
             if not self.progress:
-                log.info("downloading window %s (%s) from %s", label,
-                         f"{total / 1e6:.1f} MB" if total else "size unknown", self.api)
-            with open(tmp, "wb") as fh, Progress(
-                    TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    disable=not self.progress, transient=True) as bar:
+                log.info(
+                    "downloading window %s (%s) from %s",
+                    label,
+                    f"{total / 1e6:.1f} MB" if total else "size unknown",
+                    self.api,
+                )
+            with (
+                open(tmp, "wb") as fh,
+                Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    DownloadColumn(),
+                    TransferSpeedColumn(),
+                    disable=not self.progress,
+                    transient=True,
+                ) as bar,
+            ):
                 task = bar.add_task(f"window {label}", total=total)
                 for chunk in resp.iter_bytes(CHUNK_BYTES):
                     fh.write(chunk)

@@ -28,8 +28,8 @@ topic                              retained    payload
 
 Signed messages. With a cluster key (:mod:`homering.wire.security`) every
 message that changes what a client sees or what a process does is signed
-(``Message.SIGNED``; :class:`~homering.wire.codec.Codec` signs and checks): :class:`Plan`, :class:`ControllerStatus`,
-:class:`ControllerStats`, :class:`GenerateJob`, :class:`CancelJob`,
+(``Message.SIGNED``; :class:`~homering.wire.codec.Codec` signs and checks): :class:`Plan`,
+:class:`ControllerStatus`, :class:`ControllerStats`, :class:`GenerateJob`, :class:`CancelJob`,
 :class:`StreamReplay`, :class:`LinkProbe`, :class:`LinkReport`,
 :class:`GenerateRequest`, :class:`StreamEvent`, :class:`AgentProfile`,
 :class:`AgentStatus` and :class:`AgentStats`. A signed payload ends with one more JSON member,
@@ -54,9 +54,9 @@ Receivers without a key drop signed ones.
 Data plane (TCP between ring neighbours, TCP_NODELAY). First a handshake, in
 which both ends prove they hold the same cluster key (HMAC-SHA256
 challenge–response, fresh nonces from both sides, so a recorded handshake
-cannot be replayed), then frames.
+cannot be replayed; :mod:`.handshake`), then frames (:mod:`.frames`: a fixed
+header, a payload of token ids, hidden states or text, and their limits).
 
-================  ==============  ========================================
 Window distribution (HTTP, on the controller's API server, same API key as
 the API; see :mod:`homering.transport.windows`):
 
@@ -76,39 +76,109 @@ request                                                  answer
 
 from __future__ import annotations
 
-import re
-import secrets
-import struct
-import zlib
-import time
-from dataclasses import dataclass
-from enum import IntEnum
-from typing import TYPE_CHECKING, ClassVar, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
-
 from homering.engine.sampling import Sampling
 from homering.profiler.profile import DeviceProfile, GpuProfile, OsName
 from homering.wire.base import NAME, SCHEMA_VERSION, BadSignature, MalformedMessage, Message, MissingKey
 from homering.wire.codec import Codec
 from homering.wire.frames import (
-    FLAG_MORE, HEADER, MAX_PAYLOAD, DType, Frame, FrameError, FrameHeader, FrameKind,
+    FLAG_MORE,
+    HEADER,
+    MAX_PAYLOAD,
+    DType,
+    Frame,
+    FrameError,
+    FrameHeader,
+    FrameKind,
 )
 from homering.wire.handshake import HandshakeError
 from homering.wire.messages import (
-    LIVE_AGENT_STATES, SHA256, WINDOWS_PATH, AgentProfile, AgentState, ControllerState, AgentStats, AgentStatus, ControllerStats, ControllerStatus, LinkProbe,
-    LinkReport, ModelFacts, Plan, PlanAgent, PredictedCost, WindowAssignment, WindowFile, WindowRole, WindowStats,
+    LIVE_AGENT_STATES,
+    SHA256,
+    WINDOWS_PATH,
+    AgentProfile,
+    AgentState,
+    AgentStats,
+    AgentStatus,
+    ControllerState,
+    ControllerStats,
+    ControllerStatus,
+    LinkProbe,
+    LinkReport,
+    ModelFacts,
+    Plan,
+    PlanAgent,
+    PredictedCost,
+    WindowAssignment,
+    WindowFile,
+    WindowRole,
+    WindowStats,
 )
-from homering.wire.requests import END_EVENTS, CancelJob, EventType, ChatMessage, GenerateJob, GenerateRequest, StreamEvent, StreamReplay
+from homering.wire.requests import (
+    END_EVENTS,
+    CancelJob,
+    ChatMessage,
+    EventType,
+    GenerateJob,
+    GenerateRequest,
+    StreamEvent,
+    StreamReplay,
+)
 from homering.wire.security import ClusterKey, NewestState
 from homering.wire.topics import PREFIX, TopicRef, Topics, parse
 
 __all__ = [
-    "NAME", "SCHEMA_VERSION", "PREFIX", "SHA256", "WINDOWS_PATH", "FLAG_MORE", "HEADER", "MAX_PAYLOAD",
-    "AgentProfile", "AgentStats", "AgentStatus", "BadSignature", "CancelJob", "ChatMessage", "ClusterKey", "Codec",
-    "ControllerStats", "ControllerStatus", "DType", "DeviceProfile", "Frame", "FrameError", "FrameHeader", "FrameKind",
-    "GenerateJob", "GenerateRequest", "GpuProfile", "HandshakeError", "LinkProbe", "LinkReport", "MalformedMessage",
-    "Message", "MissingKey", "ModelFacts", "NewestState", "OsName", "Plan", "PlanAgent", "PredictedCost", "Sampling",
-    "StreamEvent", "StreamReplay", "TopicRef", "Topics", "WindowAssignment", "WindowFile", "WindowRole", "WindowStats",
-    "parse", "AgentState", "ControllerState", "EventType", "END_EVENTS", "LIVE_AGENT_STATES",
+    "NAME",
+    "SCHEMA_VERSION",
+    "PREFIX",
+    "SHA256",
+    "WINDOWS_PATH",
+    "FLAG_MORE",
+    "HEADER",
+    "MAX_PAYLOAD",
+    "AgentProfile",
+    "AgentStats",
+    "AgentStatus",
+    "BadSignature",
+    "CancelJob",
+    "ChatMessage",
+    "ClusterKey",
+    "Codec",
+    "ControllerStats",
+    "ControllerStatus",
+    "DType",
+    "DeviceProfile",
+    "Frame",
+    "FrameError",
+    "FrameHeader",
+    "FrameKind",
+    "GenerateJob",
+    "GenerateRequest",
+    "GpuProfile",
+    "HandshakeError",
+    "LinkProbe",
+    "LinkReport",
+    "MalformedMessage",
+    "Message",
+    "MissingKey",
+    "ModelFacts",
+    "NewestState",
+    "OsName",
+    "Plan",
+    "PlanAgent",
+    "PredictedCost",
+    "Sampling",
+    "StreamEvent",
+    "StreamReplay",
+    "TopicRef",
+    "Topics",
+    "WindowAssignment",
+    "WindowFile",
+    "WindowRole",
+    "WindowStats",
+    "parse",
+    "AgentState",
+    "ControllerState",
+    "EventType",
+    "END_EVENTS",
+    "LIVE_AGENT_STATES",
 ]

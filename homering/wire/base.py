@@ -36,6 +36,7 @@ class WireEnum(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(str(self.value), spec)
 
+
 AUTH_FIELD = "_auth"
 MESSAGE_MAC_LABEL = b"homering-msg-v1"
 _AUTH_MARK = b'"' + AUTH_FIELD.encode() + b'":{'
@@ -68,7 +69,10 @@ class Message(BaseModel):
         return type(self) is type(other) and self.__dict__ == other.__dict__
 
     def dump(self, key: ClusterKey | None = None) -> bytes:
-        """The payload: the JSON, signed when ``key`` is given and the class is ``SIGNED`` (an unsigned payload is refused by every receiver that has a key, so forgetting it fails closed)."""
+        """The payload: the JSON, signed when ``key`` is given and the class is ``SIGNED``.
+
+        An unsigned payload is refused by every receiver that has a key, so forgetting ``key`` fails closed.
+        """
         body = self.model_dump_json().encode()
         if key is None or not self.SIGNED:
             return body
@@ -108,7 +112,7 @@ class Message(BaseModel):
         keyless and unsigned."""
         at = raw.rfind(_AUTH_MARK)
         m = _TRAILER.fullmatch(raw, at) if at > 0 else None
-        before = raw[at - 1:at] if m else b""
+        before = raw[at - 1 : at] if m else b""
         if m and not (before == b"," or (before == b"{" and at == 1)):
             m = None
         if key is None:
@@ -117,7 +121,7 @@ class Message(BaseModel):
             return raw, None
         if m is None:
             raise BadSignature(f"unsigned {cls.__name__} (this cluster has a key)")
-        body = raw[:at - 1] + b"}" if before == b"," else b"{}"
+        body = raw[: at - 1] + b"}" if before == b"," else b"{}"
         ts, nonce, tag = m.group(1), m.group(2), bytes.fromhex(m.group(3).decode())
         if not key.verify(tag, MESSAGE_MAC_LABEL, cls.__name__.encode(), ts, nonce, body):
             raise BadSignature(f"bad signature on {cls.__name__}")

@@ -11,25 +11,28 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+
 
 class FrameKind(IntEnum):
-    FORWARD = 1    # run the next window on this payload
+    FORWARD = 1  # run the next window on this payload
     KV_REMOVE = 2  # drop positions >= pos of seq_id in every window, then pass on
-    ERROR = 3      # a window failed; payload is a UTF-8 message; goes on to the head
-    PING = 4       # link probe: the receiver answers PONG on the same connection
-    PONG = 5       # answer to PING (no payload)
-    HELLO = 6      # first frame on a ring link: the payload is the sender's plan tag (Plan.tag)
+    ERROR = 3  # a window failed; payload is a UTF-8 message; goes on to the head
+    PING = 4  # link probe: the receiver answers PONG on the same connection
+    PONG = 5  # answer to PING (no payload)
+    HELLO = 6  # first frame on a ring link: the payload is the sender's plan tag (Plan.tag)
 
 
 class DType(IntEnum):
     TOKENS = 1  # int32 token ids, n_tokens of them
-    F32 = 2     # float32 hidden states, n_tokens × n_embd
-    TEXT = 3    # UTF-8 bytes (errors)
-    NONE = 4    # no payload
-    BYTES = 5   # opaque bytes (PING padding), n_tokens = 0
-    TAG = 6     # a uint32 plan tag (HELLO), 4 bytes, n_tokens = 0
+    F32 = 2  # float32 hidden states, n_tokens × n_embd
+    TEXT = 3  # UTF-8 bytes (errors)
+    NONE = 4  # no payload
+    BYTES = 5  # opaque bytes (PING padding), n_tokens = 0
+    TAG = 6  # a uint32 plan tag (HELLO), 4 bytes, n_tokens = 0
 
 
 FLAG_MORE = 0x01
@@ -58,8 +61,7 @@ _DTYPES = {  # the payload types each frame kind may carry
     FrameKind.HELLO: (DType.TAG,),
 }
 DTYPE_SIZE = {DType.TOKENS: 4, DType.F32: 4}  # bytes per element
-
-
+_PAYLOAD_LIMIT = {DType.NONE: 0, DType.TEXT: MAX_ERROR_BYTES, DType.BYTES: MAX_PROBE_BYTES, DType.TAG: TAG_BYTES}
 
 
 class FrameError(ValueError):
@@ -86,12 +88,24 @@ class FrameHeader:
         return bool(self.flags & FLAG_MORE)
 
     def pack(self) -> bytes:
-        return HEADER.pack(FRAME_MAGIC, FRAME_VERSION, self.kind, self.dtype, self.flags, self.request_id,
-                           self.seq_id, self.round, 0, self.pos, self.n_tokens, self.n_embd,
-                           self.payload_len)
+        return HEADER.pack(
+            FRAME_MAGIC,
+            FRAME_VERSION,
+            self.kind,
+            self.dtype,
+            self.flags,
+            self.request_id,
+            self.seq_id,
+            self.round,
+            0,
+            self.pos,
+            self.n_tokens,
+            self.n_embd,
+            self.payload_len,
+        )
 
     @classmethod
-    def unpack(cls, raw: bytes) -> "FrameHeader":
+    def unpack(cls, raw: bytes) -> FrameHeader:
         """Parse and validate a header (before any payload is read).
 
         Checks: magic, version, known kind and dtype and their pairing, flags,
@@ -107,8 +121,9 @@ class FrameHeader:
         """
         if len(raw) != HEADER.size:
             raise FrameError(f"short header ({len(raw)} bytes)")
-        (magic, version, kind, dtype, flags, request_id, seq_id, rnd, reserved, pos, n_tokens, n_embd,
-         payload_len) = HEADER.unpack(raw)
+        (magic, version, kind, dtype, flags, request_id, seq_id, rnd, reserved, pos, n_tokens, n_embd, payload_len) = (
+            HEADER.unpack(raw)
+        )
         if magic != FRAME_MAGIC:
             raise FrameError(f"bad magic {magic!r}")
         if version != FRAME_VERSION:
@@ -127,28 +142,38 @@ class FrameHeader:
             raise FrameError(f"sequence {seq_id} (at most {MAX_SEQUENCES - 1})")
         if payload_len > MAX_PAYLOAD:
             raise FrameError(f"frame too large ({payload_len} bytes, at most {MAX_PAYLOAD})")
-        if dtype in DTYPE_SIZE:
-            if n_tokens > MAX_TOKENS_PER_FRAME or n_embd > MAX_EMBD:
-                raise FrameError(f"frame too large ({n_tokens} tokens of {n_embd} floats; at most "
-                                 f"{MAX_TOKENS_PER_FRAME} of {MAX_EMBD})")
-            if n_tokens == 0 or (dtype is DType.F32 and n_embd == 0):
-                raise FrameError(f"an empty {dtype.name} frame ({n_tokens} × {n_embd})")
-            if dtype is DType.TOKENS and n_embd:
-                raise FrameError(f"a token frame with n_embd = {n_embd}")
-            expected = n_tokens * (n_embd or 1) * DTYPE_SIZE[dtype]
-            if payload_len != expected:
-                raise FrameError(f"payload is {payload_len} bytes, header says {expected}")
-            if pos > MAX_POS - n_tokens:
-                raise FrameError(f"positions {pos} + {n_tokens} beyond int32")
-        else:
-            if n_tokens or n_embd:
-                raise FrameError(f"a {dtype.name} frame with a shape ({n_tokens} × {n_embd})")
-            limit = {DType.NONE: 0, DType.TEXT: MAX_ERROR_BYTES, DType.BYTES: MAX_PROBE_BYTES, DType.TAG: TAG_BYTES}[dtype]
-            if payload_len > limit or (dtype is DType.TAG and payload_len != TAG_BYTES):
-                raise FrameError(f"{payload_len} bytes of {dtype.name} on a {kind.name} frame (at most {limit})")
-            if pos > MAX_POS:
-                raise FrameError(f"position {pos} beyond int32")
+        _check_shape(kind, dtype, pos, n_tokens, n_embd, payload_len)
         return cls(kind, dtype, request_id, seq_id, rnd, pos, n_tokens, n_embd, payload_len, flags)
+
+
+def _check_shape(kind: FrameKind, dtype: DType, pos: int, n_tokens: int, n_embd: int, payload_len: int) -> None:
+    """The shape, positions and payload size checks of :meth:`FrameHeader.unpack`.
+
+    Raises:
+        FrameError: any check fails.
+    """
+    if dtype not in DTYPE_SIZE:
+        if n_tokens or n_embd:
+            raise FrameError(f"a {dtype.name} frame with a shape ({n_tokens} × {n_embd})")
+        limit = _PAYLOAD_LIMIT[dtype]
+        if payload_len > limit or (dtype is DType.TAG and payload_len != TAG_BYTES):
+            raise FrameError(f"{payload_len} bytes of {dtype.name} on a {kind.name} frame (at most {limit})")
+        if pos > MAX_POS:
+            raise FrameError(f"position {pos} beyond int32")
+        return
+    if n_tokens > MAX_TOKENS_PER_FRAME or n_embd > MAX_EMBD:
+        raise FrameError(
+            f"frame too large ({n_tokens} tokens of {n_embd} floats; at most {MAX_TOKENS_PER_FRAME} of {MAX_EMBD})"
+        )
+    if n_tokens == 0 or (dtype is DType.F32 and n_embd == 0):
+        raise FrameError(f"an empty {dtype.name} frame ({n_tokens} × {n_embd})")
+    if dtype is DType.TOKENS and n_embd:
+        raise FrameError(f"a token frame with n_embd = {n_embd}")
+    expected = n_tokens * (n_embd or 1) * DTYPE_SIZE[dtype]
+    if payload_len != expected:
+        raise FrameError(f"payload is {payload_len} bytes, header says {expected}")
+    if pos > MAX_POS - n_tokens:
+        raise FrameError(f"positions {pos} + {n_tokens} beyond int32")
 
 
 @dataclass
@@ -156,45 +181,51 @@ class Frame:
     """A decoded frame: its header and payload (token ids, hidden states, or text)."""
 
     header: FrameHeader
-    payload: np.ndarray | str | bytes | None
+    payload: npt.NDArray[Any] | str | bytes | None
 
     @classmethod
-    def forward(cls, request_id: int, seq_id: int, pos: int, data: np.ndarray, round: int = 0) -> "Frame":
+    def forward(cls, request_id: int, seq_id: int, pos: int, data: npt.NDArray[Any], round: int = 0) -> Frame:
         """A FORWARD frame: ``data`` is (n,) int32 token ids or (n, n_embd) float32 hidden states."""
         if data.ndim == 1:
             data = np.ascontiguousarray(data, dtype=np.int32)
-            header = FrameHeader(FrameKind.FORWARD, DType.TOKENS, request_id, seq_id, round, pos,
-                                 data.shape[0], 0, data.nbytes)
+            header = FrameHeader(
+                FrameKind.FORWARD, DType.TOKENS, request_id, seq_id, round, pos, data.shape[0], 0, data.nbytes
+            )
         else:
             data = np.ascontiguousarray(data, dtype=np.float32)
-            header = FrameHeader(FrameKind.FORWARD, DType.F32, request_id, seq_id, round, pos,
-                                 data.shape[0], data.shape[1], data.nbytes)
+            header = FrameHeader(
+                FrameKind.FORWARD, DType.F32, request_id, seq_id, round, pos, data.shape[0], data.shape[1], data.nbytes
+            )
         return cls(header, data)
 
     @classmethod
-    def kv_remove(cls, request_id: int, seq_id: int, p0: int) -> "Frame":
+    def kv_remove(cls, request_id: int, seq_id: int, p0: int) -> Frame:
         """Ask every window in the ring to drop positions >= ``p0`` of ``seq_id``."""
         return cls(FrameHeader(FrameKind.KV_REMOVE, DType.NONE, request_id, seq_id, 0, p0, 0, 0, 0), None)
 
     @classmethod
-    def error(cls, request_id: int, seq_id: int, message: str) -> "Frame":
+    def error(cls, request_id: int, seq_id: int, message: str) -> Frame:
         """Tell the head that a window failed for this request."""
         raw = message.encode()[:MAX_ERROR_BYTES]
-        return cls(FrameHeader(FrameKind.ERROR, DType.TEXT, request_id, seq_id, 0, 0, 0, 0, len(raw)),
-                   raw.decode(errors="replace"))
+        return cls(
+            FrameHeader(FrameKind.ERROR, DType.TEXT, request_id, seq_id, 0, 0, 0, 0, len(raw)),
+            raw.decode(errors="replace"),
+        )
 
     @classmethod
-    def ping(cls, n_bytes: int = 0) -> "Frame":
+    def ping(cls, n_bytes: int = 0) -> Frame:
         """A link probe carrying ``n_bytes`` of padding; the receiver answers :meth:`pong`."""
         if n_bytes:
             return cls(FrameHeader(FrameKind.PING, DType.BYTES, 0, 0, 0, 0, 0, 0, n_bytes), bytes(n_bytes))
         return cls(FrameHeader(FrameKind.PING, DType.NONE, 0, 0, 0, 0, 0, 0, 0), None)
 
     @classmethod
-    def hello(cls, plan_tag: int) -> "Frame":
+    def hello(cls, plan_tag: int) -> Frame:
         """The first frame on a ring link: the plan (:attr:`Plan.tag`) under which the sender will send."""
-        return cls(FrameHeader(FrameKind.HELLO, DType.TAG, 0, 0, 0, 0, 0, 0, TAG_BYTES),
-                   (plan_tag & 0xFFFFFFFF).to_bytes(TAG_BYTES, "little"))
+        return cls(
+            FrameHeader(FrameKind.HELLO, DType.TAG, 0, 0, 0, 0, 0, 0, TAG_BYTES),
+            (plan_tag & 0xFFFFFFFF).to_bytes(TAG_BYTES, "little"),
+        )
 
     @property
     def plan_tag(self) -> int | None:
@@ -204,14 +235,14 @@ class Frame:
         return None
 
     @classmethod
-    def pong(cls) -> "Frame":
+    def pong(cls) -> Frame:
         return cls(FrameHeader(FrameKind.PONG, DType.NONE, 0, 0, 0, 0, 0, 0, 0), None)
 
     def encode(self) -> list[bytes | memoryview]:
         """Header and payload buffers, ready for ``writer.writelines``."""
         parts: list[bytes | memoryview] = [self.header.pack()]
         if isinstance(self.payload, np.ndarray):
-            parts.append(memoryview(self.payload).cast("B"))
+            parts.append(self.payload.data.cast("B"))
         elif isinstance(self.payload, str):
             parts.append(self.payload.encode()[: self.header.payload_len])
         elif isinstance(self.payload, bytes):
@@ -219,13 +250,13 @@ class Frame:
         return parts
 
 
-def decode_payload(header: FrameHeader, body: bytes | bytearray) -> "Frame":
+def decode_payload(header: FrameHeader, body: bytes | bytearray) -> Frame:
     """The :class:`Frame` of a validated header and its ``header.payload_len`` bytes of payload.
 
     Raises:
         FrameError: hidden states that are not finite (NaN or ±Inf).
     """
-    payload: np.ndarray | str | bytes | None
+    payload: npt.NDArray[Any] | str | bytes | None
     if header.dtype is DType.TOKENS:
         payload = np.frombuffer(body, dtype="<i4")
     elif header.dtype is DType.F32:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from typing import Literal, overload
 
 from homering.wire.security import ClusterKey
 
@@ -34,7 +35,17 @@ class HandshakeError(ConnectionError):
     garbage); both ends hang up."""
 
 
+@overload
+def recv_exact(sock: socket.socket, n: int, allow_eof: Literal[False] = False) -> bytearray: ...
+@overload
+def recv_exact(sock: socket.socket, n: int, allow_eof: bool) -> bytearray | None: ...
 def recv_exact(sock: socket.socket, n: int, allow_eof: bool = False) -> bytearray | None:
+    """Exactly ``n`` bytes from ``sock`` (blocking); None when ``allow_eof`` and the peer closed before the first.
+
+    Raises:
+        ConnectionError: the peer closed the link part-way.
+        TimeoutError, OSError: from the socket.
+    """
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -71,8 +82,7 @@ def _check_mode(theirs: int, key: ClusterKey | None) -> None:
     raise HandshakeError(f"unknown handshake mode {theirs}")
 
 
-def server_handshake(sock: socket.socket, key: ClusterKey | None,
-                     timeout: float = LINK_HANDSHAKE_TIMEOUT_S) -> None:
+def server_handshake(sock: socket.socket, key: ClusterKey | None, timeout: float = LINK_HANDSHAKE_TIMEOUT_S) -> None:
     """The accepting end's handshake: send a nonce, check the client's MAC, prove ours.
 
     Each step waits at most ``timeout`` seconds. With ``key`` None the ends
@@ -106,8 +116,7 @@ def server_handshake(sock: socket.socket, key: ClusterKey | None,
         sock.settimeout(previous)
 
 
-def client_handshake(sock: socket.socket, key: ClusterKey | None,
-                     timeout: float = LINK_HANDSHAKE_TIMEOUT_S) -> None:
+def client_handshake(sock: socket.socket, key: ClusterKey | None, timeout: float = LINK_HANDSHAKE_TIMEOUT_S) -> None:
     """The connecting end's handshake: answer the server's nonce with ours and a MAC, check the server's.
 
     Raises:

@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from homering.profiler.profile import DeviceProfile
-from homering.wire.base import NAME, WireEnum, SCHEMA_VERSION, Message
+from homering.wire.base import NAME, SCHEMA_VERSION, Message, WireEnum
 
 
 class AgentState(WireEnum):
@@ -34,6 +34,7 @@ class ControllerState(WireEnum):
     READY = "ready"
     OFFLINE = "offline"
     ERROR = "error"
+
 
 class AgentProfile(Message):
     """What an agent publishes about its device (retained)."""
@@ -139,8 +140,11 @@ class PlanAgent(Message):
     windows: list[WindowAssignment]
     mode: Literal["resident", "overflow", "stream"] | None = None
     predicted: PredictedCost | None = None
-    release: bool = Field(default=False, description="drop each window from the page cache after use "
-                                                      "(the planner's choice for devices in stream mode with k > 1)")
+    release: bool = Field(
+        default=False,
+        description="drop each window from the page cache after use "
+        "(the planner's choice for devices in stream mode with k > 1)",
+    )
     link_ms: float | None = Field(default=None, description="measured one-way latency to the head, ms")
 
 
@@ -160,16 +164,23 @@ class Plan(Message):
     n_layers: int = Field(ge=1)
     n_ctx: int = Field(ge=16, description="context (KV cache) of one sequence, tokens")
     n_batch: int = Field(ge=1, default=256)
-    n_parallel: int = Field(ge=1, le=256, default=1, description="sequences every window's KV cache holds "
-                                                                 "(requests served at once), n_ctx each")
+    n_parallel: int = Field(
+        ge=1,
+        le=256,
+        default=1,
+        description="sequences every window's KV cache holds (requests served at once), n_ctx each",
+    )
     planner: str
     k: int = Field(ge=1, default=1, description="rounds: windows per agent")
     predicted_ms_per_token: float | None = None
     solve_ms: float | None = None
     dropped: list[str] = Field(default_factory=list, description="agents the planner left out")
     pipeline_depth: int | None = Field(
-        default=None, ge=1, description="ring devices that can compute at once (agents sharing a host share its "
-        "cores); the head spreads requests over this many groups [default: every agent of the ring]")
+        default=None,
+        ge=1,
+        description="ring devices that can compute at once (agents sharing a host share its "
+        "cores); the head spreads requests over this many groups [default: every agent of the ring]",
+    )
     ring: list[PlanAgent] = Field(min_length=1)
 
     @property
@@ -220,16 +231,19 @@ class ControllerStatus(Message):
 
     state: ControllerState
     model: str | None = None
-    model_path: str | None = Field(default=None, description="agents that have this file (same fingerprint) "
-                                                             "profile and slice it themselves")
+    model_path: str | None = Field(
+        default=None, description="agents that have this file (same fingerprint) profile and slice it themselves"
+    )
     model_fingerprint: str | None = None
     n_ctx: int | None = None
     plan_id: str | None = None
     detail: str | None = None
-    api: str | None = Field(default=None, description="the OpenAI-compatible API's base URL, when served; "
-                                                      "it also serves the window files")
-    model_facts: ModelFacts | None = Field(default=None, description="the model's shape: agents without the "
-                                                                     "model file profile from it")
+    api: str | None = Field(
+        default=None, description="the OpenAI-compatible API's base URL, when served; it also serves the window files"
+    )
+    model_facts: ModelFacts | None = Field(
+        default=None, description="the model's shape: agents without the model file profile from it"
+    )
 
 
 class WindowStats(Message):
@@ -258,9 +272,13 @@ class AgentStats(Message):
     layers: int = Field(ge=0, default=0, description="layers held, summed over the windows")
     windows: list[WindowStats] = Field(default_factory=list)
     tokens_generated: int = Field(ge=0, default=0, description="head only: tokens sampled since start")
-    tokens_per_s: float = Field(ge=0, default=0.0, description="head: tokens sampled per second in its most "
-                                                                "recent run of work (the answer now, or the "
-                                                                "last one); others: rows computed")
+    tokens_per_s: float = Field(
+        ge=0,
+        default=0.0,
+        description="head: tokens sampled per second in its most "
+        "recent run of work (the answer now, or the "
+        "last one); others: rows computed",
+    )
     rss_bytes: int = Field(ge=0, default=0, description="resident memory of the agent process, bytes")
     anon_bytes: int = Field(ge=0, default=0, description="anonymous (non-file) resident memory, bytes")
     requests_active: int = Field(ge=0, default=0, description="head only: sequences being generated")

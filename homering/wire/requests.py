@@ -7,8 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from homering.engine.sampling import Sampling
-from homering.wire.base import NAME, WireEnum, Message
-
+from homering.wire.base import NAME, Message, WireEnum
 
 
 class EventType(WireEnum):
@@ -23,7 +22,17 @@ class EventType(WireEnum):
 END_EVENTS = frozenset({EventType.DONE, EventType.ERROR, EventType.INTERRUPTED})
 """The event types that end an attempt's stream."""
 
-__all__ = ["EventType", "END_EVENTS", "ChatMessage", "GenerateRequest", "GenerateJob", "StreamEvent", "CancelJob", "StreamReplay", "Sampling"]
+__all__ = [
+    "EventType",
+    "END_EVENTS",
+    "ChatMessage",
+    "GenerateRequest",
+    "GenerateJob",
+    "StreamEvent",
+    "CancelJob",
+    "StreamReplay",
+    "Sampling",
+]
 
 
 class ChatMessage(Message):
@@ -61,8 +70,10 @@ class GenerateJob(Message):
     sampling: Sampling
     attempt: int = Field(ge=0, default=0, description="0, then +1 each time the request resumes on a new ring")
     resume_token_ids: list[int] = Field(
-        default_factory=list, description="tokens already streamed to the client by an earlier attempt: the head "
-        "replays prompt + these through the ring to rebuild the KV caches, then goes on generating")
+        default_factory=list,
+        description="tokens already streamed to the client by an earlier attempt: the head "
+        "replays prompt + these through the ring to rebuild the KV caches, then goes on generating",
+    )
 
 
 class StreamEvent(Message):

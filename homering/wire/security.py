@@ -42,10 +42,16 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
-from homering.wire.base import MalformedMessage
 from homering.errors import HomeringError
+from homering.wire.base import MalformedMessage, Message
+from homering.wire.messages import AgentState
+from homering.wire.topics import parse
+
+M = TypeVar("M", bound=Message)
 
 log = logging.getLogger("homering.security")
 
@@ -73,8 +79,10 @@ class ClusterKey:
     def __init__(self, secret: str, *, source: str = "a key"):
         raw = secret.encode()
         if not MIN_KEY_BYTES <= len(raw) <= MAX_KEY_BYTES:
-            raise HomeringError(f"the cluster key from {source} has {len(raw)} bytes; it needs "
-                                f"{MIN_KEY_BYTES} to {MAX_KEY_BYTES} (e.g. 'openssl rand -hex 32')")
+            raise HomeringError(
+                f"the cluster key from {source} has {len(raw)} bytes; it needs "
+                f"{MIN_KEY_BYTES} to {MAX_KEY_BYTES} (e.g. 'openssl rand -hex 32')"
+            )
         self._secret = raw
         self._text = secret
         self.source = source
@@ -111,8 +119,10 @@ class ClusterKey:
         now = time.time() if now is None else now
         age = now - ts_ms / 1000
         if abs(age) > MAX_AGE_S:
-            return f"{'stale' if age > 0 else 'future'} timestamp ({age:+.0f} s; clocks must agree within " \
-                   f"{MAX_AGE_S:.0f} s)"
+            return (
+                f"{'stale' if age > 0 else 'future'} timestamp ({age:+.0f} s; clocks must agree within "
+                f"{MAX_AGE_S:.0f} s)"
+            )
         mono = time.monotonic()
         with self._lock:
             while self._seen and (next(iter(self._seen.values())) < mono or len(self._seen) >= MAX_REMEMBERED):
@@ -148,18 +158,22 @@ class NewestState:
         self._last: dict[tuple[str, str], tuple[int, str | None]] = {}  # (kind, agent) -> (ts, session)
         self._wills: dict[str, set[int]] = {}  # agent -> signing times of offline statuses accepted late
 
-    def check(self, topic: str, msg):
+    def check(self, topic: str, msg: M) -> M:
         """``msg`` (an ``AgentProfile``/``AgentStatus``/``AgentStats`` from ``homering/agents/<name>/…``) when it
         may be used.
 
         Raises:
-            MalformedMessage: another agent's message on this topic, or one signed before the last accepted.
+            MalformedMessage: another agent's message on this topic (or a topic of no agent), or one signed
+                before the last accepted.
         """
         ts = msg.signed_at
         if ts is None:
             return msg
-        agent, kind = topic.split("/")[-2], type(msg).__name__
-        name = getattr(msg, "name", None)
+        ref = parse(topic)
+        agent = ref.name if ref is not None and ref.kind != "stream" else None
+        kind, name = type(msg).__name__, getattr(msg, "name", None)
+        if agent is None:
+            raise MalformedMessage(f"{kind} on {topic!r}, which is no agent's topic")
         if name != agent:
             raise MalformedMessage(f"{kind} of agent {name!r} on the topic of {agent!r}")
         last = self._last.get((kind, agent))
@@ -167,7 +181,7 @@ class NewestState:
         if last is None or ts > last[0]:
             self._last[(kind, agent)] = (ts, session)
             return msg
-        late_will = getattr(msg, "state", None) == "offline" and session is not None and session == last[1]
+        late_will = getattr(msg, "state", None) == AgentState.OFFLINE and session is not None and session == last[1]
         if late_will and ts not in self._wills.setdefault(agent, set()):
             self._wills[agent].add(ts)
             return msg
@@ -191,7 +205,7 @@ def _read_key_file(path: str, source: str) -> ClusterKey:
     return ClusterKey(text, source=f"{source} {p}")
 
 
-def load_key(key_file: str | None = None, environ=None) -> ClusterKey | None:
+def load_key(key_file: str | None = None, environ: Mapping[str, str] | None = None) -> ClusterKey | None:
     """The configured cluster key, or None when none is (an open cluster).
 
     Args:
@@ -211,7 +225,7 @@ def load_key(key_file: str | None = None, environ=None) -> ClusterKey | None:
     return None
 
 
-def child_environment(key: ClusterKey | None, environ=None) -> dict[str, str]:
+def child_environment(key: ClusterKey | None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a cluster process this one starts: ours, with exactly ``key`` as its cluster key.
 
     The key goes in ``HOMERING_CLUSTER_KEY`` (readable only by the same user,

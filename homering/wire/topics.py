@@ -67,8 +67,12 @@ class TopicRef:
 
 
 _AGENT_KINDS = {"profile", "status", "generate", "probe", "stats", "cancel", "replay"}
-_FIXED = {Topics.PLAN: "plan", Topics.CONTROLLER: "controller", Topics.CONTROLLER_STATS: "controller_stats",
-          Topics.REQUESTS: "requests"}
+_FIXED = {
+    Topics.PLAN: "plan",
+    Topics.CONTROLLER: "controller",
+    Topics.CONTROLLER_STATS: "controller_stats",
+    Topics.REQUESTS: "requests",
+}
 
 
 def parse(topic: str) -> TopicRef | None:

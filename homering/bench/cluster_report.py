@@ -1,0 +1,86 @@
+"""The report of ``homering bench cluster``: the summary's ratios and targets, a table and a PNG chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+
+def summarize(results: dict) -> dict:
+    """Ratios and target checks of the headline runs (missing runs give None)."""
+    r = results["runs"]
+    single, memory, halda = (r.get(k) for k in ("single", "memory", "halda"))
+    out: dict = {}
+    if single and halda:
+        out["halda_speedup_vs_single"] = single["ms_per_token"] / halda["ms_per_token"]
+        out["target_5x_single"] = out["halda_speedup_vs_single"] >= 5
+    if memory and halda:
+        out["halda_speedup_vs_memory"] = memory["ms_per_token"] / halda["ms_per_token"]
+        out["target_faster_than_memory"] = halda["ms_per_token"] < memory["ms_per_token"]
+    if halda:
+        pred = halda.get("predicted_ms_per_token")
+        if pred:
+            out["prediction_error"] = (pred - halda["ms_per_token"]) / halda["ms_per_token"]
+            out["target_prediction_25pct"] = abs(out["prediction_error"]) <= 0.25
+        worst = max(
+            (v for run in (single, memory, halda) if run for v in run["memory_pressure"].values()), default=None
+        )
+        out["max_memory_pressure"] = worst
+        out["target_pressure_10pct"] = worst is not None and worst <= 0.10
+    one = r.get("halda_one_batch")
+    if one and halda:
+        out["prefill_ttft_micro_over_one_batch"] = halda["ttft_ms"] / one["ttft_ms"]
+    rel, norel = r.get("halda_release"), r.get("halda_no_release")
+    if rel and norel:
+        out["release_ms_per_token_ratio"] = rel["ms_per_token"] / norel["ms_per_token"]
+    return out
+
+
+def table(results: dict) -> Table:
+    """A rich table of the runs: ms/token, the predicted ms/token, TTFT, k and the highest memory pressure."""
+    t = Table(title=f"bench cluster: {Path(results['model']).name} on {results['spec']}")
+    for col in ("run", "ms/token", "predicted", "TTFT ms", "k", "max pressure"):
+        t.add_column(col, justify="right")
+    for key, run in results["runs"].items():
+        pred = run.get("predicted_ms_per_token")
+        t.add_row(
+            key,
+            f"{run['ms_per_token']:.1f}",
+            f"{pred:.1f}" if pred else "-",
+            f"{run['ttft_ms']:.0f}",
+            str(run.get("k", "-")),
+            f"{max(run['memory_pressure'].values()):.1%}",
+        )
+    return t
+
+
+def chart(results: dict, path: Path) -> Path:
+    """A PNG with two bar charts: decode ms/token and TTFT per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(results["runs"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, title in (
+        (axes[0], "ms_per_token", "decode, ms/token (lower is better)"),
+        (axes[1], "ttft_ms", "TTFT, ms (lower is better)"),
+    ):
+        vals = [results["runs"][k][metric] for k in keys]
+        bars = ax.bar(keys, vals, color=["#888" if k == "single" else "#4a7" for k in keys])
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_title(title)
+        ax.set_yscale("log")
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+    if "halda" in results["runs"] and results["runs"]["halda"].get("predicted_ms_per_token"):
+        axes[0].axhline(
+            results["runs"]["halda"]["predicted_ms_per_token"], ls="--", color="k", lw=0.8, label="Halda's prediction"
+        )
+        axes[0].legend(fontsize=8)
+    fig.suptitle(f"{Path(results['model']).name} on {Path(results['spec']).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

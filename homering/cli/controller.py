@@ -1,0 +1,113 @@
+"""``homering controller`` (plans the cluster and serves requests) and the hidden ``homering broker``."""
+
+from __future__ import annotations
+
+import click
+
+from homering.cli.options import (
+    HA_OPTION,
+    KEY_OPTION,
+    MODEL_OPTION,
+    api_key_option,
+    broker_options,
+    cluster_key,
+    given,
+    serving_options,
+)
+from homering.cli.running import run
+
+
+@click.command()
+@broker_options()
+@MODEL_OPTION
+@click.option(
+    "--agents",
+    "-n",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Agents to wait for before planning.",
+)
+@click.option(
+    "--ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True, help="Context size in tokens."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the agents to join.",
+)
+@serving_options
+@click.option(
+    "--api-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of the OpenAI-compatible API (0.0.0.0 to serve the LAN).",
+)
+@click.option(
+    "--api-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve the OpenAI-compatible API on this port [default: no API].",
+)
+@api_key_option
+@HA_OPTION
+@KEY_OPTION
+def controller(
+    broker,
+    model,
+    agents,
+    ctx,
+    timeout,
+    serving,
+    api_host,
+    api_port,
+    api_key_file,
+    ha_discovery,
+    key_file,
+) -> None:
+    """Coordinate the cluster: wait for agents, plan, and serve generation requests.
+
+    With --api-port it also serves the OpenAI API (/v1/chat/completions,
+    /v1/completions, /v1/models, /v1/cluster, /health, /metrics).
+    """
+    from homering.controller.controller import DEFAULT_BATCH, Controller
+    from homering.models.registry import resolve_model
+    from homering.secrets import api_key
+
+    if api_key_file and api_port is None and given("api_key_file"):
+        raise click.UsageError("--api-key-file goes with --api-port")
+    key = api_key(api_key_file) if api_port else None
+    path = resolve_model(model)
+    run(
+        Controller(
+            broker,
+            path,
+            n_agents=agents,
+            n_ctx=ctx,
+            join_timeout=timeout,
+            planner=serving.planner,
+            rounds=serving.rounds,
+            n_batch=serving.n_batch or DEFAULT_BATCH,
+            n_parallel=serving.parallel,
+            max_queue=serving.max_queue,
+            api=(api_host, api_port) if api_port else None,
+            api_key=key,
+            ha_discovery=ha_discovery,
+            key=cluster_key(key_file),
+        ).run()
+    )
+
+
+@click.command(hidden=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=1883, show_default=True)
+def broker(host, port) -> None:
+    """Run the embedded (amqtt) MQTT broker: only the user and password in $HOMERING_MQTT_USER and
+    $HOMERING_MQTT_PASSWORD may connect when they are set, anyone otherwise."""
+    from homering.transport.broker import run_broker
+    from homering.transport.mqtt import BrokerAuth
+
+    auth = BrokerAuth.load()
+    run(run_broker(host, port, auth if auth.username else None))

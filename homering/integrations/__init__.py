@@ -1,0 +1,1 @@
+"""Bridges to other systems: Home Assistant's MQTT discovery (:mod:`.homeassistant`)."""
