@@ -17,6 +17,8 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from homering.wire import EventType
+
 if TYPE_CHECKING:
     from homering.api.view import ClusterView
     from homering.wire import StreamEvent
@@ -64,7 +66,7 @@ class Metrics:
 
     def finished(self, event: StreamEvent, seconds: float) -> None:
         """Count a request whose last event (``done`` or ``error``) arrived ``seconds`` after admission."""
-        if event.type == "error":
+        if event.type == EventType.ERROR:
             self.requests.labels("error").inc()
             return
         self.requests.labels(event.finish_reason or "stop").inc()

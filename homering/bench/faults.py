@@ -40,7 +40,7 @@ from homering.client.client import ClusterClient, new_request_id
 from homering.client.local import stop_processes
 from homering.errors import HomeringError
 from homering.transport.mqtt import BrokerURL
-from homering.wire import GenerateRequest, Sampling
+from homering.wire import EventType, GenerateRequest, Sampling
 
 PAUSE_WINDOW_S = 30.0
 
@@ -158,11 +158,11 @@ class _Soak:
             sampling=Sampling(max_tokens=self.n_tokens, temperature=0, ignore_eos=True),
         )
         async for ev in client.generate(req, timeout=120):
-            if ev.type == "token":
+            if ev.type == EventType.TOKEN:
                 self.token_times.append(time.monotonic())
-            elif ev.type == "done":
+            elif ev.type == EventType.DONE:
                 return ev.token_ids, None
-            elif ev.type == "error":
+            elif ev.type == EventType.ERROR:
                 return None, ev.error
         return None, "the stream ended without done"
 
