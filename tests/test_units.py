@@ -253,3 +253,51 @@ def test_metrics_exposition_passes_promtool():
         [promtool, "check", "metrics"], input=_fake_controller_metrics(), capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_cluster_bench_keeps_the_window_disk_to_one_run(tmp_path):
+    """Each run's window files are counted at their peak, then removed (a 32B run would otherwise fill the disk)."""
+    from homering.bench.disk import WindowDisk
+
+    homes = [tmp_path / "controller", tmp_path / "d1"]
+    disk = WindowDisk(homes, interval=0.01)
+    for i, home in enumerate(homes):
+        (home / "windows" / "sha256").mkdir(parents=True)
+        (home / "windows" / "sha256" / f"{i}.gguf").write_bytes(b"x" * 1000 * (i + 1))
+    (tmp_path / "d1" / "profile.json").write_text("{}")  # not a window: stays
+    with disk.run():
+        assert disk.total() == 3000
+    assert disk.peak_bytes == 3000
+    assert disk.total() == 0 and not (tmp_path / "d1" / "windows").exists()
+    assert (tmp_path / "d1" / "profile.json").exists()
+    with disk.run():  # a smaller run later keeps the peak
+        (tmp_path / "d1" / "windows").mkdir()
+        (tmp_path / "d1" / "windows" / "w.gguf").write_bytes(b"x" * 10)
+    assert disk.peak_bytes == 3000 and disk.total() == 0
+
+
+def test_peer_runs_read_decode_time_from_llama_cpps_perf_line(tmp_path, monkeypatch):
+    """prima.cpp and llama.cpp print the same perf lines; decode is `eval time`, not `prompt eval time`."""
+    from homering.bench.peers import eval_ms_per_token, even_split, parse_peers, peer_binaries
+    from homering.errors import HomeringError
+
+    log = (
+        "llama_perf_context_print: prompt eval time =      35.20 ms /    14 tokens (    2.51 ms per token,   397 t/s)\n"
+        "llama_perf_context_print:        eval time =    2710.93 ms /   127 runs   (   21.35 ms per token,    46 t/s)\n"
+    )
+    assert eval_ms_per_token(log) == 21.35
+    with pytest.raises(HomeringError, match="no 'eval time' line"):
+        eval_ms_per_token("prompt eval time = 1.0 ms / 3 tokens (0.33 ms per token)\nsegfault\n")
+    assert even_split(30, 3) == [10, 10, 10] and even_split(32, 3) == [11, 11, 10]
+    assert parse_peers("prima, rpc") == ["prima", "rpc"] and parse_peers(None) == []
+    with pytest.raises(HomeringError, match="unknown peer"):
+        parse_peers("prima,exo")
+    monkeypatch.delenv("PRIMA_CLI", raising=False)
+    with pytest.raises(HomeringError, match="make peers"):
+        peer_binaries(["prima"], env_file=tmp_path / "missing.sh")
+    exe = tmp_path / "llama-cli"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    env = tmp_path / "env.sh"
+    env.write_text(f"# source this file\nexport PRIMA_CLI={exe}              # one process per rank\n")
+    assert peer_binaries(["prima"], env_file=env) == {"PRIMA_CLI": str(exe)}

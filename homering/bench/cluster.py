@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -39,7 +40,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from homering.bench.cluster_report import chart, summarize, table
+from homering.bench.cluster_report import describe_testbed, report, summarize
+from homering.bench.disk import WindowDisk
 from homering.bench.memory import PeakSampler, drop_page_cache
 from homering.client.chat import ask
 from homering.client.client import ClusterClient, new_request_id
@@ -127,6 +129,8 @@ class ClusterBench:
         self.console = console or Console(stderr=True)
         self.logs = Path(testbed.workdir) / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.controller_home = Path(testbed.workdir) / "controller" / "home"  # its windows, not the user's cache
+        self.disk = WindowDisk([self.controller_home, *(testbed.home(d) for d in testbed.devices)])
 
     # ------------------------------------------------------------ helpers
     def _cold(self) -> None:
@@ -188,6 +192,12 @@ class ClusterBench:
         """Fresh broker, agents and controller on the testbed; one warm-up and one measured request."""
         self._cold()
         url = self.tb.start_broker()
+        with self.disk.run():  # samples the windows' disk use; removes them after the run
+            return self._run_processes(cfg, url)
+
+    def _run_processes(self, cfg: RunConfig, url: str) -> dict:
+        """Start the agents and the controller of run ``cfg`` and measure; stop them (and the broker) whatever
+        happens."""
         procs: list[subprocess.Popen] = []
         agents: dict[str, int] = {}
         try:
@@ -198,7 +208,8 @@ class ClusterBench:
                 agents[dev] = p.pid
             with self._log(f"{cfg.key}-controller") as log:
                 argv = self._controller_argv(cfg, url, len(agents))
-                procs.insert(0, self.tb.spawn(None, argv, stdout=log, stderr=log))
+                env = {**os.environ, "HOMERING_HOME": str(self.controller_home)}
+                procs.insert(0, self.tb.spawn(None, argv, env=env, stdout=log, stderr=log))
             return asyncio.run(self._measure(cfg, agents))
         finally:
             stop_processes(procs[:1], 10.0)  # the controller first, then the agents
@@ -357,12 +368,13 @@ def run_cluster_bench(
     }
     with Testbed(spec, workdir=default_workdir(spec)) as tb:
         tb.up()
-        results["testbed"] = _describe_testbed(tb)
+        results["testbed"] = describe_testbed(tb)
         bench = ClusterBench(tb, model_path, tokens=tokens, prompt_tokens=prompt_tokens, batch=batch, console=console)
         for cfg in configs:
             results["runs"][cfg.key] = _run_one(bench, cfg, console)
+        results["peak_window_bytes"] = bench.disk.peak_bytes
     results["summary"] = summarize(results)
-    _report(results, out_dir / f"cluster-{Path(spec_path).stem}-{stamp}.json", console)
+    report(results, out_dir / f"cluster-{Path(spec_path).stem}-{stamp}.json", console)
     return results
 
 
@@ -373,17 +385,3 @@ def _configs(model_path: Path, *, batch: int, prompt_tokens: int, keys: list[str
     n_layers = inspect_gguf(model_path).n_layers
     configs = default_configs(prefill=True, release=True, batch=batch, prompt_tokens=prompt_tokens, n_layers=n_layers)
     return select_configs(configs, keys)
-
-
-def _describe_testbed(tb) -> dict:
-    """The testbed's part of the results: its traffic shaping, warnings and devices."""
-    return {"shaping": tb.shaping, "warnings": tb.warnings, "devices": {d: tb.describe(d) for d in tb.devices}}
-
-
-def _report(results: dict, out: Path, console: Console) -> None:
-    """Print the table, write the results as JSON to ``out`` and the chart next to it (a PNG)."""
-    console.print(table(results))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    png = chart(results, out.with_suffix(".png"))
-    console.print(f"wrote {out} and {png}")

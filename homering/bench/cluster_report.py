@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
 
@@ -84,3 +86,17 @@ def chart(results: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def describe_testbed(tb) -> dict:
+    """The testbed's part of the results: its traffic shaping, warnings and devices."""
+    return {"shaping": tb.shaping, "warnings": tb.warnings, "devices": {d: tb.describe(d) for d in tb.devices}}
+
+
+def report(results: dict, out: Path, console: Console) -> None:
+    """Print the table, write the results as JSON to ``out`` and the chart next to it (a PNG)."""
+    console.print(table(results))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    png = chart(results, out.with_suffix(".png"))
+    console.print(f"wrote {out} and {png}")

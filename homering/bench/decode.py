@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from homering.bench import write_json
+from homering.bench.peers import peer_binaries, run_prima, run_rpc
 from homering.client.chat import ask
 from homering.client.client import ClusterClient, new_request_id
 from homering.client.local import LocalCluster
@@ -65,10 +67,20 @@ def run_decode_bench(
     repeats: int = 3,
     out: str | Path = "bench-results/decode.json",
     broker=None,
+    peers: Sequence[str] = (),
     console: Console | None = None,
 ) -> dict:
-    """Run the benchmark, print a table, write JSON to ``out``, and return the results."""
+    """Run the benchmark, print a table, write JSON to ``out``, and return the results.
+
+    ``peers`` (``"prima"``, ``"rpc"``: :mod:`homering.bench.peers`) run as many processes as each cluster
+    size, one thread each like the agents, in the same run; ``runs`` in the JSON then has
+    ``homering_<n>``, ``prima_<n>`` and ``rpc_<n>``, each with ``ms_per_token``.
+
+    Raises:
+        HomeringError: a peer that is not built, or that fails.
+    """
     console = console or Console(stderr=True)
+    bins = peer_binaries(peers) if peers else {}
     baseline: list[float] = []
     results: dict = {
         "model": str(model_path),
@@ -93,6 +105,7 @@ def run_decode_bench(
         )
     with console.status("baseline…"):
         baseline.append(baseline_ms_per_token(model_path, threads, n_tokens))
+    results["runs"] = _peer_runs(results["configs"], peers, bins, model_path, threads, n_tokens, repeats, console)
     base = statistics.median(baseline)
     results["baseline_ms_per_token"] = base
     results["baseline_runs_ms_per_token"] = baseline
@@ -110,6 +123,32 @@ def run_decode_bench(
             f"{cfg['tokens_per_s']:.1f}",
             f"{cfg['ratio_vs_baseline']:.2f}",
         )
+    for key, run in results["runs"].items():
+        if not key.startswith("homering_"):
+            table.add_row(key, f"{run['ms_per_token']:.2f}", f"{1000 / run['ms_per_token']:.1f}",
+                          f"{base / run['ms_per_token']:.2f}")  # fmt: skip
     Console().print(table)
     write_json(results, out)
     return results
+
+
+def _peer_runs(configs: list[dict], peers: Sequence[str], bins: dict[str, str], model_path: Path, threads: int,
+               n_tokens: int, repeats: int, console: Console) -> dict[str, dict]:  # fmt: skip
+    """``homering_<n>`` from the cluster runs and, for each peer, ``<peer>_<n>``: the median of ``repeats`` runs
+    with ``n`` processes."""
+    from homering.models.gguf_info import inspect_gguf
+
+    runs: dict[str, dict] = {f"homering_{c['agents']}": {"ms_per_token": c["ms_per_token"]} for c in configs}
+    n_layers = inspect_gguf(model_path).n_layers
+    for peer in peers:
+        for cfg in configs:
+            n = cfg["agents"]
+            with console.status(f"{peer}, {n} process(es)…"):
+                times = [
+                    run_prima(bins, model_path, n, n_layers, prompt=PROMPT, n_tokens=n_tokens, threads=threads)
+                    if peer == "prima"
+                    else run_rpc(bins, model_path, n, prompt=PROMPT, n_tokens=n_tokens, threads=threads)
+                    for _ in range(repeats)
+                ]
+            runs[f"{peer}_{n}"] = {"ms_per_token": statistics.median(times), "runs_ms_per_token": times}
+    return runs

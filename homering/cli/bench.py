@@ -62,11 +62,20 @@ def _bench_run_options(name: str):
 @click.option(
     "--tokens", type=click.IntRange(8, 4096), default=128, show_default=True, help="Tokens to decode per run."
 )
+@click.option(
+    "--peers",
+    callback=lambda ctx, param, value: _peers(value),
+    default=None,
+    metavar="prima,rpc",
+    help="Also run these peer systems with as many processes (1 thread each), in the same run: prima.cpp's "
+    "ring and llama.cpp RPC (build them with `make peers`).",
+)
 @_bench_run_options("decode")
-def bench_decode(agent_counts, more_counts, model, threads, tokens, repeats, out, broker) -> None:
+def bench_decode(agent_counts, more_counts, model, threads, tokens, peers, repeats, out, broker) -> None:
     """Decode tokens/s of the ring against plain llama-cpp-python, in one run.
 
-    Example: `homering bench decode --agents 1 3`.
+    Example: `homering bench decode --agents 1 3`, or `homering bench decode --agents 3 --threads 1
+    --peers prima,rpc` (the toy-scale comparison with the paper's own system and llama.cpp RPC).
     """
     from homering.bench.decode import run_decode_bench
     from homering.client.local import default_threads
@@ -81,7 +90,19 @@ def bench_decode(agent_counts, more_counts, model, threads, tokens, repeats, out
         repeats=repeats,
         out=out,
         broker=broker,
+        peers=peers,
     )
+
+
+def _peers(value: str | None) -> list[str]:
+    """``--peers``: the names, checked (a usage error for an unknown one)."""
+    from homering.bench.peers import parse_peers
+    from homering.errors import HomeringError
+
+    try:
+        return parse_peers(value)
+    except HomeringError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @bench.command("concurrent")
