@@ -32,6 +32,7 @@ help:
 	@echo "make bench-cluster - (root, Linux) the paper's headline on an emulated 4-device home cluster"
 	@echo "make bench-faults - (root, Linux) kill agents while requests flow: completed/garbled, recovery pause"
 	@echo "make secrets - passwords, the API key and mosquitto's password file for docker/compose.yaml"
+	@echo "make peers  - build prima.cpp and llama.cpp's RPC tools into .peers/ (for bench decode --peers; ~20 min)"
 	@echo "make lock   - upgrade requirements.lock and requirements-test.lock (then make test, and commit them)"
 	@echo "make compose-config - validate docker/compose.yaml and lint docker/Dockerfile (no Docker engine needed)"
 
@@ -63,6 +64,13 @@ bench: install model-default
 	$(HR) bench concurrent --agents 4 --streams 1 4
 	$(HR) bench plan
 
+# The peer systems (prima.cpp with HiGHS, llama.cpp RPC) from the sources and build script in PEERS_SRC,
+# into .peers/ (ignored); .peers/env.sh has their paths, which `homering bench … --peers` reads.
+PEERS_SRC ?= ../shared/peers
+peers:
+	@[ -f "$(PEERS_SRC)/build.sh" ] || { echo "no peer sources in $(PEERS_SRC): set PEERS_SRC=<the folder with build.sh>" >&2; exit 1; }
+	@bash "$(PEERS_SRC)/build.sh" .peers
+
 bench-cluster: install mosquitto
 	$(HR) bench cluster --spec examples/clusters/home4.yaml --model llama3.2-3b-q4_0 --json
 
@@ -74,7 +82,7 @@ install: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml $(TEST_LOCK) | $(PY)
+$(STAMP): pyproject.toml $(TEST_LOCK) | $(PY) mosquitto
 	@echo "installing homering and the locked dependencies into $(VENV) (the first build of llama-cpp-python takes ~8 min; pip's wheel cache keeps it)"
 	@$(PY) -m pip install -q "$(PIP_PIN)" 2>&1 | $(QUIET_PIP)
 	@$(PY) -m pip install -q --require-hashes -r $(TEST_LOCK) 2>&1 | $(QUIET_PIP)
@@ -96,10 +104,17 @@ $(TOOLS)/.uv:
 	@touch $@
 
 # mosquitto for the tests' broker, its clients (mosquitto_sub/pub) for the attacks the tests make; iproute2 (ip, tc) for the emulated cluster (homering testbed); tmux for the tests that type into the terminal chat.
+# iptables and libnetfilter-queue-dev (with a C compiler and Python's headers, to build the NetfilterQueue
+# package of the test lock) for the testbed's link delay where the kernel has no sch_netem; so `install` runs
+# this step first.
 APT_NEEDED = $(shell command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || echo mosquitto) \
              $(shell command -v mosquitto_sub >/dev/null 2>&1 || echo mosquitto-clients) \
              $(shell command -v tmux >/dev/null 2>&1 || echo tmux) \
-             $(shell PATH=$$PATH:/usr/sbin:/sbin command -v ip >/dev/null 2>&1 && PATH=$$PATH:/usr/sbin:/sbin command -v tc >/dev/null 2>&1 || echo iproute2)
+             $(shell PATH=$$PATH:/usr/sbin:/sbin command -v ip >/dev/null 2>&1 && PATH=$$PATH:/usr/sbin:/sbin command -v tc >/dev/null 2>&1 || echo iproute2) \
+             $(shell PATH=$$PATH:/usr/sbin:/sbin command -v iptables >/dev/null 2>&1 || echo iptables) \
+             $(shell [ -e /usr/include/libnetfilter_queue/libnetfilter_queue.h ] || echo libnetfilter-queue-dev) \
+             $(shell command -v cc >/dev/null 2>&1 || echo gcc libc6-dev) \
+             $(shell $(PYTHON) -c "import os, sysconfig; assert os.path.exists(sysconfig.get_paths()['include'] + '/Python.h')" >/dev/null 2>&1 || echo python3-dev)
 
 mosquitto:
 	@[ -z "$(strip $(APT_NEEDED))" ] || { \

@@ -123,3 +123,23 @@ def keyed_cluster(smollm2, mosquitto, tmp_path_factory):
     ):
         c.log_path = log_path
         yield c
+
+
+QWEN2_SMALL_LAYERS = 6  # k = 2 rounds over 3 agents need 6 windows of at least one layer
+
+
+@pytest.fixture(scope="session")
+def qwen2_small(tmp_path_factory) -> Path:
+    """A small synthetic qwen2 model (Qwen2.5-0.5B's layers and attention biases, Q4_K_M with its Q5_0/Q8_0
+    fallbacks, 6 layers, SmolLM2's 49152-token vocabulary), written once per session (seed 0, about 0.5 s)."""
+    from homering.models.synth import synthesize
+
+    out = tmp_path_factory.mktemp("qwen2") / "qwen2.5-0.5b-q4_k_m-6l.gguf"
+    return synthesize("qwen2.5-0.5b", "q4_k_m", out, n_layers=QWEN2_SMALL_LAYERS, n_vocab=49152, progress=False)
+
+
+@pytest.fixture(scope="session")
+def qwen2_small_ref(qwen2_small) -> Reference:
+    ref = Reference(qwen2_small)
+    yield ref
+    ref.close()

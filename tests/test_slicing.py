@@ -60,3 +60,21 @@ def test_windows_are_cached(smollm2):
     again = slice_window(smollm2, spec, progress=False)
     assert again == first and again.stat().st_mtime_ns == stat.st_mtime_ns
     assert slice_window(smollm2, WindowSpec(0, 30, Role.WHOLE)) == smollm2
+
+
+def test_qwen2_bias_tensors_move_with_their_blocks(qwen2_small):
+    """A qwen2 window keeps its blocks' attn_q/k/v biases (float32), renumbered, with their bytes."""
+    path = slice_window(qwen2_small, WindowSpec(4, 6, Role.LAST), progress=False)
+    src, win = read_gguf(qwen2_small), read_gguf(path)
+    src_t = {t.name: t for t in src.tensors}
+    biases = [t for t in win.tensors if t.name.endswith(".bias")]
+    assert sorted(t.name for t in biases) == sorted(f"blk.{i}.attn_{x}.bias" for i in (0, 1) for x in "qkv")
+    with open(qwen2_small, "rb") as a, open(path, "rb") as b:
+        for t in biases:
+            i, rest = t.name.split(".", 2)[1:]
+            orig = src_t[f"blk.{int(i) + 4}.{rest}"]
+            assert (t.dims, t.ggml_type) == (orig.dims, 0)
+            a.seek(orig.offset)
+            b.seek(t.offset)
+            assert a.read(t.n_bytes) == b.read(t.n_bytes)
+    assert win.get("qwen2.block_count") == 2

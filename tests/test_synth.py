@@ -204,3 +204,84 @@ def test_registry_names(tmp_path, monkeypatch):
     proc = homering("models", "list")
     assert proc.returncode == 0
     assert "llama3.2-3b-q4_0" in proc.stdout and "random-weight models are made on first use" in proc.stdout
+
+
+# llama.cpp's ggml types: F32 0, Q5_0 6, Q8_0 8, Q4_K 12, Q6_K 14
+def test_qwen2_q4_k_m_layout(qwen2_small):
+    """Qwen2.5-0.5B's blocks at Q4_K_M: biases, tied head, and llama.cpp's Q4_K_M types (use_more_bits layers
+    2 and 5 of 6 get Q6_K; rows of 896 values fall back from Q4_K/Q6_K to Q5_0/Q8_0)."""
+    gf = read_gguf(qwen2_small)
+    assert gf.arch == "qwen2" and gf.get("general.file_type") == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert gf.get("qwen2.block_count") == 6 and gf.get("qwen2.attention.head_count_kv") == 2
+    t = {x.name: x for x in gf.tensors}
+    assert "output.weight" not in t and t["token_embd.weight"].ggml_type == 8  # the tied head: Q6_K -> Q8_0
+    assert (t["blk.0.attn_q.bias"].dims, t["blk.0.attn_k.bias"].dims) == ((896,), (128,))
+    assert t["blk.0.attn_q.bias"].ggml_type == 0 and t["blk.5.attn_v.bias"].ggml_type == 0
+    more = {2, 5}
+    for i in range(6):
+        assert t[f"blk.{i}.ffn_down.weight"].ggml_type == (14 if i in more else 12), i
+        assert t[f"blk.{i}.attn_v.weight"].ggml_type == (8 if i in more else 6), i
+        assert t[f"blk.{i}.ffn_up.weight"].ggml_type == t[f"blk.{i}.attn_q.weight"].ggml_type == 6
+
+
+def _scales(path: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(d, dmin or empty, dequantized values) of the first 64 blocks of a tensor."""
+    import gguf
+
+    gf = read_gguf(path)
+    t = next(x for x in gf.tensors if x.name == name)
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.ggml_type)]
+    with open(path, "rb") as f:
+        f.seek(t.offset)
+        raw = np.frombuffer(f.read(64 * size), dtype=np.uint8).reshape(64, size)
+    d_at = {12: 0, 14: 208}.get(t.ggml_type, 0)
+    d = raw[:, d_at : d_at + 2].copy().view("<f2").astype(np.float32).ravel()
+    dmin = raw[:, 2:4].copy().view("<f2").astype(np.float32).ravel() if t.ggml_type == 12 else np.array([])
+    values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(t.ggml_type)).ravel()
+    return d, dmin, values
+
+
+@pytest.mark.parametrize("name", ["blk.0.ffn_down.weight", "blk.2.ffn_down.weight", "blk.0.attn_q.weight"])
+def test_k_quant_blocks_have_finite_small_scales(qwen2_small, name):
+    """Every block's float16 scales are finite and small, and the values are centred with rms 1/sqrt(ne0)."""
+    d, dmin, values = _scales(qwen2_small, name)
+    fan_in = 4864 if "ffn_down" in name else 896
+    assert np.isfinite(d).all() and (np.abs(d) > 0).all() and (np.abs(d) < 1e-2).all()
+    if dmin.size:  # Q4_K: dmin = 4 d, so a value is 8 d (q - 7.5)
+        np.testing.assert_array_equal(dmin, 4 * d)
+    assert np.isfinite(values).all()
+    assert abs(float(np.sqrt(np.mean(values**2))) * fan_in**0.5 - 1) < 0.1
+    assert abs(float(values.mean())) * fan_in**0.5 < 0.1
+
+
+def test_qwen2_32b_size_without_writing_it():
+    """QwQ-32B's shape at Q4_K_M: sizes computed from the rule, close to the real file (19.85 GB)."""
+    q4k, q6k = 144 / 256, 210 / 256
+    e, ff, kv, vocab, n = 5120, 27648, 1024, 152064, 64
+    more = [i < 8 or i >= 56 or (i - 8) % 3 == 2 for i in range(n)]
+    per_layer = (2 * e * e + e * kv + 2 * e * ff) * q4k + 4 * (2 * e + e + 2 * kv)
+    layers = n * per_layer + sum((e * kv + ff * e) * (q6k if m else q4k) for m in more)
+    expected = e * vocab * q4k + e * vocab * q6k + 4 * e + layers
+    assert tensor_bytes("qwen2.5-32b", "q4_k_m") == int(expected)
+    size = expected_size("qwen2.5-32b", "q4_k_m")
+    assert 19.6e9 < size < 20.0e9
+    assert 1.6e9 < expected_size("qwen2.5-32b", "q4_k_m", n_layers=2) < 1.7e9  # head and embedding: 1.1 GB
+
+
+def test_padded_vocabulary_tokenizes_as_smollm2(synth_dir, smollm2):
+    """A vocabulary padded with [PAD<id>] tokens (as Qwen's) keeps SmolLM2's tokenization."""
+    path = synthesize("qwen2.5-0.5b", "q8_0", synth_dir / "pad.gguf", n_layers=1, n_vocab=N_VOCAB + 64, progress=False)
+    ours = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    theirs = llama_cpp.Llama(str(smollm2), vocab_only=True, verbose=False)
+    try:
+        assert ours.n_vocab() == N_VOCAB + 64
+        for text in TEXTS:
+            ids = ours.tokenize(text.encode(), add_bos=True, special=True)
+            assert ids == theirs.tokenize(text.encode(), add_bos=True, special=True)
+    finally:
+        ours.close()
+        theirs.close()
+    assert read_gguf(path).fields["tokenizer.ggml.tokens"].length == N_VOCAB + 64
+    with pytest.raises(ModelError, match="smaller than"):
+        expected_size("qwen2.5-0.5b", "q8_0", 1, n_vocab=1000)
+    path.unlink()

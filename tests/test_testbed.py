@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -127,7 +128,7 @@ def test_devices_have_their_own_addresses_and_reach_each_other_and_the_broker(tm
     with Testbed(s, workdir=tmp_path / "tb") as tb:
         a, b = tb.address("a"), tb.address("b")
         assert a != b and tb.bridge_address not in (a, b) and tb.host_address not in (a, b)
-        assert tb.shaping in ("netem", "tbf")  # tbf when the kernel lacks sch_netem
+        assert tb.shaping in ("netem", "nfqueue")  # nfqueue when the kernel lacks sch_netem
         assert tb.describe("b")["shaping"] == "none"
 
         # a process in A sees A's address on its interface, and not B's
@@ -338,6 +339,132 @@ def test_cli_down_reports_and_a_name_in_use_is_refused(tmp_path):
         assert leftovers(name) == []
 
 
+# ---------------------------------------------------------------- (e) link delay
+ECHO_SERVER = """
+import socket, sys
+s = socket.create_server((sys.argv[1], 7001))
+print("listening", flush=True)
+c, _ = s.accept()
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while data := c.recv(4096):
+    c.sendall(data)
+"""
+
+ECHO_CLIENT = """
+import json, socket, sys, time
+c = socket.create_connection((sys.argv[1], 7001), timeout=10)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+rtts = []
+for i in range(int(sys.argv[2])):
+    t = time.perf_counter()
+    c.sendall(b"x" * 64)
+    got = b""
+    while len(got) < 64:
+        got += c.recv(4096)
+    rtts.append((time.perf_counter() - t) * 1000)
+    time.sleep(0.01)
+print(json.dumps(rtts[5:]))
+"""
+
+
+def round_trips(tb: Testbed, client: str, server: str, n: int = 45) -> list[float]:
+    """TCP round trips in ms of 64-byte messages from ``client`` to an echo server in ``server`` (the
+    first five, with the handshake's effects, left out)."""
+    srv = tb.spawn(server, [sys.executable, "-c", ECHO_SERVER, tb.address(server)], stdout=subprocess.PIPE)
+    try:
+        assert srv.stdout.readline() == b"listening\n"
+        cli = tb.spawn(
+            client,
+            [sys.executable, "-c", ECHO_CLIENT, tb.address(server), str(n)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = cli.communicate(timeout=120)
+        assert cli.returncode == 0, err.decode()
+        return json.loads(out)
+    finally:
+        srv.kill()
+        srv.wait(10)
+
+
+SINK = """
+import socket, sys, time
+s = socket.create_server((sys.argv[1], 7002))
+print("listening", flush=True)
+c, _ = s.accept()
+n, t = 0, time.perf_counter()
+while data := c.recv(1 << 20):
+    n += len(data)
+print(n * 8 / (time.perf_counter() - t) / 1e6, flush=True)
+"""
+
+
+def throughput(tb: Testbed, client: str, server: str, size: int) -> float:
+    """Mbit/s of one TCP flow of ``size`` bytes from ``client`` to ``server`` (as the receiver saw it)."""
+    srv = tb.spawn(server, [sys.executable, "-c", SINK, tb.address(server)], stdout=subprocess.PIPE)
+    try:
+        assert srv.stdout.readline() == b"listening\n"
+        send = f"import socket\nc = socket.create_connection(({tb.address(server)!r}, 7002))\n"
+        send += f"c.sendall(bytes({size}))\nc.close()\n"
+        assert tb.spawn(client, [sys.executable, "-c", send]).wait(120) == 0
+        return float(srv.stdout.readline())
+    finally:
+        srv.kill()
+        srv.wait(10)
+
+
+@needs_root
+def test_round_trip_between_two_devices_is_twice_the_delay(tmp_path):
+    """delay_ms is the one-way delay to a device: a TCP round trip between two takes 2 x delay (± jitter), with
+    netem or, where the kernel has none, the NFQUEUE delayers (tbf alone: about 0.15 ms); and a TCP flow
+    still gets most of the rate (delayed on their way out, packets capped it at about 20 Mbit/s)."""
+    name = unique("rtt")
+    delay, jitter = 5.0, 1.0
+    link = {"delay_ms": delay, "jitter_ms": jitter, "rate_mbit": 465}
+    s = spec(name, {"name": "a", "ram": "128MiB", "cpus": 1, **link}, {"name": "b", "ram": "128MiB", "cpus": 1, **link})
+    with Testbed(s, workdir=tmp_path / "tb") as tb:
+        assert tb.shaping in ("netem", "nfqueue"), tb.warnings
+        assert "5±1 ms" in tb.describe("a")["shaping"] and "465 Mbit/s" in tb.describe("b")["shaping"]
+        rtts = round_trips(tb, "a", "b")
+        mbit = throughput(tb, "a", "b", 50 << 20)
+    median = statistics.median(rtts)
+    tolerance = 0.75  # ms: Python on both ends and four wake-ups of the delayers on a busy 2-core host
+    assert abs(median - 2 * delay) <= jitter + tolerance, (median, sorted(rtts))
+    assert min(rtts) >= 2 * delay - 2 * jitter - 0.5, sorted(rtts)  # no packet skips its delay
+    assert mbit >= 150, mbit  # of 465 Mbit/s (429 measured on a busy 2-core VM)
+    assert leftovers(name) == []
+
+
+@needs_root
+def test_up_refuses_a_delay_it_cannot_emulate_unless_allowed(tmp_path):
+    """Without netem and NFQUEUE (here: no NetfilterQueue package), `testbed up` refuses a spec with a delay
+    in one line, and with --allow-no-delay brings it up with tbf alone and says so."""
+    name = unique("nodelay")
+    f = tmp_path / "spec.yaml"
+    f.write_text(f"name: {name}\ndevices:\n  - {{name: a, ram: 64MiB, cpus: 0.5, delay_ms: 5, rate_mbit: 100}}\n")
+    with Testbed(
+        spec(name, {"name": "a", "ram": "64MiB", "cpus": 0.5, "delay_ms": 5}), workdir=tmp_path / "probe"
+    ) as tb:
+        if tb.shaping == "netem":
+            pytest.skip("this kernel has sch_netem: every delay can be emulated")
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "netfilterqueue.py").write_text("raise ImportError('hidden by the test')\n")
+    env = {**os.environ, "PYTHONPATH": f"{hide}{os.pathsep}{ROOT}"}
+    up = [sys.executable, "-m", "homering", "testbed", "up", "--spec", str(f), "--workdir", str(tmp_path / "w")]
+    try:
+        res = subprocess.run(up, capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+        assert res.returncode != 0 and res.stderr.count("\n") == 1, (res.returncode, res.stderr)
+        assert "--allow-no-delay" in res.stderr and "NetfilterQueue" in res.stderr, res.stderr
+        assert leftovers(name) == []
+        res = subprocess.run([*up, "--allow-no-delay"], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+        assert res.returncode == 0, res.stderr
+        assert "tbf rate only" in res.stdout, res.stdout
+    finally:
+        down_all({name}, grace=1.0, quiet=True)
+    assert leftovers(name) == []
+
+
 # ---------------------------------------------------------------- (d) the spec
 def test_spec_errors_name_the_field(tmp_path):
     good = {"name": "x", "devices": [{"name": f"d{i}", "ram": "64MiB", "cpus": 1} for i in range(3)]}
@@ -406,3 +533,30 @@ def test_sizes_and_the_home4_example():
     assert {d.name: (d.cpus, d.disk_read_mbps) for d in over.devices} == {k: v[1:3] for k, v in got.items()}
     assert all(abs(o.ram / h.ram - 0.5) < 0.01 for o, h in zip(over.devices, home4.devices))
     assert sum(d.ram for d in over.devices) < 1.56 * (1 << 30)
+
+
+def test_the_home4_32b_examples():
+    """The paper's four devices at their real available RAM (home4-32b) and at 0.6 x (home4-32b-tight)."""
+    real = load_spec(ROOT / "examples" / "clusters" / "home4-32b.yaml")
+    tight = load_spec(ROOT / "examples" / "clusters" / "home4-32b-tight.yaml")
+    assert real.model == tight.model == "qwen2.5-32b-q4_k_m"
+    gib = 1 << 30
+    got = {
+        d.name: (round(d.ram / gib, 2), d.cpus, d.disk_read_mbps, d.delay_ms, d.jitter_ms, d.rate_mbit)
+        for d in real.devices
+    }
+    assert got == {
+        "d1-mac-m1": (2.4, 1.0, 720, 5, 1, 465),
+        "d2-laptop": (4.1, 0.77, 2980, 5, 1, 465),
+        "d3-desktop": (9.7, 0.875, 3170, 5, 1, 465),
+        "d4-phone": (1.9, 0.425, 1370, 5, 1, 465),
+    }
+    home4 = load_spec(ROOT / "examples" / "clusters" / "home4.yaml")
+    assert [d.cpus for d in real.devices] == [d.cpus for d in home4.devices]  # the paper's CPU ratios
+    assert [d.name for d in tight.devices] == list(got)
+    assert all(abs(t.ram / r.ram - 0.6) < 0.01 for t, r in zip(tight.devices, real.devices))
+    assert [(d.cpus, d.disk_read_mbps, d.delay_ms, d.jitter_ms, d.rate_mbit) for d in tight.devices] == [
+        v[1:] for v in got.values()
+    ]
+    model = 18.4 * gib  # Qwen2.5-32B / QwQ-32B at Q4_K_M: about 18.5 GiB of weights
+    assert sum(d.ram for d in real.devices) < model and sum(d.ram for d in tight.devices) < 0.6 * model

@@ -110,7 +110,15 @@ def run_decode_bench(
     results["baseline_ms_per_token"] = base
     results["baseline_runs_ms_per_token"] = baseline
 
-    table = Table(title=f"decode, {Path(model_path).name}, {threads} threads, {n_tokens} tokens")
+    Console().print(_table(results, Path(model_path).name, base))
+    write_json(results, out)
+    return results
+
+
+def _table(results: dict, model_name: str, base: float) -> Table:
+    """The results as a table (ms/token, tokens/s, × the baseline); adds each config's ratio to ``results``."""
+    threads, n_tokens = results["threads"], results["tokens"]
+    table = Table(title=f"decode, {model_name}, {threads} threads, {n_tokens} tokens")
     for col in ("setup", "ms/token", "tokens/s", "× baseline"):
         table.add_column(col, justify="right")
     table.add_row("llama-cpp-python", f"{base:.2f}", f"{1000 / base:.1f}", "1.00")
@@ -127,9 +135,7 @@ def run_decode_bench(
         if not key.startswith("homering_"):
             table.add_row(key, f"{run['ms_per_token']:.2f}", f"{1000 / run['ms_per_token']:.1f}",
                           f"{base / run['ms_per_token']:.2f}")  # fmt: skip
-    Console().print(table)
-    write_json(results, out)
-    return results
+    return table
 
 
 def _peer_runs(configs: list[dict], peers: Sequence[str], bins: dict[str, str], model_path: Path, threads: int,

@@ -70,11 +70,14 @@ def models_pull(name: str, force: bool, quiet_pull: bool) -> None:
 @click.option(
     "--shape",
     required=True,
-    type=click.Choice(["llama3-8b", "llama3.2-3b", "llama3.2-1b"]),
+    type=click.Choice(["llama3-8b", "llama3.2-3b", "llama3.2-1b", "qwen2.5-32b", "qwen2.5-0.5b"]),
     help="The real model whose architecture and sizes to copy.",
 )
 @click.option(
-    "--quant", required=True, type=click.Choice(["q4_0", "q8_0"]), help="Quantisation of every weight matrix."
+    "--quant",
+    required=True,
+    type=click.Choice(["q4_0", "q8_0", "q4_k_m"]),
+    help="Quantisation of the weight matrices (q4_k_m: llama.cpp's Q4_K/Q6_K mix).",
 )
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The GGUF file to write.")
 @click.option(
@@ -92,11 +95,12 @@ def models_pull(name: str, force: bool, quiet_pull: bool) -> None:
 )
 @click.option("--force", is_flag=True, help="Overwrite the file if it exists.")
 def models_synth(shape, quant, out, layers, seed, force) -> None:
-    """Write a random-weight GGUF with a real Llama 3 model's shape (for benchmarks).
+    """Write a random-weight GGUF with a real Llama 3 or Qwen2.5 model's shape (for benchmarks).
 
     Same architecture, hyper-parameters, tensor shapes and quantisation as the
     real model, so the same speed and memory per layer; SmolLM2's tokenizer
-    (49152 tokens). Example: `homering models synth --shape llama3.2-3b --quant q4_0 --out 3b.gguf`.
+    (49152 tokens, padded to the real vocabulary for the Qwen shapes). Example:
+    `homering models synth --shape qwen2.5-32b --quant q4_k_m --out qwq-32b.gguf`.
     """
     import time
     from pathlib import Path

@@ -33,7 +33,15 @@ WORKDIR_OPTION = click.option(
 )
 
 
-def _testbed(spec_file, workdir):
+ALLOW_NO_DELAY_OPTION = click.option(
+    "--allow-no-delay",
+    is_flag=True,
+    help="Run without the spec's link delay and jitter where neither sch_netem nor NFQUEUE can emulate them "
+    "[default: refuse].",
+)
+
+
+def _testbed(spec_file, workdir, allow_no_delay=False):
     """The testbed of a spec file (not up yet); HomeringError for a bad spec, or when not root on Linux."""
     from pathlib import Path
 
@@ -41,7 +49,16 @@ def _testbed(spec_file, workdir):
 
     spec = load_spec(spec_file)
     require_root()
-    return Testbed(spec, workdir=Path(workdir) if workdir else default_workdir(spec))
+    return Testbed(spec, workdir=Path(workdir) if workdir else default_workdir(spec), allow_no_delay=allow_no_delay)
+
+
+def _print_shaping(console, tb) -> None:
+    """Which link shaping is active, then the testbed's warnings."""
+    from homering.testbed.netns import shaping_summary
+
+    console.print(f"link shaping: [bold]{shaping_summary(tb.shaping)}[/]")
+    for w in tb.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
 
 
 def _testbed_table(tb):
@@ -65,11 +82,16 @@ def _testbed_table(tb):
 @testbed.command("up")
 @SPEC_OPTION
 @WORKDIR_OPTION
-def testbed_up(spec_file, workdir) -> None:
-    """Create the testbed and its MQTT broker and leave them up (`homering testbed down` removes them)."""
+@ALLOW_NO_DELAY_OPTION
+def testbed_up(spec_file, workdir, allow_no_delay) -> None:
+    """Create the testbed and its MQTT broker and leave them up (`homering testbed down` removes them).
+
+    Link delay and jitter: netem, or where the kernel lacks sch_netem, NFQUEUE and a delayer process per
+    device (iptables and the NetfilterQueue package); a spec with a delay that neither can emulate is
+    refused unless --allow-no-delay."""
     from rich.console import Console
 
-    tb = _testbed(spec_file, workdir)
+    tb = _testbed(spec_file, workdir, allow_no_delay)
     tb.up()
     try:
         tb.start_broker()
@@ -78,8 +100,7 @@ def testbed_up(spec_file, workdir) -> None:
         raise
     console = Console()
     console.print(_testbed_table(tb))
-    for w in tb.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+    _print_shaping(console, tb)
     console.print(f"broker: [bold]{tb.broker_url}[/]  (e.g. homering chat --broker {tb.broker_url})")
 
 
@@ -135,9 +156,12 @@ def _testbed_check(procs, tb):
     show_default=True,
     help="Seconds to wait for the cluster to be ready (the agents profile under their limits).",
 )
+@ALLOW_NO_DELAY_OPTION
 @sampling_options
 @click.pass_obj
-def testbed_run(obj, spec_file, workdir, model, planner, rounds, n_ctx, prompt, as_json, timeout, sampling) -> None:
+def testbed_run(
+    obj, spec_file, workdir, model, planner, rounds, n_ctx, prompt, as_json, timeout, allow_no_delay, sampling
+) -> None:
     """Bring the testbed up, run a broker, one agent per device and a controller in it, answer --prompt (or
     chat), then take everything down.
 
@@ -153,7 +177,7 @@ def testbed_run(obj, spec_file, workdir, model, planner, rounds, n_ctx, prompt, 
 
     if as_json and prompt is None:
         raise click.UsageError("--json goes with --prompt")
-    tb = _testbed(spec_file, workdir)
+    tb = _testbed(spec_file, workdir, allow_no_delay)
     path = resolve_model(model or tb.spec.model)
     key = cluster_key(None)  # the children inherit this environment, and with it any cluster key
     verbosity = obj["verbosity"]
@@ -166,8 +190,7 @@ def testbed_run(obj, spec_file, workdir, model, planner, rounds, n_ctx, prompt, 
         )
         console = Console(stderr=True)
         console.print(_testbed_table(tb))
-        for w in tb.warnings:
-            console.print(f"[yellow]warning:[/] {w}")
+        _print_shaping(console, tb)
         console.print(f"[dim]model {path.name}; logs in {tb.workdir / 'logs'}[/]")
         broker_url = BrokerURL.parse(url)
         if prompt is not None:

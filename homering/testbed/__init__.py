@@ -2,7 +2,7 @@
 
 Each device of a YAML spec gets a network namespace on a bridge (shaped links)
 and cgroups (RAM, CPU quota, disk read throttle). See :mod:`.spec` and :mod:`.testbed`
-(which composes :mod:`.netns`, :mod:`.limits`, :mod:`.processes`, :mod:`.broker`, :mod:`.cleanup` and
+(which composes :mod:`.netns` with :mod:`.delay`, :mod:`.limits`, :mod:`.processes`, :mod:`.broker`, :mod:`.cleanup` and
 :mod:`.device`).
 """
 

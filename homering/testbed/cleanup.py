@@ -46,10 +46,14 @@ def remove(
     device_ns = [n for n in netns if "." in n]
     bridge_ns = [n for n in netns if "." not in n]
 
-    def device_pids() -> set[int]:
+    def cgroups_pids() -> set[int]:
         pids: set[int] = set()
         for cg in cgroups:
             pids |= cgroup_pids(cg)
+        return pids
+
+    def device_pids() -> set[int]:
+        pids = cgroups_pids()
         for ns in device_ns:
             pids |= netns_pids(ns)
         return pids
@@ -64,8 +68,10 @@ def remove(
         return {p for p in bridge_pids() if p in last or comm(p) == "mosquitto"}
 
     # the controller first (else it logs every agent leaving), then the agents (they can still tell
-    # the broker they are leaving), the broker last
+    # the broker they are leaving), then the devices' link delayers (in their namespaces, outside their
+    # cgroups), the broker last
     removed = terminate(lambda: bridge_pids() - brokers(), grace, children)
+    removed += terminate(cgroups_pids, grace, children)
     removed += terminate(device_pids, grace, children)
     removed += terminate(bridge_pids, grace, children)
     return removed + _delete(device_ns + bridge_ns, links, cgroups)

@@ -5,7 +5,7 @@ Layout (``<p>`` = the testbed's link prefix, ``hrtb`` + 6 hex digits of the name
     host netns                bridge netns homering-testbed-NAME           device netns homering-testbed-NAME.DEV
     <p>-h  .254  ──veth──  <p>-hb ─┐
                                    bridge <p>-br  .1
-                           <p>-d0 ─┘  ──veth──  <p>-e0  .2   (tc on both ends: netem, or tbf)
+                           <p>-d0 ─┘  ──veth──  <p>-e0  .2   (tc on both ends: netem, or tbf + NFQUEUE)
                            <p>-d1 ─┘  ──veth──  <p>-e1  .3   …
 
 Names are derived from the testbed's name, so that :func:`~homering.testbed.cleanup.down_all` finds what a
@@ -186,6 +186,19 @@ def choose_subnet(name: str, subnet: str | None) -> ipaddress.IPv4Network:
     return net
 
 
+SHAPING_SUMMARY = {
+    "netem": "netem (delay, jitter and rate)",
+    "nfqueue": "nfqueue delay + tbf rate (no sch_netem)",
+    "tbf": "tbf rate only (no delay)",
+    "none": "none",
+}
+
+
+def shaping_summary(shaping: str) -> str:
+    """A testbed's shaping (:attr:`Network.shaping`) in words, e.g. ``"nfqueue delay + tbf rate (no sch_netem)"``."""
+    return SHAPING_SUMMARY.get(shaping, shaping)
+
+
 # ---------------------------------------------------------------- the testbed's network
 class Network:
     """The namespaces and links of one testbed, recorded as it creates them (for the teardown to delete them).
@@ -193,16 +206,26 @@ class Network:
     Attributes:
         netns: the namespaces created, the bridge's first.
         links: the host-side links created.
-        shaping: how links are shaped: ``"netem"``, ``"tbf"`` (the kernel lacks sch_netem: rate only,
-            no delay or jitter) or ``"none"`` (no device asked for shaping, or not up yet).
+        delayers: the NFQUEUE delayer processes (by pid), one per device with a delay when there is no netem.
+        shaping: how links are shaped: ``"netem"``, ``"nfqueue"`` (no sch_netem: delay and jitter by the
+            delayers, the rate by tbf), ``"tbf"`` (rate only, no delay or jitter) or ``"none"`` (no device
+            asked for shaping, or not up yet).
+        log_dir: where the delayers write their logs (``delayer-DEVICE.log``).
+        allow_no_delay: without netem and NFQUEUE, drop the delay (a warning) instead of raising HomeringError.
     """
 
-    def __init__(self, name: str, warn: Callable[[str], None]):
+    def __init__(
+        self, name: str, warn: Callable[[str], None], *, log_dir: Path | None = None, allow_no_delay: bool = False
+    ):
         self.name = name
         self.prefix = link_prefix(name)
         self.netns: list[str] = []
         self.links: list[str] = []
+        self.delayers: dict[int, subprocess.Popen] = {}
         self.shaping = "none"
+        self.log_dir = log_dir
+        self.allow_no_delay = allow_no_delay
+        self._netem_ok: bool | None = None  # None: not tried yet
         self._warn = warn
 
     @property
@@ -249,53 +272,63 @@ class Network:
 
     def forget(self) -> None:
         """Forget what was created (after it was deleted)."""
-        self.netns, self.links = [], []
+        self.netns, self.links, self.delayers = [], [], {}
 
     def _shape(self, s: DeviceSpec, ends: list[tuple[str, str]]) -> str:
-        """tc on both ends of the device's veth (egress of each = one direction of the link)."""
+        """Shape the device's link: netem on both ends of its veth (the delay on the bridge's end, i.e. on the
+        way to the device), else a delayer (NFQUEUE) on the device's way in and tbf on both ends for the rate
+        (the egress of each end = one direction). What the delay means: :mod:`.delay`."""
         if not s.wants_shaping:
             return "none"
-        if self.shaping != "tbf":  # netem, or not tried yet
+        if self._netem_ok is not False:
             shaped = self._netem(s, ends)
             if shaped is not None:
                 return shaped
-        if not s.rate_mbit:
-            return "none (no netem for the delay)"
-        rate_bps = s.rate_mbit * 1e6
+        parts = [self._delay(s, *ends[0])] if s.wants_delay else []
+        if s.rate_mbit:
+            self._tbf(s, ends)
+            parts.append(f"tbf {s.rate_mbit:g} Mbit/s")
+            self.shaping = self.shaping if self.shaping == "nfqueue" else "tbf"
+        return ", ".join(parts) or "none"
+
+    def _delay(self, s: DeviceSpec, ns: str, link: str) -> str:
+        """The device's delay through NFQUEUE; without it, HomeringError unless delays may be dropped."""
+        from homering.testbed import delay
+
+        why = delay.unavailable()
+        if why is None:
+            log_file = self.log_dir / f"delayer-{s.name}.log" if self.log_dir else Path(os.devnull)
+            proc = delay.start_delayer(NETNS_DIR / ns, link, s.delay_ms, s.jitter_ms, log_file)
+            self.delayers[proc.pid] = proc
+            self.shaping = "nfqueue"
+            return "nfqueue " + delay.describe(s.delay_ms, s.jitter_ms)
+        msg = f"no sch_netem in the kernel and {why}: link delay and jitter cannot be emulated"
+        if not self.allow_no_delay:
+            raise HomeringError(f"{msg} (device {s.name}: {delay.describe(s.delay_ms, s.jitter_ms)}); "
+                                "allow it with --allow-no-delay")  # fmt: skip
+        self._warn(msg + " (tbf shapes the rate only)")
+        return "no delay"
+
+    def _tbf(self, s: DeviceSpec, ends: list[tuple[str, str]]) -> None:
+        rate_bps = (s.rate_mbit or 0) * 1e6
         burst = max(int(rate_bps / 8 * 0.002), 16 * 1514)  # 2 ms at the rate, at least 16 frames
         for ns, link in ends:
-            tc(
-                "-n",
-                ns,
-                "qdisc",
-                "add",
-                "dev",
-                link,
-                "root",
-                "tbf",
-                "rate",
-                f"{s.rate_mbit:g}mbit",
-                "burst",
-                str(burst),
-                "latency",
-                "50ms",
-            )
-        return f"tbf {s.rate_mbit:g} Mbit/s" + (", no delay" if s.wants_delay else "")
+            tc("-n", ns, "qdisc", "add", "dev", link, "root", "tbf", "rate", f"{s.rate_mbit:g}mbit", "burst",
+               str(burst), "latency", "50ms")  # fmt: skip
 
     def _netem(self, s: DeviceSpec, ends: list[tuple[str, str]]) -> str | None:
-        """netem on both ends; None (and :attr:`shaping` ``"tbf"`` from now on) when the kernel has no netem."""
-        args = []
-        if s.wants_delay:
-            args += ["delay", f"{s.delay_ms or 0:g}ms"] + ([f"{s.jitter_ms:g}ms"] if s.jitter_ms else [])
-        if s.rate_mbit:
-            args += ["rate", f"{s.rate_mbit:g}mbit"]
-        args += ["limit", "10000"]
+        """netem on both ends (the delay and jitter on the bridge's end only: packets to the device); None
+        when the kernel has no netem."""
+        delay = ["delay", f"{s.delay_ms or 0:g}ms"] + ([f"{s.jitter_ms:g}ms"] if s.jitter_ms else [])
         res = None
-        for ns, link in ends:
-            res = tc("-n", ns, "qdisc", "add", "dev", link, "root", "netem", *args, check=False)
+        for i, (ns, link) in enumerate(ends):
+            args = list(delay) if s.wants_delay and i == 1 else []
+            args += ["rate", f"{s.rate_mbit:g}mbit"] if s.rate_mbit else []
+            res = tc("-n", ns, "qdisc", "add", "dev", link, "root", "netem", *args, "limit", "10000", check=False)
             if res.returncode != 0:
                 break
         if res is not None and res.returncode == 0:
+            self._netem_ok = True
             self.shaping = "netem"
             parts = []
             if s.wants_delay:
@@ -308,6 +341,5 @@ class Network:
             raise HomeringError(f"cannot shape the link of {s.name} with netem: {err}")
         for ns, link in ends:  # a half-applied netem cannot exist (the first add failed), but be sure
             tc("-n", ns, "qdisc", "del", "dev", link, "root", check=False)
-        self._warn("the kernel has no sch_netem: link delay and jitter are not emulated (tbf shapes the rate only)")
-        self.shaping = "tbf"
+        self._netem_ok = False
         return None

@@ -91,8 +91,9 @@ class DeviceSpec(BaseModel):
         ram: memory limit in bytes (page cache included); strings like ``355MiB`` are accepted.
         cpus: CPU quota in cores (``0.5`` = half a core).
         disk_read_mbps: read throttle in MB/s (10^6 bytes) on the disk that holds the workdir.
-        delay_ms, jitter_ms, rate_mbit: the device's link, applied in both directions
-            (device → bridge and bridge → device).
+        delay_ms, jitter_ms: the one-way delay (± jitter, uniform) of a packet to the device, so that a round
+            trip between two devices takes the sum of their delays (see :mod:`.delay`).
+        rate_mbit: the device's link rate, in both directions (device → bridge and bridge → device).
     """
 
     model_config = ConfigDict(extra="forbid")

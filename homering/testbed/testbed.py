@@ -1,6 +1,7 @@
 """An emulated home cluster on one Linux machine: :class:`Testbed` composes the parts that own its state.
 
 - :mod:`.netns`: the network namespaces, the bridge, the veth pairs and their tc shaping (layout there);
+- :mod:`.delay` (and :mod:`.delayer`): link delay and jitter through NFQUEUE where the kernel has no netem;
 - :mod:`.limits` (on :mod:`.cgroups`): every device's cgroups with its RAM, CPU quota and disk read limits;
 - :mod:`.processes`: starting a process in a device (cgroups first, then ``setns``), stopping processes;
 - :mod:`.broker`: the MQTT broker in the bridge namespace;
@@ -69,21 +70,21 @@ class Testbed:
     """An emulated home cluster: one network namespace and one set of cgroups per device.
 
     A context manager: ``with Testbed(spec, workdir=…) as tb:`` brings it up (if not yet) and takes it
-    down on exit, errors and Ctrl-C included. ``tb.shaping`` says how links are shaped: ``"netem"``,
-    ``"tbf"`` (the kernel lacks sch_netem: rate only, no delay/jitter) or ``"none"``; ``tb.warnings``
-    lists the limits it could not emulate.
+    down on exit, errors and Ctrl-C included. ``tb.shaping`` says how links are shaped (see :attr:`shaping`);
+    ``tb.warnings`` lists the limits it could not emulate. :meth:`up` refuses (HomeringError) a delay that
+    neither netem nor NFQUEUE (:mod:`.delay`) can emulate, unless ``allow_no_delay``.
     """
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, spec: TestbedSpec, *, workdir: Path, grace: float = 5.0):
+    def __init__(self, spec: TestbedSpec, *, workdir: Path, grace: float = 5.0, allow_no_delay: bool = False):
         self.spec = spec
         self.name = spec.name
         self.workdir = Path(workdir).resolve()
         self.grace = grace
         self.warnings: list[str] = []
         self.subnet: ipaddress.IPv4Network | None = None
-        self._network = Network(self.name, self._warn)
+        self._network = Network(self.name, self._warn, log_dir=self.workdir / "logs", allow_no_delay=allow_no_delay)
         self._cgroups = Cgroups(self.name, self.workdir, self._warn)
         self._devices: dict[str, Device] = {}
         self._children: dict[int, subprocess.Popen] = {}
@@ -99,7 +100,9 @@ class Testbed:
     # ------------------------------------------------------------ queries
     @property
     def shaping(self) -> str:
-        """How links are shaped: ``"netem"``, ``"tbf"`` or ``"none"``."""
+        """How links are shaped: ``"netem"``, ``"nfqueue"`` (the delay by user-space delayers where the kernel
+        lacks sch_netem, the rate by tbf), ``"tbf"`` (rate only) or ``"none"``; in words: :func:`.shaping_summary`.
+        """
         return self._network.shaping
 
     @property
@@ -215,7 +218,7 @@ class Testbed:
                 ) from None
             self._save()
         except BaseException:
-            self.down()
+            self.down(quiet=True)
             raise
         log.info(
             "testbed %s is up: %d devices on %s, shaping %s", self.name, len(self._devices), self.subnet, self.shaping
@@ -323,6 +326,7 @@ class Testbed:
             "host_address": self.host_address if self.subnet else None,
             "broker_url": self.broker_url if self._broker else None,
             "shaping": self.shaping,
+            "delayers": sorted(self._network.delayers),
             "warnings": self.warnings,
             "netns": self._network.netns,
             "links": self._network.links,
@@ -334,13 +338,14 @@ class Testbed:
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.workdir / "state.json")
 
-    def down(self) -> list[str]:
+    def down(self, *, quiet: bool = False) -> list[str]:
         """Stop every process of the testbed (SIGTERM, SIGKILL after the grace), delete its namespaces,
         links and cgroups and the state file. Idempotent; never raises for what is already gone.
-        Returns what it removed."""
+        Returns what it removed. ``quiet``: say it is down at debug level only (after a failed :meth:`up`)."""
         if not self._up:
             return []
         last = frozenset({self._broker.pid} if self._broker is not None else ())
+        self._children.update(self._network.delayers)
         removed = remove(
             netns=self._network.netns,
             links=self._network.links,
@@ -359,5 +364,5 @@ class Testbed:
         self._devices.clear()
         self._network.forget()
         self._cgroups.forget()
-        log.info("testbed %s is down", self.name)
+        log.log(logging.DEBUG if quiet else logging.INFO, "testbed %s is down", self.name)
         return removed
