@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -301,3 +305,191 @@ def test_peer_runs_read_decode_time_from_llama_cpps_perf_line(tmp_path, monkeypa
     env = tmp_path / "env.sh"
     env.write_text(f"# source this file\nexport PRIMA_CLI={exe}              # one process per rank\n")
     assert peer_binaries(["prima"], env_file=env) == {"PRIMA_CLI": str(exe)}
+
+
+def _peer_plan(ring):
+    """A plan as a dict (what the halda run's JSON keeps): ``ring`` is ``[(name, [(start, end), …]), …]``."""
+    n = max(end for _, ws in ring for _, end in ws)
+    agents = [{"name": a, "windows": [{"start": s, "end": e, "round": i} for i, (s, e) in enumerate(ws)]}
+              for a, ws in ring]  # fmt: skip
+    return {"n_layers": n, "ring": agents}
+
+
+def test_prima_same_windows_puts_homerings_head_on_rank_0_and_keeps_every_window():
+    """prima.cpp gives each round's layers to ranks 1 … n-1, then rank 0 (its `this_layer_is_mine`), and rank 0
+    samples: homering's head, the ring's last device, is rank 0 and ring[i] is rank i + 1."""
+    from homering.bench.cluster_peers import plan_layers, prima_layers, prima_windows
+    from homering.errors import HomeringError
+
+    plan = _peer_plan([("a", [(0, 4), (10, 14)]), ("b", [(4, 8), (14, 18)]), ("head", [(8, 10), (18, 20)])])
+    ranks, lw = prima_windows(plan)
+    assert ranks == ["head", "a", "b"] and lw == [2, 4, 4]
+    assert prima_layers(20, lw) == [[(8, 10), (18, 20)], [(0, 4), (10, 14)], [(4, 8), (14, 18)]]
+    mine = plan_layers(plan)
+    assert all(mine[d] == prima_layers(20, lw)[r] for r, d in enumerate(ranks))
+    assert prima_layers(7, [1, 2, 2]) == [[(4, 5)], [(0, 2), (5, 7)], [(2, 4)]]  # the last round cut short
+    real = make_plan(
+        [profile("b", 4 << 30), profile("a", 2 << 30), profile("c", 2 << 30)],
+        SHAPE,
+        model_path="/m.gguf",
+        model_fingerprint="f",
+        n_ctx=512,
+        planner="proportional",
+    ).model_dump()
+    ranks, lw = prima_windows(real)
+    assert ranks == ["b", "a", "c"] and lw == [14, 8, 8]
+    assert [plan_layers(real)[d] for d in ranks] == prima_layers(30, lw)
+    with pytest.raises(HomeringError, match="differ in size"):
+        prima_windows(_peer_plan([("a", [(0, 4), (8, 9)]), ("b", [(4, 8), (9, 10)])]))
+
+
+def test_peer_oom_is_read_from_the_devices_memory_cgroup_and_sigkill(tmp_path):
+    """A peer run killed by a device's memory limit is OOM: the cgroup's oom_kill count rose (v2 memory.events,
+    v1 memory.oom_control), or one of its processes died of SIGKILL on its own."""
+    from types import SimpleNamespace
+
+    from homering.bench.cluster_peers import OomWatch
+    from homering.testbed.limits import oom_kills
+
+    v2, v1 = tmp_path / "d1", tmp_path / "d2-big"
+    v2.mkdir()
+    v1.mkdir()
+    (v2 / "memory.max").write_text("1000\n")
+    (v2 / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    (v1 / "memory.limit_in_bytes").write_text("1000\n")
+    (v1 / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+    dirs = {"d1": v2, "d2-big": v1}
+    watch = OomWatch(lambda d: oom_kills(d, [dirs[d]]), ["d1", "d2-big"])
+    assert watch.before == {"d1": 1, "d2-big": 0}
+    assert watch.killed() == []
+    (v1 / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 1\noom_kill 1\n")
+    assert watch.killed() == ["d2-big"]
+    (v1 / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+    died = {"d2-big-client": SimpleNamespace(returncode=-9), "d1": SimpleNamespace(returncode=1)}
+    assert watch.killed(died) == ["d2-big"]  # SIGKILL counts; an ordinary failure does not
+
+
+def _peer_runs(tmp_path):
+    from types import SimpleNamespace
+
+    from homering.bench.cluster_peers import PeerRuns
+
+    addresses = {"d1": "10.9.0.2", "d2": "10.9.0.3", "d3": "10.9.0.4"}
+    ram = {"d1": 300 << 20, "d2": 600 << 20, "d3": 1400 << 20}
+    tb = SimpleNamespace(devices=list(addresses), address=addresses.get, memory_limit=ram.get, workdir=tmp_path)
+    bench = SimpleNamespace(
+        tb=tb, model_path=tmp_path / "m.gguf", n_ctx=320, tokens=16, largest_device=lambda: "d3", prompt=[1, 2]
+    )
+    bins = {"PRIMA_CLI": "prima", "LLAMACPP_RPC_SERVER": "rpc-server", "LLAMACPP_COMPLETION": "completion"}
+    return PeerRuns(bench, bins, prompt="The history")
+
+
+def test_peer_command_lines_in_the_testbed(tmp_path):
+    """prima.cpp: rank 0 on the head with the prompt, each rank's --next the following rank's device, -lw only
+    when given; RPC: a server per device on 0.0.0.0, the head's last, the split by the devices' RAM limits."""
+    peers = _peer_runs(tmp_path)
+    ranks = peers.ranks()
+    assert ranks == ["d3", "d1", "d2"]
+    rank0 = peers.prima_argv(ranks, 0, [2, 4, 4])
+    assert rank0[:2] == ["prima", "-m"] and "--prefetch" in rank0
+    expect = {"--world": "3", "--rank": "0", "--master": "10.9.0.4", "--next": "10.9.0.2", "-lw": "2,4,4"}
+    expect |= {"-c": "320", "-n": "16", "-p": "The history", "--temp": "0"}
+    assert {flag: rank0[rank0.index(flag) + 1] for flag in expect} == expect
+    last = peers.prima_argv(ranks, 2, None)
+    assert last[last.index("--next") + 1] == "10.9.0.4" and last[last.index("--master") + 1] == "10.9.0.4"
+    assert "-lw" not in peers.prima_argv(ranks, 0, None) and "-p" not in last
+    ring, server, client = peers.rpc_argvs()
+    assert ring == ["d1", "d2", "d3"]
+    assert server[server.index("-H") + 1] == "0.0.0.0"
+    assert client[client.index("--rpc") + 1] == "10.9.0.2:50052,10.9.0.3:50052,10.9.0.4:50052"
+    assert client[client.index("--tensor-split") + 1] == "300,600,1400"
+    assert client[client.index("-ngl") + 1] == "99" and "-no-cnv" in client
+
+
+def test_peer_logs_give_ttft_prima_plan_and_what_its_profiler_saw(tmp_path):
+    """TTFT of a peer is llama.cpp's `prompt eval time`; prima.cpp's own plan and the RAM its profiler saw come
+    from rank 0's log; prima_same_windows needs halda; a Q4_0 model is refused before the testbed is up."""
+    from homering.bench.cluster_peers import check_peer_runs
+    from homering.bench.peers import prima_own_plan, prima_refused_types, prima_seen_ram_gib, prompt_eval
+    from homering.errors import HomeringError
+    from homering.models.gguf_file import TensorSource, write_gguf
+
+    log = (
+        "| Physical Mem Total (GiB)        | 22.95        | 22.95        | 22.95        \n"
+        "Remove device d2 (rank 2) with only 1 layer assigned.\n"
+        "----- Allocation Strategy (by HiGHS) -----\n  - k = 1\n  - N Layer Window : 10\n  - N Layer Window : 5\n"
+        "Reassign layers to the remaining 2 device(s).\n"
+        "----- Allocation Strategy (by HiGHS) -----\n  - k = 2\n  - W = 8\n"
+        "d3:\n  - Device Index   : 0\n  - N Layer Window : 5\nd1:\n  - Device Index   : 1\n  - N Layer Window : 3\n"
+        "llama_perf_context_print: prompt eval time =    1234.50 ms /   257 tokens (    4.80 ms per token)\n"
+        "llama_perf_context_print:        eval time =     300.00 ms /    15 runs   (   20.00 ms per token)\n"
+    )
+    assert prompt_eval(log) == (1234.5, 257)
+    assert prima_seen_ram_gib(log) == [22.95, 22.95, 22.95]
+    assert prima_own_plan(log, 3) == {"k": 2, "lw": [5, 3, 0]}
+    assert prima_own_plan("eval time = 1 ms / 2 runs", 3) is None and prima_seen_ram_gib("") == []
+    with pytest.raises(HomeringError, match="prompt eval"):
+        prompt_eval("eval time = 1 ms / 2 runs")
+    with pytest.raises(HomeringError, match="select halda"):
+        check_peer_runs(["prima_same_windows", "rpc"], tmp_path / "unused.gguf")
+    model = tmp_path / "q.gguf"
+    tensors = [TensorSource("a", (32,), 2, 18, data=bytes(18)), TensorSource("b", (4,), 0, 16, data=bytes(16))]
+    with open(model, "wb") as f:  # a Q4_0 tensor (type 2) and an F32 one (type 0)
+        write_gguf(f, [], tensors)
+    assert prima_refused_types(model) == ["Q4_0"]
+    with pytest.raises(HomeringError, match="refuses Q4_0"):
+        check_peer_runs(["halda", "prima"], model)
+    check_peer_runs(["halda", "prima_same_windows", "rpc"], model)  # -lw runs do not profile
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare"
+)
+def test_prima_profiler_sees_the_devices_memory_cgroup(tmp_path):
+    """prima.cpp's profiler reads /sys/fs/cgroup/memory.max (and memory.current) at the mount's root: in the view,
+    those are the device's cgroup's files (v1 names here), and the host's /sys/fs/cgroup is untouched."""
+    from homering.bench.cluster_peers import device_memory_view
+
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    (cg / "memory.limit_in_bytes").write_text("294649856\n")
+    (cg / "memory.usage_in_bytes").write_text("1234\n")
+    before = sorted(os.listdir("/sys/fs/cgroup"))
+    show = ["sh", "-c", "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory.current; pwd"]
+    out = subprocess.run(device_memory_view(str(cg), show), cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["294649856", "1234", str(tmp_path)]
+    assert sorted(os.listdir("/sys/fs/cgroup")) == before
+
+
+def test_bench_cluster_report_sets_halda_against_the_peers_and_an_oom_run(tmp_path):
+    """Halda against prima.cpp and RPC: speed-ups, targets (an OOM peer counts as beaten), prima's pressure beside
+    homering's; the table says OOM; with every run OOM there is no chart, the JSON is still written."""
+    import json
+
+    from rich.console import Console
+
+    from homering.bench.cluster_report import report, summarize, table
+
+    def run(ms, pressure):
+        return {"ms_per_token": ms, "ttft_ms": 10 * ms, "memory_pressure": pressure}
+
+    runs = {
+        "halda": run(100.0, {"d1": 0.05}),
+        "prima": run(150.0, {"d1": 0.02, "d2": 0.07}),
+        "prima_same_windows": run(90.0, {"d1": 0.03}),
+        "rpc": {"oom": True, "oom_devices": ["d1"], "memory_pressure": {"d1": 0.97}},
+    }
+    s = summarize({"runs": runs})
+    assert s["halda_speedup_vs_prima"] == pytest.approx(1.5) and s["target_faster_than_prima"]
+    assert s["halda_speedup_vs_prima_same_windows"] == pytest.approx(0.9)
+    assert not s["target_faster_than_prima_same_windows"]
+    assert s["target_faster_than_rpc"] and "halda_speedup_vs_rpc" not in s
+    assert s["prima_max_memory_pressure"] == pytest.approx(0.07)
+    results = {"model": "m.gguf", "spec": "home4.yaml", "runs": runs}
+    console = Console(record=True, width=150)
+    console.print(table(results))
+    assert "OOM" in console.export_text()
+    only_oom = {**results, "runs": {"rpc": runs["rpc"]}}
+    report(only_oom, tmp_path / "r.json", Console(quiet=True))
+    assert json.loads((tmp_path / "r.json").read_text())["runs"]["rpc"]["oom"] is True
+    assert not (tmp_path / "r.png").exists()

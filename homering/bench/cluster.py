@@ -12,7 +12,11 @@ prompt:
 - ``halda_one_batch`` (with ``prefill``): the Halda plan again, the prompt sent
   as one batch instead of micro-batches, for the prefill TTFT comparison;
 - ``halda_release``/``halda_no_release`` (with ``release``): the Halda plan
-  with page-cache release forced on, and off, on every device.
+  with page-cache release forced on, and off, on every device;
+- with ``--peers prima,rpc``: ``prima``, ``prima_same_windows`` and ``rpc``,
+  the peer systems on the same testbed, measured the same way
+  (:mod:`homering.bench.cluster_peers`); a run killed by a device's memory
+  limit is ``{"oom": true}``.
 
 Each run starts from a cold page cache (every file of the model and the
 devices' windows dropped with ``POSIX_FADV_DONTNEED``), fresh processes and a
@@ -40,9 +44,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from homering.bench.cluster_peers import PEER_RUNS, PeerRuns, check_peer_runs, peer_run_keys
 from homering.bench.cluster_report import describe_testbed, report, summarize
 from homering.bench.disk import WindowDisk
 from homering.bench.memory import PeakSampler, drop_page_cache
+from homering.bench.peers import peer_binaries
+from homering.bench.prompt import prompt_ids
 from homering.client.chat import ask
 from homering.client.client import ClusterClient, new_request_id
 from homering.client.local import stop_processes
@@ -51,38 +58,11 @@ from homering.transport import mqtt
 from homering.wire import GenerateRequest, Sampling
 from homering.wire.security import load_key
 
-PROMPT_TEXT = (
-    "The history of the home computer is a story of machines that grew smaller and cheaper while their "
-    "owners found ever more uses for them. In the beginning a computer filled a room and needed a team of "
-    "engineers; a few decades later it sat on a desk, and then in a pocket. Each step brought new people "
-    "to computing: hobbyists who soldered their own boards, students who wrote their first programs, "
-    "families who played games and wrote letters, and finally everyone with a phone. "
-)
-
-
-def prompt_ids(model_path: Path, n: int) -> list[int]:
-    """``n`` token ids of a fixed English text (BOS first), with the model's own tokenizer.
-
-    Raises:
-        HomeringError: n < 2.
-    """
-    from homering.engine.tokenizer import Tokenizer
-
-    if n < 2:
-        raise HomeringError("--prompt-tokens must be at least 2")
-    tok = Tokenizer(model_path)
-    try:
-        ids = tok.tokenize(PROMPT_TEXT, add_special=True)
-        while len(ids) < n:
-            ids += tok.tokenize(PROMPT_TEXT, add_special=False)
-    finally:
-        tok.close()
-    return ids[:n]
-
 
 @dataclass
 class RunConfig:
-    """One measured run of the cluster (``planner`` None: the single-device baseline)."""
+    """One measured run of the cluster (``planner`` None: the single-device baseline; ``peer``: a peer system's
+    run, :mod:`homering.bench.cluster_peers`)."""
 
     key: str
     label: str
@@ -90,6 +70,7 @@ class RunConfig:
     rounds: int | None = None
     batch: int | None = None
     release: bool | None = None
+    peer: bool = False
 
 
 class ClusterBench:
@@ -133,7 +114,8 @@ class ClusterBench:
         self.disk = WindowDisk([self.controller_home, *(testbed.home(d) for d in testbed.devices)])
 
     # ------------------------------------------------------------ helpers
-    def _cold(self) -> None:
+    def cold(self) -> None:
+        """Drop the model file and the devices' homes (their windows) from the page cache."""
         drop_page_cache([self.model_path, *(self.tb.home(d) for d in self.tb.devices)])
 
     def _log(self, name: str):
@@ -147,7 +129,7 @@ class ClusterBench:
     def run_single(self) -> dict:
         """Plain llama-cpp-python on the largest device, under its cgroup limits."""
         dev = self.largest_device()
-        self._cold()
+        self.cold()
         prompt_file = Path(self.tb.workdir) / "prompt.json"
         prompt_file.write_text(json.dumps(self.prompt))
         with self._log(f"single-{dev}") as err:
@@ -190,7 +172,7 @@ class ClusterBench:
 
     def run_cluster(self, cfg: RunConfig) -> dict:
         """Fresh broker, agents and controller on the testbed; one warm-up and one measured request."""
-        self._cold()
+        self.cold()
         url = self.tb.start_broker()
         with self.disk.run():  # samples the windows' disk use; removes them after the run
             return self._run_processes(cfg, url)
@@ -316,12 +298,18 @@ def select_configs(configs: list[RunConfig], keys: list[str] | None) -> list[Run
     return [c for c in configs if c.key in keys]
 
 
-def _run_one(bench: ClusterBench, cfg: RunConfig, console: Console) -> dict:
-    """One run, timed (``wall_s``), its result printed in one line."""
+def _run_one(bench: ClusterBench, cfg: RunConfig, console: Console, peers: PeerRuns | None, runs: dict) -> dict:
+    """One run, timed (``wall_s``), its result printed in one line; ``runs``: the runs so far."""
     with console.status(f"{cfg.key}: {cfg.label}…"):
         t0 = time.monotonic()
-        run = bench.run_single() if cfg.planner is None else bench.run_cluster(cfg)
+        if cfg.peer and peers is not None:
+            run = peers.run(cfg.key, runs)
+        else:
+            run = bench.run_single() if cfg.planner is None else bench.run_cluster(cfg)
         run["wall_s"] = time.monotonic() - t0
+    if run.get("oom"):
+        console.print(f"{cfg.key}: OOM on {', '.join(run['oom_devices'])}")
+        return run
     console.print(
         f"{cfg.key}: {run['ms_per_token']:.1f} ms/token, TTFT {run['ttft_ms']:.0f} ms"
         + (f", predicted {run['predicted_ms_per_token']:.1f}" if run.get("predicted_ms_per_token") else "")
@@ -337,13 +325,17 @@ def run_cluster_bench(
     prompt_tokens: int = 256,
     batch: int = 64,
     keys: list[str] | None = None,
+    peers: list[str] | None = None,
     out_dir: Path = Path("bench/results"),
     console: Console | None = None,
 ) -> dict:
     """Bring the testbed up, run the configurations, print a table, write JSON and a PNG; return the results.
 
+    ``peers`` (``prima``, ``rpc``) adds the peer systems' runs (:mod:`homering.bench.cluster_peers`).
+
     Raises:
-        HomeringError: not root on Linux, a bad spec or model, a run that failed, or an unknown run key.
+        HomeringError: not root on Linux, a bad spec or model, a run that failed, an unknown run key, or a peer
+            that is not built or cannot run this selection.
     """
     from homering.models.registry import resolve_model
     from homering.testbed import Testbed, default_workdir, load_spec
@@ -353,8 +345,10 @@ def run_cluster_bench(
     model_name = model or spec.model
     if not model_name:
         raise HomeringError("no --model given and the spec names none")
+    bins = peer_binaries(peers or [])
     model_path = resolve_model(model_name)
-    configs = _configs(model_path, batch=batch, prompt_tokens=prompt_tokens, keys=keys)
+    configs = _configs(model_path, batch=batch, prompt_tokens=prompt_tokens, keys=keys, peers=peers or [])
+    check_peer_runs([c.key for c in configs], model_path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict = {
         "spec": str(spec_path),
@@ -363,6 +357,7 @@ def run_cluster_bench(
         "tokens": tokens,
         "prompt_tokens": prompt_tokens,
         "batch": batch,
+        "peers": peers or [],
         "started": stamp,
         "runs": {},
     }
@@ -370,18 +365,23 @@ def run_cluster_bench(
         tb.up()
         results["testbed"] = describe_testbed(tb)
         bench = ClusterBench(tb, model_path, tokens=tokens, prompt_tokens=prompt_tokens, batch=batch, console=console)
+        peer_runs = PeerRuns(bench, bins) if bins else None
         for cfg in configs:
-            results["runs"][cfg.key] = _run_one(bench, cfg, console)
+            results["runs"][cfg.key] = _run_one(bench, cfg, console, peer_runs, results["runs"])
         results["peak_window_bytes"] = bench.disk.peak_bytes
     results["summary"] = summarize(results)
     report(results, out_dir / f"cluster-{Path(spec_path).stem}-{stamp}.json", console)
     return results
 
 
-def _configs(model_path: Path, *, batch: int, prompt_tokens: int, keys: list[str] | None) -> list[RunConfig]:
-    """The runs of the benchmark on ``model_path`` that ``keys`` selects (all of them for None)."""
+def _configs(
+    model_path: Path, *, batch: int, prompt_tokens: int, keys: list[str] | None, peers: list[str]
+) -> list[RunConfig]:
+    """The runs of the benchmark on ``model_path`` (the ``peers``' runs last) that ``keys`` selects (all of them
+    for None)."""
     from homering.models.gguf_info import inspect_gguf
 
     n_layers = inspect_gguf(model_path).n_layers
     configs = default_configs(prefill=True, release=True, batch=batch, prompt_tokens=prompt_tokens, n_layers=n_layers)
+    configs += [RunConfig(k, PEER_RUNS[k][1], peer=True) for k in peer_run_keys(peers)]
     return select_configs(configs, keys)

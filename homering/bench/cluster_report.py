@@ -36,6 +36,27 @@ def summarize(results: dict) -> dict:
     rel, norel = r.get("halda_release"), r.get("halda_no_release")
     if rel and norel:
         out["release_ms_per_token_ratio"] = rel["ms_per_token"] / norel["ms_per_token"]
+    out.update(_versus_peers(r))
+    return out
+
+
+def _versus_peers(r: dict) -> dict:
+    """Halda against the peer systems' runs: speed-ups (a peer's ms/token over Halda's) and targets; a peer run
+    that hit OOM counts as beaten."""
+    out: dict = {}
+    halda = r.get("halda")
+    for key in ("prima", "prima_same_windows", "rpc"):
+        peer = r.get(key)
+        if not (halda and peer):
+            continue
+        if peer.get("oom"):
+            out[f"target_faster_than_{key}"] = True
+            continue
+        out[f"halda_speedup_vs_{key}"] = peer["ms_per_token"] / halda["ms_per_token"]
+        out[f"target_faster_than_{key}"] = halda["ms_per_token"] < peer["ms_per_token"]
+    pressures = [v for key in ("prima", "prima_same_windows") if key in r for v in r[key]["memory_pressure"].values()]
+    if pressures:
+        out["prima_max_memory_pressure"] = max(pressures)
     return out
 
 
@@ -45,6 +66,10 @@ def table(results: dict) -> Table:
     for col in ("run", "ms/token", "predicted", "TTFT ms", "k", "max pressure"):
         t.add_column(col, justify="right")
     for key, run in results["runs"].items():
+        if run.get("oom"):
+            pressure = f"{max(run['memory_pressure'].values(), default=0):.1%}"
+            t.add_row(key, "OOM", "-", "OOM", "-", pressure)
+            continue
         pred = run.get("predicted_ms_per_token")
         t.add_row(
             key,
@@ -57,6 +82,9 @@ def table(results: dict) -> Table:
     return t
 
 
+_COLORS = {"single": "#888", "prima": "#c73", "prima_same_windows": "#c73", "rpc": "#57c"}
+
+
 def chart(results: dict, path: Path) -> Path:
     """A PNG with two bar charts: decode ms/token and TTFT per run."""
     import matplotlib
@@ -64,14 +92,14 @@ def chart(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(results["runs"])
+    keys = [k for k, run in results["runs"].items() if not run.get("oom")]  # an OOM run has no times
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, title in (
         (axes[0], "ms_per_token", "decode, ms/token (lower is better)"),
         (axes[1], "ttft_ms", "TTFT, ms (lower is better)"),
     ):
         vals = [results["runs"][k][metric] for k in keys]
-        bars = ax.bar(keys, vals, color=["#888" if k == "single" else "#4a7" for k in keys])
+        bars = ax.bar(keys, vals, color=[_COLORS.get(k, "#4a7") for k in keys])
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_title(title)
         ax.set_yscale("log")
@@ -94,9 +122,13 @@ def describe_testbed(tb) -> dict:
 
 
 def report(results: dict, out: Path, console: Console) -> None:
-    """Print the table, write the results as JSON to ``out`` and the chart next to it (a PNG)."""
+    """Print the table, write the results as JSON to ``out`` and the chart next to it (a PNG; none when every run
+    hit OOM: there is nothing to draw)."""
     console.print(table(results))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
+    if all(run.get("oom") for run in results["runs"].values()):
+        console.print(f"wrote {out}")
+        return
     png = chart(results, out.with_suffix(".png"))
     console.print(f"wrote {out} and {png}")

@@ -9,6 +9,8 @@ shared peers folder; the binaries land in ``.peers/``, their paths in ``.peers/e
 - **llama.cpp RPC**: one ``ggml-rpc-server`` per device and ``llama-completion`` with ``--rpc`` and
   ``-ngl 99`` (without it nothing is offloaded to the servers).
 
+On an emulated cluster, one process per device, :mod:`homering.bench.cluster_peers` runs them.
+
 Both report decode speed in llama.cpp's perf line (``eval time = … ms / N runs (X ms per token``),
 which :func:`eval_ms_per_token` reads: decode only, prompt processing excluded, as homering's
 head reports it.
@@ -186,3 +188,59 @@ def run_rpc(bins: dict[str, str], model: Path, n: int, *, prompt: str, n_tokens:
         argv = [bins["LLAMACPP_COMPLETION"], "-m", str(model), "--rpc", rpc, "-ngl", "99", "-no-cnv", "-c", "1024",
                 *_sampling(prompt, n_tokens, threads)]  # fmt: skip
         return eval_ms_per_token(_foreground(argv))
+
+
+_PROMPT_EVAL = re.compile(r"prompt eval time\s*=\s*([\d.]+) ms\s*/\s*(\d+) tokens")
+_SEEN_RAM = re.compile(r"^\|\s*Physical Mem Total \(GiB\)\s*((?:\|\s*[\d.]+\s*)+)", re.M)
+_OWN_K = re.compile(r"^\s*- k = (\d+)\s*$", re.M)
+_OWN_W = re.compile(r"^\s*- N Layer Window\s*:\s*(\d+)\s*$", re.M)
+_DROPPED = re.compile(r"Remove device .* \(rank (\d+)\) with only")
+
+PRIMA_PROFILED_TYPES = frozenset(
+    {"F32", "F16", "Q2_K", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q8_0", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ4_NL"}
+)
+"""The weight types prima.cpp's profiler knows (``llama_profile_device`` in its ``src/llama.cpp``); it throws
+"Unrecognized weight type" on any other, e.g. Q4_0 and Q4_1. Runs with ``-lw`` do not profile."""
+
+
+def prompt_eval(log: str) -> tuple[float, int]:
+    """``(ms, tokens)`` of llama.cpp's ``prompt eval time`` line: the forward pass over the whole prompt, which
+    ends with the first generated token's logits.
+
+    Raises:
+        HomeringError: no such line.
+    """
+    found = _PROMPT_EVAL.findall(log)
+    if not found:
+        raise HomeringError("no 'prompt eval time' line in the peer's output")
+    ms, n = found[-1]
+    return float(ms), int(n)
+
+
+def prima_seen_ram_gib(log: str) -> list[float]:
+    """The RAM each rank's profiler saw, GiB, in rank order (rank 0's device table, ``Physical Mem Total``);
+    empty when prima.cpp did not profile (``-lw`` given)."""
+    m = _SEEN_RAM.search(log)
+    return [float(v) for v in re.findall(r"[\d.]+", m.group(1))] if m else []
+
+
+def prima_own_plan(log: str, world: int) -> dict | None:
+    """prima.cpp's Halda plan from rank 0's log (its last ``Allocation Strategy (by HiGHS)`` block, after the
+    ``Remove device … (rank r)`` lines of the ranks it dropped as too weak): ``{"k": rounds, "lw": layers per
+    round of each of the ``world`` ranks (0 for a dropped one)}``; None when it did not plan (``-lw`` given)."""
+    k = _OWN_K.findall(log)
+    if not k:
+        return None
+    dropped = {int(r) for r in _DROPPED.findall(log)}
+    kept = iter(int(w) for w in _OWN_W.findall(log.rsplit("Allocation Strategy", 1)[-1]))
+    return {"k": int(k[-1]), "lw": [0 if r in dropped else next(kept, 0) for r in range(world)]}
+
+
+def prima_refused_types(model: Path) -> list[str]:
+    """The weight types of ``model`` that prima.cpp's profiler refuses (:data:`PRIMA_PROFILED_TYPES`), sorted."""
+    from gguf import GGMLQuantizationType
+
+    from homering.models.gguf_file import read_gguf
+
+    names = {GGMLQuantizationType(t.ggml_type).name for t in read_gguf(model).tensors}
+    return sorted(names - PRIMA_PROFILED_TYPES)

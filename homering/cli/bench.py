@@ -268,20 +268,31 @@ def bench_plan(device_counts, layers, repeats, seed, out) -> None:
     default=None,
     metavar="KEYS",
     help="Comma-separated subset of: single,memory,halda,halda_one_batch,halda_release,"
-    "halda_no_release [default: all].",
+    "halda_no_release, and with --peers prima,prima_same_windows,rpc [default: all].",
+)
+@click.option(
+    "--peers",
+    callback=lambda ctx, param, value: _peers(value),
+    default=None,
+    metavar="prima,rpc",
+    help="Also run these peer systems, one process per device, in the same run: prima.cpp with its own Halda "
+    "plan (prima) and with homering's Halda windows (prima_same_windows), and llama.cpp RPC (rpc); build them "
+    "with `make peers`.",
 )
 @click.option("--out-dir", type=click.Path(file_okay=False), default="bench/results", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Also print the results as one JSON object on stdout.")
-def bench_cluster(spec_path, model, tokens, prompt_tokens, batch, runs, out_dir, as_json) -> None:
+def bench_cluster(spec_path, model, tokens, prompt_tokens, batch, runs, peers, out_dir, as_json) -> None:
     """The headline: a model bigger than any one device, on an emulated home cluster (needs root on Linux).
 
     Brings the testbed up, then runs plain llama-cpp-python on the largest
     device alone (single), homering with the memory planner and k=1 (memory),
     and homering with Halda, rounds and prefetching (halda); also the prompt
-    as one batch and --release on/off. Writes bench/results/cluster-*.json
-    and a PNG chart.
+    as one batch and --release on/off; with --peers, prima.cpp and llama.cpp
+    RPC on the same devices. Writes bench/results/cluster-*.json and a PNG
+    chart.
 
-    Example: `homering bench cluster --spec examples/clusters/home4.yaml --model llama3.2-3b-q4_0 --json`.
+    Example: `homering bench cluster --spec examples/clusters/home4.yaml --model llama3.2-3b-q4_0 --json`, or
+    `… --model qwen2.5-32b-q4_k_m --peers prima,rpc` (prima.cpp's profiler needs a K-quant).
     """
     import json
     from pathlib import Path
@@ -296,6 +307,7 @@ def bench_cluster(spec_path, model, tokens, prompt_tokens, batch, runs, out_dir,
         prompt_tokens=prompt_tokens,
         batch=batch,
         keys=keys,
+        peers=peers,
         out_dir=Path(out_dir),
     )
     if as_json:
