@@ -171,7 +171,8 @@ class Bus:
     def dispatch(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """Route one message (what :meth:`run` does with each one that arrives)."""
         try:
-            route = next((r for r in self.routes if aiomqtt.Topic(topic).matches(r.topic)), None)
+            parsed = aiomqtt.Topic(topic)  # once per message: stream events come once per token
+            route = next((r for r in self.routes if parsed.matches(r.topic)), None)
             if route is None:
                 return
             msg = None
