@@ -9,7 +9,8 @@ How a window talks to llama.cpp (design.md, facts 2, 3, 5 and 6):
   hidden states: the context's ``cb_eval`` callback asks for the node
   ``l_out-<n_layer-1>``, copies it out with ``ggml_backend_tensor_get`` and
   returns false, which stops the scheduler before the output norm and the
-  vocabulary projection. Every token is then marked as an output, or the last
+  vocabulary projection (a hook in C, :mod:`homering.engine.evalhook`: the
+  scheduler asks it about every node). Every token is then marked as an output, or the last
   layer would keep only the output rows;
 - llama_decode releases the GIL: callers run :meth:`LayerWindow.forward_many`
   in threads of their own (the agent does) while an asyncio loop keeps serving
@@ -32,8 +33,9 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
-from homering.engine.backend import context_params, ggml, init_backend, model_params, token_piece
+from homering.engine.backend import context_params, init_backend, model_params, token_piece
 from homering.engine.backend import plain_llama as plain_llama  # where the benchmarks and tests import it from
+from homering.engine.evalhook import EvalHook, new_hook, user_data
 from homering.errors import HomeringError
 
 if TYPE_CHECKING:
@@ -169,13 +171,11 @@ class LayerWindow:
         self._target = f"l_out-{self.n_layer - 1}".encode()
 
         cparams = context_params(n_ctx, n_batch, n_seq_max, n_threads)
-        self._captured: Floats | None = None
-        self._filled = False
         self._last_logits: Floats | None = None  # the last item's of the last forward, for sample()
-        self._cb = None
+        self._hook: EvalHook | None = None
         if not gives_logits:
-            self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._eval_callback)
-            cparams.cb_eval = self._cb
+            self._hook, cparams.cb_eval = new_hook(self._target)
+            cparams.cb_eval_user_data = user_data(self._hook)
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -187,21 +187,6 @@ class LayerWindow:
         embd = 0 if takes_tokens else self.n_embd
         self._batch = llama_cpp.llama_batch_init(n_batch, embd, 1)
         self._closed = False
-
-    # ------------------------------------------------------------ hook
-    def _eval_callback(self, tensor: ctypes.c_void_p, ask: bool, user_data: ctypes.c_void_p) -> bool:
-        name: bytes | None = ggml.ggml_get_name(tensor)
-        if ask:
-            return name == self._target
-        if name != self._target:
-            return True
-        out = self._captured
-        nbytes = ggml.ggml_nbytes(tensor)
-        if out is None or out.nbytes != nbytes:
-            return False  # self._captured stays unfilled: forward() raises
-        ggml.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, nbytes)
-        self._filled = True
-        return False  # stop: the rest of the graph (output norm, head) is not needed
 
     # ------------------------------------------------------------ forward
     def forward(self, inputs: npt.NDArray[Any], pos: int, seq_id: int = 0) -> WindowOutput:
@@ -252,7 +237,8 @@ class LayerWindow:
                 total = sum(n for _, _, n in group)
                 self._decode(group, arrays, items, total, None if rows is None else rows[done : done + total], logits)
                 done += total
-            self._captured = None
+            if self._hook is not None:
+                self._hook.dst, self._hook.capacity = None, 0
             if rows is None and logits:
                 self._last_logits = logits[-1]
         if rows is None:
@@ -276,18 +262,18 @@ class LayerWindow:
         last_rows = _fill_batch(
             b, group, arrays, items, row_floats=0 if self.takes_tokens else self.n_embd, every_row=hidden is not None
         )
-        if hidden is not None:
+        hook = self._hook
+        if hidden is not None and hook is not None:
             # the hook copies l_out of the whole batch here (batch order: llama.cpp's unified KV cache
             # splits a batch into ubatches in order, and a ubatch is a whole batch)
-            self._captured = hidden
-            self._filled = False
+            hook.dst, hook.capacity, hook.filled = hidden.ctypes.data, hidden.nbytes, 0
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise DecodeError(
                 f"llama_decode failed with code {rc} for {total} token(s) (KV cache of {self.n_ctx_total} cells, full?)"
             )
         if hidden is not None:
-            if not self._filled:
+            if hook is None or not hook.filled:
                 raise DecodeError(
                     f"the graph of {self.path.name} never produced {self._target.decode()} for {total} tokens"
                 )
