@@ -102,6 +102,12 @@ class HeadSession:
         return self._done()
 
     def _generate(self, sampler: SamplerChain) -> None:
+        """Prefill, then per token: sample, send the token into the ring, publish it, wait for its logits.
+
+        The next token enters the ring before its event is published: the event's work (building it, the
+        event loop's MQTT publish, which takes the GIL) overlaps the ring's trip instead of delaying it.
+        Whether the request ends at this token is decided first, so nothing runs past a stop.
+        """
         n_ctx, job = self.ring.plan.n_ctx, self.job
         if len(self.prompt) >= n_ctx:
             raise HomeringError(f"the prompt has {len(self.prompt)} tokens but the context holds {n_ctx}")
@@ -111,11 +117,15 @@ class HeadSession:
             logits = self._prefill()
             for i in range(max_new):
                 self._check_interrupted()
-                tok = sampler.sample(logits)
-                if self._take(tok):
+                event, end = self._take(sampler.sample(logits))
+                more = not end and i + 1 < max_new
+                if more:
+                    pending = self._start(np.array([self.tokens[-1]], dtype=np.int32), len(self.prompt) + i)
+                if event is not None:
+                    self.emit(event)
+                if not more:
                     break
-                if i + 1 < max_new:
-                    logits = self._forward(np.array([tok], dtype=np.int32), len(self.prompt) + i)
+                logits = pending()
         self.t_end = time.perf_counter()
 
     def _prefill(self) -> np.ndarray:
@@ -133,50 +143,61 @@ class HeadSession:
             logits = self._forward(self.prompt[n_prompt + i : n_prompt + i + 1], n_prompt + i)
         return logits
 
-    def _take(self, tok: int) -> bool:
-        """A token was sampled: stream it; True when the request ends here."""
+    def _take(self, tok: int) -> tuple[StreamEvent | None, bool]:
+        """A token was sampled: its event (None for an end-of-generation token), and whether the request
+        ends here."""
         if not self.t_first:
             self.t_first = time.perf_counter()
         if self.window.is_eog(tok) and not self.job.sampling.ignore_eos:
             self.finish = "stop"
-            return True
+            return None, True
         self.tokens.append(tok)
         self.ring.meter.sampled()
         text = self.stops.feed(self.decoder.decode(self.window.token_bytes(tok)))
-        self.emit(StreamEvent(request_id=self.job.request_id, type=EventType.TOKEN, token_id=tok, text=text))
+        event = StreamEvent(request_id=self.job.request_id, type=EventType.TOKEN, token_id=tok, text=text)
         if self.stops.stopped:
             self.finish = "stop"
-            return True
-        if self.slot.cancelled.is_set():
+        elif self.slot.cancelled.is_set():
             self.finish = "cancelled"
-            return True
-        return False
+        return event, self.finish != "length"
 
     def _check_interrupted(self) -> None:
         if self.slot.interrupted.is_set():
             raise Interrupted("interrupted")
 
     def _forward(self, tokens: np.ndarray, pos: int) -> np.ndarray:
-        """Run ``tokens`` of the request's sequence at ``pos`` through every window; the last token's logits.
+        """Run ``tokens`` of the request's sequence at ``pos`` through every window; the last token's logits."""
+        return self._start(tokens, pos)()
+
+    def _start(self, tokens: np.ndarray, pos: int) -> Callable[[], np.ndarray]:
+        """Start running ``tokens`` at ``pos`` through every window; a function that waits for (or, on a
+        one-agent ring, computes) the last token's logits ((n_vocab,) float32).
 
         A long prompt goes as back-to-back micro-batches of ``n_batch`` tokens, so the agents work on
         different chunks at once.
         """
         ring, seq = self.ring, self.slot.seq_id
-        logits: np.ndarray | None = None
         if len(ring.plan.ring) == 1:  # every round is here: run the windows in turn
-            x: np.ndarray | None = tokens
-            for r, w in enumerate(ring.windows):
-                out = ring.meter.timed(r, len(tokens), w.forward, x, pos, seq)
-                x, logits = out.hidden, out.logits
-        else:
-            n_batch = ring.plan.n_batch
-            logits = self._through_ring(
-                [
-                    Frame.forward(self.slot.number, seq, pos + i, tokens[i : i + n_batch])
-                    for i in range(0, len(tokens), n_batch)
-                ]
-            )
+            return lambda: self._run_here(tokens, pos)
+        n_batch = ring.plan.n_batch
+        frames = [
+            Frame.forward(self.slot.number, seq, pos + i, tokens[i : i + n_batch])
+            for i in range(0, len(tokens), n_batch)
+        ]
+        ring.submit(self.slot, frames)
+        return lambda: self._logits(self._wait(frames), pos)
+
+    def _run_here(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+        """Every window of a one-agent ring in turn; the last token's logits."""
+        ring, logits = self.ring, None
+        x: np.ndarray | None = tokens
+        for r, w in enumerate(ring.windows):
+            out = ring.meter.timed(r, len(tokens), w.forward, x, pos, self.slot.seq_id)
+            x, logits = out.hidden, out.logits
+        return self._logits(logits, pos)
+
+    @staticmethod
+    def _logits(logits: np.ndarray | None, pos: int) -> np.ndarray:
         if logits is None:
             raise DecodeError(f"the ring gave no logits for position {pos}")
         return logits
@@ -190,7 +211,12 @@ class HeadSession:
             self._through_ring([Frame.kv_remove(self.slot.number, self.slot.seq_id, 0)])
 
     def _through_ring(self, frames: list[Frame]) -> np.ndarray | None:
-        """Send frames into the ring; wait until each came back through the head's window.
+        """Send frames into the ring; wait until each came back through the head's window (:meth:`_wait`)."""
+        self.ring.submit(self.slot, frames)
+        return self._wait(frames)
+
+    def _wait(self, frames: list[Frame]) -> np.ndarray | None:
+        """Wait until each of ``frames`` (sent) came back through the head's window.
 
         Returns the logits ((n_vocab,) float32) of the last frame's last token, or None for frames that
         carry no tokens.
@@ -200,7 +226,6 @@ class HeadSession:
             Interrupted: the request was interrupted, the ring did not answer in time (:func:`ring_stall_s`),
                 or the link to the next agent failed.
         """
-        self.ring.submit(self.slot, frames)
         timeout = ring_stall_s(self.ring.plan, frames)
         logits = None
         for _ in frames:
