@@ -39,11 +39,23 @@ def test_blocks_are_renumbered_with_their_bytes(smollm2):
     assert "tokenizer.ggml.tokens" in win.fields  # the last window samples and detokenizes
 
 
-def test_first_window_keeps_embedding_and_tokenizer(smollm2):
-    gf = read_gguf(slice_window(smollm2, WindowSpec(0, 10, Role.FIRST), progress=False))
+def test_first_window_keeps_embedding_and_only_the_vocabulary_size(smollm2):
+    """A first window takes token ids but never tokenizes: the embedding, and llama.cpp's ``none`` vocabulary
+    of the model's size (every id stays valid; the tokenizer's anonymous memory is not loaded)."""
+    import numpy as np
+
+    from homering.engine.window import LayerWindow
+
+    path = slice_window(smollm2, WindowSpec(0, 10, Role.FIRST), progress=False)
+    gf = read_gguf(path)
     embd = next(t for t in gf.tensors if t.name == "token_embd.weight")
     assert embd.dims == (576, 49152)
-    assert gf.fields["tokenizer.ggml.tokens"].length == 49152
+    assert gf.get("tokenizer.ggml.model") == "none" and gf.get("llama.vocab_size") == 49152
+    assert "tokenizer.ggml.tokens" not in gf.fields
+    with LayerWindow(path, takes_tokens=True, gives_logits=False, n_threads=1) as w:
+        assert w.n_vocab == 49152
+        out = w.forward(np.array([0, 49151], dtype=np.int32), 0)  # the highest id is valid
+        assert out.hidden is not None and out.hidden.shape == (2, 576)
 
 
 def test_gemma_sliding_window_flags_move_with_the_layers(gemma):
