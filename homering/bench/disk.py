@@ -1,11 +1,14 @@
-"""The disk a benchmark's window files take: sampled while it runs, removed when a run ends.
+"""The disk a benchmark's window files take: one store on the host, sampled while a run goes on, emptied after it.
 
-Every plan variant of ``homering bench cluster`` slices its own windows (the controller slices
-them all to hash them, each agent slices or downloads its own), and a window cache is pruned
-only of files older than :data:`~homering.transport.windows.CACHE_MIN_AGE_S`. At 32B one run's
-windows take about twice the model (the controller's copy and the agents'), so the bench
-removes them after each run: the disk it needs is bounded by one run, and the JSON reports the
-peak (``peak_window_bytes``).
+Every plan variant of ``homering bench cluster`` has its own windows: the controller slices them all
+(to hash them), and each agent, which has the model here, would slice its own into its home, so at
+32B one run took twice the model (45 GB for 19.8 GB). The emulated devices share one host, so their
+window folders and the controller's are links to one store (:meth:`WindowDisk.share`): an agent finds
+the controller's file, checked by the hash remembered beside it, and the run takes the model's size
+once. The slicer leaves none of a window's pages in the page cache
+(:mod:`homering.models.filehash`), so each device still reads its windows from disk and pays for their
+pages in its own cgroup. The store is emptied after each run: the disk the bench needs is bounded by
+one run, and the JSON reports the peak (``peak_window_bytes``).
 """
 
 from __future__ import annotations
@@ -30,20 +33,35 @@ def tree_bytes(root: Path) -> int:
 
 
 class WindowDisk:
-    """The window folders of one benchmark (``<home>/windows`` of the controller and of every device).
+    """The window store of one benchmark, shared by the controller and every device.
 
-    :meth:`sampling` measures their total size every ``interval`` s in a thread while a run goes on and
-    keeps the peak (:attr:`peak_bytes`); :meth:`clear` removes them.
+    :meth:`run` measures its size every ``interval`` s in a thread while a run goes on and keeps the peak
+    (:attr:`peak_bytes`); :meth:`clear` empties it.
+
+    Args:
+        store: the store's folder (made if missing).
+        interval: seconds between two samples.
     """
 
-    def __init__(self, homes: list[Path], interval: float = 1.0) -> None:
-        self.folders = [Path(h) / "windows" for h in homes]
+    def __init__(self, store: Path, interval: float = 1.0) -> None:
+        self.store = Path(store)
+        self.store.mkdir(parents=True, exist_ok=True)
         self.interval = interval
         self.peak_bytes = 0
 
+    def share(self, home: Path) -> None:
+        """Make ``<home>/windows`` a link to the store (a folder there, from an earlier bench, is removed)."""
+        link = Path(home) / "windows"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.is_dir():
+            shutil.rmtree(link)
+        link.symlink_to(self.store.resolve(), target_is_directory=True)
+
     def total(self) -> int:
-        """Bytes in the window folders now."""
-        return sum(tree_bytes(f) for f in self.folders)
+        """Bytes in the store now."""
+        return tree_bytes(self.store)
 
     def run(self) -> _Sampler:
         """A context manager around one run: samples :meth:`total` until it exits (and once more then), then
@@ -51,9 +69,12 @@ class WindowDisk:
         return _Sampler(self)
 
     def clear(self) -> None:
-        """Remove every window file of the benchmark (the folders are made again on use)."""
-        for folder in self.folders:
-            shutil.rmtree(folder, ignore_errors=True)
+        """Remove every window file of the benchmark (the store itself stays: the homes link to it)."""
+        for entry in self.store.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 class _Sampler:

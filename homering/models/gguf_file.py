@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, Protocol
 
 import numpy as np
 
@@ -261,8 +261,16 @@ class TensorSource:
     chunks: Iterable[Any] | None = None
 
 
+class Writer(Protocol):
+    """Where :func:`write_gguf` writes: a binary file, or anything with its ``write`` and ``tell``."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+    def tell(self) -> int: ...
+
+
 def write_gguf(
-    out: BinaryIO,
+    out: Writer,
     entries: list[bytes],
     tensors: list[TensorSource],
     alignment: int = DEFAULT_ALIGNMENT,
@@ -319,7 +327,7 @@ def write_gguf(
             h.close()
 
 
-def _pad(out: BinaryIO, alignment: int) -> None:
+def _pad(out: Writer, alignment: int) -> None:
     pos = out.tell()
     pad = -pos % alignment
     if pad:

@@ -15,9 +15,8 @@ Profiling an agent without the model works the same way: its probe windows
 and role (``GET /v1/windows/probe/<start>-<end>-<role>`` → their hash), then
 downloaded by hash.
 
-Hashing a big window takes seconds, so a file's hash is remembered in a
-sidecar ``<file>.sha256`` together with its size, mtime, ctime and inode: any
-write to the file (which changes its ctime) makes the next check hash it again.
+A file's hash is remembered beside it (:mod:`homering.models.filehash`); the
+slicer writes that memo as it writes a window.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from homering import paths
 from homering.errors import HomeringError
+from homering.models.filehash import file_sha256, forget
 from homering.models.gguf_info import ModelInfo
 from homering.models.slicing import Role, WindowSpec, window_path
 from homering.wire import WINDOWS_PATH, ModelFacts, Plan, WindowFile
@@ -53,40 +53,6 @@ class WindowError(HomeringError):
 
 
 # ------------------------------------------------------------------ hashes
-def _stamp(st: os.stat_result) -> str:
-    return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, hex; remembered in ``<path>.sha256`` while the file is unchanged (see the module).
-
-    Raises:
-        OSError: the file cannot be read.
-    """
-    path = Path(path)
-    st = path.stat()
-    memo = path.with_name(path.name + ".sha256")
-    try:
-        digest, stamp = memo.read_text().split(" ", 1)
-        if stamp.strip() == _stamp(st) and len(digest) == 64:
-            return digest
-    except (OSError, ValueError):
-        pass
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK_BYTES * 8):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if _stamp(path.stat()) == _stamp(st):  # not written meanwhile
-        try:
-            tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-            tmp.write_text(f"{digest} {_stamp(st)}\n")
-            os.replace(tmp, memo)
-        except OSError:
-            pass  # a read-only folder (a mounted model): hash again next time
-    return digest
-
-
 def matches(path: Path, sha256: str, size: int | None) -> bool:
     """The file exists with this size (bytes; None: any) and this SHA-256."""
     try:
@@ -100,7 +66,7 @@ def matches(path: Path, sha256: str, size: int | None) -> bool:
 def remove(path: Path) -> None:
     """Delete a window file and its hash memo."""
     path.unlink(missing_ok=True)
-    path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+    forget(path)
 
 
 def cache_path(sha256: str) -> Path:
