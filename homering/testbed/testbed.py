@@ -57,12 +57,14 @@ def _fresh_logs(workdir: Path) -> None:
         old.unlink()
 
 
-def _child_env(env: dict[str, str] | None, home: Path | None) -> dict[str, str]:
+def _child_env(env: dict[str, str] | None, home: Path | None, profile_lock: Path) -> dict[str, str]:
     """A child's environment: ``env`` (None: this process's), with ``HOMERING_HOME`` set to the device's
-    ``home`` unless ``env`` sets it (``home`` None: the bridge namespace, left as is)."""
+    ``home`` unless ``env`` sets it (``home`` None: the bridge namespace, left as is), and the testbed's
+    profiling lock (devices on one host profile one at a time: :func:`homering.agent.profiling.profile_lock`)."""
     child_env = dict(os.environ if env is None else env)
     if home is not None and (env is None or "HOMERING_HOME" not in env):
         child_env["HOMERING_HOME"] = str(home)
+    child_env.setdefault("HOMERING_PROFILE_LOCK", str(profile_lock))
     return child_env
 
 
@@ -263,7 +265,7 @@ class Testbed:
             raise HomeringError(f"testbed {self.name!r} is not up")
         ns_path = NETNS_DIR / self.netns(device)
         cgroups = (self._device(device).cgroups) if device is not None else []
-        child_env = _child_env(env, None if device is None else self.home(device))
+        child_env = _child_env(env, None if device is None else self.home(device), Path(self.workdir) / "profile.lock")
         proc = spawn_in(
             argv, netns=ns_path, cgroups=cgroups, env=child_env, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd
         )
