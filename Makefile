@@ -21,7 +21,7 @@ PIP_PIN   := pip==26.3
 # pip warns about every index location in a machine's pip.conf that does not exist; that is not our news
 QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d' >&2
 
-.PHONY: lock promtool run test lint format bench bench-cluster bench-faults install mosquitto models model-default compose-config secrets clean help
+.PHONY: lock promtool run test lint format bench bench-cluster bench-32b peers bench-faults install mosquitto models model-default compose-config secrets clean help
 
 help:
 	@echo "make run    - install what is missing, then 'homering up' on the default model (smollm2)"
@@ -30,6 +30,7 @@ help:
 	@echo "make format - ruff check --fix, then ruff format"
 	@echo "make bench  - decode (1 and 3 agents vs plain llama-cpp-python), 1 vs 4 concurrent streams, planner solve times"
 	@echo "make bench-cluster - (root, Linux) the paper's headline on an emulated 4-device home cluster"
+	@echo "make bench-32b - (root, Linux) the 32B model on the paper's 4 devices at their real RAM, and 0.6 x that RAM, beside prima.cpp and llama.cpp RPC (builds them if missing; ~40 GB of disk)"
 	@echo "make bench-faults - (root, Linux) kill agents while requests flow: completed/garbled, recovery pause"
 	@echo "make secrets - passwords, the API key and mosquitto's password file for docker/compose.yaml"
 	@echo "make peers  - build prima.cpp and llama.cpp's RPC tools into .peers/ (for bench decode --peers; ~20 min)"
@@ -73,6 +74,20 @@ peers:
 
 bench-cluster: install mosquitto
 	$(HR) bench cluster --spec examples/clusters/home4.yaml --model llama3.2-3b-q4_0 --json
+
+# The paper's regime (issue 18): a 32B model on its four devices at their real RAM, beside prima.cpp and
+# llama.cpp RPC; then the same devices with 0.6 x the RAM, where Halda must use rounds and streaming.
+# Root on Linux; about 20 GB for the model, 20 GB more while a run's windows exist, and an hour or two.
+BENCH_32B_MODEL := qwen2.5-32b-q4_k_m
+bench-32b: install mosquitto .peers/env.sh
+	$(HR) models pull $(BENCH_32B_MODEL)
+	$(HR) bench cluster --spec examples/clusters/home4-32b.yaml --model $(BENCH_32B_MODEL) --peers prima,rpc \
+	  --runs single,memory,halda,prima,prima_same_windows,rpc --json
+	$(HR) bench cluster --spec examples/clusters/home4-32b-tight.yaml --model $(BENCH_32B_MODEL) --peers prima \
+	  --runs memory,halda,halda_k1,prima --json
+
+.peers/env.sh:
+	@$(MAKE) --no-print-directory peers
 
 bench-faults: install mosquitto model-default
 	$(HR) bench faults --agents 4 --requests 100 --kill-every 10s

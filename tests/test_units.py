@@ -162,21 +162,28 @@ def test_bench_cluster_summary_checks_the_targets():
     runs = {
         "single": run(5000.0, 30000.0, {"d3": 0.04}),
         "memory": run(900.0, 9000.0, {"d1": 0.05, "d3": 0.08}),
-        "halda": run(600.0, 8000.0, {"d1": 0.06, "d3": 0.12}, pred=700.0),
+        "halda": run(600.0, 8000.0, {"d1": 0.05, "d3": 0.07}, pred=660.0),
+        "halda_k1": run(900.0, 9000.0, {"d1": 0.05}),
         "halda_one_batch": run(610.0, 10000.0, {"d1": 0.06}),
         "halda_release": run(630.0, 8000.0, {"d1": 0.06}),
         "halda_no_release": run(600.0, 8000.0, {"d1": 0.06}),
     }
     s = summarize({"runs": runs})
-    assert s["halda_speedup_vs_single"] == pytest.approx(5000 / 600) and s["target_5x_single"]
+    assert s["halda_speedup_vs_single"] == pytest.approx(5000 / 600) and s["target_2_5x_single"]
     assert s["halda_speedup_vs_memory"] == pytest.approx(1.5) and s["target_faster_than_memory"]
-    assert s["prediction_error"] == pytest.approx(100 / 600) and s["target_prediction_25pct"]
-    assert s["max_memory_pressure"] == pytest.approx(0.12) and not s["target_pressure_10pct"]
+    assert s["halda_speedup_vs_k1"] == pytest.approx(1.5) and s["target_faster_than_k1"]
+    assert s["prediction_error"] == pytest.approx(0.1) and s["target_prediction_15pct"]
+    # the single-device baseline's pressure is reported beside, not held to the target
+    assert s["max_memory_pressure"] == pytest.approx(0.08) and not s["target_pressure_6pct"]
+    assert s["single_memory_pressure"] == pytest.approx(0.04)
     assert s["prefill_ttft_micro_over_one_batch"] == pytest.approx(0.8)
     assert s["release_ms_per_token_ratio"] == pytest.approx(1.05)
-    runs["halda"] = run(1200.0, 8000.0, {"d1": 0.05}, pred=800.0)
+    runs["halda"] = run(2500.0, 8000.0, {"d1": 0.05}, pred=2100.0)
+    runs["memory"] = run(900.0, 9000.0, {"d1": 0.05})
     s = summarize({"runs": runs})
-    assert not s["target_5x_single"] and not s["target_faster_than_memory"] and not s["target_prediction_25pct"]
+    assert not s["target_2_5x_single"] and not s["target_faster_than_memory"] and not s["target_faster_than_k1"]
+    assert s["prediction_error"] == pytest.approx(-0.16) and not s["target_prediction_15pct"]
+    assert s["max_memory_pressure"] == pytest.approx(0.05) and s["target_pressure_6pct"]
 
 
 def test_malloc_arenas_can_be_limited():
@@ -260,24 +267,42 @@ def test_metrics_exposition_passes_promtool():
 
 
 def test_the_cluster_bench_keeps_the_window_disk_to_one_run(tmp_path):
-    """Each run's window files are counted at their peak, then removed (a 32B run would otherwise fill the disk)."""
+    """The controller and the devices share one window store: a file made through one home is found through
+    another and counted once; each run's files are counted at their peak, then removed (a 32B run took twice
+    the model before, 45 GB)."""
     from homering.bench.disk import WindowDisk
 
     homes = [tmp_path / "controller", tmp_path / "d1"]
-    disk = WindowDisk(homes, interval=0.01)
-    for i, home in enumerate(homes):
-        (home / "windows" / "sha256").mkdir(parents=True)
-        (home / "windows" / "sha256" / f"{i}.gguf").write_bytes(b"x" * 1000 * (i + 1))
+    disk = WindowDisk(tmp_path / "store", interval=0.01)
+    for home in homes:
+        (home / "windows").mkdir(parents=True)  # an earlier bench's own folder: replaced by the link
+        disk.share(home)
     (tmp_path / "d1" / "profile.json").write_text("{}")  # not a window: stays
     with disk.run():
+        (homes[0] / "windows" / "fp").mkdir()
+        (homes[0] / "windows" / "fp" / "w.gguf").write_bytes(b"x" * 3000)
+        assert (homes[1] / "windows" / "fp" / "w.gguf").read_bytes() == b"x" * 3000
         assert disk.total() == 3000
     assert disk.peak_bytes == 3000
-    assert disk.total() == 0 and not (tmp_path / "d1" / "windows").exists()
+    assert disk.total() == 0 and (tmp_path / "d1" / "windows").is_dir()  # the link still leads to the store
     assert (tmp_path / "d1" / "profile.json").exists()
     with disk.run():  # a smaller run later keeps the peak
-        (tmp_path / "d1" / "windows").mkdir()
         (tmp_path / "d1" / "windows" / "w.gguf").write_bytes(b"x" * 10)
     assert disk.peak_bytes == 3000 and disk.total() == 0
+
+
+def test_slicing_remembers_the_hash_it_wrote(smollm2, tmp_path):
+    """The slicer hashes a window as it writes it: the memo is the file's real SHA-256 (hashed again after
+    the memo is gone), so the controller never reads a fresh window back to hash it."""
+    from homering.models.filehash import file_sha256, forget
+    from homering.models.slicing import Role, WindowSpec, slice_window
+
+    path = slice_window(smollm2, WindowSpec(0, 3, Role.FIRST), out=tmp_path / "w.gguf", progress=False)
+    memo = path.with_name(path.name + ".sha256")
+    remembered = memo.read_text().split()[0]
+    forget(path)
+    assert not memo.exists()
+    assert file_sha256(path) == remembered
 
 
 def test_peer_runs_read_decode_time_from_llama_cpps_perf_line(tmp_path, monkeypatch):
@@ -493,3 +518,30 @@ def test_bench_cluster_report_sets_halda_against_the_peers_and_an_oom_run(tmp_pa
     report(only_oom, tmp_path / "r.json", Console(quiet=True))
     assert json.loads((tmp_path / "r.json").read_text())["runs"]["rpc"]["oom"] is True
     assert not (tmp_path / "r.png").exists()
+
+
+def test_devices_on_one_host_profile_one_at_a_time(tmp_path, monkeypatch):
+    """With the testbed's lock file set, a device profiles only while no other holds the lock (another process
+    cannot take it meanwhile); without it, nothing is locked."""
+    import fcntl
+
+    from homering.agent.profiling import PROFILE_LOCK_ENV, profile_lock
+
+    lock = tmp_path / "profile.lock"
+    monkeypatch.setenv(PROFILE_LOCK_ENV, str(lock))
+
+    def free() -> bool:
+        with open(lock, "a+") as other:  # another open file description: flock conflicts as between processes
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(other, fcntl.LOCK_UN)
+            return True
+
+    with profile_lock():
+        assert not free()
+    assert free()
+    monkeypatch.delenv(PROFILE_LOCK_ENV)
+    with profile_lock():
+        assert free()

@@ -45,7 +45,7 @@ from pathlib import Path
 from rich.console import Console
 
 from homering.bench.cluster_peers import PEER_RUNS, PeerRuns, check_peer_runs, peer_run_keys
-from homering.bench.cluster_report import describe_testbed, report, summarize
+from homering.bench.cluster_report import describe_testbed, report, summarize, write_partial
 from homering.bench.disk import WindowDisk
 from homering.bench.memory import PeakSampler, drop_page_cache
 from homering.bench.peers import peer_binaries
@@ -93,7 +93,7 @@ class ClusterBench:
         model_path: Path,
         *,
         tokens: int = 16,
-        prompt_tokens: int = 256,
+        prompt_tokens: int = 64,
         n_ctx: int | None = None,
         batch: int = 64,
         timeout: float = 1800.0,
@@ -111,7 +111,9 @@ class ClusterBench:
         self.logs = Path(testbed.workdir) / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.controller_home = Path(testbed.workdir) / "controller" / "home"  # its windows, not the user's cache
-        self.disk = WindowDisk([self.controller_home, *(testbed.home(d) for d in testbed.devices)])
+        self.disk = WindowDisk(Path(testbed.workdir) / "windows")  # one store on the host (see bench.disk)
+        for home in (self.controller_home, *(testbed.home(d) for d in testbed.devices)):
+            self.disk.share(home)
 
     # ------------------------------------------------------------ helpers
     def cold(self) -> None:
@@ -269,6 +271,7 @@ def default_configs(*, prefill: bool, release: bool, batch: int, prompt_tokens: 
         RunConfig("single", "llama-cpp-python, largest device"),
         RunConfig("memory", "homering, memory planner, k=1", planner="memory", rounds=1),
         RunConfig("halda", "homering, Halda (rounds + prefetch)", planner="halda"),
+        RunConfig("halda_k1", "homering, Halda with one round (k=1)", planner="halda", rounds=1),
     ]
     if prefill:
         out.append(
@@ -322,7 +325,7 @@ def run_cluster_bench(
     model: str | None,
     *,
     tokens: int = 16,
-    prompt_tokens: int = 256,
+    prompt_tokens: int = 64,
     batch: int = 64,
     keys: list[str] | None = None,
     peers: list[str] | None = None,
@@ -350,6 +353,7 @@ def run_cluster_bench(
     configs = _configs(model_path, batch=batch, prompt_tokens=prompt_tokens, keys=keys, peers=peers or [])
     check_peer_runs([c.key for c in configs], model_path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = out_dir / f"cluster-{Path(spec_path).stem}-{stamp}.json"
     results: dict = {
         "spec": str(spec_path),
         "model": str(model_path),
@@ -368,9 +372,11 @@ def run_cluster_bench(
         peer_runs = PeerRuns(bench, bins) if bins else None
         for cfg in configs:
             results["runs"][cfg.key] = _run_one(bench, cfg, console, peer_runs, results["runs"])
+            write_partial(results, out.with_suffix(".partial.json"))
         results["peak_window_bytes"] = bench.disk.peak_bytes
     results["summary"] = summarize(results)
-    report(results, out_dir / f"cluster-{Path(spec_path).stem}-{stamp}.json", console)
+    report(results, out, console)
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     return results
 
 

@@ -254,7 +254,7 @@ def bench_plan(device_counts, layers, repeats, seed, out) -> None:
     "--tokens", type=click.IntRange(2, 4096), default=16, show_default=True, help="Greedy tokens per measured request."
 )
 @click.option(
-    "--prompt-tokens", type=click.IntRange(2, 8192), default=256, show_default=True, help="Prompt length for TTFT."
+    "--prompt-tokens", type=click.IntRange(2, 8192), default=64, show_default=True, help="Prompt length for TTFT."
 )
 @click.option(
     "--batch",
