@@ -545,3 +545,17 @@ def test_devices_on_one_host_profile_one_at_a_time(tmp_path, monkeypatch):
     monkeypatch.delenv(PROFILE_LOCK_ENV)
     with profile_lock():
         assert free()
+
+
+def test_the_controller_yields_the_cpu_to_the_ring():
+    """The controller lowers its own priority (a fresh process: niceness only ever goes up without root)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from homering.cli.controller import CONTROLLER_NICE, yield_cpu_to_the_ring as y; "
+        "before = os.getpriority(os.PRIO_PROCESS, 0); y(); "
+        "print(os.getpriority(os.PRIO_PROCESS, 0) - before == min(CONTROLLER_NICE, 19 - before))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == ["True"], r.stderr
