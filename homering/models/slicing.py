@@ -162,8 +162,6 @@ def slice_window(
     Raises:
         ModelError: bad model file, or a window outside the model's layers.
     """
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-
     model_path = Path(model_path)
     if spec.role is Role.WHOLE:
         return model_path
@@ -180,24 +178,34 @@ def slice_window(
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    total = sum(t.n_bytes for t in tensors)
-    show = progress and total > (32 << 20)
     try:
-        with (
-            open(tmp, "wb") as fh,
-            Progress(
-                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), disable=not show, transient=True
-            ) as bar,
-        ):
-            task = bar.add_task(f"slicing layers {spec.start}-{spec.end} ({spec.role.value})", total=total)
-            hashing = HashingWriter(fh)
-            write_gguf(hashing, entries, tensors, gf.alignment, on_bytes=lambda n: bar.advance(task, n))
-            drop_written(fh)  # hashed already: no page of it stays cached (see homering.models.filehash)
+        digest = _write_window(tmp, entries, tensors, gf.alignment, spec, progress=progress)
         os.replace(tmp, target)
-        remember(target, hashing.sha256.hexdigest())
+        remember(target, digest)
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def _write_window(
+    path: Path, entries: list[bytes], tensors: list[TensorSource], alignment: int, spec: WindowSpec, *, progress: bool
+) -> str:
+    """Write a window file at ``path`` (a progress bar over 32 MB) and drop it from the page cache; its SHA-256."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    total = sum(t.n_bytes for t in tensors)
+    show = progress and total > (32 << 20)
+    with (
+        open(path, "wb") as fh,
+        Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), disable=not show, transient=True
+        ) as bar,
+    ):
+        task = bar.add_task(f"slicing layers {spec.start}-{spec.end} ({spec.role.value})", total=total)
+        hashing = HashingWriter(fh)
+        write_gguf(hashing, entries, tensors, alignment, on_bytes=lambda n: bar.advance(task, n))
+        drop_written(fh)  # hashed already: no page of it stays cached (see homering.models.filehash)
+    return hashing.sha256.hexdigest()
 
 
 def _metadata_entries(gf: GGUFFile, arch: str, n_layers: int, spec: WindowSpec) -> list[bytes]:
