@@ -45,7 +45,7 @@ from pathlib import Path
 from rich.console import Console
 
 from homering.bench.cluster_peers import PEER_RUNS, PeerRuns, check_peer_runs, peer_run_keys
-from homering.bench.cluster_report import describe_testbed, report, summarize, write_partial
+from homering.bench.cluster_report import describe_testbed, report, summarize, write_results
 from homering.bench.disk import WindowDisk
 from homering.bench.memory import PeakSampler, drop_page_cache
 from homering.bench.peers import peer_binaries
@@ -372,7 +372,7 @@ def run_cluster_bench(
         peer_runs = PeerRuns(bench, bins) if bins else None
         for cfg in configs:
             results["runs"][cfg.key] = _run_one(bench, cfg, console, peer_runs, results["runs"])
-            write_partial(results, out.with_suffix(".partial.json"))
+            write_results(results, out.with_suffix(".partial.json"))
         results["peak_window_bytes"] = bench.disk.peak_bytes
     results["summary"] = summarize(results)
     report(results, out, console)

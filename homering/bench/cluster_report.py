@@ -139,8 +139,9 @@ def describe_testbed(tb) -> dict:
     return {"shaping": tb.shaping, "warnings": tb.warnings, "devices": {d: tb.describe(d) for d in tb.devices}}
 
 
-def write_partial(results: dict, out: Path) -> None:
-    """Write the results so far (after each run: a long benchmark that fails late keeps what it measured)."""
+def write_results(results: dict, out: Path) -> None:
+    """Write the results as JSON to ``out`` (also after each run, to a partial file: a long benchmark that fails
+    late keeps what it measured)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
 
@@ -149,8 +150,7 @@ def report(results: dict, out: Path, console: Console) -> None:
     """Print the table, write the results as JSON to ``out`` and the chart next to it (a PNG; none when every run
     hit OOM: there is nothing to draw)."""
     console.print(table(results))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    write_results(results, out)
     if all(run.get("oom") for run in results["runs"].values()):
         console.print(f"wrote {out}")
         return

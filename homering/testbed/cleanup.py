@@ -79,27 +79,26 @@ def remove(
 
 def _delete(netns: list[str], links: list[str], cgroups: list[Path]) -> list[str]:
     """Delete host links, then namespaces, then cgroups (empty by now); never raises."""
-    removed: list[str] = []
-    present = set(host_links())
-    for link in links:
-        if link in present:
-            res = ip("link", "del", link, check=False)
-            if res.returncode == 0:
-                removed.append(f"link {link}")
-            else:
-                log.warning("cannot delete link %s: %s", link, res.stderr.strip())
-    existing = set(list_netns())
-    for ns in netns:
-        if ns in existing:
-            res = ip("netns", "del", ns, check=False)
-            if res.returncode == 0:
-                removed.append(f"netns {ns}")
-            else:
-                log.warning("cannot delete netns %s: %s", ns, res.stderr.strip())
+    removed = _ip_delete("link", links, host_links)
+    removed += _ip_delete("netns", netns, list_netns)
     for cg in cgroups:
         if cg.exists():
             if rmdir_tree(cg):
                 removed.append(f"cgroup {cg}")
+    return removed
+
+
+def _ip_delete(kind: str, names: list[str], listed) -> list[str]:
+    """``ip <kind> del`` each of ``names`` that ``listed()`` shows; what was removed (failures are logged)."""
+    removed: list[str] = []
+    present = set(listed())
+    for name in names:
+        if name in present:
+            res = ip(kind, "del", name, check=False)
+            if res.returncode == 0:
+                removed.append(f"{kind} {name}")
+            else:
+                log.warning("cannot delete %s %s: %s", kind, name, res.stderr.strip())
     return removed
 
 
