@@ -92,8 +92,9 @@ class Agent:
         data_port: TCP port of the data plane (0: any free port).
         host: address neighbours use to reach this agent.
         bind: address the data port listens on.
-        release: drop each window from the page cache after using it (True), never (False), or as the plan
-            says (None: the planner asks for it on devices whose windows overflow their RAM).
+        release: drop each window from the page cache after using it (True), never (False: also no streamed
+            tail in overflow mode), or as the plan says (None: whole windows in stream mode with k > 1, the
+            layers beyond the plan's ``keep_bytes`` in overflow mode).
         ha_discovery: announce this agent to Home Assistant (MQTT discovery).
         stats_interval: seconds between :class:`AgentStats` publications.
         key: the cluster key (:mod:`homering.wire.security`): data-plane links must prove it, and plans,

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from homering.agent.ring import Ring
+from homering.engine import streaming
 from homering.engine.pages import WindowPages, trim_heap
 from homering.engine.window import LayerWindow
 from homering.errors import HomeringError
@@ -28,7 +29,8 @@ log = logging.getLogger("homering.agent")
 
 Report = Callable[..., Awaitable[None]]
 """``await report(state, plan_id=None, detail=None)``: publish this agent's status."""
-OpenWindow = Callable[[Path, WindowAssignment, Role, Plan, int], LayerWindow]
+OpenWindow = Callable[[Path, WindowAssignment, Role, Plan, int, int | None], LayerWindow]
+"""``open_window(path, assignment, role, plan, threads, stream_from)``: load one window (see :func:`open_window`)."""
 
 
 class ModelSource:
@@ -86,8 +88,11 @@ class ModelSource:
         return WindowClient(url, self.api_key)
 
 
-def open_window(path: Path, w: WindowAssignment, role: Role, plan: Plan, threads: int) -> LayerWindow:
-    """Load window ``w`` of ``plan`` from ``path`` with llama.cpp (``threads`` decode threads)."""
+def open_window(
+    path: Path, w: WindowAssignment, role: Role, plan: Plan, threads: int, stream_from: int | None = None
+) -> LayerWindow:
+    """Load window ``w`` of ``plan`` from ``path`` with llama.cpp (``threads`` decode threads); its layers from
+    ``stream_from`` on stream from disk (:mod:`homering.engine.streaming`), None: none."""
     return LayerWindow(
         path,
         takes_tokens=role.takes_tokens,
@@ -97,6 +102,7 @@ def open_window(path: Path, w: WindowAssignment, role: Role, plan: Plan, threads
         n_batch=plan.n_batch,
         n_threads=threads,
         n_gpu_layers=w.gpu_layers,
+        stream_from=stream_from,
     )
 
 
@@ -233,11 +239,10 @@ class PlanLoader:
         """
         local = self.source.local(plan.model_path, plan.model_fingerprint)
         client = None
-        out: list[LayerWindow] = []
+        paths: list[Path] = []
         try:
             for w in plan.ring[position].windows:
-                role = Role.for_range(w.start, w.end, plan.n_layers)
-                spec = WindowSpec(w.start, w.end, role)
+                spec = WindowSpec(w.start, w.end, Role.for_range(w.start, w.end, plan.n_layers))
                 path = self._window_file(plan, w, spec, local)
                 if path is None:  # download
                     assert w.sha256 is not None  # (_window_file slices a window without a hash, or raises)
@@ -246,15 +251,40 @@ class PlanLoader:
                             self._controller_api(), f"model file {plan.model_path} is not on this device"
                         )
                     path = client.fetch(w.sha256, w.size, spec.label())
-                out.append(self._open_window(path, w, role, plan, self.threads))
+                paths.append(path)
+        finally:
+            if client is not None:
+                client.close()
+        out: list[LayerWindow] = []
+        try:
+            for w, path, first in zip(plan.ring[position].windows, paths, self._stream_starts(plan, position, paths)):
+                role = Role.for_range(w.start, w.end, plan.n_layers)
+                out.append(self._open_window(path, w, role, plan, self.threads, first))
             return out
         except BaseException:
             for window in out:
                 window.close()
             raise
-        finally:
-            if client is not None:
-                client.close()
+
+    def _stream_starts(self, plan: Plan, position: int, paths: list[Path]) -> list[int | None]:
+        """Where each window's streamed tail begins: the plan's ``keep_bytes`` for a device in overflow mode
+        (unless this agent runs with ``--no-release``), else nothing streams.
+
+        Raises:
+            HomeringError: a window file whose layers cannot stream one at a time.
+        """
+        me = plan.ring[position]
+        if me.mode != "overflow" or me.keep_bytes is None or self.release is False or not streaming.SUPPORTED:
+            return [None] * len(paths)
+        sizes = [[hi - lo for lo, hi in streaming.layer_spans(p)] for p in paths]
+        starts = streaming.stream_starts(sizes, me.keep_bytes)
+        kept = sum(sum(s[: len(s) if f is None else f]) for s, f in zip(sizes, starts))
+        log.info(
+            "overflow: keeping %.2f GiB of %.2f GiB of layers in memory, streaming the rest every token",
+            kept / 2**30,
+            sum(map(sum, sizes)) / 2**30,
+        )
+        return starts
 
     @staticmethod
     def _window_file(plan: Plan, w: WindowAssignment, spec: WindowSpec, local: Path | None) -> Path | None:

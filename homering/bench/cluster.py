@@ -9,6 +9,9 @@ prompt:
 - ``memory``: homering with ``--planner memory`` (exo's split by memory) and
   k = 1;
 - ``halda``: homering with the Halda plan, its rounds and prefetching;
+- ``halda_k1``: Halda limited to one round; ``halda_no_stream``: the Halda plan
+  with no page-cache advice (``--no-release``: an overflowing device leaves its
+  windows to the kernel instead of streaming the layers it cannot keep);
 - ``halda_one_batch`` (with ``prefill``): the Halda plan again, the prompt sent
   as one batch instead of micro-batches, for the prefill TTFT comparison;
 - ``halda_release``/``halda_no_release`` (with ``release``): the Halda plan
@@ -272,6 +275,7 @@ def default_configs(*, prefill: bool, release: bool, batch: int, prompt_tokens: 
         RunConfig("memory", "homering, memory planner, k=1", planner="memory", rounds=1),
         RunConfig("halda", "homering, Halda (rounds + prefetch)", planner="halda"),
         RunConfig("halda_k1", "homering, Halda with one round (k=1)", planner="halda", rounds=1),
+        RunConfig("halda_no_stream", "Halda, no page-cache advice (--no-release)", planner="halda", release=False),
     ]
     if prefill:
         out.append(

@@ -36,7 +36,8 @@ from homering.cli.running import run
     default=None,
     help="Drop each layer window from the page cache right after using it (with k > 1 rounds), so "
     "the kernel keeps the next one [default: as the plan says: on when this device streams its "
-    "windows from disk].",
+    "windows from disk, and an overflowing device streams the layers it cannot keep]. "
+    "--no-release leaves everything to the kernel's page cache.",
 )
 @click.option(
     "--ha-discovery",

@@ -267,8 +267,8 @@ def bench_plan(device_counts, layers, repeats, seed, out) -> None:
     "--runs",
     default=None,
     metavar="KEYS",
-    help="Comma-separated subset of: single,memory,halda,halda_one_batch,halda_release,"
-    "halda_no_release, and with --peers prima,prima_same_windows,rpc [default: all].",
+    help="Comma-separated subset of: single,memory,halda,halda_k1,halda_no_stream,halda_one_batch,"
+    "halda_release,halda_no_release, and with --peers prima,prima_same_windows,rpc [default: all].",
 )
 @click.option(
     "--peers",

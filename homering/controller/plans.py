@@ -140,6 +140,7 @@ def _place(d: DevicePrediction, p: AgentProfile, k: int) -> PlanAgent:
         data_port=p.data_port,
         mode=d.mode,
         release=wants_release(d.mode, k),
+        keep_bytes=d.keep_bytes if d.gpu_layers_per_round == 0 else None,
         link_ms=p.device.link_ms if p.device else None,
         windows=[
             WindowAssignment(start=a, end=b, round=r, gpu_layers=d.gpu_layers_per_round)

@@ -3,16 +3,34 @@
  * (ggml-backend.cpp, ggml_backend_sched_compute_splits), about 30 per layer and token. A Python callback
  * costs ~1.2 us per call there (ctypes, the GIL), ~0.4 ms per token for a 10-layer window of SmolLM2;
  * this one costs nanoseconds. It is a plain shared library (no Python API), loaded with ctypes by
- * homering/engine/evalhook.py, which documents the struct; the ggml functions come in as pointers, so
- * it links against nothing.
+ * homering/engine/evalhook.py, which documents the structs; the ggml functions come in as pointers, so
+ * it links against nothing but libc.
+ *
+ * Two jobs:
+ * - the target node (l_out of the window's last layer): copy it out and stop the graph there;
+ * - streaming the window's tail (a device in overflow mode): once layer il's output l_out-il is computed,
+ *   drop layer il's weight pages (madvise DONTNEED on llama.cpp's mapping, then fadvise DONTNEED on the
+ *   file) if il is in the tail, and start reading the tail layer `ahead` layers further on (fadvise
+ *   WILLNEED). The page cache then holds the kept layers plus about ahead + 1 streamed ones, so the
+ *   kernel never evicts a kept layer to make room, and the disk reads exactly the tail per token.
  */
+#define _GNU_SOURCE
+#include <fcntl.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 typedef const char *(*hr_get_name_fn)(const void *tensor);
 typedef size_t (*hr_nbytes_fn)(const void *tensor);
 typedef void (*hr_tensor_get_fn)(const void *tensor, void *data, size_t offset, size_t size);
+
+struct hr_layer_pages {
+    size_t addr;      /* page-aligned start of the layer's weights in llama.cpp's mapping (0: unknown) */
+    size_t length;    /* bytes, a whole number of pages (0: nothing to drop) */
+    long long offset; /* the same start as a file offset */
+};
 
 struct hr_eval_hook {
     hr_get_name_fn get_name;     /* ggml_get_name */
@@ -21,16 +39,68 @@ struct hr_eval_hook {
     void *dst;                   /* where the target node's data goes */
     size_t capacity;             /* bytes at dst; the node must be exactly this size */
     int filled;                  /* set to 1 once dst holds the node's data */
-    char target[64];             /* the node's name, e.g. "l_out-9" (GGML_MAX_NAME is 64) */
+    char target[64];             /* the node's name, e.g. "l_out-9" (GGML_MAX_NAME is 64); "" for none */
+    int fd;                      /* the window file (read-only) while its tail streams, else -1 */
+    int stream_first;            /* the first streamed layer; n_layers or more: none */
+    int n_layers;                /* entries of layers */
+    int ahead;                   /* streamed layers read ahead of the one computing */
+    struct hr_layer_pages *layers;
+    long long dropped;           /* layers dropped so far (a counter for tests and metrics) */
 };
 
-/* ggml_backend_sched_eval_callback: ask == true: "do you want this node?" (only the target);
- * ask == false: the node is computed; copy it out and return false, which stops the graph there. */
+/* il for a node named "l_out-<il>", else -1 */
+static int layer_output(const char *name) {
+    if (strncmp(name, "l_out-", 6) != 0) {
+        return -1;
+    }
+    char *end = NULL;
+    long il = strtol(name + 6, &end, 10);
+    return (end != name + 6 && *end == '\0' && il >= 0 && il < 1 << 20) ? (int)il : -1;
+}
+
+static bool streamed(const struct hr_eval_hook *h, int il) {
+    return h->fd >= 0 && il >= h->stream_first && il < h->n_layers;
+}
+
+static void prefetch(const struct hr_eval_hook *h, int il) {
+    if (streamed(h, il) && h->layers[il].length) {
+        posix_fadvise(h->fd, h->layers[il].offset, (off_t)h->layers[il].length, POSIX_FADV_WILLNEED);
+    }
+}
+
+static void drop(struct hr_eval_hook *h, int il) {
+    if (!streamed(h, il) || !h->layers[il].length) {
+        return;
+    }
+    if (h->layers[il].addr) {
+        madvise((void *)h->layers[il].addr, h->layers[il].length, MADV_DONTNEED);
+    }
+    posix_fadvise(h->fd, h->layers[il].offset, (off_t)h->layers[il].length, POSIX_FADV_DONTNEED);
+    h->dropped++;
+}
+
+/* Before a graph runs: read ahead the streamed layers among its first `ahead` + 1. */
+void hr_stream_begin(struct hr_eval_hook *h) {
+    for (int il = 0; il <= h->ahead && il < h->n_layers; il++) {
+        prefetch(h, il);
+    }
+}
+
+/* ggml_backend_sched_eval_callback: ask == true: "do you want this node?" (the target, and the layer
+ * outputs where streaming acts); ask == false: the node is computed. The target is copied out and the
+ * graph stops there (return false); every other node lets it go on. */
 bool hr_eval_hook(void *tensor, bool ask, void *user_data) {
     struct hr_eval_hook *h = (struct hr_eval_hook *)user_data;
-    bool hit = strncmp(h->get_name(tensor), h->target, sizeof h->target) == 0;
+    const char *name = h->get_name(tensor);
+    bool hit = h->target[0] != '\0' && strncmp(name, h->target, sizeof h->target) == 0;
+    int il = h->fd >= 0 ? layer_output(name) : -1;
+    bool acts = il >= 0 && (streamed(h, il) || streamed(h, il + h->ahead + 1));
     if (ask) {
-        return hit;
+        return hit || acts;
+    }
+    if (acts) {
+        drop(h, il);
+        prefetch(h, il + h->ahead + 1);
     }
     if (!hit) {
         return true;

@@ -5,6 +5,10 @@ node out (design.md, fact 3). llama.cpp's scheduler asks the hook about every no
 per layer and token; a Python callback there cost ~0.4 ms per token on a 10-layer SmolLM2 window, as much
 as a network hop. The C hook answers in nanoseconds and gives the same bytes.
 
+The hook also streams a window's tail (:class:`StreamedLayers`): on a device in overflow mode, the weight
+pages of each tail layer are dropped as soon as the layer's output is computed, and the next tail layers are
+read ahead, so the page cache never evicts the layers the device keeps (see ``_evalhook.c``).
+
 The library has no Python API: it is loaded with ctypes, and the ggml functions it calls are handed to it
 as pointers in :class:`EvalHook`, so it links against no library of its own.
 """
@@ -32,7 +36,10 @@ class EvalHook(ctypes.Structure):
     """``struct hr_eval_hook`` of ``_evalhook.c``: what the hook needs, and where it puts the node's data.
 
     Fields: the three ggml functions (pointers), ``dst``/``capacity`` (the buffer for the target node, bytes;
-    a node of another size is not copied), ``filled`` (1 once copied) and ``target`` (the node's name).
+    a node of another size is not copied), ``filled`` (1 once copied) and ``target`` (the node's name, empty
+    for none); then the tail streaming: ``fd`` (the window file, -1 when nothing streams), ``stream_first``
+    (the first streamed layer), ``n_layers``/``layers`` (one :class:`LayerPages` per layer), ``ahead``
+    (layers read ahead) and ``dropped`` (layers dropped so far).
     """
 
     _fields_ = [
@@ -43,7 +50,20 @@ class EvalHook(ctypes.Structure):
         ("capacity", ctypes.c_size_t),
         ("filled", ctypes.c_int),
         ("target", ctypes.c_char * MAX_NAME),
+        ("fd", ctypes.c_int),
+        ("stream_first", ctypes.c_int),
+        ("n_layers", ctypes.c_int),
+        ("ahead", ctypes.c_int),
+        ("layers", ctypes.c_void_p),
+        ("dropped", ctypes.c_longlong),
     ]
+
+
+class LayerPages(ctypes.Structure):
+    """``struct hr_layer_pages``: one layer's weights as whole pages, in the mapping (``addr``, 0 when unknown)
+    and in the file (``offset``), ``length`` bytes (0: nothing to drop)."""
+
+    _fields_ = [("addr", ctypes.c_size_t), ("length", ctypes.c_size_t), ("offset", ctypes.c_longlong)]
 
 
 @cache
@@ -58,7 +78,8 @@ def _library() -> ctypes.CDLL:
 
 
 def new_hook(target: bytes) -> tuple[EvalHook, EvalCallback]:
-    """A hook for the node named ``target`` (e.g. ``b"l_out-9"``) and the C callback to give llama.cpp.
+    """A hook for the node named ``target`` (e.g. ``b"l_out-9"``; ``b""``: none) and the C callback to give
+    llama.cpp. Nothing streams until :func:`begin` is given a :class:`StreamedLayers`'s hook.
 
     Set ``cparams.cb_eval`` to the callback and ``cparams.cb_eval_user_data`` to the hook's address
     (:func:`user_data`); keep the hook alive as long as the context.
@@ -76,6 +97,7 @@ def new_hook(target: bytes) -> tuple[EvalHook, EvalCallback]:
     ):
         setattr(hook, field, ctypes.cast(fn, ctypes.c_void_p).value)
     hook.target = target
+    hook.fd, hook.stream_first = -1, 1 << 30
     callback = ctypes.cast(_library().hr_eval_hook, llama_cpp.ggml_backend_sched_eval_callback)
     return hook, cast(EvalCallback, callback)
 
@@ -83,3 +105,9 @@ def new_hook(target: bytes) -> tuple[EvalHook, EvalCallback]:
 def user_data(hook: EvalHook) -> ctypes.c_void_p:
     """The hook's address, as ``cb_eval_user_data``."""
     return ctypes.c_void_p(ctypes.addressof(hook))
+
+
+def begin(hook: EvalHook) -> None:
+    """Before a graph runs: start reading the streamed layers among its first ``ahead + 1`` (``WILLNEED``)."""
+    if hook.fd >= 0:
+        _library().hr_stream_begin(ctypes.byref(hook))

@@ -24,7 +24,11 @@ from pathlib import Path
 
 log = logging.getLogger("homering.pages")
 
+STREAM_AHEAD = 1
+"""Streamed layers read ahead of the one computing (:mod:`homering.engine.streaming`); the planner reserves
+room for ``STREAM_AHEAD + 1`` of them beside the layers an overflowing device keeps."""
 _MADV_DONTNEED = 4  # Linux <asm-generic/mman-common.h>
+MADV_SEQUENTIAL = 2
 _libc: ctypes.CDLL | None = None
 
 
@@ -42,8 +46,9 @@ def _madvise(addr: int, length: int, advice: int) -> None:
         raise OSError(err, f"madvise: {os.strerror(err)}")
 
 
-def mappings_of(path: str | Path) -> list[tuple[int, int]]:
-    """This process's mappings of ``path`` as ``(start, end)`` virtual addresses ([] off Linux)."""
+def mappings_of(path: str | Path) -> list[tuple[int, int, int]]:
+    """This process's mappings of ``path`` as ``(start, end, offset)``: virtual addresses and the file offset
+    mapped at ``start`` (llama.cpp may map a file from a page-aligned offset, not 0); [] off Linux."""
     target = os.path.realpath(path)
     out = []
     try:
@@ -52,7 +57,7 @@ def mappings_of(path: str | Path) -> list[tuple[int, int]]:
                 parts = line.split(maxsplit=5)
                 if len(parts) == 6 and parts[5].rstrip("\n") == target:
                     start, end = (int(x, 16) for x in parts[0].split("-"))
-                    out.append((start, end))
+                    out.append((start, end, int(parts[2], 16)))
     except OSError:
         return []
     return out
@@ -74,7 +79,7 @@ class WindowPages:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.fd = os.open(self.path, os.O_RDONLY) if self.supported else -1
-        self._maps: list[tuple[int, int]] | None = None  # llama.cpp's mappings, found at the first release
+        self._maps: list[tuple[int, int, int]] | None = None  # llama.cpp's mappings, found at the first release
         if self.fd >= 0:
             os.fsync(self.fd)
 
@@ -94,7 +99,7 @@ class WindowPages:
             return
         if self._maps is None:  # once: the mapping lives as long as the window; release runs every token
             self._maps = mappings_of(self.path)
-        for start, end in self._maps:
+        for start, end, _ in self._maps:
             try:
                 _madvise(start, end - start, _MADV_DONTNEED)
             except OSError as exc:  # never fatal: the advice is an optimisation

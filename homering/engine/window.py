@@ -33,9 +33,11 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
+from homering.engine import streaming
 from homering.engine.backend import context_params, init_backend, model_params, token_piece
 from homering.engine.backend import plain_llama as plain_llama  # where the benchmarks and tests import it from
-from homering.engine.evalhook import EvalHook, new_hook, user_data
+from homering.engine.evalhook import EvalHook, begin, new_hook, user_data
+from homering.engine.streaming import TailStream
 from homering.errors import HomeringError
 
 if TYPE_CHECKING:
@@ -133,6 +135,8 @@ class LayerWindow:
             cache, so one batch can carry several sequences); the caller keeps
             each sequence within ``n_ctx`` tokens.
         n_gpu_layers: layers to offload when llama.cpp has a GPU backend.
+        stream_from: the first layer (the window's own index) whose weights stream from disk every graph
+            (a device in overflow mode, :mod:`homering.engine.streaming`); None: the kernel decides.
 
     Each window has its own KV cache; positions are explicit, so a window
     can be fed any part of a sequence in order.
@@ -152,6 +156,7 @@ class LayerWindow:
         n_threads: int = 2,
         n_seq_max: int = 1,
         n_gpu_layers: int = 0,
+        stream_from: int | None = None,
         verbose: bool = False,
     ) -> None:
         init_backend(verbose)
@@ -173,11 +178,19 @@ class LayerWindow:
         cparams = context_params(n_ctx, n_batch, n_seq_max, n_threads)
         self._last_logits: Floats | None = None  # the last item's of the last forward, for sample()
         self._hook: EvalHook | None = None
-        if not gives_logits:
-            self._hook, cparams.cb_eval = new_hook(self._target)
+        self.stream: TailStream | None = None
+        if not gives_logits or (stream_from is not None and streaming.SUPPORTED):
+            self._hook, cparams.cb_eval = new_hook(b"" if gives_logits else self._target)
             cparams.cb_eval_user_data = user_data(self._hook)
+        try:
+            if stream_from is not None and self._hook is not None:
+                self.stream = TailStream(self.path, self._hook, stream_from)
+        except HomeringError:
+            llama_cpp.llama_model_free(self._model)
+            raise
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
+            self._close_stream()
             llama_cpp.llama_model_free(self._model)
             raise HomeringError(f"llama.cpp could not create a context for {self.path} (n_ctx={n_ctx})")
         self.n_ctx_total = llama_cpp.llama_n_ctx(self._ctx)
@@ -267,6 +280,8 @@ class LayerWindow:
             # the hook copies l_out of the whole batch here (batch order: llama.cpp's unified KV cache
             # splits a batch into ubatches in order, and a ubatch is a whole batch)
             hook.dst, hook.capacity, hook.filled = hidden.ctypes.data, hidden.nbytes, 0
+        if hook is not None:
+            begin(hook)
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise DecodeError(
@@ -350,7 +365,13 @@ class LayerWindow:
             self._closed = True
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
+            self._close_stream()
             llama_cpp.llama_model_free(self._model)
+
+    def _close_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
 
     def __enter__(self) -> LayerWindow:
         return self

@@ -52,7 +52,16 @@ from typing import Any
 
 import pulp
 
-from homering.planner.model import GIB, ClusterSpec, Device, PlanError, Prediction, candidate_rounds, evaluate
+from homering.planner.model import (
+    GIB,
+    STREAMED_LAYERS,
+    ClusterSpec,
+    Device,
+    PlanError,
+    Prediction,
+    candidate_rounds,
+    evaluate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +218,10 @@ class _Program:
         ram = d.ram_bytes
         if d.os == "macos":  # overflow re-reads the whole mapping
             self.prob += D >= ms_per_byte * need - ms_per_byte * need_max * (1 - ovf)
-        elif need_max > ram:  # overflow re-reads what exceeds the RAM
-            self.prob += D >= ms_per_byte * (need - ram) - ms_per_byte * (need_max - ram) * (1 - ovf)
+        elif need_max > ram:  # overflow re-reads what exceeds the RAM, and the streamed layers in flight
+            f = STREAMED_LAYERS * self.shape.layer_bytes
+            over = need - ram + f * s.u
+            self.prob += D >= ms_per_byte * over - ms_per_byte * (need_max - ram + f) * (1 - ovf)
         stream_max = k * ms_per_byte * bp * W
         self.prob += D >= k * (ms_per_byte * bp * s.x - self._slack(s)) - stream_max * (1 - st)
         return D

@@ -26,8 +26,12 @@ For device m (ring order = device list, head moved to the end):
   ``need_m = k·s_m + a_m + [head]·o``.
 - disk stall per round ``visible_m``, the cheapest open mode:
   *resident* (``need_m <= ram``): 0;
-  *overflow*: every token re-reads ``need_m - ram`` (Linux, Android) or all of
-  ``need_m`` (macOS), ``visible = 1000·reread / (disk_gbps·1e9) / k``;
+  *overflow*: every token re-reads ``need_m - ram + f·b`` (Linux, Android) or all of
+  ``need_m`` (macOS), ``visible = 1000·reread / (disk_gbps·1e9) / k``. On Linux the
+  device keeps ``keep_m = k·s_m^w - reread`` bytes of its layers' weights (``s_m^w``:
+  one window's weights) and streams the rest
+  (:mod:`homering.engine.streaming`): ``f`` (:data:`STREAMED_LAYERS`) streamed layers are
+  in memory at a time, beside the kept ones;
   *stream* (open when ``2·s_m + a_m + [head]·o <= ram``):
   ``visible = max(0, 1000·s_m / (disk_gbps·1e9) - slack_m)`` with
   ``slack_m = Σ_{j≠m in use} (comp_j + hop_j)``.
@@ -73,6 +77,9 @@ __all__ = [
     "shape_from_gguf",
 ]
 
+STREAMED_LAYERS = 2
+"""``f``: the streamed layers an overflowing device holds at a time: the one computing and
+:data:`homering.engine.pages.STREAM_AHEAD` read ahead (a test keeps the two in step)."""
 Mode = Literal["resident", "overflow", "stream"]
 MODES: tuple[Mode, ...] = ("resident", "overflow", "stream")
 
@@ -93,6 +100,7 @@ class DevicePrediction:
     compute_ms: float
     disk_ms: float
     hop_ms: float
+    keep_bytes: int | None = None  # overflow on Linux/Android: bytes of layer weights kept, the rest streams
 
     @property
     def total_ms(self) -> float:
@@ -177,7 +185,9 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
             devices.append(DevicePrediction(d.name, 0, 0, None, [], 0.0, 0.0, 0.0))
             continue
         is_head = i == len(ring) - 1
-        mode, stall = _cheapest_mode(shape, d, k, wm, nm, first=i == first, head=is_head, slack=busy - comp[i] - hop[i])
+        mode, stall, keep = _cheapest_mode(
+            shape, d, k, wm, nm, first=i == first, head=is_head, slack=busy - comp[i] - hop[i]
+        )
         pred = DevicePrediction(
             name=d.name,
             layers_per_round=wm,
@@ -187,6 +197,7 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
             compute_ms=k * comp[i] + (d.cpu_ms_output if is_head else 0.0),
             disk_ms=k * stall,
             hop_ms=k * hop[i],
+            keep_bytes=keep if mode == "overflow" else None,
         )
         devices.append(pred)
         total += pred.total_ms
@@ -195,8 +206,9 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
 
 def _cheapest_mode(
     shape: ModelShape, d: Device, k: int, w: int, n: int, *, first: bool, head: bool, slack: float
-) -> tuple[Mode, float]:
-    """Device ``d``'s cheapest open mode (ties: resident, overflow, stream) and its disk stall per round, ms.
+) -> tuple[Mode, float, int | None]:
+    """Device ``d``'s cheapest open mode (ties: resident, overflow, stream), its disk stall per round (ms),
+    and in overflow mode on Linux/Android the bytes of layer weights it keeps (else None).
 
     ``w``/``n``: its layers and GPU layers per round; ``first``: it is the first device in use; ``head``: it
     holds the last window; ``slack``: the rest of the ring's compute and hops per round, ms (the stream mode's
@@ -210,12 +222,16 @@ def _cheapest_mode(
     costs: dict[Mode, float] = {}
     if need <= ram:
         costs["resident"] = 0.0
-    reread = need if d.os == "macos" else max(0.0, need - ram)
+    keep = None
+    reread: float = need
+    if d.os != "macos":
+        reread = max(0.0, need - ram) + (STREAMED_LAYERS * shape.layer_bytes if need > ram else 0)
+        keep = max(0, int(k * (w - n) * shape.layer_bytes - reread))
     costs["overflow"] = d.disk_ms(reread) / k
     if 2 * s + fixed <= ram:
         costs["stream"] = max(0.0, d.disk_ms(s) - slack)
     mode = min(MODES, key=lambda m: (costs.get(m, float("inf")), MODES.index(m)))
-    return mode, costs[mode]
+    return mode, costs[mode], keep
 
 
 def divisors(n: int) -> list[int]:

@@ -145,6 +145,12 @@ class PlanAgent(Message):
         description="drop each window from the page cache after use "
         "(the planner's choice for devices in stream mode with k > 1)",
     )
+    keep_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="overflow mode: bytes of its layers' weights the agent keeps in memory, in the order it "
+        "computes them; the later layers stream from disk every token (None: the kernel decides)",
+    )
     link_ms: float | None = Field(default=None, description="measured one-way latency to the head, ms")
 
 

@@ -1,0 +1,158 @@
+"""Streaming a window's tail from disk: the overflow mode of the latency model, made true at run time.
+
+PRIMA.CPP's latency model (arXiv 2504.08791, §3; :mod:`homering.planner.model`) charges a device whose
+windows exceed its RAM a re-read of only the excess per token. Linux's page cache does not behave so by
+itself: a mapped window a little larger than the memory it may use is read cyclically, and LRU evicts
+exactly the pages needed next, so most of the window is read again every token (measured on the 32B
+cluster: 4305 ms/token against 2591 predicted). So a device in overflow mode keeps a *prefix* of its
+layers (as many bytes as the plan's ``keep_bytes``) and *streams* the rest: the window's graph hook drops
+each streamed layer's pages as soon as the layer's output is computed, and reads the next streamed layers
+ahead (:data:`~homering.engine.pages.STREAM_AHEAD`), see ``_evalhook.c``. The page cache then holds the
+kept layers and about ``STREAM_AHEAD + 1`` streamed ones, and the disk reads the streamed layers once per token.
+
+Linux only (``madvise``/``posix_fadvise``); elsewhere nothing streams and the kernel decides.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+from pathlib import Path
+
+from homering.engine.evalhook import EvalHook, LayerPages
+from homering.engine.pages import MADV_SEQUENTIAL, STREAM_AHEAD, _madvise, mappings_of
+from homering.errors import HomeringError
+from homering.models.gguf_file import read_gguf
+from homering.models.gguf_info import block_index
+
+log = logging.getLogger("homering.streaming")
+
+SUPPORTED = hasattr(os, "posix_fadvise")
+
+
+def layer_spans(path: str | Path) -> list[tuple[int, int]]:
+    """Each layer's weights in a window file: ``(start, end)`` byte offsets, by the window's own layer index.
+
+    Raises:
+        HomeringError: the file cannot be read, or a layer's tensors are not contiguous (another layer's, or
+            a tensor of no layer, lies between them), so a layer cannot be dropped alone.
+    """
+    try:
+        gf = read_gguf(path)
+    except (OSError, ValueError) as exc:
+        raise HomeringError(f"cannot read the tensors of {path}: {exc}") from exc
+    spans: dict[int, tuple[int, int]] = {}
+    for t in gf.tensors:
+        il = block_index(t.name)
+        if il is None:
+            continue
+        lo, hi = spans.get(il, (t.offset, t.offset + t.n_bytes))
+        spans[il] = (min(lo, t.offset), max(hi, t.offset + t.n_bytes))
+    if sorted(spans) != list(range(len(spans))):
+        raise HomeringError(f"{path}: layers {sorted(spans)} are not 0..{len(spans) - 1}")
+    out = [spans[il] for il in range(len(spans))]
+    owned = sum(t.n_bytes for t in gf.tensors if block_index(t.name) is not None)
+    ordered = sorted(out)
+    for a, b in zip(ordered, ordered[1:]):
+        if b[0] < a[1]:
+            raise HomeringError(f"{path}: the layers' tensors are interleaved; its tail cannot stream")
+    holes = sum(hi - lo for lo, hi in out) - owned
+    if holes > gf.alignment * len(gf.tensors):
+        raise HomeringError(f"{path}: other tensors lie between a layer's tensors; its tail cannot stream")
+    return out
+
+
+def stream_starts(layer_bytes: list[list[int]], keep_bytes: int) -> list[int | None]:
+    """Where each window's streamed tail begins, when a device keeps ``keep_bytes`` of its layers.
+
+    Args:
+        layer_bytes: per window, in round order, each layer's weight bytes.
+        keep_bytes: bytes of layer weights the device keeps in memory (the plan's ``keep_bytes``).
+
+    Returns:
+        Per window, the first streamed layer (its own index), or None when the window is kept whole. The
+        kept bytes are a prefix in the order the device computes: once a layer does not fit, it and every
+        layer after it, in this window and the later ones, stream.
+    """
+    out: list[int | None] = []
+    left, streaming = keep_bytes, False
+    for sizes in layer_bytes:
+        first = None
+        for il, size in enumerate(sizes):
+            if streaming or size > left:
+                streaming, first = True, il
+                break
+            left -= size
+        out.append(first)
+    return out
+
+
+def _drop_ranges(spans: list[tuple[int, int]], first: int) -> list[tuple[int, int]]:
+    """Per layer, the whole pages to drop once it is computed: its own, and when the streamed layer before it
+    ends right where it starts (a window written in layer order), that one's too.
+
+    The page cache keeps large folios, and ``POSIX_FADV_DONTNEED`` skips a folio that reaches outside the
+    range: the folio across the boundary of two streamed layers would never go if each layer dropped only
+    its own pages.
+    """
+    page = mmap.PAGESIZE
+    out = []
+    for il, (lo, hi) in enumerate(spans):
+        start, end = -(-lo // page) * page, hi // page * page
+        if il > first and 0 <= lo - spans[il - 1][1] < page:
+            start = -(-spans[il - 1][0] // page) * page
+        out.append((start, end))
+    return out
+
+
+class TailStream:
+    """The streaming of one window's tail, wired into its graph hook (see the module docstring).
+
+    Args:
+        path: the window file; llama.cpp must have mapped it already (the model is loaded).
+        hook: the window context's :class:`~homering.engine.evalhook.EvalHook`.
+        first: the first streamed layer (the window's own index).
+        ahead: streamed layers read ahead of the one computing.
+
+    Raises:
+        HomeringError: the file's layers cannot be dropped one at a time (:func:`layer_spans`).
+    """
+
+    def __init__(self, path: str | Path, hook: EvalHook, first: int, ahead: int = STREAM_AHEAD) -> None:
+        self.path = Path(path)
+        spans = layer_spans(self.path)
+        maps = mappings_of(self.path)
+        if len(maps) != 1:
+            log.warning("%s: %d mappings of it, not llama.cpp's one: streamed layers stay mapped", path, len(maps))
+        self._pages = (LayerPages * max(1, len(spans)))()
+        for il, (start, end) in enumerate(_drop_ranges(spans, first)):
+            addr = 0
+            if len(maps) == 1 and maps[0][2] <= start and end - maps[0][2] <= maps[0][1] - maps[0][0]:
+                addr = maps[0][0] + start - maps[0][2]
+            if end > start:
+                self._pages[il] = LayerPages(addr, end - start, start)
+            if addr and end > start and il >= first:  # read ahead, never around (a fault would read back the
+                try:  # layer just dropped)
+                    _madvise(addr, end - start, MADV_SEQUENTIAL)
+                except OSError as exc:
+                    log.debug("madvise(SEQUENTIAL) on %s failed: %s", path, exc)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.first = first
+        self._hook = hook
+        hook.layers = ctypes.cast(self._pages, ctypes.c_void_p).value
+        hook.n_layers, hook.ahead, hook.stream_first = len(spans), ahead, first
+        hook.fd = self.fd
+
+    @property
+    def dropped(self) -> int:
+        """Layers dropped from memory so far (each streamed layer once per graph that ran it)."""
+        return int(self._hook.dropped)
+
+    def close(self) -> None:
+        """Stop streaming (the hook keeps its target) and close the file."""
+        self._hook.fd, self._hook.n_layers, self._hook.layers = -1, 0, None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
