@@ -82,7 +82,7 @@ BENCH_32B_MODEL := qwen2.5-32b-q4_k_m
 bench-32b: install mosquitto .peers/env.sh
 	$(HR) models pull $(BENCH_32B_MODEL)
 	$(HR) bench cluster --spec examples/clusters/home4-32b.yaml --model $(BENCH_32B_MODEL) --peers prima,rpc \
-	  --runs single,memory,halda,prima,prima_same_windows,rpc --json
+	  --runs single,memory,halda,halda_no_stream,prima,prima_same_windows,rpc --json
 	$(HR) bench cluster --spec examples/clusters/home4-32b-tight.yaml --model $(BENCH_32B_MODEL) --peers prima \
 	  --runs memory,halda,halda_k1,prima --json
 
