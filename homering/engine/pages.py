@@ -28,7 +28,6 @@ STREAM_AHEAD = 1
 """Streamed layers read ahead of the one computing (:mod:`homering.engine.streaming`); the planner reserves
 room for ``STREAM_AHEAD + 1`` of them beside the layers an overflowing device keeps."""
 _MADV_DONTNEED = 4  # Linux <asm-generic/mman-common.h>
-MADV_SEQUENTIAL = 2
 _libc: ctypes.CDLL | None = None
 
 
@@ -40,7 +39,12 @@ def _load_libc() -> ctypes.CDLL:
     return _libc
 
 
-def _madvise(addr: int, length: int, advice: int) -> None:
+def madvise(addr: int, length: int, advice: int) -> None:
+    """``madvise(2)`` on ``length`` bytes at ``addr`` (page-aligned).
+
+    Raises:
+        OSError: the kernel refused the advice.
+    """
     if _load_libc().madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), advice) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"madvise: {os.strerror(err)}")
@@ -101,7 +105,7 @@ class WindowPages:
             self._maps = mappings_of(self.path)
         for start, end, _ in self._maps:
             try:
-                _madvise(start, end - start, _MADV_DONTNEED)
+                madvise(start, end - start, _MADV_DONTNEED)
             except OSError as exc:  # never fatal: the advice is an optimisation
                 log.debug("madvise(DONTNEED) on %s failed: %s", self.path.name, exc)
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)

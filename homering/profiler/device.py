@@ -172,7 +172,7 @@ def profile_device(
         threads: llama.cpp threads to time with (>= 1); part of the cache key.
         refresh: measure again even when the cache has a profile.
         progress: called with a short status line before each stage.
-        disk_bytes: size of the disk probe file, bytes (default 256 MiB).
+        disk_bytes: size of the disk probe file, bytes (default 1 GiB).
         disk_dir: where to measure the disk; default the window cache folder.
         info: the model's shape, when known (required without ``model_path``).
         windows: where the probe windows come from (required without ``model_path``: an agent

@@ -11,11 +11,11 @@ the page cache:
 - macOS: ``F_NOCACHE`` on the descriptors and 64 KiB reads at random offsets
   (macOS pages mmapped files in small random reads).
 
-The scratch file (``.homering-disk-probe.<pid>.<random>.bin``, 256 MiB by default) is
+The scratch file (``.homering-disk-probe.<pid>.<random>.bin``, 1 GiB by default) is
 written next to the windows and removed as soon as it has been read: the
 figure is cached with the profile (:mod:`homering.profiler.device`), so a new
-measurement is rare and rewriting the file then costs about a second, while
-keeping it would cost every agent's home 256 MiB of disk. Probe files that a
+measurement is rare and rewriting the file then costs a few seconds, while
+keeping it would cost every agent's home 1 GiB of disk. Probe files that a
 killed process left, and the :data:`DISK_PROBE_NAME` that homering once kept
 for good, are removed on the next measurement.
 
@@ -41,8 +41,11 @@ from homering.errors import HomeringError
 
 log = logging.getLogger(__name__)
 
-DISK_PROBE_BYTES = 256 << 20
-"""Default size of the scratch file, bytes (256 MiB)."""
+DISK_PROBE_BYTES = 1 << 30
+"""Default size of the scratch file, bytes (1 GiB). Smaller files read too fast under a read throttle: on
+the testbed's D1 (a 0.72 GB/s cgroup throttle, 2.4 GiB memory limit) 256 MiB probes gave 0.81 and 1.11
+GB/s, and agents' profiles up to 1.24 GB/s, which made the planner stream windows from that disk; 1 GiB
+gave 0.74-0.75 GB/s."""
 DISK_PROBE_NAME = "homering-disk-probe.bin"
 """File name of the scratch file that earlier versions kept in the cache folder (removed on sight)."""
 DISK_PROBE_PREFIX = ".homering-disk-probe."
