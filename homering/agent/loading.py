@@ -215,7 +215,10 @@ class PlanLoader:
             release = self.release if self.release is not None else me.release
             pages = None
             if len(windows) > 1 and WindowPages.supported:  # macOS has no fadvise: no prefetch there
-                pages = [WindowPages(w.path) for w in windows]
+                pages = [
+                    WindowPages(w.path, skip=streaming.unread_span(w.path, gives_logits=w.gives_logits))
+                    for w in windows
+                ]
             ring = Ring(plan, position, windows, release=release, pages=pages)
             if len(plan.ring) > 1 and not superseded():
                 nxt = plan.ring[(position + 1) % len(plan.ring)]

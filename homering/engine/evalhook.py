@@ -39,7 +39,8 @@ class EvalHook(ctypes.Structure):
     a node of another size is not copied), ``filled`` (1 once copied) and ``target`` (the node's name, empty
     for none); then the tail streaming: ``fd`` (the window file, -1 when nothing streams), ``stream_first``
     (the first streamed layer), ``n_layers``/``layers`` (one :class:`LayerPages` per layer), ``ahead``
-    (layers read ahead) and ``dropped`` (layers dropped so far).
+    (layers read ahead), ``dropped`` (layers dropped so far) and ``chunk`` (bytes per ``WILLNEED`` call, see
+    :func:`~homering.engine.pages.readahead_limit`).
     """
 
     _fields_ = [
@@ -56,14 +57,22 @@ class EvalHook(ctypes.Structure):
         ("ahead", ctypes.c_int),
         ("layers", ctypes.c_void_p),
         ("dropped", ctypes.c_longlong),
+        ("chunk", ctypes.c_size_t),
     ]
 
 
 class LayerPages(ctypes.Structure):
-    """``struct hr_layer_pages``: one layer's weights as whole pages, in the mapping (``addr``, 0 when unknown)
-    and in the file (``offset``), ``length`` bytes (0: nothing to drop)."""
+    """``struct hr_layer_pages``: the whole pages to drop once a layer is computed, in the mapping (``addr``,
+    0 when unknown) and in the file (``offset``), ``length`` bytes (0: none); and the layer's own weights to
+    read ahead (``read_offset``, ``read_length``)."""
 
-    _fields_ = [("addr", ctypes.c_size_t), ("length", ctypes.c_size_t), ("offset", ctypes.c_longlong)]
+    _fields_ = [
+        ("addr", ctypes.c_size_t),
+        ("length", ctypes.c_size_t),
+        ("offset", ctypes.c_longlong),
+        ("read_offset", ctypes.c_longlong),
+        ("read_length", ctypes.c_size_t),
+    ]
 
 
 @cache

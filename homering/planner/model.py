@@ -78,8 +78,9 @@ __all__ = [
 ]
 
 STREAMED_LAYERS = 2
-"""``f``: the streamed layers an overflowing device holds at a time: the one computing and
-:data:`homering.engine.pages.STREAM_AHEAD` read ahead (a test keeps the two in step)."""
+"""``f``: the room an overflowing device keeps for streamed layers, in layers: the one computing, those the
+engine reads ahead (:data:`homering.engine.pages.STREAM_AHEAD`, none today), and one of margin for the
+kernel's fault read-around past it (a test keeps f above the engine's need)."""
 Mode = Literal["resident", "overflow", "stream"]
 MODES: tuple[Mode, ...] = ("resident", "overflow", "stream")
 
