@@ -45,10 +45,6 @@ def test_stream_starts_keep_a_prefix_in_compute_order():
     assert streaming.stream_starts([[10, 50, 1]], 30) == [1]  # the small layer after the big one streams too
 
 
-def test_the_planner_reserves_room_for_the_streamed_layers_the_engine_holds():
-    assert STREAMED_LAYERS >= pages.STREAM_AHEAD + 1
-
-
 @needs_fadvise
 def test_streamed_tails_give_the_same_tokens_and_leave_only_the_kept_layers_in_memory(smollm2, smollm2_ref):
     """A hidden-state window and the logits window stream their tails: 24 greedy tokens identical to the

@@ -10,10 +10,9 @@
  * - the target node (l_out of the window's last layer): copy it out and stop the graph there;
  * - streaming the window's tail (a device in overflow mode): once layer il's output l_out-il is computed,
  *   drop layer il's weight pages (madvise DONTNEED on llama.cpp's mapping, then fadvise DONTNEED on the
- *   file) if il is in the tail, and, with ahead > 0, start reading the tail layer il + ahead (fadvise
- *   WILLNEED, in chunks of the kernel's read-ahead limit). The page cache then holds the kept layers plus
- *   the streamed ones in flight, so the kernel never evicts a kept layer to make room, and the disk reads
- *   exactly the tail per token.
+ *   file) if il is in the tail; the kernel's fault read-around reads the next one. The page cache then
+ *   holds the kept layers plus the streamed one in flight, so the kernel never evicts a kept layer to make
+ *   room, and the disk reads exactly the tail per token.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -31,8 +30,6 @@ struct hr_layer_pages {
     size_t addr;           /* page-aligned start of the pages to drop in llama.cpp's mapping (0: unknown) */
     size_t length;         /* bytes to drop, a whole number of pages (0: nothing) */
     long long offset;      /* the same start as a file offset */
-    long long read_offset; /* the layer's own weights, to read ahead (file offset) */
-    size_t read_length;    /* bytes (0: nothing to read) */
 };
 
 struct hr_eval_hook {
@@ -46,11 +43,8 @@ struct hr_eval_hook {
     int fd;                      /* the window file (read-only) while its tail streams, else -1 */
     int stream_first;            /* the first streamed layer; n_layers or more: none */
     int n_layers;                /* entries of layers */
-    int ahead;                   /* streamed layers read ahead of the one computing */
     struct hr_layer_pages *layers;
     long long dropped;           /* layers dropped so far (a counter for tests and metrics) */
-    size_t chunk;                /* bytes per WILLNEED call: the kernel reads at most its read-ahead limit
-                                    (max(read_ahead_kb, max_sectors_kb)) per call, whatever the length */
 };
 
 /* il for a node named "l_out-<il>", else -1 */
@@ -67,17 +61,6 @@ static bool streamed(const struct hr_eval_hook *h, int il) {
     return h->fd >= 0 && il >= h->stream_first && il < h->n_layers;
 }
 
-static void prefetch(const struct hr_eval_hook *h, int il) {
-    if (!streamed(h, il) || !h->layers[il].read_length) {
-        return;
-    }
-    size_t total = h->layers[il].read_length, chunk = h->chunk ? h->chunk : total;
-    for (size_t done = 0; done < total; done += chunk) {
-        size_t n = total - done < chunk ? total - done : chunk;
-        posix_fadvise(h->fd, h->layers[il].read_offset + (long long)done, (off_t)n, POSIX_FADV_WILLNEED);
-    }
-}
-
 static void drop(struct hr_eval_hook *h, int il) {
     if (!streamed(h, il) || !h->layers[il].length) {
         return;
@@ -89,13 +72,6 @@ static void drop(struct hr_eval_hook *h, int il) {
     h->dropped++;
 }
 
-/* Before a graph runs: read ahead the streamed layers among its first `ahead`. */
-void hr_stream_begin(struct hr_eval_hook *h) {
-    for (int il = 0; il < h->ahead && il < h->n_layers; il++) {
-        prefetch(h, il);
-    }
-}
-
 /* ggml_backend_sched_eval_callback: ask == true: "do you want this node?" (the target, and the layer
  * outputs where streaming acts); ask == false: the node is computed. The target is copied out and the
  * graph stops there (return false); every other node lets it go on. */
@@ -104,15 +80,12 @@ bool hr_eval_hook(void *tensor, bool ask, void *user_data) {
     const char *name = h->get_name(tensor);
     bool hit = h->target[0] != '\0' && strncmp(name, h->target, sizeof h->target) == 0;
     int il = h->fd >= 0 ? layer_output(name) : -1;
-    bool acts = il >= 0 && (streamed(h, il) || (h->ahead > 0 && streamed(h, il + h->ahead)));
+    bool acts = il >= 0 && streamed(h, il);
     if (ask) {
         return hit || acts;
     }
     if (acts) {
         drop(h, il);
-        if (h->ahead > 0) {
-            prefetch(h, il + h->ahead);
-        }
     }
     if (!hit) {
         return true;

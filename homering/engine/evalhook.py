@@ -5,9 +5,9 @@ node out (design.md, fact 3). llama.cpp's scheduler asks the hook about every no
 per layer and token; a Python callback there cost ~0.4 ms per token on a 10-layer SmolLM2 window, as much
 as a network hop. The C hook answers in nanoseconds and gives the same bytes.
 
-The hook also streams a window's tail (:class:`StreamedLayers`): on a device in overflow mode, the weight
-pages of each tail layer are dropped as soon as the layer's output is computed, and the next tail layers are
-read ahead, so the page cache never evicts the layers the device keeps (see ``_evalhook.c``).
+The hook also streams a window's tail (:class:`~homering.engine.streaming.TailStream`): on a device in
+overflow mode, the weight pages of each tail layer are dropped as soon as the layer's output is computed, so
+the page cache never evicts the layers the device keeps (see ``_evalhook.c``).
 
 The library has no Python API: it is loaded with ctypes, and the ggml functions it calls are handed to it
 as pointers in :class:`EvalHook`, so it links against no library of its own.
@@ -38,9 +38,8 @@ class EvalHook(ctypes.Structure):
     Fields: the three ggml functions (pointers), ``dst``/``capacity`` (the buffer for the target node, bytes;
     a node of another size is not copied), ``filled`` (1 once copied) and ``target`` (the node's name, empty
     for none); then the tail streaming: ``fd`` (the window file, -1 when nothing streams), ``stream_first``
-    (the first streamed layer), ``n_layers``/``layers`` (one :class:`LayerPages` per layer), ``ahead``
-    (layers read ahead), ``dropped`` (layers dropped so far) and ``chunk`` (bytes per ``WILLNEED`` call, see
-    :func:`~homering.engine.pages.readahead_limit`).
+    (the first streamed layer), ``n_layers``/``layers`` (one :class:`LayerPages` per layer) and ``dropped``
+    (layers dropped so far).
     """
 
     _fields_ = [
@@ -54,24 +53,19 @@ class EvalHook(ctypes.Structure):
         ("fd", ctypes.c_int),
         ("stream_first", ctypes.c_int),
         ("n_layers", ctypes.c_int),
-        ("ahead", ctypes.c_int),
         ("layers", ctypes.c_void_p),
         ("dropped", ctypes.c_longlong),
-        ("chunk", ctypes.c_size_t),
     ]
 
 
 class LayerPages(ctypes.Structure):
     """``struct hr_layer_pages``: the whole pages to drop once a layer is computed, in the mapping (``addr``,
-    0 when unknown) and in the file (``offset``), ``length`` bytes (0: none); and the layer's own weights to
-    read ahead (``read_offset``, ``read_length``)."""
+    0 when unknown) and in the file (``offset``), ``length`` bytes (0: none)."""
 
     _fields_ = [
         ("addr", ctypes.c_size_t),
         ("length", ctypes.c_size_t),
         ("offset", ctypes.c_longlong),
-        ("read_offset", ctypes.c_longlong),
-        ("read_length", ctypes.c_size_t),
     ]
 
 
@@ -88,7 +82,7 @@ def _library() -> ctypes.CDLL:
 
 def new_hook(target: bytes) -> tuple[EvalHook, EvalCallback]:
     """A hook for the node named ``target`` (e.g. ``b"l_out-9"``; ``b""``: none) and the C callback to give
-    llama.cpp. Nothing streams until :func:`begin` is given a :class:`StreamedLayers`'s hook.
+    llama.cpp. Nothing streams until a :class:`~homering.engine.streaming.TailStream` is wired into it.
 
     Set ``cparams.cb_eval`` to the callback and ``cparams.cb_eval_user_data`` to the hook's address
     (:func:`user_data`); keep the hook alive as long as the context.
@@ -114,9 +108,3 @@ def new_hook(target: bytes) -> tuple[EvalHook, EvalCallback]:
 def user_data(hook: EvalHook) -> ctypes.c_void_p:
     """The hook's address, as ``cb_eval_user_data``."""
     return ctypes.c_void_p(ctypes.addressof(hook))
-
-
-def begin(hook: EvalHook) -> None:
-    """Before a graph runs: start reading the streamed layers among its first ``ahead + 1`` (``WILLNEED``)."""
-    if hook.fd >= 0:
-        _library().hr_stream_begin(ctypes.byref(hook))

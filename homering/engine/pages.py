@@ -24,11 +24,6 @@ from pathlib import Path
 
 log = logging.getLogger("homering.pages")
 
-STREAM_AHEAD = 0
-"""Streamed layers the graph hook reads ahead of the one computing (:mod:`homering.engine.streaming`): none.
-Measured by hand on a 14-layer 32B window streaming 6 layers under a 2.98 GB/s read throttle: 1092-1275
-ms/token with none (the kernel's fault read-around reads the layer), 1750 with one and 1440 with two layers
-read ahead (the read-ahead queues in front of the computing layer's own reads)."""
 _MADV_DONTNEED = 4  # Linux <asm-generic/mman-common.h>
 _libc: ctypes.CDLL | None = None
 

@@ -6,9 +6,11 @@ itself: a mapped window a little larger than the memory it may use is read cycli
 exactly the pages needed next, so most of the window is read again every token (measured on the 32B
 cluster: 4305 ms/token against 2591 predicted). So a device in overflow mode keeps a *prefix* of its
 layers (as many bytes as the plan's ``keep_bytes``) and *streams* the rest: the window's graph hook drops
-each streamed layer's pages as soon as the layer's output is computed (and can read the next ones ahead,
-:data:`~homering.engine.pages.STREAM_AHEAD`, which measured slower than the kernel's own fault
-read-around), see ``_evalhook.c``. The page cache then holds the kept layers and the streamed one in
+each streamed layer's pages as soon as the layer's output is computed, see ``_evalhook.c``, and the
+kernel's fault read-around reads the next one. (Reading the next layers ahead with ``WILLNEED`` measured
+slower: on a 14-layer 32B window streaming 6 layers under a 2.98 GB/s read throttle, 1750 ms/token with one
+layer and 1440 with two read ahead, 1092-1275 with none: the read-ahead queues in front of the computing
+layer's own reads.) The page cache then holds the kept layers and the streamed one in
 flight, and the disk reads the streamed layers once per token (measured by hand on a 14-layer 32B window
 in a 3200 MiB cgroup: 1.72 GB read per token instead of the kernel's 3.82, 1.8-2.1x faster).
 
@@ -24,7 +26,7 @@ import os
 from pathlib import Path
 
 from homering.engine.evalhook import EvalHook, LayerPages
-from homering.engine.pages import STREAM_AHEAD, mappings_of, readahead_limit
+from homering.engine.pages import mappings_of, readahead_limit
 from homering.errors import HomeringError
 from homering.models.gguf_file import read_gguf
 from homering.models.gguf_info import block_index
@@ -137,13 +139,12 @@ class TailStream:
         path: the window file; llama.cpp must have mapped it already (the model is loaded).
         hook: the window context's :class:`~homering.engine.evalhook.EvalHook`.
         first: the first streamed layer (the window's own index).
-        ahead: streamed layers read ahead of the one computing.
 
     Raises:
         HomeringError: the file's layers cannot be dropped one at a time (:func:`layer_spans`).
     """
 
-    def __init__(self, path: str | Path, hook: EvalHook, first: int, ahead: int = STREAM_AHEAD) -> None:
+    def __init__(self, path: str | Path, hook: EvalHook, first: int) -> None:
         self.path = Path(path)
         spans = layer_spans(self.path)
         maps = mappings_of(self.path)
@@ -154,14 +155,13 @@ class TailStream:
             addr = 0
             if len(maps) == 1 and maps[0][2] <= start and end - maps[0][2] <= maps[0][1] - maps[0][0]:
                 addr = maps[0][0] + start - maps[0][2]
-            lo, hi = spans[il]  # (no MADV_SEQUENTIAL: its fault read-ahead made a 32B window 2.2x slower)
-            self._pages[il] = LayerPages(addr, max(0, end - start), start, lo, hi - lo)
+            # (no MADV_SEQUENTIAL: its fault read-ahead made a 32B window 2.2x slower)
+            self._pages[il] = LayerPages(addr, max(0, end - start), start)
         self.fd = os.open(self.path, os.O_RDONLY)
         self.first = first
         self._hook = hook
         hook.layers = ctypes.cast(self._pages, ctypes.c_void_p).value
-        hook.n_layers, hook.ahead, hook.stream_first = len(spans), ahead, first
-        hook.chunk = readahead_limit(self.path)  # (only when reading ahead)
+        hook.n_layers, hook.stream_first = len(spans), first
         hook.fd = self.fd
 
     @property

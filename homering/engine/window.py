@@ -36,7 +36,7 @@ import numpy.typing as npt
 from homering.engine import streaming
 from homering.engine.backend import context_params, init_backend, model_params, token_piece
 from homering.engine.backend import plain_llama as plain_llama  # where the benchmarks and tests import it from
-from homering.engine.evalhook import EvalHook, begin, new_hook, user_data
+from homering.engine.evalhook import EvalHook, new_hook, user_data
 from homering.engine.streaming import TailStream
 from homering.errors import HomeringError
 
@@ -280,8 +280,6 @@ class LayerWindow:
             # the hook copies l_out of the whole batch here (batch order: llama.cpp's unified KV cache
             # splits a batch into ubatches in order, and a ubatch is a whole batch)
             hook.dst, hook.capacity, hook.filled = hidden.ctypes.data, hidden.nbytes, 0
-        if hook is not None:
-            begin(hook)
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise DecodeError(

@@ -78,9 +78,8 @@ __all__ = [
 ]
 
 STREAMED_LAYERS = 2
-"""``f``: the room an overflowing device keeps for streamed layers, in layers: the one computing, those the
-engine reads ahead (:data:`homering.engine.pages.STREAM_AHEAD`, none today), and one of margin for the
-kernel's fault read-around past it (a test keeps f above the engine's need)."""
+"""``f``: the room an overflowing device keeps for streamed layers, in layers: the one computing
+(:mod:`homering.engine.streaming`) and one of margin for the kernel's fault read-around past it."""
 Mode = Literal["resident", "overflow", "stream"]
 MODES: tuple[Mode, ...] = ("resident", "overflow", "stream")
 
