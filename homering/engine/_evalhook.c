@@ -68,7 +68,9 @@ static void drop(struct hr_eval_hook *h, int il) {
     if (h->layers[il].addr) {
         madvise((void *)h->layers[il].addr, h->layers[il].length, MADV_DONTNEED);
     }
+#ifdef POSIX_FADV_DONTNEED /* Linux; macOS has no posix_fadvise (streaming.SUPPORTED is false there) */
     posix_fadvise(h->fd, h->layers[il].offset, (off_t)h->layers[il].length, POSIX_FADV_DONTNEED);
+#endif
     h->dropped++;
 }
 

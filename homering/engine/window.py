@@ -183,7 +183,7 @@ class LayerWindow:
             self._hook, cparams.cb_eval = new_hook(b"" if gives_logits else self._target)
             cparams.cb_eval_user_data = user_data(self._hook)
         try:
-            if stream_from is not None and self._hook is not None:
+            if stream_from is not None and streaming.SUPPORTED and self._hook is not None:
                 self.stream = TailStream(self.path, self._hook, stream_from)
         except HomeringError:
             llama_cpp.llama_model_free(self._model)
