@@ -1,7 +1,9 @@
 """The controller's HTTP API: the FastAPI app (served by uvicorn on the controller's loop) and its document.
 
 Routes, by router: :mod:`homering.api.openai` (``POST /v1/chat/completions``, ``POST /v1/completions``,
-``GET /v1/models``), :mod:`homering.api.cluster` (``GET /v1/cluster``, ``GET /health``),
+``GET /v1/models``), :mod:`homering.api.ollama` (Ollama's ``/api/*``) and :mod:`homering.api.anthropic`
+(``POST /v1/messages``), both through the OpenAI routes (:mod:`homering.api.bridge`), :mod:`homering.api.webui`
+(the web UI at ``/``), :mod:`homering.api.cluster` (``GET /v1/cluster``, ``GET /health``),
 :mod:`homering.api.metrics` (``GET /metrics``, Prometheus) and :mod:`homering.api.windows` (window files for
 agents without the model). Every router reads the cluster through the
 :class:`~homering.api.view.ClusterView` protocol. Errors are OpenAI error objects
@@ -29,7 +31,7 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
-from homering.api import cluster, metrics, openai, windows
+from homering.api import anthropic, cluster, metrics, ollama, openai, webui, windows
 from homering.api.errors import ApiError, install_error_handlers, require_api_key
 from homering.api.responses import STREAM_CHUNKS
 from homering.api.view import ClusterView
@@ -112,6 +114,9 @@ def create_app(view: ClusterView, *, default_max_tokens: int = 256, api_key: str
     app.include_router(metrics.router(view, auth=auth))
     app.include_router(openai.router(view, default_max_tokens=default_max_tokens, auth=auth))
     app.include_router(windows.router(view, auth=auth))
+    app.include_router(ollama.router(view, auth=auth))
+    app.include_router(anthropic.router())
+    webui.install(app)
     app.add_middleware(BodyLimit, limit=lambda: body_limit(view))
     app.openapi = lambda: _openapi(app, view)  # type: ignore[method-assign]
     return app

@@ -118,6 +118,7 @@ def _agent(view: ClusterView, name: str) -> dict[str, Any]:
         "in_plan": pa is not None,
         "windows": [w.model_dump() for w in pa.windows] if pa else [],
         "mode": pa.mode if pa else None,
+        "predicted": pa.predicted.model_dump() if pa and pa.predicted else None,
         "profile": prof.device.model_dump() if prof.device else None,
         "link_ms": link[0] if link else None,
         "link_mbps": link[1] if link else None,

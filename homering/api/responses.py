@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
-from homering.wire import AgentStats, DeviceProfile, WindowAssignment
+from homering.wire import AgentStats, DeviceProfile, PredictedCost, WindowAssignment
 
 
 class ErrorObject(BaseModel):
@@ -150,6 +150,9 @@ class _ClusterAgent(BaseModel):
     in_plan: bool
     windows: list[WindowAssignment]
     mode: str | None
+    predicted: PredictedCost | None = Field(
+        default=None, description="the plan's predicted ms per token on this device: compute, disk and hop"
+    )
     profile: DeviceProfile | None
     link_ms: float | None
     link_mbps: float | None
