@@ -21,7 +21,7 @@ PIP_PIN   := pip==26.3
 # pip warns about every index location in a machine's pip.conf that does not exist; that is not our news
 QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d' >&2
 
-.PHONY: lock promtool run test lint format bench bench-cluster bench-32b peers bench-faults install mosquitto models model-default compose-config secrets clean help
+.PHONY: lock promtool chromium run test lint format bench bench-cluster bench-32b peers bench-faults install mosquitto models model-default compose-config secrets clean help
 
 help:
 	@echo "make run    - install what is missing, then 'homering up' on the default model (smollm2)"
@@ -40,7 +40,7 @@ help:
 run: install model-default
 	$(HR) up
 
-test: install mosquitto promtool models
+test: install mosquitto promtool chromium models
 	@$(LINT)
 	$(PY) -m pytest -q
 
@@ -147,6 +147,15 @@ promtool:
 	  $(SUDO) apt-get update -qq >/dev/null && apt-get download -qq prometheus 2>/dev/null && \
 	  dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool && \
 	  $(SUDO) install -m 755 usr/bin/promtool /usr/local/bin/promtool; s=$$?; rm -rf $$d; exit $$s; }
+
+# Debian's chromium and its WebDriver for the web UI's test (tests/test_webui.py drives them with Selenium, the
+# test lock's): the browser test needs a real browser, and no browser build can be downloaded.
+chromium:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "installing chromium chromium-driver (apt)"; \
+	  $(SUDO) apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver 2>&1 >/dev/null \
+	    | sed -u '/^debconf: delaying package configuration/d' >&2; }
 
 model-default: install
 	@$(HR) models pull smollm2 --quiet >/dev/null

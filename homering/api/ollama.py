@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from homering.api import ollama_schemas as schemas
 from homering.api.bridge import Piece, answer_piece, error_route, openai_json, openai_stream, stream_pieces
 from homering.api.view import ClusterView
+from homering.errors import HomeringError
 from homering.models.gguf_file import read_gguf
 
 OLLAMA_VERSION = "0.12.0"
@@ -75,17 +76,26 @@ def _product(dims: Sequence[int]) -> int:
     return n
 
 
+def _facts(view: ClusterView) -> tuple[float, int, dict[str, Any]]:
+    """``(mtime, size, {"details", "model_info"})`` of the served file; one that cannot be read (gone, or not
+    GGUF) gives ``(started, 0, …)`` with empty facts rather than a failed request."""
+    try:
+        stat = view.model_path.stat()
+        return stat.st_mtime, stat.st_size, _gguf_details(str(view.model_path), stat.st_mtime)
+    except (OSError, ValueError, HomeringError):
+        return view.started, 0, {"details": {"format": "gguf"}, "model_info": {}}
+
+
 def _model_entry(view: ClusterView) -> dict[str, Any]:
     """The served model as ``/api/tags`` and ``/api/ps`` list it."""
-    path = view.model_path
-    stat = path.stat()
+    mtime, size, facts = _facts(view)
     return {
         "name": view.model_id,
         "model": view.model_id,
-        "modified_at": datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat().replace("+00:00", "Z"),
-        "size": stat.st_size,
+        "modified_at": datetime.fromtimestamp(mtime, timezone.utc).isoformat().replace("+00:00", "Z"),
+        "size": size,
         "digest": view.fingerprint or "",
-        "details": _gguf_details(str(path), stat.st_mtime)["details"],
+        "details": facts["details"],
     }
 
 
@@ -153,8 +163,7 @@ def router(view: ClusterView, *, auth: Sequence[Depends] = ()) -> APIRouter:
 
 def _show(view: ClusterView) -> dict[str, Any]:
     """``/api/show``'s answer: the model's details and ``model_info`` (its GGUF header), its capabilities."""
-    stat = view.model_path.stat()
-    facts = _gguf_details(str(view.model_path), stat.st_mtime)
+    _, _, facts = _facts(view)
     return {
         "modelfile": f"FROM {view.model_path.name}\n",
         "parameters": f"num_ctx {view.n_ctx}",

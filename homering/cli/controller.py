@@ -85,7 +85,8 @@ def controller(
     """Coordinate the cluster: wait for agents, plan, and serve generation requests.
 
     With --api-port it also serves the OpenAI API (/v1/chat/completions,
-    /v1/completions, /v1/models, /v1/cluster, /health, /metrics).
+    /v1/completions, /v1/models, /v1/cluster, /health, /metrics), the Ollama
+    API (/api/*), the Anthropic Messages API (/v1/messages) and a web UI at /.
     """
     from homering.controller.controller import DEFAULT_BATCH, Controller
     from homering.models.registry import resolve_model

@@ -155,13 +155,14 @@ function windowsCell(agent, nLayers) {
 }
 
 function computeNote(agent) {
-  // the plan's predicted compute against the measured time of the windows' forwards, ms
+  // the plan's predicted compute per token beside the measured mean time of the windows' forwards, ms
   const windows = (agent.stats && agent.stats.windows) || [];
   const forwards = windows.filter((w) => w.forwards);
   const measured = forwards.length ? forwards.reduce((t, w) => t + w.compute_ms / w.forwards, 0) : null;
   if (!agent.predicted && measured === null) return "";
-  return '<div class="muted">compute ' + fmt(agent.predicted && agent.predicted.compute_ms, 2) + " ms predicted · " +
-    fmt(measured, 2) + " ms measured</div>";
+  return '<div class="muted" title="predicted: compute per token; measured: mean time of a window forward, prefill included">' +
+    "compute " + fmt(agent.predicted && agent.predicted.compute_ms, 2) + " ms/token predicted · " +
+    fmt(measured, 2) + " ms/forward measured</div>";
 }
 
 function agentRow(agent, nLayers) {
