@@ -8,6 +8,8 @@ gets for the same messages (tests/test_api.py checks that one against the unspli
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import anthropic
 import httpx
@@ -273,3 +275,36 @@ def test_anthropic_tool_use_round_trip(claude, model_id):
         **ZERO,
     )
     assert second.content[0].type == "text" and second.content[0].text
+
+
+def _cancelled(base) -> float:
+    metrics = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    found = re.search(r'^homering_requests_total\{outcome="cancelled"\} ([\d.]+)$', metrics, flags=re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_that_goes_away_mid_stream_cancels_its_request(base, model_id):
+    """Closing an Ollama or an Anthropic stream after its first deltas cancels the request on the cluster (its
+    sequence is freed), as on the OpenAI route: the in-process call follows the client."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    count = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+    before = _cancelled(base)
+    ollama_body = {"model": model_id, "prompt": count, "raw": True, "options": {"temperature": 0, "num_predict": 900}}
+    claude_body = {"model": model_id, "max_tokens": 900, "stream": True, "temperature": 0}
+    claude_body["messages"] = [{"role": "user", "content": f"Count on to 1000: {count}"}]
+    with httpx.Client(timeout=120) as http:
+        for url, body, headers in (
+            ("/api/generate", ollama_body, auth),
+            ("/v1/messages", claude_body, {"x-api-key": KEY}),
+        ):
+            with http.stream("POST", base + url, json=body, headers=headers) as resp:
+                lines = resp.iter_lines()
+                firsts = [next(lines) for _ in range(6)]
+                assert resp.status_code == 200 and all(firsts[:1]), firsts
+        for _ in range(300):
+            cluster = http.get(f"{base}/v1/cluster", headers=auth).json()
+            if not cluster["requests_in_flight"]:
+                break
+            time.sleep(0.1)
+    assert cluster["requests_in_flight"] == 0
+    assert _cancelled(base) - before == 2
