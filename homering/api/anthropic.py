@@ -37,7 +37,9 @@ ERROR_TYPES = {
 }
 """Anthropic's error ``type`` per HTTP status; others are ``invalid_request_error`` (4xx) or ``api_error``."""
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
-"""OpenAI's finish reasons as Anthropic's stop reasons; any other (``stop``) is ``end_turn``."""
+"""OpenAI's finish reasons as Anthropic's stop reasons; any other (``stop``) is ``end_turn``, also where one of
+the ``stop_sequences`` ended the answer (the OpenAI answer does not say which stop did), so ``stop_sequence`` is
+always null."""
 
 
 def _error_type(status: int) -> str:
