@@ -26,7 +26,8 @@ from fastapi.params import Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from homering.api import ollama_schemas as schemas
-from homering.api.bridge import Piece, answer_piece, error_route, openai_json, openai_stream, stream_pieces
+from homering.api.bridge import OpenAIError, Piece, answer_piece, error_route, openai_json, openai_stream, stream_pieces
+from homering.api.errors import ApiError
 from homering.api.view import ClusterView
 from homering.errors import HomeringError
 from homering.models.gguf_file import read_gguf
@@ -148,7 +149,12 @@ def router(view: ClusterView, *, auth: Sequence[Depends] = ()) -> APIRouter:
     @routes.post("/api/embed")
     async def embed(body: schemas.EmbedBody, request: Request) -> dict[str, Any]:
         t0 = time.perf_counter_ns()
-        answer = await openai_json(request, "/v1/embeddings", schemas.embed_request(body))
+        try:
+            answer = await openai_json(request, "/v1/embeddings", schemas.embed_request(body))
+        except OpenAIError as exc:
+            if exc.status == 404 and exc.param is None:  # no such route, not an unknown model
+                raise ApiError(501, "embed: this server has no embeddings (no /v1/embeddings route)") from None
+            raise
         vectors = [d["embedding"] for d in sorted(answer["data"], key=lambda d: d.get("index", 0))]
         return {
             "model": body.model,
