@@ -45,6 +45,7 @@ from homering.models import gguf_file as gfile
 from homering.models.filehash import HashingWriter, drop_written, remember
 from homering.models.gguf_file import GGUFFile, TensorSource, read_gguf, write_gguf
 from homering.models.gguf_info import block_index, fingerprint
+from homering.models.support import UnsupportedModel, split_problem
 
 GGML_TYPE_F32 = 0
 
@@ -161,6 +162,7 @@ def slice_window(
 
     Raises:
         ModelError: bad model file, or a window outside the model's layers.
+        UnsupportedModel: an architecture homering cannot split safely (:mod:`homering.models.support`).
     """
     model_path = Path(model_path)
     if spec.role is Role.WHOLE:
@@ -169,6 +171,9 @@ def slice_window(
     if target.exists():
         return target
     gf = read_gguf(model_path)
+    problem = split_problem(gf)
+    if problem:
+        raise UnsupportedModel(problem)
     arch = gf.arch
     n_layers = int(gf.get(f"{arch}.block_count") or 0)
     if spec.end > n_layers:
