@@ -232,9 +232,7 @@ def synthesize(
     """Write a random-weight GGUF with a real model's shape; return ``out``.
 
     Args:
-        shape: a key of :data:`SHAPES` (``llama3-8b``, ``llama3.2-3b``, ``llama3.2-1b``,
-            ``qwen2.5-32b``, ``qwen2.5-0.5b``, ``qwen3-0.6b``, ``qwen3-30b-a3b``, ``qwen3moe-tiny``,
-            ``phi3-mini``, ``gemma2-2b``).
+        shape: a key of :data:`SHAPES` (``llama3-8b``, ``qwen2.5-32b``, ``qwen3-30b-a3b``, ``gemma2-2b`` …).
         quant: ``q4_0`` or ``q8_0`` (the type of every 2-D weight) or ``q4_k_m``
             (llama.cpp's Q4_K/Q6_K mix); norms and biases are float32.
         out: the file to write; an existing file is replaced. Its parent folder
@@ -251,15 +249,13 @@ def synthesize(
         on_bytes: called with the number of tensor bytes just written, as they
             are written (after the progress bar); an exception it raises stops
             the run like an interrupt (no file is left).
-        sliding_window: the sliding-window size in tokens instead of the shape's (Gemma 2's 4096 is longer
-            than a test's sequences, which would hide a wrong sliding-window layer).
+        sliding_window: the sliding-window size in tokens instead of the shape's (tests: Gemma 2's 4096).
 
     Returns:
         ``out``, whose size is :func:`expected_size` bytes.
 
     Raises:
-        ModelError: unknown shape or quantisation, ``n_layers < 1``, a negative
-            seed, ``n_vocab`` below 49152, or SmolLM2 (the tokenizer) cannot be resolved.
+        ModelError: bad shape, quantisation, ``n_layers``, seed or ``n_vocab``, or no SmolLM2 (the tokenizer).
         OSError: the file cannot be written.
     """
     s, q, n = _shape_quant(shape, quant, n_layers)

@@ -101,21 +101,74 @@ SHAPES: dict[str, Shape] = {
         Shape("qwen2.5-0.5b", 24, 896, 4864, 14, 2, 1e6, 1e-6, 32768, True, "Qwen2.5-0.5B", "qwen2", True, 151936),
         Shape("qwen3-0.6b", 28, 1024, 3072, 16, 8, 1e6, 1e-6, 40960, True, "Qwen3-0.6B", **_QWEN3),  # type: ignore[arg-type]
         Shape(
-            "qwen3-30b-a3b", 48, 2048, 6144, 32, 4, 1e6, 1e-6, 40960, False, "Qwen3-30B-A3B",
-            n_expert=128, n_expert_used=8, n_ff_exp=768, **_QWEN3MOE,  # type: ignore[arg-type]
+            "qwen3-30b-a3b",
+            48,
+            2048,
+            6144,
+            32,
+            4,
+            1e6,
+            1e-6,
+            40960,
+            False,
+            "Qwen3-30B-A3B",
+            n_expert=128,
+            n_expert_used=8,
+            n_ff_exp=768,
+            **_QWEN3MOE,  # type: ignore[arg-type]
         ),  # fmt: skip
         Shape(
-            "qwen3moe-tiny", 6, 1024, 3072, 16, 4, 1e6, 1e-6, 40960, False, "a reduced Qwen3-MoE (6 layers, 8 experts)",
-            n_expert=8, n_expert_used=2, n_ff_exp=768, **_QWEN3MOE,  # type: ignore[arg-type]
+            "qwen3moe-tiny",
+            6,
+            1024,
+            3072,
+            16,
+            4,
+            1e6,
+            1e-6,
+            40960,
+            False,
+            "a reduced Qwen3-MoE (6 layers, 8 experts)",
+            n_expert=8,
+            n_expert_used=2,
+            n_ff_exp=768,
+            **_QWEN3MOE,  # type: ignore[arg-type]
         ),  # fmt: skip
         Shape(
-            "phi3-mini", 32, 3072, 8192, 32, 32, 10000.0, 1e-5, 4096, False, "Phi-3-mini-4k",
-            arch="phi3", n_vocab=32064, fused=True,
+            "phi3-mini",
+            32,
+            3072,
+            8192,
+            32,
+            32,
+            10000.0,
+            1e-5,
+            4096,
+            False,
+            "Phi-3-mini-4k",
+            arch="phi3",
+            n_vocab=32064,
+            fused=True,
         ),  # fmt: skip
         Shape(
-            "gemma2-2b", 26, 2304, 9216, 8, 4, 10000.0, 1e-6, 8192, True, "Gemma-2-2B",
-            arch="gemma2", n_vocab=256000, head_dim_kv=256, sliding_window=4096, attn_softcap=50.0,
-            final_softcap=30.0, post_norms=True,
+            "gemma2-2b",
+            26,
+            2304,
+            9216,
+            8,
+            4,
+            10000.0,
+            1e-6,
+            8192,
+            True,
+            "Gemma-2-2B",
+            arch="gemma2",
+            n_vocab=256000,
+            head_dim_kv=256,
+            sliding_window=4096,
+            attn_softcap=50.0,
+            final_softcap=30.0,
+            post_norms=True,
         ),  # fmt: skip
     )
 }
@@ -152,7 +205,8 @@ def _feed_forward(s: Shape, b: str, w, f32) -> list[TensorPlan]:  # noqa: ANN001
     elif s.fused:
         out += [w(b + "ffn_up.weight", e, 2 * s.n_ff), w(b + "ffn_down.weight", s.n_ff, e)]
     else:
-        out += [w(b + "ffn_gate.weight", e, s.n_ff), w(b + "ffn_up.weight", e, s.n_ff), w(b + "ffn_down.weight", s.n_ff, e)]
+        out += [w(b + "ffn_gate.weight", e, s.n_ff), w(b + "ffn_up.weight", e, s.n_ff)]
+        out.append(w(b + "ffn_down.weight", s.n_ff, e))
     if s.post_norms:
         out.append(f32(b + "post_ffw_norm.weight", e))
     return out
