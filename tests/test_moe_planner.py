@@ -31,7 +31,10 @@ def test_moe_shape_counts_all_bytes_and_the_active_ones(qwen3moe_small, qwen3_sm
     assert shape.layer_bytes == sum(info.layer_bytes) // 6 and shape.read_share == 1.0
     assert shape.active_layer_bytes == pytest.approx(sum(info.layer_active_bytes) / 6, abs=1)
     dense = shape_from_gguf(qwen3_small, n_ctx=256)
-    assert dense.active_layer_bytes is None and inspect_gguf(qwen3_small).active_bytes == inspect_gguf(qwen3_small).size_bytes
+    assert (
+        dense.active_layer_bytes is None
+        and inspect_gguf(qwen3_small).active_bytes == inspect_gguf(qwen3_small).size_bytes
+    )
     # the measured shares: the largest counts, only for a MoE
     assert with_read_share(shape, [None, 0.3, 0.45]).read_share == 0.45
     assert with_read_share(shape, [None]).read_share == 1.0
@@ -39,7 +42,9 @@ def test_moe_shape_counts_all_bytes_and_the_active_ones(qwen3moe_small, qwen3_sm
 
 
 def _moe_spec(share: float, *, ram: float, layers: int = 8):
-    spec = spec_of([dev("a", ram=ram, cpu=60, disk=1.0), dev("head", ram=ram, cpu=60, disk=1.0, head=True)], layers=layers)
+    spec = spec_of(
+        [dev("a", ram=ram, cpu=60, disk=1.0), dev("head", ram=ram, cpu=60, disk=1.0, head=True)], layers=layers
+    )
     raw = spec.model_dump()
     raw["model"] |= {"active_layer_bytes": raw["model"]["layer_bytes"] // 4, "read_share": share}
     return parse_cluster(raw)
