@@ -112,3 +112,13 @@ def test_cli_refuses_before_any_agent_loads(command, tmp_path):
     proc = homering(command, "--model", str(bad), *args, env={**os.environ, "HOMERING_HOME": str(home)})
     assert_clean_error(proc, "'mamba'", "foreign.gguf")
     assert not (home / "windows").exists() and not (home / "profiles").exists()
+
+
+def test_models_list_shows_architecture_size_active_size_and_support(tmp_path):
+    """A MoE shows the bytes a token uses beside its size; a dense model only its size."""
+    proc = homering("models", "list", env={**os.environ, "HOMERING_HOME": str(tmp_path), "COLUMNS": "120"})
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "qwen3moe · 18.55 GB · 2.11 GB active · splits" in text
+    assert "gemma2 · " in text and "phi3 · " in text and "qwen3 · 0.39 GB · splits" in text
+    assert "llama · 0.10 GB · splits" in text
