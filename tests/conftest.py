@@ -143,3 +143,66 @@ def qwen2_small_ref(qwen2_small) -> Reference:
     ref = Reference(qwen2_small)
     yield ref
     ref.close()
+
+
+# ---------------------------------------------------------------- the architectures of issue 23 (small shapes)
+ARCH_SMALL_LAYERS = 6  # k = 2 rounds over 3 agents: 6 windows of one layer
+ARCH_SLIDING_WINDOW = 8  # gemma2's window, shorter than a test's sequence (4096 would hide wrong SWA flags)
+
+
+def _small_model(tmp_path_factory, shape: str, **kw) -> Path:
+    """A synthetic ``shape`` at q4_k_m with 6 layers and SmolLM2's 49152-token vocabulary (seed 0)."""
+    from homering.models.synth import synthesize
+
+    out = tmp_path_factory.mktemp(shape) / f"{shape}-q4_k_m-6l.gguf"
+    return synthesize(shape, "q4_k_m", out, n_layers=ARCH_SMALL_LAYERS, n_vocab=49152, progress=False, **kw)
+
+
+@pytest.fixture(scope="session")
+def qwen3_small(tmp_path_factory) -> Path:
+    """Qwen3-0.6B's layers (per-head Q/K norms, head size 128), 6 of 28, 98 MB."""
+    return _small_model(tmp_path_factory, "qwen3-0.6b")
+
+
+@pytest.fixture(scope="session")
+def qwen3moe_small(tmp_path_factory) -> Path:
+    """qwen3moe-tiny: 6 MoE layers of 8 experts, top-2, 157 MB."""
+    return _small_model(tmp_path_factory, "qwen3moe-tiny")
+
+
+@pytest.fixture(scope="session")
+def phi3_small(tmp_path_factory) -> Path:
+    """Phi-3-mini's layers (fused QKV and gate/up), 6 of 32, 606 MB."""
+    return _small_model(tmp_path_factory, "phi3-mini")
+
+
+@pytest.fixture(scope="session")
+def gemma2_small(tmp_path_factory) -> Path:
+    """Gemma-2-2B's layers (post norms, soft-capping, sliding window on even layers, here 8 tokens), 6 of 26."""
+    return _small_model(tmp_path_factory, "gemma2-2b", sliding_window=ARCH_SLIDING_WINDOW)
+
+
+def _ref(path: Path):
+    ref = Reference(path, n_ctx=512)
+    yield ref
+    ref.close()
+
+
+@pytest.fixture(scope="session")
+def qwen3_small_ref(qwen3_small) -> Reference:
+    yield from _ref(qwen3_small)
+
+
+@pytest.fixture(scope="session")
+def qwen3moe_small_ref(qwen3moe_small) -> Reference:
+    yield from _ref(qwen3moe_small)
+
+
+@pytest.fixture(scope="session")
+def phi3_small_ref(phi3_small) -> Reference:
+    yield from _ref(phi3_small)
+
+
+@pytest.fixture(scope="session")
+def gemma2_small_ref(gemma2_small) -> Reference:
+    yield from _ref(gemma2_small)

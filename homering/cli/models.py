@@ -14,7 +14,8 @@ def models() -> None:
 
 @models.command("list")
 def models_list() -> None:
-    """Show the known models and whether they are pulled.
+    """Show the known models: architecture, size, active size (mixtures of experts), whether homering splits
+    them into layer windows, and whether they are pulled.
 
     Synthetic models (random weights, a real model's shape) are written on
     first use; `homering models synth` makes one with other options.
@@ -31,6 +32,7 @@ def models_list() -> None:
         SYNTHETIC_MODELS,
         KnownModel,
         SyntheticModel,
+        figures,
         is_pulled,
     )
 
@@ -45,13 +47,24 @@ def models_list() -> None:
     for m in entries:
         tag = " (default)" if m.name == DEFAULT_MODEL else ""
         table.add_row(
-            m.name + tag, "yes" if is_pulled(m) else "no", Text(m.description + "\n") + Text(m.filename, style="dim")
+            m.name + tag,
+            "yes" if is_pulled(m) else "no",
+            Text(_figures_line(figures(m)) + "\n", style="bold")
+            + Text(m.description + "\n")
+            + Text(m.filename, style="dim"),
         )
     console = Console()
     console.print(f"models in {paths.models_dir()}", soft_wrap=True, highlight=False)
     console.print(table)
     if synthetic:
         console.print("random-weight models are made on first use (or with `homering models synth`)", highlight=False)
+
+
+def _figures_line(f) -> str:  # noqa: ANN001 - a registry.ModelFigures
+    """``qwen3moe · 18.56 GB · 1.84 GB active · splits`` (the active bytes only for a mixture of experts)."""
+    active = f" · {f.active_bytes / 1e9:.2f} GB active" if f.active_bytes < f.size_bytes else ""
+    split = "splits" if f.splittable else "unsupported: runs unsplit only"
+    return f"{f.arch} · {f.size_bytes / 1e9:.2f} GB{active} · {split}"
 
 
 @models.command("pull")
@@ -70,7 +83,20 @@ def models_pull(name: str, force: bool, quiet_pull: bool) -> None:
 @click.option(
     "--shape",
     required=True,
-    type=click.Choice(["llama3-8b", "llama3.2-3b", "llama3.2-1b", "qwen2.5-32b", "qwen2.5-0.5b"]),
+    type=click.Choice(
+        [
+            "llama3-8b",
+            "llama3.2-3b",
+            "llama3.2-1b",
+            "qwen2.5-32b",
+            "qwen2.5-0.5b",
+            "qwen3-0.6b",
+            "qwen3-30b-a3b",
+            "qwen3moe-tiny",
+            "phi3-mini",
+            "gemma2-2b",
+        ]
+    ),
     help="The real model whose architecture and sizes to copy.",
 )
 @click.option(
@@ -95,7 +121,7 @@ def models_pull(name: str, force: bool, quiet_pull: bool) -> None:
 )
 @click.option("--force", is_flag=True, help="Overwrite the file if it exists.")
 def models_synth(shape, quant, out, layers, seed, force) -> None:
-    """Write a random-weight GGUF with a real Llama 3 or Qwen2.5 model's shape (for benchmarks).
+    """Write a random-weight GGUF with a real Llama 3, Qwen2.5, Qwen3 (MoE), Phi-3 or Gemma 2 model's shape.
 
     Same architecture, hyper-parameters, tensor shapes and quantisation as the
     real model, so the same speed and memory per layer; SmolLM2's tokenizer

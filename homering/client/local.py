@@ -190,6 +190,9 @@ class LocalCluster:
         return env
 
     def __enter__(self) -> LocalCluster:
+        from homering.models.support import check_splittable
+
+        check_splittable(self.model_path)  # one line, before any process starts (UnsupportedModel)
         try:
             if self.broker is None:
                 port, auth = free_port(), broker_credentials()

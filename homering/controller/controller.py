@@ -51,6 +51,7 @@ from homering.engine.tokenizer import Tokenizer
 from homering.errors import HomeringError
 from homering.integrations.homeassistant import controller_configs, publish_discovery
 from homering.models.gguf_info import ModelInfo, inspect_gguf
+from homering.models.support import check_splittable
 from homering.planner import DEFAULT_BATCH
 from homering.tasks import Tasks
 from homering.transport import mqtt
@@ -204,7 +205,9 @@ class Controller:
 
         Raises:
             HomeringError: the micro-batch's hidden states do not fit one frame.
+            UnsupportedModel: an architecture homering cannot split (before any agent hears of the model).
         """
+        check_splittable(self.model_path)
         info = inspect_gguf(self.model_path)
         n_batch = self.settings.n_batch
         if n_batch * info.n_embd * 4 > MAX_PAYLOAD:  # a micro-batch's hidden states must fit one frame

@@ -21,6 +21,7 @@ from homering.controller.plans import make_plan
 from homering.controller.windows import WindowStore
 from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo
+from homering.planner.cluster import with_read_share
 from homering.planner.model import PlanError, shape_from_gguf
 from homering.transport.bus import Bus
 from homering.wire import AgentProfile, AgentState, Plan, Topics
@@ -147,7 +148,8 @@ class PlanLoader:
     async def _make(self, agents: list[AgentProfile], info: ModelInfo) -> Plan:
         """The planner's plan over ``agents`` (an infeasible one puts the controller in ``ERROR``)."""
         s = self.settings
-        shape = shape_from_gguf(s.model_path, s.n_ctx, s.n_parallel, s.n_batch)
+        shares = [a.device.read_share if a.device else None for a in agents]
+        shape = with_read_share(shape_from_gguf(s.model_path, s.n_ctx, s.n_parallel, s.n_batch), shares)
         try:
             return make_plan(
                 agents,

@@ -8,6 +8,10 @@
  *
  * Two jobs:
  * - the target node (l_out of the window's last layer): copy it out and stop the graph there;
+ * - restoring the input (``restore``): llama.cpp's gemma2 graph scales its input by sqrt(n_embd) even when
+ *   the input is hidden states, not token embeddings (models/gemma2.cpp, node "inp_scaled"; gemma3 scales
+ *   only tokens); once that node is computed, the hook writes the batch's rows back over it, so the layers
+ *   see the hidden states exactly as the previous window produced them;
  * - streaming the window's tail (a device in overflow mode): once layer il's output l_out-il is computed,
  *   drop layer il's weight pages (madvise DONTNEED on llama.cpp's mapping, then fadvise DONTNEED on the
  *   file) if il is in the tail; the kernel's fault read-around reads the next one. The page cache then
@@ -25,6 +29,7 @@
 typedef const char *(*hr_get_name_fn)(const void *tensor);
 typedef size_t (*hr_nbytes_fn)(const void *tensor);
 typedef void (*hr_tensor_get_fn)(const void *tensor, void *data, size_t offset, size_t size);
+typedef void (*hr_tensor_set_fn)(void *tensor, const void *data, size_t offset, size_t size);
 
 struct hr_layer_pages {
     size_t addr;           /* page-aligned start of the pages to drop in llama.cpp's mapping (0: unknown) */
@@ -45,6 +50,11 @@ struct hr_eval_hook {
     int n_layers;                /* entries of layers */
     struct hr_layer_pages *layers;
     long long dropped;           /* layers dropped so far (a counter for tests and metrics) */
+    hr_tensor_set_fn tensor_set; /* ggml_backend_tensor_set */
+    const void *src;             /* the batch's input rows (hidden states) */
+    size_t src_bytes;            /* bytes at src; the restored node must be exactly this size */
+    int restored;                /* set to 1 once the node `restore` holds src */
+    char restore[64];            /* a node whose value is replaced by the input rows ("" for none): see below */
 };
 
 /* il for a node named "l_out-<il>", else -1 */
@@ -83,8 +93,17 @@ bool hr_eval_hook(void *tensor, bool ask, void *user_data) {
     bool hit = h->target[0] != '\0' && strncmp(name, h->target, sizeof h->target) == 0;
     int il = h->fd >= 0 ? layer_output(name) : -1;
     bool acts = il >= 0 && streamed(h, il);
+    bool restore = h->restore[0] != '\0' && strncmp(name, h->restore, sizeof h->restore) == 0;
     if (ask) {
-        return hit || acts;
+        return hit || acts || restore;
+    }
+    if (restore) {
+        size_t n = h->nbytes(tensor);
+        if (h->src != NULL && n == h->src_bytes) {
+            h->tensor_set(tensor, h->src, 0, n);
+            h->restored = 1;
+        }
+        return true;
     }
     if (acts) {
         drop(h, il);

@@ -22,6 +22,8 @@ ggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
 ggml.ggml_nbytes.restype = ctypes.c_size_t
 ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
 ggml.ggml_backend_tensor_get.restype = None
+ggml.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+ggml.ggml_backend_tensor_set.restype = None
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -65,6 +67,13 @@ def model_params(n_gpu_layers: int) -> llama_cpp.llama_model_params:
     # would neither stay memory-mapped nor be reclaimable page cache. Costs ~20% decode speed.
     params.use_extra_bufts = False
     return params
+
+
+def model_arch(model: llama_cpp.llama_model_p) -> str:
+    """A loaded model's ``general.architecture`` (``""`` when it has none)."""
+    buf = ctypes.create_string_buffer(128)
+    n = llama_cpp.llama_model_meta_val_str(model, b"general.architecture", buf, len(buf))
+    return buf.value.decode() if n >= 0 else ""
 
 
 def context_params(n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int) -> llama_cpp.llama_context_params:

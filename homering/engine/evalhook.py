@@ -39,7 +39,9 @@ class EvalHook(ctypes.Structure):
     a node of another size is not copied), ``filled`` (1 once copied) and ``target`` (the node's name, empty
     for none); then the tail streaming: ``fd`` (the window file, -1 when nothing streams), ``stream_first``
     (the first streamed layer), ``n_layers``/``layers`` (one :class:`LayerPages` per layer) and ``dropped``
-    (layers dropped so far).
+    (layers dropped so far); then the input restore: ``tensor_set`` (a ggml function), ``src``/``src_bytes``
+    (the batch's input rows), ``restored`` (1 once written) and ``restore`` (the node written over with them,
+    empty for none; see :func:`restore_input`).
     """
 
     _fields_ = [
@@ -55,6 +57,11 @@ class EvalHook(ctypes.Structure):
         ("n_layers", ctypes.c_int),
         ("layers", ctypes.c_void_p),
         ("dropped", ctypes.c_longlong),
+        ("tensor_set", ctypes.c_void_p),
+        ("src", ctypes.c_void_p),
+        ("src_bytes", ctypes.c_size_t),
+        ("restored", ctypes.c_int),
+        ("restore", ctypes.c_char * MAX_NAME),
     ]
 
 
@@ -97,6 +104,7 @@ def new_hook(target: bytes) -> tuple[EvalHook, EvalCallback]:
         ("get_name", ggml.ggml_get_name),
         ("nbytes", ggml.ggml_nbytes),
         ("tensor_get", ggml.ggml_backend_tensor_get),
+        ("tensor_set", ggml.ggml_backend_tensor_set),
     ):
         setattr(hook, field, ctypes.cast(fn, ctypes.c_void_p).value)
     hook.target = target
@@ -108,3 +116,16 @@ def new_hook(target: bytes) -> tuple[EvalHook, EvalCallback]:
 def user_data(hook: EvalHook) -> ctypes.c_void_p:
     """The hook's address, as ``cb_eval_user_data``."""
     return ctypes.c_void_p(ctypes.addressof(hook))
+
+
+def restore_input(hook: EvalHook, node: bytes) -> None:
+    """Make the hook write a decode's input rows over the graph node ``node`` once it is computed.
+
+    For architectures whose graph transforms hidden-state input as if it were token embeddings (llama.cpp's
+    gemma2 multiplies it by sqrt(n_embd), node ``inp_scaled``): the layers then see exactly the rows the
+    previous window produced. Before each decode, set ``hook.src``/``hook.src_bytes`` to the batch's rows and
+    ``hook.restored`` to 0; ``restored`` is 1 afterwards when the node was found and written.
+    """
+    if len(node) >= MAX_NAME:
+        raise ValueError(f"tensor name {node!r} is longer than ggml's {MAX_NAME - 1} bytes")
+    hook.restore = node

@@ -22,6 +22,9 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+
 log = logging.getLogger("homering.pages")
 
 _MADV_DONTNEED = 4  # Linux <asm-generic/mman-common.h>
@@ -159,11 +162,21 @@ def resident_bytes(path: str | Path) -> int:
     """
     import mmap
 
-    import numpy as np
+    return int(resident_pages(path).sum()) * mmap.PAGESIZE
+
+
+def resident_pages(path: str | Path) -> npt.NDArray[np.bool_]:
+    """Which pages of ``path`` are in the page cache now: one bool per ``mmap.PAGESIZE`` bytes of the file
+    (``mincore`` over a fresh read-only mapping; Linux, macOS).
+
+    Raises:
+        OSError: the file cannot be mapped or mincore fails.
+    """
+    import mmap
 
     size = os.path.getsize(path)
     if size == 0:
-        return 0
+        return np.zeros(0, dtype=bool)
     page = mmap.PAGESIZE
     n_pages = (size + page - 1) // page
     libc = _load_libc()
@@ -180,7 +193,7 @@ def resident_bytes(path: str | Path) -> int:
                 raise OSError(err, f"mincore: {os.strerror(err)}")
         finally:
             del view
-        return int(np.count_nonzero(vec & 1)) * page
+        return (vec & 1).astype(bool)
 
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter

@@ -34,11 +34,12 @@ import numpy as np
 import numpy.typing as npt
 
 from homering.engine import streaming
-from homering.engine.backend import context_params, init_backend, model_params, token_piece
+from homering.engine.backend import context_params, init_backend, model_arch, model_params, token_piece
 from homering.engine.backend import plain_llama as plain_llama  # where the benchmarks and tests import it from
-from homering.engine.evalhook import EvalHook, new_hook, user_data
+from homering.engine.evalhook import EvalHook, new_hook, restore_input, user_data
 from homering.engine.streaming import TailStream
 from homering.errors import HomeringError
+from homering.models.support import HIDDEN_INPUT_RESTORE
 
 if TYPE_CHECKING:
     from homering.engine.sampling import SamplerChain
@@ -179,9 +180,12 @@ class LayerWindow:
         self._last_logits: Floats | None = None  # the last item's of the last forward, for sample()
         self._hook: EvalHook | None = None
         self.stream: TailStream | None = None
-        if not gives_logits or (stream_from is not None and streaming.SUPPORTED):
+        restore = None if takes_tokens else HIDDEN_INPUT_RESTORE.get(model_arch(self._model))
+        if not gives_logits or restore or (stream_from is not None and streaming.SUPPORTED):
             self._hook, cparams.cb_eval = new_hook(b"" if gives_logits else self._target)
             cparams.cb_eval_user_data = user_data(self._hook)
+            if restore:
+                restore_input(self._hook, restore.encode())
         try:
             if stream_from is not None and streaming.SUPPORTED and self._hook is not None:
                 self.stream = TailStream(self.path, self._hook, stream_from)
@@ -280,11 +284,15 @@ class LayerWindow:
             # the hook copies l_out of the whole batch here (batch order: llama.cpp's unified KV cache
             # splits a batch into ubatches in order, and a ubatch is a whole batch)
             hook.dst, hook.capacity, hook.filled = hidden.ctypes.data, hidden.nbytes, 0
+        if hook is not None and hook.restore:
+            hook.src, hook.src_bytes, hook.restored = ctypes.addressof(b.embd.contents), total * self.n_embd * 4, 0
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise DecodeError(
                 f"llama_decode failed with code {rc} for {total} token(s) (KV cache of {self.n_ctx_total} cells, full?)"
             )
+        if hook is not None and hook.restore and not hook.restored:
+            raise DecodeError(f"the graph of {self.path.name} never produced {hook.restore.decode()} to restore")
         if hidden is not None:
             if hook is None or not hook.filled:
                 raise DecodeError(

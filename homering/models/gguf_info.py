@@ -50,6 +50,11 @@ class ModelInfo:
         fingerprint: see :func:`fingerprint`.
         size_bytes: file size.
         layer_bytes: tensor bytes of each block, list of ``n_layers`` ints.
+        n_expert: experts per mixture-of-experts layer (``<arch>.expert_count``; 0: dense).
+        n_expert_used: experts each token is routed to (``<arch>.expert_used_count``, top-k).
+        layer_active_bytes: tensor bytes of each block one token uses: its routed experts' tensors
+            (``*_exps``, one matrix per expert) count ``n_expert_used / n_expert`` of their bytes, the rest
+            (attention, router, shared experts) all; equal to ``layer_bytes`` for a dense model.
     """
 
     path: Path
@@ -61,6 +66,14 @@ class ModelInfo:
     fingerprint: str
     size_bytes: int
     layer_bytes: tuple[int, ...]
+    n_expert: int = 0
+    n_expert_used: int = 0
+    layer_active_bytes: tuple[int, ...] = ()
+
+    @property
+    def active_bytes(self) -> int:
+        """Bytes of the file one decoded token uses (the file size, less the experts it is not routed to)."""
+        return self.size_bytes - sum(self.layer_bytes) + sum(self.layer_active_bytes or self.layer_bytes)
 
 
 def inspect_gguf(path: str | os.PathLike[str]) -> ModelInfo:
@@ -80,10 +93,16 @@ def inspect_gguf(path: str | os.PathLike[str]) -> ModelInfo:
     if not n_layers or not n_embd:
         raise ModelError(f"GGUF file lacks {arch}.block_count or {arch}.embedding_length: {path}")
     layer_bytes = np.zeros(int(n_layers), dtype=np.int64)
+    active = np.zeros(int(n_layers), dtype=np.float64)
+    n_expert = int(gf.get(f"{arch}.expert_count") or 0)
+    used = gf.get(f"{arch}.expert_used_count") or 0
+    n_used = int(max(used) if isinstance(used, list) else used)
     for t in gf.tensors:
         blk = block_index(t.name)
         if blk is not None and blk < n_layers:
             layer_bytes[blk] += t.n_bytes
+            routed = n_expert and "_exps." in t.name
+            active[blk] += t.n_bytes * n_used / n_expert if routed else t.n_bytes
     return ModelInfo(
         path=path,
         arch=str(arch),
@@ -94,6 +113,9 @@ def inspect_gguf(path: str | os.PathLike[str]) -> ModelInfo:
         fingerprint=fingerprint(path),
         size_bytes=path.stat().st_size,
         layer_bytes=tuple(int(x) for x in layer_bytes),
+        n_expert=n_expert,
+        n_expert_used=n_used,
+        layer_active_bytes=tuple(int(x) for x in active),
     )
 
 

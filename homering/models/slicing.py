@@ -45,6 +45,7 @@ from homering.models import gguf_file as gfile
 from homering.models.filehash import HashingWriter, drop_written, remember
 from homering.models.gguf_file import GGUFFile, TensorSource, read_gguf, write_gguf
 from homering.models.gguf_info import block_index, fingerprint
+from homering.models.support import UnsupportedModel, split_problem
 
 GGML_TYPE_F32 = 0
 
@@ -92,6 +93,12 @@ SWA_DEFAULT_PATTERN: dict[str, tuple[int, bool]] = {
     "llama4": (4, False),
     "gpt-oss": (2, False),
 }
+
+
+ZERO_WINDOW_TURNS_SWA_OFF = frozenset({"gemma3"})
+"""Architectures whose loader turns sliding-window attention off when ``attention.sliding_window`` is 0
+(gemma3.cpp: ``found_swa && n_swa > 0``). Others keep it (gemma2.cpp always builds an interleaved-SWA
+cache): a window of only global layers gets the all-false flag array instead."""
 
 
 def swa_flags(n_pattern: int, dense_first: bool, n_layers: int) -> list[bool]:
@@ -161,6 +168,7 @@ def slice_window(
 
     Raises:
         ModelError: bad model file, or a window outside the model's layers.
+        UnsupportedModel: an architecture homering cannot split safely (:mod:`homering.models.support`).
     """
     model_path = Path(model_path)
     if spec.role is Role.WHOLE:
@@ -169,6 +177,9 @@ def slice_window(
     if target.exists():
         return target
     gf = read_gguf(model_path)
+    problem = split_problem(gf)
+    if problem:
+        raise UnsupportedModel(problem)
     arch = gf.arch
     n_layers = int(gf.get(f"{arch}.block_count") or 0)
     if spec.end > n_layers:
@@ -211,13 +222,8 @@ def _write_window(
 def _metadata_entries(gf: GGUFFile, arch: str, n_layers: int, spec: WindowSpec) -> list[bytes]:
     """Encoded metadata of the window: copied verbatim except what the window changes."""
     vocab_free = spec.role in (Role.FIRST, Role.MIDDLE)
-    pattern_key = f"{arch}.attention.sliding_window_pattern"
-    window_key = f"{arch}.attention.sliding_window"
-    flags = layer_swa_flags(gf, arch, n_layers)
-    if flags is not None:
-        flags = flags[spec.start : spec.end]
-    global_only = flags is not None and not any(flags)
-    replaced = {f"{arch}.block_count", pattern_key} | ({window_key} if global_only else set())
+    swa_replaced, swa_entries = _swa_entries(gf, arch, n_layers, spec)
+    replaced = {f"{arch}.block_count"} | swa_replaced
     if vocab_free:
         replaced |= {"tokenizer.ggml.model", f"{arch}.vocab_size"}
     entries = []
@@ -235,12 +241,7 @@ def _metadata_entries(gf: GGUFFile, arch: str, n_layers: int, spec: WindowSpec) 
         else:
             entries.append(f.raw)
     entries.append(gfile.encode_field(f"{arch}.block_count", gfile.UINT32, spec.n_layers))
-    if global_only:
-        # only global-attention layers: llama.cpp builds an interleaved-SWA KV cache for any model with a
-        # sliding window and asserts that some layer uses it; a window of 0 makes it a plain global model
-        entries.append(gfile.encode_field(window_key, gfile.UINT32, 0))
-    elif flags is not None:
-        entries.append(gfile.encode_field(pattern_key, gfile.ARRAY, flags, gfile.BOOL))
+    entries += swa_entries
     if vocab_free:
         entries.append(gfile.encode_field("tokenizer.ggml.model", gfile.STRING, "none"))
         n_vocab = next(t.dims[1] for t in gf.tensors if t.name == "token_embd.weight") if spec.role is Role.FIRST else 1
@@ -249,6 +250,47 @@ def _metadata_entries(gf: GGUFFile, arch: str, n_layers: int, spec: WindowSpec) 
     entries.append(gfile.encode_field("homering.window.start", gfile.UINT32, spec.start))
     entries.append(gfile.encode_field("homering.window.end", gfile.UINT32, spec.end))
     return entries
+
+
+UNBOUNDED_WINDOW = 1 << 20
+"""A sliding window no sequence reaches (tokens): a sliding layer with it attends like a global one. Small
+enough that llama.cpp's SWA cache size (``n_swa · n_seq_max + n_ubatch``, uint32) cannot overflow."""
+
+
+def _swa_entries(gf: GGUFFile, arch: str, n_layers: int, spec: WindowSpec) -> tuple[set[str], list[bytes]]:
+    """The sliding-window keys the window replaces and their new entries.
+
+    The flags of the window's layers are written as an explicit bool array (llama.cpp's default pattern
+    counts from the file's first layer). A window of only global-attention layers cannot say so: llama.cpp
+    builds an interleaved-SWA cache for any model with a sliding window and asserts that some layer uses it.
+    gemma3 then gets a window size of 0 (its loader turns SWA off); gemma2 (which always builds that cache)
+    gets every layer flagged sliding with :data:`UNBOUNDED_WINDOW`, which masks nothing, so each attends
+    globally, as in the whole model. That needs the sliding layers' RoPE and head sizes to equal the global
+    ones: a file with ``*_swa`` keys is refused there.
+
+    Raises:
+        ModelError: a gemma2 window of only global layers in a model with its own SWA RoPE or head sizes.
+    """
+    pattern_key = f"{arch}.attention.sliding_window_pattern"
+    window_key = f"{arch}.attention.sliding_window"
+    flags = layer_swa_flags(gf, arch, n_layers)
+    if flags is None:
+        return {pattern_key}, []
+    flags = flags[spec.start : spec.end]
+    if any(flags):
+        return {pattern_key}, [gfile.encode_field(pattern_key, gfile.ARRAY, flags, gfile.BOOL)]
+    if arch in ZERO_WINDOW_TURNS_SWA_OFF:
+        return {pattern_key, window_key}, [gfile.encode_field(window_key, gfile.UINT32, 0)]
+    own = [k for k in gf.fields if k.startswith(f"{arch}.") and k.endswith("_swa")]
+    if own:
+        raise ModelError(
+            f"layers {spec.start}-{spec.end} of this {arch} model are all global-attention layers, which a window "
+            f"can only express as unbounded sliding ones, but the model has {own[0]}: cut elsewhere"
+        )
+    return {pattern_key, window_key}, [
+        gfile.encode_field(window_key, gfile.UINT32, UNBOUNDED_WINDOW),
+        gfile.encode_field(pattern_key, gfile.ARRAY, [True] * spec.n_layers, gfile.BOOL),
+    ]
 
 
 def layer_swa_flags(gf: GGUFFile, arch: str, n_layers: int) -> list[bool] | None:

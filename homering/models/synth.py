@@ -1,9 +1,9 @@
-"""Random-weight GGUF models with the shapes of real Llama 3 and Qwen2.5 models.
+"""Random-weight GGUF models with the shapes of real Llama 3, Qwen2.5, Qwen3, Qwen3-MoE, Phi-3 and Gemma 2 models.
 
 ``homering models synth`` (and the registry's synthetic names such as
 ``llama3.2-3b-q4_0`` or ``qwen2.5-32b-q4_k_m``) write a GGUF file that
 llama.cpp loads and runs like the real model: the same architecture
-(``llama`` or ``qwen2``), hyper-parameters, tensor names, shapes and
+(``llama``, ``qwen2``, ``qwen3``, ``qwen3moe``, ``phi3``, ``gemma2``), hyper-parameters, tensor names, shapes and
 quantisation, hence the same file size (up to the Llama shapes' vocabulary,
 see below), memory use and decode speed, but random weights. It is meant for
 benchmarks, where only speed and memory matter, without a multi-gigabyte
@@ -12,7 +12,9 @@ download.
 Shapes (checked against the Hugging Face ``config.json`` of each model, as
 mirrored in public copies of ``meta-llama/Meta-Llama-3-8B``,
 ``meta-llama/Llama-3.2-3B``, ``meta-llama/Llama-3.2-1B``, ``Qwen/QwQ-32B`` and
-``Qwen/Qwen2.5-0.5B-Instruct``):
+``Qwen/Qwen2.5-0.5B-Instruct``, ``Qwen/Qwen3-0.6B``, ``Qwen/Qwen3-30B-A3B``,
+``microsoft/Phi-3-mini-4k-instruct``, ``google/gemma-2-2b``; per-architecture tensors and keys in
+:mod:`homering.models.synth_shapes`):
 
 ============  =====  ======  ======  =====  =====  ==  =======  =====  ======  ======
 shape         arch   layers  n_embd  n_ff   heads  kv  context  theta  vocab   output
@@ -22,7 +24,27 @@ llama3.2-3b   llama  28      3072    8192   24     8   131072   5e5    49152   t
 llama3.2-1b   llama  16      2048    8192   32     8   131072   5e5    49152   tied
 qwen2.5-32b   qwen2  64      5120    27648  40     8   40960    1e6    152064  untied
 qwen2.5-0.5b  qwen2  24      896     4864   14     2   32768    1e6    151936  tied
+qwen3-0.6b    qwen3  28      1024    3072   16     8   40960    1e6    151936  tied
+phi3-mini     phi3   32      3072    8192   32     32  4096     1e4    32064   untied
+gemma2-2b     gemma2 26      2304    9216   8      4   8192     1e4    256000  tied
 ============  =====  ======  ======  =====  =====  ==  =======  =====  ======  ======
+
+Mixture-of-experts shapes (arch ``qwen3moe``, head size 128, per-head Q/K norms, untied head, vocabulary
+151936, no shared experts):
+
+=============  ======  ======  =====  ==  =======  ====  =====  =============================
+shape          layers  n_embd  heads  kv  experts  used  n_ff   note
+=============  ======  ======  =====  ==  =======  ====  =====  =============================
+qwen3-30b-a3b  48      2048    32     4   128      8     768    Qwen3-30B-A3B (about 18 GB at q4_k_m)
+qwen3moe-tiny  6       1024    16     4   8        2     768    reduced, for equivalence tests
+=============  ======  ======  =====  ==  =======  ====  =====  =============================
+
+Qwen3 and Gemma 2 have a head size of their own (128 and 256) written as
+``attention.key_length``/``value_length``; Gemma 2 slides a 4096-token window on
+its even layers and soft-caps attention (50) and final (30) logits; Phi-3 fuses
+Q/K/V into ``attn_qkv`` and gate/up into ``ffn_up``. The MoE router
+``ffn_gate_inp`` is float32 (as llama.cpp keeps it) with random normal weights,
+so tokens route almost uniformly over the experts (real models are skewed).
 
 (kv: key/value heads, grouped-query attention.) Llama: RMS-norm epsilon 1e-5,
 no biases. Qwen2: ``attn_q/k/v.bias`` (float32) in every block, RMS-norm
@@ -58,70 +80,17 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from homering.errors import ModelError
 from homering.models import gguf_file as gfile
-from homering.models.gguf_file import DEFAULT_ALIGNMENT, TensorSource, encode_string, tensor_nbytes, write_gguf
-from homering.models.random_weights import GGML_TYPE_F32, QUANTS, Quant, ReadAhead, TensorPlan, weight_chunks
+from homering.models.gguf_file import DEFAULT_ALIGNMENT, TensorSource, encode_string, write_gguf
+from homering.models.random_weights import QUANTS, Quant, ReadAhead, TensorPlan, weight_chunks
+from homering.models.synth_shapes import SHAPES, Shape, arch_metadata, tensor_plan
 from homering.models.synth_tokenizer import tokenizer_entries
 
 __all__ = ["QUANTS", "SHAPES", "Quant", "Shape", "expected_size", "synthesize", "tensor_bytes"]
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The hyper-parameters of one model family member (all counts, no units unless said).
-
-    Attributes:
-        name: the shape's name (``llama3.2-3b`` …).
-        n_layers: transformer blocks.
-        n_embd: hidden size (floats per hidden state).
-        n_ff: feed-forward (SwiGLU) inner size.
-        n_head: attention (query) heads.
-        n_head_kv: key/value heads (grouped-query attention).
-        rope_theta: RoPE frequency base.
-        rms_eps: RMS-norm epsilon.
-        n_ctx_train: training context length in tokens.
-        tied: True when the output head is the token embedding (no ``output.weight``).
-        title: the real model this mimics, for listings.
-        arch: llama.cpp's architecture name (``general.architecture``).
-        bias: True when blocks have ``attn_q/k/v.bias`` (Qwen2).
-        n_vocab: the real model's embedding rows (the tokenizer is padded to it), or None for SmolLM2's.
-    """
-
-    name: str
-    n_layers: int
-    n_embd: int
-    n_ff: int
-    n_head: int
-    n_head_kv: int
-    rope_theta: float
-    rms_eps: float
-    n_ctx_train: int
-    tied: bool
-    title: str
-    arch: str = "llama"
-    bias: bool = False
-    n_vocab: int | None = None
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-
-SHAPES: dict[str, Shape] = {
-    s.name: s
-    for s in (
-        Shape("llama3-8b", 32, 4096, 14336, 32, 8, 500000.0, 1e-5, 8192, False, "Meta-Llama-3-8B"),
-        Shape("llama3.2-3b", 28, 3072, 8192, 24, 8, 500000.0, 1e-5, 131072, True, "Llama-3.2-3B"),
-        Shape("llama3.2-1b", 16, 2048, 8192, 32, 8, 500000.0, 1e-5, 131072, True, "Llama-3.2-1B"),
-        Shape("qwen2.5-32b", 64, 5120, 27648, 40, 8, 1e6, 1e-5, 40960, False, "QwQ-32B", "qwen2", True, 152064),
-        Shape("qwen2.5-0.5b", 24, 896, 4864, 14, 2, 1e6, 1e-6, 32768, True, "Qwen2.5-0.5B", "qwen2", True, 151936),
-    )
-}
 
 
 SMOLLM2_VOCAB = 49152  # the tokenizer's own vocabulary size
@@ -143,43 +112,6 @@ def _shape_quant(shape: str, quant: str, n_layers: int | None) -> tuple[Shape, Q
     return s, QUANTS[quant], n
 
 
-def _tensor_plan(s: Shape, q: Quant, n_layers: int, n_vocab: int) -> list[TensorPlan]:
-    """Every tensor of the file, in file order (embedding, blocks in order, output norm and head)."""
-    e, kv, nq = s.n_embd, s.n_head_kv * s.head_dim, s.n_head * s.head_dim
-
-    def w(name: str, ne0: int, ne1: int, layer: int | None = None) -> TensorPlan:
-        # a tied embedding is the output head: llama.cpp's Q4_K_M gives it the head's type
-        role = "output.weight" if name == "token_embd.weight" and s.tied else name
-        t = q.block_for(role, ne0, layer, n_layers).ggml_type
-        return TensorPlan(name, (ne0, ne1), t, tensor_nbytes((ne0, ne1), t))
-
-    def f32(name: str, n: int) -> TensorPlan:
-        return TensorPlan(name, (n,), GGML_TYPE_F32, 4 * n)
-
-    out = [w("token_embd.weight", e, n_vocab)]
-    for i in range(n_layers):
-        b = f"blk.{i}."
-        out += [
-            f32(b + "attn_norm.weight", e),
-            w(b + "attn_q.weight", e, nq, i),
-            w(b + "attn_k.weight", e, kv, i),
-            w(b + "attn_v.weight", e, kv, i),
-        ]
-        if s.bias:
-            out += [f32(b + "attn_q.bias", nq), f32(b + "attn_k.bias", kv), f32(b + "attn_v.bias", kv)]
-        out += [
-            w(b + "attn_output.weight", nq, e, i),
-            f32(b + "ffn_norm.weight", e),
-            w(b + "ffn_gate.weight", e, s.n_ff, i),
-            w(b + "ffn_up.weight", e, s.n_ff, i),
-            w(b + "ffn_down.weight", s.n_ff, e, i),
-        ]
-    out.append(f32("output_norm.weight", e))
-    if not s.tied:
-        out.append(w("output.weight", e, n_vocab))
-    return out
-
-
 def tensor_bytes(shape: str, quant: str, n_layers: int | None = None, n_vocab: int | None = None) -> int:
     """Bytes of tensor data (without the header and padding) of a synthetic model.
 
@@ -187,29 +119,24 @@ def tensor_bytes(shape: str, quant: str, n_layers: int | None = None, n_vocab: i
     vocabulary, or SmolLM2's 49152 for the Llama shapes.
     """
     s, q, n = _shape_quant(shape, quant, n_layers)
-    return sum(t.n_bytes for t in _tensor_plan(s, q, n, n_vocab or s.n_vocab or SMOLLM2_VOCAB))
+    return sum(t.n_bytes for t in tensor_plan(s, q, n, n_vocab or s.n_vocab or SMOLLM2_VOCAB))
 
 
-def _metadata(s: Shape, q: Quant, n_layers: int, seed: int, tok_entries: list[bytes], n_vocab: int) -> list[bytes]:
-    enc, U32, F32, STR = gfile.encode_field, gfile.UINT32, gfile.FLOAT32, gfile.STRING
-    a = s.arch
+def _metadata(
+    s: Shape, q: Quant, n_layers: int, seed: int, tok_entries: list[bytes], n_vocab: int, sliding_window: int | None
+) -> list[bytes]:
+    enc, U32, STR = gfile.encode_field, gfile.UINT32, gfile.STRING
+    # llama.cpp looks up Phi-3's own special tokens (absent from SmolLM2's tokenizer) in any model whose name
+    # contains "phi3" or "phi-3" (llama-vocab.cpp, per-token attributes): the name spells it apart
+    name = s.name.replace("phi3", "phi 3")
     return [
-        enc("general.architecture", STR, a),
+        enc("general.architecture", STR, s.arch),
         enc("general.type", STR, "model"),
-        enc("general.name", STR, f"synthetic {s.name} {q.name} (random weights)"),
+        enc("general.name", STR, f"synthetic {name} {q.name} (random weights)"),
         enc("general.file_type", U32, q.file_type),
         enc("general.quantization_version", U32, 2),
         enc("general.alignment", U32, DEFAULT_ALIGNMENT),
-        enc(f"{a}.block_count", U32, n_layers),
-        enc(f"{a}.context_length", U32, s.n_ctx_train),
-        enc(f"{a}.embedding_length", U32, s.n_embd),
-        enc(f"{a}.feed_forward_length", U32, s.n_ff),
-        enc(f"{a}.attention.head_count", U32, s.n_head),
-        enc(f"{a}.attention.head_count_kv", U32, s.n_head_kv),
-        enc(f"{a}.rope.freq_base", F32, s.rope_theta),
-        enc(f"{a}.attention.layer_norm_rms_epsilon", F32, s.rms_eps),
-        enc(f"{a}.rope.dimension_count", U32, s.head_dim),
-        enc(f"{a}.vocab_size", U32, n_vocab),
+        *arch_metadata(s, n_layers, n_vocab, sliding_window=sliding_window),
         enc("homering.synth.shape", STR, s.name),
         enc("homering.synth.seed", gfile.UINT64, seed),
         enc("homering.synth.format", U32, SYNTH_FORMAT),
@@ -241,8 +168,8 @@ def expected_size(shape: str, quant: str, n_layers: int | None = None, n_vocab: 
     """
     s, q, n = _shape_quant(shape, quant, n_layers)
     tok, vocab = tokenizer_entries(n_vocab or s.n_vocab)
-    tensors = _tensor_plan(s, q, n, vocab)
-    entries = _metadata(s, q, n, 0, tok, vocab)
+    tensors = tensor_plan(s, q, n, vocab)
+    entries = _metadata(s, q, n, 0, tok, vocab, None)
     return _align(_header_bytes(entries, tensors)) + sum(_align(t.n_bytes) for t in tensors)
 
 
@@ -300,12 +227,12 @@ def synthesize(
     n_vocab: int | None = None,
     progress: bool = True,
     on_bytes: Callable[[int], None] | None = None,
+    sliding_window: int | None = None,
 ) -> Path:
     """Write a random-weight GGUF with a real model's shape; return ``out``.
 
     Args:
-        shape: a key of :data:`SHAPES` (``llama3-8b``, ``llama3.2-3b``, ``llama3.2-1b``,
-            ``qwen2.5-32b``, ``qwen2.5-0.5b``).
+        shape: a key of :data:`SHAPES` (``llama3-8b``, ``qwen2.5-32b``, ``qwen3-30b-a3b``, ``gemma2-2b`` …).
         quant: ``q4_0`` or ``q8_0`` (the type of every 2-D weight) or ``q4_k_m``
             (llama.cpp's Q4_K/Q6_K mix); norms and biases are float32.
         out: the file to write; an existing file is replaced. Its parent folder
@@ -322,21 +249,21 @@ def synthesize(
         on_bytes: called with the number of tensor bytes just written, as they
             are written (after the progress bar); an exception it raises stops
             the run like an interrupt (no file is left).
+        sliding_window: the sliding-window size in tokens instead of the shape's (tests: Gemma 2's 4096).
 
     Returns:
         ``out``, whose size is :func:`expected_size` bytes.
 
     Raises:
-        ModelError: unknown shape or quantisation, ``n_layers < 1``, a negative
-            seed, ``n_vocab`` below 49152, or SmolLM2 (the tokenizer) cannot be resolved.
+        ModelError: bad shape, quantisation, ``n_layers``, seed or ``n_vocab``, or no SmolLM2 (the tokenizer).
         OSError: the file cannot be written.
     """
     s, q, n = _shape_quant(shape, quant, n_layers)
     if seed < 0:
         raise ModelError(f"seed must be non-negative, got {seed}")
     tok, vocab = tokenizer_entries(n_vocab or s.n_vocab)
-    plan = _tensor_plan(s, q, n, vocab)
-    entries = _metadata(s, q, n, seed, tok, vocab)
+    plan = tensor_plan(s, q, n, vocab)
+    entries = _metadata(s, q, n, seed, tok, vocab, sliding_window)
     out = Path(out)
     label, total = f"synthesizing {s.name} {q.name} ({n} layers)", sum(t.n_bytes for t in plan)
     ahead = ReadAhead(weight_chunks(plan, seed))

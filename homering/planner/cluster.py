@@ -44,6 +44,20 @@ class ModelShape(_Strict):
     compute_vocab_bytes: int = Field(
         ge=0, default=0, description="c_v, the same for a window that takes tokens or gives logits"
     )
+    active_layer_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="b_a, weight bytes of one layer a decoded token uses (a MoE: attention, router and its "
+        "top-k experts); None: all of b (a dense model)",
+    )
+    read_share: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="r, share of a streamed layer's weight bytes a decoded token reads from disk: 1 for a "
+        "dense model; for a MoE the pages of the experts it routes to (and the kernel's read-around), as "
+        "the profiler measures it (homering.profiler.experts), never assumed",
+    )
 
     def buffer_bytes(self, k: int, vocab_windows: int) -> int:
         """a = k·c + v·(c_v - c): the compute buffers of a device's k window contexts, ``vocab_windows`` = v
@@ -184,16 +198,23 @@ def shape_from_gguf(path: str | os.PathLike[str], n_ctx: int, n_seq: int = 1, n_
     sequences, in llama.cpp's padded cell count (sliding-window layers too: the
     windows keep llama.cpp's full-size SWA cache); ``output_bytes`` is ``output_norm`` plus
     ``output.weight`` (the token embedding when tied); ``hidden_bytes`` is one
-    float32 hidden state (``4·n_embd``); ``compute_bytes`` and
+    float32 hidden state (``4·n_embd``); ``active_layer_bytes`` the mean
+    bytes a token uses of a block of a mixture of experts (``None`` for a
+    dense model; ``read_share`` stays 1 until the profilers' figure is set,
+    :func:`with_read_share`); ``compute_bytes`` and
     ``compute_vocab_bytes`` come from :func:`compute_buffer_bytes` at
     ``n_batch`` (0: not counted), the latter plus the vocabulary tables
     (:data:`VOCAB_BYTES_PER_TOKEN`) that first and last windows load.
 
     Raises:
         ModelError: not a usable GGUF file.
+        UnsupportedModel: an architecture homering cannot split into layer windows (:mod:`homering.models.support`).
     """
     from homering.models.gguf_file import read_gguf
     from homering.models.gguf_info import block_index, inspect_gguf
+    from homering.models.support import check_splittable
+
+    check_splittable(path)
 
     info = inspect_gguf(path)
     gf = read_gguf(path)
@@ -220,6 +241,7 @@ def shape_from_gguf(path: str | os.PathLike[str], n_ctx: int, n_seq: int = 1, n_
         name=info.name,
         n_layers=L,
         layer_bytes=max(1, sum(info.layer_bytes) // L),
+        active_layer_bytes=max(1, sum(info.layer_active_bytes) // L) if info.n_expert else None,
         kv_bytes_per_layer=kv // L,
         output_bytes=output,
         hidden_bytes=4 * info.n_embd,
@@ -228,3 +250,12 @@ def shape_from_gguf(path: str | os.PathLike[str], n_ctx: int, n_seq: int = 1, n_
             compute_buffer_bytes(n_batch, info.n_embd, n_ff, cells, n_vocab) + VOCAB_BYTES_PER_TOKEN * n_vocab
         ),
     )
+
+
+def with_read_share(shape: ModelShape, shares: list[float | None]) -> ModelShape:
+    """``shape`` with the read share ``r`` the devices measured (their largest, the cautious figure): for a
+    mixture of experts only; a dense model, or a MoE no device measured, keeps ``r = 1``."""
+    measured = [s for s in shares if s is not None]
+    if shape.active_layer_bytes is None or not measured:
+        return shape
+    return shape.model_copy(update={"read_share": min(1.0, max(measured))})

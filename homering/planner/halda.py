@@ -206,7 +206,7 @@ class _Program:
     def _disk(self, s: _Slot) -> Lp:
         """D: the disk ms per token of ``s`` in the mode the program picks for it."""
         d, k, W, bp, i = s.device, self.k, self.W, self.shape.layer_kv_bytes, s.index
-        ms_per_byte = d.disk_ms(1)
+        ms_per_byte = d.disk_ms(1) * self.shape.read_share  # a MoE token reads only its experts' share
         rest0, rest1 = self._rest(s.head, False), self._rest(s.head, True)
         need = k * bp * s.x + rest0 * s.u + (rest1 - rest0) * self.first[i]
         need_max = k * bp * W + max(rest0, rest1)

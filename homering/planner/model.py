@@ -38,6 +38,13 @@ For device m (ring order = device list, head moved to the end):
 
 Token latency ``T = k·Σ_{m in use} (comp_m + hop_m + visible_m) + cpu_ms_output(head)``.
 
+**Mixtures of experts** (Qwen3-MoE): memory counts every expert (``b`` is all of a layer's bytes), while a
+decoded token reads from disk only the share ``r`` (``read_share``) of a streamed layer's bytes: the pages
+of the experts it is routed to, plus the kernel's read-around, as the profiler measures it
+(:mod:`homering.profiler.experts`; 1 for a dense model). The disk terms above read ``r·reread`` and
+``r·s_m``. Compute needs no term of its own: ``cpu_ms_per_layer`` is measured on the model's own layers, so
+a MoE layer's time already counts its active parameters (attention, router and top-k experts), not all.
+
 The inputs (:class:`ClusterSpec`, :class:`ModelShape`, :class:`Device`) live in
 :mod:`homering.planner.cluster` and are re-exported here.
 """
@@ -218,7 +225,7 @@ def _cheapest_mode(
     s = (w - n) * bp + (n * bp if d.gpu is not None and d.gpu.unified else 0)
     fixed = shape.buffer_bytes(k, shape.vocab_windows(k, first, head)) + (shape.output_bytes if head else 0)
     need = k * s + fixed
-    ram = d.ram_bytes
+    ram, r = d.ram_bytes, shape.read_share
     costs: dict[Mode, float] = {}
     if need <= ram:
         costs["resident"] = 0.0
@@ -227,9 +234,9 @@ def _cheapest_mode(
     if d.os != "macos":
         reread = max(0.0, need - ram) + (STREAMED_LAYERS * shape.layer_bytes if need > ram else 0)
         keep = max(0, int(k * (w - n) * shape.layer_bytes - reread))
-    costs["overflow"] = d.disk_ms(reread) / k
+    costs["overflow"] = d.disk_ms(r * reread) / k
     if 2 * s + fixed <= ram:
-        costs["stream"] = max(0.0, d.disk_ms(s) - slack)
+        costs["stream"] = max(0.0, d.disk_ms(r * s) - slack)
     mode = min(MODES, key=lambda m: (costs.get(m, float("inf")), MODES.index(m)))
     return mode, costs[mode], keep
 

@@ -252,9 +252,11 @@ def _output_ms(info: ModelInfo, ms: list[list[float]], n: int, n_out: int | None
         return max(0.0, statistics.median(ms[1]) - statistics.median(ms[2]))
     if not output:
         return None
-    # decode is memory-bound: the head costs its bytes at the layers' rate
+    # decode is memory-bound: the head costs its bytes at the layers' rate (a MoE layer's: the bytes it uses)
     out_bytes = max(0, info.size_bytes - sum(info.layer_bytes))
-    ms_output = statistics.median(ms[0]) / n * out_bytes / (max(info.layer_bytes, default=0) or 1)
+    ms_output = (
+        statistics.median(ms[0]) / n * out_bytes / (max(info.layer_active_bytes or info.layer_bytes, default=0) or 1)
+    )
     log.info("too little RAM to time the output head; estimated %.1f ms from its size", ms_output)
     return ms_output
 

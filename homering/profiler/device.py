@@ -36,13 +36,14 @@ from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo, inspect_gguf
 from homering.profiler.compute import WindowSource, measure_compute
 from homering.profiler.disk import DISK_PROBE_BYTES, measure_disk_gbps
+from homering.profiler.experts import measure_model_read_share
 from homering.profiler.gpu import measure_gpu
 from homering.profiler.memory import available_ram_bytes
 from homering.profiler.profile import DeviceProfile, GpuProfile, OsName
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 4  # 2: no repacking, CPU quota counted; 3-4: probe windows sized to the RAM
+CACHE_VERSION = 5  # 2: no repacking, CPU quota counted; 3-4: probe windows sized to the RAM; 5: MoE read share
 _GIB = float(1 << 30)
 
 
@@ -99,6 +100,7 @@ class _CachedTimings(BaseModel):
     gpu: GpuProfile | None
     profile_ms: float
     measured_at: float  # Unix time, s
+    read_share: float | None = None  # a MoE's disk share per token (homering.profiler.experts)
 
 
 def profiles_dir() -> Path:
@@ -260,6 +262,10 @@ def _measure(
         info.path, threads=threads, info=info, ram_bytes=available_ram_bytes(), progress=say, windows=windows
     )
     gpu = measure_gpu(info.path, threads=threads, info=info, progress=say, windows=windows)
+    share = None
+    if info.n_expert:
+        say("measuring the share of a MoE layer a token reads from disk")
+        share = measure_model_read_share(info, threads=threads, windows=windows)
     say("measuring available RAM")
     ram = available_ram_bytes()
     record = _CachedTimings(
@@ -274,6 +280,7 @@ def _measure(
         gpu=gpu,
         profile_ms=(time.perf_counter() - t0) * 1000.0,
         measured_at=time.time(),
+        read_share=share,
     )
     try:
         _write_cache(cache_file, record)
@@ -294,4 +301,5 @@ def _profile(os_name: OsName, ram_bytes: int, t: _CachedTimings, *, cached: bool
         threads=t.threads,
         profile_ms=t.profile_ms,
         cached=cached,
+        read_share=t.read_share,
     )

@@ -48,6 +48,13 @@ class DeviceProfile(_Strict):
         default=None,
         description="how long the measurement took, ms (also when the figures come from the cache: see cached)",
     )
+    read_share: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="a mixture of experts: share of a streamed layer's bytes a decoded token reads from disk "
+        "(homering.profiler.experts); None for a dense model or where it was not measured",
+    )
     cached: bool = Field(
         default=False, description="the slow figures come from this device's profile cache (measured earlier, not now)"
     )

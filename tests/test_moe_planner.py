@@ -1,0 +1,87 @@
+"""The planner and the profiler know mixtures of experts (issue 23): memory counts every expert, a streamed
+layer reads from disk only the share a token routes to, and that share is measured (mincore), never assumed."""
+
+from __future__ import annotations
+
+import pytest
+
+from homering.models.gguf_file import read_gguf
+from homering.models.gguf_info import block_index, inspect_gguf
+from homering.models.slicing import Role, WindowSpec, slice_window
+from homering.planner.cluster import with_read_share
+from homering.planner.halda import solve
+from homering.planner.model import evaluate, parse_cluster, shape_from_gguf
+from homering.profiler.experts import measure_model_read_share, measure_read_share
+from tests.brute import brute_force
+from tests.test_planner import dev, spec_of
+
+
+def test_moe_shape_counts_all_bytes_and_the_active_ones(qwen3moe_small, qwen3_small):
+    """b is every expert (memory); b_a is attention, router, norms and 2 of the 8 experts; dense: no b_a."""
+    gf = read_gguf(qwen3moe_small)
+    blk0 = [t for t in gf.tensors if block_index(t.name) == 0]
+    experts = sum(t.n_bytes for t in blk0 if "_exps." in t.name)
+    rest = sum(t.n_bytes for t in blk0) - experts
+    info = inspect_gguf(qwen3moe_small)
+    assert (info.n_expert, info.n_expert_used) == (8, 2)
+    assert info.layer_bytes[0] == rest + experts
+    assert info.layer_active_bytes[0] == pytest.approx(rest + experts * 2 / 8, abs=1)
+    assert info.active_bytes < info.size_bytes
+    shape = shape_from_gguf(qwen3moe_small, n_ctx=256)
+    assert shape.layer_bytes == sum(info.layer_bytes) // 6 and shape.read_share == 1.0
+    assert shape.active_layer_bytes == pytest.approx(sum(info.layer_active_bytes) / 6, abs=1)
+    dense = shape_from_gguf(qwen3_small, n_ctx=256)
+    assert (
+        dense.active_layer_bytes is None
+        and inspect_gguf(qwen3_small).active_bytes == inspect_gguf(qwen3_small).size_bytes
+    )
+    # the measured shares: the largest counts, only for a MoE
+    assert with_read_share(shape, [None, 0.3, 0.45]).read_share == 0.45
+    assert with_read_share(shape, [None]).read_share == 1.0
+    assert with_read_share(dense, [0.3]).read_share == 1.0
+
+
+def _moe_spec(share: float, *, ram: float, layers: int = 8):
+    spec = spec_of(
+        [dev("a", ram=ram, cpu=60, disk=1.0), dev("head", ram=ram, cpu=60, disk=1.0, head=True)], layers=layers
+    )
+    raw = spec.model_dump()
+    raw["model"] |= {"active_layer_bytes": raw["model"]["layer_bytes"] // 4, "read_share": share}
+    return parse_cluster(raw)
+
+
+@pytest.mark.parametrize("ram", [3.0, 5.5])  # streaming (several rounds), or overflowing on Linux
+def test_disk_terms_read_only_the_routed_share(ram):
+    """A streamed or overflowing device reads r of its layers' bytes per token: the disk ms scale by r; memory
+    (the modes' RAM tests) does not."""
+    full, quarter = _moe_spec(1.0, ram=ram), _moe_spec(0.25, ram=ram)
+    overflowing = 0
+    for k, w in ((1, [4, 4]), (1, [6, 2]), (2, [2, 2]), (4, [1, 1])):
+        a, b = evaluate(full, k, w), evaluate(quarter, k, w)
+        assert [d.mode for d in a.devices] == [d.mode for d in b.devices]
+        for x, y in zip(a.devices, b.devices):
+            if x.mode == "overflow" and x.disk_ms > 0:
+                assert y.disk_ms == pytest.approx(0.25 * x.disk_ms)
+                overflowing += 1
+            assert y.compute_ms == x.compute_ms and y.disk_ms <= x.disk_ms
+    assert overflowing
+    for spec in (full, quarter):  # Halda's program models the same terms: its optimum is brute force's
+        assert solve(spec).prediction.ms_per_token == pytest.approx(brute_force(spec).ms_per_token, rel=1e-7)
+    fast, slow = solve(quarter).prediction.ms_per_token, solve(full).prediction.ms_per_token
+    assert fast < slow if ram < 4 else fast <= slow  # 2 x 5.5 GiB hold the 8 GiB: no disk either way
+
+
+def test_read_share_is_measured_with_mincore(qwen3moe_small, qwen3_small, tmp_path, monkeypatch):
+    """Without the kernel's read-around a MoE window reads about attention + 2 of 8 experts per token, a dense
+    one all of itself; with it (what agents run) the figure is whatever the kernel read, at most 1."""
+    monkeypatch.setenv("HOMERING_HOME", str(tmp_path))
+    moe = slice_window(qwen3moe_small, WindowSpec(2, 4, Role.MIDDLE), progress=False)
+    dense = slice_window(qwen3_small, WindowSpec(2, 4, Role.MIDDLE), progress=False)
+    routed = measure_read_share(moe, threads=1, tokens=4, random_access=True)
+    assert routed is not None
+    info = inspect_gguf(qwen3moe_small)
+    expected = sum(info.layer_active_bytes[2:4]) / sum(info.layer_bytes[2:4])
+    assert expected - 0.05 < routed < expected + 0.2  # pages, and the pages around a routed expert's rows
+    assert measure_read_share(dense, threads=1, tokens=2, random_access=True) > 0.95
+    whole = measure_model_read_share(info, threads=1)
+    assert whole is not None and routed - 0.05 < whole <= 1.0
