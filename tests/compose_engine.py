@@ -109,12 +109,16 @@ def apt_mirror() -> str:
 class Engine:
     """A dockerd of its own: data root, exec root, socket and pid file under ``root``.
 
+    ``data_root`` (images, build cache) may be elsewhere, kept between runs: ``HOMERING_COMPOSE_DATA_ROOT``
+    when developing the test (a rebuild then reuses the compiled llama.cpp); by default it is under ``root``.
+
     ``env`` is the environment for clients: ``DOCKER_HOST`` at this engine's socket, ``DOCKER_CONFIG`` with
     Compose v2 as a CLI plugin, and Debian's ``docker`` CLI (the engine's own version) first on ``PATH``.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, data_root: Path | None = None) -> None:
         self.root = root
+        self.data_root = data_root or root / "data"
         self.sock = root / "docker.sock"
         self.pidfile = root / "docker.pid"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -147,7 +151,7 @@ class Engine:
         self.proc = subprocess.Popen(
             [
                 _which("dockerd") or "dockerd",
-                f"--data-root={self.root / 'data'}",
+                f"--data-root={self.data_root}",
                 f"--exec-root={self.root / 'exec'}",
                 f"--pidfile={self.pidfile}",
                 f"--host=unix://{self.sock}",
@@ -199,8 +203,9 @@ class Engine:
         if containerd_pid.exists():
             with contextlib.suppress(ValueError, ProcessLookupError):
                 os.kill(int(containerd_pid.read_text().strip()), signal.SIGKILL)
-        for mount in reversed(mounts_under(self.root)):
-            subprocess.run(["umount", "-l", mount], check=False, stderr=subprocess.DEVNULL)
+        for folder in {self.root, self.data_root}:
+            for mount in reversed(mounts_under(folder)):
+                subprocess.run(["umount", "-l", mount], check=False, stderr=subprocess.DEVNULL)
         if self.created_bridge and Path("/sys/class/net/docker0").exists():
             subprocess.run(["ip", "link", "delete", "docker0"], check=False, env=self.env)
 

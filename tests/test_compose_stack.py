@@ -170,7 +170,8 @@ def engine():
     """A dockerd of the test's own with NAT for its subnet; afterwards no dockerd, mount or NAT table is left."""
     compose_engine.ensure_packages()
     root = Path(tempfile.mkdtemp(prefix="homering-compose-"))
-    eng = Engine(root)
+    kept = os.environ.get("HOMERING_COMPOSE_DATA_ROOT")  # developing the test: keep images and build cache
+    eng = Engine(root, Path(kept) if kept else None)
     try:
         with compose_engine.nat():
             try:
