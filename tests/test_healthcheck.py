@@ -30,7 +30,7 @@ def server(request):
     """A data port (the agent's LinkServer) whose links echo PING frames as PONGs; with and without a key."""
 
     def handler(conn: socket.socket) -> None:
-        while (frame := recv_frame(conn)) is not None:
+        while recv_frame(conn) is not None:
             send_frame(conn, Frame.pong())
 
     srv = LinkServer("127.0.0.1", 0, handler, key=request.param)
