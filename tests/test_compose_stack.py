@@ -94,12 +94,12 @@ class Stack:
             env=self.env,
             text=True,
             stdout=out,
-            stderr=subprocess.STDOUT if capture else None,
+            stderr=out,
             timeout=timeout,
             check=False,
         )
         self.timings[command] = time.monotonic() - t0
-        assert proc.returncode == 0, f"`{command}` failed ({proc.returncode}):\n{proc.stdout or ''}"
+        assert proc.returncode == 0, f"`{command}` failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         return proc
 
     def compose(self, *args: str, timeout: float = 300) -> str:
