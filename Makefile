@@ -180,8 +180,9 @@ secrets:
 	@sh docker/make-secrets.sh
 
 # The stack for real (tests/test_compose_stack.py, also part of `make test`): the README's Home server lines on
-# a dockerd of the test's own (docker.io and debootstrap from apt, Compose v2 from the test lock), about 10 min
-# with the Debian base cached in ~/.cache/homering/compose-test. Skipped where it cannot run (not root on Linux).
+# a dockerd of the test's own (docker.io and debootstrap from apt, Compose v2 from the test lock), about 7 min
+# (6 of them the image build) with the Debian base cached in ~/.cache/homering/compose-test, 2 more without.
+# Skipped where it cannot run (not root on Linux x86_64).
 compose-test: install mosquitto models
 	$(PY) -m pytest -q -s tests/test_compose_stack.py
 
