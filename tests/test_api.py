@@ -253,6 +253,28 @@ def test_unknown_model_gets_404(client):
     assert info.value.body["code"] == "model_not_found"
 
 
+def test_the_model_answers_to_its_aliases(api, client, model_id, smollm2):
+    """The registry's short name, the file name and the GGUF's general.name serve the same model (the same
+    greedy answer, the API id in the answer), are listed in /v1/models and the document's enum."""
+    from homering.models.gguf_file import read_gguf
+
+    general = read_gguf(smollm2).get("general.name")
+    aliases = {"smollm2", smollm2.name, general}
+    card = httpx.get(f"{api}/v1/models").json()["data"][0]
+    assert card["id"] == model_id and aliases <= set(card["aliases"]) and model_id not in card["aliases"]
+    enum = httpx.get(f"{api}/openapi.json").json()["components"]["schemas"]["ChatCompletionBody"]["properties"]
+    assert aliases | {model_id} <= set(enum["model"]["enum"])
+    want = chat(client, model_id, PROMPTS[3]).choices[0].message.content
+    for alias in sorted(aliases):
+        resp = chat(client, alias, PROMPTS[3])
+        assert resp.model == model_id and resp.choices[0].message.content == want, alias
+        assert client.models.retrieve(alias).id == model_id
+    for wrong in ("SMOLLM2", "smollm", f"{model_id}.bin"):
+        with pytest.raises(openai.NotFoundError) as info:
+            chat(client, wrong, PROMPTS[3])
+        assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
+
+
 def test_context_overflow_gets_413(api, model_id):
     err = _error(httpx.post(f"{api}/v1/completions", json={"model": model_id, "prompt": "word " * (2 * N_CTX)}), 413)
     assert err["code"] == "context_length_exceeded"

@@ -74,6 +74,7 @@ def test_every_command_is_registered_and_its_help_works():
         "testbed up",
         "testbed down",
         "testbed run",
+        "healthcheck",
     }
     for path in paths:
         for flag in ("--help", "-h"):
@@ -92,6 +93,7 @@ def test_every_command_is_registered_and_its_help_works():
         (["agent", "--model", "pyproject.toml", "--no-local-model"], "--model and --no-local-model exclude each other"),
         (["bench", "faults", "--kill-every", "0"], "'0' must be positive"),
         (["testbed", "run", "--spec", "nowhere.yaml", "--json"], "--json goes with --prompt"),
+        (["healthcheck", "--port", "0"], "'--port'"),
         (["nosuch"], "No such command 'nosuch'"),
     ],
 )

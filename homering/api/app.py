@@ -33,6 +33,7 @@ from pydantic.json_schema import models_json_schema
 
 from homering.api import anthropic, cluster, metrics, ollama, openai, webui, windows
 from homering.api.errors import ApiError, install_error_handlers, require_api_key
+from homering.api.names import model_aliases
 from homering.api.responses import STREAM_CHUNKS
 from homering.api.view import ClusterView
 from homering.errors import HomeringError
@@ -125,10 +126,10 @@ def create_app(view: ClusterView, *, default_max_tokens: int = 256, api_key: str
 def _limit_bodies(schemas: dict[str, Any], view: ClusterView) -> None:
     """Name the served model and bound ``max_tokens`` by the context and prompt token ids by the vocabulary."""
     n_ctx = getattr(view, "n_ctx", None)
-    served = [view.model_id, view.model_path.name]
+    served = list(model_aliases(view))
     for body in ("ChatCompletionBody", "CompletionBody"):
         props = schemas.get(body, {}).get("properties", {})
-        if "model" in props:  # any other name gets a 404 (model_not_found)
+        if "model" in props:  # the model's aliases; any other name gets a 404 (model_not_found)
             props["model"]["enum"] = served
         for field in ("max_tokens", "max_completion_tokens"):
             for variant in props.get(field, {}).get("anyOf", []):

@@ -22,6 +22,7 @@ from fastapi.params import Depends
 from fastapi.responses import StreamingResponse
 
 from homering.api.errors import ApiError
+from homering.api.names import model_aliases, resolve_model
 from homering.api.responses import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -47,13 +48,7 @@ def router(view: ClusterView, *, default_max_tokens: int, auth: Sequence[Depends
     routes = APIRouter(dependencies=list(auth))
 
     def check_model(name: str) -> None:
-        if name not in (view.model_id, view.model_path.name):
-            raise ApiError(
-                404,
-                f"the model '{name}' does not exist; this cluster serves '{view.model_id}'",
-                code="model_not_found",
-                param="model",
-            )
+        resolve_model(view, name)
 
     @routes.get("/v1/models", response_model=None, responses={200: {"model": ModelList}})
     async def models():
@@ -97,7 +92,13 @@ def router(view: ClusterView, *, default_max_tokens: int, auth: Sequence[Depends
 
 
 def _model_card(view: ClusterView) -> dict[str, Any]:
-    return {"id": view.model_id, "object": "model", "created": int(view.started), "owned_by": "homering"}
+    return {
+        "id": view.model_id,
+        "object": "model",
+        "created": int(view.started),
+        "owned_by": "homering",
+        "aliases": list(model_aliases(view)[1:]),
+    }
 
 
 def _usage(done: StreamEvent) -> dict[str, int]:

@@ -125,12 +125,14 @@ class CompletionChunk(BaseModel):
 
 
 class ModelCard(BaseModel):
-    """The served model (``GET /v1/models/{name}``)."""
+    """The served model (``GET /v1/models/{name}``); ``aliases``: its other names, which requests may use too
+    (:func:`homering.api.names.model_aliases`)."""
 
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    aliases: list[str] = []
 
 
 class ModelList(BaseModel):

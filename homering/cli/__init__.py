@@ -1,9 +1,9 @@
 """The ``homering`` command line: the ``cli`` group, its global options, and :func:`main` (the entry point).
 
 One module per command group: :mod:`.models`, :mod:`.agent`, :mod:`.controller` (and the hidden ``broker``),
-:mod:`.chat`, :mod:`.up`, :mod:`.profile`, :mod:`.plan`, :mod:`.bench` and :mod:`.testbed`; the options they
-share are in :mod:`.options`. Commands import their heavy modules when they run, so ``homering --help`` stays
-fast.
+:mod:`.chat`, :mod:`.up`, :mod:`.profile`, :mod:`.plan`, :mod:`.bench`, :mod:`.testbed` and :mod:`.healthcheck`;
+the options they share are in :mod:`.options`. Commands import their heavy modules when they run, so
+``homering --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from homering.cli import agent as _agent
 from homering.cli import bench as _bench
 from homering.cli import chat as _chat
 from homering.cli import controller as _controller
+from homering.cli import healthcheck as _healthcheck
 from homering.cli import models as _models
 from homering.cli import plan as _plan
 from homering.cli import profile as _profile
@@ -68,6 +69,7 @@ for _command in (
     _plan.plan_cmd,
     _bench.bench,
     _testbed.testbed,
+    _healthcheck.healthcheck,
 ):
     cli.add_command(_command)
 

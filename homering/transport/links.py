@@ -15,7 +15,14 @@ import threading
 import time
 
 from homering.wire.frames import FLAG_MORE, HEADER, Frame, FrameError, FrameHeader, FrameKind, decode_payload
-from homering.wire.handshake import HandshakeError, client_handshake, recv_exact, server_handshake
+from homering.wire.handshake import (
+    HandshakeError,
+    HealthProbed,
+    client_handshake,
+    health_probe,
+    recv_exact,
+    server_handshake,
+)
 from homering.wire.security import ClusterKey
 
 log = logging.getLogger("homering.links")
@@ -176,6 +183,23 @@ def measure_link(
         sock.close()
 
 
+def probe_health(host: str, port: int, timeout: float = 3.0) -> None:
+    """Check that the data port at ``host:port`` accepts links and answers (``homering healthcheck``): the
+    probe of :func:`homering.wire.handshake.health_probe`, which the server does not log.
+
+    Raises:
+        ConnectionError: nothing listens, or what listens does not answer as a homering data port within
+            ``timeout`` seconds.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            health_probe(sock, timeout)
+    except HandshakeError as exc:
+        raise ConnectionError(f"{host}:{port}: {exc}") from None
+    except OSError as exc:
+        raise ConnectionError(f"{host}:{port}: {exc.strerror or exc}") from None
+
+
 class LinkServer:
     """Accepts data-plane links; each link is served by ``handler(sock)`` in its own thread.
 
@@ -183,7 +207,8 @@ class LinkServer:
     (the receiving thread), and decode runs in that worker thread while the
     asyncio loop serves MQTT. Every link first passes :func:`server_handshake`
     with ``key`` in its own thread; a peer that fails is logged (one line)
-    and dropped, and the server keeps accepting.
+    and dropped, and the server keeps accepting. A health probe (:func:`probe_health`) is answered and
+    not logged.
     """
 
     def __init__(self, bind: str, port: int, handler, *, key: ClusterKey | None = None):
@@ -210,6 +235,9 @@ class LinkServer:
             try:
                 peer = conn.getpeername()
                 server_handshake(conn, self._key)
+            except HealthProbed:
+                log.debug("answered a health probe from %s", peer)
+                return
             except (HandshakeError, OSError) as exc:
                 log.warning("dropping data link from %s: handshake failed: %s", peer, exc)
                 return

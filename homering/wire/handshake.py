@@ -2,6 +2,11 @@
 
 HMAC-SHA256 challenge–response with fresh nonces from both sides, so a recorded
 handshake cannot be replayed. Without a key both ends only check that neither has one.
+
+A health check (``homering healthcheck``, the agent container's HEALTHCHECK) sends the 4 bytes
+:data:`HEALTH_MAGIC` where a link sends its reply: the server answers :data:`HEALTH_REPLY` and hangs up
+without a log line (a failed handshake is logged as a warning). The probe needs no key and learns nothing
+but that the data plane accepts and answers.
 """
 
 from __future__ import annotations
@@ -28,11 +33,20 @@ LINK_ACCEPT = struct.Struct("<4s32s")
 LINK_CLIENT_LABEL = b"homering-link-client"
 LINK_SERVER_LABEL = b"homering-link-server"
 LINK_HANDSHAKE_TIMEOUT_S = 5.0
+HEALTH_MAGIC = b"HRNH"
+"""Health probe, client → server, in place of the reply — 4 bytes."""
+HEALTH_REPLY = struct.Struct("<4sB")
+"""Health answer, server → client, after the hello: magic ``HRNH``, status (:data:`HEALTH_SERVING`) — 5 bytes."""
+HEALTH_SERVING = 0
 
 
 class HandshakeError(ConnectionError):
     """A data-plane link whose handshake failed (another cluster key, no key on one end, a timeout, or
     garbage); both ends hang up."""
+
+
+class HealthProbed(Exception):
+    """Raised by :func:`server_handshake` when the peer was a health probe, already answered: hang up quietly."""
 
 
 @overload
@@ -90,6 +104,7 @@ def server_handshake(sock: socket.socket, key: ClusterKey | None, timeout: float
 
     Raises:
         HandshakeError: wrong key, no key on one end, garbage, a timeout, or the peer hung up.
+        HealthProbed: the peer was a health probe (:func:`health_probe`), answered: hang up, log nothing.
     """
     previous = sock.gettimeout()
     sock.settimeout(timeout)
@@ -99,7 +114,15 @@ def server_handshake(sock: socket.socket, key: ClusterKey | None, timeout: float
             sock.sendall(LINK_HELLO.pack(LINK_MAGIC, LINK_VERSION, _mode(key), nonce_s))
         except OSError as exc:
             raise HandshakeError(f"cannot send the hello: {exc}") from None
-        magic, version, mode, nonce_c, mac_c = LINK_REPLY.unpack(_handshake_recv(sock, LINK_REPLY.size, "reply"))
+        head = _handshake_recv(sock, len(HEALTH_MAGIC), "reply")
+        if head == HEALTH_MAGIC:
+            try:
+                sock.sendall(HEALTH_REPLY.pack(HEALTH_MAGIC, HEALTH_SERVING))
+            except OSError:
+                pass  # the probe gave up: it counts the check as failed
+            raise HealthProbed
+        reply = head + _handshake_recv(sock, LINK_REPLY.size - len(head), "reply")
+        magic, version, mode, nonce_c, mac_c = LINK_REPLY.unpack(reply)
         if magic != LINK_MAGIC or version != LINK_VERSION:
             raise HandshakeError(f"not a homering link (magic {magic!r}, version {version})")
         _check_mode(mode, key)
@@ -144,5 +167,30 @@ def client_handshake(sock: socket.socket, key: ClusterKey | None, timeout: float
             raise HandshakeError(f"bad accept magic {magic!r}")
         if key is not None and not key.verify(mac_s, LINK_SERVER_LABEL, nonce_c, nonce_s):
             raise HandshakeError("the peer does not know the cluster key (bad MAC)")
+    finally:
+        sock.settimeout(previous)
+
+
+def health_probe(sock: socket.socket, timeout: float = LINK_HANDSHAKE_TIMEOUT_S) -> None:
+    """Ask a data port whether it serves (the connecting end of a health check): send :data:`HEALTH_MAGIC`,
+    read the server's hello and its :data:`HEALTH_REPLY`.
+
+    Raises:
+        HandshakeError: the port is not a homering data port, did not answer within ``timeout`` seconds per
+            step, hung up, or answered another status.
+    """
+    previous = sock.gettimeout()
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.sendall(HEALTH_MAGIC)
+        except OSError as exc:
+            raise HandshakeError(f"cannot send the health probe: {exc}") from None
+        magic, version, _, _ = LINK_HELLO.unpack(_handshake_recv(sock, LINK_HELLO.size, "hello"))
+        if magic != LINK_MAGIC or version != LINK_VERSION:
+            raise HandshakeError(f"not a homering data port (magic {magic!r}, version {version})")
+        magic, status = HEALTH_REPLY.unpack(_handshake_recv(sock, HEALTH_REPLY.size, "health answer"))
+        if magic != HEALTH_MAGIC or status != HEALTH_SERVING:
+            raise HandshakeError(f"the data port answered the health probe with {magic!r}, status {status}")
     finally:
         sock.settimeout(previous)
