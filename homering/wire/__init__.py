@@ -82,6 +82,7 @@ from homering.wire.base import NAME, SCHEMA_VERSION, BadSignature, MalformedMess
 from homering.wire.codec import Codec
 from homering.wire.frames import (
     FLAG_MORE,
+    FLAG_ROWS,
     HEADER,
     MAX_PAYLOAD,
     DType,
@@ -133,6 +134,7 @@ __all__ = [
     "SHA256",
     "WINDOWS_PATH",
     "FLAG_MORE",
+    "FLAG_ROWS",
     "HEADER",
     "MAX_PAYLOAD",
     "AgentProfile",
