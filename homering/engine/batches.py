@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 from typing import Any
 
 import numpy.typing as npt
+
+from homering.models.gguf_file import read_gguf
 
 # One run of one sequence's inputs for forward_many: (token ids or hidden states, first position, seq_id).
 Item = tuple[npt.NDArray[Any], int, int]
@@ -20,13 +23,33 @@ from 8 tokens on, llama.cpp's CPU kernels for Gemma-3 round differently), so a v
 the unsplit model's token for token."""
 
 
-def pack_batches(arrays: list[npt.NDArray[Any]], n_batch: int, rows: list[bool] | None = None) -> list[list[Piece]]:
+FLOAT_TYPES = frozenset({0, 1, 30})
+"""ggml types F32, F16, BF16: weight matrices of these types go through llamafile's tinyBLAS for batches of 2+
+tokens and through ggml's dot products for one token (ggml-cpu.c, sgemm.cpp), which round differently
+(measured on SmolLM2 dequantized to F16: 0.02 apart in the logits from 2 tokens on)."""
+
+
+def exact_batch(path: Path) -> int:
+    """The largest verification batch whose outputs are bitwise those of one-token decoding for this GGUF
+    file: :data:`EXACT_BATCH`, or 1 when a weight matrix is F32/F16/BF16 (:data:`FLOAT_TYPES`). The quantized
+    types measured (Q4_1, Q8_0, Q4_K, Q6_K) give the same floats for 1 … 7 tokens.
+
+    Raises:
+        ModelError: not a readable GGUF file.
+    """
+    floats = any(len(t.dims) >= 2 and t.ggml_type in FLOAT_TYPES for t in read_gguf(path).tensors)
+    return 1 if floats else EXACT_BATCH
+
+
+def pack_batches(
+    arrays: list[npt.NDArray[Any]], n_batch: int, rows: list[bool] | None = None, exact: int = EXACT_BATCH
+) -> list[list[Piece]]:
     """The items' tokens in order, cut into pieces (an item longer than ``n_batch`` is split) and packed
     into batches of at most ``n_batch`` tokens. Items flagged in ``rows`` (verifications) come after the
-    others, in batches of their own of at most :data:`EXACT_BATCH` tokens."""
+    others, in batches of their own of at most ``exact`` tokens (1: token by token)."""
     flagged = rows or [False] * len(arrays)
     batches: list[list[Piece]] = []
-    for want, cap in ((False, n_batch), (True, min(n_batch, EXACT_BATCH))):
+    for want, cap in ((False, n_batch), (True, min(n_batch, exact))):
         batches.append([])
         total = 0
         for i, arr in enumerate(arrays):
@@ -51,13 +74,13 @@ def fill_batch(
     row_floats: int,
     every_row: bool,
     rows: list[bool],
-) -> list[tuple[int, int, int]]:
+) -> list[tuple[int, int, int, int, bool]]:
     """Copy ``group``'s inputs, positions and sequences into the batch ``b``: token ids (``row_floats`` = 0)
     or hidden-state rows of ``row_floats`` floats. Every row is an output when ``every_row`` or the item's
-    ``rows``, else each finished item's last one. Returns (item, first batch row, n) of each finished
-    item's last piece."""
+    ``rows``, else each finished item's last one. Returns (item, offset in the item, first batch row, n,
+    whether the item ends here) of every piece."""
     row = 0
-    last_rows = []
+    placed = []
     for i, off, n in group:
         chunk = arrays[i][off : off + n]
         pos, seq_id = items[i][1] + off, items[i][2]
@@ -71,7 +94,6 @@ def fill_batch(
             b.n_seq_id[row + j] = 1
             b.seq_id[row + j][0] = seq_id
             b.logits[row + j] = every_row or rows[i] or (is_last and j == n - 1)
-        if is_last:
-            last_rows.append((i, row, n))
+        placed.append((i, off, row, n, is_last))
         row += n
-    return last_rows
+    return placed

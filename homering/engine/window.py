@@ -35,7 +35,7 @@ import numpy.typing as npt
 from homering.engine import streaming
 from homering.engine.backend import context_params, init_backend, model_params, token_piece
 from homering.engine.backend import plain_llama as plain_llama  # where the benchmarks and tests import it from
-from homering.engine.batches import EXACT_BATCH, Item, Piece, fill_batch, pack_batches
+from homering.engine.batches import EXACT_BATCH, Item, Piece, exact_batch, fill_batch, pack_batches
 from homering.engine.evalhook import EvalHook, new_hook, user_data
 from homering.engine.streaming import TailStream
 from homering.errors import HomeringError
@@ -121,6 +121,7 @@ class LayerWindow:
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         self.n_layer = llama_cpp.llama_model_n_layer(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.exact_batch = exact_batch(self.path)
         self._target = f"l_out-{self.n_layer - 1}".encode()
 
         cparams = context_params(n_ctx, n_batch, n_seq_max, n_threads)
@@ -200,7 +201,7 @@ class LayerWindow:
             if self._closed:
                 raise DecodeError("window is closed")
             done, start = 0, [0] * len(items)  # where each item's rows begin in ``hidden``
-            for group in pack_batches(arrays, self.n_batch, flagged):
+            for group in pack_batches(arrays, self.n_batch, flagged, self.exact_batch):
                 total = sum(n for _, _, n in group)
                 for k, (i, off, _) in enumerate(group):
                     if off == 0:
@@ -232,7 +233,7 @@ class LayerWindow:
         b = self._batch
         b.n_tokens = total
         arrays, rows = inputs
-        last_rows = fill_batch(
+        placed = fill_batch(
             b,
             group,
             arrays,
@@ -257,11 +258,15 @@ class LayerWindow:
                     f"the graph of {self.path.name} never produced {self._target.decode()} for {total} tokens"
                 )
         else:
-            for i, r, n in last_rows:
-                if rows[i]:
-                    got = [llama_cpp.llama_get_logits_ith(self._ctx, r + j) for j in range(n)]
-                    logits[i] = np.stack([np.ctypeslib.as_array(p, shape=(self.n_vocab,)) for p in got])
-                else:
+            for i, off, r, n, is_last in placed:
+                if rows[i]:  # every row, piece by piece, into the item's (n_tokens, n_vocab) logits
+                    buf = logits[i]
+                    if buf is None:
+                        buf = logits[i] = np.empty((arrays[i].shape[0], self.n_vocab), dtype=np.float32)
+                    for j in range(n):
+                        ptr = llama_cpp.llama_get_logits_ith(self._ctx, r + j)
+                        buf[off + j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+                elif is_last:
                     ptr = llama_cpp.llama_get_logits_ith(self._ctx, r + n - 1)
                     logits[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
