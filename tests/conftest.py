@@ -143,3 +143,19 @@ def qwen2_small_ref(qwen2_small) -> Reference:
     ref = Reference(qwen2_small)
     yield ref
     ref.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16(smollm2) -> Path:
+    """SmolLM2 dequantized to F16 (written once, cached): the target of a real draft/target pair whose draft
+    is the Q4_1 original."""
+    from homering.models.dequantize import dequantize_to_f16
+
+    return dequantize_to_f16(smollm2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16_ref(smollm2_f16) -> Reference:
+    ref = Reference(smollm2_f16)
+    yield ref
+    ref.close()

@@ -76,6 +76,7 @@ request                                                  answer
 
 from __future__ import annotations
 
+from homering.engine.drafting import GAMMA_MAX, Speculative
 from homering.engine.sampling import Sampling
 from homering.profiler.profile import DeviceProfile, GpuProfile, OsName
 from homering.wire.base import NAME, SCHEMA_VERSION, BadSignature, MalformedMessage, Message, MissingKey
@@ -169,6 +170,8 @@ __all__ = [
     "PlanAgent",
     "PredictedCost",
     "Sampling",
+    "Speculative",
+    "GAMMA_MAX",
     "StreamEvent",
     "StreamReplay",
     "TopicRef",
