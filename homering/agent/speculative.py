@@ -137,9 +137,9 @@ class SpeculativeSession(HeadSession):
                     self.gamma.record(*self._last, accepted=min(kept - 1, self._last[1]))
                 if ended:
                     break
-                stale = kept <= len(drafts)
+                hole = len(drafts) + 1 - kept  # rejected positions the KV caches still hold
                 pos += kept
-                rows, drafts = self._trip(pos - 1, stale, max_new - new)
+                rows, drafts = self._trip(pos - 1, hole, max_new - new)
         self.t_end = time.perf_counter()
 
     def _keep(self, sampler: SamplerChain, rows: np.ndarray, drafts: list[int], room: int) -> tuple[int, bool]:
@@ -156,16 +156,22 @@ class SpeculativeSession(HeadSession):
         self.accepted += kept - 1
         return kept, False
 
-    def _trip(self, pos: int, stale: bool, room: int) -> tuple[np.ndarray, list[int]]:
-        """Draft and send the last kept token (at ``pos``) + γ drafts; their logits ((γ + 1, n_vocab))."""
+    def _trip(self, pos: int, hole: int, room: int) -> tuple[np.ndarray, list[int]]:
+        """Draft and send the last kept token (at ``pos``) + γ drafts; their logits ((γ + 1, n_vocab)).
+
+        The ``hole`` rejected positions are dropped first, and the trip refills at least as many cells: the
+        draft is padded (with its last token) to ``hole - 1`` tokens. A hole left in llama.cpp's unified KV
+        cache would take another sequence's next tokens, placed before that sequence's latest cells, and
+        its logits then change (measured: up to 0.8 on SmolLM2), so answers would drift."""
         room = min(room - 1, self.ring.plan.n_ctx - pos - 1, self.ring.plan.n_batch - 1)
         gamma = self.gamma.choose(room)
         t0 = time.perf_counter()
         history = list(self.job.prompt_token_ids) + self.tokens
         drafts = self.drafter.draft(self.slot.seq_id, history, gamma)[:gamma] if gamma else []
+        drafts += [(drafts or self.tokens)[-1]] * (hole - 1 - len(drafts))
         t1 = time.perf_counter()
         tokens = np.asarray([self.tokens[-1], *drafts], dtype=np.int32)
-        rows = np.atleast_2d(self._verify(tokens, pos, stale))
+        rows = np.atleast_2d(self._verify(tokens, pos, hole > 0))
         t2 = time.perf_counter()
         self.drafted += len(drafts)
         self.trips += 1
