@@ -186,6 +186,13 @@ def test_gamma_follows_the_acceptance_rate():
     assert fixed.choose(10) == 4
 
 
+def test_the_command_lines_gamma_range_is_the_engines():
+    from homering.cli import drafting as cli_drafting
+    from homering.engine import drafting
+
+    assert cli_drafting.GAMMA_MAX == drafting.GAMMA_MAX == EXACT_BATCH - 1
+
+
 def test_request_settings_take_the_cluster_default():
     default = Speculative(draft="model", n_max=4, model_path="/m/draft.gguf")
     assert with_default(None, default) == default

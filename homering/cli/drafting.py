@@ -9,11 +9,15 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from homering.engine.drafting import GAMMA_MAX, Speculative
+if TYPE_CHECKING:
+    from homering.engine.drafting import Speculative
 
+GAMMA_MAX = 6
+""":data:`homering.engine.drafting.GAMMA_MAX`, here without importing llama.cpp (a test checks they agree)."""
 KV_BYTES_PER_VALUE = 2
 """F16 KV cache entries."""
 
@@ -59,6 +63,8 @@ class DraftSettings:
         """The settings requests get by default (None: no ``--draft``)."""
         if self.kind is None:
             return None
+        from homering.engine.drafting import Speculative
+
         return Speculative(
             draft=self.kind,  # type: ignore[arg-type]
             n_max=self.n_max,
