@@ -115,7 +115,7 @@ class SpeculativeSession(HeadSession):
             end = super().run()
         finally:
             self.drafter.forget(self.slot.seq_id)
-        end.drafted, end.accepted = self.drafted, self.accepted
+        end.drafted, end.accepted, end.trips = self.drafted, self.accepted, self.trips
         return end
 
     def _generate(self, sampler: SamplerChain) -> None:

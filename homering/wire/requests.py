@@ -109,6 +109,7 @@ class StreamEvent(Message):
     ms_per_token: float | None = None
     drafted: int | None = Field(default=None, description="draft tokens the head sent to be verified")
     accepted: int | None = Field(default=None, description="of which the target kept (speculative decoding)")
+    trips: int | None = Field(default=None, description="verification trips around the ring (mean γ = drafted / trips)")
     # error only
     error: str | None = None
 
