@@ -169,21 +169,29 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def test_gamma_follows_the_acceptance_rate():
+def test_gamma_follows_the_measured_cost_per_kept_token():
     s = Speculative(draft="ngram", n_max=6)
-    good = GammaChooser(s, 20.0)
-    for _ in range(20):
-        good.record(6, 6, 20.0, 0.1, accepted=6)
-    assert good.choose(10) == 6 and good.choose(3) == 3
-    bad = GammaChooser(s, 20.0)
-    for _ in range(20):
-        bad.record(1, 1, 20.0, 2.0, accepted=0)
-    picks = [bad.choose(10) for _ in range(100)]
-    assert set(picks) == {0, 1}  # plain trips, a one-token probe now and then
-    loss = picks.count(1) * (bad.token_ms + bad.draft_ms) / (len(picks) * bad.trip_ms)
-    assert loss <= 0.05  # the time probes add to plain decoding
-    fixed = GammaChooser(Speculative(draft="ngram", n_max=4, adaptive=False), 0.0)
-    assert fixed.choose(10) == 4
+    good = GammaChooser(20.0)
+    for _ in range(40):
+        g = good.choose(10, s)
+        good.record(g, g, 20.0 + g, 0.1 * g, accepted=g)  # every draft kept, a draft token costs 1 ms
+    assert good.choose(10, s) == 6 and good.choose(3, s) == 3
+    bad = GammaChooser(20.0)
+    picks = []
+    for _ in range(200):
+        g = bad.choose(10, s)
+        picks.append(g)
+        bad.record(g, g, 20.0 + g, 2.0 * g, accepted=0)  # never kept
+    late = picks[100:]
+    assert late.count(0) >= 85 and set(late) <= {0, 1}  # plain trips, a one-token probe now and then
+    loss = sum(g * 3.0 for g in late) / (len(late) * 20.0)  # the time the probes add to plain trips
+    assert loss <= 0.05
+    costly = GammaChooser(20.0)  # drafts always kept but each costs a whole trip: plain wins
+    for _ in range(100):
+        g = costly.choose(10, s)
+        costly.record(g, g, 20.0 + 20.0 * g, 1.0 * g, accepted=g)
+    assert min(range(7), key=costly.predicted) == 0
+    assert GammaChooser(0.0).choose(10, Speculative(draft="ngram", n_max=4, adaptive=False)) == 4
 
 
 def test_the_command_lines_gamma_range_is_the_engines():

@@ -34,79 +34,97 @@ log = logging.getLogger("homering.agent")
 
 VERIFY_SHARE = 0.03
 """Prior cost of one more token in a trip's batch, as a share of the trip (the ring's hops dominate)."""
-PROBE_COST = 0.02
-"""With γ = 0 chosen, a one-token draft is tried now and then, at most this share of the time."""
-DECAY = 0.9
-"""Weight of the past in the acceptance and cost averages, per trip."""
+EXPLORE_EVERY = 8
+"""Every this many trips, γ next to the best one is tried (its measured cost may have changed)."""
+DECAY = 0.8
+"""Weight of the past in the measured averages, per observation."""
 
 
 class GammaChooser:
-    """Chooses γ per trip: the draft length that maximises expected kept tokens per millisecond,
+    """Chooses γ per trip: the draft length with the fewest milliseconds per kept token.
 
-        E(γ) / (T + γ (c_v + c_d)),   E(γ) = (1 - α^(γ+1)) / (1 - α)
+    Each γ's cost is measured (trip and draft time over the tokens the trip kept, a moving average); a γ
+    not measured yet is predicted from the latency model of Leviathan et al. 2023, §3.4,
 
-    (Leviathan et al. 2023, §3.4), with α the measured per-token acceptance rate, T the trip's time (the
-    plan's predicted time per token until trips are measured), c_v a verified token's extra time and c_d a
-    draft token's time (both measured). When γ = 0 wins, a one-token probe runs once in a while, so the
-    loss against plain decoding stays within :data:`PROBE_COST` plus a probe's share.
+        (T + γ (c_v + c_d)) / E(γ),   E(γ) = (1 - α^(γ+1)) / (1 - α),
+
+    with α the measured per-token acceptance rate, T a plain trip's time (the plan's predicted time per token
+    until trips are measured), c_v a verified token's extra time (a prior share of T) and c_d a draft
+    token's measured time. Every :data:`EXPLORE_EVERY` trips a neighbour of the best γ is tried, so a γ
+    that got cheaper is found again; with drafts that are never kept γ settles at 0 (plain trips) and the
+    loss is the occasional one-token probe. One chooser serves every request of a drafter on the head, so
+    what one request measured helps the next.
 
     Args:
-        s: the request's settings (``n_min`` … ``n_max``, ``adaptive``).
         trip_ms: the plan's predicted time of one trip (ms), or 0 when unknown.
     """
 
-    def __init__(self, s: Speculative, trip_ms: float) -> None:
-        self.s = s
+    def __init__(self, trip_ms: float) -> None:
         self.acc, self.rej = 2.0, 1.0  # decayed counts of accepted and rejected draft tokens (prior α ≈ 0.6)
         self.trip_ms = trip_ms or 0.0
-        self.token_ms = VERIFY_SHARE * self.trip_ms
         self.draft_ms = 0.0
-        self._since_probe = 0
+        self.cost: dict[int, float] = {}  # γ → measured ms per kept token
+        self._trips = 0
+        self._up = True
 
     @property
     def alpha(self) -> float:
         return self.acc / (self.acc + self.rej)
 
-    def choose(self, room: int) -> int:
-        """γ for the next trip, at most ``room`` (what is left of max_tokens and the context)."""
-        top = min(self.s.n_max, room)
+    def predicted(self, g: int) -> float:
+        """Milliseconds per kept token with γ = ``g``, measured or predicted."""
+        if g in self.cost:
+            return self.cost[g]
+        a, t = min(self.alpha, 0.999), max(self.trip_ms, 1e-3)
+        return (t + g * (VERIFY_SHARE * t + self.draft_ms)) * (1 - a) / (1 - a ** (g + 1))
+
+    def choose(self, room: int, s: Speculative) -> int:
+        """γ for the next trip of a request with settings ``s``, at most ``room`` (what is left of
+        max_tokens and the context)."""
+        top = min(s.n_max, room)
         if top <= 0:
             return 0
-        if not self.s.adaptive:
+        low = min(s.n_min, top)
+        if not s.adaptive:
             return top
-        a, t = min(self.alpha, 0.999), max(self.trip_ms, 1e-3)
-        cost = self.token_ms + self.draft_ms
-        best = max(range(min(self.s.n_min, top), top + 1), key=lambda g: (1 - a ** (g + 1)) / (1 - a) / (t + g * cost))
-        if best > 0:
-            self._since_probe = 0
-            return best
-        self._since_probe += 1
-        if self._since_probe * PROBE_COST * t >= cost:  # a probe costs at most PROBE_COST of the time
-            self._since_probe = 0
-            return 1
-        return 0
+        best = min(range(low, top + 1), key=self.predicted)
+        self._trips += 1
+        if self._trips % EXPLORE_EVERY == 0:
+            self._up = not self._up
+            step = 1 if (self._up or best == low) and best < top else -1
+            return max(low, min(top, best + step))
+        return best
 
     def record(self, gamma: int, drafted: int, trip_ms: float, draft_ms: float, *, accepted: int) -> None:
-        """A trip of ``drafted`` draft tokens (asked ``gamma``) kept ``accepted`` of them in ``trip_ms``."""
+        """A trip asked for ``gamma`` drafts, verified ``drafted`` (padding included) and kept ``accepted`` of
+        them; it took ``trip_ms`` around the ring after ``draft_ms`` of drafting."""
         if drafted:
             self.acc = DECAY * self.acc + accepted
             self.rej = DECAY * self.rej + (1 if accepted < drafted else 0)
             self.draft_ms = DECAY * self.draft_ms + (1 - DECAY) * draft_ms / drafted
-        base = trip_ms - drafted * self.token_ms
-        self.trip_ms = base if not self.trip_ms else DECAY * self.trip_ms + (1 - DECAY) * base
-        if drafted and self.trip_ms:
-            extra = max(0.0, (trip_ms - self.trip_ms) / drafted)
-            self.token_ms = DECAY * self.token_ms + (1 - DECAY) * min(extra, self.trip_ms)
+        else:
+            self.trip_ms = trip_ms if not self.trip_ms else DECAY * self.trip_ms + (1 - DECAY) * trip_ms
+        per_token = (trip_ms + draft_ms) / (accepted + 1)
+        old = self.cost.get(gamma)
+        self.cost[gamma] = per_token if old is None else DECAY * old + (1 - DECAY) * per_token
 
 
 class SpeculativeSession(HeadSession):
     """A request's loop with speculative decoding (see the module's text); greedy and seeded answers are the
     same tokens as :class:`HeadSession`'s. ``drafted``/``accepted`` count its draft tokens."""
 
-    def __init__(self, ring: Ring, slot: Slot, job: GenerateJob, emit: Emit, drafter: Drafter, s: Speculative):
+    def __init__(
+        self,
+        ring: Ring,
+        slot: Slot,
+        job: GenerateJob,
+        emit: Emit,
+        drafter: Drafter,
+        s: Speculative,
+        gamma: GammaChooser,
+    ):
         super().__init__(ring, slot, job, emit)
-        self.drafter, self.s = drafter, s
-        self.gamma = GammaChooser(s, ring.plan.predicted_ms_per_token or 0.0)
+        self.drafter, self.s, self.gamma = drafter, s, gamma
         self.drafted = self.accepted = self.trips = 0
         self._last: tuple[int, int, float, float] | None = None  # the last trip: γ, drafted, trip ms, draft ms
 
@@ -164,7 +182,7 @@ class SpeculativeSession(HeadSession):
         cache would take another sequence's next tokens, placed before that sequence's latest cells, and
         its logits then change (measured: up to 0.8 on SmolLM2), so answers would drift."""
         room = min(room - 1, self.ring.plan.n_ctx - pos - 1, self.ring.plan.n_batch - 1)
-        gamma = self.gamma.choose(room)
+        gamma = self.gamma.choose(room, self.s)
         t0 = time.perf_counter()
         history = list(self.job.prompt_token_ids) + self.tokens
         drafts = self.drafter.draft(self.slot.seq_id, history, gamma)[:gamma] if gamma else []
@@ -209,6 +227,7 @@ class Drafters:
         self.default, self.model, self.threads = default, model, threads
         self._loaded: tuple[tuple[str, int, int], ModelDrafter] | None = None
         self._lock = threading.Lock()  # sessions start on several worker threads
+        self._choosers: dict[tuple[str, str], GammaChooser] = {}  # (plan, draft kind) → its γ chooser
 
     def settings(self, job: GenerateJob) -> Speculative | None:
         """The job's settings, completed by the agent's default; None: no speculation."""
@@ -249,7 +268,13 @@ class Drafters:
         drafter = self.drafter(ring, s) if s is not None else None
         if s is None or drafter is None:
             return HeadSession(ring, slot, job, emit)
-        return SpeculativeSession(ring, slot, job, emit, drafter, s)
+        with self._lock:
+            key = (ring.plan.plan_id, drafter.kind)
+            if key not in self._choosers:
+                self._choosers = {k: v for k, v in self._choosers.items() if k[0] == key[0]}  # older plans' go
+                self._choosers[key] = GammaChooser(ring.plan.predicted_ms_per_token or 0.0)
+            chooser = self._choosers[key]
+        return SpeculativeSession(ring, slot, job, emit, drafter, s, chooser)
 
     def close(self) -> None:
         if self._loaded is not None:

@@ -1,7 +1,9 @@
 """``homering bench speculative``: speculative decoding on an emulated home cluster (Wi-Fi on every link).
 
 In one invocation, on one testbed (:mod:`homering.testbed`), three runs, each one cluster whose controller
-has a ``--draft``; every prompt is answered twice on it, plain (the request's ``speculative.draft`` off) and
+has a ``--draft`` and whose plan spreads the layers over every device (``--planner proportional``: these
+small models would fit on one device, where Halda keeps them, and the ring's hops are what speculative
+decoding saves); every prompt is answered twice on it, plain (the request's ``speculative.draft`` off) and
 speculative, so each ratio compares the same prompts on the same plan:
 
 - ``ngram``: SmolLM2 with ``--draft ngram`` on edit, summary and JSON prompts;
@@ -122,7 +124,7 @@ def run_speculative_bench(
         for key, (model, draft, prompts) in runs.items():
             console.print(f"[bold]{key}[/]: {model.name} with --draft {Path(draft).name}")
             bench = SpeculativeBench(tb, model, draft=draft, prompts=prompts, tokens=tokens, console=console)
-            cfg = RunConfig(key, key, planner="halda")
+            cfg = RunConfig(key, key, planner="proportional")  # a ring over every device, as for a big model
             results["runs"][key] = {"model": model.name, "draft": Path(draft).name, **bench.run_cluster(cfg)}
             r = results["runs"][key]
             console.print(
