@@ -28,7 +28,7 @@ from homering.engine.drafting import Drafter, ModelDrafter, NgramDrafter, Specul
 from homering.engine.sampling import SamplerChain
 from homering.errors import HomeringError
 from homering.models.vocab import vocabulary_mismatch
-from homering.wire import Frame, GenerateJob
+from homering.wire import Frame, GenerateJob, StreamEvent
 
 log = logging.getLogger("homering.agent")
 
@@ -36,6 +36,9 @@ VERIFY_SHARE = 0.03
 """Prior cost of one more token in a trip's batch, as a share of the trip (the ring's hops dominate)."""
 EXPLORE_EVERY = 8
 """Every this many trips, γ next to the best one is tried (its measured cost may have changed)."""
+PLAIN_EXPLORE = 4
+"""... and only every PLAIN_EXPLORE times as many when plain trips (γ = 0) are best: drafts that are not kept
+cost their draft and verification time, which must stay a few percent of plain decoding."""
 DECAY = 0.8
 """Weight of the past in the measured averages, per observation."""
 
@@ -89,7 +92,7 @@ class GammaChooser:
             return top
         best = min(range(low, top + 1), key=self.predicted)
         self._trips += 1
-        if self._trips % EXPLORE_EVERY == 0:
+        if self._trips % (EXPLORE_EVERY * (PLAIN_EXPLORE if best == 0 else 1)) == 0:
             self._up = not self._up
             step = 1 if (self._up or best == low) and best < top else -1
             return max(low, min(top, best + step))
@@ -128,7 +131,7 @@ class SpeculativeSession(HeadSession):
         self.drafted = self.accepted = self.trips = 0
         self._last: tuple[int, int, float, float] | None = None  # the last trip: γ, drafted, trip ms, draft ms
 
-    def run(self):  # type: ignore[no-untyped-def]
+    def run(self) -> StreamEvent:
         try:
             end = super().run()
         finally:
