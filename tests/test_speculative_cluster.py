@@ -82,6 +82,35 @@ def test_speculative_answers_are_the_unsplit_targets(target, rounds, draft, mosq
     assert 0 < accepted < drafted, (drafted, accepted)
 
 
+def test_an_agents_own_draft_model(smollm2_f16, smollm2_f16_ref, smollm2, mosquitto, tmp_path):
+    """`homering agent --draft MODEL`: the head drafts with its own draft model when the controller names
+    none; the answer is the target's."""
+    with (
+        open(tmp_path / "cluster.log", "w") as log_file,
+        LocalCluster(
+            smollm2_f16,
+            n_agents=2,
+            broker=mosquitto,
+            threads=1,
+            n_ctx=256,
+            planner="proportional",
+            log_file=log_file,
+            agent_args=("--draft", str(smollm2), "--draft-max", "4"),
+        ) as cluster,
+    ):
+        from homering.client.client import ClusterClient
+
+        async def go():
+            async with ClusterClient(cluster.broker) as client:
+                await client.wait_ready()
+                return await ask(client, chat_request(PROMPTS[0], GREEDY))
+
+        answer = run(go())
+    smollm2_f16_ref.check_answer(answer.prompt_token_ids, answer.token_ids, answer.finish_reason, MAX_NEW)
+    assert answer.drafted and 0 < answer.accepted <= answer.drafted
+    assert answer.drafted <= 4 * answer.trips  # --draft-max 4
+
+
 @pytest.fixture(scope="module")
 def up_ngram(smollm2, mosquitto, tmp_path_factory):
     """`homering up --agents 3 --draft ngram` with the API, a ring of 3."""
@@ -112,13 +141,17 @@ def _complete(base: str, **extra) -> dict:
 
 
 def test_stop_strings_max_tokens_and_the_api_field(up_ngram):
-    """Per request: drafting off gives the same text; a stop string ends the answer at the same place (never
-    past it); llama-server's flat keys work; bad values are the API's 400 naming the field; /metrics counts."""
+    """Per request: drafting off gives the same text (greedy, and seeded at temperature 0.8); a stop string
+    ends the answer at the same place (never past it); llama-server's flat keys work; bad values are the API's
+    400 naming the field; /metrics counts."""
     base = up_ngram
     _wait_plan(base, 3)
     plain = _complete(base, speculative={"draft": "off"})["choices"][0]["text"]
     assert _complete(base)["choices"][0]["text"] == plain
     assert _complete(base, **{"speculative.n_max": 2})["choices"][0]["text"] == plain
+    seeded = {"temperature": 0.8, "seed": 7, "max_tokens": 48, "ignore_eos": True}
+    hot = _complete(base, speculative={"draft": "off"}, **seeded)["choices"][0]["text"]
+    assert _complete(base, **seeded)["choices"][0]["text"] == hot  # seeded: the same tokens with a draft
     stop = plain.split()[6]
     cut = _complete(base, stop=[stop])["choices"][0]
     assert cut["text"] == plain[: plain.index(stop)] and cut["finish_reason"] == "stop"
