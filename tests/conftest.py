@@ -206,3 +206,19 @@ def phi3_small_ref(phi3_small) -> Reference:
 @pytest.fixture(scope="session")
 def gemma2_small_ref(gemma2_small) -> Reference:
     yield from _ref(gemma2_small)
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16(smollm2) -> Path:
+    """SmolLM2 dequantized to F16 (written once, cached): the target of a real draft/target pair whose draft
+    is the Q4_1 original."""
+    from homering.models.dequantize import dequantize_to_f16
+
+    return dequantize_to_f16(smollm2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16_ref(smollm2_f16) -> Reference:
+    ref = Reference(smollm2_f16)
+    yield ref
+    ref.close()

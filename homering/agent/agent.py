@@ -35,6 +35,7 @@ from homering.agent.loading import ModelSource, PlanLoader
 from homering.agent.profiling import Profiler, probe_link
 from homering.agent.ring import Ring
 from homering.agent.slots import Interrupted
+from homering.agent.speculative import Drafters
 from homering.agent.telemetry import HISTORY_REQUESTS, STATS_INTERVAL_S, Heartbeat, StreamHistory
 from homering.errors import HomeringError
 from homering.integrations.homeassistant import agent_configs, clear_discovery, publish_discovery
@@ -106,6 +107,7 @@ class Agent:
         api_key: the controller's API key, for downloading windows (None: none sent).
         controller_url: the controller's API base URL for downloads [default: the one it announces, see
             :func:`~homering.transport.windows.reachable_url`].
+        drafters: speculative decoding on the head (``--draft``; :mod:`homering.agent.speculative`).
 
     Its parts are public for tests and tools: :attr:`bus` (the MQTT connection and its routes),
     :attr:`tasks` (background tasks), :attr:`loader` (the loaded plan, ``loader.ring``), :attr:`profiler`.
@@ -128,6 +130,7 @@ class Agent:
         local_model: bool = True,
         api_key: str | None = None,
         controller_url: str | None = None,
+        drafters: Drafters | None = None,
     ):
         self.broker, self.name, self.threads, self.key = broker, name, threads, key
         self.data_port, self.host, self.bind = data_port, host, bind
@@ -164,7 +167,8 @@ class Agent:
             profiled=self._publish_profile,
         )
         self.history = StreamHistory(self._publish, self.tasks)
-        self.generator = Generator(name, self._ring, self.history, self.tasks)
+        self.drafters = drafters or Drafters()
+        self.generator = Generator(name, self._ring, self.history, self.tasks, session=self.drafters.session)
         self.forwarder = Forwarder(name, self._ring)
         self.heartbeat = Heartbeat(name, self._ring, self._publish, stats_interval)
         self._routes()
@@ -243,6 +247,7 @@ class Agent:
             ring = self.loader.ring
             if ring is not None:
                 ring.shutdown(timeout=5.0)
+            self.drafters.close()
 
     async def _announce(self, reconnected: bool) -> None:
         """Publish this agent's retained profile and status (again, after a reconnect)."""

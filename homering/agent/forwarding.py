@@ -112,8 +112,10 @@ class Forwarder:
         r = run[0].header.round
         last_round = len(ring.windows) - 1
         items = [(f.payload, f.header.pos, f.header.seq_id) for f in run]
+        rows = [f.header.rows for f in run]  # speculative verifications: every token's logits
         try:
-            results = ring.meter.timed(r, sum(f.header.n_tokens for f in run), ring.windows[r].forward_many, items)
+            n_tokens = sum(f.header.n_tokens for f in run)
+            results = ring.meter.timed(r, n_tokens, ring.windows[r].forward_many, items, rows)
         except (DecodeError, ValueError) as exc:
             return [Frame.error(f.header.request_id, f.header.seq_id, f"{self.name}: {exc}") for f in run]
         outs = []
@@ -125,7 +127,7 @@ class Forwarder:
                 outs.append(Frame.error(h.request_id, h.seq_id, f"{self.name}: window {r} gives no hidden state"))
             else:
                 nxt = r + 1 if ring.is_head else r
-                outs.append(Frame.forward(h.request_id, h.seq_id, h.pos, result.hidden, nxt))
+                outs.append(Frame.forward(h.request_id, h.seq_id, h.pos, result.hidden, nxt, rows=h.rows))
         return outs
 
     def _other(self, ring: Ring, frame: Frame) -> Frame:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 from fastapi.params import Depends
 from fastapi.responses import PlainTextResponse, Response
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from homering.wire import EventType
@@ -63,6 +63,7 @@ class Metrics:
         )
         self.registry.register(_ClusterCollector(view))
         self.tokens_total = 0
+        self._speculative_metrics()
 
     def finished(self, event: StreamEvent, seconds: float) -> None:
         """Count a request whose last event (``done`` or ``error``) arrived ``seconds`` after admission."""
@@ -79,6 +80,25 @@ class Metrics:
             self.ttft.observe(event.ttft_ms / 1000)
         if event.ms_per_token is not None and n > 1:
             self.tpot.observe(event.ms_per_token / 1000)
+        if event.drafted:
+            self.drafted.inc(event.drafted)
+            self.accepted.inc(event.accepted or 0)
+            self.drafted_total += event.drafted
+            self.accepted_total += event.accepted or 0
+            self.acceptance.set(self.accepted_total / self.drafted_total)
+
+    def _speculative_metrics(self) -> None:
+        """Speculative decoding's counters: draft tokens sent to be verified, kept, and their ratio."""
+        self.drafted = Counter(
+            "homering_draft_tokens", "Draft tokens verified by the ring (speculative decoding)", registry=self.registry
+        )
+        self.accepted = Counter(
+            "homering_draft_tokens_accepted", "Draft tokens the target model kept", registry=self.registry
+        )
+        self.acceptance = Gauge(
+            "homering_draft_acceptance_rate", "Accepted / drafted tokens since the start", registry=self.registry
+        )
+        self.drafted_total = self.accepted_total = 0
 
     def count(self, outcome: str) -> None:
         """Count a request that ended without an answer: ``queue_full``, ``cancelled``."""

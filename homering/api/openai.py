@@ -75,6 +75,7 @@ def router(view: ClusterView, *, default_max_tokens: int, auth: Sequence[Depends
             request_id=f"chatcmpl-{uuid.uuid4().hex[:20]}",
             messages=messages,
             sampling=body.sampling(default_max_tokens, view.n_ctx),
+            speculative=body.speculative.settings() if body.speculative else None,
         )
         return await _answer(view, req, body, request, chat=True)
 
@@ -84,6 +85,7 @@ def router(view: ClusterView, *, default_max_tokens: int, auth: Sequence[Depends
         req = GenerateRequest(
             request_id=f"cmpl-{uuid.uuid4().hex[:24]}",
             sampling=body.sampling(default_max_tokens, view.n_ctx),
+            speculative=body.speculative.settings() if body.speculative else None,
             **body.prompt_fields(),
         )
         return await _answer(view, req, body, request, chat=False)

@@ -16,6 +16,7 @@ from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
 from homering.api.errors import ApiError
+from homering.api.speculative import SpeculativeBody, fold_flat_keys
 from homering.wire import Sampling
 
 MAX_TOKENS_LIMIT = 1 << 20
@@ -103,6 +104,12 @@ class GenerationBody(_Strict):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False  # llama.cpp server's extension: generate max_tokens past end-of-generation
+    speculative: SpeculativeBody | None = None  # llama-server's speculative.* (homering.api.speculative)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _speculative_keys(cls, data: Any) -> Any:
+        return fold_flat_keys(data)
 
     @field_validator("stop")
     @classmethod

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from homering.cli.drafting import draft_options
 from homering.cli.options import KEY_OPTION, broker_options, cluster_key
 from homering.cli.running import run
 
@@ -78,6 +79,7 @@ from homering.cli.running import run
     help="The controller's API base URL for downloads, e.g. http://homeserver:8000/v1 [default: the "
     "URL it announces; a loopback one is taken to be on the broker's host].",
 )
+@draft_options
 def agent(
     broker,
     name,
@@ -91,6 +93,7 @@ def agent(
     no_local_model,
     api_key_file,
     controller_url,
+    draft,
 ) -> None:
     """Join the cluster as one device: load the planned layer windows, serve the ring.
 
@@ -98,11 +101,13 @@ def agent(
     controller (its --api-port), checked against the plan's SHA-256 and cached by hash.
     """
     from homering.agent.agent import Agent, default_name
+    from homering.agent.speculative import Drafters
     from homering.engine.pages import limit_malloc_arenas
     from homering.secrets import api_key
 
     if model_file is not None and no_local_model:
         raise click.UsageError("--model and --no-local-model exclude each other")
+    draft_model = draft.check(None, n_ctx=0, n_parallel=1)  # the plan's model and context come later
     limit_malloc_arenas()  # before any thread: fewer arenas, less anonymous memory held
     run(
         Agent(
@@ -118,6 +123,7 @@ def agent(
             local_model=not no_local_model,
             api_key=api_key(api_key_file),
             controller_url=controller_url,
+            drafters=Drafters(draft.speculative(draft_model), draft_model, threads or os.cpu_count() or 1),
         ).run()
     )
 

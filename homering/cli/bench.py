@@ -312,3 +312,29 @@ def bench_cluster(spec_path, model, tokens, prompt_tokens, batch, runs, peers, o
     )
     if as_json:
         click.echo(json.dumps(results, indent=2))
+
+
+@bench.command("speculative")
+@click.option(
+    "--spec",
+    "spec_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The testbed's cluster spec (e.g. examples/clusters/home4.yaml).",
+)
+@click.option("--tokens", type=click.IntRange(8, 512), default=48, show_default=True, help="Greedy tokens per prompt.")
+@click.option(
+    "--out-dir", type=click.Path(file_okay=False), default="bench/results", show_default=True, help="Where to write."
+)
+def bench_speculative(spec_path, tokens, out_dir) -> None:
+    """Speculative decoding on an emulated home cluster (needs root on Linux): n-gram drafts on edit/summary/JSON
+    prompts, the F16/Q4_1 SmolLM2 pair, and a pair that never agrees; tokens/s against plain decoding of the same
+    prompts on the same plan, acceptance rate, mean γ. Writes bench/results/speculative-*.json and a PNG.
+
+    Example: `homering bench speculative --spec examples/clusters/home4.yaml`.
+    """
+    from pathlib import Path
+
+    from homering.bench.speculative import run_speculative_bench
+
+    run_speculative_bench(Path(spec_path), tokens=tokens, out_dir=Path(out_dir))

@@ -7,6 +7,7 @@ import os
 
 import click
 
+from homering.cli.drafting import draft_options
 from homering.cli.options import (
     HA_OPTION,
     KEY_OPTION,
@@ -69,6 +70,7 @@ def yield_cpu_to_the_ring() -> None:
 @api_key_option
 @HA_OPTION
 @KEY_OPTION
+@draft_options
 def controller(
     broker,
     model,
@@ -81,6 +83,7 @@ def controller(
     api_key_file,
     ha_discovery,
     key_file,
+    draft,
 ) -> None:
     """Coordinate the cluster: wait for agents, plan, and serve generation requests.
 
@@ -96,6 +99,7 @@ def controller(
         raise click.UsageError("--api-key-file goes with --api-port")
     key = api_key(api_key_file) if api_port else None
     path = resolve_model(model)
+    draft_model = draft.check(path, n_ctx=ctx, n_parallel=serving.parallel, memory=False)
     yield_cpu_to_the_ring()
     run(
         Controller(
@@ -113,6 +117,7 @@ def controller(
             api_key=key,
             ha_discovery=ha_discovery,
             key=cluster_key(key_file),
+            speculative=draft.speculative(draft_model),
         ).run()
     )
 

@@ -141,3 +141,18 @@ def models_synth(shape, quant, out, layers, seed, force) -> None:
     synthesize(shape, quant, path, seed=seed, n_layers=layers, progress=sys.stderr.isatty())
     size = path.stat().st_size
     click.echo(f"{path}  {size / 1e9:.2f} GB ({size} bytes, {time.perf_counter() - t0:.1f} s)")
+
+
+@models.command("f16")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Write it again even if the file is there.")
+def models_f16(name: str, force: bool) -> None:
+    """Write (once) an F16 copy of a quantized model, dequantized with the gguf package, and print its path.
+
+    A bigger target with the same vocabulary as the original: `homering up --model "$(homering models f16
+    smollm2)" --draft smollm2` is a real draft/target pair for speculative decoding.
+    """
+    from homering.models.dequantize import dequantize_to_f16
+    from homering.models.registry import resolve_model
+
+    click.echo(str(dequantize_to_f16(resolve_model(name, quiet=True), force=force)))

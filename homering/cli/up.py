@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import click
 
+from homering.cli.drafting import DraftSettings, draft_options
 from homering.cli.options import (
     HA_OPTION,
     KEY_OPTION,
@@ -113,9 +114,10 @@ def session_options(fn):
 @HA_OPTION
 @KEY_OPTION
 @sampling_options
+@draft_options
 @click.pass_obj
 def up(
-    obj, agents, model, broker, threads, n_ctx, session, api_key_file, serving, ha_discovery, key_file, sampling
+    obj, agents, model, broker, threads, n_ctx, session, api_key_file, serving, ha_discovery, key_file, sampling, draft
 ) -> None:
     """Start a whole cluster on this machine and chat with it (or answer --prompt).
 
@@ -144,6 +146,7 @@ def up(
     session.check(api_key_file)
     http_key = api_key(api_key_file) if session.api_port else None
     path = resolve_model(model)
+    draft_model = draft.check(path, n_ctx=n_ctx, n_parallel=serving.parallel)
     key = _cluster_key(key_file, private=broker is None)
     _exit_on_hangup()
     with LocalCluster(
@@ -156,7 +159,7 @@ def up(
         rounds=serving.rounds,
         n_batch=serving.n_batch,
         log_args=_log_args(obj["verbosity"]),
-        controller_args=_controller_args(serving, session.api_port, ha_discovery),
+        controller_args=_controller_args(serving, session.api_port, ha_discovery, draft, draft_model),
         controller_env={ENV_API_KEY: http_key} if http_key else None,
         key=key,
         agent_args=("--ha-discovery",) if ha_discovery else (),
@@ -164,10 +167,13 @@ def up(
         session.serve(cluster, sampling=sampling, key=key)
 
 
-def _controller_args(serving: ServingSettings, api_port: int | None, ha_discovery: bool) -> tuple[str, ...]:
+def _controller_args(
+    serving: ServingSettings, api_port: int | None, ha_discovery: bool, draft: DraftSettings, draft_model=None
+) -> tuple[str, ...]:
     """The local controller's command-line arguments (no secrets: those go through its environment)."""
     return (
         *serving.controller_args(),
+        *draft.args(draft_model),
         *(("--api-port", str(api_port)) if api_port else ()),
         *(("--ha-discovery",) if ha_discovery else ()),
     )

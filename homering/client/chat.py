@@ -48,6 +48,9 @@ class Answer:
     finish_reason: str | None = None
     ttft_ms: float | None = None
     ms_per_token: float | None = None
+    drafted: int | None = None  # speculative decoding: draft tokens verified, and kept
+    accepted: int | None = None
+    trips: int | None = None
 
     def add(self, event: StreamEvent) -> None:
         """Take the next event of the answer's stream.
@@ -64,6 +67,7 @@ class Answer:
             self.finish_reason = event.finish_reason
             self.ttft_ms = event.ttft_ms
             self.ms_per_token = event.ms_per_token
+            self.drafted, self.accepted, self.trips = event.drafted, event.accepted, event.trips
 
     @property
     def cancelled(self) -> bool:

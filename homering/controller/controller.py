@@ -47,6 +47,7 @@ from homering.controller.replanning import Replanner
 from homering.controller.requests import RequestError
 from homering.controller.serving import RequestService
 from homering.controller.windows import WindowStore
+from homering.engine.drafting import Speculative
 from homering.engine.tokenizer import Tokenizer
 from homering.errors import HomeringError
 from homering.integrations.homeassistant import controller_configs, publish_discovery
@@ -115,6 +116,7 @@ class Controller:
         ha_discovery: announce the controller to Home Assistant (MQTT discovery).
         key: the cluster key (:mod:`homering.wire.security`): plans, jobs, probes and the status go out
             signed, and requests must be signed [default: an open cluster].
+        speculative: the default speculative decoding of requests (``--draft``; :mod:`homering.engine.drafting`).
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class Controller:
         api_key: str | None = None,
         ha_discovery: bool = False,
         key: ClusterKey | None = None,
+        speculative: Speculative | None = None,
     ):
         self.broker, self.model_path, self.n_ctx, self.n_parallel = broker, Path(model_path), n_ctx, n_parallel
         self.api, self.api_key, self.ha_discovery, self.started = api, api_key, ha_discovery, time.time()
@@ -151,12 +154,14 @@ class Controller:
         self.metrics = Metrics(self)
         self.profiles, self.statuses = self.membership.profiles, self.membership.statuses  # the same dicts
         self.agent_stats, self.sequences = self.membership.agent_stats, self.admission.sequences
+        self.speculative = speculative
         self._build()
 
     def _build(self) -> None:
         """The parts that act: requests, announcements, link probes, plan loading, re-planning; the routes."""
         s, bus, planning, m, changes = self.settings, self.bus, self.planning, self.membership, self.changes
         self.requests = RequestService(s, bus, self.tasks, planning, m, changes, self.metrics)
+        self.requests.speculative = self.speculative
         self.announcer = Announcer(bus, planning, self.windows, s, api_url=self.api_url, stats=self.stats)
         self.probes = LinkProber(bus, m, changes, self.announcer.progress)
         publish = self.announcer.publish_status

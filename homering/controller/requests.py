@@ -84,6 +84,7 @@ class RequestRun:
             sampling=self.request.sampling,
             attempt=self.attempt,
             resume_token_ids=list(self.sent),
+            speculative=self.request.speculative,
         )
 
     def deliver(self, event: StreamEvent) -> bool:

@@ -23,6 +23,7 @@ from homering.controller.changes import Changes
 from homering.controller.membership import Membership
 from homering.controller.planning import Planning, PlanSettings
 from homering.controller.requests import RequestError, RequestRun, Runs, prompt_ids
+from homering.engine.drafting import Speculative, with_default
 from homering.engine.tokenizer import Tokenizer
 from homering.tasks import Tasks
 from homering.transport.bus import Bus
@@ -88,6 +89,8 @@ class RequestService:
         self.measured_ms_per_token: float | None = None
         """Of the last request that decoded 2+ tokens."""
         self._tokenizing = asyncio.Lock()  # one request at a time in the tokenizer's thread
+        self.speculative: Speculative | None = None
+        """The controller's --draft: completes each request's speculative settings."""
 
     # ------------------------------------------------------------------ a request
     async def submit(self, req: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
@@ -116,6 +119,8 @@ class RequestService:
                 else f"the cluster failed: {planning.detail}",
             )
         t0 = time.perf_counter()  # the latency counts the wait in the queue
+        if self.speculative is not None:
+            req = req.model_copy(update={"speculative": with_default(req.speculative, self.speculative)})
         try:
             seq = await self.admission.sequences.acquire()
         except QueueFull as exc:

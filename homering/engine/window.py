@@ -23,7 +23,6 @@ for the last forward's).
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy.typing as npt
 from homering.engine import streaming
 from homering.engine.backend import context_params, init_backend, model_arch, model_params, token_piece
 from homering.engine.backend import plain_llama as plain_llama  # where the benchmarks and tests import it from
+from homering.engine.batches import EXACT_BATCH, Item, Piece, exact_batch, fill_batch, pack_batches
 from homering.engine.evalhook import EvalHook, new_hook, restore_input, user_data
 from homering.engine.streaming import TailStream
 from homering.errors import HomeringError
@@ -46,10 +46,6 @@ if TYPE_CHECKING:
 
 Floats = npt.NDArray[np.float32]
 """float32 rows: hidden states (n_tokens, n_embd) or logits (n_vocab,)."""
-# One run of one sequence's inputs for forward_many: (token ids or hidden states, first position, seq_id).
-Item = tuple[npt.NDArray[Any], int, int]
-# A piece of an item that fits one batch: (item index, offset in the item, n tokens).
-Piece = tuple[int, int, int]
 
 
 class DecodeError(HomeringError):
@@ -63,60 +59,12 @@ class WindowOutput:
     Exactly one of the fields is set:
         hidden: (n_tokens, n_embd) float32, the residual stream after the
             window's last layer;
-        logits: (n_vocab,) float32, the last token's logits (``last``/``whole``).
+        logits: (n_vocab,) float32, the last token's logits (``last``/``whole``);
+            (n, n_vocab) for an item of :meth:`LayerWindow.forward_many` that asks for every row's.
     """
 
     hidden: Floats | None = None
     logits: Floats | None = None
-
-
-def _batches(arrays: list[npt.NDArray[Any]], n_batch: int) -> list[list[Piece]]:
-    """The items' tokens in order, cut into pieces (an item longer than ``n_batch`` is split) and packed
-    into batches of at most ``n_batch`` tokens."""
-    batches: list[list[Piece]] = [[]]
-    total = 0
-    for i, arr in enumerate(arrays):
-        for off in range(0, arr.shape[0], n_batch):
-            n = min(n_batch, arr.shape[0] - off)
-            if total + n > n_batch:
-                batches.append([])
-                total = 0
-            batches[-1].append((i, off, n))
-            total += n
-    return [b for b in batches if b]
-
-
-def _fill_batch(
-    b: Any,  # a llama_batch (llama-cpp-python types its pointers as arrays)
-    group: list[Piece],
-    arrays: list[npt.NDArray[Any]],
-    items: list[Item],
-    *,
-    row_floats: int,
-    every_row: bool,
-) -> list[tuple[int, int]]:
-    """Copy ``group``'s inputs, positions and sequences into the batch ``b``: token ids (``row_floats`` = 0)
-    or hidden-state rows of ``row_floats`` floats. Every row is an output when ``every_row``, else each
-    finished item's last one. Returns (item, batch row) of each finished item's last token."""
-    row = 0
-    last_rows = []
-    for i, off, n in group:
-        chunk = arrays[i][off : off + n]
-        pos, seq_id = items[i][1] + off, items[i][2]
-        if row_floats:
-            ctypes.memmove(ctypes.addressof(b.embd.contents) + row * row_floats * 4, chunk.ctypes.data, chunk.nbytes)
-        else:
-            ctypes.memmove(ctypes.addressof(b.token.contents) + row * 4, chunk.ctypes.data, chunk.nbytes)
-        is_last = off + n == arrays[i].shape[0]
-        for j in range(n):
-            b.pos[row + j] = pos + j
-            b.n_seq_id[row + j] = 1
-            b.seq_id[row + j][0] = seq_id
-            b.logits[row + j] = every_row or (is_last and j == n - 1)
-        if is_last:
-            last_rows.append((i, row + n - 1))
-        row += n
-    return last_rows
 
 
 class LayerWindow:
@@ -174,6 +122,7 @@ class LayerWindow:
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         self.n_layer = llama_cpp.llama_model_n_layer(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.exact_batch = exact_batch(self.path)
         self._target = f"l_out-{self.n_layer - 1}".encode()
 
         cparams = context_params(n_ctx, n_batch, n_seq_max, n_threads)
@@ -225,59 +174,77 @@ class LayerWindow:
         """
         return self.forward_many([(inputs, pos, seq_id)])[0]
 
-    def forward_many(self, items: list[Item]) -> list[WindowOutput]:
+    def forward_many(self, items: list[Item], rows: list[bool] | None = None) -> list[WindowOutput]:
         """Run several runs of tokens, of one or several sequences, in as few llama_decode calls as fit.
 
         ``items`` are ``(inputs, pos, seq_id)`` as for :meth:`forward`; they are
         packed in order into batches of at most ``n_batch`` tokens (an item
         longer than that is split), so the weights are read once for all
         sequences of a batch (llama.cpp's server does the same with its
-        slots). Returns one :class:`WindowOutput` per item.
+        slots). Returns one :class:`WindowOutput` per item. A window that gives
+        logits returns (n, n_vocab) logits, one row per token, for the items whose
+        ``rows`` entry is true (a speculative verification, at most ``n_batch`` tokens).
 
         Raises:
             DecodeError: llama_decode failed (context full, …).
-            ValueError: inputs of the wrong shape or dtype, a sequence that does not exist, or positions
-                outside [0, n_ctx).
+            ValueError: inputs of the wrong shape or dtype, a sequence that does not exist, positions
+                outside [0, n_ctx), or a ``rows`` item longer than :data:`EXACT_BATCH` tokens.
         """
         arrays = [self._check_inputs(x) for x, _, _ in items]
+        flagged = [bool(r) for r in rows] if rows else [False] * len(items)
+        if any(r and a.shape[0] > min(self.n_batch, EXACT_BATCH) for r, a in zip(flagged, arrays)):
+            raise ValueError(f"a verification has at most {min(self.n_batch, EXACT_BATCH)} tokens")
+        rows = [r and self.gives_logits for r in flagged]
         for arr, (_, pos, seq_id) in zip(arrays, items):
             self._check_place(seq_id, pos, arr.shape[0])
         # every item's hidden states, one after another: a batch of pieces is a run of these rows,
         # which the hook fills directly
-        rows = None if self.gives_logits else np.empty((sum(a.shape[0] for a in arrays), self.n_embd), dtype=np.float32)
+        hidden = None if self.gives_logits else np.empty((sum(a.shape[0] for a in arrays), self.n_embd), np.float32)
         logits: list[Floats | None] = [None] * len(items)
         with self._lock:
             if self._closed:
                 raise DecodeError("window is closed")
-            done = 0
-            for group in _batches(arrays, self.n_batch):
+            done, start = 0, [0] * len(items)  # where each item's rows begin in ``hidden``
+            for group in pack_batches(arrays, self.n_batch, flagged, self.exact_batch):
                 total = sum(n for _, _, n in group)
-                self._decode(group, arrays, items, total, None if rows is None else rows[done : done + total], logits)
+                for k, (i, off, _) in enumerate(group):
+                    if off == 0:
+                        start[i] = done + sum(n for _, _, n in group[:k])
+                out = None if hidden is None else hidden[done : done + total]
+                self._decode(group, (arrays, rows), items, total, out, logits)
                 done += total
             if self._hook is not None:
                 self._hook.dst, self._hook.capacity = None, 0
-            if rows is None and logits:
-                self._last_logits = logits[-1]
-        if rows is None:
+            if hidden is None and logits:
+                last = logits[-1]
+                self._last_logits = last[-1] if last is not None and last.ndim == 2 else last
+        if hidden is None:
             return [WindowOutput(logits=lg) for lg in logits]
-        starts = np.cumsum([0] + [a.shape[0] for a in arrays])
-        return [WindowOutput(hidden=rows[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+        return [WindowOutput(hidden=hidden[a : a + arr.shape[0]]) for a, arr in zip(start, arrays)]
 
     def _decode(
         self,
         group: list[Piece],
-        arrays: list[npt.NDArray[Any]],
+        inputs: tuple[list[npt.NDArray[Any]], list[bool]],
         items: list[Item],
         total: int,
         hidden: Floats | None,
         logits: list[Floats | None],
     ) -> None:
-        """One llama_decode of ``group`` (pieces of items, ``total`` tokens); the hidden states land in
-        ``hidden`` ((total, n_embd) rows), or each finished item's last logits in ``logits``."""
+        """One llama_decode of ``group`` (pieces of items, ``total`` tokens; ``inputs``: the items' arrays and
+        whether each wants every row's logits); the hidden states land in ``hidden`` ((total, n_embd) rows),
+        or each finished item's last logits (all its rows' for a ``rows`` item) in ``logits``."""
         b = self._batch
         b.n_tokens = total
-        last_rows = _fill_batch(
-            b, group, arrays, items, row_floats=0 if self.takes_tokens else self.n_embd, every_row=hidden is not None
+        arrays, rows = inputs
+        placed = fill_batch(
+            b,
+            group,
+            arrays,
+            items,
+            row_floats=0 if self.takes_tokens else self.n_embd,
+            every_row=hidden is not None,
+            rows=rows,
         )
         hook = self._hook
         if hidden is not None and hook is not None:
@@ -299,9 +266,17 @@ class LayerWindow:
                     f"the graph of {self.path.name} never produced {self._target.decode()} for {total} tokens"
                 )
         else:
-            for i, r in last_rows:
-                ptr = llama_cpp.llama_get_logits_ith(self._ctx, r)
-                logits[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+            for i, off, r, n, is_last in placed:
+                if rows[i]:  # every row, piece by piece, into the item's (n_tokens, n_vocab) logits
+                    buf = logits[i]
+                    if buf is None:
+                        buf = logits[i] = np.empty((arrays[i].shape[0], self.n_vocab), dtype=np.float32)
+                    for j in range(n):
+                        ptr = llama_cpp.llama_get_logits_ith(self._ctx, r + j)
+                        buf[off + j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+                elif is_last:
+                    ptr = llama_cpp.llama_get_logits_ith(self._ctx, r + n - 1)
+                    logits[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def _check_inputs(self, inputs: npt.NDArray[Any]) -> npt.NDArray[Any]:
         if self.takes_tokens:

@@ -61,7 +61,7 @@ def send_group(sock: socket.socket, frames: list[Frame]) -> None:
     """Send ``frames`` as one group (``FLAG_MORE`` on all but the last), in one ``sendmsg`` when possible."""
     parts: list[bytes | memoryview] = []
     for i, f in enumerate(frames):
-        flags = FLAG_MORE if i + 1 < len(frames) else 0
+        flags = (f.header.flags & ~FLAG_MORE) | (FLAG_MORE if i + 1 < len(frames) else 0)
         if f.header.flags != flags:
             f = Frame(dataclasses.replace(f.header, flags=flags), f.payload)
         parts.extend(f.encode())

@@ -76,12 +76,14 @@ request                                                  answer
 
 from __future__ import annotations
 
+from homering.engine.drafting import GAMMA_MAX, Speculative
 from homering.engine.sampling import Sampling
 from homering.profiler.profile import DeviceProfile, GpuProfile, OsName
 from homering.wire.base import NAME, SCHEMA_VERSION, BadSignature, MalformedMessage, Message, MissingKey
 from homering.wire.codec import Codec
 from homering.wire.frames import (
     FLAG_MORE,
+    FLAG_ROWS,
     HEADER,
     MAX_PAYLOAD,
     DType,
@@ -133,6 +135,7 @@ __all__ = [
     "SHA256",
     "WINDOWS_PATH",
     "FLAG_MORE",
+    "FLAG_ROWS",
     "HEADER",
     "MAX_PAYLOAD",
     "AgentProfile",
@@ -167,6 +170,8 @@ __all__ = [
     "PlanAgent",
     "PredictedCost",
     "Sampling",
+    "Speculative",
+    "GAMMA_MAX",
     "StreamEvent",
     "StreamReplay",
     "TopicRef",

@@ -37,9 +37,12 @@ class DType(IntEnum):
 
 FLAG_MORE = 0x01
 """Header flag: another frame of the same group follows; the receiver runs the group as one batch."""
+FLAG_ROWS = 0x02
+"""Header flag of a FORWARD frame: the head's last window returns the logits of every token, not only the
+last one's (a speculative-decoding verification: the last accepted token and its draft tokens)."""
 
 FRAME_MAGIC = b"HRNG"
-FRAME_VERSION = 2  # 2: HELLO carries its plan tag as a TAG payload
+FRAME_VERSION = 3  # 2: HELLO carries its plan tag as a TAG payload; 3: FLAG_ROWS
 HEADER = struct.Struct("<4sBBBBIIHHIIII")
 """magic, version, kind, dtype, flags, request id, seq id, round, reserved (0),
 pos, n_tokens, n_embd, payload bytes — 36 bytes."""
@@ -86,6 +89,11 @@ class FrameHeader:
     @property
     def more(self) -> bool:
         return bool(self.flags & FLAG_MORE)
+
+    @property
+    def rows(self) -> bool:
+        """The logits of every token are wanted (:data:`FLAG_ROWS`)."""
+        return bool(self.flags & FLAG_ROWS)
 
     def pack(self) -> bytes:
         return HEADER.pack(
@@ -134,7 +142,8 @@ class FrameHeader:
             raise FrameError(str(exc)) from None
         if dtype not in _DTYPES[kind]:
             raise FrameError(f"a {kind.name} frame cannot carry {dtype.name}")
-        if flags & ~FLAG_MORE or (flags and kind in (FrameKind.PING, FrameKind.PONG)):
+        allowed = FLAG_MORE | (FLAG_ROWS if kind is FrameKind.FORWARD else 0)
+        if flags & ~allowed or (flags and kind in (FrameKind.PING, FrameKind.PONG)):
             raise FrameError(f"bad flags {flags:#x} on a {kind.name} frame")
         if reserved:
             raise FrameError(f"reserved header field is {reserved}")
@@ -184,17 +193,30 @@ class Frame:
     payload: npt.NDArray[Any] | str | bytes | None
 
     @classmethod
-    def forward(cls, request_id: int, seq_id: int, pos: int, data: npt.NDArray[Any], round: int = 0) -> Frame:
-        """A FORWARD frame: ``data`` is (n,) int32 token ids or (n, n_embd) float32 hidden states."""
+    def forward(
+        cls, request_id: int, seq_id: int, pos: int, data: npt.NDArray[Any], round: int = 0, *, rows: bool = False
+    ) -> Frame:
+        """A FORWARD frame: ``data`` is (n,) int32 token ids or (n, n_embd) float32 hidden states; ``rows``
+        sets :data:`FLAG_ROWS` (the logits of every token come back)."""
+        flags = FLAG_ROWS if rows else 0
         if data.ndim == 1:
             data = np.ascontiguousarray(data, dtype=np.int32)
             header = FrameHeader(
-                FrameKind.FORWARD, DType.TOKENS, request_id, seq_id, round, pos, data.shape[0], 0, data.nbytes
+                FrameKind.FORWARD, DType.TOKENS, request_id, seq_id, round, pos, data.shape[0], 0, data.nbytes, flags
             )
         else:
             data = np.ascontiguousarray(data, dtype=np.float32)
             header = FrameHeader(
-                FrameKind.FORWARD, DType.F32, request_id, seq_id, round, pos, data.shape[0], data.shape[1], data.nbytes
+                FrameKind.FORWARD,
+                DType.F32,
+                request_id,
+                seq_id,
+                round,
+                pos,
+                data.shape[0],
+                data.shape[1],
+                data.nbytes,
+                flags,
             )
         return cls(header, data)
 

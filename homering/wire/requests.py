@@ -6,6 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from homering.engine.drafting import Speculative
 from homering.engine.sampling import Sampling
 from homering.wire.base import NAME, Message, WireEnum
 
@@ -51,6 +52,7 @@ class GenerateRequest(Message):
     prompt: str | None = None
     prompt_token_ids: list[int] | None = Field(default=None, description="the prompt, already tokenized")
     sampling: Sampling = Sampling()
+    speculative: Speculative | None = None
 
 
 class GenerateJob(Message):
@@ -73,6 +75,9 @@ class GenerateJob(Message):
         default_factory=list,
         description="tokens already streamed to the client by an earlier attempt: the head "
         "replays prompt + these through the ring to rebuild the KV caches, then goes on generating",
+    )
+    speculative: Speculative | None = Field(
+        default=None, description="speculative decoding on the head (None: the head agent's --draft)"
     )
 
 
@@ -102,6 +107,9 @@ class StreamEvent(Message):
     finish_reason: Literal["stop", "length", "cancelled"] | None = None
     ttft_ms: float | None = None
     ms_per_token: float | None = None
+    drafted: int | None = Field(default=None, description="draft tokens the head sent to be verified")
+    accepted: int | None = Field(default=None, description="of which the target kept (speculative decoding)")
+    trips: int | None = Field(default=None, description="verification trips around the ring (mean γ = drafted / trips)")
     # error only
     error: str | None = None
 

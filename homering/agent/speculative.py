@@ -1,0 +1,285 @@
+"""Speculative decoding on the head: draft γ tokens, verify them all in one trip around the ring.
+
+A :class:`SpeculativeSession` is a :class:`~homering.agent.generation.HeadSession` whose trips carry the
+last kept token plus γ draft tokens (:mod:`homering.engine.drafting`) as one FORWARD frame with
+:data:`~homering.wire.FLAG_ROWS`: every window decodes the γ + 1 tokens as one batch at positions
+n … n + γ, and the head's last window returns the logits of all of them. The head keeps the longest prefix
+of drafts its own sampler agrees with plus one token (:func:`~homering.engine.drafting.verify_rows`); the
+next trip starts with a KV_REMOVE frame in the same group, so every window drops the rejected positions
+(``llama_memory_seq_rm`` from the first one) before it decodes. γ adapts (:class:`GammaChooser`).
+
+Sources: Leviathan et al. 2023, "Fast inference from transformers via speculative decoding"; Chen et al.
+2023, "Accelerating large language model decoding with speculative sampling"; prima.cpp's speculative ring.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from homering.agent.generation import Emit, HeadSession, Session
+from homering.agent.ring import Ring
+from homering.agent.slots import Slot
+from homering.engine.drafting import Drafter, ModelDrafter, NgramDrafter, Speculative, verify_rows
+from homering.engine.sampling import SamplerChain
+from homering.errors import HomeringError
+from homering.models.vocab import vocabulary_mismatch
+from homering.wire import Frame, GenerateJob, StreamEvent
+
+log = logging.getLogger("homering.agent")
+
+VERIFY_SHARE = 0.03
+"""Prior cost of one more token in a trip's batch, as a share of the trip (the ring's hops dominate)."""
+EXPLORE_EVERY = 8
+"""Every this many trips, γ next to the best one is tried (its measured cost may have changed)."""
+PLAIN_EXPLORE = 4
+"""... and only every PLAIN_EXPLORE times as many when plain trips (γ = 0) are best: drafts that are not kept
+cost their draft and verification time, which must stay a few percent of plain decoding."""
+DECAY = 0.8
+"""Weight of the past in the measured averages, per observation."""
+
+
+class GammaChooser:
+    """Chooses γ per trip: the draft length with the fewest milliseconds per kept token.
+
+    Each γ's cost is measured (trip and draft time over the tokens the trip kept, a moving average); a γ
+    not measured yet is predicted from the latency model of Leviathan et al. 2023, §3.4,
+
+        (T + γ (c_v + c_d)) / E(γ),   E(γ) = (1 - α^(γ+1)) / (1 - α),
+
+    with α the measured per-token acceptance rate, T a plain trip's time (the plan's predicted time per token
+    until trips are measured), c_v a verified token's extra time (a prior share of T) and c_d a draft
+    token's measured time. Every :data:`EXPLORE_EVERY` trips a neighbour of the best γ is tried, so a γ
+    that got cheaper is found again; with drafts that are never kept γ settles at 0 (plain trips) and the
+    loss is the occasional one-token probe. One chooser serves every request of a drafter on the head, so
+    what one request measured helps the next.
+
+    Args:
+        trip_ms: the plan's predicted time of one trip (ms), or 0 when unknown.
+    """
+
+    def __init__(self, trip_ms: float) -> None:
+        self.acc, self.rej = 2.0, 1.0  # decayed counts of accepted and rejected draft tokens (prior α ≈ 0.6)
+        self.trip_ms = trip_ms or 0.0
+        self.draft_ms = 0.0
+        self.cost: dict[int, float] = {}  # γ → measured ms per kept token
+        self._trips = 0
+        self._up = True
+
+    @property
+    def alpha(self) -> float:
+        return self.acc / (self.acc + self.rej)
+
+    def predicted(self, g: int) -> float:
+        """Milliseconds per kept token with γ = ``g``, measured or predicted."""
+        if g in self.cost:
+            return self.cost[g]
+        a, t = min(self.alpha, 0.999), max(self.trip_ms, 1e-3)
+        return (t + g * (VERIFY_SHARE * t + self.draft_ms)) * (1 - a) / (1 - a ** (g + 1))
+
+    def choose(self, room: int, s: Speculative) -> int:
+        """γ for the next trip of a request with settings ``s``, at most ``room`` (what is left of
+        max_tokens and the context)."""
+        top = min(s.n_max, room)
+        if top <= 0:
+            return 0
+        low = min(s.n_min, top)
+        if not s.adaptive:
+            return top
+        best = min(range(low, top + 1), key=self.predicted)
+        self._trips += 1
+        if self._trips % (EXPLORE_EVERY * (PLAIN_EXPLORE if best == 0 else 1)) == 0:
+            self._up = not self._up
+            step = 1 if (self._up or best == low) and best < top else -1
+            return max(low, min(top, best + step))
+        return best
+
+    def record(self, gamma: int, drafted: int, trip_ms: float, draft_ms: float, *, accepted: int) -> None:
+        """A trip asked for ``gamma`` drafts, verified ``drafted`` (padding included) and kept ``accepted`` of
+        them; it took ``trip_ms`` around the ring after ``draft_ms`` of drafting."""
+        if drafted:
+            self.acc = DECAY * self.acc + accepted
+            self.rej = DECAY * self.rej + (1 if accepted < drafted else 0)
+            self.draft_ms = DECAY * self.draft_ms + (1 - DECAY) * draft_ms / drafted
+        else:
+            self.trip_ms = trip_ms if not self.trip_ms else DECAY * self.trip_ms + (1 - DECAY) * trip_ms
+        per_token = (trip_ms + draft_ms) / (accepted + 1)
+        old = self.cost.get(gamma)
+        self.cost[gamma] = per_token if old is None else DECAY * old + (1 - DECAY) * per_token
+
+
+class SpeculativeSession(HeadSession):
+    """A request's loop with speculative decoding (see the module's text); greedy and seeded answers are the
+    same tokens as :class:`HeadSession`'s. ``drafted``/``accepted`` count its draft tokens."""
+
+    def __init__(
+        self,
+        ring: Ring,
+        slot: Slot,
+        job: GenerateJob,
+        emit: Emit,
+        drafter: Drafter,
+        s: Speculative,
+        gamma: GammaChooser,
+    ):
+        super().__init__(ring, slot, job, emit)
+        self.drafter, self.s, self.gamma = drafter, s, gamma
+        self.drafted = self.accepted = self.trips = 0
+        self._last: tuple[int, int, float, float] | None = None  # the last trip: γ, drafted, trip ms, draft ms
+
+    def run(self) -> StreamEvent:
+        try:
+            end = super().run()
+        finally:
+            self.drafter.forget(self.slot.seq_id)
+        end.drafted, end.accepted, end.trips = self.drafted, self.accepted, self.trips
+        return end
+
+    def _generate(self, sampler: SamplerChain) -> None:
+        """Prefill, then trips of the last kept token + γ drafts until the request ends (never past a stop
+        string or max_tokens: the kept tokens are taken one by one and the loop ends at the first end)."""
+        n_ctx, job = self.ring.plan.n_ctx, self.job
+        if len(self.prompt) >= n_ctx:
+            raise HomeringError(f"the prompt has {len(self.prompt)} tokens but the context holds {n_ctx}")
+        max_new = min(job.sampling.max_tokens - len(self.resumed), n_ctx - len(self.prompt))
+        self.t0 = time.perf_counter()
+        if max_new > 0 and not self.stops.stopped:
+            rows, pos, new = self._prefill()[None, :], len(self.prompt), 0
+            drafts: list[int] = []
+            while True:
+                self._check_interrupted()
+                kept, ended = self._keep(sampler, rows, drafts, max_new - new)
+                new += kept
+                if self._last is not None:  # what the last trip cost and how much of its draft was kept
+                    self.gamma.record(*self._last, accepted=min(kept - 1, self._last[1]))
+                if ended:
+                    break
+                hole = len(drafts) + 1 - kept  # rejected positions the KV caches still hold
+                pos += kept
+                rows, drafts = self._trip(pos - 1, hole, max_new - new)
+        self.t_end = time.perf_counter()
+
+    def _keep(self, sampler: SamplerChain, rows: np.ndarray, drafts: list[int], room: int) -> tuple[int, bool]:
+        """Sample the verified rows; emit each kept token. (Tokens kept, whether the request ended.)"""
+        kept = 0
+        for tok in verify_rows(sampler, rows, drafts):
+            event, end = self._take(tok)
+            if event is not None:
+                self.emit(event)
+            kept += 1
+            if end or kept >= room:
+                self.accepted += max(0, kept - 1)
+                return kept, True
+        self.accepted += kept - 1
+        return kept, False
+
+    def _trip(self, pos: int, hole: int, room: int) -> tuple[np.ndarray, list[int]]:
+        """Draft and send the last kept token (at ``pos``) + γ drafts; their logits ((γ + 1, n_vocab)).
+
+        The ``hole`` rejected positions are dropped first, and the trip refills at least as many cells: the
+        draft is padded (with its last token) to ``hole - 1`` tokens. A hole left in llama.cpp's unified KV
+        cache would take another sequence's next tokens, placed before that sequence's latest cells, and
+        its logits then change (measured: up to 0.8 on SmolLM2), so answers would drift."""
+        room = min(room - 1, self.ring.plan.n_ctx - pos - 1, self.ring.plan.n_batch - 1)
+        gamma = self.gamma.choose(room, self.s)
+        t0 = time.perf_counter()
+        history = list(self.job.prompt_token_ids) + self.tokens
+        drafts = self.drafter.draft(self.slot.seq_id, history, gamma)[:gamma] if gamma else []
+        drafts += [(drafts or self.tokens)[-1]] * (hole - 1 - len(drafts))
+        t1 = time.perf_counter()
+        tokens = np.asarray([self.tokens[-1], *drafts], dtype=np.int32)
+        rows = np.atleast_2d(self._verify(tokens, pos, hole > 0))
+        t2 = time.perf_counter()
+        self.drafted += len(drafts)
+        self.trips += 1
+        self._last = (gamma, len(drafts), (t2 - t1) * 1000, (t1 - t0) * 1000)
+        return rows, drafts
+
+    def _verify(self, tokens: np.ndarray, pos: int, stale: bool) -> np.ndarray:
+        """Run ``tokens`` at ``pos`` … through every window (after dropping positions >= ``pos`` when
+        ``stale``); the logits of every token."""
+        ring, seq = self.ring, self.slot.seq_id
+        if len(ring.plan.ring) == 1:
+            x: np.ndarray | None = tokens
+            logits = None
+            for r, w in enumerate(ring.windows):
+                if stale:
+                    w.kv_remove(seq, pos)
+                out = ring.meter.timed(r, len(tokens), w.forward_many, [(x, pos, seq)], [True])[0]
+                x, logits = out.hidden, out.logits
+            return self._logits(logits, pos)
+        frames = [Frame.kv_remove(self.slot.number, seq, pos)] if stale else []
+        frames.append(Frame.forward(self.slot.number, seq, pos, tokens, rows=True))
+        return self._logits(self._through_ring(frames), pos)
+
+
+class Drafters:
+    """The head's drafters: prompt lookup, and the ``--draft MODEL`` model (loaded once per plan shape).
+
+    Args:
+        default: the agent's ``--draft`` settings, for jobs that bring none.
+        model: the agent's draft model file, or None (then a job's ``model_path`` is used when it exists).
+        threads: CPU threads of the draft model.
+    """
+
+    def __init__(self, default: Speculative | None = None, model: Path | None = None, threads: int = 2) -> None:
+        self.default, self.model, self.threads = default, model, threads
+        self._loaded: tuple[tuple[str, int, int], ModelDrafter] | None = None
+        self._lock = threading.Lock()  # sessions start on several worker threads
+        self._choosers: dict[tuple[str, str], GammaChooser] = {}  # (plan, draft kind) → its γ chooser
+
+    def settings(self, job: GenerateJob) -> Speculative | None:
+        """The job's settings, completed by the agent's default; None: no speculation."""
+        s = job.speculative
+        if s is None or s.draft is None:
+            base = self.default
+            if base is None:
+                return None
+            s = base if s is None else s.model_copy(update={"draft": base.draft})
+        return s if s.on else None
+
+    def drafter(self, ring: Ring, s: Speculative) -> Drafter | None:
+        """The drafter for ``s`` on ``ring``: a new :class:`NgramDrafter`, or the draft model (None when
+        there is none here, or it does not fit the target's vocabulary)."""
+        if s.draft == "ngram":
+            return NgramDrafter()
+        path = self.model or (Path(s.model_path) if s.model_path and Path(s.model_path).is_file() else None)
+        if path is None:
+            log.warning("a draft model was asked for but none is here (agent --draft MODEL): decoding plainly")
+            return None
+        with self._lock:
+            return self._model(ring, path)
+
+    def _model(self, ring: Ring, path: Path) -> ModelDrafter | None:
+        key = (str(path), ring.plan.n_ctx, ring.plan.n_parallel)
+        if self._loaded is None or self._loaded[0] != key:
+            why = vocabulary_mismatch(ring.windows[-1].path, path)
+            if why:
+                log.warning("%s: decoding plainly", why)
+                return None
+            self.close()
+            self._loaded = (key, ModelDrafter(path, n_ctx=key[1], n_seq=key[2], n_threads=self.threads))
+        return self._loaded[1]
+
+    def session(self, ring: Ring, slot: Slot, job: GenerateJob, emit: Emit) -> Session:
+        """A request's session: speculative when its settings (or the agent's default) ask for a draft."""
+        s = self.settings(job)
+        drafter = self.drafter(ring, s) if s is not None else None
+        if s is None or drafter is None:
+            return HeadSession(ring, slot, job, emit)
+        with self._lock:
+            key = (ring.plan.plan_id, drafter.kind)
+            if key not in self._choosers:
+                self._choosers = {k: v for k, v in self._choosers.items() if k[0] == key[0]}  # older plans' go
+                self._choosers[key] = GammaChooser(ring.plan.predicted_ms_per_token or 0.0)
+            chooser = self._choosers[key]
+        return SpeculativeSession(ring, slot, job, emit, drafter, s, chooser)
+
+    def close(self) -> None:
+        if self._loaded is not None:
+            self._loaded[1].close()
+            self._loaded = None

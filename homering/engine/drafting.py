@@ -1,0 +1,226 @@
+"""Speculative decoding's drafters and acceptance rules (the head's side; no cluster state).
+
+A drafter proposes up to γ tokens that follow a sequence; the target model (the ring) then checks them all
+in one trip (:mod:`homering.agent.speculative`). Two drafters:
+
+- :class:`NgramDrafter`: prompt-lookup decoding (Saxena 2023; llama.cpp's ``ngram`` speculative modes):
+  the tokens that followed the latest earlier occurrence of the sequence's last n tokens. No model.
+- :class:`ModelDrafter`: a small model with the target's vocabulary, whole on the head, with its own KV
+  cache (one sequence per request), drafting greedily.
+
+Both drafts are deterministic (q is one-hot). For a deterministic draft token x the speculative-sampling
+rule of Leviathan et al. 2023 / Chen et al. 2023 (accept x with probability min(1, p(x)/q(x)) = p(x), else
+sample from norm(max(0, p - q)) = p without x) is the same as: sample y from p; keep y; the draft survives
+iff y = x. :func:`verify_rows` does exactly that with the request's own sampler chain, so it draws one
+random number per kept token, like decoding without speculation: seeded answers are the same tokens with or
+without a draft, and greedy answers are the target's. :func:`accept_stochastic` is the general rule for a
+draft with a full distribution q.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from homering.engine.batches import EXACT_BATCH
+from homering.engine.sampling import SamplerChain
+from homering.engine.window import LayerWindow
+
+GAMMA_MAX = EXACT_BATCH - 1
+"""The most draft tokens one trip verifies (γ); a trip carries γ + 1 tokens (at most :data:`EXACT_BATCH`)."""
+NGRAM_MAX = 4
+"""The longest n-gram :class:`NgramDrafter` looks up (it tries n = NGRAM_MAX … 1)."""
+
+
+class Speculative(BaseModel):
+    """Speculative-decoding settings of a request (llama-server's ``speculative.*``).
+
+    ``draft``: ``ngram`` (prompt lookup), ``model`` (the head's draft model, ``--draft MODEL``), ``off``;
+    None: the cluster's default. ``n_max``/``n_min``: the range of γ, draft tokens per trip; ``adaptive``:
+    γ follows the measured acceptance rate within that range (else γ = ``n_max``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    draft: Literal["off", "ngram", "model"] | None = None
+    n_max: int = Field(ge=1, le=GAMMA_MAX, default=GAMMA_MAX, description="at most this many draft tokens per trip (γ)")
+    n_min: int = Field(ge=0, le=GAMMA_MAX, default=0, description="at least this many when a draft has them")
+    adaptive: bool = True
+    model_path: str | None = Field(
+        default=None, description="the controller's draft model file (set by the controller, not by clients)"
+    )
+
+    @property
+    def on(self) -> bool:
+        return self.draft in ("ngram", "model")
+
+
+def with_default(s: Speculative | None, default: Speculative | None) -> Speculative | None:
+    """A request's settings completed by the cluster's ``default`` (its ``--draft``): the default's draft
+    when the request names none, and always the default's draft model file."""
+    if default is None:
+        return s
+    if s is None:
+        return default
+    update: dict[str, object] = {"model_path": default.model_path}
+    if s.draft is None:
+        update["draft"] = default.draft
+    return s.model_copy(update=update)
+
+
+class NgramDrafter:
+    """Prompt-lookup drafting: find the latest earlier occurrence of the sequence's last n tokens
+    (n = :data:`NGRAM_MAX` … 1) and propose the up to γ tokens that followed it. Cost: O(len × n) per draft,
+    no model. Source: Saxena, "Prompt lookup decoding" (2023); llama.cpp's ``--spec-type ngram-simple``.
+    """
+
+    kind = "ngram"
+
+    def draft(self, seq_id: int, history: list[int], gamma: int) -> list[int]:
+        """Up to ``gamma`` tokens to follow ``history`` (token ids); [] when no n-gram repeats."""
+        n_hist = len(history)
+        if gamma <= 0 or n_hist < 2:
+            return []
+        arr = np.asarray(history, dtype=np.int64)
+        for n in range(min(NGRAM_MAX, n_hist - 1), 0, -1):
+            tail = arr[n_hist - n :]
+            # start positions s < n_hist - n where arr[s : s + n] == tail, latest first
+            hits = np.flatnonzero(arr[: n_hist - n] == tail[0])
+            for s in hits[::-1]:
+                s = int(s)
+                if s + n <= n_hist - 1 and np.array_equal(arr[s : s + n], tail):
+                    follow = history[s + n : s + n + gamma]
+                    if follow:
+                        return [int(t) for t in follow]
+        return []
+
+    def forget(self, seq_id: int) -> None:
+        """Nothing is kept per sequence."""
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+
+class ModelDrafter:
+    """A small draft model, whole on the head, with its own KV cache of ``n_seq`` sequences.
+
+    Each :meth:`draft` first brings the draft's sequence up to ``history`` (it drops the positions where its
+    cache differs, the rejected drafts, and decodes the tokens it lacks), then decodes γ greedy tokens one
+    at a time. Its vocabulary must be the target's (:func:`homering.models.vocab.vocabulary_mismatch`).
+
+    Args:
+        path: the draft GGUF.
+        n_ctx: tokens per sequence (the plan's context).
+        n_seq: sequences (the plan's ``n_parallel``).
+        n_threads: CPU threads for its decode.
+
+    Raises:
+        HomeringError: llama.cpp cannot load the file.
+    """
+
+    kind = "model"
+
+    def __init__(self, path: str | Path, *, n_ctx: int, n_seq: int, n_threads: int = 2) -> None:
+        self.path = Path(path)
+        self.window = LayerWindow(
+            path, takes_tokens=True, gives_logits=True, n_ctx=n_ctx, n_batch=256, n_threads=n_threads, n_seq_max=n_seq
+        )
+        self._cached: dict[int, list[int]] = {}  # the tokens in each sequence's draft KV cache
+        self._lock = threading.Lock()
+
+    def draft(self, seq_id: int, history: list[int], gamma: int) -> list[int]:
+        """Up to ``gamma`` greedy draft tokens to follow ``history``; fewer near the end of the context."""
+        gamma = min(gamma, self.window.n_ctx - len(history))
+        if gamma <= 0:
+            return []
+        with self._lock:
+            cached = self._cached.get(seq_id, [])
+        same = _common_prefix(cached, history)
+        same = min(same, len(history) - 1)  # the last token is decoded again: its logits are wanted
+        self.window.kv_remove(seq_id, same)
+        logits = self.window.forward(np.asarray(history[same:], dtype=np.int32), same, seq_id).logits
+        out: list[int] = []
+        pos = len(history)
+        while logits is not None:
+            out.append(int(np.argmax(logits)))
+            if len(out) == gamma:
+                break
+            logits = self.window.forward(np.asarray(out[-1:], dtype=np.int32), pos, seq_id).logits
+            pos += 1
+        with self._lock:
+            self._cached[seq_id] = list(history) + out[:-1]
+        return out
+
+    def forget(self, seq_id: int) -> None:
+        """A request ended: its draft sequence starts over next time."""
+        with self._lock:
+            self._cached.pop(seq_id, None)
+        self.window.kv_remove(seq_id, 0)
+
+    def close(self) -> None:
+        self.window.close()
+
+
+Drafter = NgramDrafter | ModelDrafter
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+def verify_rows(sampler: SamplerChain, rows: npt.NDArray[np.float32], drafts: list[int]) -> Iterator[int]:
+    """The tokens a verification keeps: sample row 0 with the request's chain; while the sample equals the
+    draft token of that row, go on to the next row. Yields every kept token (the accepted drafts and one
+    more); the caller may stop early (a stop string, max_tokens), so no row after that is sampled.
+
+    Args:
+        sampler: the request's chain (it accepts each yielded token into its history).
+        rows: (len(drafts) + 1, n_vocab) float32 logits: row i follows the trip's first i + 1 tokens.
+        drafts: the γ draft tokens the trip carried after its first token.
+    """
+    for i in range(len(drafts) + 1):
+        tok = sampler.sample(rows[i])
+        yield tok
+        if i == len(drafts) or tok != drafts[i]:
+            return
+
+
+def accept_stochastic(
+    p: npt.NDArray[np.float64], q: npt.NDArray[np.float64], drafts: list[int], rng: np.random.Generator
+) -> list[int]:
+    """The speculative-sampling rule for a draft with a full distribution (Leviathan et al. 2023, alg. 1;
+    Chen et al. 2023): accept draft ``x_i`` with probability min(1, p_i(x)/q_i(x)); at the first rejection
+    sample from norm(max(0, p_i - q_i)); after γ acceptances sample from p_γ. The kept tokens are
+    distributed as the target's own samples.
+
+    Args:
+        p: (γ + 1, n_vocab) target probabilities (after the sampler's filters and temperature).
+        q: (γ, n_vocab) draft probabilities the drafts were sampled from.
+        drafts: the γ draft tokens.
+        rng: the request's random stream.
+
+    Returns:
+        the kept tokens: the accepted drafts and one more (1 … γ + 1 tokens).
+    """
+    out: list[int] = []
+    for i, x in enumerate(drafts):
+        if rng.random() * q[i, x] < p[i, x]:
+            out.append(int(x))
+            continue
+        residual = np.maximum(p[i] - q[i], 0.0)
+        total = residual.sum()
+        probs = residual / total if total > 0 else p[i]
+        out.append(int(rng.choice(probs.shape[0], p=probs)))
+        return out
+    out.append(int(rng.choice(p.shape[1], p=p[len(drafts)] / p[len(drafts)].sum())))
+    return out

@@ -1,0 +1,244 @@
+"""Speculative decoding in-process: drafters, verification batches, the acceptance rules, γ, the options.
+
+The cluster runs are in test_speculative_cluster.py.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from collections import Counter
+
+import click
+import numpy as np
+import pytest
+
+from homering.agent.speculative import GammaChooser
+from homering.cli.drafting import DraftSettings
+from homering.engine.batches import EXACT_BATCH, exact_batch
+from homering.engine.drafting import NgramDrafter, Speculative, accept_stochastic, verify_rows, with_default
+from homering.engine.sampling import SamplerChain, Sampling
+from homering.engine.window import LayerWindow
+from homering.models.slicing import Role, WindowSpec, slice_window
+from homering.wire import FLAG_ROWS, Frame, FrameError, FrameHeader
+
+IDS = np.array([1, *range(200, 240)], dtype=np.int32)
+L = 20
+
+
+def test_ngram_drafter_proposes_what_followed_the_latest_repeat():
+    d = NgramDrafter()
+    assert d.draft(0, [1, 2, 3, 4, 9, 7, 2, 3], 3) == [4, 9, 7]  # "2 3" was followed by 4 9 7
+    assert d.draft(0, [5, 1, 2, 8, 1, 2, 9, 1, 2], 2) == [9, 1]  # the latest occurrence wins
+    assert d.draft(0, [1, 2, 3, 4], 4) == []  # nothing repeats
+    assert d.draft(0, [7, 7], 0) == []
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma", "smollm2_f16"])
+def test_a_verification_batch_gives_the_logits_of_one_token_decoding(model, request):
+    """The γ + 1 logits of a verification (after dropping rejected positions) are bitwise those of decoding
+    the tokens one at a time: greedy verified answers can only be the plain ones."""
+    path = request.getfixturevalue(model)
+    with LayerWindow(path, takes_tokens=True, gives_logits=True, n_ctx=128, n_threads=2) as w:
+        w.forward(IDS[:L], 0)
+        single = [w.forward(IDS[i : i + 1], i).logits for i in range(L, L + EXACT_BATCH + 2)]
+        w.forward(IDS[L + EXACT_BATCH + 2 : L + EXACT_BATCH + 4], L + EXACT_BATCH + 2)  # positions to drop
+        for n in (2, EXACT_BATCH):
+            w.kv_remove(0, L)
+            rows = w.forward_many([(IDS[L : L + n], L, 0)], [True])[0].logits
+            assert rows.shape == (n, w.n_vocab)
+            for j in range(n):
+                assert np.array_equal(rows[j], single[j]), (n, j)
+        with pytest.raises(ValueError, match="at most"):
+            w.forward_many([(IDS[: EXACT_BATCH + 1], 0, 0)], [True])
+    assert exact_batch(path) == (1 if model == "smollm2_f16" else EXACT_BATCH)
+
+
+def test_flagged_items_keep_their_hidden_states_in_item_order(smollm2):
+    """A hidden-state window decodes flagged items in batches of their own after the others; each item
+    still gets its own rows back."""
+    path = slice_window(smollm2, WindowSpec(10, 20, Role.MIDDLE), progress=False)
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal((n, 576)).astype(np.float32) for n in (5, 3, 4))
+    with LayerWindow(path, takes_tokens=False, gives_logits=False, n_ctx=64, n_seq_max=3) as w:
+        alone = [w.forward(x, 0, s).hidden for s, x in enumerate((a, b, c))]
+        for s in range(3):
+            w.kv_remove(s, 0)
+        mixed = w.forward_many([(a, 0, 0), (b, 0, 1), (c, 0, 2)], [False, True, False])
+    for got, want in zip(mixed, alone):
+        assert np.array_equal(got.hidden, want)
+
+
+def test_rows_flag_travels_on_forward_frames_only():
+    f = Frame.forward(7, 1, 30, np.array([1, 2, 3]), rows=True)
+    assert f.header.flags == FLAG_ROWS and f.header.rows
+    assert FrameHeader.unpack(f.header.pack()).rows
+    hidden = Frame.forward(7, 1, 30, np.zeros((3, 4), np.float32), 1, rows=True)
+    assert FrameHeader.unpack(hidden.header.pack()).rows
+    kv = Frame.kv_remove(7, 1, 30)
+    raw = bytearray(kv.header.pack())
+    raw[7] = FLAG_ROWS  # the flags byte
+    with pytest.raises(FrameError, match="flags"):
+        FrameHeader.unpack(bytes(raw))
+
+
+def test_verify_rows_keeps_the_agreeing_prefix_and_one_more():
+    rows = np.full((4, 8), -10.0, dtype=np.float32)
+    for i, t in enumerate([3, 5, 6, 1]):
+        rows[i, t] = 10.0  # the target's greedy choices
+    greedy = Sampling(temperature=0)
+    assert list(verify_rows(SamplerChain(greedy, 8), rows, [3, 5, 2])) == [3, 5, 6]  # 2 rejected, 6 instead
+    assert list(verify_rows(SamplerChain(greedy, 8), rows, [3, 5, 6])) == [3, 5, 6, 1]  # all kept + bonus
+    assert list(verify_rows(SamplerChain(greedy, 8), rows, [4, 5, 6])) == [3]
+
+
+def _chi2_sf(x: float, df: int) -> float:
+    """P(χ²_df > x): the regularized upper incomplete gamma Q(df/2, x/2) (series / continued fraction)."""
+    a, z = df / 2, x / 2
+    if z < a + 1:
+        term = total = 1 / a
+        for n in range(1, 500):
+            term *= z / (a + n)
+            total += term
+        return 1 - total * math.exp(-z + a * math.log(z) - math.lgamma(a))
+    b, c, d = z + 1 - a, 1e300, 1 / (z + 1 - a)
+    h = d
+    for i in range(1, 500):
+        an, b = -i * (i - a), b + 2
+        d = 1 / (an * d + b)
+        c = b + an / c
+        h *= d * c
+    return math.exp(-z + a * math.log(z) - math.lgamma(a)) * h
+
+
+def _two_sample_p(xs: list[int], ys: list[int]) -> float:
+    """Chi-square test that two samples come from one distribution, over the tokens seen 10+ times in all
+    (the rest pooled)."""
+    cx, cy = Counter(xs), Counter(ys)
+    top = [t for t, n in (cx + cy).most_common() if n >= 10]
+    cells = [(cx[t], cy[t]) for t in top]
+    cells.append((len(xs) - sum(c[0] for c in cells), len(ys) - sum(c[1] for c in cells)))
+    cells = [c for c in cells if sum(c)]
+    nx, ny = len(xs), len(ys)
+    stat = 0.0
+    for ox, oy in cells:
+        tot = ox + oy
+        ex, ey = tot * nx / (nx + ny), tot * ny / (nx + ny)
+        stat += (ox - ex) ** 2 / ex + (oy - ey) ** 2 / ey
+    return _chi2_sf(stat, len(cells) - 1)
+
+
+RUNS = 2000
+
+
+def test_temperature_sampling_with_a_draft_keeps_the_target_distribution(smollm2, smollm2_ref):
+    """Temperature 0.8: the first sampled token over 2,000 seeded runs of one prompt, verified against an
+    n-gram-like draft (deterministic: the second most likely token) and against a draft with a full
+    distribution (:func:`accept_stochastic`), has the histogram of plain sampling (chi-square, p > 0.01)."""
+    prompt = smollm2_ref.tokenize("Once upon a time, in a land far away, there lived a")
+    with LayerWindow(smollm2, takes_tokens=True, gives_logits=True, n_ctx=128, n_threads=2) as w:
+        plain = w.forward(np.array(prompt, dtype=np.int32), 0).logits
+        draft = int(np.argsort(plain)[-2])
+        w.kv_remove(0, len(prompt) - 1)
+        rows = w.forward_many([(np.array([prompt[-1], draft], dtype=np.int32), len(prompt) - 1, 0)], [True])[0].logits
+    assert np.array_equal(rows[0], plain)
+    s = lambda seed: Sampling(temperature=0.8, seed=seed)  # noqa: E731
+    base = [SamplerChain(s(100_000 + i), w.n_vocab).sample(plain) for i in range(RUNS)]
+    spec = [next(verify_rows(SamplerChain(s(i), w.n_vocab), rows, [draft])) for i in range(RUNS)]
+    assert 0.05 < spec.count(draft) / RUNS < 0.95  # the draft is sometimes kept, sometimes not
+    assert _two_sample_p(base, spec) > 0.01
+    # seeded runs: the same seed gives the same token with or without a draft
+    assert [next(verify_rows(SamplerChain(s(100_000 + i), w.n_vocab), rows, [draft])) for i in range(50)] == base[:50]
+    # the general rule, with a draft distribution q unlike p
+    p = _softmax(plain / 0.8)
+    q = _softmax(rows[1] / 0.8)
+    rng = np.random.default_rng(0)
+    p2 = np.stack([p, p])
+    general = []
+    for _ in range(RUNS):
+        x = int(rng.choice(q.shape[0], p=q))
+        general.append(accept_stochastic(p2, q[None, :], [x], rng)[0])
+    direct = [int(t) for t in rng.choice(p.shape[0], size=RUNS, p=p)]
+    assert _two_sample_p(direct, general) > 0.01
+    assert _two_sample_p(direct, [int(t) for t in rng.choice(q.shape[0], size=RUNS, p=q)]) < 0.01  # the test can fail
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x.astype(np.float64) - x.max())
+    return e / e.sum()
+
+
+def test_gamma_follows_the_measured_cost_per_kept_token():
+    s = Speculative(draft="ngram", n_max=6)
+    good = GammaChooser(20.0)
+    for _ in range(40):
+        g = good.choose(10, s)
+        good.record(g, g, 20.0 + g, 0.1 * g, accepted=g)  # every draft kept, a draft token costs 1 ms
+    assert good.choose(10, s) == 6 and good.choose(3, s) == 3
+    bad = GammaChooser(20.0)
+    picks = []
+    for _ in range(200):
+        g = bad.choose(10, s)
+        picks.append(g)
+        bad.record(g, g, 20.0 + g, 2.0 * g, accepted=0)  # never kept
+    late = picks[100:]
+    assert late.count(0) >= 85 and set(late) <= {0, 1}  # plain trips, a one-token probe now and then
+    loss = sum(g * 3.0 for g in late) / (len(late) * 20.0)  # the time the probes add to plain trips
+    assert loss <= 0.05
+    costly = GammaChooser(20.0)  # drafts always kept but each costs a whole trip: plain wins
+    for _ in range(100):
+        g = costly.choose(10, s)
+        costly.record(g, g, 20.0 + 20.0 * g, 1.0 * g, accepted=g)
+    assert min(range(7), key=costly.predicted) == 0
+    assert GammaChooser(0.0).choose(10, Speculative(draft="ngram", n_max=4, adaptive=False)) == 4
+
+
+def test_the_command_lines_gamma_range_is_the_engines():
+    from homering.cli import drafting as cli_drafting
+    from homering.engine import drafting
+
+    assert cli_drafting.GAMMA_MAX == drafting.GAMMA_MAX == EXACT_BATCH - 1
+
+
+def test_request_settings_take_the_cluster_default():
+    default = Speculative(draft="model", n_max=4, model_path="/m/draft.gguf")
+    assert with_default(None, default) == default
+    mine = with_default(Speculative(n_max=2), default)
+    assert (mine.draft, mine.n_max, mine.model_path) == ("model", 2, "/m/draft.gguf")
+    assert with_default(Speculative(draft="off"), default).on is False
+    with pytest.raises(ValueError):
+        Speculative(n_max=EXACT_BATCH)  # γ + 1 tokens must fit an exact batch
+
+
+def test_draft_checks_refuse_another_vocabulary_and_a_draft_too_big(smollm2, gemma, monkeypatch):
+    with pytest.raises(click.UsageError, match="tokens"):
+        DraftSettings(str(gemma), 4, 0).check(smollm2, n_ctx=256, n_parallel=2)
+    monkeypatch.setattr("homering.cli.drafting.available_bytes", lambda: 1 << 20)
+    with pytest.raises(click.UsageError, match="MiB are available"):
+        DraftSettings(str(smollm2), 4, 0).check(smollm2, n_ctx=256, n_parallel=2)
+    assert DraftSettings(str(smollm2), 4, 0).check(smollm2, n_ctx=256, n_parallel=2, memory=False) == smollm2
+    with pytest.raises(click.UsageError, match="above"):
+        DraftSettings("ngram", 2, 3).check(smollm2, n_ctx=256, n_parallel=2)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--draft", "{gemma}"], "has 262144 tokens, the target"),
+        (["--draft", "ngram", "--draft-max", "9"], "--draft-max"),
+        (["--draft", "ngram", "--draft-min", "-1"], "--draft-min"),
+    ],
+)
+def test_up_refuses_bad_drafts_in_one_line_before_starting(args, message, smollm2, gemma, tmp_path):
+    args = [a.format(gemma=gemma) for a in args]
+    r = subprocess.run(
+        [sys.executable, "-m", "homering", "up", "--model", str(smollm2), "--prompt", "hi", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
