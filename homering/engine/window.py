@@ -23,6 +23,7 @@ for the last forward's).
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from dataclasses import dataclass
 from pathlib import Path
