@@ -122,6 +122,7 @@ from homering.wire.requests import (
     GenerateRequest,
     StreamEvent,
     StreamReplay,
+    TokenLogprob,
 )
 from homering.wire.security import ClusterKey, NewestState
 from homering.wire.topics import PREFIX, TopicRef, Topics, parse
@@ -169,6 +170,7 @@ __all__ = [
     "Sampling",
     "StreamEvent",
     "StreamReplay",
+    "TokenLogprob",
     "TopicRef",
     "Topics",
     "WindowAssignment",

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from homering.engine.sampling import Sampling
 from homering.wire.base import NAME, Message, WireEnum
@@ -32,12 +32,40 @@ __all__ = [
     "CancelJob",
     "StreamReplay",
     "Sampling",
+    "TokenLogprob",
+    "LOGPROBS_MAX",
 ]
+
+LOGPROBS_MAX = 20
+"""The most alternatives a token's log-probabilities list (OpenAI's ``top_logprobs`` bound)."""
 
 
 class ChatMessage(Message):
-    role: Literal["system", "user", "assistant"]
+    """One message of a chat, as the chat template renders it.
+
+    ``tool_calls`` (an assistant's, OpenAI's ``[{"id", "type": "function", "function": {"name", "arguments"}}]``
+    with ``arguments`` parsed into an object, as Hugging Face chat templates expect), ``tool_call_id`` and
+    ``name`` (a ``tool`` message's) are for templates that render tools.
+    """
+
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class TokenLogprob(BaseModel):
+    """A token's log-probability under the model (the log-softmax of the head's logits), its text and bytes,
+    and (in ``top``) the most likely tokens at its position."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    token_id: int
+    token: str
+    bytes: list[int]
+    logprob: float = Field(le=0.0)
+    top: list[TokenLogprob] = Field(default_factory=list, max_length=LOGPROBS_MAX)
 
 
 class GenerateRequest(Message):
@@ -51,6 +79,13 @@ class GenerateRequest(Message):
     prompt: str | None = None
     prompt_token_ids: list[int] | None = Field(default=None, description="the prompt, already tokenized")
     sampling: Sampling = Sampling()
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="OpenAI tool definitions, for a chat template that renders them"
+    )
+    grammar: str | None = Field(default=None, description="GBNF: the answer must be in its language")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=LOGPROBS_MAX, description="each token's log-probability, with this many alternatives"
+    )
 
 
 class GenerateJob(Message):
@@ -74,6 +109,8 @@ class GenerateJob(Message):
         description="tokens already streamed to the client by an earlier attempt: the head "
         "replays prompt + these through the ring to rebuild the KV caches, then goes on generating",
     )
+    grammar: str | None = Field(default=None, description="GBNF that constrains the sampled tokens")
+    logprobs: int | None = Field(default=None, ge=0, le=LOGPROBS_MAX, description="as GenerateRequest's")
 
 
 class StreamEvent(Message):
@@ -96,6 +133,7 @@ class StreamEvent(Message):
     index: int | None = None
     text: str = ""
     token_id: int | None = None
+    logprob: TokenLogprob | None = None
     # done only
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
