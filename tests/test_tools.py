@@ -284,3 +284,53 @@ def test_n_choices(served):
         for c in ch.choices:
             texts[c.index] += c.delta.content or ""
     assert set(texts.values()) == {greedy.choices[0].message.content}
+
+
+def test_responses_api_non_stream_and_stream(served):
+    client, model, base = served
+    args = dict(model=model, instructions="Answer briefly.", temperature=0, max_output_tokens=24)
+    r = client.responses.create(input="Name a color.", **args)
+    assert r.status in ("completed", "incomplete") and r.output_text and r.usage.output_tokens > 0
+    events = list(client.responses.create(input=[{"role": "user", "content": "Name a color."}], stream=True, **args))
+    kinds = [e.type for e in events]
+    final = events[-1].response  # response.completed, or response.incomplete (the SDK's helper wants completed)
+    assert final.output_text == r.output_text and final.status == r.status
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    assert "response.output_text.delta" in kinds
+    person = client.responses.create(
+        input="Invent a person.",
+        text={"format": {"type": "json_schema", "name": "person", "schema": PERSON}},
+        **{**args, "max_output_tokens": 160},
+    )
+    jsonschema.validate(json.loads(person.output_text), PERSON)
+    bad = httpx.post(f"{base}/v1/responses", json={"model": model, "input": "x", "tools": [WEATHER]}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools"
+
+
+def test_langchain_structured_output_and_bind_tools(served):
+    """langchain-openai's with_structured_output (each method) and bind_tools give parsed objects."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    client, model, base = served
+    llm = langchain_openai.ChatOpenAI(model=model, base_url=f"{base}/v1", api_key="none", temperature=0, max_tokens=120)
+    # json_mode's grammar is any JSON object: Gemma-3-270M nests objects until max_tokens (the grammar holds the
+    # syntax, not an end), so it runs on SmolLM2 only
+    methods = ("json_schema", "function_calling") + (() if "gemma" in model.lower() else ("json_mode",))
+    for method in methods:
+        hint = " Answer in JSON with a name and an age." if method == "json_mode" else ""
+        out = llm.with_structured_output(Person, method=method).invoke("Invent a person." + hint)
+        assert isinstance(out, Person), method
+
+    def get_weather(city: str) -> str:
+        """The current weather of a city."""
+        return "sunny"
+
+    msg = llm.bind_tools([get_weather], tool_choice="any", parallel_tool_calls=False).invoke(
+        "What is the weather in Paris?"
+    )
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather" and "city" in msg.tool_calls[0]["args"]

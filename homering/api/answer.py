@@ -118,7 +118,7 @@ def usage(outs: list[ChoiceText]) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def _admitted(view: ClusterView, reqs: list[GenerateRequest]) -> list[AsyncIterator[StreamEvent]]:
+async def admitted(view: ClusterView, reqs: list[GenerateRequest]) -> list[AsyncIterator[StreamEvent]]:
     """Submit every choice; each one's events, its first already read (admission errors surface here).
 
     Raises:
@@ -159,7 +159,7 @@ async def answer(view: ClusterView, reqs: list[GenerateRequest], shape: Shape, r
     Raises:
         ApiError: the cluster refused the request (its status), or failed it (500).
     """
-    streams = await _admitted(view, reqs)
+    streams = await admitted(view, reqs)
     rid, created = reqs[0].request_id, int(time.time())
     if stream:
         return StreamingResponse(

@@ -29,7 +29,7 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
-from homering.api import cluster, metrics, openai, windows
+from homering.api import cluster, metrics, openai, responses_api, windows
 from homering.api.errors import ApiError, install_error_handlers, require_api_key
 from homering.api.responses import STREAM_CHUNKS
 from homering.api.view import ClusterView
@@ -111,6 +111,7 @@ def create_app(view: ClusterView, *, default_max_tokens: int = 256, api_key: str
     app.include_router(cluster.router(view, default_max_tokens=default_max_tokens, auth=auth))
     app.include_router(metrics.router(view, auth=auth))
     app.include_router(openai.router(view, default_max_tokens=default_max_tokens, auth=auth))
+    app.include_router(responses_api.router(view, default_max_tokens=default_max_tokens, auth=auth))
     app.include_router(windows.router(view, auth=auth))
     app.add_middleware(BodyLimit, limit=lambda: body_limit(view))
     app.openapi = lambda: _openapi(app, view)  # type: ignore[method-assign]
