@@ -136,8 +136,12 @@ def test_tool_request_errors_name_the_field():
         "response_format"
     )
     assert param(grammar='root ::= "a"', response_format={"type": "json_object"}) == "grammar"
-    orphan = [{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "c1", "content": "x"}]
+    unknown = {"id": "c1", "type": "function", "function": {"name": "rm_rf", "arguments": "{}"}}
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [unknown]}]
     with pytest.raises(ApiError) as e:
-        plan_chat(ChatCompletionBody.model_validate({"model": "m", "messages": orphan, "tools": [WEATHER]}), "")
+        plan_chat(ChatCompletionBody.model_validate({"model": "m", "messages": history, "tools": [WEATHER]}), "")
     assert e.value.param == "messages"
+    orphan = [{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "c1", "content": "x"}]
+    plain = plan_chat(ChatCompletionBody.model_validate({"model": "m", "messages": orphan, "tools": [WEATHER]}), "")
+    assert "returned: x" in plain.messages[-1].content  # a result for no call (the client's history) is kept
     assert isinstance(plan_chat(_body(), ""), ChatPlan)

@@ -187,7 +187,16 @@ def test_bad_tool_and_format_requests_get_400_with_the_field(served):
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "zz"}}}
         },
         "grammar": {"grammar": "root ::= undefined-rule"},
-        "messages": {"tools": [WEATHER], "messages": msgs + [{"role": "tool", "tool_call_id": "c9", "content": "x"}]},
+        "messages": {
+            "tools": [WEATHER],
+            "messages": msgs
+            + [
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c9", "type": "function", "function": {"name": "rm", "arguments": "{}"}}],
+                }
+            ],
+        },
         "n": {"n": 5},
     }
     for field, extra in cases.items():

@@ -122,11 +122,15 @@ def _limit_bodies(schemas: dict[str, Any], view: ClusterView) -> None:
     """Name the served model and bound ``max_tokens`` by the context and prompt token ids by the vocabulary."""
     n_ctx = getattr(view, "n_ctx", None)
     served = [view.model_id, view.model_path.name]
-    for body in ("ChatCompletionBody", "CompletionBody"):
+    for body in ("ChatCompletionBody", "CompletionBody", "ResponsesBody"):
         props = schemas.get(body, {}).get("properties", {})
         if "model" in props:  # any other name gets a 404 (model_not_found)
             props["model"]["enum"] = served
-        for field in ("max_tokens", "max_completion_tokens"):
+        n_prop = props.get("n", {})
+        for variant in n_prop.get("anyOf", [n_prop]):  # n: at most the sequences (more get a 400)
+            if variant.get("type") == "integer" and getattr(view, "n_parallel", None):
+                variant["maximum"] = min(variant.get("maximum", view.n_parallel), view.n_parallel)
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             for variant in props.get(field, {}).get("anyOf", []):
                 if variant.get("type") == "integer" and n_ctx:
                     variant["maximum"] = min(variant.get("maximum", n_ctx), n_ctx)

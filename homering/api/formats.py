@@ -7,7 +7,7 @@ of an assistant message, as OpenAI's chat completions API reference defines them
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,17 +22,27 @@ class _Strict(BaseModel):
 class JsonSchemaFormat(_Strict):
     """``response_format.json_schema``: a name, the schema, and ``strict`` (always enforced here)."""
 
-    name: str = Field(default="response", pattern=FUNCTION_NAME)
+    name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="{} is any JSON object")
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
-    """``response_format``: plain ``text``, any JSON object, or JSON that a schema accepts."""
+class TextFormat(_Strict):
+    """``response_format: {"type": "text"}`` (free text) or ``{"type": "json_object"}`` (any JSON object)."""
 
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+    type: Literal["text", "json_object"]
+
+
+class SchemaFormat(_Strict):
+    """``response_format: {"type": "json_schema", "json_schema": {…}}``: JSON that the schema accepts."""
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | SchemaFormat, Field(discriminator="type")]
+"""``response_format``: plain text, any JSON object, or JSON that a schema accepts."""
 
 
 class FunctionDef(_Strict):

@@ -110,9 +110,7 @@ def chat_requests(
         ApiError: 400, a bad field (named in ``param``), or ``n`` over the free sequences.
     """
     plan = plan_chat(body, chat_template(view))
-    top = (body.top_logprobs or 0) if body.logprobs else None
-    if body.top_logprobs and not body.logprobs:
-        raise ApiError(400, "top_logprobs: needs 'logprobs': true", param="top_logprobs")
+    top = (body.top_logprobs or 0) if body.logprobs else None  # top_logprobs alone: no logprobs
     base = GenerateRequest(
         request_id=f"chatcmpl-{uuid.uuid4().hex[:20]}",
         messages=plan.messages,

@@ -9,7 +9,8 @@ the answer was cut. With ``stream``: the events ``response.created``, ``response
 ``response.output_item.added``, ``response.content_part.added``, one ``response.output_text.delta`` per text
 delta, ``response.output_text.done``, ``response.content_part.done``, ``response.output_item.done`` and
 ``response.completed`` (or ``response.incomplete``; a cluster failure is ``error``). Not supported: tools,
-``previous_response_id`` (nothing is stored), images and files (400).
+``previous_response_id`` (nothing is stored), images and files (400). The translation into a chat is
+:meth:`ResponsesBody.chat`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.params import Depends
@@ -27,10 +28,51 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from homering.api.answer import ChoiceText, admitted, unless_disconnected, usage
 from homering.api.errors import ApiError
+from homering.api.formats import FUNCTION_NAME
 from homering.api.openai import chat_requests
-from homering.api.schemas import ChatCompletionBody
+from homering.api.responses import error
+from homering.api.schemas import INTEGRAL, MAX_TOKENS_LIMIT, ChatCompletionBody
 from homering.api.view import ClusterView
 from homering.wire import EventType, StreamEvent
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class _InputMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_Part]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class _PlainFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["text", "json_object"]
+
+
+class _SchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+
+    type: Literal["json_schema"]
+    name: str = Field(pattern=FUNCTION_NAME)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class _TextConfig(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    format: Annotated[_PlainFormat | _SchemaFormat, Field(discriminator="type")] | None = None
 
 
 class ResponsesBody(BaseModel):
@@ -39,69 +81,63 @@ class ResponsesBody(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
-    input: str | list[dict[str, Any]]
+    input: str | Annotated[list[_InputMessage], Field(min_length=1)]
     instructions: str | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
+    max_output_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT), INTEGRAL] | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    text: dict[str, Any] | None = None
+    text: _TextConfig | None = None
     stream: bool = False
-    tools: list[dict[str, Any]] | None = None
-    previous_response_id: str | None = None
+    tools: list[Any] = Field(default_factory=list, max_length=0, description="not supported: none")
+    previous_response_id: None = Field(default=None, description="not supported: responses are not stored")
 
     def chat(self) -> ChatCompletionBody:
         """The request as a chat completion request.
 
         Raises:
-            ApiError: 400 with ``param``: a non-text input, tools, ``previous_response_id``, a bad ``text.format``.
+            ApiError: 400 with ``param``: a field the chat refuses.
         """
-        if self.tools:
-            raise ApiError(400, "tools: not supported on /v1/responses; use /v1/chat/completions", param="tools")
-        if self.previous_response_id:
-            raise ApiError(400, "previous_response_id: responses are not stored", param="previous_response_id")
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
-        for i, item in enumerate(items):
-            if item.get("type", "message") != "message" or item.get("role") not in (
-                "system",
-                "developer",
-                "user",
-                "assistant",
-            ):
-                raise ApiError(400, f"input.{i}: only messages (system, developer, user, assistant)", param="input")
-            messages.append({"role": item["role"], "content": _text(item.get("content"), i)})
+        if isinstance(self.input, str):
+            messages.append({"role": "user", "content": self.input})
+        else:
+            messages += [{"role": m.role, "content": m.text()} for m in self.input]
         fields: dict[str, Any] = {"model": self.model, "messages": messages}
         for ours, theirs in (("max_tokens", "max_output_tokens"), ("temperature", "temperature"), ("top_p", "top_p")):
             if getattr(self, theirs) is not None:
                 fields[ours] = getattr(self, theirs)
-        fmt = (self.text or {}).get("format")
-        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-            spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        fmt = self.text.format if self.text is not None else None
+        if isinstance(fmt, _SchemaFormat):
+            spec = {"name": fmt.name, "schema": fmt.schema_, "strict": fmt.strict}
             fields["response_format"] = {"type": "json_schema", "json_schema": spec}
-        elif isinstance(fmt, dict):
-            fields["response_format"] = {"type": fmt.get("type")}
+        elif fmt is not None:
+            fields["response_format"] = {"type": fmt.type}
         try:
             return ChatCompletionBody.model_validate(fields)
         except ValueError as exc:
-            raise ApiError(400, f"the request does not translate into a chat: {exc}", param="text") from None
-
-
-def _text(content: Any, i: int) -> str:
-    """A message's content as text (a string, or ``input_text``/``output_text`` parts)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") in ("input_text", "output_text") for p in content
-    ):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise ApiError(400, f"input.{i}.content: only text (a string, or input_text parts)", param="input")
+            raise ApiError(400, f"the request does not translate into a chat: {exc}", param="input") from None
 
 
 def router(view: ClusterView, *, default_max_tokens: int, auth: Sequence[Depends] = ()) -> APIRouter:
     """``POST /v1/responses`` of ``view``'s cluster, behind ``auth``."""
     routes = APIRouter(dependencies=list(auth))
 
-    @routes.post("/v1/responses", response_model=None)
+    @routes.post(
+        "/v1/responses",
+        response_model=None,
+        responses={
+            200: {
+                "description": "a `response` object; with `stream`, the Responses API's server-sent events",
+                "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {}}},
+            },
+            400: error("a malformed request (a field's type or range, max_output_tokens over the context)"),
+            404: error("this cluster does not serve the model"),
+            413: error("the prompt does not fit the context"),
+            429: error("every sequence is busy and the queue is full"),
+            500: error("the cluster failed the request"),
+            503: error("no plan is ready (the agents are joining, loading or re-planning)"),
+        },
+    )
     async def responses(body: ResponsesBody, request: Request):
         if body.model not in (view.model_id, view.model_path.name):
             raise ApiError(404, f"the model '{body.model}' does not exist", code="model_not_found", param="model")

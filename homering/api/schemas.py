@@ -107,7 +107,12 @@ class GenerationBody(_Strict):
         default=1, description="answers (each on a KV sequence of its own; at most the free sequences)"
     )
     response_format: ResponseFormat | None = None
-    grammar: str | None = Field(default=None, description="llama.cpp server's extension: a GBNF grammar")
+    grammar: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1 << 20,
+        description="llama.cpp server's extension: a GBNF grammar (llama.cpp must parse it, else a 400)",
+    )
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False  # llama.cpp server's extension: generate max_tokens past end-of-generation

@@ -10,7 +10,7 @@ grammar as it is. The grammar travels with the request to the head, whose sample
 from __future__ import annotations
 
 from homering.api.errors import ApiError
-from homering.api.formats import ResponseFormat
+from homering.api.formats import ResponseFormat, SchemaFormat
 from homering.engine.grammar import JSON_OBJECT_GBNF, GrammarError, schema_to_gbnf
 
 MAX_GRAMMAR_CHARS = 1 << 20
@@ -28,17 +28,14 @@ def format_grammar(response_format: ResponseFormat | None, grammar: str | None) 
     if grammar is not None:
         if fmt != "text":
             raise ApiError(400, "give either 'grammar' or a JSON 'response_format', not both", param="grammar")
-        if not grammar.strip() or len(grammar) > MAX_GRAMMAR_CHARS:
+        if not grammar or len(grammar) > MAX_GRAMMAR_CHARS:
             raise ApiError(400, f"grammar: give a GBNF grammar of 1 to {MAX_GRAMMAR_CHARS} characters", param="grammar")
         return grammar
     if fmt == "json_object":
         return JSON_OBJECT_GBNF
-    if fmt == "json_schema":
-        spec = response_format.json_schema if response_format is not None else None
-        if spec is None or not spec.schema_:
-            raise ApiError(400, "response_format.json_schema.schema: give a JSON schema", param="response_format")
+    if isinstance(response_format, SchemaFormat):
         try:
-            return schema_to_gbnf(spec.schema_)
+            return schema_to_gbnf(response_format.json_schema.schema_)
         except GrammarError as exc:
             raise ApiError(400, f"response_format.json_schema.schema: {exc}", param="response_format") from None
     return None

@@ -145,7 +145,7 @@ def _messages(body: ChatCompletionBody, mode: Mode | None, names: set[str]) -> l
     without tools) writes them as JSON text.
 
     Raises:
-        ApiError: 400 ``messages``: a call to a function not in ``tools``, a tool result for no earlier call.
+        ApiError: 400 ``messages``: a call to a function not in ``tools``.
     """
     calls: dict[str, str] = {}
     out = []
@@ -158,11 +158,8 @@ def _messages(body: ChatCompletionBody, mode: Mode | None, names: set[str]) -> l
                     msg = f"messages.{i}.tool_calls: the function '{c.function.name}' is not in 'tools'"
                     raise ApiError(400, msg, param="messages")
                 calls[c.id] = c.function.name
-        if role == "tool":
-            if m.tool_call_id is None or m.tool_call_id not in calls:
-                msg = f"messages.{i}.tool_call_id: it answers no tool call of an earlier assistant message"
-                raise ApiError(400, msg, param="messages")
-            name = calls[m.tool_call_id]
+        if role == "tool":  # a result for no earlier call (the client's history) is rendered all the same
+            name = calls.get(m.tool_call_id or "", "a tool")
             if mode == "native":
                 out.append(ChatMessage(role="tool", content=text, tool_call_id=m.tool_call_id, name=name))
             else:
