@@ -300,7 +300,11 @@ def test_responses_api_non_stream_and_stream(served):
     args = dict(model=model, instructions="Answer briefly.", temperature=0, max_output_tokens=24)
     r = client.responses.create(input="Name a color.", **args)
     assert r.status in ("completed", "incomplete") and r.output_text and r.usage.output_tokens > 0
-    events = list(client.responses.create(input=[{"role": "user", "content": "Name a color."}], stream=True, **args))
+    events = list(
+        client.responses.create(
+            input=[{"role": "user", "content": "Name a color."}], stream=True, text={"format": {"type": "text"}}, **args
+        )
+    )
     kinds = [e.type for e in events]
     final = events[-1].response  # response.completed, or response.incomplete (the SDK's helper wants completed)
     assert final.output_text == r.output_text and final.status == r.status

@@ -183,7 +183,7 @@ def _response(rid: str, model: str, chat: ChatCompletionBody, body: ResponsesBod
         "parallel_tool_calls": False,
         "tool_choice": "none",
         "tools": [],
-        "text": body.text or {"format": {"type": "text"}},
+        "text": body.text.model_dump(by_alias=True, exclude_none=True) if body.text else {"format": {"type": "text"}},
         "error": None,
         "incomplete_details": None,
         "metadata": {},
