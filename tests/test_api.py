@@ -204,7 +204,9 @@ def test_bad_requests_get_400_and_the_server_lives(api, model_id):
     )
     assert err["param"] == "temperature"
     _error(httpx.post(url, json={"model": model_id, "messages": [{"role": "wizard", "content": "x"}]}), 400)
-    _error(httpx.post(url, json={"model": model_id, "messages": [{"role": "user", "content": "x"}], "n": 3}), 400)
+    # n > 1 is served (tests/test_tools.py); more choices than the 4 sequences is a 400 naming n
+    err = _error(httpx.post(url, json={"model": model_id, "messages": [{"role": "user", "content": "x"}], "n": 5}), 400)
+    assert err["param"] == "n"
     with pytest.raises(openai.BadRequestError):
         openai.OpenAI(base_url=f"{api}/v1", api_key="x", max_retries=0).chat.completions.create(
             model=model_id, messages=[{"role": "user", "content": "x"}], max_tokens=0
@@ -424,7 +426,7 @@ def test_health_degrades_while_no_sequence_frees_for_longer_than_a_request_takes
 
 
 # ------------------------------------------------------------------ the OpenAPI document
-GENERATION = ("/v1/chat/completions", "/v1/completions")
+GENERATION = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 def test_openapi_document_lists_what_the_server_answers(api, model_id):
@@ -436,7 +438,7 @@ def test_openapi_document_lists_what_the_server_answers(api, model_id):
         for method, op in item.items():
             assert "422" not in op["responses"], (method, path)
             assert "401" not in op["responses"] and "security" not in op, (method, path)  # no API key here
-    for path in GENERATION:
+    for path in GENERATION[:2]:
         responses = doc["paths"][path]["post"]["responses"]
         assert set(responses) == {"200", "400", "404", "413", "429", "500", "503"}
         for status in ("400", "404", "413", "429", "500", "503"):
@@ -471,12 +473,59 @@ def _bound_generation(body) -> None:
     def valid(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and 1 <= v <= N_CTX
 
-    asked = [f for f in ("max_tokens", "max_completion_tokens") if body.get(f) is not None]
+    asked = [f for f in ("max_tokens", "max_completion_tokens", "max_output_tokens") if body.get(f) is not None]
     for field in asked:
         if valid(body[field]):
             body[field] = min(int(body[field]), FUZZ_MAX_TOKENS)
     if not asked:
-        body["max_tokens"] = FUZZ_MAX_TOKENS
+        body["max_tokens" if "input" not in body else "max_output_tokens"] = FUZZ_MAX_TOKENS
+    _consistent(body)
+
+
+def _consistent(body: dict) -> None:
+    """Make a fuzzed body's grammar, schemas and tool names ones the server can use, where they are of the
+    documented types: what JSON Schema cannot say (a grammar llama.cpp parses, a schema its converter handles,
+    a named function that is in ``tools``) gets a 400 naming the field (tests/test_tools.py), which the
+    positive checks would count as a valid request refused. Values of other types stay, for the server to refuse."""
+    if isinstance(body.get("grammar"), str) and body["grammar"]:  # "" is too short: the server refuses it
+        body["grammar"] = 'root ::= "ok"'
+        fmt = body.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+            del body["grammar"]  # both: a 400 naming grammar
+    for fmt in (
+        body.get("response_format"),
+        (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None,
+    ):
+        spec = (fmt.get("json_schema") if "json_schema" in fmt else fmt) if isinstance(fmt, dict) else None
+        if isinstance(spec, dict) and isinstance(spec.get("schema"), dict):
+            spec["schema"] = {"type": "object"}
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    names = []
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("parameters"), dict):
+            fn["parameters"] = {"type": "object"}
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            names.append(fn["name"])
+    choice = body.get("tool_choice")
+    named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+    if named and isinstance(choice["function"].get("name"), str) or choice in ("auto", "required"):
+        if not names and (body.get("tools") is None or isinstance(body["tools"], list)):  # it needs a tool
+            body["tools"] = [*(body.get("tools") or []), {"type": "function", "function": {"name": "f"}}]
+            names.append("f")
+        if named and names:
+            choice["function"]["name"] = names[0]
+    for m in body.get("messages") or [] if isinstance(body.get("messages"), list) else []:
+        for call in (
+            (m.get("tool_calls") or []) if isinstance(m, dict) and isinstance(m.get("tool_calls"), list) else []
+        ):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                if not names and (body.get("tools") is None or isinstance(body["tools"], list)):  # it needs a tool
+                    body["tools"] = [*(body.get("tools") or []), {"type": "function", "function": {"name": "f"}}]
+                    names.append("f")
+                if names:
+                    fn["name"] = names[0]
 
 
 def test_schemathesis_finds_the_server_as_the_document_says(api):

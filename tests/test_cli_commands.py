@@ -70,6 +70,7 @@ def test_every_command_is_registered_and_its_help_works():
         "bench faults",
         "bench plan",
         "bench cluster",
+        "bench grammar",
         "testbed",
         "testbed up",
         "testbed down",

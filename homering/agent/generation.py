@@ -22,11 +22,13 @@ import numpy as np
 from homering.agent.ring import Ring
 from homering.agent.slots import Interrupted, Slot
 from homering.agent.telemetry import StreamHistory
+from homering.engine.grammar import grammar_sampler
+from homering.engine.logprobs import token_logprobs
 from homering.engine.sampling import SamplerChain, StopMatcher
 from homering.engine.window import DecodeError
 from homering.errors import HomeringError
 from homering.tasks import Tasks
-from homering.wire import EventType, Frame, FrameKind, GenerateJob, Plan, StreamEvent, Topics
+from homering.wire import EventType, Frame, FrameKind, GenerateJob, Plan, StreamEvent, TokenLogprob, Topics
 
 log = logging.getLogger("homering.agent")
 
@@ -88,7 +90,8 @@ class HeadSession:
         Raises:
             HomeringError, DecodeError: the prompt does not fit, a window failed.
         """
-        sampler = SamplerChain(self.job.sampling, self.window.n_vocab)
+        grammar = grammar_sampler(self.window.vocab, self.job.grammar) if self.job.grammar else None
+        sampler = SamplerChain(self.job.sampling, self.window.n_vocab, grammar=grammar)
         try:
             sampler.accept(self.resumed)
             self._generate(sampler)
@@ -118,6 +121,8 @@ class HeadSession:
             for i in range(max_new):
                 self._check_interrupted()
                 event, end = self._take(sampler.sample(logits))
+                if event is not None and job.logprobs is not None:
+                    self._add_logprob(event, logits)
                 more = not end and i + 1 < max_new
                 if more:
                     pending = self._start(np.array([self.tokens[-1]], dtype=np.int32), len(self.prompt) + i)
@@ -160,6 +165,12 @@ class HeadSession:
         elif self.slot.cancelled.is_set():
             self.finish = "cancelled"
         return event, self.finish != "length"
+
+    def _add_logprob(self, event: StreamEvent, logits: np.ndarray) -> None:
+        """Attach the token's log-probability and ``job.logprobs`` alternatives to its event."""
+        assert event.token_id is not None and self.job.logprobs is not None
+        lp = token_logprobs(logits, event.token_id, self.job.logprobs, self.window.token_bytes)
+        event.logprob = TokenLogprob.model_validate(lp)
 
     def _check_interrupted(self) -> None:
         if self.slot.interrupted.is_set():

@@ -166,9 +166,11 @@ class SpeculativeSession(HeadSession):
     def _keep(self, sampler: SamplerChain, rows: np.ndarray, drafts: list[int], room: int) -> tuple[int, bool]:
         """Sample the verified rows; emit each kept token. (Tokens kept, whether the request ended.)"""
         kept = 0
-        for tok in verify_rows(sampler, rows, drafts):
+        for i, tok in enumerate(verify_rows(sampler, rows, drafts)):
             event, end = self._take(tok)
             if event is not None:
+                if self.job.logprobs is not None:
+                    self._add_logprob(event, rows[i])
                 self.emit(event)
             kept += 1
             if end or kept >= room:

@@ -31,7 +31,7 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
-from homering.api import anthropic, cluster, metrics, ollama, openai, webui, windows
+from homering.api import anthropic, cluster, metrics, ollama, openai, responses_api, webui, windows
 from homering.api.errors import ApiError, install_error_handlers, require_api_key
 from homering.api.names import model_aliases
 from homering.api.responses import STREAM_CHUNKS
@@ -114,6 +114,7 @@ def create_app(view: ClusterView, *, default_max_tokens: int = 256, api_key: str
     app.include_router(cluster.router(view, default_max_tokens=default_max_tokens, auth=auth))
     app.include_router(metrics.router(view, auth=auth))
     app.include_router(openai.router(view, default_max_tokens=default_max_tokens, auth=auth))
+    app.include_router(responses_api.router(view, default_max_tokens=default_max_tokens, auth=auth))
     app.include_router(windows.router(view, auth=auth))
     app.include_router(ollama.router(view, auth=auth))
     app.include_router(anthropic.router())
@@ -127,11 +128,15 @@ def _limit_bodies(schemas: dict[str, Any], view: ClusterView) -> None:
     """Name the served model and bound ``max_tokens`` by the context and prompt token ids by the vocabulary."""
     n_ctx = getattr(view, "n_ctx", None)
     served = list(model_aliases(view))
-    for body in ("ChatCompletionBody", "CompletionBody"):
+    for body in ("ChatCompletionBody", "CompletionBody", "ResponsesBody"):
         props = schemas.get(body, {}).get("properties", {})
         if "model" in props:  # the model's aliases; any other name gets a 404 (model_not_found)
             props["model"]["enum"] = served
-        for field in ("max_tokens", "max_completion_tokens"):
+        n_prop = props.get("n", {})
+        for variant in n_prop.get("anyOf", [n_prop]):  # n: at most the sequences (more get a 400)
+            if variant.get("type") == "integer" and getattr(view, "n_parallel", None):
+                variant["maximum"] = min(variant.get("maximum", view.n_parallel), view.n_parallel)
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             for variant in props.get(field, {}).get("anyOf", []):
                 if variant.get("type") == "integer" and n_ctx:
                     variant["maximum"] = min(variant.get("maximum", n_ctx), n_ctx)

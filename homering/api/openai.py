@@ -9,18 +9,14 @@ KV sequence is freed). The request bodies are :mod:`homering.api.schemas`'s; the
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.params import Depends
-from fastapi.responses import StreamingResponse
 
+from homering.api.answer import Shape, answer
 from homering.api.errors import ApiError
 from homering.api.names import model_aliases, resolve_model
 from homering.api.responses import (
@@ -33,11 +29,11 @@ from homering.api.responses import (
     error,
     generation_responses,
 )
-from homering.api.schemas import ChatCompletionBody, CompletionBody, GenerationBody
-from homering.api.view import ClusterView, RequestRefused
-from homering.wire import ChatMessage, EventType, GenerateRequest, StreamEvent
-
-T = TypeVar("T")
+from homering.api.schemas import ChatCompletionBody, CompletionBody
+from homering.api.structured import format_grammar
+from homering.api.tools import plan_chat
+from homering.api.view import ClusterView
+from homering.wire import GenerateRequest
 
 __all__ = ["ChatCompletionBody", "CompletionBody", "router"]
 
@@ -68,27 +64,23 @@ def router(view: ClusterView, *, default_max_tokens: int, auth: Sequence[Depends
     )
     async def chat_completions(body: ChatCompletionBody, request: Request):
         check_model(body.model)
-        messages = [
-            ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages
-        ]
-        req = GenerateRequest(
-            request_id=f"chatcmpl-{uuid.uuid4().hex[:20]}",
-            messages=messages,
-            sampling=body.sampling(default_max_tokens, view.n_ctx),
-            speculative=body.speculative.settings() if body.speculative else None,
-        )
-        return await _answer(view, req, body, request, chat=True)
+        reqs, shape = chat_requests(view, body, default_max_tokens)
+        return await answer(view, reqs, shape, request, stream=body.stream)
 
     @routes.post("/v1/completions", response_model=None, responses=generation_responses(Completion, CompletionChunk))
     async def completions(body: CompletionBody, request: Request):
         check_model(body.model)
-        req = GenerateRequest(
+        top = body.logprobs
+        base = GenerateRequest(
             request_id=f"cmpl-{uuid.uuid4().hex[:24]}",
             sampling=body.sampling(default_max_tokens, view.n_ctx),
             speculative=body.speculative.settings() if body.speculative else None,
+            grammar=format_grammar(body.response_format, body.grammar),
+            logprobs=top,
             **body.prompt_fields(),
         )
-        return await _answer(view, req, body, request, chat=False)
+        shape = Shape(chat=False, logprobs=top is not None, include_usage=body.include_usage)
+        return await answer(view, choices(view, base, body.n), shape, request, stream=body.stream)
 
     return routes
 
@@ -103,158 +95,52 @@ def _model_card(view: ClusterView) -> dict[str, Any]:
     }
 
 
-def _usage(done: StreamEvent) -> dict[str, int]:
-    p, c = len(done.prompt_token_ids or []), len(done.token_ids or [])
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def chat_template(view: ClusterView) -> str:
+    """The served model's chat template ("" until the controller has read the vocabulary)."""
+    return str(getattr(view.tokenizer, "chat_template", "") or "")
 
 
-def _finish(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"
+def chat_requests(
+    view: ClusterView, body: ChatCompletionBody, default_max_tokens: int
+) -> tuple[list[GenerateRequest], Shape]:
+    """An OpenAI-shaped chat request as the cluster's requests (one per choice, ``n``) and the answer's shape.
 
-
-async def _answer(view: ClusterView, req: GenerateRequest, body: GenerationBody, request: Request, *, chat: bool):
-    """Run ``req`` and answer as one JSON object or as server-sent events.
+    Tools, ``tool_choice``, ``response_format`` and ``grammar`` go through
+    :func:`~homering.api.tools.plan_chat`; ``logprobs``/``top_logprobs`` become the head's ``logprobs``.
 
     Raises:
-        ApiError: the cluster refused the request (its status), or failed it (500).
+        ApiError: 400, a bad field (named in ``param``), or ``n`` over the free sequences.
     """
-    events = view.submit(req)
-    try:
-        first = await events.__anext__()  # admission errors surface here, before any byte is sent
-    except RequestRefused as exc:
-        await events.aclose()
-        raise ApiError(exc.status, exc.message, code=exc.code) from None
-    except StopAsyncIteration:
-        raise ApiError(500, "the cluster ended the request without an answer") from None
-    created = int(time.time())
-    kind = "chat.completion" if chat else "text_completion"
-
-    async def all_events() -> AsyncIterator[StreamEvent]:
-        yield first
-        async for ev in events:
-            yield ev
-
-    if body.stream:
-        return StreamingResponse(
-            _sse(all_events(), events, req.request_id, kind, created, view.model_id, chat, body.include_usage),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    async def collect() -> tuple[str, StreamEvent]:
-        text = ""
-        async for ev in all_events():
-            if ev.type == EventType.ERROR:
-                raise ApiError(500, ev.error or "the cluster failed")
-            text += ev.text
-            if ev.type == EventType.DONE:
-                return text, ev
-        raise ApiError(500, "the stream ended without a final event")
-
-    async with contextlib.aclosing(events):
-        text, done = await _unless_disconnected(request, collect())
-    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(done.finish_reason), "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    return {
-        "id": req.request_id,
-        "object": kind,
-        "created": created,
-        "model": view.model_id,
-        "choices": [choice],
-        "usage": _usage(done),
-        "system_fingerprint": view.fingerprint,
-    }
+    plan = plan_chat(body, chat_template(view))
+    top = (body.top_logprobs or 0) if body.logprobs else None  # top_logprobs alone: no logprobs
+    base = GenerateRequest(
+        request_id=f"chatcmpl-{uuid.uuid4().hex[:20]}",
+        messages=plan.messages,
+        tools=plan.tools,
+        grammar=plan.grammar,
+        logprobs=top,
+        sampling=body.sampling(default_max_tokens, view.n_ctx),
+        speculative=body.speculative.settings() if body.speculative else None,
+    )
+    shape = Shape(chat=True, plan=plan, logprobs=top is not None, include_usage=body.include_usage)
+    return choices(view, base, body.n), shape
 
 
-async def _unless_disconnected(request: Request, coro: Awaitable[T]) -> T:
-    """Await ``coro``, cancelling it if the HTTP client goes away first (its sequence is then freed)."""
-    task = asyncio.ensure_future(coro)
+def choices(view: ClusterView, base: GenerateRequest, n: int) -> list[GenerateRequest]:
+    """``n`` requests for ``n`` choices: ``base``, then copies with ids ``<id>-1`` … and seeds ``seed + i``.
 
-    async def watch() -> None:
-        while not task.done():
-            if await request.is_disconnected():
-                task.cancel()
-                return
-            await asyncio.sleep(0.25)
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        return await task
-    finally:
-        watcher.cancel()
-
-
-def _chunk(
-    rid: str,
-    obj: str,
-    created: int,
-    model: str,
-    chat: bool,
-    include_usage: bool,
-    delta_or_text: str | None,
-    finish: str | None,
-    *,
-    first: bool = False,
-) -> str:
-    """One ``data: {chunk}`` event: a text delta (chat: ``delta``, with the role in the ``first``), or the last
-    one's ``finish_reason``."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-    if chat:
-        delta: dict[str, Any] = {"role": "assistant"} if first else {}
-        if delta_or_text is not None:
-            delta["content"] = delta_or_text
-        choice["delta"] = delta
-    else:
-        choice["text"] = delta_or_text or ""
-    out: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-    if include_usage:
-        out["usage"] = None
-    return f"data: {json.dumps(out)}\n\n"
-
-
-async def _sse(
-    stream: AsyncIterator[StreamEvent],
-    events: AsyncGenerator[StreamEvent, None],
-    rid: str,
-    kind: str,
-    created: int,
-    model: str,
-    chat: bool,
-    include_usage: bool,
-) -> AsyncIterator[str]:
-    """Server-sent events: one ``data: {chunk}`` per token, the final chunk, then ``data: [DONE]``."""
-    obj = f"{kind}.chunk" if chat else kind
-
-    def chunk(delta_or_text: str | None, finish: str | None, *, first: bool = False) -> str:
-        return _chunk(rid, obj, created, model, chat, include_usage, delta_or_text, finish, first=first)
-
-    async with contextlib.aclosing(events):
-        if chat:
-            yield chunk("", None, first=True)
-        async for ev in stream:
-            if ev.type == EventType.ERROR:
-                err = {
-                    "error": {
-                        "message": ev.error or "the cluster failed",
-                        "type": "server_error",
-                        "param": None,
-                        "code": None,
-                    }
-                }
-                yield f"data: {json.dumps(err)}\n\n"
-                break
-            if ev.type == EventType.TOKEN:
-                if ev.text:
-                    yield chunk(ev.text, None)
-                continue
-            if ev.text:
-                yield chunk(ev.text, None)
-            yield chunk(None, _finish(ev.finish_reason)) if chat else chunk("", _finish(ev.finish_reason))
-            if include_usage:
-                out = {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": _usage(ev)}
-                yield f"data: {json.dumps(out)}\n\n"
-            break
-        yield "data: [DONE]\n\n"
+    Raises:
+        ApiError: 400 ``n``, more choices than the cluster has free sequences.
+    """
+    if n == 1:
+        return [base]
+    seqs = view.sequences
+    free = seqs.n - seqs.in_use
+    if n > free:
+        raise ApiError(400, f"n: {n} choices need {n} free sequences; the cluster has {free} of {seqs.n}", param="n")
+    out = [base]
+    for i in range(1, n):
+        s = base.sampling
+        sampling = s.model_copy(update={"seed": (s.seed + i) % 2**32 if s.seed is not None else None})
+        out.append(base.model_copy(update={"request_id": f"{base.request_id}-{i}", "sampling": sampling}))
+    return out

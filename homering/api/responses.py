@@ -29,7 +29,7 @@ class ErrorResponse(BaseModel):
     error: ErrorObject
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Usage(BaseModel):
@@ -40,15 +40,49 @@ class Usage(BaseModel):
     total_tokens: int = Field(ge=0)
 
 
+class _Function(BaseModel):
+    name: str
+    arguments: str = Field(description="a JSON text")
+
+
+class _ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: _Function
+
+
 class _AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null when the answer is tool calls")
+    tool_calls: list[_ToolCall] | None = None
+
+
+class _TopLogprob(BaseModel):
+    token: str
+    logprob: float = Field(le=0)
+    bytes: list[int]
+
+
+class _TokenLogprob(_TopLogprob):
+    top_logprobs: list[_TopLogprob]
+
+
+class _ChatLogprobs(BaseModel):
+    content: list[_TokenLogprob]
+    refusal: None
+
+
+class _CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class _ChatChoice(BaseModel):
     index: int = Field(ge=0)
     finish_reason: FinishReason
-    logprobs: None
+    logprobs: _ChatLogprobs | None = Field(description="with logprobs: true")
     message: _AssistantMessage
 
 
@@ -67,7 +101,7 @@ class ChatCompletion(BaseModel):
 class _CompletionChoice(BaseModel):
     index: int = Field(ge=0)
     finish_reason: FinishReason
-    logprobs: None
+    logprobs: _CompletionLogprobs | None = Field(description="with logprobs: n")
     text: str
 
 
@@ -83,15 +117,28 @@ class Completion(BaseModel):
     system_fingerprint: str | None
 
 
+class _DeltaFunction(TypedDict, total=False):
+    name: str  # in a call's first chunk
+    arguments: str
+
+
+class _DeltaToolCall(TypedDict, total=False):
+    index: int
+    id: str  # in a call's first chunk
+    type: Literal["function"]
+    function: _DeltaFunction
+
+
 class _ChatDelta(TypedDict, total=False):
     role: Literal["assistant"]  # in the first chunk only
     content: str  # absent in the last chunk
+    tool_calls: list[_DeltaToolCall]
 
 
 class _ChatChunkChoice(BaseModel):
     index: int = Field(ge=0)
     finish_reason: FinishReason | None
-    logprobs: None
+    logprobs: _ChatLogprobs | None
     delta: _ChatDelta
 
 
@@ -109,7 +156,7 @@ class ChatCompletionChunk(BaseModel):
 class _CompletionChunkChoice(BaseModel):
     index: int = Field(ge=0)
     finish_reason: FinishReason | None
-    logprobs: None
+    logprobs: _CompletionLogprobs | None
     text: str
 
 

@@ -1,7 +1,8 @@
 """The request bodies of the generation routes: ``POST /v1/chat/completions`` and ``POST /v1/completions``.
 
 The shapes follow OpenAI's API reference for chat completions and (legacy) completions; fields this server does
-not use (``user``, ``logit_bias``, …) are accepted and ignored, and ``n`` must be 1. Extensions, as in
+not use (``user``, ``logit_bias``, …) are accepted and ignored. Structured output (``response_format``,
+``grammar``) and tools (``tools``, ``tool_choice``) are :mod:`homering.api.formats`'s shapes. Extensions, as in
 llama.cpp's server: ``top_k``, ``min_p`` and ``ignore_eos``. Sampling fields a client leaves out take llama.cpp's
 defaults (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05), not OpenAI's (temperature 1, no top-k), which make
 small models ramble. Types are strict ("5" is no integer), and text must be valid Unicode (no lone surrogates).
@@ -17,10 +18,13 @@ from pydantic_core import PydanticCustomError
 
 from homering.api.errors import ApiError
 from homering.api.speculative import SpeculativeBody, fold_flat_keys
+from homering.api.formats import ResponseFormat, ToolCall, ToolChoice, ToolDef
 from homering.wire import Sampling
 
 MAX_TOKENS_LIMIT = 1 << 20
 """The largest ``max_tokens`` any request may ask for (:class:`Sampling`'s bound); the context bounds it further."""
+N_MAX = 16
+"""The most answers (``n``) one request may ask for; the cluster's free sequences bound it further."""
 
 
 def _lone_surrogate(value: Any, where: str) -> str | None:
@@ -100,7 +104,16 @@ class GenerationBody(_Strict):
     )
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    n: Annotated[int, Field(ge=1, le=1), INTEGRAL] = 1
+    n: Annotated[int, Field(ge=1, le=N_MAX), INTEGRAL] = Field(
+        default=1, description="answers (each on a KV sequence of its own; at most the free sequences)"
+    )
+    response_format: ResponseFormat | None = None
+    grammar: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1 << 20,
+        description="llama.cpp server's extension: a GBNF grammar (llama.cpp must parse it, else a 400)",
+    )
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False  # llama.cpp server's extension: generate max_tokens past end-of-generation
@@ -152,8 +165,11 @@ class _ContentPart(_Strict):
 
 
 class _Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_ContentPart] | None = ""
+    tool_calls: list[ToolCall] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool's: the call it answers
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -167,6 +183,11 @@ class ChatCompletionBody(GenerationBody):
     """``POST /v1/chat/completions``: the messages (text only) and the generation fields."""
 
     messages: list[_Message] = Field(min_length=1)
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
 
 
 PROMPT_SCHEMA: JsonDict = {
@@ -185,6 +206,7 @@ class CompletionBody(GenerationBody):
     """``POST /v1/completions``: one prompt (text, or token ids) and the generation fields."""
 
     prompt: str | list[str] | list[Annotated[int, INTEGRAL]] = Field(json_schema_extra=PROMPT_SCHEMA)
+    logprobs: Annotated[int, Field(ge=0, le=5), INTEGRAL] | None = None
 
     def prompt_fields(self) -> dict[str, Any]:
         """``prompt`` as :class:`~homering.wire.GenerateRequest` fields: ``prompt`` (one string) or

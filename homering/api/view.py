@@ -20,11 +20,12 @@ class RequestRefused(Exception):
     Raised by :meth:`ClusterView.submit`; the API answers it as an error object.
     """
 
-    def __init__(self, status: int, message: str, *, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.param = param
 
 
 class SequencesView(Protocol):

@@ -1,4 +1,4 @@
-"""``homering bench decode|concurrent|faults|plan|cluster``: the benchmarks' command lines."""
+"""``homering bench decode|concurrent|faults|plan|cluster|grammar``: the benchmarks' command lines."""
 
 from __future__ import annotations
 
@@ -338,3 +338,24 @@ def bench_speculative(spec_path, tokens, out_dir) -> None:
     from homering.bench.speculative import run_speculative_bench
 
     run_speculative_bench(Path(spec_path), tokens=tokens, out_dir=Path(out_dir))
+
+
+@bench.command("grammar")
+@click.option("--agents", type=click.IntRange(1, 16), default=2, show_default=True, help="Agents in the ring.")
+@MODEL_OPTION
+@click.option(
+    "--threads", "-t", type=click.IntRange(1, 512), default=1, show_default=True, help="llama.cpp threads per agent."
+)
+@click.option("--tokens", type=click.IntRange(8, 4096), default=128, show_default=True, help="Tokens per run.")
+@_bench_run_options("grammar")
+def bench_grammar(agents, model, threads, tokens, repeats, out, broker) -> None:
+    """Tokens/s with a JSON-schema grammar against unconstrained decoding, in one run.
+
+    Example: `homering bench grammar --agents 2 --tokens 128`.
+    """
+    from homering.bench.grammar import run_grammar_bench
+    from homering.models.registry import resolve_model
+
+    run_grammar_bench(
+        resolve_model(model), agents=agents, threads=threads, n_tokens=tokens, repeats=repeats, out=out, broker=broker
+    )

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from homering.api.view import RequestRefused
+from homering.engine.grammar import GrammarError
 from homering.engine.tokenizer import Tokenizer
 from homering.errors import HomeringError
 from homering.transport.streams import StreamOrder
@@ -85,6 +86,8 @@ class RequestRun:
             attempt=self.attempt,
             resume_token_ids=list(self.sent),
             speculative=self.request.speculative,
+            grammar=self.request.grammar,
+            logprobs=self.request.logprobs,
         )
 
     def deliver(self, event: StreamEvent) -> bool:
@@ -166,7 +169,7 @@ def prompt_ids(tokenizer: Tokenizer, req: GenerateRequest, n_ctx: int) -> list[i
         )
     try:
         if req.messages is not None:
-            ids = tokenizer.chat_tokens([m.model_dump() for m in req.messages])
+            ids = tokenizer.chat_tokens([m.model_dump(exclude_none=True) for m in req.messages], tools=req.tools)
         elif req.prompt is not None:
             ids = tokenizer.tokenize(req.prompt, add_special=True, parse_special=True)
         else:
@@ -186,6 +189,11 @@ def prompt_ids(tokenizer: Tokenizer, req: GenerateRequest, n_ctx: int) -> list[i
         raise RequestError(400, "the request's text is not valid Unicode (a lone surrogate?)") from None
     if not ids:
         raise RequestError(400, "the prompt is empty")
+    if req.grammar is not None:
+        try:
+            tokenizer.check_grammar(req.grammar)
+        except GrammarError as exc:
+            raise RequestError(400, f"grammar: {exc}", param="grammar") from None
     if len(ids) >= n_ctx:
         raise RequestError(
             413,

@@ -10,6 +10,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from homering.engine.grammar import allows as grammar_allows
+
 # llama.cpp's struct llama_token_data {llama_token id; float logit; float p;}
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 PENALTY_LAST_N = 64  # tokens the presence/frequency penalties look back on (llama.cpp's default)
@@ -65,13 +67,20 @@ class SamplerChain:
     llama context: the head runs several sequences through the same last
     window, and each request's logits travel with its frame.
 
+    With a ``grammar`` (a grammar sampler, :func:`homering.engine.grammar.grammar_sampler`; the chain owns
+    and frees it) the sampled token must be one the grammar allows: the chain's pick is checked alone, and
+    only when the grammar rejects it is the chain applied again to the logits the grammar filtered
+    (llama.cpp's ``common_sampler_sample``).
+
     Args:
         s: the request's sampling settings.
         n_vocab: the model's vocabulary size (llama.cpp's penalties sampler takes it
             in the llama.cpp that llama-cpp-python 0.3.36 vendors).
+        grammar: a grammar sampler, or None (unconstrained).
     """
 
-    def __init__(self, s: Sampling, n_vocab: int) -> None:
+    def __init__(self, s: Sampling, n_vocab: int, *, grammar: llama_cpp.llama_sampler_p | None = None) -> None:
+        self._grammar = grammar
         params = llama_cpp.llama_sampler_chain_default_params()
         self._chain: llama_cpp.llama_sampler_p | None = llama_cpp.llama_sampler_chain_init(params)
 
@@ -100,7 +109,21 @@ class SamplerChain:
         self._ids = np.zeros(0, dtype=np.int32)
 
     def sample(self, logits: npt.NDArray[np.float32]) -> int:
-        """Sample a token id from ``logits`` ((n_vocab,) float32) and accept it into the chain's history."""
+        """Sample a token id from ``logits`` ((n_vocab,) float32) and accept it into the chain's history.
+
+        Raises:
+            RuntimeError: no token is left (a grammar that allows no token of this vocabulary).
+        """
+        token = self._apply(logits, constrained=False)
+        if self._grammar is not None:
+            if not grammar_allows(self._grammar, token, float(logits[token])):
+                token = self._apply(logits, constrained=True)
+            llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
+
+    def _apply(self, logits: npt.NDArray[np.float32], *, constrained: bool) -> int:
+        """The chain's pick from ``logits`` (``constrained``: filtered through the grammar first)."""
         n = logits.shape[0]
         if self._cells is None or self._cells.shape[0] != n:
             self._cells = np.empty(n, dtype=_TOKEN_DATA)
@@ -112,12 +135,14 @@ class SamplerChain:
         arr = llama_cpp.llama_token_data_array(
             data=ctypes.cast(cells.ctypes.data, llama_cpp.llama_token_data_p), size=n, selected=-1, sorted=False
         )
+        if constrained:
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(arr))
         llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(arr))
         if not 0 <= arr.selected < arr.size:
             raise RuntimeError("the sampler chain selected no token")
-        token = int(arr.data[arr.selected].id)
-        llama_cpp.llama_sampler_accept(self._chain, token)
-        return token
+        if constrained and arr.data[arr.selected].logit == float("-inf"):
+            raise RuntimeError("the grammar allows no token here")
+        return int(arr.data[arr.selected].id)
 
     def accept(self, tokens: list[int]) -> None:
         """Add tokens chosen earlier to the chain's history (penalties), as when a request resumes.
@@ -126,12 +151,17 @@ class SamplerChain:
         with temperature > 0 goes on from a fresh draw of the same seed.
         """
         for t in tokens:
+            if self._grammar is not None:
+                llama_cpp.llama_sampler_accept(self._grammar, int(t))
             llama_cpp.llama_sampler_accept(self._chain, int(t))
 
     def close(self) -> None:
         if self._chain:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
+        if self._grammar:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
 
     def __del__(self) -> None:  # pragma: no cover
         self.close()

@@ -12,6 +12,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 from homering.engine.backend import init_backend, token_piece
+from homering.engine.grammar import check_grammar
 from homering.errors import ModelError
 from homering.models.gguf_file import read_gguf
 
@@ -86,20 +87,32 @@ class Tokenizer:
         n = llama_cpp.llama_detokenize(self._vocab, arr, len(ids), buf, cap, False, False)
         return buf.raw[: max(n, 0)].decode(errors="replace")
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         """Render ``[{"role", "content"}, …]`` with the model's chat template, ready for the assistant.
+
+        ``tools`` (OpenAI tool definitions) are passed to the template as Hugging Face templates take them;
+        a template that does not use them ignores them.
 
         Raises:
             ModelError: the template rejects these messages.
         """
         try:
-            return self._formatter(messages=cast("list[ChatCompletionRequestMessage]", messages)).prompt
+            chat = cast("list[ChatCompletionRequestMessage]", messages)
+            return self._formatter(messages=chat, tools=cast(Any, tools)).prompt
         except Exception as exc:  # jinja errors: a template that rejects these messages
             raise ModelError(f"the chat template rejected the messages: {exc}") from None
 
-    def chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
+    def check_grammar(self, gbnf: str) -> None:
+        """Parse a GBNF grammar over this vocabulary (:func:`homering.engine.grammar.check_grammar`).
+
+        Raises:
+            GrammarError: llama.cpp cannot parse it.
+        """
+        check_grammar(self._vocab, gbnf)
+
+    def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of the rendered chat (BOS added once, special tokens parsed)."""
-        prompt = self.chat_prompt(messages)
+        prompt = self.chat_prompt(messages, tools)
         add = not (self.bos_text and prompt.startswith(self.bos_text))
         return self.tokenize(prompt, add_special=add, parse_special=True)
 

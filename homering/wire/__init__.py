@@ -124,6 +124,7 @@ from homering.wire.requests import (
     GenerateRequest,
     StreamEvent,
     StreamReplay,
+    TokenLogprob,
 )
 from homering.wire.security import ClusterKey, NewestState
 from homering.wire.topics import PREFIX, TopicRef, Topics, parse
@@ -174,6 +175,7 @@ __all__ = [
     "GAMMA_MAX",
     "StreamEvent",
     "StreamReplay",
+    "TokenLogprob",
     "TopicRef",
     "Topics",
     "WindowAssignment",

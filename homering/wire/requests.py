@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from homering.engine.drafting import Speculative
 from homering.engine.sampling import Sampling
@@ -33,12 +33,40 @@ __all__ = [
     "CancelJob",
     "StreamReplay",
     "Sampling",
+    "TokenLogprob",
+    "LOGPROBS_MAX",
 ]
+
+LOGPROBS_MAX = 20
+"""The most alternatives a token's log-probabilities list (OpenAI's ``top_logprobs`` bound)."""
 
 
 class ChatMessage(Message):
-    role: Literal["system", "user", "assistant"]
+    """One message of a chat, as the chat template renders it.
+
+    ``tool_calls`` (an assistant's, OpenAI's ``[{"id", "type": "function", "function": {"name", "arguments"}}]``
+    with ``arguments`` parsed into an object, as Hugging Face chat templates expect), ``tool_call_id`` and
+    ``name`` (a ``tool`` message's) are for templates that render tools.
+    """
+
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class TokenLogprob(BaseModel):
+    """A token's log-probability under the model (the log-softmax of the head's logits), its text and bytes,
+    and (in ``top``) the most likely tokens at its position."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    token_id: int
+    token: str
+    bytes: list[int]
+    logprob: float = Field(le=0.0)
+    top: list[TokenLogprob] = Field(default_factory=list, max_length=LOGPROBS_MAX)
 
 
 class GenerateRequest(Message):
@@ -53,6 +81,13 @@ class GenerateRequest(Message):
     prompt_token_ids: list[int] | None = Field(default=None, description="the prompt, already tokenized")
     sampling: Sampling = Sampling()
     speculative: Speculative | None = None
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="OpenAI tool definitions, for a chat template that renders them"
+    )
+    grammar: str | None = Field(default=None, description="GBNF: the answer must be in its language")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=LOGPROBS_MAX, description="each token's log-probability, with this many alternatives"
+    )
 
 
 class GenerateJob(Message):
@@ -79,6 +114,8 @@ class GenerateJob(Message):
     speculative: Speculative | None = Field(
         default=None, description="speculative decoding on the head (None: the head agent's --draft)"
     )
+    grammar: str | None = Field(default=None, description="GBNF that constrains the sampled tokens")
+    logprobs: int | None = Field(default=None, ge=0, le=LOGPROBS_MAX, description="as GenerateRequest's")
 
 
 class StreamEvent(Message):
@@ -101,6 +138,7 @@ class StreamEvent(Message):
     index: int | None = None
     text: str = ""
     token_id: int | None = None
+    logprob: TokenLogprob | None = None
     # done only
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
