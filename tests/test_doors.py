@@ -26,7 +26,9 @@ N_CTX = 1024
 MAX_NEW = 16
 QUESTION = "What is the capital of France?"
 SYSTEM = "You are a helpful assistant. Answer in one sentence."
-NEEDS_21 = pytest.mark.skip(reason="needs issue 21's grammar/tool machinery")
+NEEDS_EMBEDDINGS = pytest.mark.skip(
+    reason="/v1/embeddings is not built yet (issue 21: the head's last window gives logits only)"
+)
 WEATHER_TOOL = {
     "name": "get_weather",
     "description": "The current weather in a city",
@@ -162,7 +164,6 @@ def test_ollama_errors_are_ollamas_with_the_field_named(olla, model_id, base):
     assert olla.chat(model=model_id, messages=USER, options=GREEDY, stream=False).done  # still serving
 
 
-@NEEDS_21
 def test_ollama_format_schema_output_validates(olla, model_id):
     schema = {
         "type": "object",
@@ -178,7 +179,6 @@ def test_ollama_format_schema_output_validates(olla, model_id):
     # free-form JSON rambles past any small num_predict, so only the schema's answer is checked whole here
 
 
-@NEEDS_21
 def test_ollama_tools_a_tool_call_comes_back(olla, model_id):
     messages = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
     tools = [{"type": "function", "function": WEATHER_TOOL}]
@@ -191,7 +191,7 @@ def test_ollama_tools_a_tool_call_comes_back(olla, model_id):
     assert followed.done and (followed.message.content or followed.message.tool_calls)
 
 
-@NEEDS_21
+@NEEDS_EMBEDDINGS
 def test_ollama_embed(olla, model_id):
     out = olla.embed(model=model_id, input=["The capital of France is Paris.", "Bonjour"])
     assert len(out.embeddings) == 2 and len(out.embeddings[0]) == 576
@@ -257,7 +257,6 @@ def test_anthropic_errors_are_anthropics_with_the_field_named(claude, model_id, 
     assert "messages.0.content.0" in blocks.value.body["error"]["message"]
 
 
-@NEEDS_21
 def test_anthropic_tool_use_round_trip(claude, model_id):
     tool = {"name": WEATHER_TOOL["name"], "description": WEATHER_TOOL["description"]}
     tool["input_schema"] = WEATHER_TOOL["parameters"]

@@ -17,8 +17,8 @@ from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
 from homering.api.errors import ApiError
-from homering.api.speculative import SpeculativeBody, fold_flat_keys
 from homering.api.formats import ResponseFormat, ToolCall, ToolChoice, ToolDef
+from homering.api.speculative import SpeculativeBody, fold_flat_keys
 from homering.wire import Sampling
 
 MAX_TOKENS_LIMIT = 1 << 20
