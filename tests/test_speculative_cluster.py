@@ -8,6 +8,7 @@ A module of its own: one broker carries one cluster at a time.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -113,13 +114,14 @@ def test_an_agents_own_draft_model(smollm2_f16, smollm2_f16_ref, smollm2, mosqui
 
 @pytest.fixture(scope="module")
 def up_ngram(smollm2, mosquitto, tmp_path_factory):
-    """`homering up --agents 3 --draft ngram` with the API, a ring of 3."""
+    """`homering up --agents 3 --draft ngram --draft-min 1` with the API, a ring of 3: every trip drafts (the
+    adaptive γ, timed on a busy machine, could otherwise choose γ = 0 and leave the drafted path untested)."""
     port = free_port()
     with open(tmp_path_factory.mktemp("up") / "up.log", "w") as log:
         proc = _homering(
             *("up", "--agents", "3", "--model", str(smollm2), "--broker", str(mosquitto), "--threads", "1"),
             *("--ctx", "512", "--planner", "proportional", "--api-port", str(port), "--no-chat"),
-            *("--draft", "ngram"),
+            *("--draft", "ngram", "--draft-min", "1"),
             log=log,
         )
         base = f"http://127.0.0.1:{port}"
@@ -168,6 +170,24 @@ def test_stop_strings_max_tokens_and_the_api_field(up_ngram):
     assert 0 < accepted < drafted and _metric(metrics, "homering_draft_acceptance_rate") == pytest.approx(
         accepted / drafted
     )
+
+
+def test_logprobs_and_grammar_compose_with_drafting(up_ngram):
+    """A drafted answer carries every kept token's logprobs, equal to plain decoding's (the rows of a
+    verification trip are the logits one-token decoding gives), and a JSON-schema grammar holds over kept
+    drafts (only kept tokens advance it): the same text as without a draft."""
+    base = up_ngram
+    _wait_plan(base, 3)
+    fields = {"logprobs": 2, "max_tokens": 24}
+    plain = _complete(base, speculative={"draft": "off"}, **fields)["choices"][0]
+    drafted = _complete(base, **fields)["choices"][0]
+    assert drafted["text"] == plain["text"] and drafted["logprobs"]["tokens"] == plain["logprobs"]["tokens"]
+    assert len(drafted["logprobs"]["token_logprobs"]) == len(plain["logprobs"]["token_logprobs"]) > 0
+    assert drafted["logprobs"]["token_logprobs"] == pytest.approx(plain["logprobs"]["token_logprobs"], abs=1e-4)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}
+    texts = [_complete(base, speculative=s, **fmt)["choices"][0]["text"] for s in ({"draft": "off"}, None)]
+    assert texts[0] == texts[1] and isinstance(json.loads(texts[1])["n"], int)
 
 
 def _metric(text: str, name: str) -> float:
