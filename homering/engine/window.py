@@ -38,6 +38,7 @@ from homering.engine.backend import context_params, init_backend, model_arch, mo
 from homering.engine.backend import plain_llama as plain_llama  # where the benchmarks and tests import it from
 from homering.engine.batches import EXACT_BATCH, Item, Piece, exact_batch, fill_batch, pack_batches
 from homering.engine.evalhook import EvalHook, new_hook, restore_input, user_data
+from homering.engine.outputs import embedding_mode, read_rows
 from homering.engine.streaming import TailStream
 from homering.errors import HomeringError
 from homering.models.support import HIDDEN_INPUT_RESTORE
@@ -186,9 +187,8 @@ class LayerWindow:
         sequences of a batch (llama.cpp's server does the same with its
         slots). Returns one :class:`WindowOutput` per item. A window that gives
         logits returns (n, n_vocab) logits, one row per token, for the items whose
-        ``rows`` entry is true (a speculative verification, at most ``n_batch`` tokens). For the items whose
-        ``embed`` entry is true it returns ``hidden``: every token's final hidden state after the output norm
-        ((n, n_embd) float32, llama.cpp's per-token embeddings with pooling NONE; see :meth:`_embeddings`).
+        ``rows`` entry is true (a speculative verification, at most ``n_batch`` tokens); ``embed`` items get
+        ``hidden``: every token's embedding, (n, n_embd) float32 (:mod:`homering.engine.outputs`).
 
         Raises:
             DecodeError: llama_decode failed (context full, …).
@@ -217,14 +217,8 @@ class LayerWindow:
                     if off == 0:
                         start[i] = done + sum(n for _, _, n in group[:k])
                 out = None if hidden is None else hidden[done : done + total]
-                wants = any(embeds[i] for i, _, _ in group)
-                if wants:
-                    self._check_pooling()
-                llama_cpp.llama_set_embeddings(self._ctx, wants)
-                try:
+                with embedding_mode(self._ctx, any(embeds[i] for i, _, _ in group), self.path.name):
                     self._decode(group, (arrays, rows), items, total, out, logits, embeds)
-                finally:
-                    llama_cpp.llama_set_embeddings(self._ctx, False)
                 done += total
             if self._hook is not None:
                 self._hook.dst, self._hook.capacity = None, 0
@@ -247,8 +241,7 @@ class LayerWindow:
     ) -> None:
         """One llama_decode of ``group`` (pieces of items, ``total`` tokens; ``inputs``: the items' arrays and
         whether each wants every row's logits); the hidden states land in ``hidden`` ((total, n_embd) rows),
-        or each finished item's last logits (all its rows' for a ``rows`` item; its rows' embeddings for an
-        ``embeds`` item) in ``logits``."""
+        or each finished item's last logits (all rows for ``rows``, with ``embeds``: embeddings) in ``logits``."""
         b = self._batch
         b.n_tokens = total
         arrays, rows = inputs
@@ -282,40 +275,12 @@ class LayerWindow:
                 )
         else:
             for i, off, r, n, is_last in placed:
-                if embeds[i]:
-                    self._embeddings(logits, i, arrays[i].shape[0], off, r, n)
-                elif rows[i]:  # every row, piece by piece, into the item's (n_tokens, n_vocab) logits
-                    buf = logits[i]
-                    if buf is None:
-                        buf = logits[i] = np.empty((arrays[i].shape[0], self.n_vocab), dtype=np.float32)
-                    for j in range(n):
-                        ptr = llama_cpp.llama_get_logits_ith(self._ctx, r + j)
-                        buf[off + j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+                if rows[i]:  # every row, piece by piece: the item's (n_tokens, n_vocab) logits or embeddings
+                    width = self.n_embd if embeds[i] else self.n_vocab
+                    read_rows(self._ctx, logits, i, (arrays[i].shape[0], width), (off, r, n), embed=embeds[i])
                 elif is_last:
                     ptr = llama_cpp.llama_get_logits_ith(self._ctx, r + n - 1)
                     logits[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-
-    def _embeddings(self, out: list[Floats | None], i: int, n_item: int, off: int, r: int, n: int) -> None:
-        """Copy batch rows ``r`` … ``r + n - 1`` of the embeddings (the output norm's result, before the LM
-        head: llama_get_embeddings_ith with pooling NONE) into rows ``off`` … of item ``i``'s (n_item, n_embd)."""
-        buf = out[i]
-        if buf is None:
-            buf = out[i] = np.empty((n_item, self.n_embd), dtype=np.float32)
-        for j in range(n):
-            ptr = llama_cpp.llama_get_embeddings_ith(self._ctx, r + j)
-            if not ptr:
-                raise DecodeError(f"llama.cpp gave no embedding for batch row {r + j}")
-            buf[off + j] = np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
-
-    def _check_pooling(self) -> None:
-        """Per-token embeddings need a context without a pooling layer (generative models have none).
-
-        Raises:
-            DecodeError: the model pools (an embedding model: its own pooled vector is not what we return).
-        """
-        pooling = llama_cpp.llama_pooling_type(self._ctx)
-        if pooling not in (llama_cpp.LLAMA_POOLING_TYPE_NONE, llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED):
-            raise DecodeError(f"{self.path.name} has a pooling layer of its own (type {pooling}): not supported")
 
     def _check_inputs(self, inputs: npt.NDArray[Any]) -> npt.NDArray[Any]:
         if self.takes_tokens:
