@@ -67,7 +67,7 @@ class FakeWindow:
     def forward(self, x: np.ndarray, pos: int, seq_id: int = 0) -> WindowOutput:
         return self._out(x, pos)
 
-    def forward_many(self, items: list[tuple[np.ndarray, int, int]]) -> list[WindowOutput]:
+    def forward_many(self, items: list[tuple[np.ndarray, int, int]], *_flags: object) -> list[WindowOutput]:
         return [self._out(x, pos) for x, pos, _ in items]
 
     def kv_remove(self, seq_id: int, p0: int = 0) -> None:
