@@ -1,5 +1,5 @@
 """``POST /v1/embeddings`` through the real `openai` SDK against a real cluster (`homering up`: 2 agents on
-mosquitto, a real ring), on SmolLM2-135M: each vector is the mean of the unsplit model's own per-token
+mosquitto, a real ring; and 1 agent alone), on SmolLM2-135M: each vector is the mean of the unsplit model's own per-token
 embeddings (llama-cpp-python, ``embedding=True``, pooling NONE: the output norm's result), the gold standard."""
 
 from __future__ import annotations
@@ -53,11 +53,12 @@ def gold(smollm2):
     llm.close()
 
 
-@pytest.fixture(scope="module")
-def served(smollm2, mosquitto, tmp_path_factory):
-    """(client, model id, base URL) of a 2-agent cluster (the proportional planner: a real ring)."""
+@pytest.fixture(scope="module", params=[2, 1], ids=["ring", "alone"])
+def served(request, smollm2, mosquitto, tmp_path_factory):
+    """(client, model id, base URL) of a cluster of 2 agents (the proportional planner: a real ring), or of 1
+    (the head runs every window itself); one at a time: the clusters would share the broker's topics."""
     port = free_port()
-    args = ["up", "--agents", "2", "--model", str(smollm2), "--broker", str(mosquitto), "--threads", "1"]
+    args = ["up", "--agents", str(request.param), "--model", str(smollm2), "--broker", str(mosquitto), "--threads", "1"]
     args += ["--ctx", str(N_CTX), "--batch", str(BATCH), "--planner", "proportional", "--api-port", str(port)]
     args += ["--no-chat", "--parallel", "2"]
     log_path = tmp_path_factory.mktemp("logs") / "up.log"
