@@ -1,6 +1,7 @@
 """``POST /v1/embeddings`` through the real `openai` SDK against a real cluster (`homering up`: 2 agents on
-mosquitto, a real ring; and 1 agent alone), on SmolLM2-135M: each vector is the mean of the unsplit model's own per-token
-embeddings (llama-cpp-python, ``embedding=True``, pooling NONE: the output norm's result), the gold standard."""
+mosquitto, a real ring; and 1 agent alone), on SmolLM2-135M: each vector is the mean of the unsplit model's
+own per-token embeddings (llama-cpp-python, ``embedding=True``, pooling NONE: the output norm's result), the
+gold standard."""
 
 from __future__ import annotations
 
