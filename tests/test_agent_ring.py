@@ -68,9 +68,9 @@ class FakeWindow:
         return self._out(x, pos)
 
     def forward_many(
-        self, items: list[tuple[np.ndarray, int, int]], rows: list[bool] | None = None
+        self, items: list[tuple[np.ndarray, int, int]], rows: list[bool] | None = None, embed: list[bool] | None = None
     ) -> list[WindowOutput]:
-        assert not any(rows or []), "these tests send no verification trips (every row's logits)"
+        assert not any(rows or []) and not any(embed or []), "these tests send no verification trips or embeddings"
         return [self._out(x, pos) for x, pos, _ in items]
 
     def kv_remove(self, seq_id: int, p0: int = 0) -> None:

@@ -26,9 +26,6 @@ N_CTX = 1024
 MAX_NEW = 16
 QUESTION = "What is the capital of France?"
 SYSTEM = "You are a helpful assistant. Answer in one sentence."
-NEEDS_EMBEDDINGS = pytest.mark.skip(
-    reason="/v1/embeddings is not built yet (issue 21: the head's last window gives logits only)"
-)
 WEATHER_TOOL = {
     "name": "get_weather",
     "description": "The current weather in a city",
@@ -191,7 +188,6 @@ def test_ollama_tools_a_tool_call_comes_back(olla, model_id):
     assert followed.done and (followed.message.content or followed.message.tool_calls)
 
 
-@NEEDS_EMBEDDINGS
 def test_ollama_embed(olla, model_id):
     out = olla.embed(model=model_id, input=["The capital of France is Paris.", "Bonjour"])
     assert len(out.embeddings) == 2 and len(out.embeddings[0]) == 576

@@ -113,16 +113,17 @@ class Forwarder:
         last_round = len(ring.windows) - 1
         items = [(f.payload, f.header.pos, f.header.seq_id) for f in run]
         rows = [f.header.rows for f in run]  # speculative verifications: every token's logits
+        embed = [ring.is_head and r == last_round and ring.embeds(f.header.request_id) for f in run]
         try:
             n_tokens = sum(f.header.n_tokens for f in run)
-            results = ring.meter.timed(r, n_tokens, ring.windows[r].forward_many, items, rows)
+            results = ring.meter.timed(r, n_tokens, ring.windows[r].forward_many, items, rows, embed)
         except (DecodeError, ValueError) as exc:
             return [Frame.error(f.header.request_id, f.header.seq_id, f"{self.name}: {exc}") for f in run]
         outs = []
         for f, result in zip(run, results):
             h = f.header
-            if ring.is_head and r == last_round:  # the ring is closed: the logits go to the generation loop
-                outs.append(Frame(h, result.logits))
+            if ring.is_head and r == last_round:  # the ring is closed: the logits (embeddings) go to the loop
+                outs.append(Frame(h, result.hidden if result.logits is None else result.logits))
             elif result.hidden is None:  # a window that gives logits in the middle of a round: a bad plan
                 outs.append(Frame.error(h.request_id, h.seq_id, f"{self.name}: window {r} gives no hidden state"))
             else:

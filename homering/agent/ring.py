@@ -248,6 +248,11 @@ class Ring:
         if slot is not None:
             slot.put(frame)
 
+    def embeds(self, number: int) -> bool:
+        """Request ``number`` (the head's) asks for embeddings, not logits (:mod:`homering.agent.embedding`)."""
+        slot = self.slots.get(number)
+        return slot is not None and slot.embed
+
     def pass_on(self, frames: list[Frame]) -> None:
         """Send frames to the successor as one group (a link thread); a broken link is logged and the
         head's requests whose frames were lost end at once."""

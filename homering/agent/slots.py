@@ -40,6 +40,7 @@ class Slot:
     request_id: str
     seq_id: int
     number: int
+    embed: bool = False  # the head's last window returns every token's embedding (set before frames go out)
     cancelled: threading.Event = field(default_factory=threading.Event)
     interrupted: threading.Event = field(default_factory=threading.Event)
     _back: queue.Queue[Any] = field(default_factory=queue.Queue, init=False, repr=False)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from homering.agent.embedding import EmbedSession
 from homering.agent.generation import Emit, HeadSession, Session
 from homering.agent.ring import Ring
 from homering.agent.slots import Slot
@@ -269,6 +270,8 @@ class Drafters:
 
     def session(self, ring: Ring, slot: Slot, job: GenerateJob, emit: Emit) -> Session:
         """A request's session: speculative when its settings (or the agent's default) ask for a draft."""
+        if job.embed:
+            return EmbedSession(ring, slot, job, emit)
         s = self.settings(job)
         drafter = self.drafter(ring, s) if s is not None else None
         if s is None or drafter is None:

@@ -1,7 +1,8 @@
 """The controller's HTTP API: the FastAPI app (served by uvicorn on the controller's loop) and its document.
 
 Routes, by router: :mod:`homering.api.openai` (``POST /v1/chat/completions``, ``POST /v1/completions``,
-``GET /v1/models``), :mod:`homering.api.ollama` (Ollama's ``/api/*``) and :mod:`homering.api.anthropic`
+``GET /v1/models``), :mod:`homering.api.embeddings` (``POST /v1/embeddings``), :mod:`homering.api.ollama`
+(Ollama's ``/api/*``) and :mod:`homering.api.anthropic`
 (``POST /v1/messages``), both through the OpenAI routes (:mod:`homering.api.bridge`), :mod:`homering.api.webui`
 (the web UI at ``/``), :mod:`homering.api.cluster` (``GET /v1/cluster``, ``GET /health``),
 :mod:`homering.api.metrics` (``GET /metrics``, Prometheus) and :mod:`homering.api.windows` (window files for
@@ -31,7 +32,7 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
-from homering.api import anthropic, cluster, metrics, ollama, openai, responses_api, webui, windows
+from homering.api import anthropic, cluster, embeddings, metrics, ollama, openai, responses_api, webui, windows
 from homering.api.errors import ApiError, install_error_handlers, require_api_key
 from homering.api.names import model_aliases
 from homering.api.responses import STREAM_CHUNKS
@@ -115,6 +116,7 @@ def create_app(view: ClusterView, *, default_max_tokens: int = 256, api_key: str
     app.include_router(metrics.router(view, auth=auth))
     app.include_router(openai.router(view, default_max_tokens=default_max_tokens, auth=auth))
     app.include_router(responses_api.router(view, default_max_tokens=default_max_tokens, auth=auth))
+    app.include_router(embeddings.router(view, auth=auth))
     app.include_router(windows.router(view, auth=auth))
     app.include_router(ollama.router(view, auth=auth))
     app.include_router(anthropic.router())

@@ -88,6 +88,7 @@ class RequestRun:
             speculative=self.request.speculative,
             grammar=self.request.grammar,
             logprobs=self.request.logprobs,
+            embed=self.request.embed,
         )
 
     def deliver(self, event: StreamEvent) -> bool:

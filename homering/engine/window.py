@@ -38,6 +38,7 @@ from homering.engine.backend import context_params, init_backend, model_arch, mo
 from homering.engine.backend import plain_llama as plain_llama  # where the benchmarks and tests import it from
 from homering.engine.batches import EXACT_BATCH, Item, Piece, exact_batch, fill_batch, pack_batches
 from homering.engine.evalhook import EvalHook, new_hook, restore_input, user_data
+from homering.engine.outputs import embedding_mode, read_rows
 from homering.engine.streaming import TailStream
 from homering.errors import HomeringError
 from homering.models.support import HIDDEN_INPUT_RESTORE
@@ -175,7 +176,9 @@ class LayerWindow:
         """
         return self.forward_many([(inputs, pos, seq_id)])[0]
 
-    def forward_many(self, items: list[Item], rows: list[bool] | None = None) -> list[WindowOutput]:
+    def forward_many(
+        self, items: list[Item], rows: list[bool] | None = None, embed: list[bool] | None = None
+    ) -> list[WindowOutput]:
         """Run several runs of tokens, of one or several sequences, in as few llama_decode calls as fit.
 
         ``items`` are ``(inputs, pos, seq_id)`` as for :meth:`forward`; they are
@@ -184,7 +187,8 @@ class LayerWindow:
         sequences of a batch (llama.cpp's server does the same with its
         slots). Returns one :class:`WindowOutput` per item. A window that gives
         logits returns (n, n_vocab) logits, one row per token, for the items whose
-        ``rows`` entry is true (a speculative verification, at most ``n_batch`` tokens).
+        ``rows`` entry is true (a speculative verification, at most ``n_batch`` tokens); ``embed`` items get
+        ``hidden``: every token's embedding, (n, n_embd) float32 (:mod:`homering.engine.outputs`).
 
         Raises:
             DecodeError: llama_decode failed (context full, …).
@@ -195,7 +199,8 @@ class LayerWindow:
         flagged = [bool(r) for r in rows] if rows else [False] * len(items)
         if any(r and a.shape[0] > min(self.n_batch, EXACT_BATCH) for r, a in zip(flagged, arrays)):
             raise ValueError(f"a verification has at most {min(self.n_batch, EXACT_BATCH)} tokens")
-        rows = [r and self.gives_logits for r in flagged]
+        embeds = [bool(e) and self.gives_logits for e in embed] if embed else [False] * len(items)
+        rows = [(r and self.gives_logits) or e for r, e in zip(flagged, embeds)]
         for arr, (_, pos, seq_id) in zip(arrays, items):
             self._check_place(seq_id, pos, arr.shape[0])
         # every item's hidden states, one after another: a batch of pieces is a run of these rows,
@@ -212,7 +217,8 @@ class LayerWindow:
                     if off == 0:
                         start[i] = done + sum(n for _, _, n in group[:k])
                 out = None if hidden is None else hidden[done : done + total]
-                self._decode(group, (arrays, rows), items, total, out, logits)
+                with embedding_mode(self._ctx, any(embeds[i] for i, _, _ in group), self.path.name):
+                    self._decode(group, (arrays, rows), items, total, out, logits, embeds)
                 done += total
             if self._hook is not None:
                 self._hook.dst, self._hook.capacity = None, 0
@@ -220,7 +226,7 @@ class LayerWindow:
                 last = logits[-1]
                 self._last_logits = last[-1] if last is not None and last.ndim == 2 else last
         if hidden is None:
-            return [WindowOutput(logits=lg) for lg in logits]
+            return [WindowOutput(hidden=lg) if e else WindowOutput(logits=lg) for lg, e in zip(logits, embeds)]
         return [WindowOutput(hidden=hidden[a : a + arr.shape[0]]) for a, arr in zip(start, arrays)]
 
     def _decode(
@@ -231,10 +237,11 @@ class LayerWindow:
         total: int,
         hidden: Floats | None,
         logits: list[Floats | None],
+        embeds: list[bool],
     ) -> None:
         """One llama_decode of ``group`` (pieces of items, ``total`` tokens; ``inputs``: the items' arrays and
         whether each wants every row's logits); the hidden states land in ``hidden`` ((total, n_embd) rows),
-        or each finished item's last logits (all its rows' for a ``rows`` item) in ``logits``."""
+        or each finished item's last logits (all rows for ``rows``, with ``embeds``: embeddings) in ``logits``."""
         b = self._batch
         b.n_tokens = total
         arrays, rows = inputs
@@ -268,13 +275,9 @@ class LayerWindow:
                 )
         else:
             for i, off, r, n, is_last in placed:
-                if rows[i]:  # every row, piece by piece, into the item's (n_tokens, n_vocab) logits
-                    buf = logits[i]
-                    if buf is None:
-                        buf = logits[i] = np.empty((arrays[i].shape[0], self.n_vocab), dtype=np.float32)
-                    for j in range(n):
-                        ptr = llama_cpp.llama_get_logits_ith(self._ctx, r + j)
-                        buf[off + j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+                if rows[i]:  # every row, piece by piece: the item's (n_tokens, n_vocab) logits or embeddings
+                    width = self.n_embd if embeds[i] else self.n_vocab
+                    read_rows(self._ctx, logits, i, (arrays[i].shape[0], width), (off, r, n), embed=embeds[i])
                 elif is_last:
                     ptr = llama_cpp.llama_get_logits_ith(self._ctx, r + n - 1)
                     logits[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()

@@ -88,6 +88,7 @@ class GenerateRequest(Message):
     logprobs: int | None = Field(
         default=None, ge=0, le=LOGPROBS_MAX, description="each token's log-probability, with this many alternatives"
     )
+    embed: bool = Field(default=False, description="no tokens: the prompt's mean-pooled final hidden state")
 
 
 class GenerateJob(Message):
@@ -116,6 +117,7 @@ class GenerateJob(Message):
     )
     grammar: str | None = Field(default=None, description="GBNF that constrains the sampled tokens")
     logprobs: int | None = Field(default=None, ge=0, le=LOGPROBS_MAX, description="as GenerateRequest's")
+    embed: bool = Field(default=False, description="as GenerateRequest's")
 
 
 class StreamEvent(Message):
@@ -148,6 +150,9 @@ class StreamEvent(Message):
     drafted: int | None = Field(default=None, description="draft tokens the head sent to be verified")
     accepted: int | None = Field(default=None, description="of which the target kept (speculative decoding)")
     trips: int | None = Field(default=None, description="verification trips around the ring (mean γ = drafted / trips)")
+    embedding: list[float] | None = Field(
+        default=None, description="an embed request's vector: the mean of the prompt's final hidden states (n_embd)"
+    )
     # error only
     error: str | None = None
 
