@@ -34,7 +34,14 @@ from homering.wire import (
     Topics,
 )
 from homering.wire.base import MESSAGE_MAC_LABEL
-from homering.wire.handshake import LINK_HELLO, LINK_REPLY, client_handshake, server_handshake
+from homering.wire.handshake import (
+    HEALTH_MAGIC,
+    LINK_HELLO,
+    LINK_REPLY,
+    HealthProbed,
+    client_handshake,
+    server_handshake,
+)
 from homering.wire.security import ClusterKey
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -246,14 +253,15 @@ def test_frame_reader_raises_only_frame_error_or_ends(chunks, tail):
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.binary(max_size=LINK_REPLY.size + 8), st.booleans(), st.booleans())
 def test_handshake_raises_only_handshake_error(raw, keyed, server_side):
-    """Random bytes in place of the peer's handshake: a clean HandshakeError, never a hang or another error."""
+    """Random bytes in place of the peer's handshake: a clean HandshakeError, never a hang or another error;
+    on the server side, bytes that begin with the health probe's magic are a probe (HealthProbed, answered)."""
     key = KEY if keyed else None
     a, b = socket.socketpair()
     try:
         if server_side:
             b.sendall(raw)
             b.shutdown(socket.SHUT_WR)
-            with pytest.raises(HandshakeError):
+            with pytest.raises(HealthProbed if raw.startswith(HEALTH_MAGIC) else HandshakeError):
                 server_handshake(a, key, timeout=2)
         else:
             b.sendall(raw[: LINK_HELLO.size] if len(raw) >= LINK_HELLO.size else raw)

@@ -233,6 +233,8 @@ def _fake_controller_metrics():
         prompt_token_ids=[4, 5],
         ttft_ms=80.0,
         ms_per_token=240.0,
+        drafted=4,  # speculative decoding's counters appear in the exposition (and pass promtool)
+        accepted=3,
     )
     m.finished(done, 1.5)
     return m.exposition().decode()
