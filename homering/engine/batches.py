@@ -45,11 +45,14 @@ def pack_batches(
     arrays: list[npt.NDArray[Any]], n_batch: int, rows: list[bool] | None = None, exact: int = EXACT_BATCH
 ) -> list[list[Piece]]:
     """The items' tokens in order, cut into pieces (an item longer than ``n_batch`` is split) and packed
-    into batches of at most ``n_batch`` tokens. Items flagged in ``rows`` (verifications) come after the
-    others, in batches of their own of at most ``exact`` tokens (1: token by token)."""
+    into batches of at most ``n_batch`` tokens. Items flagged in ``rows`` (verifications) come first, in
+    batches of their own of at most ``exact`` tokens (1: token by token): a verification refills the KV
+    cells its sequence's rejected drafts left (llama.cpp's ``seq_rm`` moves the cache's search head to the
+    first freed cell), so another sequence's token decoded before it would take a cell ahead of that
+    sequence's own latest cells, and its logits would change (a failing concurrent Gemma run, k = 2)."""
     flagged = rows or [False] * len(arrays)
     batches: list[list[Piece]] = []
-    for want, cap in ((False, n_batch), (True, min(n_batch, exact))):
+    for want, cap in ((True, min(n_batch, exact)), (False, n_batch)):
         batches.append([])
         total = 0
         for i, arr in enumerate(arrays):
