@@ -2,7 +2,7 @@
 architectures homering cannot split (issue 23).
 
 Chains of windows in one process (tests/test_equivalence.py's ``chain_greedy``); the same models over a
-ring of 3 agents are in tests/test_arch_rounds.py.
+ring of 3 agents are in tests/test_rounds.py.
 """
 
 from __future__ import annotations

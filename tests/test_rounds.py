@@ -13,6 +13,8 @@ from homering.client.client import ClusterClient
 from homering.client.local import LocalCluster
 from tests.test_cluster import PROMPTS, chat_request, run
 
+SIX_LAYER_MODELS = ["qwen3_small", "qwen3moe_small", "phi3_small", "gemma2_small"]  # conftest's small shapes
+
 
 @pytest.mark.parametrize(
     "model,agents,rounds",
@@ -24,6 +26,9 @@ from tests.test_cluster import PROMPTS, chat_request, run
         ("smollm2", 1, 3),
         ("qwen2_small", 3, 1),  # qwen2: attention biases, a Q4_K_M mix
         ("qwen2_small", 3, 2),
+        # issue 23's shapes at 6 layers: with k = 2 every window holds one layer, so each qwen3moe window is a
+        # single MoE layer and gemma2's windows [1, 2), [3, 4), [5, 6) start inside its sliding-window period
+        *((m, 3, k) for m in SIX_LAYER_MODELS for k in (1, 2)),
     ],
 )
 def test_piped_ring_rounds_match_unsplit_model(model, agents, rounds, mosquitto, request, tmp_path):
@@ -56,6 +61,8 @@ def test_piped_ring_rounds_match_unsplit_model(model, agents, rounds, mosquitto,
     spans = [(w.start, w.end) for r in range(rounds) for a in plan.ring for w in a.windows if w.round == r]
     assert spans[0][0] == 0 and spans[-1][1] == plan.n_layers
     assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
+    if model in SIX_LAYER_MODELS and rounds == 2:
+        assert all(b - a == 1 for a, b in spans)  # single-layer windows
     for answer in answers:
         ref.check_answer(answer.prompt_token_ids, answer.token_ids, answer.finish_reason, 32)
         assert len(set(answer.token_ids)) >= 3, answer.token_ids
