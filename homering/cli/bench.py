@@ -6,6 +6,14 @@ import click
 
 from homering.cli.options import MODEL_OPTION, Duration, broker_options
 
+SPEC_OPTION = click.option(
+    "--spec",
+    "spec_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The testbed's cluster spec (YAML), e.g. examples/clusters/home4.yaml.",
+)
+
 
 @click.group()
 def bench() -> None:
@@ -240,13 +248,7 @@ def bench_plan(device_counts, layers, repeats, seed, out) -> None:
 
 
 @bench.command("cluster")
-@click.option(
-    "--spec",
-    "spec_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Testbed spec (YAML), e.g. examples/clusters/home4.yaml.",
-)
+@SPEC_OPTION
 @click.option(
     "--model", "-m", default=None, metavar="NAME|PATH", help="Model name or GGUF path [default: the spec's model]."
 )
@@ -315,13 +317,7 @@ def bench_cluster(spec_path, model, tokens, prompt_tokens, batch, runs, peers, o
 
 
 @bench.command("speculative")
-@click.option(
-    "--spec",
-    "spec_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="The testbed's cluster spec (e.g. examples/clusters/home4.yaml).",
-)
+@SPEC_OPTION
 @click.option("--tokens", type=click.IntRange(8, 512), default=48, show_default=True, help="Greedy tokens per prompt.")
 @click.option(
     "--out-dir", type=click.Path(file_okay=False), default="bench/results", show_default=True, help="Where to write."
