@@ -21,7 +21,7 @@ PIP_PIN   := pip==26.3
 # pip warns about every index location in a machine's pip.conf that does not exist; that is not our news
 QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d' >&2
 
-.PHONY: lock promtool chromium run test lint format bench bench-cluster bench-32b peers bench-faults install mosquitto models model-default compose-config compose-test secrets clean help
+.PHONY: lock promtool chromium run test lint format bench bench-cluster bench-32b bench-moe peers bench-faults install mosquitto models model-default compose-config compose-test secrets clean help
 
 help:
 	@echo "make run    - install what is missing, then 'homering up' on the default model (smollm2)"
@@ -31,6 +31,7 @@ help:
 	@echo "make bench  - decode (1 and 3 agents vs plain llama-cpp-python), 1 vs 4 concurrent streams, planner solve times"
 	@echo "make bench-cluster - (root, Linux) the paper's headline on an emulated 4-device home cluster"
 	@echo "make bench-32b - (root, Linux) the 32B model on the paper's 4 devices at their real RAM, and 0.6 x that RAM, beside prima.cpp and llama.cpp RPC (builds them if missing; ~40 GB of disk)"
+	@echo "make bench-moe - (root, Linux) Qwen3-30B-A3B's shape (MoE) on the same 4 devices: llama.cpp on D3 alone, memory split, Halda (~19 GB of disk)"
 	@echo "make bench-faults - (root, Linux) kill agents while requests flow: completed/garbled, recovery pause"
 	@echo "make secrets - passwords, the API key and mosquitto's password file for docker/compose.yaml"
 	@echo "make peers  - build prima.cpp and llama.cpp's RPC tools into .peers/ (for bench decode --peers; ~20 min)"
@@ -86,6 +87,14 @@ bench-32b: install mosquitto .peers/env.sh
 	  --runs single,memory,halda,halda_no_stream,prima,prima_same_windows,rpc --json
 	$(HR) bench cluster --spec examples/clusters/home4-32b-tight.yaml --model $(BENCH_32B_MODEL) --peers prima \
 	  --runs memory,halda,halda_k1,prima --json
+
+# The MoE model people run at home (issue 23): Qwen3-30B-A3B's shape on the same four devices; llama.cpp alone
+# on D3, the memory split and Halda, and the planner's disk bytes per token against the cgroups' reads.
+BENCH_MOE_MODEL := qwen3-30b-a3b-q4_k_m
+bench-moe: install mosquitto
+	$(HR) models pull $(BENCH_MOE_MODEL)
+	$(HR) bench cluster --spec examples/clusters/home4-32b.yaml --model $(BENCH_MOE_MODEL) \
+	  --runs single,memory,halda --json
 
 .peers/env.sh:
 	@$(MAKE) --no-print-directory peers

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from homering.bench.reads import DecodeReads
 from homering.models.gguf_file import read_gguf
 from homering.models.gguf_info import block_index, inspect_gguf
 from homering.models.slicing import Role, WindowSpec, slice_window
@@ -12,6 +13,8 @@ from homering.planner.cluster import with_read_share
 from homering.planner.halda import solve
 from homering.planner.model import evaluate, parse_cluster, shape_from_gguf
 from homering.profiler.experts import measure_model_read_share, measure_read_share
+from homering.transport.windows import model_facts, model_info
+from homering.wire import ModelFacts
 from tests.brute import brute_force
 from tests.test_planner import dev, spec_of
 
@@ -63,12 +66,26 @@ def test_disk_terms_read_only_the_routed_share(ram):
             if x.mode == "overflow" and x.disk_ms > 0:
                 assert y.disk_ms == pytest.approx(0.25 * x.disk_ms)
                 overflowing += 1
+            # the bytes read per token (what bench cluster checks against the cgroups' I/O counters)
+            assert y.disk_bytes == pytest.approx(0.25 * x.disk_bytes)
+            assert (x.disk_bytes > 0) == (x.mode != "resident")
             assert y.compute_ms == x.compute_ms and y.disk_ms <= x.disk_ms
     assert overflowing
     for spec in (full, quarter):  # Halda's program models the same terms: its optimum is brute force's
         assert solve(spec).prediction.ms_per_token == pytest.approx(brute_force(spec).ms_per_token, rel=1e-7)
     fast, slow = solve(quarter).prediction.ms_per_token, solve(full).prediction.ms_per_token
     assert fast < slow if ram < 4 else fast <= slow  # 2 x 5.5 GiB hold the 8 GiB: no disk either way
+
+
+def test_model_facts_carry_the_experts(qwen3moe_small):
+    """An agent without the model file rebuilds its facts from the controller's ModelFacts: the expert counts
+    come across, so it measures the read share (and plans with it) as an agent with the file does."""
+    info = inspect_gguf(qwen3moe_small)
+    facts = ModelFacts.model_validate_json(model_facts(info).model_dump_json())
+    back = model_info(facts, str(info.path), info.fingerprint)
+    assert (back.n_expert, back.n_expert_used) == (8, 2)
+    assert back.layer_active_bytes == info.layer_active_bytes and back.active_bytes == info.active_bytes
+    assert back == info
 
 
 def test_read_share_is_measured_with_mincore(qwen3moe_small, qwen3_small, tmp_path, monkeypatch):
@@ -85,3 +102,22 @@ def test_read_share_is_measured_with_mincore(qwen3moe_small, qwen3_small, tmp_pa
     assert measure_read_share(dense, threads=1, tokens=2, random_access=True) > 0.95
     whole = measure_model_read_share(info, threads=1)
     assert whole is not None and routed - 0.05 < whole <= 1.0
+
+
+def test_bench_reads_per_token_against_the_plan():
+    """bench cluster's disk check: bytes read between the first token and the end, per later token, per device
+    with an I/O counter, against the plan's ``predicted.disk_bytes``; the error is over all devices."""
+    counters: dict[str, int | None] = {"a": 1000, "b": 5000, "c": None}
+    reads = DecodeReads(["a", "b", "c"], counters.get)
+    counters["a"] = 2000  # prefill's reads (before the first token) are left out
+    reads.on_text("x")
+    counters["a"], counters["b"] = 2000 + 4 * 300, 5000 + 4 * 100
+    reads.on_text("y")  # only the first text snapshots
+    counters["a"] += 10_000
+    reads.finish(5)
+    assert reads.per_token == {"a": (4 * 300 + 10_000) / 4, "b": 100.0}
+    plan = {"ring": [{"name": "a", "predicted": {"disk_bytes": 3000.0}}, {"name": "b", "predicted": None}]}
+    out = reads.report(plan)
+    assert out["devices"]["b"] == {"measured": 100.0, "predicted": 0.0}
+    assert out["measured"] == 2900.0 and out["predicted"] == 3000.0
+    assert out["error"] == pytest.approx(100 / 2900)

@@ -217,8 +217,12 @@ def test_memory_limit_kills_a_hog_and_counts_the_page_cache(tmp_path, request):
             f.flush()
             os.fsync(f.fileno())
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        read_before = tb.disk_read_bytes("reader")
         reader = tb.spawn("reader", ["cat", str(big)], stdout=subprocess.DEVNULL)
         assert reader.wait(60) == 0
+        if read_before is not None:  # the device's I/O counter saw the file come from disk (bench cluster's reads)
+            read = tb.disk_read_bytes("reader")
+            assert read is not None and read - read_before >= 180 << 20, (read_before, read)
         used = tb.memory_usage("reader")
         assert limit // 2 <= used <= limit, used  # the cache counted, up to the limit
         peak = tb.memory_peak("reader")

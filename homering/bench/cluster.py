@@ -27,11 +27,11 @@ fresh broker, waits until the cluster is ready, answers a short warm-up
 request, then the measured one: a ``prompt_tokens``-token prompt and
 ``tokens`` greedy tokens (end-of-generation ignored).
 
-Reported per run: ``ms_per_token`` (decode, the head's mean step after the
-first token), ``ttft_ms`` (prompt in, first token out, at the head), and
-``memory_pressure``: per device, the peak anonymous RSS of its process
-(``RssAnon``, sampled every 0.2 s during the measured request) divided by
-the device's RAM limit. Page cache is not pressure: the kernel can take it back.
+Reported per run: ``ms_per_token`` (decode, the head's mean step after the first token), ``ttft_ms``
+(prompt in, first token out, at the head), and ``memory_pressure``: per device, the peak anonymous RSS of
+its process (``RssAnon``, sampled every 0.2 s during the measured request) divided by the device's RAM
+limit (page cache is not pressure: the kernel can take it back), and ``disk_bytes_per_token``
+(:mod:`homering.bench.reads`): each device's disk reads per decoded token against the plan's prediction.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from homering.bench.disk import WindowDisk
 from homering.bench.memory import PeakSampler, drop_page_cache
 from homering.bench.peers import peer_binaries
 from homering.bench.prompt import prompt_ids
+from homering.bench.reads import DecodeReads
 from homering.client.chat import ask
 from homering.client.client import ClusterClient, new_request_id
 from homering.client.local import stop_processes
@@ -118,7 +119,6 @@ class ClusterBench:
         for home in (self.controller_home, *(testbed.home(d) for d in testbed.devices)):
             self.disk.share(home)
 
-    # ------------------------------------------------------------ helpers
     def cold(self) -> None:
         """Drop the model file and the devices' homes (their windows) from the page cache."""
         drop_page_cache([self.model_path, *(self.tb.home(d) for d in self.tb.devices)])
@@ -207,9 +207,8 @@ class ClusterBench:
         """The command line of device ``dev``'s agent in run ``cfg``, on the broker at ``url``."""
         release = [] if cfg.release is None else ["--release" if cfg.release else "--no-release"]
         return [
-            *(sys.executable, "-m", "homering", "-q", "agent"),
-            *("--broker", url, "--name", dev, "--threads", "1", "--host", self.tb.address(dev)),
-            *release,
+            *(sys.executable, "-m", "homering", "-q", "agent", "--broker", url, "--name", dev),
+            *("--threads", "1", "--host", self.tb.address(dev), *release),
         ]
 
     def _controller_argv(self, cfg: RunConfig, url: str, n_agents: int) -> list[str]:
@@ -247,8 +246,10 @@ class ClusterBench:
                 prompt_token_ids=self.prompt,
                 sampling=Sampling(max_tokens=self.tokens, temperature=0, ignore_eos=True),
             )
+            reads = DecodeReads(list(agents), self.tb.disk_read_bytes)
             with PeakSampler(agents) as peaks:
-                answer = await ask(client, req)  # raises HomeringError on an error event
+                answer = await ask(client, req, reads.on_text)  # raises HomeringError on an error event
+            reads.finish(len(answer.token_ids))
         return {
             "ms_per_token": answer.ms_per_token,
             "ttft_ms": answer.ttft_ms,
@@ -260,6 +261,7 @@ class ClusterBench:
             "k": plan.k,
             "batch": plan.n_batch,
             "plan": plan.model_dump(),
+            "disk_bytes_per_token": reads.report(plan.model_dump()),
         }
 
 
@@ -344,6 +346,7 @@ def run_cluster_bench(
         HomeringError: not root on Linux, a bad spec or model, a run that failed, an unknown run key, or a peer
             that is not built or cannot run this selection.
     """
+    from homering.models.gguf_info import inspect_gguf
     from homering.models.registry import resolve_model
     from homering.testbed import Testbed, default_workdir, load_spec
 
@@ -360,8 +363,8 @@ def run_cluster_bench(
     out = out_dir / f"cluster-{Path(spec_path).stem}-{stamp}.json"
     results: dict = {
         "spec": str(spec_path),
-        "model": str(model_path),
-        "model_name": model_name,
+        **{"model": str(model_path), "model_name": model_name},
+        "moe": inspect_gguf(model_path).n_expert > 0,  # issue 23's targets (summarize)
         "tokens": tokens,
         "prompt_tokens": prompt_tokens,
         "batch": batch,

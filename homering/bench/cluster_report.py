@@ -14,6 +14,10 @@ MAX_PRESSURE = 0.06
 """Memory pressure at most this on every device (PRIMA.CPP reports under 6%)."""
 MAX_PREDICTION_ERROR = 0.15
 """Halda's predicted ms/token within this fraction of the measured one."""
+MOE_SPEEDUP_VS_SINGLE, MOE_MAX_PREDICTION_ERROR = 2.0, 0.20
+"""Issue 23's targets for a MoE model (Qwen3-30B-A3B's shape): Halda 2x llama.cpp alone, predicted within 20%."""
+MAX_DISK_ERROR = 0.25
+"""The plan's disk bytes per token within this fraction of what the devices' cgroups read (issue 23)."""
 
 
 def summarize(results: dict) -> dict:
@@ -48,6 +52,12 @@ def summarize(results: dict) -> dict:
         out["target_pressure_6pct"] = worst is not None and worst <= MAX_PRESSURE
         if single:
             out["single_memory_pressure"] = max(single["memory_pressure"].values())
+        if results.get("moe"):
+            _moe_targets(out)
+        disk = (halda.get("disk_bytes_per_token") or {}).get("error")
+        if disk is not None:
+            out["disk_prediction_error"] = disk
+            out["target_disk_25pct"] = abs(disk) <= MAX_DISK_ERROR
     one = r.get("halda_one_batch")
     if one and halda:
         out["prefill_ttft_micro_over_one_batch"] = halda["ttft_ms"] / one["ttft_ms"]
@@ -56,6 +66,14 @@ def summarize(results: dict) -> dict:
         out["release_ms_per_token_ratio"] = rel["ms_per_token"] / norel["ms_per_token"]
     out.update(_versus_peers(r))
     return out
+
+
+def _moe_targets(out: dict) -> None:
+    """Issue 23's targets on a MoE model, beside issue 18's (the same ratios, other bounds)."""
+    if "halda_speedup_vs_single" in out:
+        out["target_moe_2x_single"] = out["halda_speedup_vs_single"] >= MOE_SPEEDUP_VS_SINGLE
+    if "prediction_error" in out:
+        out["target_moe_prediction_20pct"] = abs(out["prediction_error"]) <= MOE_MAX_PREDICTION_ERROR
 
 
 def _versus_peers(r: dict) -> dict:

@@ -146,5 +146,5 @@ def _place(d: DevicePrediction, p: AgentProfile, k: int) -> PlanAgent:
             WindowAssignment(start=a, end=b, round=r, gpu_layers=d.gpu_layers_per_round)
             for r, (a, b) in enumerate(d.windows)
         ],
-        predicted=PredictedCost(compute_ms=d.compute_ms, disk_ms=d.disk_ms, hop_ms=d.hop_ms),
+        predicted=PredictedCost(compute_ms=d.compute_ms, disk_ms=d.disk_ms, hop_ms=d.hop_ms, disk_bytes=d.disk_bytes),
     )

@@ -108,6 +108,7 @@ class DevicePrediction:
     disk_ms: float
     hop_ms: float
     keep_bytes: int | None = None  # overflow on Linux/Android: bytes of layer weights kept, the rest streams
+    disk_bytes: float = 0.0  # bytes the device reads from disk per token (all k rounds; a MoE's share applied)
 
     @property
     def total_ms(self) -> float:
@@ -192,7 +193,7 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
             devices.append(DevicePrediction(d.name, 0, 0, None, [], 0.0, 0.0, 0.0))
             continue
         is_head = i == len(ring) - 1
-        mode, stall, keep = _cheapest_mode(
+        mode, stall, keep, read = _cheapest_mode(
             shape, d, k, wm, nm, first=i == first, head=is_head, slack=busy - comp[i] - hop[i]
         )
         pred = DevicePrediction(
@@ -205,6 +206,7 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
             disk_ms=k * stall,
             hop_ms=k * hop[i],
             keep_bytes=keep if mode == "overflow" else None,
+            disk_bytes=k * read,
         )
         devices.append(pred)
         total += pred.total_ms
@@ -213,9 +215,10 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
 
 def _cheapest_mode(
     shape: ModelShape, d: Device, k: int, w: int, n: int, *, first: bool, head: bool, slack: float
-) -> tuple[Mode, float, int | None]:
+) -> tuple[Mode, float, int | None, float]:
     """Device ``d``'s cheapest open mode (ties: resident, overflow, stream), its disk stall per round (ms),
-    and in overflow mode on Linux/Android the bytes of layer weights it keeps (else None).
+    in overflow mode on Linux/Android the bytes of layer weights it keeps (else None), and the bytes it reads
+    from disk per round in that mode (the stall's bytes before any overlap; a MoE's ``read_share`` applied).
 
     ``w``/``n``: its layers and GPU layers per round; ``first``: it is the first device in use; ``head``: it
     holds the last window; ``slack``: the rest of the ring's compute and hops per round, ms (the stream mode's
@@ -227,6 +230,7 @@ def _cheapest_mode(
     need = k * s + fixed
     ram, r = d.ram_bytes, shape.read_share
     costs: dict[Mode, float] = {}
+    reads: dict[Mode, float] = {"resident": 0.0}
     if need <= ram:
         costs["resident"] = 0.0
     keep = None
@@ -234,11 +238,11 @@ def _cheapest_mode(
     if d.os != "macos":
         reread = max(0.0, need - ram) + (STREAMED_LAYERS * shape.layer_bytes if need > ram else 0)
         keep = max(0, int(k * (w - n) * shape.layer_bytes - reread))
-    costs["overflow"] = d.disk_ms(r * reread) / k
+    costs["overflow"], reads["overflow"] = d.disk_ms(r * reread) / k, r * reread / k
     if 2 * s + fixed <= ram:
-        costs["stream"] = max(0.0, d.disk_ms(r * s) - slack)
+        costs["stream"], reads["stream"] = max(0.0, d.disk_ms(r * s) - slack), r * s
     mode = min(MODES, key=lambda m: (costs.get(m, float("inf")), MODES.index(m)))
-    return mode, costs[mode], keep
+    return mode, costs[mode], keep, reads[mode]
 
 
 def divisors(n: int) -> list[int]:

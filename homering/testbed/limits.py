@@ -245,6 +245,19 @@ def memory_peak(device: str, cgroups: list[Path]) -> int | None:
     return int(read(f)) if f.exists() else None
 
 
+def disk_read_bytes(device: str, cgroups: list[Path]) -> int | None:
+    """Bytes the device's processes have read from block devices since its cgroup was made (v2 ``io.stat``
+    ``rbytes``, v1 ``blkio.throttle.io_service_bytes`` ``Read``, summed over block devices); None without an
+    I/O controller. Page-cache hits are not reads: this is what the disk served."""
+    for cg in cgroups:
+        if (cg / "io.stat").exists():
+            return sum(int(m) for m in re.findall(r"\brbytes=(\d+)", read(cg / "io.stat")))
+        if (cg / "blkio.throttle.io_service_bytes").exists():
+            text = read(cg / "blkio.throttle.io_service_bytes")
+            return sum(int(m) for m in re.findall(r"^\S+ Read (\d+)$", text, re.M))
+    return None
+
+
 def oom_kills(device: str, cgroups: list[Path]) -> int:
     """Processes the kernel's OOM killer killed in the device (its cgroup's ``oom_kill`` count)."""
     v, cg = _memory_dir(device, cgroups)

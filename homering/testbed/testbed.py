@@ -176,6 +176,10 @@ class Testbed:
         """The most bytes ever charged to the device (None when the kernel does not say: v2 before 5.19)."""
         return limits.memory_peak(device, self._device(device).cgroups)
 
+    def disk_read_bytes(self, device: str) -> int | None:
+        """Bytes the device has read from disk so far (None without an I/O controller)."""
+        return limits.disk_read_bytes(device, self._device(device).cgroups)
+
     def oom_kills(self, device: str) -> int:
         """Processes the kernel's OOM killer killed in the device (its cgroup's ``oom_kill`` count)."""
         return limits.oom_kills(device, self._device(device).cgroups)

@@ -155,6 +155,9 @@ def model_facts(info: ModelInfo) -> ModelFacts:
         n_ctx_train=info.n_ctx_train,
         size_bytes=info.size_bytes,
         layer_bytes=list(info.layer_bytes),
+        n_expert=info.n_expert,
+        n_expert_used=info.n_expert_used,
+        layer_active_bytes=list(info.layer_active_bytes),
     )
 
 
@@ -170,6 +173,9 @@ def model_info(facts: ModelFacts, path: str, fingerprint: str) -> ModelInfo:
         fingerprint=fingerprint,
         size_bytes=facts.size_bytes,
         layer_bytes=tuple(facts.layer_bytes),
+        n_expert=facts.n_expert,
+        n_expert_used=facts.n_expert_used,
+        layer_active_bytes=tuple(facts.layer_active_bytes),
     )
 
 

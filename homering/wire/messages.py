@@ -121,6 +121,11 @@ class ModelFacts(Message):
     n_ctx_train: int = Field(ge=0)
     size_bytes: int = Field(ge=0, description="the model file's size, bytes")
     layer_bytes: list[int] = Field(description="tensor bytes of each block, n_layers of them")
+    n_expert: int = Field(default=0, ge=0, description="experts per MoE layer (0: dense)")
+    n_expert_used: int = Field(default=0, ge=0, description="experts each token is routed to")
+    layer_active_bytes: list[int] = Field(
+        default_factory=list, description="tensor bytes of each block one token uses (MoE; empty: all)"
+    )
 
 
 class PredictedCost(Message):
@@ -129,6 +134,7 @@ class PredictedCost(Message):
     compute_ms: float
     disk_ms: float
     hop_ms: float
+    disk_bytes: float | None = Field(default=None, ge=0, description="bytes read from disk per token")
 
 
 class PlanAgent(Message):
