@@ -121,3 +121,19 @@ def test_bench_reads_per_token_against_the_plan():
     assert out["devices"]["b"] == {"measured": 100.0, "predicted": 0.0}
     assert out["measured"] == 2900.0 and out["predicted"] == 3000.0
     assert out["error"] == pytest.approx(100 / 2900)
+
+
+def test_an_overflowing_moe_device_leaves_its_window_to_the_kernel():
+    """Dense: an overflowing device keeps a prefix and streams the rest, charged the streamed layers in
+    flight. MoE: no prefix kept (the kernel's page cache keeps the experts in use) and only the excess over its
+    RAM, times the read share, is re-read."""
+    moe = _moe_spec(0.5, ram=5.5)
+    raw = moe.model_dump()
+    raw["model"] |= {"active_layer_bytes": None, "read_share": 1.0}
+    dense = parse_cluster(raw)
+    a, b = evaluate(dense, 1, [6, 2]), evaluate(moe, 1, [6, 2])
+    x, y = a.devices[0], b.devices[0]
+    assert x.mode == y.mode == "overflow"
+    assert x.keep_bytes is not None and y.keep_bytes is None
+    assert x.disk_bytes - 2 * y.disk_bytes == pytest.approx(2 * dense.model.layer_bytes)
+    assert solve(moe).prediction.ms_per_token == pytest.approx(brute_force(moe).ms_per_token, rel=1e-7)

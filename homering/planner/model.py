@@ -42,8 +42,12 @@ Token latency ``T = k·Σ_{m in use} (comp_m + hop_m + visible_m) + cpu_ms_outpu
 decoded token reads from disk only the share ``r`` (``read_share``) of a streamed layer's bytes: the pages
 of the experts it is routed to, plus the kernel's read-around, as the profiler measures it
 (:mod:`homering.profiler.experts`; 1 for a dense model). The disk terms above read ``r·reread`` and
-``r·s_m``. Compute needs no term of its own: ``cpu_ms_per_layer`` is measured on the model's own layers, so
-a MoE layer's time already counts its active parameters (attention, router and top-k experts), not all.
+``r·s_m``. An overflowing MoE device keeps no prefix and streams nothing itself: a token touches a few
+experts per layer, not the whole window in order, so the kernel's page cache keeps the experts in use and
+re-reads ``r·(need_m - ram_m)`` (measured on Qwen3-30B-A3B's shape: the Halda plan 1502 ms/token with the
+prefix kept and the rest streamed, 178 ms/token left to the kernel). Compute needs no term of its own:
+``cpu_ms_per_layer`` is measured on the model's own layers, so a MoE layer's time already counts its active
+parameters (attention, router and top-k experts), not all.
 
 The inputs (:class:`ClusterSpec`, :class:`ModelShape`, :class:`Device`) live in
 :mod:`homering.planner.cluster` and are re-exported here.
@@ -235,7 +239,9 @@ def _cheapest_mode(
         costs["resident"] = 0.0
     keep = None
     reread: float = need
-    if d.os != "macos":
+    if d.os != "macos" and shape.active_layer_bytes is not None:  # a MoE: the kernel caches the hot experts
+        reread = max(0.0, need - ram)
+    elif d.os != "macos":
         reread = max(0.0, need - ram) + (STREAMED_LAYERS * shape.layer_bytes if need > ram else 0)
         keep = max(0, int(k * (w - n) * shape.layer_bytes - reread))
     costs["overflow"], reads["overflow"] = d.disk_ms(r * reread) / k, r * reread / k
