@@ -17,10 +17,12 @@ from homering.api.schemas import ChatCompletionBody
 from homering.api.tools import plan_chat
 from homering.api.toolsyntax import HERMES, LLAMA3, MISTRAL, detect_syntax
 from homering.client.local import stop_processes
+from homering.engine.sampling import Sampling
 from homering.engine.tokenizer import Tokenizer
 from homering.models import gguf_file as gfile
 from homering.transport.broker import free_port
 from tests.conftest import wait_healthy
+from tests.test_grammar import _generate
 
 # Short templates written for these tests: they render tools, calls and results the way Meta's Llama 3.1/3.2
 # and Mistral Nemo's templates do, and refuse what those refuse (several calls in one Llama message; call ids
@@ -166,6 +168,29 @@ def test_history_renders_through_templates_that_check_it(vocab):
         vocab.check_grammar(required.grammar)
     mid = MISTRAL.call_id("call_abc123")
     assert f'"id": "{mid}"' in prompt and f'"call_id": "{mid}"' in prompt
+
+
+def test_required_grammars_give_valid_calls_from_noise(vocab):
+    """Noise logits (the worst model) under each syntax's ``required`` grammar: the answer parses as a call."""
+    city = {"type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": city}}]  # no free text:
+    # noise would not end a string
+    body = ChatCompletionBody.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "tools": tools,
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+        }
+    )
+    for template in ("{% if tools %}<tool_call>{% endif %}", LLAMA3_LIKE, MISTRAL_LIKE):
+        plan = plan_chat(body, template)
+        for seed in range(3):
+            text = _generate(vocab, plan.grammar, Sampling(temperature=0.8, seed=seed), seed, n=120)
+            content, calls = plan.parse(text)
+            assert content is None and [c["function"]["name"] for c in calls] == ["get_weather"], (template, text)
+            assert _args(calls[0])["city"] in ("Oslo", "Rome")
 
 
 def _with_template(src, dst, template: str):
