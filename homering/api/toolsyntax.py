@@ -24,6 +24,7 @@ import re
 import secrets
 import string
 import uuid
+from abc import ABC, abstractmethod
 from typing import Any
 
 from homering.api.formats import ToolDef
@@ -67,7 +68,7 @@ def _decode_all(text: str, sep: str) -> list[Any] | None:
         out.append(value)
 
 
-class ToolSyntax:
+class ToolSyntax(ABC):
     """One template's tool-call syntax (subclasses: one per syntax, a single instance each).
 
     Attributes:
@@ -79,10 +80,11 @@ class ToolSyntax:
     name = ""
     one_call_per_message = False
 
+    @abstractmethod
     def detects(self, chat_template: str) -> bool:
         """Whether ``chat_template`` (its Jinja text) teaches this syntax."""
-        raise NotImplementedError
 
+    @abstractmethod
     def grammar(self, tools: list[ToolDef], parallel: bool) -> str:
         """The GBNF grammar of an answer that calls one of ``tools`` (up to :data:`MAX_PARALLEL_CALLS` calls
         when ``parallel`` and the syntax has room for several).
@@ -90,12 +92,11 @@ class ToolSyntax:
         Raises:
             GrammarError: a function's ``parameters`` schema the converter cannot handle.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def parse(self, text: str, names: set[str]) -> tuple[str | None, list[Call]]:
         """An answer as ``(content, calls)``; text that is not in the syntax, or calls a function not in
         ``names``, is content as it is (no calls)."""
-        raise NotImplementedError
 
     def call_id(self, call_id: str) -> str:
         """The id of an earlier call (or of the ``tool`` message that answers it) as the template takes it."""
