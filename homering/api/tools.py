@@ -3,10 +3,11 @@ grammar constrains the answer, and how the answer's text is parsed back into ``t
 
 Two formats, chosen by the model's chat template:
 
-- **native** (the template renders ``tools`` and speaks Hermes/Qwen's ``<tool_call>{"name", "arguments"}
-  </tool_call>``): the tools, the assistant's ``tool_calls`` and the ``tool`` messages go to the template as
-  Hugging Face templates take them; the answer's ``<tool_call>`` blocks are parsed back. ``required`` and a
-  named function constrain the answer to one such block by a grammar.
+- **native** (the template renders ``tools`` in a syntax of :mod:`homering.api.toolsyntax`: Hermes/Qwen's
+  ``<tool_call>`` blocks, Llama 3.x's JSON ``{"name", "parameters"}``, Mistral's ``[TOOL_CALLS]`` list): the
+  tools, the assistant's ``tool_calls`` and the ``tool`` messages go to the template as Hugging Face templates
+  take them; the answer's calls are parsed back by the syntax. ``required`` and a named function constrain the
+  answer to a call in that syntax by a grammar; ``auto`` leaves the text free.
 - **generic** (any other template, e.g. SmolLM2's and Gemma 3's): a system message lists the tools and asks
   for a JSON object, ``{"tool_calls": [{"name", "arguments"}, …]}`` or ``{"content": "…"}``; a grammar built
   from the tools' parameter schemas holds the answer to exactly that, so even a 135M model answers a valid call.
@@ -19,8 +20,6 @@ other front doors translate into that shape and call it too), and :meth:`ChatPla
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,11 +27,9 @@ from homering.api.errors import ApiError
 from homering.api.formats import CalledFunction, ToolDef
 from homering.api.schemas import ChatCompletionBody
 from homering.api.structured import format_grammar
+from homering.api.toolsyntax import MAX_PARALLEL_CALLS, ToolSyntax, detect_syntax, openai_call
 from homering.engine.grammar import GrammarError, schema_to_gbnf
 from homering.wire import ChatMessage
-
-MAX_PARALLEL_CALLS = 8
-"""The most tool calls one generic-format answer may hold (``parallel_tool_calls``)."""
 
 GENERIC_PROMPT = (
     "You can call these tools (functions):\n{tools}\n"
@@ -44,14 +41,13 @@ GENERIC_CONTENT = (
     '{"content": <your answer>}.'
 )
 GENERIC_RESULT = "The tool {name} returned: {result}"
-HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 Mode = Literal["native", "generic"]
 
 
 def native_tools(chat_template: str) -> bool:
-    """Whether a chat template renders tools with Hermes/Qwen's ``<tool_call>`` syntax."""
-    return "tools" in chat_template and "<tool_call>" in chat_template
+    """Whether a chat template renders tools in a syntax of :mod:`homering.api.toolsyntax`."""
+    return detect_syntax(chat_template) is not None
 
 
 @dataclass
@@ -64,6 +60,7 @@ class ChatPlan:
     grammar: str | None = None
     mode: Mode | None = None
     names: set[str] = field(default_factory=set)
+    syntax: ToolSyntax | None = None
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """An answer's text as ``(content, tool_calls)``; ``tool_calls`` are OpenAI's
@@ -74,8 +71,8 @@ class ChatPlan:
         """
         if self.mode == "generic":
             return self._parse_generic(text)
-        if self.mode == "native":
-            return self._parse_hermes(text)
+        if self.mode == "native" and self.syntax is not None:
+            return self.syntax.parse(text, self.names)
         return text, []
 
     def _parse_generic(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
@@ -88,28 +85,10 @@ class ChatPlan:
         calls = obj.get("tool_calls") if isinstance(obj, dict) else None
         if not isinstance(calls, list) or not all(self._known(c) for c in calls):
             return text, []
-        return None, [_call(c["name"], c.get("arguments", {})) for c in calls]
-
-    def _parse_hermes(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-        calls = []
-        for m in HERMES_CALL.finditer(text):
-            try:
-                obj = json.loads(m.group(1))
-            except ValueError:
-                return text, []
-            if not self._known(obj):
-                return text, []
-            calls.append(_call(obj["name"], obj.get("arguments", {})))
-        content = HERMES_CALL.sub("", text).strip()
-        return (content or None) if calls else text, calls
+        return None, [openai_call(c["name"], c.get("arguments", {})) for c in calls]
 
     def _known(self, obj: Any) -> bool:
         return isinstance(obj, dict) and obj.get("name") in self.names
-
-
-def _call(name: str, arguments: Any) -> dict[str, Any]:
-    args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": args}}
 
 
 def _function(fn: CalledFunction) -> dict[str, Any]:
@@ -140,9 +119,10 @@ def _choice(body: ChatCompletionBody) -> tuple[str, str | None]:
     return "named", name
 
 
-def _messages(body: ChatCompletionBody, mode: Mode | None, names: set[str]) -> list[ChatMessage]:
-    """The chat's messages for the template: native keeps tool calls and results as fields, generic (and a chat
-    without tools) writes them as JSON text.
+def _messages(body: ChatCompletionBody, syntax: ToolSyntax | None, names: set[str]) -> list[ChatMessage]:
+    """The chat's messages for the template: a native syntax keeps tool calls and results as fields (ids and
+    calls per message as the syntax's templates take them), generic (and a chat without tools) writes them as
+    JSON text.
 
     Raises:
         ApiError: 400 ``messages``: a call to a function not in ``tools``.
@@ -152,22 +132,28 @@ def _messages(body: ChatCompletionBody, mode: Mode | None, names: set[str]) -> l
     for i, m in enumerate(body.messages):
         role = "system" if m.role == "developer" else m.role
         text = m.text()
-        if m.tool_calls:
-            for c in m.tool_calls:
-                if c.function.name not in names:
-                    msg = f"messages.{i}.tool_calls: the function '{c.function.name}' is not in 'tools'"
-                    raise ApiError(400, msg, param="messages")
-                calls[c.id] = c.function.name
+        for c in m.tool_calls or []:
+            if c.function.name not in names:
+                msg = f"messages.{i}.tool_calls: the function '{c.function.name}' is not in 'tools'"
+                raise ApiError(400, msg, param="messages")
+            calls[c.id] = c.function.name
         if role == "tool":  # a result for no earlier call (the client's history) is rendered all the same
             name = calls.get(m.tool_call_id or "", "a tool")
-            if mode == "native":
-                out.append(ChatMessage(role="tool", content=text, tool_call_id=m.tool_call_id, name=name))
+            if syntax is not None:
+                cid = syntax.call_id(m.tool_call_id) if m.tool_call_id else None
+                out.append(ChatMessage(role="tool", content=text, tool_call_id=cid, name=name))
             else:
                 out.append(ChatMessage(role="user", content=GENERIC_RESULT.format(name=name, result=text)))
-            continue
-        if m.tool_calls and mode == "native":
-            tc = [{"id": c.id, "type": "function", "function": _function(c.function)} for c in m.tool_calls]
-            out.append(ChatMessage(role="assistant", content=text, tool_calls=tc))
+        elif m.tool_calls and syntax is not None:
+            tc = [
+                {"id": syntax.call_id(c.id), "type": "function", "function": _function(c.function)}
+                for c in m.tool_calls
+            ]
+            groups = [[c] for c in tc] if syntax.one_call_per_message else [tc]
+            out += [
+                ChatMessage(role="assistant", content=text if k == 0 else "", tool_calls=g)
+                for k, g in enumerate(groups)
+            ]
         elif m.tool_calls:
             generic = [_function(c.function) for c in m.tool_calls]
             out.append(ChatMessage(role="assistant", content=json.dumps({"tool_calls": generic})))
@@ -185,22 +171,21 @@ def _call_schema(tool: ToolDef) -> dict[str, Any]:
     }
 
 
-def _tool_grammar(tools: list[ToolDef], kind: str, name: str | None, mode: Mode, parallel: bool) -> str | None:
-    """The grammar of an answer: generic, the JSON object of calls (or content, for ``auto``); native, one
-    ``<tool_call>`` block (``required``, named) or free text (``auto``).
+def _tool_grammar(
+    tools: list[ToolDef], kind: str, name: str | None, syntax: ToolSyntax | None, parallel: bool
+) -> str | None:
+    """The grammar of an answer: generic, the JSON object of calls (or content, for ``auto``); native, a call
+    in the syntax (``required``, named) or free text (``auto``).
 
     Raises:
         ApiError: 400 ``tools``: a function's ``parameters`` schema the grammar converter cannot handle.
     """
     chosen = [t for t in tools if name is None or t.function.name == name]
-    one_call: dict[str, Any] = {"anyOf": [_call_schema(t) for t in chosen]}
     try:
-        if mode == "native":
-            if kind == "auto":
-                return None
-            body = schema_to_gbnf(one_call).replace("root ::=", "hr-call ::=", 1)
-            return f'root ::= "<tool_call>\\n" hr-call "\\n</tool_call>"\n{body}'
+        if syntax is not None:
+            return None if kind == "auto" else syntax.grammar(chosen, parallel)
         n_max = MAX_PARALLEL_CALLS if parallel else 1
+        one_call: dict[str, Any] = {"anyOf": [_call_schema(t) for t in chosen]}
         calls = {"type": "array", "items": one_call, "minItems": 1, "maxItems": n_max}
         answer: dict[str, Any] = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}
         if kind == "auto":
@@ -228,15 +213,14 @@ def plan_chat(body: ChatCompletionBody, chat_template: str) -> ChatPlan:
     tools = body.tools or []
     names = {t.function.name for t in tools}
     kind, name = _choice(body)
-    native = native_tools(chat_template)
-    history_mode: Mode = "native" if native else "generic"
-    messages = _messages(body, history_mode, names)
+    syntax = detect_syntax(chat_template)
+    messages = _messages(body, syntax, names)
     if kind == "none":
         return ChatPlan(messages, grammar=format_grammar(body.response_format, body.grammar), names=names)
-    if native:
+    if syntax is not None:
         as_dicts = [t.model_dump(by_alias=True, exclude_none=True) for t in tools]
-        grammar = _tool_grammar(tools, kind, name, "native", body.parallel_tool_calls)
-        return ChatPlan(messages, tools=as_dicts, grammar=grammar, mode="native", names=names)
+        grammar = _tool_grammar(tools, kind, name, syntax, body.parallel_tool_calls)
+        return ChatPlan(messages, tools=as_dicts, grammar=grammar, mode="native", names=names, syntax=syntax)
     chosen = [t for t in tools if name is None or t.function.name == name]
     listed = "\n".join(json.dumps(t.function.model_dump(exclude_none=True), ensure_ascii=False) for t in chosen)
     prompt = GENERIC_PROMPT.format(tools=listed) + (GENERIC_CONTENT if kind == "auto" else "")
@@ -244,5 +228,5 @@ def plan_chat(body: ChatCompletionBody, chat_template: str) -> ChatPlan:
         messages[0] = ChatMessage(role="system", content=f"{messages[0].content}\n\n{prompt}")
     else:
         messages.insert(0, ChatMessage(role="system", content=prompt))
-    grammar = _tool_grammar(tools, kind, name, "generic", body.parallel_tool_calls)
+    grammar = _tool_grammar(tools, kind, name, None, body.parallel_tool_calls)
     return ChatPlan(messages, grammar=grammar, mode="generic", names=names)
