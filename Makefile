@@ -110,9 +110,28 @@ $(PY):
 $(STAMP): pyproject.toml setup.py homering/engine/_evalhook.c $(TEST_LOCK) | $(PY) mosquitto
 	@echo "installing homering and the locked dependencies into $(VENV) (the first build of llama-cpp-python takes ~8 min; pip's wheel cache keeps it)"
 	@$(PY) -m pip install -q "$(PIP_PIN)" 2>&1 | $(QUIET_PIP)
+	@$(LLAMA_WHEEL)
 	@$(PY) -m pip install -q --require-hashes -r $(TEST_LOCK) 2>&1 | $(QUIET_PIP)
 	@PYTHONWARNINGS=ignore $(PY) -m pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
 	@touch $(STAMP)
+
+# llama-cpp-python is built from the lock's sdist (hash checked) without llamafile's tinyBLAS, so that a batch
+# of tokens computes every dot product as one-token decoding does (speculative verification stays exact and
+# batched on F16 weights: homering.engine.batches). pip's wheel cache keys a wheel by its sdist only, not by
+# CMAKE_ARGS, so the wheel is kept in a folder of its own, named by the pin and the options.
+LLAMA_PIN    := $(shell awk '/^llama-cpp-python==/ {print $$1}' $(TEST_LOCK))
+LLAMA_CMAKE  := -DGGML_LLAMAFILE=OFF
+LLAMA_WHEELS := $(HOME)/.cache/homering/wheels/$(subst ==,-,$(LLAMA_PIN))-nollamafile
+define LLAMA_WHEEL
+if ! ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1; then \
+  echo "building $(LLAMA_PIN) with $(LLAMA_CMAKE) (about 8 minutes, once)"; \
+  awk 'p && !/^ /{p=0} /^llama-cpp-python==/{p=1} p' $(TEST_LOCK) > $(VENV)/llama-req.txt && \
+  CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip wheel -q --no-cache-dir --no-deps --require-hashes \
+    -r $(VENV)/llama-req.txt -w $(LLAMA_WHEELS).tmp 2>&1 | $(QUIET_PIP) && \
+  mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); \
+fi; \
+$(PY) -m pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl 2>&1 | $(QUIET_PIP)
+endef
 
 # Upgrade the locks on purpose: newest versions within pyproject.toml's ranges, for Python 3.10 and later
 # on every platform, with hashes. Then run `make test` and commit the locks if it passes.

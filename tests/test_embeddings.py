@@ -105,6 +105,19 @@ def test_embeddings_are_the_unsplit_models_mean(served, gold):
     assert np.abs(vectors[0] - vectors[1]).max() > 0.1  # different texts, different vectors
 
 
+def test_token_id_inputs_are_the_unsplit_models_mean(served, gold):
+    """OpenAI's token forms: one list of ids, and a list of id lists; each is the unsplit model's mean over
+    exactly those tokens."""
+    client, model, _ = served
+    (short, ids_short), (long, ids_long) = gold(SHORT), gold(LONG)
+    one = client.embeddings.create(model=model, input=ids_short, encoding_format="float")
+    two = client.embeddings.create(model=model, input=[ids_long, ids_short], encoding_format="float")
+    np.testing.assert_allclose(np.asarray(one.data[0].embedding), short, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(two.data[0].embedding), long, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(two.data[1].embedding), short, atol=1e-3)
+    assert one.usage.prompt_tokens == len(ids_short) and two.usage.prompt_tokens == len(ids_short) + len(ids_long)
+
+
 def test_same_text_same_vector_and_base64(served):
     client, model, base = served
     default = client.embeddings.create(model=model, input=SHORT)  # the SDK asks for base64 and decodes it
@@ -123,6 +136,9 @@ def test_same_text_same_vector_and_base64(served):
         ({"input": "hi"}, 400, "model"),
         ({"model": "M", "input": ""}, 400, "input"),
         ({"model": "M", "input": []}, 400, "input"),
+        ({"model": "M", "input": [[]]}, 400, "input"),
+        ({"model": "M", "input": [1, "a"]}, 400, "input.str"),  # pydantic names the union member it tried
+        ({"model": "M", "input": [10**9]}, 400, None),  # beyond the vocabulary: the controller says so
         ({"model": "M", "input": "hi", "encoding_format": "hex"}, 400, "encoding_format"),
         ({"model": "M", "input": "hi", "dimensions": 3}, 400, "dimensions"),
         ({"model": "M", "input": "word " * N_CTX}, 413, None),

@@ -16,7 +16,7 @@ import pytest
 
 from homering.agent.speculative import GammaChooser
 from homering.cli.drafting import DraftSettings
-from homering.engine.batches import EXACT_BATCH, exact_batch
+from homering.engine.batches import EXACT_BATCH, exact_batch, tinyblas_batches
 from homering.engine.drafting import NgramDrafter, Speculative, accept_stochastic, verify_rows, with_default
 from homering.engine.sampling import SamplerChain, Sampling
 from homering.engine.window import LayerWindow
@@ -52,7 +52,13 @@ def test_a_verification_batch_gives_the_logits_of_one_token_decoding(model, requ
                 assert np.array_equal(rows[j], single[j]), (n, j)
         with pytest.raises(ValueError, match="at most"):
             w.forward_many([(IDS[: EXACT_BATCH + 1], 0, 0)], [True])
-    assert exact_batch(path) == (1 if model == "smollm2_f16" else EXACT_BATCH)
+    assert exact_batch(path) == (1 if model == "smollm2_f16" and tinyblas_batches() else EXACT_BATCH)
+
+
+def test_the_install_builds_llama_cpp_without_tinyblas():
+    """``make install`` builds llama-cpp-python with ``-DGGML_LLAMAFILE=OFF`` (a wheel of its own: pip's cache
+    keys wheels by sdist, not by CMAKE_ARGS), so F16 targets verify in batches (the test above)."""
+    assert not tinyblas_batches(), "llama.cpp was built with llamafile's tinyBLAS: run make install"
 
 
 def test_flagged_items_keep_their_hidden_states_in_item_order(smollm2):

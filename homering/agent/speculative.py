@@ -183,16 +183,19 @@ class SpeculativeSession(HeadSession):
     def _trip(self, pos: int, hole: int, room: int) -> tuple[np.ndarray, list[int]]:
         """Draft and send the last kept token (at ``pos``) + γ drafts; their logits ((γ + 1, n_vocab)).
 
-        The ``hole`` rejected positions are dropped first, and the trip refills at least as many cells: the
-        draft is padded (with its last token) to ``hole - 1`` tokens. A hole left in llama.cpp's unified KV
-        cache would take another sequence's next tokens, placed before that sequence's latest cells, and
-        its logits then change (measured: up to 0.8 on SmolLM2), so answers would drift."""
+        The ``hole`` rejected positions are dropped first. While another request is in flight on the head, the
+        trip refills at least as many cells: the draft is padded (with its last token) to ``hole - 1`` tokens.
+        A hole left in llama.cpp's unified KV cache would take that sequence's next tokens, placed before its
+        latest cells, and its logits then change (measured: up to 0.8 on SmolLM2), so answers would drift.
+        Alone, no padding: a request that starts later fills the hole with its first cells, in its own order,
+        and every later cell of either sequence lies beyond them."""
         room = min(room - 1, self.ring.plan.n_ctx - pos - 1, self.ring.plan.n_batch - 1)
         gamma = self.gamma.choose(room, self.s)
         t0 = time.perf_counter()
         history = list(self.job.prompt_token_ids) + self.tokens
         drafts = self.drafter.draft(self.slot.seq_id, history, gamma)[:gamma] if gamma else []
-        drafts += [(drafts or self.tokens)[-1]] * (hole - 1 - len(drafts))
+        refill = hole - 1 if len(self.ring.slots) > 1 else 0
+        drafts += [(drafts or self.tokens)[-1]] * (refill - len(drafts))
         t1 = time.perf_counter()
         tokens = np.asarray([self.tokens[-1], *drafts], dtype=np.int32)
         rows = np.atleast_2d(self._verify(tokens, pos, hole > 0))

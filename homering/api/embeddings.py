@@ -17,7 +17,7 @@ import base64
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -28,6 +28,7 @@ from homering.api.answer import admitted, unless_disconnected
 from homering.api.errors import ApiError
 from homering.api.names import resolve_model
 from homering.api.responses import error
+from homering.api.schemas import INTEGRAL
 from homering.api.view import ClusterView
 from homering.wire import EventType, GenerateRequest, StreamEvent
 
@@ -36,12 +37,13 @@ MAX_INPUTS = 2048
 
 
 class EmbeddingBody(BaseModel):
-    """``POST /v1/embeddings``: ``input`` is one string or a list of strings (each non-empty)."""
+    """``POST /v1/embeddings``: ``input`` is one string, a list of strings (each non-empty), token ids, or a list
+    of token-id lists (OpenAI's four forms)."""
 
     model_config = ConfigDict(extra="allow", strict=True)  # OpenAI fields this server ignores (user) are accepted
 
     model: str
-    input: str | list[str] = Field(
+    input: str | list[str] | list[Annotated[int, INTEGRAL]] | list[list[Annotated[int, INTEGRAL]]] = Field(
         json_schema_extra={
             "anyOf": [
                 {"type": "string", "minLength": 1},
@@ -51,23 +53,32 @@ class EmbeddingBody(BaseModel):
                     "minItems": 1,
                     "maxItems": MAX_INPUTS,
                 },
+                {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                    "minItems": 1,
+                    "maxItems": MAX_INPUTS,
+                },
             ]
         }
     )
     encoding_format: Literal["float", "base64"] = "float"
 
-    def texts(self) -> list[str]:
-        """The inputs as a list.
+    def inputs(self) -> list[dict[str, Any]]:
+        """The inputs as :class:`~homering.wire.GenerateRequest` fields, one dict per input: ``prompt`` (a
+        string) or ``prompt_token_ids`` (the controller checks them against the vocabulary).
 
         Raises:
-            ApiError: 400 ``input``: empty, an empty string, or more than :data:`MAX_INPUTS`.
+            ApiError: 400 ``input``: empty, an empty string or token list, or more than :data:`MAX_INPUTS`.
         """
-        texts = [self.input] if isinstance(self.input, str) else list(self.input)
-        if not texts or len(texts) > MAX_INPUTS:
-            raise ApiError(400, f"input: give 1 to {MAX_INPUTS} strings", param="input")
-        if any(not t for t in texts):
-            raise ApiError(400, "input: an input is an empty string", param="input")
-        return texts
+        raw = self.input
+        items: list[Any] = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+        if not items or len(items) > MAX_INPUTS:
+            raise ApiError(400, f"input: give 1 to {MAX_INPUTS} inputs", param="input")
+        if any(not t for t in items):
+            raise ApiError(400, "input: an input is empty", param="input")
+        return [{"prompt": t} if isinstance(t, str) else {"prompt_token_ids": list(t)} for t in items]
 
 
 class EmbeddingItem(BaseModel):
@@ -113,10 +124,10 @@ def router(view: ClusterView, *, auth: Sequence[Depends] = ()) -> APIRouter:
     )
     async def embeddings(body: EmbeddingBody, request: Request):
         resolve_model(view, body.model)
-        texts = body.texts()
+        inputs = body.inputs()
         dims = (body.model_extra or {}).get("dimensions")
         rid = f"embd-{uuid.uuid4().hex[:20]}"
-        reqs = [GenerateRequest(request_id=f"{rid}-{i}", prompt=t, embed=True) for i, t in enumerate(texts)]
+        reqs = [GenerateRequest(request_id=f"{rid}-{i}", embed=True, **t) for i, t in enumerate(inputs)]
         dones: list[StreamEvent] = []
         while len(dones) < len(reqs):  # in groups as large as the free sequences: no input waits in the queue
             free = max(1, view.sequences.n - view.sequences.in_use)

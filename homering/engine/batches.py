@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +25,33 @@ the unsplit model's token for token."""
 
 
 FLOAT_TYPES = frozenset({0, 1, 30})
-"""ggml types F32, F16, BF16: weight matrices of these types go through llamafile's tinyBLAS for batches of 2+
-tokens and through ggml's dot products for one token (ggml-cpu.c, sgemm.cpp), which round differently
-(measured on SmolLM2 dequantized to F16: 0.02 apart in the logits from 2 tokens on)."""
+"""ggml types F32, F16, BF16: in a llama.cpp built with llamafile's tinyBLAS (``GGML_LLAMAFILE``, on by
+default), weight matrices of these types go through tinyBLAS for batches of 2+ tokens and through ggml's dot
+products for one token (ggml-cpu.c, sgemm.cpp: ``llamafile_sgemm`` declines ``n < 2``), which round
+differently (measured on SmolLM2 dequantized to F16: 0.02 apart in the logits from 2 tokens on)."""
+
+
+@functools.cache
+def tinyblas_batches() -> bool:
+    """Whether the loaded llama.cpp sends batches of 2+ tokens through llamafile's tinyBLAS
+    (``LLAMAFILE = 1`` in ``llama_print_system_info``). ``make install`` builds llama-cpp-python without it,
+    so that every batch computes each dot product as one-token decoding does."""
+    import llama_cpp
+
+    return "LLAMAFILE = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
 
 
 def exact_batch(path: Path) -> int:
     """The largest verification batch whose outputs are bitwise those of one-token decoding for this GGUF
-    file: :data:`EXACT_BATCH`, or 1 when a weight matrix is F32/F16/BF16 (:data:`FLOAT_TYPES`). The quantized
-    types measured (Q4_1, Q8_0, Q4_K, Q6_K) give the same floats for 1 … 7 tokens.
+    file: :data:`EXACT_BATCH`, or 1 when a weight matrix is F32/F16/BF16 (:data:`FLOAT_TYPES`) and llama.cpp
+    uses tinyBLAS (:func:`tinyblas_batches`). The quantized types measured (Q4_1, Q8_0, Q4_K, Q6_K) give the
+    same floats for 1 … 7 tokens either way.
 
     Raises:
         ModelError: not a readable GGUF file.
     """
     floats = any(len(t.dims) >= 2 and t.ggml_type in FLOAT_TYPES for t in read_gguf(path).tensors)
-    return 1 if floats else EXACT_BATCH
+    return 1 if floats and tinyblas_batches() else EXACT_BATCH
 
 
 def pack_batches(
