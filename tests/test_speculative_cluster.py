@@ -59,7 +59,9 @@ def test_speculative_answers_are_the_unsplit_targets(target, rounds, draft, mosq
             planner="proportional",
             rounds=rounds,
             log_file=log_file,
-            controller_args=("--draft", spec),
+            # every trip drafts 2 or more: the timed γ may choose plain trips on a busy machine, and both paths
+            # (kept and rejected drafts) must run
+            controller_args=("--draft", spec, "--draft-min", "2"),
         ) as cluster,
     ):
         from homering.client.client import ClusterClient
