@@ -192,6 +192,14 @@ def test_gamma_follows_the_measured_cost_per_kept_token():
     assert late.count(0) >= 85 and set(late) <= {0, 1}  # plain trips, a one-token probe now and then
     loss = sum(g * 3.0 for g in late) / (len(late) * 20.0)  # the time the probes add to plain trips
     assert loss <= 0.05
+    catching_up = GammaChooser(20.0)  # never kept, and a probe's draft model catches up for 150 ms
+    spent = 0.0
+    for i in range(3000):
+        g = catching_up.choose(10, s)
+        draft_ms = 150.0 if g else 0.0
+        catching_up.record(g, g, 20.0 + g, draft_ms, accepted=0)
+        spent += (draft_ms + g) if i >= 1000 else 0.0
+    assert spent / (2000 * 20.0) <= 0.05  # the probes' cost stays within the budget of plain trips
     costly = GammaChooser(20.0)  # drafts always kept but each costs a whole trip: plain wins
     for _ in range(100):
         g = costly.choose(10, s)

@@ -42,6 +42,10 @@ PLAIN_EXPLORE = 4
 cost their draft and verification time, which must stay a few percent of plain decoding."""
 DECAY = 0.8
 """Weight of the past in the measured averages, per observation."""
+PROBE_BUDGET = 0.02
+"""While plain trips are best, probes may cost at most this share of the plain trips' time: a probe's measured
+excess (a draft model catching up on the tokens since its last draft, the verification's extra tokens) spaces
+the next one out."""
 
 
 class GammaChooser:
@@ -56,8 +60,9 @@ class GammaChooser:
     until trips are measured), c_v a verified token's extra time (a prior share of T) and c_d a draft
     token's measured time. Every :data:`EXPLORE_EVERY` trips a neighbour of the best γ is tried, so a γ
     that got cheaper is found again; with drafts that are never kept γ settles at 0 (plain trips) and the
-    loss is the occasional one-token probe. One chooser serves every request of a drafter on the head, so
-    what one request measured helps the next.
+    loss is the occasional one-token probe, spaced so that what probes cost over plain trips (measured: a
+    draft model catches up on every token since its last draft) stays within :data:`PROBE_BUDGET`. One
+    chooser serves every request of a drafter on the head, so what one request measured helps the next.
 
     Args:
         trip_ms: the plan's predicted time of one trip (ms), or 0 when unknown.
@@ -70,6 +75,9 @@ class GammaChooser:
         self.cost: dict[int, float] = {}  # γ → measured ms per kept token
         self._trips = 0
         self._up = True
+        self._probe_excess = 0.0  # ms a probe (a γ > 0 trip while plain trips were best) cost over a plain trip
+        self._next_probe = 0  # the trip count at which plain trips may be probed again
+        self._probing = False  # the last γ chosen was a probe
 
     @property
     def alpha(self) -> float:
@@ -93,7 +101,14 @@ class GammaChooser:
             return top
         best = min(range(low, top + 1), key=self.predicted)
         self._trips += 1
-        if self._trips % (EXPLORE_EVERY * (PLAIN_EXPLORE if best == 0 else 1)) == 0:
+        if best == 0:
+            if self._trips < self._next_probe:
+                return 0
+            budget = PROBE_BUDGET * max(self.trip_ms, 1e-3)  # ms of probing allowed per plain trip
+            self._next_probe = self._trips + max(EXPLORE_EVERY * PLAIN_EXPLORE, int(self._probe_excess / budget))
+            self._probing = top > 0
+            return min(top, 1)
+        if self._trips % EXPLORE_EVERY == 0:
             self._up = not self._up
             step = 1 if (self._up or best == low) and best < top else -1
             return max(low, min(top, best + step))
@@ -109,6 +124,10 @@ class GammaChooser:
         else:
             self.trip_ms = trip_ms if not self.trip_ms else DECAY * self.trip_ms + (1 - DECAY) * trip_ms
         per_token = (trip_ms + draft_ms) / (accepted + 1)
+        if self._probing and gamma and self.trip_ms:
+            excess = max(0.0, trip_ms + draft_ms - (accepted + 1) * self.trip_ms)
+            self._probe_excess = excess if not self._probe_excess else DECAY * self._probe_excess + (1 - DECAY) * excess
+        self._probing = False
         old = self.cost.get(gamma)
         self.cost[gamma] = per_token if old is None else DECAY * old + (1 - DECAY) * per_token
 
