@@ -23,6 +23,7 @@ from homering.models import gguf_file as gfile
 from homering.transport.broker import free_port
 from tests.conftest import wait_healthy
 from tests.test_grammar import _generate
+from tests.test_tools import TIME, WEATHER
 
 # Short templates written for these tests: they render tools, calls and results the way Meta's Llama 3.1/3.2
 # and Mistral Nemo's templates do, and refuse what those refuse (several calls in one Llama message; call ids
@@ -52,21 +53,6 @@ MISTRAL_LIKE = (
     '[TOOL_RESULTS]{"content": {{ m.content | tojson }}, "call_id": "{{ m.tool_call_id }}"}[/TOOL_RESULTS]'
     "{% elif m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
 )
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]},
-    },
-}
 NAMES = {"get_weather", "get_time"}
 
 

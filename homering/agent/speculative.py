@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,10 @@ class SpeculativeSession(HeadSession):
 
     def _generate(self, sampler: SamplerChain) -> None:
         """Prefill, then trips of the last kept token + γ drafts until the request ends (never past a stop
-        string or max_tokens: the kept tokens are taken one by one and the loop ends at the first end)."""
+        string or max_tokens: the kept tokens are taken one by one and the loop ends at the first end).
+
+        As in plain decoding, the next trip enters the ring before the kept tokens' events are published, so
+        their work (building them, the event loop's MQTT publish) overlaps the trip."""
         n_ctx, job = self.ring.plan.n_ctx, self.job
         if len(self.prompt) >= n_ctx:
             raise HomeringError(f"the prompt has {len(self.prompt)} tokens but the context holds {n_ctx}")
@@ -172,35 +176,43 @@ class SpeculativeSession(HeadSession):
             drafts: list[int] = []
             while True:
                 self._check_interrupted()
-                kept, ended = self._keep(sampler, rows, drafts, max_new - new)
+                events, ended = self._keep(sampler, rows, drafts, max_new - new)
+                kept = len(events)
                 new += kept
                 if self._last is not None:  # what the last trip cost and how much of its draft was kept
                     self.gamma.record(*self._last, accepted=min(kept - 1, self._last[1]))
+                if not ended:
+                    hole = len(drafts) + 1 - kept  # rejected positions the KV caches still hold
+                    pos += kept
+                    pending, drafts = self._trip(pos - 1, hole, max_new - new)
+                for event in events:
+                    if event is not None:
+                        self.emit(event)
                 if ended:
                     break
-                hole = len(drafts) + 1 - kept  # rejected positions the KV caches still hold
-                pos += kept
-                rows, drafts = self._trip(pos - 1, hole, max_new - new)
+                rows = pending()
         self.t_end = time.perf_counter()
 
-    def _keep(self, sampler: SamplerChain, rows: np.ndarray, drafts: list[int], room: int) -> tuple[int, bool]:
-        """Sample the verified rows; emit each kept token. (Tokens kept, whether the request ended.)"""
-        kept = 0
+    def _keep(
+        self, sampler: SamplerChain, rows: np.ndarray, drafts: list[int], room: int
+    ) -> tuple[list[StreamEvent | None], bool]:
+        """Sample the verified rows: each kept token's event (None for a token held back by a stop string's
+        prefix), and whether the request ended."""
+        events: list[StreamEvent | None] = []
         for i, tok in enumerate(verify_rows(sampler, rows, drafts)):
             event, end = self._take(tok)
-            if event is not None:
-                if self.job.logprobs is not None:
-                    self._add_logprob(event, rows[i])
-                self.emit(event)
-            kept += 1
-            if end or kept >= room:
-                self.accepted += max(0, kept - 1)
-                return kept, True
-        self.accepted += kept - 1
-        return kept, False
+            if event is not None and self.job.logprobs is not None:
+                self._add_logprob(event, rows[i])
+            events.append(event)
+            if end or len(events) >= room:
+                self.accepted += max(0, len(events) - 1)
+                return events, True
+        self.accepted += len(events) - 1
+        return events, False
 
-    def _trip(self, pos: int, hole: int, room: int) -> tuple[np.ndarray, list[int]]:
-        """Draft and send the last kept token (at ``pos``) + γ drafts; their logits ((γ + 1, n_vocab)).
+    def _trip(self, pos: int, hole: int, room: int) -> tuple[Callable[[], np.ndarray], list[int]]:
+        """Draft and send the last kept token (at ``pos``) + γ drafts; a function that waits for their logits
+        ((γ + 1, n_vocab)), and the drafts.
 
         The ``hole`` rejected positions are dropped first. While another request is in flight on the head, the
         trip refills at least as many cells: the draft is padded (with its last token) to ``hole - 1`` tokens.
@@ -217,29 +229,40 @@ class SpeculativeSession(HeadSession):
         drafts += [(drafts or self.tokens)[-1]] * (refill - len(drafts))
         t1 = time.perf_counter()
         tokens = np.asarray([self.tokens[-1], *drafts], dtype=np.int32)
-        rows = np.atleast_2d(self._verify(tokens, pos, hole > 0))
-        t2 = time.perf_counter()
+        wait = self._verify(tokens, pos, hole > 0)
         self.drafted += len(drafts)
         self.trips += 1
-        self._last = (gamma, len(drafts), (t2 - t1) * 1000, (t1 - t0) * 1000)
+
+        def rows() -> np.ndarray:
+            out = np.atleast_2d(wait())
+            self._last = (gamma, len(drafts), (time.perf_counter() - t1) * 1000, (t1 - t0) * 1000)
+            return out
+
         return rows, drafts
 
-    def _verify(self, tokens: np.ndarray, pos: int, stale: bool) -> np.ndarray:
-        """Run ``tokens`` at ``pos`` … through every window (after dropping positions >= ``pos`` when
-        ``stale``); the logits of every token."""
+    def _verify(self, tokens: np.ndarray, pos: int, stale: bool) -> Callable[[], np.ndarray]:
+        """Start running ``tokens`` at ``pos`` … through every window (after dropping positions >= ``pos``
+        when ``stale``); a function that waits for (on a one-agent ring, computes) the logits of every
+        token."""
         ring, seq = self.ring, self.slot.seq_id
         if len(ring.plan.ring) == 1:
-            x: np.ndarray | None = tokens
-            logits = None
-            for r, w in enumerate(ring.windows):
-                if stale:
-                    w.kv_remove(seq, pos)
-                out = ring.meter.timed(r, len(tokens), w.forward_many, [(x, pos, seq)], [True])[0]
-                x, logits = out.hidden, out.logits
-            return self._logits(logits, pos)
+            return lambda: self._verify_here(tokens, pos, stale)
         frames = [Frame.kv_remove(self.slot.number, seq, pos)] if stale else []
         frames.append(Frame.forward(self.slot.number, seq, pos, tokens, rows=True))
-        return self._logits(self._through_ring(frames), pos)
+        self.ring.submit(self.slot, frames)
+        return lambda: self._logits(self._wait(frames), pos)
+
+    def _verify_here(self, tokens: np.ndarray, pos: int, stale: bool) -> np.ndarray:
+        """Every window of a one-agent ring in turn; the logits of every token."""
+        ring, seq = self.ring, self.slot.seq_id
+        x: np.ndarray | None = tokens
+        logits = None
+        for r, w in enumerate(ring.windows):
+            if stale:
+                w.kv_remove(seq, pos)
+            out = ring.meter.timed(r, len(tokens), w.forward_many, [(x, pos, seq)], [True])[0]
+            x, logits = out.hidden, out.logits
+        return self._logits(logits, pos)
 
 
 class Drafters:
