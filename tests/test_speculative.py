@@ -201,10 +201,13 @@ def test_gamma_follows_the_measured_cost_per_kept_token():
         spent += (draft_ms + g) if i >= 1000 else 0.0
     assert spent / (2000 * 20.0) <= 0.05  # the probes' cost stays within the budget of plain trips
     costly = GammaChooser(20.0)  # drafts always kept but each costs a whole trip: plain wins
+    chosen = []
     for _ in range(100):
         g = costly.choose(10, s)
+        chosen.append(g)
         costly.record(g, g, 20.0 + 20.0 * g, 1.0 * g, accepted=g)
-    assert min(range(7), key=costly.predicted) == 0
+    assert chosen[50:].count(0) >= 45 and max(chosen) <= 2  # slow start: longer drafts never paid off
+    assert min(costly.cost, key=costly.predicted) == 0  # of the γ it measured, plain is the cheapest
     assert GammaChooser(0.0).choose(10, Speculative(draft="ngram", n_max=4, adaptive=False)) == 4
 
 

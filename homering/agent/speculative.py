@@ -62,7 +62,9 @@ class GammaChooser:
     token's measured time. Every :data:`EXPLORE_EVERY` trips a neighbour of the best γ is tried, so a γ
     that got cheaper is found again; with drafts that are never kept γ settles at 0 (plain trips) and the
     loss is the occasional one-token probe, spaced so that what probes cost over plain trips (measured: a
-    draft model catches up on every token since its last draft) stays within :data:`PROBE_BUDGET`. One
+    draft model catches up on every token since its last draft) stays within :data:`PROBE_BUDGET`. γ grows
+    by one at a time, like TCP's slow start: a longer draft is tried only once the longest so far paid off
+    (a first trip with γ = 6 that is all rejected costs six drafted tokens and a 7-token verification). One
     chooser serves every request of a drafter on the head, so what one request measured helps the next.
 
     Args:
@@ -79,6 +81,7 @@ class GammaChooser:
         self._probe_excess = 0.0  # ms a probe (a γ > 0 trip while plain trips were best) cost over a plain trip
         self._next_probe = 0  # the trip count at which plain trips may be probed again
         self._probing = False  # the last γ chosen was a probe
+        self._cap = 1  # the longest draft worth trying yet: one more than the longest that paid off (slow start)
 
     @property
     def alpha(self) -> float:
@@ -100,6 +103,7 @@ class GammaChooser:
         low = min(s.n_min, top)
         if not s.adaptive:
             return top
+        top = max(low, min(top, self._cap))
         best = min(range(low, top + 1), key=self.predicted)
         self._trips += 1
         if best == 0:
@@ -131,6 +135,8 @@ class GammaChooser:
         self._probing = False
         old = self.cost.get(gamma)
         self.cost[gamma] = per_token if old is None else DECAY * old + (1 - DECAY) * per_token
+        if gamma >= self._cap and self.cost[gamma] < self.predicted(gamma - 1):  # the longer draft paid off
+            self._cap = gamma + 1
 
 
 class SpeculativeSession(HeadSession):

@@ -3,8 +3,8 @@
 In one invocation, on one testbed (:mod:`homering.testbed`), three runs, each one cluster whose controller
 has a ``--draft`` and whose plan spreads the layers over every device (``--planner proportional``: these
 small models would fit on one device, where Halda keeps them, and the ring's hops are what speculative
-decoding saves); every prompt is answered twice on it, plain (the request's ``speculative.draft`` off) and
-speculative, so each ratio compares the same prompts on the same plan:
+decoding saves); every prompt is answered twice on it, one right after the other, plain (the request's
+``speculative.draft`` off) and speculative, so each ratio compares the same prompts on the same plan:
 
 - ``ngram``: SmolLM2 with ``--draft ngram`` on edit, summary and JSON prompts;
 - ``draft``: SmolLM2 dequantized to F16 (the target) with the Q4_1 original as its draft;
@@ -64,8 +64,11 @@ class SpeculativeBench(ClusterBench):
             if client.plan is None:
                 raise HomeringError("the cluster is ready but has no plan")
             await self._ask(client, self.prompts[0], plain=True, tokens=4)  # warm-up
-            plain = [await self._ask(client, p, plain=True) for p in self.prompts]
-            spec = [await self._ask(client, p, plain=False) for p in self.prompts]
+            plain: list[Answer] = []
+            spec: list[Answer] = []
+            for p in self.prompts:  # interleaved: a drift of the machine's speed falls on both alike
+                plain.append(await self._ask(client, p, plain=True))
+                spec.append(await self._ask(client, p, plain=False))
         drafted = sum(a.drafted or 0 for a in spec)
         return {
             "tokens_per_s": _rate(spec),
