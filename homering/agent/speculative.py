@@ -119,16 +119,21 @@ class GammaChooser:
             return max(low, min(top, best + step))
         return best
 
-    def record(self, gamma: int, drafted: int, trip_ms: float, draft_ms: float, *, accepted: int) -> None:
+    def record(
+        self, gamma: int, drafted: int, trip_ms: float, draft_ms: float, *, accepted: int, catch_up_ms: float = 0.0
+    ) -> None:
         """A trip asked for ``gamma`` drafts, verified ``drafted`` (padding included) and kept ``accepted`` of
-        them; it took ``trip_ms`` around the ring after ``draft_ms`` of drafting."""
+        them; it took ``trip_ms`` around the ring after ``draft_ms`` of drafting, of which ``catch_up_ms``
+        brought a draft model up to the tokens since its last draft: a cost of drafting after a pause, which
+        counts against probes (:data:`PROBE_BUDGET`) but not in the cost of a γ while drafting goes on."""
+        steady = max(0.0, draft_ms - catch_up_ms)
         if drafted:
             self.acc = DECAY * self.acc + accepted
             self.rej = DECAY * self.rej + (1 if accepted < drafted else 0)
-            self.draft_ms = DECAY * self.draft_ms + (1 - DECAY) * draft_ms / drafted
+            self.draft_ms = DECAY * self.draft_ms + (1 - DECAY) * steady / drafted
         else:
             self.trip_ms = trip_ms if not self.trip_ms else DECAY * self.trip_ms + (1 - DECAY) * trip_ms
-        per_token = (trip_ms + draft_ms) / (accepted + 1)
+        per_token = (trip_ms + steady) / (accepted + 1)
         if self._probing and gamma and self.trip_ms:
             excess = max(0.0, trip_ms + draft_ms - (accepted + 1) * self.trip_ms)
             self._probe_excess = excess if not self._probe_excess else DECAY * self._probe_excess + (1 - DECAY) * excess
@@ -156,7 +161,7 @@ class SpeculativeSession(HeadSession):
         super().__init__(ring, slot, job, emit)
         self.drafter, self.s, self.gamma = drafter, s, gamma
         self.drafted = self.accepted = self.trips = 0
-        self._last: tuple[int, int, float, float] | None = None  # the last trip: γ, drafted, trip ms, draft ms
+        self._last: tuple[int, int, float, float, float] | None = None  # γ, drafted, trip/draft/catch-up ms
 
     def run(self) -> StreamEvent:
         try:
@@ -186,7 +191,10 @@ class SpeculativeSession(HeadSession):
                 kept = len(events)
                 new += kept
                 if self._last is not None:  # what the last trip cost and how much of its draft was kept
-                    self.gamma.record(*self._last, accepted=min(kept - 1, self._last[1]))
+                    g, drafted, trip_ms, draft_ms, catch_up = self._last
+                    self.gamma.record(
+                        g, drafted, trip_ms, draft_ms, accepted=min(kept - 1, drafted), catch_up_ms=catch_up
+                    )
                 if not ended:
                     hole = len(drafts) + 1 - kept  # rejected positions the KV caches still hold
                     pos += kept
@@ -231,6 +239,7 @@ class SpeculativeSession(HeadSession):
         t0 = time.perf_counter()
         history = list(self.job.prompt_token_ids) + self.tokens
         drafts = self.drafter.draft(self.slot.seq_id, history, gamma)[:gamma] if gamma else []
+        catch_up = self.drafter.catch_up_ms if gamma else 0.0
         refill = hole - 1 if len(self.ring.slots) > 1 else 0
         drafts += [(drafts or self.tokens)[-1]] * (refill - len(drafts))
         t1 = time.perf_counter()
@@ -241,7 +250,7 @@ class SpeculativeSession(HeadSession):
 
         def rows() -> np.ndarray:
             out = np.atleast_2d(wait())
-            self._last = (gamma, len(drafts), (time.perf_counter() - t1) * 1000, (t1 - t0) * 1000)
+            self._last = (gamma, len(drafts), (time.perf_counter() - t1) * 1000, (t1 - t0) * 1000, catch_up)
             return out
 
         return rows, drafts

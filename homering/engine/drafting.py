@@ -20,6 +20,7 @@ draft with a full distribution q.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -81,6 +82,7 @@ class NgramDrafter:
     """
 
     kind = "ngram"
+    catch_up_ms = 0.0  # no model: nothing to bring up to the history
 
     def draft(self, seq_id: int, history: list[int], gamma: int) -> list[int]:
         """Up to ``gamma`` tokens to follow ``history`` (token ids); [] when no n-gram repeats."""
@@ -133,6 +135,7 @@ class ModelDrafter:
         )
         self._cached: dict[int, list[int]] = {}  # the tokens in each sequence's draft KV cache
         self._lock = threading.Lock()
+        self.catch_up_ms = 0.0  # the last draft's time bringing its sequence up to the history, beyond 1 token
 
     def draft(self, seq_id: int, history: list[int], gamma: int) -> list[int]:
         """Up to ``gamma`` greedy draft tokens to follow ``history``; fewer near the end of the context."""
@@ -144,7 +147,9 @@ class ModelDrafter:
         same = _common_prefix(cached, history)
         same = min(same, len(history) - 1)  # the last token is decoded again: its logits are wanted
         self.window.kv_remove(seq_id, same)
+        t0 = time.perf_counter()
         logits = self.window.forward(np.asarray(history[same:], dtype=np.int32), same, seq_id).logits
+        self.catch_up_ms = (time.perf_counter() - t0) * 1000 if len(history) - same > 1 else 0.0
         out: list[int] = []
         pos = len(history)
         while logits is not None:
