@@ -19,7 +19,9 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from homering.errors import HomeringError
 from homering.testbed import limits
@@ -37,9 +39,20 @@ from homering.testbed.netns import (
 from homering.testbed.processes import spawn_in
 from homering.testbed.spec import TestbedSpec
 
+T = TypeVar("T")
 log = logging.getLogger("homering.testbed")
 
 __all__ = ["Testbed", "default_workdir", "down_all", "require_root"]
+
+
+def _per_device(fn: Callable[[str, list[Path]], T]) -> Callable[[Testbed, str], T]:
+    """A :class:`Testbed` method ``(device) -> fn(device, the device's cgroups)``, documented as ``fn``."""
+
+    def method(self: Testbed, device: str) -> T:
+        return fn(device, self._device(device).cgroups)
+
+    method.__doc__, method.__name__ = fn.__doc__, fn.__name__
+    return method
 
 
 def default_workdir(spec) -> Path:
@@ -164,25 +177,12 @@ class Testbed:
             raise HomeringError(f"testbed {self.name!r} is not up")
         return self.subnet
 
-    def memory_usage(self, device: str) -> int:
-        """Bytes charged to the device now, page cache included."""
-        return limits.memory_usage(device, self._device(device).cgroups)
-
-    def memory_limit(self, device: str) -> int:
-        """The device's memory limit in bytes."""
-        return limits.memory_limit(device, self._device(device).cgroups)
-
-    def memory_peak(self, device: str) -> int | None:
-        """The most bytes ever charged to the device (None when the kernel does not say: v2 before 5.19)."""
-        return limits.memory_peak(device, self._device(device).cgroups)
-
-    def disk_read_bytes(self, device: str) -> int | None:
-        """Bytes the device has read from disk so far (None without an I/O controller)."""
-        return limits.disk_read_bytes(device, self._device(device).cgroups)
-
-    def oom_kills(self, device: str) -> int:
-        """Processes the kernel's OOM killer killed in the device (its cgroup's ``oom_kill`` count)."""
-        return limits.oom_kills(device, self._device(device).cgroups)
+    # a device's cgroup counters (homering.testbed.limits), each with its function's docstring
+    memory_usage = _per_device(limits.memory_usage)
+    memory_limit = _per_device(limits.memory_limit)
+    memory_peak = _per_device(limits.memory_peak)
+    disk_read_bytes = _per_device(limits.disk_read_bytes)
+    oom_kills = _per_device(limits.oom_kills)
 
     def pids(self, device: str | None) -> list[int]:
         """Processes in a device (its cgroups and namespace), or in the bridge namespace for None."""
