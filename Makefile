@@ -108,7 +108,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml setup.py homering/engine/_evalhook.c $(TEST_LOCK) | $(PY) mosquitto
-	@echo "installing homering and the locked dependencies into $(VENV) (the first build of llama-cpp-python takes ~8 min; pip's wheel cache keeps it)"
+	@echo "installing homering and the locked dependencies into $(VENV) (the first build of llama-cpp-python takes ~8 min; its wheel is kept in ~/.cache/homering/wheels)"
 	@$(PY) -m pip install -q "$(PIP_PIN)" 2>&1 | $(QUIET_PIP)
 	@$(LLAMA_WHEEL)
 	@$(PY) -m pip install -q --require-hashes -r $(TEST_LOCK) 2>&1 | $(QUIET_PIP)
