@@ -3,6 +3,8 @@ layer reads from disk only the share a token routes to, and that share is measur
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from homering.bench.reads import DecodeReads
@@ -12,7 +14,8 @@ from homering.models.slicing import Role, WindowSpec, slice_window
 from homering.planner.cluster import with_read_share
 from homering.planner.halda import solve
 from homering.planner.model import evaluate, parse_cluster, shape_from_gguf
-from homering.profiler.experts import measure_model_read_share, measure_read_share
+from homering.profiler.compute import possible_probe_specs, routing_probe_spec
+from homering.profiler.experts import measure_model_routing, measure_routing, routing_tokens
 from homering.transport.windows import model_facts, model_info
 from homering.wire import ModelFacts
 from tests.brute import brute_force
@@ -38,18 +41,19 @@ def test_moe_shape_counts_all_bytes_and_the_active_ones(qwen3moe_small, qwen3_sm
         dense.active_layer_bytes is None
         and inspect_gguf(qwen3_small).active_bytes == inspect_gguf(qwen3_small).size_bytes
     )
-    # the measured shares: the largest counts, only for a MoE
-    assert with_read_share(shape, [None, 0.3, 0.45]).read_share == 0.45
-    assert with_read_share(shape, [None]).read_share == 1.0
-    assert with_read_share(dense, [0.3]).read_share == 1.0
+    # the measured shares: the largest of each counts, only for a MoE
+    both = with_read_share(shape, [None, (0.3, 0.5), (0.45, 0.4)])
+    assert (both.read_share, both.hot_share) == (0.45, 0.5)
+    assert (with_read_share(shape, [None]).read_share, with_read_share(shape, [None]).hot_share) == (1.0, 1.0)
+    assert with_read_share(dense, [(0.3, 0.5)]).read_share == 1.0
 
 
-def _moe_spec(share: float, *, ram: float, layers: int = 8):
+def _moe_spec(share: float, *, ram: float, layers: int = 8, hot: float = 1.0):
     spec = spec_of(
         [dev("a", ram=ram, cpu=60, disk=1.0), dev("head", ram=ram, cpu=60, disk=1.0, head=True)], layers=layers
     )
     raw = spec.model_dump()
-    raw["model"] |= {"active_layer_bytes": raw["model"]["layer_bytes"] // 4, "read_share": share}
+    raw["model"] |= {"active_layer_bytes": raw["model"]["layer_bytes"] // 4, "read_share": share, "hot_share": hot}
     return parse_cluster(raw)
 
 
@@ -77,15 +81,28 @@ def test_disk_terms_read_only_the_routed_share(ram):
     assert fast < slow if ram < 4 else fast <= slow  # 2 x 5.5 GiB hold the 8 GiB: no disk either way
 
 
-def test_model_facts_carry_the_experts(qwen3moe_small):
+def test_model_facts_carry_the_experts(qwen3moe_small, tmp_path, monkeypatch):
     """An agent without the model file rebuilds its facts from the controller's ModelFacts: the expert counts
     come across, so it measures the read share (and plans with it) as an agent with the file does."""
+    monkeypatch.setenv("HOMERING_HOME", str(tmp_path))
     info = inspect_gguf(qwen3moe_small)
     facts = ModelFacts.model_validate_json(model_facts(info).model_dump_json())
     back = model_info(facts, str(info.path), info.fingerprint)
     assert (back.n_expert, back.n_expert_used) == (8, 2)
     assert back.layer_active_bytes == info.layer_active_bytes and back.active_bytes == info.active_bytes
     assert back == info
+    # the routing probe: the controller serves its window and the text's token ids (windows keep no
+    # tokenizer), and an agent without the model measures what one with the file measures
+    assert facts.routing_tokens == list(routing_tokens(str(info.path))) and len(facts.routing_tokens) > 40
+    spec = routing_probe_spec(info)
+    assert spec.role == Role.FIRST and spec in possible_probe_specs(info)
+    window = slice_window(qwen3moe_small, spec, progress=False)
+    remote = model_info(facts, str(tmp_path / "not-here.gguf"), info.fingerprint)
+    there = measure_model_routing(remote, threads=1, windows=lambda _: window, token_ids=facts.routing_tokens)
+    here = measure_model_routing(info, threads=1)
+    assert there is not None and here is not None
+    assert there.hot_share == pytest.approx(here.hot_share, abs=0.02)
+    assert measure_model_routing(remote, threads=1, windows=lambda _: window) is None  # no ids: not measured
 
 
 def test_read_share_is_measured_with_mincore(qwen3moe_small, qwen3_small, tmp_path, monkeypatch):
@@ -94,14 +111,58 @@ def test_read_share_is_measured_with_mincore(qwen3moe_small, qwen3_small, tmp_pa
     monkeypatch.setenv("HOMERING_HOME", str(tmp_path))
     moe = slice_window(qwen3moe_small, WindowSpec(2, 4, Role.MIDDLE), progress=False)
     dense = slice_window(qwen3_small, WindowSpec(2, 4, Role.MIDDLE), progress=False)
-    routed = measure_read_share(moe, threads=1, tokens=4, random_access=True)
+    routed = measure_routing(moe, threads=1, tokens=4, random_access=True)
     assert routed is not None
     info = inspect_gguf(qwen3moe_small)
     expected = sum(info.layer_active_bytes[2:4]) / sum(info.layer_bytes[2:4])
-    assert expected - 0.05 < routed < expected + 0.2  # pages, and the pages around a routed expert's rows
-    assert measure_read_share(dense, threads=1, tokens=2, random_access=True) > 0.95
-    whole = measure_model_read_share(info, threads=1)
-    assert whole is not None and routed - 0.05 < whole <= 1.0
+    assert expected - 0.05 < routed.read_share < expected + 0.2  # pages, and the pages around a routed expert
+    # random hidden states route near uniformly: 48 tokens come back to (almost) every expert
+    assert routed.hot_share > 0.9
+    whole = measure_routing(dense, threads=1, tokens=2, random_access=True)
+    assert whole is not None and whole.read_share > 0.95 and whole.hot_share > 0.95
+    model = measure_model_routing(info, threads=1)  # the first layers, real text, read-around on
+    assert model is not None and routed.read_share - 0.05 < model.read_share <= 1.0
+    assert expected - 0.05 < model.hot_share <= 1.0
+
+
+def test_hot_share_sees_tokens_that_route_to_the_same_experts(qwen3moe_small, tmp_path, monkeypatch):
+    """A router whose weights are zero gives every expert the same logit, so every token routes to the same
+    experts: the hot share falls to what one token touches (attention and 2 of 8 experts), where the real
+    router's tokens come back to most experts. The planner then charges the device almost nothing."""
+    monkeypatch.setenv("HOMERING_HOME", str(tmp_path))
+    info = inspect_gguf(qwen3moe_small)
+    spec = WindowSpec(0, 2, Role.FIRST)
+    window = slice_window(qwen3moe_small, spec, progress=False)
+    fixed = tmp_path / "fixed-router.gguf"
+    shutil.copyfile(window, fixed)
+    with open(fixed, "r+b") as f:
+        for t in read_gguf(fixed).tensors:
+            if t.name.endswith("ffn_gate_inp.weight"):
+                f.seek(t.offset)
+                f.write(bytes(t.n_bytes))  # zeros in F32 and F16
+    ids = list(range(100, 160))
+    real = measure_routing(window, threads=1, token_ids=ids, random_access=True)
+    same = measure_routing(fixed, threads=1, token_ids=ids, random_access=True)
+    assert real is not None and same is not None
+    one_token = sum(info.layer_active_bytes[:2]) / sum(info.layer_bytes[:2])
+    assert same.hot_share == pytest.approx(one_token, abs=0.05)
+    assert real.hot_share > one_token + 0.2
+
+
+@pytest.mark.parametrize("hot", [1.0, 0.4, 0.1])
+def test_an_overflowing_device_reads_only_the_hot_bytes_beyond_its_ram(hot):
+    """An overflowing MoE device needs in RAM only the hot share u of its layers: it reads
+    (r/u)·(need - (1-u)·layers - RAM) per token, r·(need - RAM) when u = 1, nothing when the hot bytes fit.
+    Halda's program has the same term (brute force)."""
+    spec = _moe_spec(0.5, ram=5.5, hot=hot)
+    d = evaluate(spec, 1, [6, 2]).devices[0]
+    assert d.mode == "overflow"
+    uniform = evaluate(_moe_spec(0.5, ram=5.5), 1, [6, 2]).devices[0]
+    cold = (1 - hot) * 6 * spec.model.layer_bytes
+    expected = max(0.0, uniform.disk_bytes / 0.5 - cold) * 0.5 / hot
+    assert d.disk_bytes == pytest.approx(expected)
+    assert (d.disk_bytes > 0) == (hot > 0.5) and d.disk_bytes <= uniform.disk_bytes + 1e-6
+    assert solve(spec).prediction.ms_per_token == pytest.approx(brute_force(spec).ms_per_token, rel=1e-7)
 
 
 def test_bench_reads_per_token_against_the_plan():

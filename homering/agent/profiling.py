@@ -127,7 +127,13 @@ class Profiler:
                     return client.fetch(wf.sha256, wf.size, f"probe {spec.label()}")
 
                 device = await asyncio.to_thread(
-                    _one_at_a_time, profile_device, None, threads=self.threads, info=info, windows=probe_file
+                    _one_at_a_time,
+                    profile_device,
+                    None,
+                    threads=self.threads,
+                    info=info,
+                    windows=probe_file,
+                    routing_tokens=status.model_facts.routing_tokens,
                 )
         trim_heap()  # the probe windows' buffers: freed, but glibc would keep them
         if device.model_fingerprint != fp:

@@ -58,6 +58,15 @@ class ModelShape(_Strict):
         "dense model; for a MoE the pages of the experts it routes to (and the kernel's read-around), as "
         "the profiler measures it (homering.profiler.experts), never assumed",
     )
+    hot_share: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="u, share of a layer's weight bytes a stream of decoded tokens keeps coming back to (the "
+        "union of the pages they touch): 1 for a dense model, and for a MoE that routes uniformly; smaller for "
+        "one whose tokens route to a few experts, as the profiler measures it on real text "
+        "(homering.profiler.experts). An overflowing device's page cache must hold only these bytes",
+    )
 
     def buffer_bytes(self, k: int, vocab_windows: int) -> int:
         """a = k·c + v·(c_v - c): the compute buffers of a device's k window contexts, ``vocab_windows`` = v
@@ -252,10 +261,12 @@ def shape_from_gguf(path: str | os.PathLike[str], n_ctx: int, n_seq: int = 1, n_
     )
 
 
-def with_read_share(shape: ModelShape, shares: list[float | None]) -> ModelShape:
-    """``shape`` with the read share ``r`` the devices measured (their largest, the cautious figure): for a
-    mixture of experts only; a dense model, or a MoE no device measured, keeps ``r = 1``."""
+def with_read_share(shape: ModelShape, shares: list[tuple[float, float] | None]) -> ModelShape:
+    """``shape`` with the read share ``r`` and hot share ``u`` the devices measured, as ``(r, u)`` pairs (the
+    largest of each, the cautious figures): for a mixture of experts only; a dense model, or a MoE no device
+    measured, keeps ``r = u = 1``."""
     measured = [s for s in shares if s is not None]
     if shape.active_layer_bytes is None or not measured:
         return shape
-    return shape.model_copy(update={"read_share": min(1.0, max(measured))})
+    r, u = (min(1.0, max(m[i] for m in measured)) for i in (0, 1))
+    return shape.model_copy(update={"read_share": r, "hot_share": u})

@@ -218,8 +218,13 @@ class _Program:
         ram = d.ram_bytes
         if d.os == "macos":  # overflow re-reads the whole mapping
             self.prob += D >= ms_per_byte * need - ms_per_byte * need_max * (1 - ovf)
-        elif need_max > ram:  # overflow re-reads what exceeds the RAM, and (dense) the streamed layers in flight
-            f = 0 if self.shape.active_layer_bytes is not None else STREAMED_LAYERS * self.shape.layer_bytes
+        elif need_max > ram and self.shape.active_layer_bytes is not None:  # a MoE: the hot bytes beyond the RAM
+            u = self.shape.hot_share
+            rate = ms_per_byte / u
+            over = need - (1 - u) * k * self.shape.layer_bytes * s.x - ram
+            self.prob += D >= rate * over - rate * (need_max - ram) * (1 - ovf)
+        elif need_max > ram:  # a dense model: what exceeds the RAM, and the streamed layers in flight
+            f = STREAMED_LAYERS * self.shape.layer_bytes
             over = need - ram + f * s.u
             self.prob += D >= ms_per_byte * over - ms_per_byte * (need_max - ram + f) * (1 - ovf)
         stream_max = k * ms_per_byte * bp * W

@@ -43,11 +43,15 @@ decoded token reads from disk only the share ``r`` (``read_share``) of a streame
 of the experts it is routed to, plus the kernel's read-around, as the profiler measures it
 (:mod:`homering.profiler.experts`; 1 for a dense model). The disk terms above read ``r·reread`` and
 ``r·s_m``. An overflowing MoE device keeps no prefix and streams nothing itself: a token touches a few
-experts per layer, not the whole window in order, so the kernel's page cache keeps the experts in use and
-re-reads ``r·(need_m - ram_m)`` (measured on Qwen3-30B-A3B's shape: the Halda plan 1502 ms/token with the
-prefix kept and the rest streamed, 178 ms/token left to the kernel). Compute needs no term of its own:
-``cpu_ms_per_layer`` is measured on the model's own layers, so a MoE layer's time already counts its active
-parameters (attention, router and top-k experts), not all.
+experts per layer, not the whole window in order, so the kernel's page cache keeps the experts in use
+(measured on Qwen3-30B-A3B's shape: the Halda plan 1502 ms/token with the prefix kept and the rest streamed,
+178 ms/token left to the kernel). Its tokens keep coming back to the hot share ``u`` (``hot_share``) of the
+layers' bytes, so the page cache must hold ``need_m - (1-u)·k·s_m^w`` bytes (the cold experts are never
+needed); what exceeds ``ram_m`` misses, and a token's ``r`` of the hot bytes (``r/u`` of them) is read for
+each missed byte: ``(r/u)·max(0, need_m - (1-u)·k·s_m^w - ram_m)``. With uniform routing (``u = 1``) that is
+``r·(need_m - ram_m)``; a model whose tokens route to a few experts reads almost nothing once they are
+cached. Compute needs no term of its own: ``cpu_ms_per_layer`` is measured on the model's own layers, so a
+MoE layer's time already counts its active parameters (attention, router and top-k experts), not all.
 
 The inputs (:class:`ClusterSpec`, :class:`ModelShape`, :class:`Device`) live in
 :mod:`homering.planner.cluster` and are re-exported here.
@@ -239,12 +243,15 @@ def _cheapest_mode(
         costs["resident"] = 0.0
     keep = None
     reread: float = need
+    rate = r  # bytes read per byte re-read
     if d.os != "macos" and shape.active_layer_bytes is not None:  # a MoE: the kernel caches the hot experts
-        reread = max(0.0, need - ram)
+        u = shape.hot_share
+        cold = (1 - u) * k * (s // bp) * shape.layer_bytes  # bytes its tokens do not come back to
+        reread, rate = max(0.0, need - cold - ram), r / u
     elif d.os != "macos":
         reread = max(0.0, need - ram) + (STREAMED_LAYERS * shape.layer_bytes if need > ram else 0)
         keep = max(0, int(k * (w - n) * shape.layer_bytes - reread))
-    costs["overflow"], reads["overflow"] = d.disk_ms(r * reread) / k, r * reread / k
+    costs["overflow"], reads["overflow"] = d.disk_ms(rate * reread) / k, rate * reread / k
     if 2 * s + fixed <= ram:
         costs["stream"], reads["stream"] = max(0.0, d.disk_ms(r * s) - slack), r * s
     mode = min(MODES, key=lambda m: (costs.get(m, float("inf")), MODES.index(m)))

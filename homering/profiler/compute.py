@@ -125,9 +125,9 @@ def probe_specs(info: ModelInfo, n: int, n_out: int | None) -> list[WindowSpec]:
 
 
 def possible_probe_specs(info: ModelInfo) -> set[WindowSpec]:
-    """Every probe window :func:`measure_compute` may ask for on some device (whatever its RAM): the only
-    windows a controller slices for agents' profiling."""
-    out: set[WindowSpec] = set()
+    """Every probe window :func:`measure_compute` may ask for on some device (whatever its RAM), and a MoE's
+    :func:`routing_probe_spec`: the only windows a controller slices for agents' profiling."""
+    out: set[WindowSpec] = {routing_probe_spec(info)} if info.n_expert else set()
     for n in range(1, probe_layers(info) + 1):
         out.update(probe_specs(info, n, n))
     return out
@@ -316,3 +316,9 @@ def _time_decodes(
             if pos >= warmup:
                 s.append(dt * 1000.0)
     return samples
+
+
+def routing_probe_spec(info: ModelInfo) -> WindowSpec:
+    """The window a MoE's routing is probed on (:mod:`homering.profiler.experts`): the model's first
+    :func:`probe_layers` layers, taking tokens, so real text routes as the model routes it."""
+    return WindowSpec(0, probe_layers(info), Role.FIRST)

@@ -25,7 +25,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,14 +36,15 @@ from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo, inspect_gguf
 from homering.profiler.compute import WindowSource, measure_compute
 from homering.profiler.disk import DISK_PROBE_BYTES, measure_disk_gbps
-from homering.profiler.experts import measure_model_read_share
+from homering.profiler.experts import measure_model_routing
 from homering.profiler.gpu import measure_gpu
 from homering.profiler.memory import available_ram_bytes
 from homering.profiler.profile import DeviceProfile, GpuProfile, OsName
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 5  # 2: no repacking, CPU quota counted; 3-4: probe windows sized to the RAM; 5: MoE read share
+CACHE_VERSION = 6  # 2: no repacking, CPU quota counted; 3-4: probe windows sized to the RAM; 5: MoE read share;
+# 6: MoE hot share, routing probed on real text
 _GIB = float(1 << 30)
 
 
@@ -101,6 +102,7 @@ class _CachedTimings(BaseModel):
     profile_ms: float
     measured_at: float  # Unix time, s
     read_share: float | None = None  # a MoE's disk share per token (homering.profiler.experts)
+    hot_share: float | None = None  # the share of its layers a stream of tokens touches
 
 
 def profiles_dir() -> Path:
@@ -157,6 +159,7 @@ def profile_device(
     disk_dir: str | os.PathLike[str] | None = None,
     info: ModelInfo | None = None,
     windows: WindowSource | None = None,
+    routing_tokens: Sequence[int] | None = None,
 ) -> DeviceProfile:
     """Measure (or read from the cache) this device's profile for one model.
 
@@ -169,8 +172,7 @@ def profile_device(
     ``link_mbps`` stay 0 (measured at plan time).
 
     Args:
-        model_path: the model's GGUF (a resolved path; see
-            :func:`homering.models.registry.resolve_model`).
+        model_path: the model's GGUF (a resolved path; :func:`homering.models.registry.resolve_model`).
         threads: llama.cpp threads to time with (>= 1); part of the cache key.
         refresh: measure again even when the cache has a profile.
         progress: called with a short status line before each stage.
@@ -180,6 +182,8 @@ def profile_device(
         windows: where the probe windows come from (required without ``model_path``: an agent
             without the model downloads them, see :mod:`homering.transport.windows`)
             [default: sliced from ``model_path``].
+        routing_tokens: a MoE's routing probe text in token ids (:mod:`homering.profiler.experts`), for an
+            agent without the model (ModelFacts carry them) [default: tokenized from ``model_path``].
 
     Returns:
         :class:`DeviceProfile`; ``profile_ms`` is the wall time the measurement
@@ -201,7 +205,7 @@ def profile_device(
     cache_file = profiles_dir() / f"{key}-{model.fingerprint}.json"
 
     def measure() -> tuple[int, _CachedTimings]:
-        return _measure(cache_file, key, model, threads, say, disk_bytes, disk_dir, windows)
+        return _measure(cache_file, key, model, threads, say, disk_bytes, disk_dir, windows, routing_tokens)
 
     ram, record, cached = _cached_or_measured(cache_file, key, model.fingerprint, refresh, say, measure)
     return _profile(os_name, ram, record, cached=cached)
@@ -252,6 +256,7 @@ def _measure(
     disk_bytes: int,
     disk_dir: str | os.PathLike[str] | None,
     windows: WindowSource | None,
+    routing_tokens: Sequence[int] | None = None,
 ) -> tuple[int, _CachedTimings]:
     """Measure the slow figures (and the RAM, last) and write them to ``cache_file`` (a failed write is
     logged); returns (available RAM in bytes, the figures)."""
@@ -262,10 +267,10 @@ def _measure(
         info.path, threads=threads, info=info, ram_bytes=available_ram_bytes(), progress=say, windows=windows
     )
     gpu = measure_gpu(info.path, threads=threads, info=info, progress=say, windows=windows)
-    share = None
+    routing = None
     if info.n_expert:
         say("measuring the share of a MoE layer a token reads from disk")
-        share = measure_model_read_share(info, threads=threads, windows=windows)
+        routing = measure_model_routing(info, threads=threads, windows=windows, token_ids=routing_tokens)
     say("measuring available RAM")
     ram = available_ram_bytes()
     record = _CachedTimings(
@@ -280,7 +285,8 @@ def _measure(
         gpu=gpu,
         profile_ms=(time.perf_counter() - t0) * 1000.0,
         measured_at=time.time(),
-        read_share=share,
+        read_share=routing.read_share if routing else None,
+        hot_share=routing.hot_share if routing else None,
     )
     try:
         _write_cache(cache_file, record)
@@ -302,4 +308,5 @@ def _profile(os_name: OsName, ram_bytes: int, t: _CachedTimings, *, cached: bool
         profile_ms=t.profile_ms,
         cached=cached,
         read_share=t.read_share,
+        hot_share=t.hot_share,
     )

@@ -1,52 +1,88 @@
 """How much of a mixture-of-experts layer a decoded token reads from disk: measured, never assumed.
 
 A MoE layer holds ``n_expert`` experts and routes each token to ``k`` of them
-(Qwen3-30B-A3B: 8 of 128). A device that streams its layers from disk (the
-planner's *stream* and *overflow* modes) then reads per token only the pages
-of the experts it routes to, plus attention and router, plus whatever the
-kernel's fault read-around pulls in beside them. That share depends on the
-routing (random weights route almost uniformly, trained models are skewed) and
-on the kernel, so it is measured:
+(Qwen3-30B-A3B: 8 of 128). A device that streams or overflows its layers
+then needs per token only the pages of the experts it routes to, plus
+attention and router. How much of that comes from disk depends on the
+routing (which experts, and how often the next tokens come back to them) and
+on the kernel (its fault read-around reads pages beside a routed expert), so
+two figures are measured on a probe window of the model's own first layers,
+fed real text (:data:`ROUTING_TEXT`, so the routing is the model's own):
 
-1. a probe window of the model's own layers (role ``middle``) is loaded and
-   decodes a first token (buffers allocated);
-2. for each of :data:`READ_SHARE_TOKENS` tokens: the window's pages are dropped
-   from the page cache (:meth:`~homering.engine.pages.WindowPages.release`), one
-   token is decoded at the next position with a random hidden state, and
-   ``mincore`` tells which pages of the file came back
-   (:func:`~homering.engine.pages.resident_pages`);
-3. the share is the mean over those tokens of the bytes of the layers' tensors
-   whose pages were read, over the layers' tensor bytes.
+* the **hot share** ``u``: the union of the layer pages a stream of tokens
+  touches (a prompt of :data:`HOT_PROMPT_TOKENS` tokens, then
+  :data:`HOT_DECODE_TOKENS` decoded one at a time), over the layers' bytes,
+  with the kernel's read-around off (``MADV_RANDOM``: only what the routing
+  touches). Uniform routing gives about 1; a model whose tokens route to a
+  few experts gives much less, and a page cache that holds those bytes serves
+  every later token;
+* the **read share** ``r``: for each of :data:`READ_SHARE_TOKENS` further
+  tokens, the window's pages are dropped from the page cache
+  (:meth:`~homering.engine.pages.WindowPages.release`), one token is decoded,
+  and ``mincore`` tells which pages came back
+  (:func:`~homering.engine.pages.resident_pages`), read-around included, as
+  the agents run: the bytes a token reads from a cold cache.
 
-A dense layer reads all of itself (share about 1). The inputs are random
-hidden states, whose routing is near uniform, as a random-weight model's: a
-trained model on real text routes more unevenly, so several tokens in a row
-share experts and the page cache serves them; the measured figure is then an
-upper bound of what a real conversation reads.
+The planner (:mod:`homering.planner.model`) turns them into bytes read per
+token. A dense layer gives ``u = r = 1``. The first layers of a model route
+from the token embeddings, more evenly than deeper layers (on the synthetic
+Qwen3-30B-A3B, 8 prompt tokens touch 25% of layer 0's experts and 6-15% of
+the later layers'): the figures are an upper bound for the rest of the model.
+A trained model's routing on a user's text is what it is; the profile
+measures it on :data:`ROUTING_TEXT`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from homering.engine.pages import WindowPages, madvise, mappings_of, resident_pages
+from homering.engine.tokenizer import Tokenizer
 from homering.engine.window import LayerWindow
 from homering.models.gguf_file import read_gguf
 from homering.models.gguf_info import ModelInfo, block_index
 from homering.models.slicing import slice_window
-from homering.profiler.compute import WindowSource, probe_layers, probe_specs
+from homering.profiler.compute import WindowSource, routing_probe_spec
 
 log = logging.getLogger(__name__)
 
 READ_SHARE_TOKENS = 8
-"""Decoded tokens the share is averaged over."""
-MADV_RANDOM = 1  # Linux <asm-generic/mman-common.h>
-READ_SHARE_N_CTX = 64
-"""KV cache of the probe window, tokens."""
+"""Tokens decoded from a cold page cache, each: ``r`` is their mean."""
+HOT_PROMPT_TOKENS = 32
+"""Prompt tokens (one batch) before the decoded ones, all counted in ``u``."""
+HOT_DECODE_TOKENS = 16
+"""Tokens decoded one at a time after the prompt, counted in ``u``."""
+MADV_NORMAL, MADV_RANDOM = 0, 1  # Linux <asm-generic/mman-common.h>
+READ_SHARE_N_CTX = 128
+"""KV cache of the probe window, tokens (holds every probe token)."""
+ROUTING_TEXT = (
+    "The committee met on Tuesday to review the budget for the new library. After a long discussion about "
+    "the costs of heating, staff and books, the members agreed to ask the city for a larger grant next "
+    "year. Meanwhile, volunteers will repair the roof, paint the reading room and sort the donated novels, "
+    "maps and old newspapers before the opening in March. Children from the local school have promised to "
+    "draw posters for the event."
+)
+"""Plain English text whose tokens the routing probe feeds the model's first layers."""
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a MoE window's decoded tokens need from disk (see the module): shares of its layer bytes.
+
+    Attributes:
+        read_share: ``r`` in (0, 1], the bytes one token reads from a cold page cache.
+        hot_share: ``u`` in (0, 1], the union of the pages a stream of tokens touches.
+    """
+
+    read_share: float
+    hot_share: float
 
 
 def _layer_pages(path: Path) -> np.ndarray:
@@ -60,22 +96,70 @@ def _layer_pages(path: Path) -> np.ndarray:
     return mask
 
 
-def measure_read_share(
-    window: str | Path, *, threads: int, tokens: int = READ_SHARE_TOKENS, random_access: bool = False
-) -> float | None:
-    """The share of a window's layer bytes one decoded token reads from disk, in [0, 1] (see the module).
+def _advise(path: Path, advice: int) -> None:
+    for start, end, _ in mappings_of(path):
+        madvise(start, end - start, advice)
+
+
+def _stream_then_cold(
+    w: LayerWindow,
+    path: Path,
+    layers: np.ndarray,
+    inputs: Callable[[int, int], np.ndarray],
+    tokens: int,
+    random_access: bool,
+) -> tuple[float, list[float]]:
+    """The hot share of a stream of tokens from a cold cache (read-around off), then the share each of
+    ``tokens`` decodes reads from a cold cache (read-around on unless ``random_access``)."""
+    total = int(layers.sum())
+
+    def share() -> float:
+        return float((resident_pages(path)[: len(layers)] & layers).sum()) / total
+
+    pages = WindowPages(path)
+    try:
+        _advise(path, MADV_RANDOM)
+        pages.release()
+        w.forward(inputs(1, HOT_PROMPT_TOKENS), 1)
+        decoded = 1 + HOT_PROMPT_TOKENS
+        for pos in range(decoded, decoded + HOT_DECODE_TOKENS):
+            w.forward(inputs(pos, 1), pos)
+        hot = share()
+        if not random_access:
+            _advise(path, MADV_NORMAL)
+        shares = []
+        decoded += HOT_DECODE_TOKENS
+        for pos in range(decoded, decoded + tokens):
+            pages.release()
+            w.forward(inputs(pos, 1), pos)
+            shares.append(share())
+    finally:
+        pages.close()
+    return hot, shares
+
+
+def measure_routing(
+    window: str | Path,
+    *,
+    threads: int,
+    token_ids: Sequence[int] | None = None,
+    tokens: int = READ_SHARE_TOKENS,
+    random_access: bool = False,
+) -> Routing | None:
+    """The hot and read shares of a window's layer bytes (see the module).
 
     Args:
-        window: a ``middle`` window file of the model (hidden states in and out).
+        window: a window file of the model: a ``first`` window fed ``token_ids`` (real text, cycled), or a
+            ``middle`` window fed random hidden states (``token_ids`` None; their routing is near uniform).
         threads: llama.cpp threads.
-        tokens: decodes averaged over (>= 1).
-        random_access: advise the kernel that the mapping is read at random (``MADV_RANDOM``: no fault
-            read-around), so the share is what the routing alone reads. Off by default: the agents' windows
-            keep the kernel's read-around (8 MiB on this project's test machine, more than one expert
-            matrix of Qwen3-30B-A3B), and the planner needs what they really read.
+        tokens: cold-cache decodes ``r`` is averaged over (>= 1).
+        random_access: measure ``r`` with the kernel's read-around off (``MADV_RANDOM``), so it is what the
+            routing alone touches. Off by default: the agents' windows keep the read-around (8 MiB on this
+            project's test machine, more than one expert matrix of Qwen3-30B-A3B), and the planner needs
+            what they really read.
 
     Returns:
-        The mean share, or None where the page cache cannot be inspected or dropped (not Linux).
+        The shares, or None where the page cache cannot be inspected or dropped (not Linux).
 
     Raises:
         HomeringError: llama.cpp cannot load the window or decode fails.
@@ -84,43 +168,68 @@ def measure_read_share(
     if not WindowPages.supported or tokens < 1:
         return None
     layers = _layer_pages(path)
-    total = int(layers.sum())
-    if not total:
+    if not layers.any():
         return None
-    shares = []
     rng = np.random.default_rng(0)
+    ids = list(token_ids or [])
+
+    def inputs(pos: int, n: int) -> np.ndarray:
+        if ids:
+            return np.array([ids[(pos + i) % len(ids)] for i in range(n)], dtype=np.int32)
+        return rng.standard_normal((n, w.n_embd), dtype=np.float32)
+
     with LayerWindow(
-        path, takes_tokens=False, gives_logits=False, n_ctx=READ_SHARE_N_CTX, n_batch=1, n_threads=threads
+        path,
+        takes_tokens=bool(ids),
+        gives_logits=False,
+        n_ctx=READ_SHARE_N_CTX,
+        n_batch=HOT_PROMPT_TOKENS,
+        n_threads=threads,
     ) as w:
-        w.forward(rng.standard_normal((1, w.n_embd), dtype=np.float32), 0)
-        pages = WindowPages(path)
-        if random_access:
-            for start, end, _ in mappings_of(path):
-                madvise(start, end - start, MADV_RANDOM)
-        try:
-            for pos in range(1, tokens + 1):
-                pages.release()
-                w.forward(rng.standard_normal((1, w.n_embd), dtype=np.float32), pos)
-                read = resident_pages(path)
-                shares.append(float((read[: len(layers)] & layers).sum()) / total)
-        finally:
-            pages.close()
-    share = float(np.mean(shares))
-    log.info("a decoded token read %.1f%% of the probe window's layer bytes (%d tokens)", 100 * share, tokens)
-    return share
+        w.forward(inputs(0, 1), 0)  # buffers allocated
+        hot, shares = _stream_then_cold(w, path, layers, inputs, tokens, random_access)
+    r = float(np.mean(shares))
+    log.info(
+        "a stream of tokens touched %.1f%% of the probe window's layer bytes, a token read %.1f%%", 100 * hot, 100 * r
+    )
+    return Routing(read_share=max(r, 1e-6), hot_share=max(hot, 1e-6))
 
 
-def measure_model_read_share(info: ModelInfo, *, threads: int, windows: WindowSource | None = None) -> float | None:
-    """:func:`measure_read_share` on the model's middle probe window (the one
-    :func:`~homering.profiler.compute.measure_compute` times, so a controller can serve it to an agent
-    without the model: ``windows``); None where it cannot be measured.
+@functools.lru_cache(maxsize=4)
+def routing_tokens(model_path: str) -> tuple[int, ...]:
+    """The token ids of :data:`ROUTING_TEXT` in the vocabulary of the whole model at ``model_path`` (windows
+    that take tokens keep no tokenizer: :mod:`homering.models.slicing`), without special tokens.
+
+    Raises:
+        ModelError: llama.cpp cannot load the vocabulary.
+    """
+    tokenizer = Tokenizer(model_path)
+    try:
+        return tuple(tokenizer.tokenize(ROUTING_TEXT, add_special=False))
+    finally:
+        tokenizer.close()
+
+
+def measure_model_routing(
+    info: ModelInfo, *, threads: int, windows: WindowSource | None = None, token_ids: Sequence[int] | None = None
+) -> Routing | None:
+    """:func:`measure_routing` on the model's first layers fed :data:`ROUTING_TEXT`
+    (:func:`~homering.profiler.compute.routing_probe_spec`; a controller serves that window to an agent
+    without the model, ``windows``, and the text's ``token_ids`` with the model's facts; default: tokenized
+    from ``info.path``); None where it cannot be measured (not Linux, or no token ids without the model).
 
     Raises:
         HomeringError: llama.cpp cannot load the window; ModelError: it cannot be sliced.
     """
-    spec = probe_specs(info, probe_layers(info), None)[0]
+    ids = list(token_ids or ())
+    if not ids and info.path.is_file():
+        ids = list(routing_tokens(str(info.path)))
+    if not ids:
+        log.warning("no token ids of the routing text: the MoE read share is not measured (r = u = 1)")
+        return None
+    spec = routing_probe_spec(info)
     if windows is not None:
         path = windows(spec)
     else:
         path = slice_window(info.path, spec, progress=False, model_fp=info.fingerprint)
-    return measure_read_share(path, threads=threads)
+    return measure_routing(path, threads=threads, token_ids=ids)

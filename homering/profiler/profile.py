@@ -55,6 +55,13 @@ class DeviceProfile(_Strict):
         description="a mixture of experts: share of a streamed layer's bytes a decoded token reads from disk "
         "(homering.profiler.experts); None for a dense model or where it was not measured",
     )
+    hot_share: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="a mixture of experts: share of its layers' bytes a stream of decoded tokens touches "
+        "(homering.profiler.experts); None for a dense model or where it was not measured",
+    )
     cached: bool = Field(
         default=False, description="the slow figures come from this device's profile cache (measured earlier, not now)"
     )

@@ -146,7 +146,14 @@ def prune_cache(keep: set[Path], *, spare_bytes: int, min_age_s: float = CACHE_M
 
 # ------------------------------------------------------------------ model facts
 def model_facts(info: ModelInfo) -> ModelFacts:
-    """What an agent without the model needs to know of it (published in the controller's status)."""
+    """What an agent without the model needs to know of it (published in the controller's status; a MoE's
+    routing probe text is tokenized once per model file, :func:`~homering.profiler.experts.routing_tokens`).
+
+    Raises:
+        ModelError: a MoE whose vocabulary llama.cpp cannot load.
+    """
+    from homering.profiler.experts import routing_tokens  # llama.cpp's vocabulary, for a MoE only
+
     return ModelFacts(
         arch=info.arch,
         name=info.name,
@@ -158,6 +165,7 @@ def model_facts(info: ModelInfo) -> ModelFacts:
         n_expert=info.n_expert,
         n_expert_used=info.n_expert_used,
         layer_active_bytes=list(info.layer_active_bytes),
+        routing_tokens=list(routing_tokens(str(info.path))) if info.n_expert else [],
     )
 
 

@@ -126,6 +126,11 @@ class ModelFacts(Message):
     layer_active_bytes: list[int] = Field(
         default_factory=list, description="tensor bytes of each block one token uses (MoE; empty: all)"
     )
+    routing_tokens: list[int] = Field(
+        default_factory=list,
+        description="a MoE: the routing probe's text in the model's token ids (homering.profiler.experts); "
+        "the windows an agent profiles on keep no tokenizer",
+    )
 
 
 class PredictedCost(Message):
