@@ -17,7 +17,7 @@ from homering.planner.model import evaluate, parse_cluster, shape_from_gguf
 from homering.profiler.compute import possible_probe_specs, routing_probe_spec
 from homering.profiler.experts import measure_model_routing, measure_routing, routing_tokens
 from homering.transport.windows import model_facts, model_info
-from homering.wire import ModelFacts
+from homering.wire import EventType, ModelFacts, StreamEvent
 from tests.brute import brute_force
 from tests.test_planner import dev, spec_of
 
@@ -171,9 +171,9 @@ def test_bench_reads_per_token_against_the_plan():
     counters: dict[str, int | None] = {"a": 1000, "b": 5000, "c": None}
     reads = DecodeReads(["a", "b", "c"], counters.get)
     counters["a"] = 2000  # prefill's reads (before the first token) are left out
-    reads.on_text("x")
+    reads.on_event(StreamEvent(request_id="r", type=EventType.TOKEN, text="", token_id=7))  # a token, no text yet
     counters["a"], counters["b"] = 2000 + 4 * 300, 5000 + 4 * 100
-    reads.on_text("y")  # only the first text snapshots
+    reads.on_event(StreamEvent(request_id="r", type=EventType.TOKEN, text="y", token_id=8))  # the first snapshots
     counters["a"] += 10_000
     reads.finish(5)
     assert reads.per_token == {"a": (4 * 300 + 10_000) / 4, "b": 100.0}

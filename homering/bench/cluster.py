@@ -248,7 +248,7 @@ class ClusterBench:
             )
             reads = DecodeReads(list(agents), self.tb.disk_read_bytes)
             with PeakSampler(agents) as peaks:
-                answer = await ask(client, req, reads.on_text)  # raises HomeringError on an error event
+                answer = await ask(client, req, on_event=reads.on_event)  # raises HomeringError on an error event
             reads.finish(len(answer.token_ids))
         return {
             "ms_per_token": answer.ms_per_token,

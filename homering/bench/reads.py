@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from homering.wire import StreamEvent
+
 
 class DecodeReads:
     """Per-device disk bytes read between the first token and the end of one answer.
@@ -25,9 +27,10 @@ class DecodeReads:
         self._first: dict[str, int | None] | None = None
         self.per_token: dict[str, float] = {}
 
-    def on_text(self, _text: str) -> None:
-        """Snapshot the counters at the first token's text (later calls do nothing)."""
-        if self._first is None:
+    def on_event(self, event: StreamEvent) -> None:
+        """Snapshot the counters at the first token (its text may be empty: a special token, or part of a
+        character); later calls do nothing."""
+        if self._first is None and event.token_id is not None:
             self._first = {d: self._read(d) for d in self.devices}
 
     def finish(self, tokens: int) -> None:

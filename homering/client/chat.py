@@ -124,14 +124,25 @@ async def headless(cluster: Any, api_url: str, ready_timeout: float = 300.0) -> 
             await asyncio.sleep(1.0)
 
 
+def _deliver(
+    event: StreamEvent, on_event: Callable[[StreamEvent], None] | None, on_text: Callable[[str], None] | None
+) -> None:
+    if on_event is not None:
+        on_event(event)
+    if on_text is not None and event.text:
+        on_text(event.text)
+
+
 async def ask(
     client: ClusterClient,
     request: GenerateRequest,
     on_text: Callable[[str], None] | None = None,
     *,
     stop: asyncio.Event | None = None,
+    on_event: Callable[[StreamEvent], None] | None = None,
 ) -> Answer:
-    """Send one request and gather the answer, calling ``on_text(delta)`` as tokens arrive.
+    """Send one request and gather the answer, calling ``on_text(delta)`` as tokens arrive (and
+    ``on_event(event)`` on every event, a token's whose text is still empty too).
 
     Once ``stop`` is set the request is cancelled on the cluster: its head is told to stop
     (:meth:`ClusterClient.cancel`; again every :data:`CANCEL_RESEND_S` s, since a request still
@@ -166,8 +177,7 @@ async def ask(
                     return answer
                 step = None
                 answer.add(event)
-                if on_text is not None and event.text and canceller is None:
-                    on_text(event.text)
+                _deliver(event, on_event, on_text if canceller is None else None)
             elif canceller is None:  # stop
                 canceller = asyncio.create_task(_keep_cancelling(client, request.request_id))
                 deadline = loop.time() + CANCEL_WAIT_S
