@@ -42,18 +42,24 @@ def test_moe_shape_counts_all_bytes_and_the_active_ones(qwen3moe_small, qwen3_sm
         and inspect_gguf(qwen3_small).active_bytes == inspect_gguf(qwen3_small).size_bytes
     )
     # the measured shares: the largest of each counts, only for a MoE
-    both = with_read_share(shape, [None, (0.3, 0.5), (0.45, 0.4)])
-    assert (both.read_share, both.hot_share) == (0.45, 0.5)
-    assert (with_read_share(shape, [None]).read_share, with_read_share(shape, [None]).hot_share) == (1.0, 1.0)
-    assert with_read_share(dense, [(0.3, 0.5)]).read_share == 1.0
+    both = with_read_share(shape, [None, (0.3, 0.5, 0.02), (0.45, 0.4, 0.01)])
+    assert (both.read_share, both.hot_share, both.novel_share) == (0.45, 0.5, 0.02)
+    none = with_read_share(shape, [None])
+    assert (none.read_share, none.hot_share, none.novel_share) == (1.0, 1.0, 0.0)
+    assert with_read_share(dense, [(0.3, 0.5, 0.02)]).read_share == 1.0
 
 
-def _moe_spec(share: float, *, ram: float, layers: int = 8, hot: float = 1.0):
+def _moe_spec(share: float, *, ram: float, layers: int = 8, hot: float = 1.0, novel: float = 0.0):
     spec = spec_of(
         [dev("a", ram=ram, cpu=60, disk=1.0), dev("head", ram=ram, cpu=60, disk=1.0, head=True)], layers=layers
     )
     raw = spec.model_dump()
-    raw["model"] |= {"active_layer_bytes": raw["model"]["layer_bytes"] // 4, "read_share": share, "hot_share": hot}
+    raw["model"] |= {
+        "active_layer_bytes": raw["model"]["layer_bytes"] // 4,
+        "read_share": share,
+        "hot_share": hot,
+        "novel_share": novel,
+    }
     return parse_cluster(raw)
 
 
@@ -147,21 +153,24 @@ def test_hot_share_sees_tokens_that_route_to_the_same_experts(qwen3moe_small, tm
     one_token = sum(info.layer_active_bytes[:2]) / sum(info.layer_bytes[:2])
     assert same.hot_share == pytest.approx(one_token, abs=0.05)
     assert real.hot_share > one_token + 0.2
+    assert same.novel_share < 0.01  # and a further token reads nothing new
 
 
-@pytest.mark.parametrize("hot", [1.0, 0.4, 0.1])
-def test_an_overflowing_device_reads_only_the_hot_bytes_beyond_its_ram(hot):
+@pytest.mark.parametrize("hot, novel", [(1.0, 0.0), (0.4, 0.0), (0.1, 0.0), (0.4, 0.05), (0.1, 0.05)])
+def test_an_overflowing_device_reads_only_the_hot_bytes_beyond_its_ram(hot, novel):
     """An overflowing MoE device needs in RAM only the hot share u of its layers: it reads
-    (r/u)·(need - (1-u)·layers - RAM) per token, r·(need - RAM) when u = 1, nothing when the hot bytes fit.
-    Halda's program has the same term (brute force)."""
-    spec = _moe_spec(0.5, ram=5.5, hot=hot)
+    (r/u)·(need - (1-u)·layers - RAM) per token, r·(need - RAM) when u = 1, nothing when the hot bytes fit;
+    plus the novelty share ν of what it does not cache, ν·(need - RAM). Halda's program has the same terms
+    (brute force)."""
+    spec = _moe_spec(0.5, ram=5.5, hot=hot, novel=novel)
     d = evaluate(spec, 1, [6, 2]).devices[0]
     assert d.mode == "overflow"
     uniform = evaluate(_moe_spec(0.5, ram=5.5), 1, [6, 2]).devices[0]
+    beyond = uniform.disk_bytes / 0.5  # need - RAM
     cold = (1 - hot) * 6 * spec.model.layer_bytes
-    expected = max(0.0, uniform.disk_bytes / 0.5 - cold) * 0.5 / hot
+    expected = novel * beyond + max(0.0, beyond - cold) * 0.5 / hot
     assert d.disk_bytes == pytest.approx(expected)
-    assert (d.disk_bytes > 0) == (hot > 0.5) and d.disk_bytes <= uniform.disk_bytes + 1e-6
+    assert (d.disk_bytes > 0) == (hot > 0.5 or novel > 0)
     assert solve(spec).prediction.ms_per_token == pytest.approx(brute_force(spec).ms_per_token, rel=1e-7)
 
 

@@ -149,7 +149,9 @@ class PlanLoader:
         """The planner's plan over ``agents`` (an infeasible one puts the controller in ``ERROR``)."""
         s = self.settings
         shares = [
-            (a.device.read_share, a.device.hot_share or 1.0) if a.device and a.device.read_share else None
+            (a.device.read_share, a.device.hot_share or 1.0, a.device.novel_share or 0.0)
+            if a.device and a.device.read_share
+            else None
             for a in agents
         ]
         shape = with_read_share(shape_from_gguf(s.model_path, s.n_ctx, s.n_parallel, s.n_batch), shares)

@@ -67,6 +67,14 @@ class ModelShape(_Strict):
         "one whose tokens route to a few experts, as the profiler measures it on real text "
         "(homering.profiler.experts). An overflowing device's page cache must hold only these bytes",
     )
+    novel_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="ν, share of the layer bytes an overflowing device does not cache that one decoded token "
+        "reads (experts it had not used lately, and the kernel's read-around beside them): 0 for a dense model "
+        "and when not measured; for a MoE as the profiler measures it (homering.profiler.experts)",
+    )
 
     def buffer_bytes(self, k: int, vocab_windows: int) -> int:
         """a = k·c + v·(c_v - c): the compute buffers of a device's k window contexts, ``vocab_windows`` = v
@@ -261,12 +269,12 @@ def shape_from_gguf(path: str | os.PathLike[str], n_ctx: int, n_seq: int = 1, n_
     )
 
 
-def with_read_share(shape: ModelShape, shares: list[tuple[float, float] | None]) -> ModelShape:
-    """``shape`` with the read share ``r`` and hot share ``u`` the devices measured, as ``(r, u)`` pairs (the
-    largest of each, the cautious figures): for a mixture of experts only; a dense model, or a MoE no device
-    measured, keeps ``r = u = 1``."""
+def with_read_share(shape: ModelShape, shares: list[tuple[float, float, float] | None]) -> ModelShape:
+    """``shape`` with the read, hot and novelty shares the devices measured, as ``(r, u, ν)`` (the largest of
+    each, the cautious figures): for a mixture of experts only; a dense model, or a MoE no device measured,
+    keeps ``r = u = 1``, ``ν = 0``."""
     measured = [s for s in shares if s is not None]
     if shape.active_layer_bytes is None or not measured:
         return shape
-    r, u = (min(1.0, max(m[i] for m in measured)) for i in (0, 1))
-    return shape.model_copy(update={"read_share": r, "hot_share": u})
+    r, u, v = (min(1.0, max(m[i] for m in measured)) for i in (0, 1, 2))
+    return shape.model_copy(update={"read_share": r, "hot_share": u, "novel_share": v})

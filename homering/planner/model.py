@@ -49,7 +49,9 @@ experts per layer, not the whole window in order, so the kernel's page cache kee
 layers' bytes, so the page cache must hold ``need_m - (1-u)·k·s_m^w`` bytes (the cold experts are never
 needed); what exceeds ``ram_m`` misses, and a token's ``r`` of the hot bytes (``r/u`` of them) is read for
 each missed byte: ``(r/u)·max(0, need_m - (1-u)·k·s_m^w - ram_m)``. With uniform routing (``u = 1``) that is
-``r·(need_m - ram_m)``; a model whose tokens route to a few experts reads almost nothing once they are
+``r·(need_m - ram_m)``. Besides, a token sometimes routes to an expert the stream had not used lately: it
+reads the novelty share ``ν`` (``novel_share``) of the bytes its device does not cache,
+``ν·max(0, need_m - ram_m)``. A model whose tokens route to a few experts reads little once they are
 cached. Compute needs no term of its own: ``cpu_ms_per_layer`` is measured on the model's own layers, so a
 MoE layer's time already counts its active parameters (attention, router and top-k experts), not all.
 
@@ -243,15 +245,16 @@ def _cheapest_mode(
         costs["resident"] = 0.0
     keep = None
     reread: float = need
-    rate = r  # bytes read per byte re-read
+    rate, novel = r, 0.0  # bytes read per byte re-read; per token besides, bytes of the uncached ones touched
     if d.os != "macos" and shape.active_layer_bytes is not None:  # a MoE: the kernel caches the hot experts
         u = shape.hot_share
         cold = (1 - u) * k * (s // bp) * shape.layer_bytes  # bytes its tokens do not come back to
         reread, rate = max(0.0, need - cold - ram), r / u
+        novel = shape.novel_share * max(0.0, need - ram)
     elif d.os != "macos":
         reread = max(0.0, need - ram) + (STREAMED_LAYERS * shape.layer_bytes if need > ram else 0)
         keep = max(0, int(k * (w - n) * shape.layer_bytes - reread))
-    costs["overflow"], reads["overflow"] = d.disk_ms(rate * reread) / k, rate * reread / k
+    costs["overflow"], reads["overflow"] = d.disk_ms(rate * reread + novel) / k, (rate * reread + novel) / k
     if 2 * s + fixed <= ram:
         costs["stream"], reads["stream"] = max(0.0, d.disk_ms(r * s) - slack), r * s
     mode = min(MODES, key=lambda m: (costs.get(m, float("inf")), MODES.index(m)))

@@ -43,8 +43,8 @@ from homering.profiler.profile import DeviceProfile, GpuProfile, OsName
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 6  # 2: no repacking, CPU quota counted; 3-4: probe windows sized to the RAM; 5: MoE read share;
-# 6: MoE hot share, routing probed on real text
+CACHE_VERSION = 7  # 2: no repacking, CPU quota counted; 3-4: probe windows sized to the RAM; 5: MoE read share;
+# 6: MoE hot share, routing probed on real text; 7: MoE novelty share
 _GIB = float(1 << 30)
 
 
@@ -103,6 +103,7 @@ class _CachedTimings(BaseModel):
     measured_at: float  # Unix time, s
     read_share: float | None = None  # a MoE's disk share per token (homering.profiler.experts)
     hot_share: float | None = None  # the share of its layers a stream of tokens touches
+    novel_share: float | None = None  # the share of uncached layer bytes one more token reads
 
 
 def profiles_dir() -> Path:
@@ -287,6 +288,7 @@ def _measure(
         measured_at=time.time(),
         read_share=routing.read_share if routing else None,
         hot_share=routing.hot_share if routing else None,
+        novel_share=routing.novel_share if routing else None,
     )
     try:
         _write_cache(cache_file, record)
@@ -309,4 +311,5 @@ def _profile(os_name: OsName, ram_bytes: int, t: _CachedTimings, *, cached: bool
         cached=cached,
         read_share=t.read_share,
         hot_share=t.hot_share,
+        novel_share=t.novel_share,
     )

@@ -16,6 +16,11 @@ fed real text (:data:`ROUTING_TEXT`, so the routing is the model's own):
   touches). Uniform routing gives about 1; a model whose tokens route to a
   few experts gives much less, and a page cache that holds those bytes serves
   every later token;
+* the **novelty share** ``ν``: then, with the read-around on as the agents
+  run, for each of :data:`NOVEL_TOKENS` further tokens (nothing dropped), the
+  pages it brought into the page cache over the layer pages that were not
+  there before it: how much of what a device does not cache a token reads
+  (an expert the stream had not used, and the read-around beside it);
 * the **read share** ``r``: for each of :data:`READ_SHARE_TOKENS` further
   tokens, the window's pages are dropped from the page cache
   (:meth:`~homering.engine.pages.WindowPages.release`), one token is decoded,
@@ -35,6 +40,7 @@ measures it on :data:`ROUTING_TEXT`.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import mmap
 from collections.abc import Callable, Sequence
@@ -59,6 +65,8 @@ HOT_PROMPT_TOKENS = 32
 """Prompt tokens (one batch) before the decoded ones, all counted in ``u``."""
 HOT_DECODE_TOKENS = 16
 """Tokens decoded one at a time after the prompt, counted in ``u``."""
+NOVEL_TOKENS = 8
+"""Tokens decoded after those, whose new pages give ``ν``."""
 MADV_NORMAL, MADV_RANDOM = 0, 1  # Linux <asm-generic/mman-common.h>
 READ_SHARE_N_CTX = 128
 """KV cache of the probe window, tokens (holds every probe token)."""
@@ -79,10 +87,12 @@ class Routing:
     Attributes:
         read_share: ``r`` in (0, 1], the bytes one token reads from a cold page cache.
         hot_share: ``u`` in (0, 1], the union of the pages a stream of tokens touches.
+        novel_share: ``ν`` in [0, 1], the share of the pages not in the page cache one more token reads.
     """
 
     read_share: float
     hot_share: float
+    novel_share: float
 
 
 def _layer_pages(path: Path) -> np.ndarray:
@@ -108,34 +118,47 @@ def _stream_then_cold(
     inputs: Callable[[int, int], np.ndarray],
     tokens: int,
     random_access: bool,
-) -> tuple[float, list[float]]:
-    """The hot share of a stream of tokens from a cold cache (read-around off), then the share each of
-    ``tokens`` decodes reads from a cold cache (read-around on unless ``random_access``)."""
+) -> tuple[float, float, list[float]]:
+    """(u, ν, r of each cold decode): the hot share of a stream of tokens from a cold cache (read-around
+    off), the novelty share of the tokens after it, then the share each of ``tokens`` decodes reads from a
+    cold cache (read-around on unless ``random_access``)."""
     total = int(layers.sum())
 
-    def share() -> float:
-        return float((resident_pages(path)[: len(layers)] & layers).sum()) / total
+    def resident() -> np.ndarray:
+        return resident_pages(path)[: len(layers)] & layers
+
+    at = itertools.count(1 + HOT_PROMPT_TOKENS)  # the next decode's position
+
+    def step() -> None:
+        pos = next(at)
+        w.forward(inputs(pos, 1), pos)
 
     pages = WindowPages(path)
     try:
         _advise(path, MADV_RANDOM)
         pages.release()
         w.forward(inputs(1, HOT_PROMPT_TOKENS), 1)
-        decoded = 1 + HOT_PROMPT_TOKENS
-        for pos in range(decoded, decoded + HOT_DECODE_TOKENS):
-            w.forward(inputs(pos, 1), pos)
-        hot = share()
+        for _ in range(HOT_DECODE_TOKENS):
+            step()
+        before = resident()
+        hot = float(before.sum()) / total
         if not random_access:
             _advise(path, MADV_NORMAL)
+        novel = []
+        for _ in range(NOVEL_TOKENS):
+            step()
+            now = resident()
+            cold = total - int(before.sum())
+            novel.append(float((now & ~before).sum()) / cold if cold else 0.0)
+            before = now
         shares = []
-        decoded += HOT_DECODE_TOKENS
-        for pos in range(decoded, decoded + tokens):
+        for _ in range(tokens):
             pages.release()
-            w.forward(inputs(pos, 1), pos)
-            shares.append(share())
+            step()
+            shares.append(float(resident().sum()) / total)
     finally:
         pages.close()
-    return hot, shares
+    return hot, float(np.mean(novel)), shares
 
 
 def measure_routing(
@@ -146,7 +169,7 @@ def measure_routing(
     tokens: int = READ_SHARE_TOKENS,
     random_access: bool = False,
 ) -> Routing | None:
-    """The hot and read shares of a window's layer bytes (see the module).
+    """The hot, novelty and read shares of a window's layer bytes (see the module).
 
     Args:
         window: a window file of the model: a ``first`` window fed ``token_ids`` (real text, cycled), or a
@@ -187,12 +210,16 @@ def measure_routing(
         n_threads=threads,
     ) as w:
         w.forward(inputs(0, 1), 0)  # buffers allocated
-        hot, shares = _stream_then_cold(w, path, layers, inputs, tokens, random_access)
+        hot, novel, shares = _stream_then_cold(w, path, layers, inputs, tokens, random_access)
     r = float(np.mean(shares))
     log.info(
-        "a stream of tokens touched %.1f%% of the probe window's layer bytes, a token read %.1f%%", 100 * hot, 100 * r
+        "a stream of tokens touched %.1f%% of the probe window's layer bytes; the next read %.2f%% of what was "
+        "not cached; a token read %.1f%% from a cold cache",
+        100 * hot,
+        100 * novel,
+        100 * r,
     )
-    return Routing(read_share=max(r, 1e-6), hot_share=max(hot, 1e-6))
+    return Routing(read_share=max(r, 1e-6), hot_share=max(hot, 1e-6), novel_share=novel)
 
 
 @functools.lru_cache(maxsize=4)

@@ -62,6 +62,13 @@ class DeviceProfile(_Strict):
         description="a mixture of experts: share of its layers' bytes a stream of decoded tokens touches "
         "(homering.profiler.experts); None for a dense model or where it was not measured",
     )
+    novel_share: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="a mixture of experts: share of the layer bytes not in the page cache one more decoded "
+        "token reads (homering.profiler.experts); None for a dense model or where it was not measured",
+    )
     cached: bool = Field(
         default=False, description="the slow figures come from this device's profile cache (measured earlier, not now)"
     )
