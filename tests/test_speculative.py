@@ -17,7 +17,14 @@ import pytest
 from homering.agent.speculative import GammaChooser
 from homering.cli.drafting import DraftSettings
 from homering.engine.batches import EXACT_BATCH, exact_batch, tinyblas_batches
-from homering.engine.drafting import NgramDrafter, Speculative, accept_stochastic, verify_rows, with_default
+from homering.engine.drafting import (
+    ModelDrafter,
+    NgramDrafter,
+    Speculative,
+    accept_stochastic,
+    verify_rows,
+    with_default,
+)
 from homering.engine.sampling import SamplerChain, Sampling
 from homering.engine.window import LayerWindow
 from homering.models.slicing import Role, WindowSpec, slice_window
@@ -33,6 +40,26 @@ def test_ngram_drafter_proposes_what_followed_the_latest_repeat():
     assert d.draft(0, [5, 1, 2, 8, 1, 2, 9, 1, 2], 2) == [9, 1]  # the latest occurrence wins
     assert d.draft(0, [1, 2, 3, 4], 4) == []  # nothing repeats
     assert d.draft(0, [7, 7], 0) == []
+
+
+def test_a_draft_models_catch_up_time_is_kept_per_sequence(smollm2, smollm2_ref):
+    """Two requests drafting on the head each read their own catch-up (the tokens decoded to bring the
+    draft's sequence up to the history): a short catch-up of one does not hide the long one of the other,
+    and the drafts are the unsplit model's greedy tokens."""
+    d = ModelDrafter(smollm2, n_ctx=128, n_seq=2, n_threads=1)
+    try:
+        history = list(range(200, 240))
+        long = d.draft(0, history, 3)
+        assert d.catch_up_ms(0) > 0  # 40 tokens decoded before drafting
+        d.draft(1, [300, 301], 2)
+        d.draft(1, [300, 301, 302], 2)  # one new token since its last draft: no catch-up
+        assert d.catch_up_ms(1) == 0.0 and d.catch_up_ms(0) > 0
+        assert long == smollm2_ref.greedy(history, 3)[0]
+        d.forget(0)
+        assert d.catch_up_ms(0) == 0.0
+    finally:
+        d.close()
+    assert NgramDrafter().catch_up_ms(0) == 0.0
 
 
 @pytest.mark.parametrize("model", ["smollm2", "gemma", "smollm2_f16"])

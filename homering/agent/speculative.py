@@ -239,7 +239,7 @@ class SpeculativeSession(HeadSession):
         t0 = time.perf_counter()
         history = list(self.job.prompt_token_ids) + self.tokens
         drafts = self.drafter.draft(self.slot.seq_id, history, gamma)[:gamma] if gamma else []
-        catch_up = self.drafter.catch_up_ms if gamma else 0.0
+        catch_up = self.drafter.catch_up_ms(self.slot.seq_id) if gamma else 0.0
         refill = hole - 1 if len(self.ring.slots) > 1 else 0
         drafts += [(drafts or self.tokens)[-1]] * (refill - len(drafts))
         t1 = time.perf_counter()

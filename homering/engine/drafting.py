@@ -82,7 +82,10 @@ class NgramDrafter:
     """
 
     kind = "ngram"
-    catch_up_ms = 0.0  # no model: nothing to bring up to the history
+
+    def catch_up_ms(self, seq_id: int) -> float:
+        """0: no model, nothing to bring up to the history."""
+        return 0.0
 
     def draft(self, seq_id: int, history: list[int], gamma: int) -> list[int]:
         """Up to ``gamma`` tokens to follow ``history`` (token ids); [] when no n-gram repeats."""
@@ -134,8 +137,15 @@ class ModelDrafter:
             path, takes_tokens=True, gives_logits=True, n_ctx=n_ctx, n_batch=256, n_threads=n_threads, n_seq_max=n_seq
         )
         self._cached: dict[int, list[int]] = {}  # the tokens in each sequence's draft KV cache
+        self._catch_up: dict[int, float] = {}  # each sequence's last catch-up, ms
         self._lock = threading.Lock()
-        self.catch_up_ms = 0.0  # the last draft's time bringing its sequence up to the history, beyond 1 token
+
+    def catch_up_ms(self, seq_id: int) -> float:
+        """The last :meth:`draft` of ``seq_id``'s time bringing its draft sequence up to the history, beyond one
+        token, ms (0 when it lacked one token, or never drafted). Kept per sequence: two requests drafting
+        at once on the head each read their own."""
+        with self._lock:
+            return self._catch_up.get(seq_id, 0.0)
 
     def draft(self, seq_id: int, history: list[int], gamma: int) -> list[int]:
         """Up to ``gamma`` greedy draft tokens to follow ``history``; fewer near the end of the context."""
@@ -149,7 +159,7 @@ class ModelDrafter:
         self.window.kv_remove(seq_id, same)
         t0 = time.perf_counter()
         logits = self.window.forward(np.asarray(history[same:], dtype=np.int32), same, seq_id).logits
-        self.catch_up_ms = (time.perf_counter() - t0) * 1000 if len(history) - same > 1 else 0.0
+        catch_up = (time.perf_counter() - t0) * 1000 if len(history) - same > 1 else 0.0
         out: list[int] = []
         pos = len(history)
         while logits is not None:
@@ -160,12 +170,14 @@ class ModelDrafter:
             pos += 1
         with self._lock:
             self._cached[seq_id] = list(history) + out[:-1]
+            self._catch_up[seq_id] = catch_up
         return out
 
     def forget(self, seq_id: int) -> None:
         """A request ended: its draft sequence starts over next time."""
         with self._lock:
             self._cached.pop(seq_id, None)
+            self._catch_up.pop(seq_id, None)
         self.window.kv_remove(seq_id, 0)
 
     def close(self) -> None:
