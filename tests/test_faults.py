@@ -131,6 +131,9 @@ def test_kill_a_non_head_agent_mid_answer_and_finish_it_identically(up3):
 
     after = _wait_plan(base, 2)
     assert victim["name"] not in after["plan"]["ring"]
+    live = {a["name"]: a["live"] for a in after["agents"]}
+    assert live[victim["name"]] is False  # /v1/cluster still lists it, as lost
+    assert all(live[name] for name in after["plan"]["ring"])
     assert _stream(base)[0] == expected  # and the next request works on the smaller ring
 
 

@@ -100,8 +100,8 @@ def health_report(view: ClusterView, default_max_tokens: int) -> dict[str, Any]:
     }
 
 
-def _agent(view: ClusterView, name: str) -> dict[str, Any]:
-    """One agent's entry of ``/v1/cluster``."""
+def _agent(view: ClusterView, name: str, live: set[str]) -> dict[str, Any]:
+    """One agent's entry of ``/v1/cluster`` (``live``: the names of the live agents)."""
     plan = view.plan
     prof = view.profiles[name]
     status = view.statuses.get(name)
@@ -114,6 +114,7 @@ def _agent(view: ClusterView, name: str) -> dict[str, Any]:
         "pid": prof.pid,
         "data_port": prof.data_port,
         "status": status.state if status else "unknown",
+        "live": name in live,
         "head": bool(plan and plan.head.name == name),
         "in_plan": pa is not None,
         "windows": [w.model_dump() for w in pa.windows] if pa else [],
@@ -128,8 +129,9 @@ def _agent(view: ClusterView, name: str) -> dict[str, Any]:
 
 def cluster_report(view: ClusterView) -> dict[str, Any]:
     """``GET /v1/cluster`` (:class:`~homering.api.responses.ClusterReport`): the agents, the plan (predicted and
-    measured ms/token) and the broker."""
+    measured ms/token) and the broker; agents that were lost stay listed with ``live`` false."""
     plan = view.plan
+    live = {p.name for p in view.live_agents()}
     return {
         "model": view.model_id,
         "state": view.state,
@@ -138,7 +140,7 @@ def cluster_report(view: ClusterView) -> dict[str, Any]:
         "n_parallel": view.n_parallel,
         "requests_in_flight": len(view.in_flight),
         "queue_depth": view.sequences.queue_depth,
-        "agents": [_agent(view, name) for name in sorted(view.profiles)],
+        "agents": [_agent(view, name, live) for name in sorted(view.profiles)],
         "plan": None
         if plan is None
         else {

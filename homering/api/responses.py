@@ -195,6 +195,10 @@ class _ClusterAgent(BaseModel):
     pid: int
     data_port: int
     status: str = Field(description="the agent's last status, 'unknown' before its first")
+    live: bool = Field(
+        description="its heartbeat goes on and its status is not offline or error: false for an agent that was "
+        "killed or lost its connection (listed still, with its last status, until the controller restarts)"
+    )
     head: bool
     in_plan: bool
     windows: list[WindowAssignment]

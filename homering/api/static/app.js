@@ -172,7 +172,8 @@ function agentRow(agent, nLayers) {
   const link = agent.head ? "head" : agent.link_ms === null ? "–" : fmt(agent.link_ms, 2) + " ms · " + fmt(agent.link_mbps, 0) + " Mbit/s";
   return '<tr data-agent="' + esc(agent.name) + '" class="' + (agent.in_plan ? "" : "idle") + '">' +
     "<td><b>" + esc(agent.name) + "</b>" + (agent.head ? ' <span class="badge">head</span>' : "") +
-    '<div class="muted">' + esc(agent.status) + " · " + esc(agent.host) + "</div></td>" +
+    '<div class="muted">' + (agent.live === false ? "lost (last " + esc(agent.status) + ")" : esc(agent.status)) +
+    " · " + esc(agent.host) + "</div></td>" +
     '<td class="windows">' + windowsCell(agent, nLayers) + "</td>" +
     '<td class="mode">' + esc(agent.mode || "–") + computeNote(agent) + "</td>" +
     "<td>" + mem + '<span class="muted">' + ram + "</span></td>" +
