@@ -129,6 +129,7 @@ def test_read_share_is_measured_with_mincore(qwen3moe_small, qwen3_small, tmp_pa
     model = measure_model_routing(info, threads=1)  # the first layers, real text, read-around on
     assert model is not None and routed.read_share - 0.05 < model.read_share <= 1.0
     assert expected - 0.05 < model.hot_share <= 1.0
+    assert model.fault_gbps is not None and model.fault_gbps > 0  # the cold decodes' reads took time
 
 
 def test_hot_share_sees_tokens_that_route_to_the_same_experts(qwen3moe_small, tmp_path, monkeypatch):
@@ -172,6 +173,24 @@ def test_an_overflowing_device_reads_only_the_hot_bytes_beyond_its_ram(hot, nove
     assert d.disk_bytes == pytest.approx(expected)
     assert (d.disk_bytes > 0) == (hot > 0.5 or novel > 0)
     assert solve(spec).prediction.ms_per_token == pytest.approx(brute_force(spec).ms_per_token, rel=1e-7)
+
+
+def test_a_moe_devices_reads_take_its_fault_read_speed():
+    """An overflowing MoE device reads scattered experts by page faults: its disk ms take the measured fault
+    read speed (half the disk's here: twice the ms), not the disk's in-order speed; bytes are the same, and a
+    dense model's overflow keeps the disk's speed. Halda's program agrees (brute force)."""
+    spec = _moe_spec(0.5, ram=5.5, hot=0.4, novel=0.05)
+    raw = spec.model_dump()
+    for d in raw["devices"]:
+        d["fault_gbps"] = 0.5  # the disk's is 1.0
+    slow = parse_cluster(raw)
+    a, b = evaluate(spec, 1, [6, 2]).devices[0], evaluate(slow, 1, [6, 2]).devices[0]
+    assert a.mode == b.mode == "overflow" and a.disk_ms > 0
+    assert b.disk_ms == pytest.approx(2 * a.disk_ms) and b.disk_bytes == pytest.approx(a.disk_bytes)
+    raw["model"] |= {"active_layer_bytes": None, "read_share": 1.0, "hot_share": 1.0, "novel_share": 0.0}
+    dense, dense_fast = parse_cluster(raw), parse_cluster(raw | {"devices": spec.model_dump()["devices"]})
+    assert evaluate(dense, 1, [6, 2]).devices[0].disk_ms == evaluate(dense_fast, 1, [6, 2]).devices[0].disk_ms
+    assert solve(slow).prediction.ms_per_token == pytest.approx(brute_force(slow).ms_per_token, rel=1e-7)
 
 
 def test_bench_reads_per_token_against_the_plan():

@@ -54,6 +54,7 @@ def devices_from_profiles(profiles: list[AgentProfile]) -> list[Device]:
                 os=d.os,
                 ram_gib=d.ram_gib,
                 disk_gbps=d.disk_gbps,
+                fault_gbps=d.fault_gbps,
                 cpu_ms_per_layer=d.cpu_ms_per_layer,
                 cpu_ms_output=d.cpu_ms_output,
                 gpu=d.gpu,

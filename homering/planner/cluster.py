@@ -100,6 +100,12 @@ class Device(_Strict):
     os: OsName
     ram_gib: float = Field(ge=0)
     disk_gbps: float = Field(gt=0)
+    fault_gbps: float | None = Field(
+        default=None,
+        gt=0,
+        description="read speed of page faults on a memory-mapped window, GB/s: how a MoE's overflowing "
+        "device reads the experts it lacks (homering.profiler.experts); None: disk_gbps",
+    )
     cpu_ms_per_layer: float = Field(gt=0)
     cpu_ms_output: float = Field(ge=0)
     gpu: GpuProfile | None = None
@@ -118,6 +124,10 @@ class Device(_Strict):
     def disk_ms(self, n_bytes: float) -> float:
         """Time to read ``n_bytes`` from disk, ms."""
         return 1000.0 * n_bytes / (self.disk_gbps * 1e9)
+
+    def fault_ms(self, n_bytes: float) -> float:
+        """Time to read ``n_bytes`` by page faults (a MoE's routed experts, not read in order), ms."""
+        return 1000.0 * n_bytes / ((self.fault_gbps or self.disk_gbps) * 1e9)
 
 
 class ClusterSpec(_Strict):

@@ -219,10 +219,12 @@ class _Program:
         if d.os == "macos":  # overflow re-reads the whole mapping
             self.prob += D >= ms_per_byte * need - ms_per_byte * need_max * (1 - ovf)
         elif need_max > ram and self.shape.active_layer_bytes is not None:  # a MoE: the hot bytes beyond the RAM
-            u, rate, nu = self.shape.hot_share, ms_per_byte / self.shape.hot_share, self.shape.novel_share
-            novel = nu * ms_per_byte / self.shape.read_share * (need - ram)  # the uncached bytes' new experts
+            fault = d.fault_ms(1)  # page faults on scattered experts
+            u, nu = self.shape.hot_share, self.shape.novel_share
+            rate = fault * self.shape.read_share / u
+            novel = nu * fault * (need - ram)  # the uncached bytes' new experts
             over = need - (1 - u) * k * self.shape.layer_bytes * s.x - ram
-            big = (rate + nu * ms_per_byte / self.shape.read_share) * (need_max - ram)
+            big = (rate + nu * fault) * (need_max - ram)
             self.prob += D >= novel - big * (1 - ovf)
             self.prob += D >= novel + rate * over - big * (1 - ovf)
         elif need_max > ram:  # a dense model: what exceeds the RAM, and the streamed layers in flight

@@ -51,9 +51,11 @@ needed); what exceeds ``ram_m`` misses, and a token's ``r`` of the hot bytes (``
 each missed byte: ``(r/u)·max(0, need_m - (1-u)·k·s_m^w - ram_m)``. With uniform routing (``u = 1``) that is
 ``r·(need_m - ram_m)``. Besides, a token sometimes routes to an expert the stream had not used lately: it
 reads the novelty share ``ν`` (``novel_share``) of the bytes its device does not cache,
-``ν·max(0, need_m - ram_m)``. A model whose tokens route to a few experts reads little once they are
-cached. Compute needs no term of its own: ``cpu_ms_per_layer`` is measured on the model's own layers, so a
-MoE layer's time already counts its active parameters (attention, router and top-k experts), not all.
+``ν·max(0, need_m - ram_m)``. These reads are page faults on scattered experts, slower than reading a
+window in order: they take the device's measured fault read speed (``fault_gbps``). A model whose tokens
+route to a few experts reads little once they are cached. Compute needs no term of its own:
+``cpu_ms_per_layer`` is measured on the model's own layers, so a MoE layer's time already counts its active
+parameters (attention, router and top-k experts), not all.
 
 The inputs (:class:`ClusterSpec`, :class:`ModelShape`, :class:`Device`) live in
 :mod:`homering.planner.cluster` and are re-exported here.
@@ -254,7 +256,8 @@ def _cheapest_mode(
     elif d.os != "macos":
         reread = max(0.0, need - ram) + (STREAMED_LAYERS * shape.layer_bytes if need > ram else 0)
         keep = max(0, int(k * (w - n) * shape.layer_bytes - reread))
-    costs["overflow"], reads["overflow"] = d.disk_ms(rate * reread + novel) / k, (rate * reread + novel) / k
+    read_ms = d.fault_ms if shape.active_layer_bytes is not None and d.os != "macos" else d.disk_ms
+    costs["overflow"], reads["overflow"] = read_ms(rate * reread + novel) / k, (rate * reread + novel) / k
     if 2 * s + fixed <= ram:
         costs["stream"], reads["stream"] = max(0.0, d.disk_ms(r * s) - slack), r * s
     mode = min(MODES, key=lambda m: (costs.get(m, float("inf")), MODES.index(m)))

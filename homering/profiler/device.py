@@ -43,8 +43,8 @@ from homering.profiler.profile import DeviceProfile, GpuProfile, OsName
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 7  # 2: no repacking, CPU quota counted; 3-4: probe windows sized to the RAM; 5: MoE read share;
-# 6: MoE hot share, routing probed on real text; 7: MoE novelty share
+CACHE_VERSION = 8  # 2: no repacking, CPU quota counted; 3-4: probe windows sized to the RAM; 5: MoE read share;
+# 6: MoE hot share, routing probed on real text; 7: MoE novelty share; 8: MoE fault read speed
 _GIB = float(1 << 30)
 
 
@@ -104,6 +104,7 @@ class _CachedTimings(BaseModel):
     read_share: float | None = None  # a MoE's disk share per token (homering.profiler.experts)
     hot_share: float | None = None  # the share of its layers a stream of tokens touches
     novel_share: float | None = None  # the share of uncached layer bytes one more token reads
+    fault_gbps: float | None = None  # the read speed of a cold decode's page faults, GB/s
 
 
 def profiles_dir() -> Path:
@@ -289,6 +290,7 @@ def _measure(
         read_share=routing.read_share if routing else None,
         hot_share=routing.hot_share if routing else None,
         novel_share=routing.novel_share if routing else None,
+        fault_gbps=routing.fault_gbps if routing else None,
     )
     try:
         _write_cache(cache_file, record)
@@ -312,4 +314,5 @@ def _profile(os_name: OsName, ram_bytes: int, t: _CachedTimings, *, cached: bool
         read_share=t.read_share,
         hot_share=t.hot_share,
         novel_share=t.novel_share,
+        fault_gbps=t.fault_gbps,
     )

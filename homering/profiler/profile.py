@@ -37,6 +37,12 @@ class DeviceProfile(_Strict):
     os: OsName
     ram_gib: float = Field(ge=0, description="RAM available to homering, GiB (2^30 bytes)")
     disk_gbps: float = Field(gt=0, description="read throughput of the window cache's disk, GB/s (1e9 bytes)")
+    fault_gbps: float | None = Field(
+        default=None,
+        gt=0,
+        description="a mixture of experts: read speed of the page faults a decode from a cold page cache takes, "
+        "GB/s (homering.profiler.experts); None for a dense model or where it was not measured",
+    )
     cpu_ms_per_layer: float = Field(gt=0, description="decode time of one token through one layer on the CPU, ms")
     cpu_ms_output: float = Field(ge=0, description="output norm + vocabulary projection for one token, ms")
     gpu: GpuProfile | None = None
