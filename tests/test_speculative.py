@@ -62,6 +62,24 @@ def test_a_draft_models_catch_up_time_is_kept_per_sequence(smollm2, smollm2_ref)
     assert NgramDrafter().catch_up_ms(0) == 0.0
 
 
+def test_a_draft_model_in_use_is_freed_when_its_last_session_ends(smollm2, smollm2_ref):
+    """A plan change closes the head's draft model while a request may still draft with it (on another
+    thread): it stays usable until that session releases it, then is freed; a closing model takes no new
+    session (the request decodes plainly)."""
+    d = ModelDrafter(smollm2, n_ctx=64, n_seq=1, n_threads=1)
+    assert d.acquire()
+    d.close()  # the plan changed
+    assert not d.acquire() and not d.window._closed
+    history = list(range(200, 220))
+    assert d.draft(0, history, 2) == smollm2_ref.greedy(history, 2)[0]  # still drafts, correctly
+    d.forget(0)
+    d.release()
+    assert d.window._closed
+    idle = ModelDrafter(smollm2, n_ctx=64, n_seq=1, n_threads=1)
+    idle.close()  # nobody uses it: freed at once
+    assert idle.window._closed
+
+
 @pytest.mark.parametrize("model", ["smollm2", "gemma", "smollm2_f16"])
 def test_a_verification_batch_gives_the_logits_of_one_token_decoding(model, request):
     """The γ + 1 logits of a verification (after dropping rejected positions) are bitwise those of decoding

@@ -168,6 +168,7 @@ class SpeculativeSession(HeadSession):
             end = super().run()
         finally:
             self.drafter.forget(self.slot.seq_id)
+            self.drafter.release()  # acquired by Drafters.session
         end.drafted, end.accepted, end.trips = self.drafted, self.accepted, self.trips
         return end
 
@@ -334,7 +335,7 @@ class Drafters:
             return EmbedSession(ring, slot, job, emit)
         s = self.settings(job)
         drafter = self.drafter(ring, s) if s is not None else None
-        if s is None or drafter is None:
+        if s is None or drafter is None or not drafter.acquire():  # released when the session ends
             return HeadSession(ring, slot, job, emit)
         with self._lock:
             key = (ring.plan.plan_id, drafter.kind)

@@ -108,6 +108,13 @@ class NgramDrafter:
     def forget(self, seq_id: int) -> None:
         """Nothing is kept per sequence."""
 
+    def acquire(self) -> bool:
+        """Nothing to hold: always usable."""
+        return True
+
+    def release(self) -> None:
+        """Nothing to free."""
+
     def close(self) -> None:
         """Nothing to free."""
 
@@ -139,6 +146,8 @@ class ModelDrafter:
         self._cached: dict[int, list[int]] = {}  # the tokens in each sequence's draft KV cache
         self._catch_up: dict[int, float] = {}  # each sequence's last catch-up, ms
         self._lock = threading.Lock()
+        self._users = 0  # sessions using it (acquire/release)
+        self._closing = False  # close() was called: the model goes when its last user does
 
     def catch_up_ms(self, seq_id: int) -> float:
         """The last :meth:`draft` of ``seq_id``'s time bringing its draft sequence up to the history, beyond one
@@ -180,8 +189,30 @@ class ModelDrafter:
             self._catch_up.pop(seq_id, None)
         self.window.kv_remove(seq_id, 0)
 
+    def acquire(self) -> bool:
+        """A session starts using the draft model; False once it is closing (take another)."""
+        with self._lock:
+            if self._closing:
+                return False
+            self._users += 1
+            return True
+
+    def release(self) -> None:
+        """A session is done with it: the model is freed now if :meth:`close` was called meanwhile."""
+        with self._lock:
+            self._users -= 1
+            free = self._closing and self._users == 0
+        if free:
+            self.window.close()
+
     def close(self) -> None:
-        self.window.close()
+        """Free the model, or, while sessions use it (a plan changed under a request), once the last releases
+        it: llama.cpp must not free a context another thread decodes on."""
+        with self._lock:
+            self._closing = True
+            free = self._users == 0
+        if free:
+            self.window.close()
 
 
 Drafter = NgramDrafter | ModelDrafter
