@@ -307,16 +307,17 @@ class Drafters:
         return s if s.on else None
 
     def drafter(self, ring: Ring, s: Speculative) -> Drafter | None:
-        """The drafter for ``s`` on ``ring``: a new :class:`NgramDrafter`, or the draft model (None when
-        there is none here, or it does not fit the target's vocabulary)."""
+        """The drafter for ``s`` on ``ring``, acquired (the caller releases it): a new :class:`NgramDrafter`,
+        or the draft model (None when there is none here, or it does not fit the target's vocabulary)."""
         if s.draft == "ngram":
             return NgramDrafter()
         path = self.model or (Path(s.model_path) if s.model_path and Path(s.model_path).is_file() else None)
         if path is None:
             log.warning("a draft model was asked for but none is here (agent --draft MODEL): decoding plainly")
             return None
-        with self._lock:
-            return self._model(ring, path)
+        with self._lock:  # looked up and acquired at once: a plan change cannot close it in between
+            model = self._model(ring, path)
+            return model if model is not None and model.acquire() else None
 
     def _model(self, ring: Ring, path: Path) -> ModelDrafter | None:
         key = (str(path), ring.plan.n_ctx, ring.plan.n_parallel)
@@ -335,7 +336,7 @@ class Drafters:
             return EmbedSession(ring, slot, job, emit)
         s = self.settings(job)
         drafter = self.drafter(ring, s) if s is not None else None
-        if s is None or drafter is None or not drafter.acquire():  # released when the session ends
+        if s is None or drafter is None:  # a drafter is released when its session ends
             return HeadSession(ring, slot, job, emit)
         with self._lock:
             key = (ring.plan.plan_id, drafter.kind)
