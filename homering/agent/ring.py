@@ -10,7 +10,7 @@ Every piece of state they share has one owner with its own lock:
   :class:`~homering.agent.slots.Slot` (its KV sequence, the request number its frames carry, the queue they
   come back on, its cancel and interrupt flags);
 - :class:`Batcher`: the head's groups of decode steps (frames waiting, requests sampling, frames in the ring);
-- :class:`Gate`: the threads using the windows, which closing the ring waits for;
+- :class:`~homering.gate.Gate`: the threads using the windows, which closing the ring waits for;
 - :class:`~homering.agent.telemetry.WindowMeter`: the work done per window.
 
 Lock order: a :class:`Batcher`'s lock may be held while taking a :class:`Link`'s or the :class:`Slots`'
@@ -29,6 +29,7 @@ from homering.agent.telemetry import WindowMeter
 from homering.engine.pages import WindowPages
 from homering.engine.window import LayerWindow
 from homering.errors import HomeringError
+from homering.gate import Gate
 from homering.transport.links import send_frame, send_group
 from homering.wire import Frame, Plan
 
@@ -137,39 +138,6 @@ class Batcher:
                 self._outstanding.pop(n, None)
                 self._thinking.discard(n)
             lost(frames, exc, self._slots)
-
-
-class Gate:
-    """The threads using a ring's windows (link threads, generation loops); closing waits until none does."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._users = 0
-        self._closing = False
-
-    def enter(self) -> bool:
-        """Start using the windows; False once the ring is closing."""
-        with self._cond:
-            if self._closing:
-                return False
-            self._users += 1
-            return True
-
-    def exit(self) -> None:
-        """Stop using the windows (after a successful :meth:`enter`)."""
-        with self._cond:
-            self._users -= 1
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Let no new user in."""
-        with self._cond:
-            self._closing = True
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no thread uses the windows; False after ``timeout`` seconds."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._users == 0, timeout)
 
 
 class Ring:

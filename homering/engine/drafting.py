@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from homering.engine.batches import EXACT_BATCH
 from homering.engine.sampling import SamplerChain
 from homering.engine.window import LayerWindow
+from homering.gate import Gate
 
 GAMMA_MAX = EXACT_BATCH - 1
 """The most draft tokens one trip verifies (γ); a trip carries γ + 1 tokens (at most :data:`EXACT_BATCH`)."""
@@ -146,8 +147,7 @@ class ModelDrafter:
         self._cached: dict[int, list[int]] = {}  # the tokens in each sequence's draft KV cache
         self._catch_up: dict[int, float] = {}  # each sequence's last catch-up, ms
         self._lock = threading.Lock()
-        self._users = 0  # sessions using it (acquire/release)
-        self._closing = False  # close() was called: the model goes when its last user does
+        self._gate = Gate()  # the sessions using it: close() frees the model when the last one releases it
 
     def catch_up_ms(self, seq_id: int) -> float:
         """The last :meth:`draft` of ``seq_id``'s time bringing its draft sequence up to the history, beyond one
@@ -191,28 +191,16 @@ class ModelDrafter:
 
     def acquire(self) -> bool:
         """A session starts using the draft model; False once it is closing (take another)."""
-        with self._lock:
-            if self._closing:
-                return False
-            self._users += 1
-            return True
+        return self._gate.enter()
 
     def release(self) -> None:
         """A session is done with it: the model is freed now if :meth:`close` was called meanwhile."""
-        with self._lock:
-            self._users -= 1
-            free = self._closing and self._users == 0
-        if free:
-            self.window.close()
+        self._gate.exit()
 
     def close(self) -> None:
         """Free the model, or, while sessions use it (a plan changed under a request), once the last releases
-        it: llama.cpp must not free a context another thread decodes on."""
-        with self._lock:
-            self._closing = True
-            free = self._users == 0
-        if free:
-            self.window.close()
+        it (:class:`~homering.gate.Gate`)."""
+        self._gate.close(then=self.window.close)
 
 
 Drafter = NgramDrafter | ModelDrafter
