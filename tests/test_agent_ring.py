@@ -333,7 +333,7 @@ def test_a_plan_that_fails_to_load_unexpectedly_is_reported_and_the_next_one_loa
     reports: list[tuple] = []
     calls = {"n": 0}
 
-    def open_window(path, w, role, plan, threads, stream_from=None):
+    def open_window(path, w, role, plan, threads, stream_from=None, prefetch_experts=False):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("llama.cpp is broken")
@@ -381,7 +381,7 @@ def test_a_load_offered_while_another_runs_waits_for_it_and_the_older_one_stops(
     reports: list[tuple] = []
     started = threading.Event()
 
-    def open_window(path, w, role, plan, threads, stream_from=None):
+    def open_window(path, w, role, plan, threads, stream_from=None, prefetch_experts=False):
         started.set()
         time.sleep(0.3)
         return FakeWindow(gives_logits=True)

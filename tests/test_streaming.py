@@ -182,3 +182,86 @@ def test_prefetching_a_first_window_leaves_out_its_token_embedding(smollm2):
         assert n <= total // 16, (n, total)  # the table is not (read-around may touch its edge)
     finally:
         window.close()
+
+
+def _routed_slices(path) -> set[tuple[int, str, int]]:
+    """(layer, expert tensor, expert) of ``path`` whose pages are mostly in the page cache."""
+    from homering.engine.prefetch import expert_tensors
+
+    slices, keys = [], []
+    for il, tensors in expert_tensors(path).items():
+        for name, (offset, n_bytes, n) in tensors.items():
+            for e in range(n):
+                keys.append((il, name, e))
+                slices.append((offset + e * n_bytes // n, offset + (e + 1) * n_bytes // n))
+    return {key for key, (cached, total) in zip(keys, _resident_pages(path, slices)) if 2 * cached > total}
+
+
+@needs_fadvise
+def test_prefetching_routed_experts_reads_exactly_them_and_changes_no_logit(qwen3moe_small):
+    """From a cold page cache, with no read-around anywhere, a 2-token batch of the MoE leaves in memory only
+    the experts its router chose (page faults on them); with the prefetch the same slices, each advised once,
+    and the same logits. A hook that misreads the router's [k, tokens] view (its rows are n_expert apart)
+    prefetches experts nobody chose."""
+    from homering.profiler.experts import MADV_RANDOM, _advise
+
+    def cold(prefetch: bool):
+        with LayerWindow(
+            qwen3moe_small, takes_tokens=True, gives_logits=True, n_ctx=32, n_batch=8, prefetch_experts=True
+        ) as w:
+            assert w.experts is not None and w.experts.layers == 6
+            _advise(qwen3moe_small, MADV_RANDOM)  # only what the graph touches comes in
+            if not prefetch:
+                w.experts.close()  # the hook stops prefetching; the mapping stays without read-around
+            cache = pages.WindowPages(qwen3moe_small)
+            try:
+                cache.release()
+                out = w.forward(np.array([17, 4242], dtype=np.int32), 0)
+                return out.logits, _routed_slices(qwen3moe_small), w.experts.prefetched
+            finally:
+                cache.close()
+
+    logits, routed, advised = cold(True)
+    plain_logits, faulted, none = cold(False)
+    assert np.array_equal(logits, plain_logits)
+    assert none == 0 and advised == len(routed)
+    assert routed == faulted
+    per_layer = [sum(1 for il, name, _ in routed if il == layer and name == "ffn_up_exps") for layer in range(6)]
+    assert all(1 <= n <= 4 for n in per_layer), per_layer  # 2 tokens route to 2 of 8 experts each
+
+
+def test_an_agent_prefetches_experts_only_in_overflow_mode(qwen3moe_small):
+    """A MoE device the plan overflows opens its windows with the expert prefetch; a resident one does not."""
+    import asyncio
+
+    from homering.agent.loading import ModelSource, PlanLoader
+    from homering.models.gguf_info import fingerprint
+    from homering.tasks import Tasks
+    from tests.test_agent_ring import make_plan
+
+    async def load(mode):
+        async def report(*_):
+            pass
+
+        plan = make_plan(1, 1, model_path=str(qwen3moe_small), fp=fingerprint(qwen3moe_small), n_layers=6)
+        plan = plan.model_copy(update={"ring": [plan.ring[0].model_copy(update={"mode": mode})]})
+        loader = PlanLoader(
+            "head",
+            threads=1,
+            key=None,
+            source=ModelSource("127.0.0.1"),
+            release=None,
+            tasks=Tasks("test"),
+            report=report,
+            controller_api=lambda: None,
+        )
+        await asyncio.wait_for(loader.offer(plan), 60)
+        return loader.ring
+
+    for mode, layers in (("overflow", 6 if streaming.SUPPORTED else None), ("resident", None)):
+        ring = asyncio.run(load(mode))
+        try:
+            experts = ring.windows[0].experts
+            assert (experts.layers if experts else None) == layers
+        finally:
+            ring.close()

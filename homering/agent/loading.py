@@ -29,8 +29,9 @@ log = logging.getLogger("homering.agent")
 
 Report = Callable[..., Awaitable[None]]
 """``await report(state, plan_id=None, detail=None)``: publish this agent's status."""
-OpenWindow = Callable[[Path, WindowAssignment, Role, Plan, int, int | None], LayerWindow]
-"""``open_window(path, assignment, role, plan, threads, stream_from)``: load one window (see :func:`open_window`)."""
+OpenWindow = Callable[[Path, WindowAssignment, Role, Plan, int, int | None, bool], LayerWindow]
+"""``open_window(path, assignment, role, plan, threads, stream_from, prefetch_experts)``: load one window (see
+:func:`open_window`)."""
 
 
 class ModelSource:
@@ -89,10 +90,17 @@ class ModelSource:
 
 
 def open_window(
-    path: Path, w: WindowAssignment, role: Role, plan: Plan, threads: int, stream_from: int | None = None
+    path: Path,
+    w: WindowAssignment,
+    role: Role,
+    plan: Plan,
+    threads: int,
+    stream_from: int | None = None,
+    prefetch_experts: bool = False,
 ) -> LayerWindow:
     """Load window ``w`` of ``plan`` from ``path`` with llama.cpp (``threads`` decode threads); its layers from
-    ``stream_from`` on stream from disk (:mod:`homering.engine.streaming`), None: none."""
+    ``stream_from`` on stream from disk (:mod:`homering.engine.streaming`), None: none; ``prefetch_experts``:
+    a MoE's routed experts are read on demand (:mod:`homering.engine.prefetch`)."""
     return LayerWindow(
         path,
         takes_tokens=role.takes_tokens,
@@ -103,6 +111,7 @@ def open_window(
         n_threads=threads,
         n_gpu_layers=w.gpu_layers,
         stream_from=stream_from,
+        prefetch_experts=prefetch_experts,
     )
 
 
@@ -263,10 +272,12 @@ class PlanLoader:
             if client is not None:
                 client.close()
         out: list[LayerWindow] = []
+        # an overflowing MoE device leaves its experts to the page cache and reads the routed ones it lacks
+        experts = plan.ring[position].mode == "overflow"
         try:
             for w, path, first in zip(plan.ring[position].windows, paths, self._stream_starts(plan, position, paths)):
                 role = Role.for_range(w.start, w.end, plan.n_layers)
-                out.append(self._open_window(path, w, role, plan, self.threads, first))
+                out.append(self._open_window(path, w, role, plan, self.threads, first, experts))
             return out
         except BaseException:
             for window in out:

@@ -16,7 +16,12 @@
  *   drop layer il's weight pages (madvise DONTNEED on llama.cpp's mapping, then fadvise DONTNEED on the
  *   file) if il is in the tail; the kernel's fault read-around reads the next one. The page cache then
  *   holds the kept layers plus the streamed one in flight, so the kernel never evicts a kept layer to make
- *   room, and the disk reads exactly the tail per token.
+ *   room, and the disk reads exactly the tail per token;
+ * - prefetching a mixture of experts' routed experts (homering/engine/prefetch.py): once layer il's
+ *   router has chosen (node ffn_moe_topk-<il>, int32 [n_expert_used, n_tokens]), advise WILLNEED on each
+ *   chosen expert's slice of the layer's expert tensors, so the disk reads exactly those experts, in
+ *   large requests, before the expert products fault on them (their mapping is MADV_RANDOM: no fault
+ *   read-around).
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -25,16 +30,23 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 typedef const char *(*hr_get_name_fn)(const void *tensor);
 typedef size_t (*hr_nbytes_fn)(const void *tensor);
 typedef void (*hr_tensor_get_fn)(const void *tensor, void *data, size_t offset, size_t size);
 typedef void (*hr_tensor_set_fn)(void *tensor, const void *data, size_t offset, size_t size);
+typedef long long (*hr_count_fn)(const void *tensor);
 
 struct hr_layer_pages {
     size_t addr;           /* page-aligned start of the pages to drop in llama.cpp's mapping (0: unknown) */
     size_t length;         /* bytes to drop, a whole number of pages (0: nothing) */
     long long offset;      /* the same start as a file offset */
+};
+
+struct hr_expert_slices {
+    size_t addr;   /* expert 0's first byte in llama.cpp's mapping (0: unknown, skipped) */
+    size_t stride; /* bytes per expert: expert e lies at addr + e * stride */
 };
 
 struct hr_eval_hook {
@@ -55,16 +67,60 @@ struct hr_eval_hook {
     size_t src_bytes;            /* bytes at src; the restored node must be exactly this size */
     int restored;                /* set to 1 once the node `restore` holds src */
     char restore[64];            /* a node whose value is replaced by the input rows ("" for none): see below */
+    int moe_layers;              /* layers in experts (0: no prefetch) */
+    int moe_tensors;             /* expert tensors per layer (gate, up, down) */
+    int n_expert;                /* experts per layer (at most MAX_EXPERTS) */
+    struct hr_expert_slices *experts; /* moe_layers x moe_tensors, by layer */
+    int *ids;                    /* scratch for the router's choices */
+    size_t ids_bytes;            /* bytes at ids */
+    long long prefetched;        /* expert slices advised so far (a counter for tests) */
+    hr_count_fn nelements;       /* ggml_nelements */
+    hr_count_fn nrows;           /* ggml_nrows */
 };
 
-/* il for a node named "l_out-<il>", else -1 */
-static int layer_output(const char *name) {
-    if (strncmp(name, "l_out-", 6) != 0) {
+#define MAX_EXPERTS 1024
+
+/* il for a node named "<prefix><il>", else -1 */
+static int node_layer(const char *name, const char *prefix) {
+    size_t n = strlen(prefix);
+    if (strncmp(name, prefix, n) != 0) {
         return -1;
     }
     char *end = NULL;
-    long il = strtol(name + 6, &end, 10);
-    return (end != name + 6 && *end == '\0' && il >= 0 && il < 1 << 20) ? (int)il : -1;
+    long il = strtol(name + n, &end, 10);
+    return (end != name + n && *end == '\0' && il >= 0 && il < 1 << 20) ? (int)il : -1;
+}
+
+/* the router of layer il has chosen: advise WILLNEED on every chosen expert's slices. The node is a view
+ * [k, n_tokens] of the argsort [n_expert, n_tokens] (ggml_argsort_top_k), so its rows are a stride apart. */
+static void prefetch(struct hr_eval_hook *h, const void *tensor, int il) {
+    size_t n = h->nbytes(tensor);
+    long long rows = h->nrows(tensor), k = rows > 0 ? h->nelements(tensor) / rows : 0;
+    size_t stride = rows > 1 ? (n - (size_t)k * sizeof(int)) / (size_t)(rows - 1) : 0;
+    if (n > h->ids_bytes || h->n_expert > MAX_EXPERTS || h->n_expert <= 0 || k <= 0 || stride % sizeof(int)) {
+        return;
+    }
+    h->tensor_get(tensor, h->ids, 0, n);
+    unsigned char seen[MAX_EXPERTS] = {0};
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    for (long long r = 0; r < rows; r++) {
+        for (long long j = 0; j < k; j++) {
+            int e = h->ids[(size_t)r * (stride / sizeof(int)) + (size_t)j];
+            if (e < 0 || e >= h->n_expert || seen[e]) {
+                continue;
+            }
+            seen[e] = 1;
+            for (int t = 0; t < h->moe_tensors; t++) {
+                const struct hr_expert_slices *x = &h->experts[il * h->moe_tensors + t];
+                if (!x->addr || !x->stride) {
+                    continue;
+                }
+                size_t start = x->addr + (size_t)e * x->stride, lo = start & ~(page - 1);
+                madvise((void *)lo, start + x->stride - lo, MADV_WILLNEED);
+                h->prefetched++;
+            }
+        }
+    }
 }
 
 static bool streamed(const struct hr_eval_hook *h, int il) {
@@ -91,11 +147,17 @@ bool hr_eval_hook(void *tensor, bool ask, void *user_data) {
     struct hr_eval_hook *h = (struct hr_eval_hook *)user_data;
     const char *name = h->get_name(tensor);
     bool hit = h->target[0] != '\0' && strncmp(name, h->target, sizeof h->target) == 0;
-    int il = h->fd >= 0 ? layer_output(name) : -1;
+    int il = h->fd >= 0 ? node_layer(name, "l_out-") : -1;
     bool acts = il >= 0 && streamed(h, il);
     bool restore = h->restore[0] != '\0' && strncmp(name, h->restore, sizeof h->restore) == 0;
+    int routed = h->moe_layers > 0 ? node_layer(name, "ffn_moe_topk-") : -1;
+    bool routes = routed >= 0 && routed < h->moe_layers;
     if (ask) {
-        return hit || acts || restore;
+        return hit || acts || restore || routes;
+    }
+    if (routes) {
+        prefetch(h, tensor, routed);
+        return true;
     }
     if (restore) {
         size_t n = h->nbytes(tensor);

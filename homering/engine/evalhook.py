@@ -7,7 +7,9 @@ as a network hop. The C hook answers in nanoseconds and gives the same bytes.
 
 The hook also streams a window's tail (:class:`~homering.engine.streaming.TailStream`): on a device in
 overflow mode, the weight pages of each tail layer are dropped as soon as the layer's output is computed, so
-the page cache never evicts the layers the device keeps (see ``_evalhook.c``).
+the page cache never evicts the layers the device keeps (see ``_evalhook.c``). And it prefetches a mixture
+of experts' routed experts (:class:`~homering.engine.prefetch.ExpertPrefetch`) once each layer's router has
+chosen them.
 
 The library has no Python API: it is loaded with ctypes, and the ggml functions it calls are handed to it
 as pointers in :class:`EvalHook`, so it links against no library of its own.
@@ -41,7 +43,10 @@ class EvalHook(ctypes.Structure):
     (the first streamed layer), ``n_layers``/``layers`` (one :class:`LayerPages` per layer) and ``dropped``
     (layers dropped so far); then the input restore: ``tensor_set`` (a ggml function), ``src``/``src_bytes``
     (the batch's input rows), ``restored`` (1 once written) and ``restore`` (the node written over with them,
-    empty for none; see :func:`restore_input`).
+    empty for none; see :func:`restore_input`); then the expert prefetch
+    (:class:`~homering.engine.prefetch.ExpertPrefetch`): ``moe_layers`` (0: none), ``moe_tensors`` and
+    ``n_expert``, ``experts`` (``moe_layers × moe_tensors`` :class:`ExpertSlices`), ``ids``/``ids_bytes`` (scratch
+    for the router's choices), ``prefetched`` (expert slices advised so far) and two ggml functions.
     """
 
     _fields_ = [
@@ -62,6 +67,15 @@ class EvalHook(ctypes.Structure):
         ("src_bytes", ctypes.c_size_t),
         ("restored", ctypes.c_int),
         ("restore", ctypes.c_char * MAX_NAME),
+        ("moe_layers", ctypes.c_int),
+        ("moe_tensors", ctypes.c_int),
+        ("n_expert", ctypes.c_int),
+        ("experts", ctypes.c_void_p),
+        ("ids", ctypes.c_void_p),
+        ("ids_bytes", ctypes.c_size_t),
+        ("prefetched", ctypes.c_longlong),
+        ("nelements", ctypes.c_void_p),
+        ("nrows", ctypes.c_void_p),
     ]
 
 
@@ -74,6 +88,13 @@ class LayerPages(ctypes.Structure):
         ("length", ctypes.c_size_t),
         ("offset", ctypes.c_longlong),
     ]
+
+
+class ExpertSlices(ctypes.Structure):
+    """``struct hr_expert_slices``: one expert tensor of a layer in llama.cpp's mapping: expert ``e`` lies at
+    ``addr + e·stride`` (``addr`` 0: unknown, skipped)."""
+
+    _fields_ = [("addr", ctypes.c_size_t), ("stride", ctypes.c_size_t)]
 
 
 @cache
@@ -105,6 +126,8 @@ def new_hook(target: bytes) -> tuple[EvalHook, EvalCallback]:
         ("nbytes", ggml.ggml_nbytes),
         ("tensor_get", ggml.ggml_backend_tensor_get),
         ("tensor_set", ggml.ggml_backend_tensor_set),
+        ("nelements", ggml.ggml_nelements),
+        ("nrows", ggml.ggml_nrows),
     ):
         setattr(hook, field, ctypes.cast(fn, ctypes.c_void_p).value)
     hook.target = target

@@ -33,12 +33,13 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
-from homering.engine import streaming
+from homering.engine import prefetch, streaming
 from homering.engine.backend import context_params, init_backend, model_arch, model_params, token_piece
 from homering.engine.backend import plain_llama as plain_llama  # where the benchmarks and tests import it from
 from homering.engine.batches import EXACT_BATCH, Item, Piece, exact_batch, fill_batch, pack_batches
 from homering.engine.evalhook import EvalHook, new_hook, restore_input, user_data
 from homering.engine.outputs import embedding_mode, read_rows
+from homering.engine.prefetch import ExpertPrefetch
 from homering.engine.streaming import TailStream
 from homering.errors import HomeringError
 from homering.models.support import HIDDEN_INPUT_RESTORE
@@ -67,6 +68,30 @@ class WindowOutput:
 
     hidden: Floats | None = None
     logits: Floats | None = None
+
+
+def _wire_hook(
+    w: LayerWindow, cparams: llama_cpp.llama_context_params, stream_from: int | None, prefetch_experts: bool
+) -> tuple[EvalHook | None, TailStream | None, ExpertPrefetch | None]:
+    """The graph hook ``w`` needs, wired into ``cparams`` (None: none: it gives logits, nothing else to do),
+    and the tail streaming and expert prefetch wired into it. Raises what they raise."""
+    restore = None if w.takes_tokens else HIDDEN_INPUT_RESTORE.get(model_arch(w._model))
+    streams = stream_from is not None and streaming.SUPPORTED
+    if w.gives_logits and not (restore or prefetch_experts or streams):
+        return None, None, None
+    hook, cparams.cb_eval = new_hook(b"" if w.gives_logits else w._target)
+    cparams.cb_eval_user_data = user_data(hook)
+    if restore:
+        restore_input(hook, restore.encode())
+    stream = TailStream(w.path, hook, stream_from) if streams and stream_from is not None else None
+    try:
+        tokens = w.takes_tokens and prefetch_experts
+        lookup = streaming.unread_span(w.path, gives_logits=w.gives_logits) if tokens else None
+        return hook, stream, ExpertPrefetch(w.path, hook, w.n_batch, lookup) if prefetch_experts else None
+    except BaseException:
+        if stream is not None:
+            stream.close()
+        raise
 
 
 class LayerWindow:
@@ -108,6 +133,7 @@ class LayerWindow:
         n_seq_max: int = 1,
         n_gpu_layers: int = 0,
         stream_from: int | None = None,
+        prefetch_experts: bool = False,
         verbose: bool = False,
     ) -> None:
         init_backend(verbose)
@@ -129,18 +155,14 @@ class LayerWindow:
 
         cparams = context_params(n_ctx, n_batch, n_seq_max, n_threads)
         self._last_logits: Floats | None = None  # the last item's of the last forward, for sample()
-        self._hook: EvalHook | None = None
         self.stream: TailStream | None = None
-        restore = None if takes_tokens else HIDDEN_INPUT_RESTORE.get(model_arch(self._model))
-        if not gives_logits or restore or (stream_from is not None and streaming.SUPPORTED):
-            self._hook, cparams.cb_eval = new_hook(b"" if gives_logits else self._target)
-            cparams.cb_eval_user_data = user_data(self._hook)
-            if restore:
-                restore_input(self._hook, restore.encode())
+        self.experts: ExpertPrefetch | None = None
         try:
-            if stream_from is not None and streaming.SUPPORTED and self._hook is not None:
-                self.stream = TailStream(self.path, self._hook, stream_from)
-        except HomeringError:
+            self._hook, self.stream, self.experts = _wire_hook(
+                self, cparams, stream_from, prefetch_experts and prefetch.SUPPORTED
+            )
+        except (HomeringError, OSError, ValueError):
+            self._close_stream()
             llama_cpp.llama_model_free(self._model)
             raise
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
@@ -357,6 +379,9 @@ class LayerWindow:
         if self.stream is not None:
             self.stream.close()
             self.stream = None
+        if self.experts is not None:
+            self.experts.close()
+            self.experts = None
 
     def __enter__(self) -> LayerWindow:
         return self
