@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from homering.bench.reads import DecodeReads
+from homering.engine.pages import WindowPages
 from homering.models.gguf_file import read_gguf
 from homering.models.gguf_info import block_index, inspect_gguf
 from homering.models.slicing import Role, WindowSpec, slice_window
@@ -161,15 +162,15 @@ def test_hot_share_sees_tokens_that_route_to_the_same_experts(qwen3moe_small, tm
 def test_an_overflowing_device_reads_only_the_hot_bytes_beyond_its_ram(hot, novel):
     """An overflowing MoE device needs in RAM only the hot share u of its layers: it reads
     (r/u)·(need - (1-u)·layers - RAM) per token, r·(need - RAM) when u = 1, nothing when the hot bytes fit;
-    plus the novelty share ν of what it does not cache, ν·(need - RAM). Halda's program has the same terms
-    (brute force)."""
+    plus the novelty share ν of its cold bytes, none of which it caches: ν·(1-u)·layers. Halda's program has
+    the same terms (brute force)."""
     spec = _moe_spec(0.5, ram=5.5, hot=hot, novel=novel)
     d = evaluate(spec, 1, [6, 2]).devices[0]
     assert d.mode == "overflow"
     uniform = evaluate(_moe_spec(0.5, ram=5.5), 1, [6, 2]).devices[0]
     beyond = uniform.disk_bytes / 0.5  # need - RAM
     cold = (1 - hot) * 6 * spec.model.layer_bytes
-    expected = novel * beyond + max(0.0, beyond - cold) * 0.5 / hot
+    expected = novel * cold + max(0.0, beyond - cold) * 0.5 / hot
     assert d.disk_bytes == pytest.approx(expected)
     assert (d.disk_bytes > 0) == (hot > 0.5 or novel > 0)
     assert solve(spec).prediction.ms_per_token == pytest.approx(brute_force(spec).ms_per_token, rel=1e-7)
@@ -191,6 +192,50 @@ def test_a_moe_devices_reads_take_its_fault_read_speed():
     dense, dense_fast = parse_cluster(raw), parse_cluster(raw | {"devices": spec.model_dump()["devices"]})
     assert evaluate(dense, 1, [6, 2]).devices[0].disk_ms == evaluate(dense_fast, 1, [6, 2]).devices[0].disk_ms
     assert solve(slow).prediction.ms_per_token == pytest.approx(brute_force(slow).ms_per_token, rel=1e-7)
+
+
+def test_a_device_takes_the_routing_of_its_own_layers():
+    """With each layer's u and ν measured on the whole model, an overflowing device reads the mean ν of the
+    layers it holds: the same overflow over the first layers (which route least repetitively) reads more
+    than over the last. The model-wide figures (Halda's program) are the means over all layers."""
+    spec = _moe_spec(0.5, ram=5.5, hot=0.4, novel=0.05)
+    novel = [0.04, 0.04, 0.04, 0.04, 0.04, 0.04, 0.01, 0.01]
+    shape = with_read_share(spec.model, [(0.5, 0.4, 0.05)], ([0.4] * 8, novel))
+    assert shape.novel_share == pytest.approx(sum(novel) / 8) and shape.hot_share == pytest.approx(0.4)
+    assert shape.shares_of([6, 7]) == pytest.approx((0.4, 0.01 * (1 - 0.4)))  # (u, ν·(1-u))
+    layered = spec.model_copy(update={"model": shape})
+    first = evaluate(layered, 1, [6, 2]).devices[0]  # layers 0-5
+    model_wide = {"novel_share": 0.04, "layer_hot_share": None, "layer_novel_share": None}
+    flat = evaluate(spec.model_copy(update={"model": shape.model_copy(update=model_wide)}), 1, [6, 2])
+    assert first.mode == "overflow" and first.disk_bytes == pytest.approx(flat.devices[0].disk_bytes)
+    repetitive = [0.01] * 6 + [0.04] * 2
+    swapped = layered.model_copy(update={"model": shape.model_copy(update={"layer_novel_share": repetitive})})
+    last = evaluate(swapped, 1, [6, 2]).devices[0]  # layers 0-5 now route repetitively: 4x less
+    assert last.disk_bytes == pytest.approx(first.disk_bytes / 4)
+    with pytest.raises(ValueError, match="one share in"):
+        type(shape).model_validate(shape.model_dump() | {"layer_novel_share": [0.1] * 7})
+
+
+def test_the_whole_models_routing_is_measured_once_per_layer(qwen3moe_small, qwen3_small, tmp_path, monkeypatch):
+    """The controller's per-layer figures: one (u, ν) per layer of the whole model, the first layer's u the
+    largest share of the tiny MoE's experts a stream touches, cached per model (a second call decodes
+    nothing); a dense model has none."""
+    from homering.profiler import experts
+    from homering.profiler.device import model_layer_routing
+
+    monkeypatch.setenv("HOMERING_HOME", str(tmp_path))
+    info = inspect_gguf(qwen3moe_small)
+    routing = model_layer_routing(info, threads=1)
+    if not WindowPages.supported:
+        assert routing is None
+        return
+    assert routing is not None and len(routing.hot_share) == len(routing.novel_share) == info.n_layers
+    assert all(0 < u <= 1 for u in routing.hot_share) and all(0 <= v <= 1 for v in routing.novel_share)
+    one_token = min(a / b for a, b in zip(info.layer_active_bytes, info.layer_bytes))
+    assert max(routing.hot_share) > one_token  # tokens route to more experts than one token's
+    monkeypatch.setattr(experts, "_run", lambda *a, **k: pytest.fail("measured again"))
+    assert model_layer_routing(info, threads=1) == routing
+    assert model_layer_routing(inspect_gguf(qwen3_small), threads=1) is None
 
 
 def test_bench_reads_per_token_against_the_plan():

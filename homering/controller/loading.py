@@ -9,7 +9,9 @@ instead when its agents still serve it: then nobody reloads anything.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -23,6 +25,8 @@ from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo
 from homering.planner.cluster import with_read_share
 from homering.planner.model import PlanError, shape_from_gguf
+from homering.profiler.device import model_layer_routing
+from homering.profiler.experts import LayerRouting
 from homering.transport.bus import Bus
 from homering.wire import AgentProfile, AgentState, Plan, Topics
 
@@ -154,7 +158,9 @@ class PlanLoader:
             else None
             for a in agents
         ]
-        shape = with_read_share(shape_from_gguf(s.model_path, s.n_ctx, s.n_parallel, s.n_batch), shares)
+        routing = await asyncio.to_thread(self._layer_routing, info)
+        layers = (routing.hot_share, routing.novel_share) if routing else None
+        shape = with_read_share(shape_from_gguf(s.model_path, s.n_ctx, s.n_parallel, s.n_batch), shares, layers)
         try:
             return make_plan(
                 agents,
@@ -171,6 +177,16 @@ class PlanLoader:
             self.planning.fail(str(exc))
             await self.publish_status()
             raise
+
+    @staticmethod
+    def _layer_routing(info: ModelInfo) -> LayerRouting | None:
+        """A MoE's per-layer routing, measured on the controller's copy of the model once (cached); None for a
+        dense model, or when it cannot be measured (the plan then takes the agents' probe figures)."""
+        try:
+            return model_layer_routing(info, threads=max(1, min(4, os.cpu_count() or 1)))
+        except HomeringError as exc:
+            log.warning("cannot measure how %s routes its tokens: %s", info.path.name, exc)
+            return None
 
     async def _wait_loaded(self, plan: Plan) -> None:
         """Wait until every agent of ``plan``'s ring is ``ready`` with it; the status detail names the others.

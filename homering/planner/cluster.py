@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -71,10 +72,36 @@ class ModelShape(_Strict):
         default=0.0,
         ge=0,
         le=1,
-        description="ν, share of the layer bytes an overflowing device does not cache that one decoded token "
-        "reads (experts it had not used lately, and the kernel's read-around beside them): 0 for a dense model "
-        "and when not measured; for a MoE as the profiler measures it (homering.profiler.experts)",
+        description="ν, share of the cold layer bytes (those a stream of tokens has not touched) that one more "
+        "decoded token reads: experts it had not used; an overflowing device caches none of them. 0 for a dense "
+        "model and when not measured; for a MoE as the profiler measures it (homering.profiler.experts)",
     )
+    layer_hot_share: list[float] | None = Field(
+        default=None,
+        description="u of each layer, in layer order (measured on the whole model, where the controller has "
+        "it); a device's overflow uses the mean over its layers, Halda's program the mean over all (hot_share)",
+    )
+    layer_novel_share: list[float] | None = Field(
+        default=None, description="ν of each layer, in layer order (as layer_hot_share; novel_share: their mean)"
+    )
+
+    @model_validator(mode="after")
+    def _per_layer(self) -> ModelShape:
+        for name in ("layer_hot_share", "layer_novel_share"):
+            values = getattr(self, name)
+            if values is not None and (len(values) != self.n_layers or not all(0 <= v <= 1 for v in values)):
+                raise ValueError(f"{name} needs one share in [0, 1] per layer ({self.n_layers})")
+        return self
+
+    def shares_of(self, layers: list[int] | None = None) -> tuple[float, float]:
+        """(u, ν·(1-u)) of a device holding ``layers`` (None: all): the hot share, and the bytes a token reads
+        for the first time per byte of those layers; the means of the per-layer figures over them where
+        measured, else the model's."""
+        idx = range(self.n_layers) if layers is None else layers
+        if self.layer_hot_share is None or self.layer_novel_share is None or not idx:
+            return self.hot_share, self.novel_share * (1 - self.hot_share)
+        u = max(1e-6, sum(self.layer_hot_share[i] for i in idx) / len(idx))
+        return u, sum(self.layer_novel_share[i] * (1 - self.layer_hot_share[i]) for i in idx) / len(idx)
 
     def buffer_bytes(self, k: int, vocab_windows: int) -> int:
         """a = k·c + v·(c_v - c): the compute buffers of a device's k window contexts, ``vocab_windows`` = v
@@ -279,12 +306,27 @@ def shape_from_gguf(path: str | os.PathLike[str], n_ctx: int, n_seq: int = 1, n_
     )
 
 
-def with_read_share(shape: ModelShape, shares: list[tuple[float, float, float] | None]) -> ModelShape:
+def with_read_share(
+    shape: ModelShape,
+    shares: list[tuple[float, float, float] | None],
+    layers: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> ModelShape:
     """``shape`` with the read, hot and novelty shares the devices measured, as ``(r, u, ν)`` (the largest of
-    each, the cautious figures): for a mixture of experts only; a dense model, or a MoE no device measured,
-    keeps ``r = u = 1``, ``ν = 0``."""
+    each, the cautious figures), and ``layers``, each layer's ``(u, ν)`` measured on the whole model (two
+    sequences of ``n_layers``; :func:`~homering.profiler.device.model_layer_routing`), which replace the
+    devices' ``u`` and ``ν`` by their means: for a mixture of experts only; a dense model, or a MoE nothing
+    measured, keeps ``r = u = 1``, ``ν = 0``."""
     measured = [s for s in shares if s is not None]
-    if shape.active_layer_bytes is None or not measured:
+    if shape.active_layer_bytes is None or not (measured or layers):
         return shape
-    r, u, v = (min(1.0, max(m[i] for m in measured)) for i in (0, 1, 2))
-    return shape.model_copy(update={"read_share": r, "hot_share": u, "novel_share": v})
+    r, u, v = (min(1.0, max(m[i] for m in measured)) for i in (0, 1, 2)) if measured else (1.0, 1.0, 0.0)
+    update: dict[str, object] = {"read_share": r, "hot_share": u, "novel_share": v}
+    if layers is not None and len(layers[0]) == len(layers[1]) == shape.n_layers:
+        hot, novel = [max(1e-6, min(1.0, x)) for x in layers[0]], [max(0.0, min(1.0, x)) for x in layers[1]]
+        update |= {
+            "hot_share": sum(hot) / len(hot),
+            "novel_share": sum(novel) / len(novel),
+            "layer_hot_share": hot,
+            "layer_novel_share": novel,
+        }
+    return shape.model_copy(update=update)

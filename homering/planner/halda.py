@@ -220,11 +220,11 @@ class _Program:
             self.prob += D >= ms_per_byte * need - ms_per_byte * need_max * (1 - ovf)
         elif need_max > ram and self.shape.active_layer_bytes is not None:  # a MoE: the hot bytes beyond the RAM
             fault = d.fault_ms(1)  # page faults on scattered experts
-            u, nu = self.shape.hot_share, self.shape.novel_share
+            u, fresh = self.shape.shares_of()  # Halda knows how many layers a device holds, not which
             rate = fault * self.shape.read_share / u
-            novel = nu * fault * (need - ram)  # the uncached bytes' new experts
+            novel = fresh * fault * k * self.shape.layer_bytes * s.x  # a token's new experts, none cached
             over = need - (1 - u) * k * self.shape.layer_bytes * s.x - ram
-            big = (rate + nu * fault) * (need_max - ram)
+            big = rate * (need_max - ram) + fresh * fault * k * self.shape.layer_bytes * W
             self.prob += D >= novel - big * (1 - ovf)
             self.prob += D >= novel + rate * over - big * (1 - ovf)
         elif need_max > ram:  # a dense model: what exceeds the RAM, and the streamed layers in flight

@@ -49,11 +49,20 @@ experts per layer, not the whole window in order, so the kernel's page cache kee
 layers' bytes, so the page cache must hold ``need_m - (1-u)·k·s_m^w`` bytes (the cold experts are never
 needed); what exceeds ``ram_m`` misses, and a token's ``r`` of the hot bytes (``r/u`` of them) is read for
 each missed byte: ``(r/u)·max(0, need_m - (1-u)·k·s_m^w - ram_m)``. With uniform routing (``u = 1``) that is
-``r·(need_m - ram_m)``. Besides, a token sometimes routes to an expert the stream had not used lately: it
-reads the novelty share ``ν`` (``novel_share``) of the bytes its device does not cache,
-``ν·max(0, need_m - ram_m)``. These reads are page faults on scattered experts, slower than reading a
-window in order: they take the device's measured fault read speed (``fault_gbps``). A model whose tokens
-route to a few experts reads little once they are cached. Compute needs no term of its own:
+``r·(need_m - ram_m)``. Besides, a token sometimes routes to an expert the stream had not used: it reads the
+novelty share ``ν`` (``novel_share``) of the cold bytes, and an overflowing device caches none of them,
+``ν·(1-u)·k·s_m^w``. (A device at its memory limit reclaims first what was read once and never touched
+again, the cold pages its windows brought in at load. Measured on Qwen3-30B-A3B's shape: D3 of home4-32b
+holding all 48 layers, 8 GB beyond its RAM, read 5.4 MB per token in three invocations, this term 5.0,
+``ν`` times its excess over the RAM 3.2; devices less than 0.5 GB beyond their RAM read between the two
+bounds, 0.1-2.3 MB, differently in each invocation.) These reads are the routed experts the device lacks, which
+its windows prefetch one layer at a time (:mod:`homering.engine.prefetch`: no fault read-around, which
+read 13x more), scattered over the window, slower than reading it in order: they take the device's
+measured fault read speed (``fault_gbps``). Where the controller measured each layer's ``u`` and ``ν`` on
+the whole model (``layer_hot_share``, ``layer_novel_share``: the first layers route least repetitively,
+so the agents' probe of them alone overstates the rest), a device takes the means over its own layers;
+Halda's program, which knows how many layers a device holds but not which, the means over all. A model
+whose tokens route to a few experts reads little once they are cached. Compute needs no term of its own:
 ``cpu_ms_per_layer`` is measured on the model's own layers, so a MoE layer's time already counts its active
 parameters (attention, router and top-k experts), not all.
 
@@ -205,15 +214,18 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
             devices.append(DevicePrediction(d.name, 0, 0, None, [], 0.0, 0.0, 0.0))
             continue
         is_head = i == len(ring) - 1
+        windows = [(r * W + at, r * W + at + wm) for r in range(k)]
+        mine = [il for lo, hi in windows for il in range(lo, hi)]
+        slack = busy - comp[i] - hop[i]
         mode, stall, keep, read = _cheapest_mode(
-            shape, d, k, wm, nm, first=i == first, head=is_head, slack=busy - comp[i] - hop[i]
+            shape, d, k, wm, nm, first=i == first, head=is_head, slack=slack, layers=mine
         )
         pred = DevicePrediction(
             name=d.name,
             layers_per_round=wm,
             gpu_layers_per_round=nm,
             mode=mode,
-            windows=[(r * W + at, r * W + at + wm) for r in range(k)],
+            windows=windows,
             compute_ms=k * comp[i] + (d.cpu_ms_output if is_head else 0.0),
             disk_ms=k * stall,
             hop_ms=k * hop[i],
@@ -226,7 +238,16 @@ def evaluate(spec: ClusterSpec, k: int, w: list[int], n: list[int] | None = None
 
 
 def _cheapest_mode(
-    shape: ModelShape, d: Device, k: int, w: int, n: int, *, first: bool, head: bool, slack: float
+    shape: ModelShape,
+    d: Device,
+    k: int,
+    w: int,
+    n: int,
+    *,
+    first: bool,
+    head: bool,
+    slack: float,
+    layers: list[int] | None = None,
 ) -> tuple[Mode, float, int | None, float]:
     """Device ``d``'s cheapest open mode (ties: resident, overflow, stream), its disk stall per round (ms),
     in overflow mode on Linux/Android the bytes of layer weights it keeps (else None), and the bytes it reads
@@ -234,7 +255,8 @@ def _cheapest_mode(
 
     ``w``/``n``: its layers and GPU layers per round; ``first``: it is the first device in use; ``head``: it
     holds the last window; ``slack``: the rest of the ring's compute and hops per round, ms (the stream mode's
-    overlap). See the module docstring for ``s_m``, ``a_m``, ``need_m`` and the modes.
+    overlap); ``layers``: the device's layers, for a MoE's per-layer shares (:meth:`ModelShape.shares_of`).
+    See the module docstring for ``s_m``, ``a_m``, ``need_m`` and the modes.
     """
     bp = shape.layer_kv_bytes
     s = (w - n) * bp + (n * bp if d.gpu is not None and d.gpu.unified else 0)
@@ -249,10 +271,10 @@ def _cheapest_mode(
     reread: float = need
     rate, novel = r, 0.0  # bytes read per byte re-read; per token besides, bytes of the uncached ones touched
     if d.os != "macos" and shape.active_layer_bytes is not None:  # a MoE: the kernel caches the hot experts
-        u = shape.hot_share
+        u, fresh = shape.shares_of(layers)
         cold = (1 - u) * k * (s // bp) * shape.layer_bytes  # bytes its tokens do not come back to
         reread, rate = max(0.0, need - cold - ram), r / u
-        novel = shape.novel_share * max(0.0, need - ram)
+        novel = fresh * k * (s // bp) * shape.layer_bytes if need > ram else 0.0  # none of them cached
     elif d.os != "macos":
         reread = max(0.0, need - ram) + (STREAMED_LAYERS * shape.layer_bytes if need > ram else 0)
         keep = max(0, int(k * (w - n) * shape.layer_bytes - reread))

@@ -36,15 +36,16 @@ from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo, inspect_gguf
 from homering.profiler.compute import WindowSource, measure_compute
 from homering.profiler.disk import DISK_PROBE_BYTES, measure_disk_gbps
-from homering.profiler.experts import measure_model_routing
+from homering.profiler.experts import LayerRouting, measure_layer_routing, measure_model_routing
 from homering.profiler.gpu import measure_gpu
 from homering.profiler.memory import available_ram_bytes
 from homering.profiler.profile import DeviceProfile, GpuProfile, OsName
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 8  # 2: no repacking, CPU quota counted; 3-4: probe windows sized to the RAM; 5: MoE read share;
-# 6: MoE hot share, routing probed on real text; 7: MoE novelty share; 8: MoE fault read speed
+CACHE_VERSION = 10  # 2: no repacking, CPU quota counted; 3-4: probe windows sized to the RAM; 5: MoE read share;
+# 6: MoE hot share, routing probed on real text; 7: MoE novelty share; 8: MoE fault read speed;
+# 9: routed experts prefetched; 10: novelty share over the tokens summed
 _GIB = float(1 << 30)
 
 
@@ -316,3 +317,37 @@ def _profile(os_name: OsName, ram_bytes: int, t: _CachedTimings, *, cached: bool
         novel_share=t.novel_share,
         fault_gbps=t.fault_gbps,
     )
+
+
+LAYER_ROUTING_VERSION = 2
+
+
+def model_layer_routing(
+    info: ModelInfo, *, threads: int, progress: Callable[[str], None] | None = None
+) -> LayerRouting | None:
+    """Each layer's hot and novelty shares of the MoE model ``info`` (:func:`~homering.profiler.experts.
+    measure_layer_routing`, on the whole model: the controller's, which has the file), cached per model as
+    ``<home>/profiles/routing-<fingerprint>.json`` and measured under the profiling lock; None for a dense
+    model, or where it cannot be measured (not Linux).
+
+    Raises:
+        HomeringError: llama.cpp cannot load the model or decode fails.
+    """
+    if not info.n_expert:
+        return None
+    cache_file = profiles_dir() / f"routing-{info.fingerprint}.json"
+    try:
+        cached = json.loads(cache_file.read_text())
+        if cached.get("version") == LAYER_ROUTING_VERSION and len(cached["hot_share"]) == info.n_layers:
+            return LayerRouting(tuple(cached["hot_share"]), tuple(cached["novel_share"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    say = progress or (lambda _msg: None)
+    with _measuring_lock(say):
+        say(f"measuring how {info.path.name} routes its tokens, layer by layer (once per model)")
+        routing = measure_layer_routing(info.path, threads=threads)
+    if routing is not None and len(routing.hot_share) == info.n_layers:
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": LAYER_ROUTING_VERSION, **routing.to_json()}))
+        os.replace(tmp, cache_file)
+    return routing

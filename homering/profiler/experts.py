@@ -6,7 +6,7 @@ then needs per token only the pages of the experts it routes to, plus
 attention and router. How much of that comes from disk depends on the
 routing (which experts, and how often the next tokens come back to them) and
 on the kernel (its fault read-around reads pages beside a routed expert), so
-two figures are measured on a probe window of the model's own first layers,
+four figures are measured on a probe window of the model's own first layers,
 fed real text (:data:`ROUTING_TEXT`, so the routing is the model's own):
 
 * the **hot share** ``u``: the union of the layer pages a stream of tokens
@@ -16,29 +16,36 @@ fed real text (:data:`ROUTING_TEXT`, so the routing is the model's own):
   touches). Uniform routing gives about 1; a model whose tokens route to a
   few experts gives much less, and a page cache that holds those bytes serves
   every later token;
-* the **novelty share** ``ν``: then, with the read-around on as the agents
-  run, for each of :data:`NOVEL_TOKENS` further tokens (nothing dropped), the
-  pages it brought into the page cache over the layer pages that were not
-  there before it: how much of what a device does not cache a token reads
-  (an expert the stream had not used, and the read-around beside it);
+* the **novelty share** ``ν``: then, mapped as the agents map an overflowing
+  window (the expert tensors without read-around, each layer's routed experts
+  prefetched once its router has chosen: :mod:`homering.engine.prefetch`; the
+  rest with the kernel's read-around), for each of :data:`NOVEL_TOKENS`
+  further tokens (nothing dropped), the pages it brought into the page cache
+  over the layer pages that were not there before it: how much of what a
+  device does not cache a token reads (the experts the stream had not used);
 * the **read share** ``r``: for each of :data:`READ_SHARE_TOKENS` further
   tokens, the window's pages are dropped from the page cache
   (:meth:`~homering.engine.pages.WindowPages.release`), one token is decoded,
   and ``mincore`` tells which pages came back
-  (:func:`~homering.engine.pages.resident_pages`), read-around included, as
-  the agents run: the bytes a token reads from a cold cache. Their decode
-  time beyond a warm decode's (the novelty tokens', median) gives the **fault
-  read speed** ``fault_gbps``: page faults on scattered experts read slower
-  than a file read in order (measured: 2.3 GB/s against 5.4 on this
-  project's test machine).
+  (:func:`~homering.engine.pages.resident_pages`), as the agents run: the
+  bytes a token reads from a cold cache. Their decode time beyond a warm
+  decode's (the novelty tokens', median) gives the **fault read speed**
+  ``fault_gbps``: the disk reads scattered experts slower than a file in
+  order.
+
+Measured on the synthetic Qwen3-30B-A3B, whole model: ``u`` 21.6%, ``ν``
+0.10% (1.3% with the kernel's read-around on the experts, which is why the
+agents prefetch instead), ``r`` 18.8% (74% with read-around), read at 3.6
+GB/s (1.8 with read-around; this disk reads a file in order at 5.4).
 
 The planner (:mod:`homering.planner.model`) turns them into bytes read per
 token. A dense layer gives ``u = r = 1``. The first layers of a model route
-from the token embeddings, more evenly than deeper layers (on the synthetic
-Qwen3-30B-A3B, 8 prompt tokens touch 25% of layer 0's experts and 6-15% of
-the later layers'): the figures are an upper bound for the rest of the model.
-A trained model's routing on a user's text is what it is; the profile
-measures it on :data:`ROUTING_TEXT`.
+from the token embeddings, more evenly than deeper layers, so a probe of them
+alone overstates the rest: the controller, which has the model, measures each
+layer's ``u`` and ``ν`` on the whole model once (:func:`measure_layer_routing`,
+as in a conversation: the text as a prompt, then the model's own greedy
+tokens), and the plan takes those. A trained model's routing on a user's text
+is what it is; the profile measures it on :data:`ROUTING_TEXT`.
 """
 
 from __future__ import annotations
@@ -56,13 +63,16 @@ import numpy as np
 
 from homering.engine.pages import WindowPages, madvise, mappings_of, resident_pages
 from homering.engine.tokenizer import Tokenizer
-from homering.engine.window import LayerWindow
+from homering.engine.window import LayerWindow, WindowOutput
 from homering.models.gguf_file import read_gguf
 from homering.models.gguf_info import ModelInfo, block_index
 from homering.models.slicing import slice_window
 from homering.profiler.compute import WindowSource, routing_probe_spec
 
 log = logging.getLogger(__name__)
+
+Inputs = Callable[[int, int, "WindowOutput | None"], np.ndarray]
+"""``inputs(pos, n, last)``: the next ``n`` inputs from position ``pos``, ``last`` the previous forward's output."""
 
 READ_SHARE_TOKENS = 8
 """Tokens decoded from a cold page cache, each: ``r`` is their mean."""
@@ -72,6 +82,9 @@ HOT_DECODE_TOKENS = 16
 """Tokens decoded one at a time after the prompt, counted in ``u``."""
 NOVEL_TOKENS = 8
 """Tokens decoded after those, whose new pages give ``ν``."""
+LAYER_NOVEL_TOKENS = 32
+"""The same on the whole model (:func:`measure_layer_routing`): a layer's ``ν`` counts whole experts, so it
+takes more tokens to settle."""
 MADV_NORMAL, MADV_RANDOM = 0, 1  # Linux <asm-generic/mman-common.h>
 READ_SHARE_N_CTX = 128
 """KV cache of the probe window, tokens (holds every probe token)."""
@@ -103,15 +116,16 @@ class Routing:
     fault_gbps: float | None = None
 
 
-def _layer_pages(path: Path) -> np.ndarray:
-    """A bool per page of ``path``: True where a block tensor's bytes lie."""
+def _page_layers(path: Path) -> np.ndarray:
+    """An int per page of ``path``: the layer (the file's own index) whose block tensor bytes lie there, or -1."""
     gf = read_gguf(path)
     page = mmap.PAGESIZE
-    mask = np.zeros(-(-path.stat().st_size // page), dtype=bool)
+    owner = np.full(-(-path.stat().st_size // page), -1, dtype=np.int32)
     for t in gf.tensors:
-        if block_index(t.name) is not None and t.n_bytes:
-            mask[t.offset // page : -(-(t.offset + t.n_bytes) // page)] = True
-    return mask
+        il = block_index(t.name)
+        if il is not None and t.n_bytes:
+            owner[t.offset // page : -(-(t.offset + t.n_bytes) // page)] = il
+    return owner
 
 
 def _advise(path: Path, advice: int) -> None:
@@ -119,46 +133,67 @@ def _advise(path: Path, advice: int) -> None:
         madvise(start, end - start, advice)
 
 
+@dataclass
+class _Counts:
+    """Pages per layer (arrays indexed by layer): all of them, those the stream touched, and summed over the
+    novelty tokens, those not cached before each and those it brought in."""
+
+    pages: np.ndarray
+    hot: np.ndarray
+    cold: np.ndarray
+    new: np.ndarray
+
+
 def _stream_then_cold(
     w: LayerWindow,
     path: Path,
-    layers: np.ndarray,
-    inputs: Callable[[int, int], np.ndarray],
+    owner: np.ndarray,
+    inputs: Inputs,
     tokens: int,
     random_access: bool,
-) -> tuple[float, float, list[float], float | None]:
-    """(u, ν, r of each cold decode, fault GB/s): the hot share of a stream of tokens from a cold cache
-    (read-around off), the novelty share of the tokens after it, then the share each of ``tokens`` decodes
-    reads from a cold cache (read-around on unless ``random_access``) and the speed it read at."""
+    novel_tokens: int,
+    prompt_tokens: int = HOT_PROMPT_TOKENS,
+) -> tuple[_Counts, list[float], float | None]:
+    """(page counts, r of each cold decode, fault GB/s): the pages a stream of tokens from a cold cache
+    touches (read-around off) and those the tokens after it bring in, per layer, then the share each of
+    ``tokens`` decodes reads from a cold cache (read-around on unless ``random_access``) and its read speed."""
+    n_layers = int(owner.max()) + 1
+    layers = owner >= 0
     total = int(layers.sum())
 
-    def resident() -> np.ndarray:
-        return resident_pages(path)[: len(layers)] & layers
+    def per_layer(mask: np.ndarray) -> np.ndarray:
+        return np.bincount(owner[mask & layers], minlength=n_layers)
 
-    at = itertools.count(1 + HOT_PROMPT_TOKENS)  # the next decode's position
+    def resident() -> np.ndarray:
+        return resident_pages(path)[: len(owner)] & layers
+
+    at = itertools.count(1 + prompt_tokens)  # the next decode's position
+    last: list[WindowOutput | None] = [None]
 
     def step() -> float:
         pos, t0 = next(at), time.perf_counter()
-        w.forward(inputs(pos, 1), pos)
+        last[0] = w.forward(inputs(pos, 1, last[0]), pos)
         return time.perf_counter() - t0
 
     pages = WindowPages(path)
     try:
         _advise(path, MADV_RANDOM)
         pages.release()
-        w.forward(inputs(1, HOT_PROMPT_TOKENS), 1)
+        last[0] = w.forward(inputs(1, prompt_tokens, None), 1)
         for _ in range(HOT_DECODE_TOKENS):
             step()
         before = resident()
-        hot = float(before.sum()) / total
+        counts = _Counts(per_layer(layers), per_layer(before), np.zeros(n_layers), np.zeros(n_layers))
         if not random_access:
             _advise(path, MADV_NORMAL)
-        novel, warm = [], []
-        for _ in range(NOVEL_TOKENS):
+            if w.experts is not None:  # as the agents map it: the experts without read-around, prefetched
+                w.experts.advise()
+        warm = []
+        for _ in range(novel_tokens):
             warm.append(step())
             now = resident()
-            cold = total - int(before.sum())
-            novel.append(float((now & ~before).sum()) / cold if cold else 0.0)
+            counts.cold += per_layer(~before)
+            counts.new += per_layer(now & ~before)
             before = now
         shares, faulting = [], 0.0
         for _ in range(tokens):
@@ -168,7 +203,7 @@ def _stream_then_cold(
     finally:
         pages.close()
     read = sum(shares) * total * mmap.PAGESIZE
-    return hot, float(np.mean(novel)), shares, read / faulting / 1e9 if read and faulting > 0 else None
+    return counts, shares, read / faulting / 1e9 if read and faulting > 0 else None
 
 
 def measure_routing(
@@ -200,27 +235,12 @@ def measure_routing(
     path = Path(window)
     if not WindowPages.supported or tokens < 1:
         return None
-    layers = _layer_pages(path)
-    if not layers.any():
+    run = _run(path, threads=threads, token_ids=token_ids, tokens=tokens, random_access=random_access)
+    if run is None:
         return None
-    rng = np.random.default_rng(0)
-    ids = list(token_ids or [])
-
-    def inputs(pos: int, n: int) -> np.ndarray:
-        if ids:
-            return np.array([ids[(pos + i) % len(ids)] for i in range(n)], dtype=np.int32)
-        return rng.standard_normal((n, w.n_embd), dtype=np.float32)
-
-    with LayerWindow(
-        path,
-        takes_tokens=bool(ids),
-        gives_logits=False,
-        n_ctx=READ_SHARE_N_CTX,
-        n_batch=HOT_PROMPT_TOKENS,
-        n_threads=threads,
-    ) as w:
-        w.forward(inputs(0, 1), 0)  # buffers allocated
-        hot, novel, shares, fault_gbps = _stream_then_cold(w, path, layers, inputs, tokens, random_access)
+    counts, shares, fault_gbps = run
+    hot = float(counts.hot.sum() / counts.pages.sum())
+    novel = float(counts.new.sum() / counts.cold.sum()) if counts.cold.sum() else 0.0
     r = float(np.mean(shares))
     log.info(
         "a stream of tokens touched %.1f%% of the probe window's layer bytes; the next read %.2f%% of what was "
@@ -231,6 +251,97 @@ def measure_routing(
         f"{fault_gbps:.2f}" if fault_gbps else "?",
     )
     return Routing(read_share=max(r, 1e-6), hot_share=max(hot, 1e-6), novel_share=novel, fault_gbps=fault_gbps)
+
+
+def _run(
+    path: Path,
+    *,
+    threads: int,
+    token_ids: Sequence[int] | None,
+    tokens: int,
+    random_access: bool = False,
+    novel_tokens: int = NOVEL_TOKENS,
+    own_tokens: bool = False,
+) -> tuple[_Counts, list[float], float | None] | None:
+    """:func:`_stream_then_cold` on the window ``path``, fed ``token_ids`` (cycled) or random hidden states;
+    ``own_tokens`` (a whole model): the prompt is all of ``token_ids``, then the model decodes its own greedy
+    tokens, as in a conversation. None when it has no layer bytes."""
+    owner = _page_layers(path)
+    if not (owner >= 0).any():
+        return None
+    rng = np.random.default_rng(0)
+    ids = list(token_ids or [])
+
+    def inputs(pos: int, n: int, last: WindowOutput | None) -> np.ndarray:
+        if own_tokens and last is not None and last.logits is not None:
+            return np.array([int(np.argmax(last.logits))], dtype=np.int32)
+        if ids:
+            return np.array([ids[(pos + i) % len(ids)] for i in range(n)], dtype=np.int32)
+        return rng.standard_normal((n, w.n_embd), dtype=np.float32)
+
+    prompt = len(ids) if own_tokens else HOT_PROMPT_TOKENS
+    with LayerWindow(
+        path,
+        takes_tokens=bool(ids),
+        gives_logits=own_tokens,
+        n_ctx=max(READ_SHARE_N_CTX, 2 + prompt + HOT_DECODE_TOKENS + novel_tokens + tokens),
+        n_batch=HOT_PROMPT_TOKENS,
+        n_threads=threads,
+        prefetch_experts=True,
+    ) as w:
+        w.forward(inputs(0, 1, None), 0)  # buffers allocated
+        return _stream_then_cold(w, path, owner, inputs, tokens, random_access, novel_tokens, prompt)
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """The hot and novelty shares (see the module) of each layer of a whole MoE model, in layer order.
+
+    Measured by the controller, which has the model
+    (:func:`~homering.profiler.device.model_layer_routing`): the probe window an agent measures holds only
+    the first layers, whose routing is the least repetitive (on the synthetic Qwen3-30B-A3B, ``u`` falls
+    from 67% at layer 0 to about 20% past layer 10, and ``ν`` from 0.14% at layer 0 to 0.04% on average).
+    """
+
+    hot_share: tuple[float, ...]
+    novel_share: tuple[float, ...]
+
+    def to_json(self) -> dict[str, list[float]]:
+        """``{"hot_share": [...], "novel_share": [...]}``."""
+        return {"hot_share": list(self.hot_share), "novel_share": list(self.novel_share)}
+
+
+def measure_layer_routing(
+    model_path: str | Path, *, threads: int, novel_tokens: int = LAYER_NOVEL_TOKENS
+) -> LayerRouting | None:
+    """Each layer's hot and novelty shares on the whole model at ``model_path``, as in a conversation: the
+    prompt is :data:`ROUTING_TEXT`, then the model decodes its own greedy tokens (:data:`HOT_DECODE_TOKENS`
+    for ``u``, then ``novel_tokens`` for ``ν``). No cold decodes: the read share and the fault read speed
+    are the devices' own. None where the page cache cannot be inspected (not Linux) or the model has no
+    layers.
+
+    Raises:
+        HomeringError: llama.cpp cannot load the model or decode fails; ModelError: no vocabulary.
+    """
+    path = Path(model_path)
+    if not WindowPages.supported:
+        return None
+    ids = routing_tokens(str(path))
+    run = _run(path, threads=threads, token_ids=ids, tokens=0, novel_tokens=novel_tokens, own_tokens=True)
+    if run is None:
+        return None
+    c = run[0]
+    hot = np.maximum(c.hot / np.maximum(c.pages, 1), 1e-6)
+    novel = np.divide(c.new, c.cold, out=np.zeros(len(c.new)), where=c.cold > 0)
+    log.info(
+        "routing of %s: layers' hot share %.1f-%.1f%% (mean %.1f%%), novelty share mean %.3f%%",
+        path.name,
+        100 * hot.min(),
+        100 * hot.max(),
+        100 * hot.mean(),
+        100 * novel.mean(),
+    )
+    return LayerRouting(tuple(float(x) for x in hot), tuple(float(x) for x in novel))
 
 
 @functools.lru_cache(maxsize=4)
