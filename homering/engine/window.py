@@ -77,6 +77,7 @@ def _wire_hook(
     and the tail streaming and expert prefetch wired into it. Raises what they raise."""
     restore = None if w.takes_tokens else HIDDEN_INPUT_RESTORE.get(model_arch(w._model))
     streams = stream_from is not None and streaming.SUPPORTED
+    prefetch_experts = prefetch_experts and bool(prefetch.expert_tensors(w.path))  # a dense window: nothing
     if w.gives_logits and not (restore or prefetch_experts or streams):
         return None, None, None
     hook, cparams.cb_eval = new_hook(b"" if w.gives_logits else w._target)
