@@ -93,6 +93,7 @@ class ExpertPrefetch:
         n_expert = max(n for tensors in experts.values() for _, _, n in tensors.values())
         self._slices = (ExpertSlices * (self.layers * len(EXPERT_TENSORS)))()
         self._ranges: list[tuple[int, int]] = []
+        mapped = 0
         if lookup is not None and _address(maps, lookup[0], lookup[1] - lookup[0]):
             self._ranges.append((_address(maps, lookup[0], lookup[1] - lookup[0]), lookup[1] - lookup[0]))
         for il, tensors in experts.items():
@@ -104,13 +105,14 @@ class ExpertPrefetch:
                 if addr:
                     self._slices[il * len(EXPERT_TENSORS) + j] = ExpertSlices(addr, n_bytes // n)
                     self._ranges.append((addr, n_bytes))
+                    mapped += 1
         self._ids = (ctypes.c_int * (n_batch * n_expert))()  # n_expert_used <= n_expert
         self.advise()
         hook.experts = ctypes.cast(self._slices, ctypes.c_void_p).value
         hook.ids = ctypes.cast(self._ids, ctypes.c_void_p).value
         hook.ids_bytes = ctypes.sizeof(self._ids)
         hook.n_expert, hook.moe_tensors, hook.moe_layers = n_expert, len(EXPERT_TENSORS), self.layers
-        if len(self._ranges) <= (lookup is not None):
+        if not mapped:
             log.warning("%s: its expert tensors are not in llama.cpp's mapping: nothing is prefetched", path)
 
     def advise(self) -> None:
