@@ -125,7 +125,8 @@ class ExpertPrefetch:
 
     @property
     def prefetched(self) -> int:
-        """Expert slices advised ``WILLNEED`` so far (a routed expert is one slice per expert tensor)."""
+        """Expert slices advised ``WILLNEED`` so far: those of routed experts that were not in the page cache
+        (a routed expert is one slice per expert tensor)."""
         return int(self._hook.prefetched)
 
     def close(self) -> None:
