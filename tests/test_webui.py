@@ -185,7 +185,7 @@ def test_a_message_streams_into_the_page_and_stop_ends_it(cluster, browser, tmp_
 
 def test_a_fourth_agent_joining_shows_as_a_replan(cluster, browser, tmp_path):
     c, _ = cluster
-    first_plan = browser.find_element(By.ID, "plan-id").text
+    first_plan = wait(browser, lambda b: b.find_element(By.ID, "plan-id").text, message="the plan id")  # re-rendered
     extra = subprocess.Popen(
         [
             sys.executable,
@@ -217,7 +217,7 @@ def test_a_fourth_agent_joining_shows_as_a_replan(cluster, browser, tmp_path):
         )
         rows = agent_rows(browser, in_plan=True)
         assert covers_all_layers(rows), rows
-        replans = browser.find_element(By.ID, "replans").text
+        replans = wait(browser, lambda b: b.find_element(By.ID, "replans").text, message="the re-plans")
         assert "re-planned" in replans and "4 devices" in replans
         shot = tmp_path / "webui-4-agents.png"
         browser.save_screenshot(str(shot))
