@@ -112,8 +112,8 @@ def test_an_overflowing_device_keeps_its_ram_less_the_buffers_and_rereads_the_re
 
 
 @needs_fadvise
-def test_an_agent_in_overflow_mode_streams_what_the_plan_does_not_keep(smollm2):
-    """The plan's keep_bytes decide the first streamed layer; --no-release (release=False) streams nothing."""
+def _load_plan(model, *, n_layers: int, release=None, **me):
+    """A one-agent PlanLoader's ring for a plan over ``model`` whose agent has the fields ``me``."""
     import asyncio
 
     from homering.agent.loading import ModelSource, PlanLoader
@@ -121,12 +121,10 @@ def test_an_agent_in_overflow_mode_streams_what_the_plan_does_not_keep(smollm2):
     from homering.tasks import Tasks
     from tests.test_agent_ring import make_plan
 
-    sizes = [hi - lo for lo, hi in streaming.layer_spans(smollm2)]
-    plan = make_plan(1, 1, model_path=str(smollm2), fp=fingerprint(smollm2), n_layers=30)
-    me = plan.ring[0].model_copy(update={"mode": "overflow", "keep_bytes": sum(sizes[:12]) + sizes[12] // 2})
-    plan = plan.model_copy(update={"ring": [me]})
+    plan = make_plan(1, 1, model_path=str(model), fp=fingerprint(model), n_layers=n_layers)
+    plan = plan.model_copy(update={"ring": [plan.ring[0].model_copy(update=me)]})
 
-    async def load(release):
+    async def load():
         async def report(*_):
             pass
 
@@ -143,8 +141,15 @@ def test_an_agent_in_overflow_mode_streams_what_the_plan_does_not_keep(smollm2):
         await asyncio.wait_for(loader.offer(plan), 60)
         return loader.ring
 
+    return asyncio.run(load())
+
+
+def test_an_agent_in_overflow_mode_streams_what_the_plan_does_not_keep(smollm2):
+    """The plan's keep_bytes decide the first streamed layer; --no-release (release=False) streams nothing."""
+    sizes = [hi - lo for lo, hi in streaming.layer_spans(smollm2)]
+    keep = sum(sizes[:12]) + sizes[12] // 2
     for release, first in ((None, 12), (False, None)):
-        ring = asyncio.run(load(release))
+        ring = _load_plan(smollm2, n_layers=30, release=release, mode="overflow", keep_bytes=keep)
         try:
             stream = ring.windows[0].stream
             assert (stream.first if stream else None) == first
@@ -232,34 +237,8 @@ def test_prefetching_routed_experts_reads_exactly_them_and_changes_no_logit(qwen
 
 def test_an_agent_prefetches_experts_only_in_overflow_mode(qwen3moe_small):
     """A MoE device the plan overflows opens its windows with the expert prefetch; a resident one does not."""
-    import asyncio
-
-    from homering.agent.loading import ModelSource, PlanLoader
-    from homering.models.gguf_info import fingerprint
-    from homering.tasks import Tasks
-    from tests.test_agent_ring import make_plan
-
-    async def load(mode):
-        async def report(*_):
-            pass
-
-        plan = make_plan(1, 1, model_path=str(qwen3moe_small), fp=fingerprint(qwen3moe_small), n_layers=6)
-        plan = plan.model_copy(update={"ring": [plan.ring[0].model_copy(update={"mode": mode})]})
-        loader = PlanLoader(
-            "head",
-            threads=1,
-            key=None,
-            source=ModelSource("127.0.0.1"),
-            release=None,
-            tasks=Tasks("test"),
-            report=report,
-            controller_api=lambda: None,
-        )
-        await asyncio.wait_for(loader.offer(plan), 60)
-        return loader.ring
-
     for mode, layers in (("overflow", 6 if streaming.SUPPORTED else None), ("resident", None)):
-        ring = asyncio.run(load(mode))
+        ring = _load_plan(qwen3moe_small, n_layers=6, mode=mode)
         try:
             experts = ring.windows[0].experts
             assert (experts.layers if experts else None) == layers
