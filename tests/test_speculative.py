@@ -6,8 +6,10 @@ The cluster runs are in test_speculative_cluster.py.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+import threading
 from collections import Counter
 
 import click
@@ -39,6 +41,7 @@ def test_ngram_drafter_proposes_what_followed_the_latest_repeat():
     assert d.draft(0, [1, 2, 3, 4, 9, 7, 2, 3], 3) == [4, 9, 7]  # "2 3" was followed by 4 9 7
     assert d.draft(0, [5, 1, 2, 8, 1, 2, 9, 1, 2], 2) == [9, 1]  # the latest occurrence wins
     assert d.draft(0, [1, 2, 3, 4], 4) == []  # nothing repeats
+    assert d.draft(0, [3, 1, 5, 9, 1], 2) == []  # a single repeated token is no match
     assert d.draft(0, [7, 7], 0) == []
 
 
@@ -60,6 +63,46 @@ def test_a_draft_models_catch_up_time_is_kept_per_sequence(smollm2, smollm2_ref)
     finally:
         d.close()
     assert NgramDrafter().catch_up_ms(0) == 0.0
+
+
+def test_a_draft_ahead_that_guessed_right_is_the_next_draft_without_decoding(smollm2, smollm2_ref):
+    """While a trip verifies drafts, the head drafts on as if it kept them all: when it did and its extra
+    token is the draft's guess, the next draft is ready (no decode on the caller's thread) and is the greedy
+    draft of the new history; a longer draft goes on from there; a wrong guess gives the fresh greedy draft."""
+    d = ModelDrafter(smollm2, n_ctx=128, n_seq=1, n_threads=1)
+    callers: list[str] = []
+    nice: set[int] = set()  # of the threads that draft ahead
+    forward = d.window.forward
+
+    def counted(*args, **kwargs):
+        callers.append(threading.current_thread().name)
+        if threading.current_thread() is not threading.main_thread():
+            nice.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return forward(*args, **kwargs)
+
+    d.window.forward = counted
+    try:
+        history = list(range(200, 230))
+        trip = d.draft(0, history, 2)  # the drafts a trip carries
+        d.draft_ahead(0, history + trip, 3)
+        ahead = smollm2_ref.greedy(history + trip, 4)[0]  # g0 (the guess of the trip's extra token), g1, …
+        callers.clear()
+        assert d.draft(0, history + trip + ahead[:1], 2) == ahead[1:3]
+        assert threading.main_thread().name not in callers  # drafted during the trip, on the drafter's thread
+        assert d.catch_up_ms(0) == 0.0
+        d.draft_ahead(0, history + trip + ahead[:3], 2)
+        longer = d.draft(0, history + trip + ahead[:4], 3)  # one more than was drafted ahead
+        assert longer == smollm2_ref.greedy(history + trip + ahead[:4], 3)[0]
+        d.draft_ahead(0, history, 3)
+        wrong = history + [trip[0] + 1]  # the trip's extra token was not the guess
+        assert d.draft(0, wrong, 2) == smollm2_ref.greedy(wrong, 2)[0]
+        d.draft_ahead(0, history, 3)
+        d.forget(0)  # waits for the draft ahead before dropping the sequence
+        assert d.draft(0, history, 2) == trip
+        assert nice == {19}  # the head's own window goes first while a trip runs
+    finally:
+        d.close()
+    assert d.window._closed
 
 
 def test_a_draft_model_in_use_is_freed_when_its_last_session_ends(smollm2, smollm2_ref):
@@ -245,6 +288,13 @@ def test_gamma_follows_the_measured_cost_per_kept_token():
         catching_up.record(g, g, 20.0 + g, draft_ms, accepted=0)
         spent += (draft_ms + g) if i >= 1000 else 0.0
     assert spent / (2000 * 20.0) <= 0.05  # the probes' cost stays within the budget of plain trips
+    fresh, spent = GammaChooser(20.0), 0.0  # the same from the first trip: four 48-token requests
+    for _ in range(4 * 47):
+        g = fresh.choose(10, s)
+        draft_ms = 150.0 if g else 0.0
+        fresh.record(g, g, 20.0 + g, draft_ms, accepted=0)
+        spent += draft_ms + g
+    assert spent / (4 * 47 * 20.0) <= 0.05  # the first costly draft spaces the next one out at once
     costly = GammaChooser(20.0)  # drafts always kept but each costs a whole trip: plain wins
     chosen = []
     for _ in range(100):
@@ -254,6 +304,9 @@ def test_gamma_follows_the_measured_cost_per_kept_token():
     assert chosen[50:].count(0) >= 45 and max(chosen) <= 2  # slow start: longer drafts never paid off
     assert min(costly.cost, key=costly.predicted) == 0  # of the γ it measured, plain is the cheapest
     assert GammaChooser(0.0).choose(10, Speculative(draft="ngram", n_max=4, adaptive=False)) == 4
+    nothing = GammaChooser(20.0)
+    nothing.record(3, 0, 30.0, 0.0, accepted=0)  # γ = 3 asked, but the lookup found nothing: a plain trip
+    assert 3 not in nothing.cost and nothing.cost[0] == 30.0 and nothing.trip_ms == pytest.approx(22.0)
 
 
 def test_the_command_lines_gamma_range_is_the_engines():

@@ -47,6 +47,9 @@ PROBE_BUDGET = 0.02
 """While plain trips are best, probes may cost at most this share of the plain trips' time: a probe's measured
 excess (a draft model catching up on the tokens since its last draft, the verification's extra tokens) spaces
 the next one out."""
+AHEAD_MIN = 0.3
+"""A trip's next draft is drafted while the trip runs when the chance that it keeps every draft (α^(γ+1)) is
+at least this (:meth:`~homering.engine.drafting.ModelDrafter.draft_ahead`)."""
 
 
 class GammaChooser:
@@ -127,6 +130,7 @@ class GammaChooser:
         brought a draft model up to the tokens since its last draft: a cost of drafting after a pause, which
         counts against probes (:data:`PROBE_BUDGET`) but not in the cost of a γ while drafting goes on."""
         steady = max(0.0, draft_ms - catch_up_ms)
+        gamma = gamma if drafted else 0  # nothing to draft (a lookup without a match): a plain trip
         if drafted:
             self.acc = DECAY * self.acc + accepted
             self.rej = DECAY * self.rej + (1 if accepted < drafted else 0)
@@ -134,9 +138,11 @@ class GammaChooser:
         else:
             self.trip_ms = trip_ms if not self.trip_ms else DECAY * self.trip_ms + (1 - DECAY) * trip_ms
         per_token = (trip_ms + steady) / (accepted + 1)
-        if self._probing and gamma and self.trip_ms:
+        if (self._probing or not accepted) and gamma and self.trip_ms:  # a probe, or a draft that was all lost
             excess = max(0.0, trip_ms + draft_ms - (accepted + 1) * self.trip_ms)
             self._probe_excess = excess if not self._probe_excess else DECAY * self._probe_excess + (1 - DECAY) * excess
+            spacing = int(self._probe_excess / (PROBE_BUDGET * self.trip_ms))
+            self._next_probe = max(self._next_probe, self._trips + spacing)  # what it cost spaces the next one out
         self._probing = False
         old = self.cost.get(gamma)
         self.cost[gamma] = per_token if old is None else DECAY * old + (1 - DECAY) * per_token
@@ -161,6 +167,7 @@ class SpeculativeSession(HeadSession):
         super().__init__(ring, slot, job, emit)
         self.drafter, self.s, self.gamma = drafter, s, gamma
         self.drafted = self.accepted = self.trips = 0
+        self.trip_ms = self.draft_ms = 0.0  # in all: around the ring, and drafting (or waiting for a draft ahead)
         self._last: tuple[int, int, float, float, float] | None = None  # γ, drafted, trip/draft/catch-up ms
 
     def run(self) -> StreamEvent:
@@ -170,6 +177,14 @@ class SpeculativeSession(HeadSession):
             self.drafter.forget(self.slot.seq_id)
             self.drafter.release()  # acquired by Drafters.session
         end.drafted, end.accepted, end.trips = self.drafted, self.accepted, self.trips
+        log.info(
+            "request %s: %d trips, %d drafted, %d kept; %.1f ms per trip around the ring, %.1f drafting",
+            self.job.request_id, self.trips, self.drafted, self.accepted,
+            self.trip_ms / max(1, self.trips), self.draft_ms / max(1, self.trips),
+        )  # fmt: skip
+        if isinstance(self.drafter, ModelDrafter):
+            d = self.drafter
+            log.info("drafts ahead so far: %d were the next draft, %d not", d.ahead_kept, d.ahead_lost)
         return end
 
     def _generate(self, sampler: SamplerChain) -> None:
@@ -236,22 +251,33 @@ class SpeculativeSession(HeadSession):
         Alone, no padding: a request that starts later fills the hole with its first cells, in its own order,
         and every later cell of either sequence lies beyond them."""
         room = min(room - 1, self.ring.plan.n_ctx - pos - 1, self.ring.plan.n_batch - 1)
-        gamma = self.gamma.choose(room, self.s)
         t0 = time.perf_counter()
         history = list(self.job.prompt_token_ids) + self.tokens
-        drafts = self.drafter.draft(self.slot.seq_id, history, gamma)[:gamma] if gamma else []
+        if self.drafter.kind == "ngram":  # a lookup is free: look first; where the history repeats, draft ≥ 1
+            found = self.drafter.draft(self.slot.seq_id, history, room)
+            at_least_one = self.s.model_copy(update={"n_min": max(1, self.s.n_min)})
+            gamma = self.gamma.choose(min(room, len(found)), at_least_one) if found else 0
+            drafts = found[:gamma]
+        else:
+            gamma = self.gamma.choose(room, self.s)
+            drafts = self.drafter.draft(self.slot.seq_id, history, gamma)[:gamma] if gamma else []
         catch_up = self.drafter.catch_up_ms(self.slot.seq_id) if gamma else 0.0
+        whole = gamma > 0 and len(drafts) == gamma
         refill = hole - 1 if len(self.ring.slots) > 1 else 0
         drafts += [(drafts or self.tokens)[-1]] * (refill - len(drafts))
         t1 = time.perf_counter()
         tokens = np.asarray([self.tokens[-1], *drafts], dtype=np.int32)
         wait = self._verify(tokens, pos, hole > 0)
+        if whole and self.gamma.alpha ** (gamma + 1) >= AHEAD_MIN:  # the next draft, while the trip runs
+            self.drafter.draft_ahead(self.slot.seq_id, history + drafts, gamma + 1)
         self.drafted += len(drafts)
         self.trips += 1
 
         def rows() -> np.ndarray:
             out = np.atleast_2d(wait())
             self._last = (gamma, len(drafts), (time.perf_counter() - t1) * 1000, (t1 - t0) * 1000, catch_up)
+            self.trip_ms += self._last[2]
+            self.draft_ms += self._last[3]
             return out
 
         return rows, drafts

@@ -100,9 +100,15 @@ def _rate(answers: list[Answer]) -> float:
 
 
 def run_speculative_bench(
-    spec_path: Path, *, tokens: int = 48, out_dir: Path = Path("bench/results"), console: Console | None = None
+    spec_path: Path,
+    *,
+    tokens: int = 48,
+    out_dir: Path = Path("bench/results"),
+    console: Console | None = None,
+    only: list[str] | None = None,
 ) -> dict:
-    """Bring the testbed up, run ``ngram``, ``draft`` and ``draft_no_agreement``, write JSON and a PNG.
+    """Bring the testbed up, run ``ngram``, ``draft`` and ``draft_no_agreement`` (or the ``only`` ones), write
+    JSON and a PNG.
 
     Raises:
         HomeringError: not root on Linux, a bad spec, a run that failed.
@@ -118,6 +124,7 @@ def run_speculative_bench(
         "draft": (dequantize_to_f16(smollm2), str(smollm2), GENERAL_PROMPTS),
         "draft_no_agreement": (resolve_model("llama3.2-1b-q4_0", quiet=True), str(smollm2), GENERAL_PROMPTS),
     }
+    runs = {k: v for k, v in runs.items() if only is None or k in only}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = out_dir / f"speculative-{Path(spec_path).stem}-{stamp}.json"
     results: dict = {"spec": str(spec_path), "tokens": tokens, "started": stamp, "runs": {}}

@@ -322,7 +322,13 @@ def bench_cluster(spec_path, model, tokens, prompt_tokens, batch, runs, peers, o
 @click.option(
     "--out-dir", type=click.Path(file_okay=False), default="bench/results", show_default=True, help="Where to write."
 )
-def bench_speculative(spec_path, tokens, out_dir) -> None:
+@click.option(
+    "--runs",
+    type=click.Choice(["ngram", "draft", "draft_no_agreement"]),
+    multiple=True,
+    help="Only this run (repeat the option for several) [default: all three].",
+)
+def bench_speculative(spec_path, tokens, out_dir, runs) -> None:
     """Speculative decoding on an emulated home cluster (needs root on Linux): n-gram drafts on edit/summary/JSON
     prompts, the F16/Q4_1 SmolLM2 pair, and a pair that never agrees; tokens/s against plain decoding of the same
     prompts on the same plan, acceptance rate, mean γ. Writes bench/results/speculative-*.json and a PNG.
@@ -333,7 +339,7 @@ def bench_speculative(spec_path, tokens, out_dir) -> None:
 
     from homering.bench.speculative import run_speculative_bench
 
-    run_speculative_bench(Path(spec_path), tokens=tokens, out_dir=Path(out_dir))
+    run_speculative_bench(Path(spec_path), tokens=tokens, out_dir=Path(out_dir), only=list(runs) or None)
 
 
 @bench.command("grammar")

@@ -19,9 +19,12 @@ draft with a full distribution q.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -34,10 +37,18 @@ from homering.engine.sampling import SamplerChain
 from homering.engine.window import LayerWindow
 from homering.gate import Gate
 
+log = logging.getLogger("homering.engine")
+
 GAMMA_MAX = EXACT_BATCH - 1
 """The most draft tokens one trip verifies (γ); a trip carries γ + 1 tokens (at most :data:`EXACT_BATCH`)."""
+AHEAD_NICE = 19
+"""The nice value of a draft model's draft-ahead thread (:meth:`ModelDrafter.draft_ahead`)."""
 NGRAM_MAX = 4
-"""The longest n-gram :class:`NgramDrafter` looks up (it tries n = NGRAM_MAX … 1)."""
+"""The longest n-gram :class:`NgramDrafter` looks up (it tries n = NGRAM_MAX … NGRAM_MIN)."""
+NGRAM_MIN = 2
+"""The shortest: a single repeated token predicts the next one badly (measured on the speculative bench's
+edit/summary/JSON prompts with SmolLM2: the first drafted token was kept after 22% of 1-gram matches, after
+55%, 36% and 77% of 2-, 3- and 4-gram ones), and a draft that is not kept costs its verification."""
 
 
 class Speculative(BaseModel):
@@ -78,8 +89,9 @@ def with_default(s: Speculative | None, default: Speculative | None) -> Speculat
 
 class NgramDrafter:
     """Prompt-lookup drafting: find the latest earlier occurrence of the sequence's last n tokens
-    (n = :data:`NGRAM_MAX` … 1) and propose the up to γ tokens that followed it. Cost: O(len × n) per draft,
-    no model. Source: Saxena, "Prompt lookup decoding" (2023); llama.cpp's ``--spec-type ngram-simple``.
+    (n = :data:`NGRAM_MAX` … :data:`NGRAM_MIN`) and propose the up to γ tokens that followed it. Cost:
+    O(len × n) per draft, no model. Source: Saxena, "Prompt lookup decoding" (2023); llama.cpp's
+    ``--spec-type ngram-simple``.
     """
 
     kind = "ngram"
@@ -94,7 +106,7 @@ class NgramDrafter:
         if gamma <= 0 or n_hist < 2:
             return []
         arr = np.asarray(history, dtype=np.int64)
-        for n in range(min(NGRAM_MAX, n_hist - 1), 0, -1):
+        for n in range(min(NGRAM_MAX, n_hist - 1), NGRAM_MIN - 1, -1):
             tail = arr[n_hist - n :]
             # start positions s < n_hist - n where arr[s : s + n] == tail, latest first
             hits = np.flatnonzero(arr[: n_hist - n] == tail[0])
@@ -105,6 +117,9 @@ class NgramDrafter:
                     if follow:
                         return [int(t) for t in follow]
         return []
+
+    def draft_ahead(self, seq_id: int, history: list[int], n: int) -> None:
+        """Nothing to do ahead: a lookup costs microseconds."""
 
     def forget(self, seq_id: int) -> None:
         """Nothing is kept per sequence."""
@@ -146,6 +161,9 @@ class ModelDrafter:
         )
         self._cached: dict[int, list[int]] = {}  # the tokens in each sequence's draft KV cache
         self._catch_up: dict[int, float] = {}  # each sequence's last catch-up, ms
+        self._ahead: dict[int, tuple[list[int], Future[list[int]]]] = {}  # seq → (assumed history, its draft)
+        self.ahead_kept = self.ahead_lost = 0  # drafts ahead that were the next draft, and that were not
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="draft-ahead", initializer=_yield_to_the_ring)
         self._lock = threading.Lock()
         self._gate = Gate()  # the sessions using it: close() frees the model when the last one releases it
 
@@ -157,7 +175,58 @@ class ModelDrafter:
             return self._catch_up.get(seq_id, 0.0)
 
     def draft(self, seq_id: int, history: list[int], gamma: int) -> list[int]:
-        """Up to ``gamma`` greedy draft tokens to follow ``history``; fewer near the end of the context."""
+        """Up to ``gamma`` greedy draft tokens to follow ``history``; fewer near the end of the context.
+
+        When a :meth:`draft_ahead` of ``seq_id`` guessed right (``history`` is what it assumed plus its first
+        token), its further tokens are the draft, as far as they go: a greedy draft of ``h + [g0]`` is the
+        rest of the greedy draft ``g0, g1, …`` of ``h``. Otherwise the draft starts from where its cache and
+        ``history`` part."""
+        ahead = self._settle(seq_id)
+        if ahead is not None:
+            assumed, toks = ahead
+            n = len(assumed)
+            if toks and len(history) == n + 1 and history[n] == toks[0] and history[:n] == assumed:
+                ready = toks[1 : 1 + gamma]
+                with self._lock:
+                    self._catch_up[seq_id] = 0.0
+                    self.ahead_kept += 1
+                if len(ready) >= gamma:
+                    return ready
+                return ready + self._draft(seq_id, history + ready, gamma - len(ready))
+            with self._lock:
+                self.ahead_lost += 1
+        return self._draft(seq_id, history, gamma)
+
+    def draft_ahead(self, seq_id: int, history: list[int], n: int) -> None:
+        """Start drafting ``n`` tokens to follow ``history`` on a thread of the drafter's own, while the trip
+        that verifies ``history``'s drafts is in flight; the next :meth:`draft` of ``seq_id`` waits for it.
+
+        If the trip keeps every draft and its one extra token is this draft's first (probability about
+        α^(γ+1)), the next trip's draft is ready: drafting overlaps the ring's hops and the other devices'
+        compute instead of adding to them. A wrong guess costs the head CPU time during the trip, and the
+        next draft drops its cache back to where it parts from the history (as after a rejection). The idea
+        is the asynchronous drafting of pipelined speculative decoding (e.g. PipeSpec, McDanel et al. 2025)."""
+        if n <= 0:
+            return
+        self._settle(seq_id)
+        future = self._pool.submit(self._draft, seq_id, list(history), n)
+        with self._lock:
+            self._ahead[seq_id] = (list(history), future)
+
+    def _settle(self, seq_id: int) -> tuple[list[int], list[int]] | None:
+        """Wait for ``seq_id``'s draft ahead, if any: (the history it assumed, its tokens), or None (none, or
+        it failed: a draft that follows starts over from the cache and says what is wrong)."""
+        with self._lock:
+            entry = self._ahead.pop(seq_id, None)
+        if entry is None:
+            return None
+        try:
+            return entry[0], entry[1].result()
+        except Exception as e:  # noqa: BLE001 - the drafting that follows meets it again, on the caller's thread
+            log.debug("a draft ahead failed: %s", e)
+            return None
+
+    def _draft(self, seq_id: int, history: list[int], gamma: int) -> list[int]:
         gamma = min(gamma, self.window.n_ctx - len(history))
         if gamma <= 0:
             return []
@@ -184,6 +253,7 @@ class ModelDrafter:
 
     def forget(self, seq_id: int) -> None:
         """A request ended: its draft sequence starts over next time."""
+        self._settle(seq_id)
         with self._lock:
             self._cached.pop(seq_id, None)
             self._catch_up.pop(seq_id, None)
@@ -200,10 +270,24 @@ class ModelDrafter:
     def close(self) -> None:
         """Free the model, or, while sessions use it (a plan changed under a request), once the last releases
         it (:class:`~homering.gate.Gate`)."""
-        self._gate.close(then=self.window.close)
+        self._gate.close(then=self._free)
+
+    def _free(self) -> None:
+        self._pool.shutdown(wait=True)  # a draft ahead still running uses the window
+        self.window.close()
 
 
 Drafter = NgramDrafter | ModelDrafter
+
+
+def _yield_to_the_ring() -> None:
+    """Run this thread (the draft ahead) at the lowest priority: while the trip it overlaps computes the head's
+    own window, that window goes first (the trip waits for it; the draft is wanted only when the trip is back).
+    Linux sets a thread's nice value by its id; elsewhere, or without the right, the thread keeps its own."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), AHEAD_NICE)
+    except (AttributeError, OSError) as e:
+        log.debug("the draft-ahead thread keeps its priority: %s", e)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
