@@ -349,7 +349,8 @@ def test_probe_windows_fit_in_the_devices_ram():
     from pathlib import Path
 
     from homering.models.gguf_info import ModelInfo
-    from homering.profiler.compute import PROBE_RAM_FRACTION, probe_plan
+    from homering.models.slicing import Role, WindowSpec
+    from homering.profiler.compute import PROBE_RAM_FRACTION, doubles, probe_plan, probe_specs
 
     layer, out = 57 * MiB, 85 * MiB  # Llama-3.2-3B Q4_0 layers, SmolLM2-sized head
     info = ModelInfo(
@@ -372,3 +373,22 @@ def test_probe_windows_fit_in_the_devices_ram():
     assert probe_plan(info, 281 * MiB, True)[1] is None  # a phone-sized device estimates the head
     assert probe_plan(info, 606 * MiB, True)[1] == 1
     assert probe_plan(info, 606 * MiB, False)[1] is None
+    for ram in (120 * MiB, 281 * MiB, 355 * MiB, 606 * MiB, 1433 * MiB, 16 * GiB):
+        n, n_out = probe_plan(info, ram, True)
+        specs = probe_specs(info, n, n_out, doubles(info, ram, n, n_out))
+        assert sum(s.end - s.start for s in specs) * layer + (out if n_out else 0) <= PROBE_RAM_FRACTION * ram or (
+            len(specs) == 1  # the smallest probe there is
+        )
+    assert probe_specs(info, 4, 4, True)[-1] == WindowSpec(12, 20, Role.MIDDLE)  # 2n layers, from the same start
+
+
+def test_a_layers_time_leaves_out_the_decode_calls_fixed_cost():
+    """A decode call costs a fixed time besides its layers (graph, Python): a 1-layer probe (a Qwen3-30B-A3B
+    layer fills the probe) would charge all of it to the layer. The n- and 2n-layer windows' difference does
+    not; a burst of load on one window keeps it between half and all of the n-layer time per layer."""
+    from homering.profiler.compute import _per_layer
+
+    assert _per_layer([[2.4, 2.3, 2.35]], 1, double=False) == 2.35
+    assert _per_layer([[2.3, 2.35, 2.4], [4.2, 4.25, 4.3]], 1, double=True) == pytest.approx(1.9)
+    assert _per_layer([[8.0], [8.1]], 4, double=True) == 1.0  # not free: half the whole
+    assert _per_layer([[8.0], [30.0]], 4, double=True) == 2.0  # never dearer than the whole call per layer

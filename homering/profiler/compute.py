@@ -4,7 +4,11 @@ The probe runs real layer windows of the model, exactly as an agent does
 (:class:`~homering.engine.window.LayerWindow`, hidden-state input):
 
 - ``mid``: :func:`probe_layers` layers from the middle of the model, role
-  ``middle`` (hidden states out) → ms per layer = median / layers;
+  ``middle`` (hidden states out), and where RAM allows ``mid2``, twice as many
+  from the same start → ms per layer = (median(mid2) − median(mid)) / layers,
+  without the fixed cost of a decode call (~0.4 ms on a 2-core VM: a third of
+  a Qwen3-30B-A3B layer, whose probe has one layer); without ``mid2``,
+  median(mid) / layers;
 - ``last``/``last-hidden``: the model's last layers as a ``last`` window
   (output norm + vocabulary projection → logits) and as a ``middle`` window
   (hidden states out) → ms of the output = max(0, median(last) − median(last-hidden)).
@@ -61,7 +65,8 @@ class ComputeTimings:
     """What :func:`measure_compute` measured.
 
     Attributes:
-        ms_per_layer: median decode time of one token through one layer, ms.
+        ms_per_layer: median decode time of one token through one more layer, ms (a decode call's fixed
+            cost left out where the probe could time two window sizes).
         ms_output: output norm + vocabulary projection of one token, ms
             (None when not measured).
         probe_layers: layers in the probe windows.
@@ -113,15 +118,28 @@ WindowSource = Callable[[WindowSpec], Path]
 """Gives the file of a probe window: slices the local model, or downloads it (an agent without the model)."""
 
 
-def probe_specs(info: ModelInfo, n: int, n_out: int | None) -> list[WindowSpec]:
+def probe_specs(info: ModelInfo, n: int, n_out: int | None, double: bool = False) -> list[WindowSpec]:
     """The probe windows of a :func:`probe_plan` result: a middle window of ``n`` layers from the middle of
-    the model, and with ``n_out`` the model's last ``n_out`` layers as a ``last`` and a ``middle`` window."""
+    the model; with ``n_out`` the model's last ``n_out`` layers as a ``last`` and a ``middle`` window; with
+    ``double`` (and room in the model), last, a middle window of ``2 n`` layers from the same start."""
     L = info.n_layers
     mid_start = (L - n) // 2
     specs = [WindowSpec(mid_start, mid_start + n, Role.MIDDLE)]
     if n_out:
         specs += [WindowSpec(L - n_out, L, Role.LAST), WindowSpec(L - n_out, L, Role.MIDDLE)]
+    if double and mid_start + 2 * n <= L:
+        specs.append(WindowSpec(mid_start, mid_start + 2 * n, Role.MIDDLE))
     return specs
+
+
+def doubles(info: ModelInfo, ram_bytes: int | None, n: int, n_out: int | None) -> bool:
+    """Whether the ``2 n``-layer middle window fits beside a :func:`probe_plan` result's windows within
+    :data:`PROBE_RAM_FRACTION` of ``ram_bytes`` (always, without a RAM figure)."""
+    if ram_bytes is None:
+        return True
+    layer = max(info.layer_bytes, default=0) or 1
+    used = layer * n + (layer * 2 * n_out + max(0, info.size_bytes - sum(info.layer_bytes)) if n_out else 0)
+    return used + layer * 2 * n <= PROBE_RAM_FRACTION * ram_bytes
 
 
 def possible_probe_specs(info: ModelInfo) -> set[WindowSpec]:
@@ -129,7 +147,7 @@ def possible_probe_specs(info: ModelInfo) -> set[WindowSpec]:
     :func:`routing_probe_spec`: the only windows a controller slices for agents' profiling."""
     out: set[WindowSpec] = {routing_probe_spec(info)} if info.n_expert else set()
     for n in range(1, probe_layers(info) + 1):
-        out.update(probe_specs(info, n, n))
+        out.update(probe_specs(info, n, n, double=True))
     return out
 
 
@@ -179,19 +197,32 @@ def measure_compute(
     say = progress or (lambda _msg: None)
     info = _model_info(model_path) if info is None else info
     n, n_out = probe_plan(info, ram_bytes, output)
-    specs = probe_specs(info, n, n_out)
-    say(f"{'slicing' if windows is None else 'getting'} {len(specs)} probe window(s) of {n} layer(s)")
+    specs = probe_specs(info, n, n_out, doubles(info, ram_bytes, n, n_out))
+    say(f"{'slicing' if windows is None else 'getting'} {len(specs)} probe window(s) of {n} layer(s) or more")
     files = _probe_files(model_path, info, specs, windows)
     where = "GPU" if gpu else f"CPU, {threads} thread(s)"
     say(f"timing decode through {n} layer(s) ({where})")
     _warn_if_busy(threads)
     ms = _time_probes(
-        files, specs, info.n_embd, threads, n_gpu_layers=(n + 1) if gpu else 0, warmup=warmup, tokens=tokens
+        files, specs, info.n_embd, threads, n_gpu_layers=(2 * n + 1) if gpu else 0, warmup=warmup, tokens=tokens
     )
-    mid = statistics.median(ms[0])
+    per_layer = _per_layer(ms, n, double=len(specs) > (3 if n_out else 1))
     return ComputeTimings(
-        ms_per_layer=mid / n, ms_output=_output_ms(info, ms, n, n_out, output), probe_layers=n, tokens=len(ms[0])
+        ms_per_layer=per_layer,
+        ms_output=_output_ms(info, ms, per_layer, n_out, output),
+        probe_layers=n,
+        tokens=len(ms[0]),
     )
+
+
+def _per_layer(ms: list[list[float]], n: int, *, double: bool) -> float:
+    """ms of one more layer: from the ``n``- and ``2 n``-layer windows' medians (the last timings) when
+    ``double``, else the ``n``-layer window's median / n. The difference is kept between half and all of the
+    latter: a burst of load on one window must not make layers look free or dearer than a whole call."""
+    whole = statistics.median(ms[0]) / n
+    if not double:
+        return whole
+    return min(whole, max(0.5 * whole, (statistics.median(ms[-1]) - statistics.median(ms[0])) / n))
 
 
 def _time_probes(
@@ -245,7 +276,9 @@ def _probe_files(
     return [slice_window(model_path, s, progress=False, model_fp=info.fingerprint) for s in specs]
 
 
-def _output_ms(info: ModelInfo, ms: list[list[float]], n: int, n_out: int | None, output: bool) -> float | None:
+def _output_ms(
+    info: ModelInfo, ms: list[list[float]], per_layer: float, n_out: int | None, output: bool
+) -> float | None:
     """The output's ms from the probe timings (:func:`probe_specs`' order); estimated from its bytes when
     there was no room to time it; None when ``output`` is false."""
     if n_out:
@@ -254,9 +287,7 @@ def _output_ms(info: ModelInfo, ms: list[list[float]], n: int, n_out: int | None
         return None
     # decode is memory-bound: the head costs its bytes at the layers' rate (a MoE layer's: the bytes it uses)
     out_bytes = max(0, info.size_bytes - sum(info.layer_bytes))
-    ms_output = (
-        statistics.median(ms[0]) / n * out_bytes / (max(info.layer_active_bytes or info.layer_bytes, default=0) or 1)
-    )
+    ms_output = per_layer * out_bytes / (max(info.layer_active_bytes or info.layer_bytes, default=0) or 1)
     log.info("too little RAM to time the output head; estimated %.1f ms from its size", ms_output)
     return ms_output
 

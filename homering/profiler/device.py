@@ -43,9 +43,9 @@ from homering.profiler.profile import DeviceProfile, GpuProfile, OsName
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 10  # 2: no repacking, CPU quota counted; 3-4: probe windows sized to the RAM; 5: MoE read share;
+CACHE_VERSION = 11  # 2: no repacking, CPU quota counted; 3-4: probe windows sized to the RAM; 5: MoE read share;
 # 6: MoE hot share, routing probed on real text; 7: MoE novelty share; 8: MoE fault read speed;
-# 9: routed experts prefetched; 10: novelty share over the tokens summed
+# 9: routed experts prefetched; 10: novelty share over the tokens summed; 11: a layer's time without the call's
 _GIB = float(1 << 30)
 
 
