@@ -7,6 +7,7 @@ Every test uses its own testbed name, so they can run next to a testbed someone 
 from __future__ import annotations
 
 import gc
+import io
 import json
 import os
 import shutil
@@ -564,3 +565,24 @@ def test_the_home4_32b_examples():
     ]
     model = 18.4 * gib  # Qwen2.5-32B / QwQ-32B at Q4_K_M: about 18.5 GiB of weights
     assert sum(d.ram for d in real.devices) < model and sum(d.ram for d in tight.devices) < 0.6 * model
+
+
+@needs_root
+def test_a_benchmark_profiles_each_device_alone_and_its_agent_finds_the_profile(tmp_path, smollm2):
+    """Before a benchmark's runs each device is profiled alone, in its own cgroups and home (agents starting
+    together would time each other's loading); the profile an agent of that device then asks for, with the
+    agents' thread count, is the cached one. A failed profile names its log."""
+    from rich.console import Console
+
+    from homering.bench.profiles import profile_devices_alone
+
+    name = unique("prof")
+    with Testbed(spec(name, {"name": "a", "ram": "2GiB", "cpus": 1}), workdir=tmp_path / "tb") as tb:
+        quiet = Console(file=io.StringIO())
+        first = profile_devices_alone(tb, smollm2, threads=1, console=quiet)
+        assert list(first) == ["a"] and first["a"]["cpu_ms_per_layer"] > 0 and not first["a"]["cached"]
+        assert list((tb.home("a") / "profiles").glob("*.json"))  # in the device's own home
+        again = profile_devices_alone(tb, smollm2, threads=1, console=quiet)
+        assert again["a"] == {**first["a"], "cached": True}
+        with pytest.raises(HomeringError, match="profiling a failed .*profile-a.log"):
+            profile_devices_alone(tb, tmp_path / "missing.gguf", threads=1, console=quiet)

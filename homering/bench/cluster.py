@@ -1,31 +1,26 @@
 """``homering bench cluster``: the paper's headline on an emulated home cluster.
 
-In one invocation, on one testbed (:mod:`homering.testbed`), with the same
-prompt:
+In one invocation, on one testbed (:mod:`homering.testbed`), with the same prompt:
 
-- ``single``: plain llama-cpp-python with the whole model on the largest
-  device alone, under that device's cgroup limits (llama.cpp's baseline in
-  PRIMA.CPP, Table 3);
-- ``memory``: homering with ``--planner memory`` (exo's split by memory) and
-  k = 1;
+- ``single``: plain llama-cpp-python with the whole model on the largest device alone, under that device's
+  cgroup limits (llama.cpp's baseline in PRIMA.CPP, Table 3);
+- ``memory``: homering with ``--planner memory`` (exo's split by memory) and k = 1;
 - ``halda``: homering with the Halda plan, its rounds and prefetching;
-- ``halda_k1``: Halda limited to one round; ``halda_no_stream``: the Halda plan
-  with no page-cache advice (``--no-release``: an overflowing device leaves its
-  windows to the kernel instead of streaming the layers it cannot keep);
-- ``halda_one_batch`` (with ``prefill``): the Halda plan again, the prompt sent
-  as one batch instead of micro-batches, for the prefill TTFT comparison;
-- ``halda_release``/``halda_no_release`` (with ``release``): the Halda plan
-  with page-cache release forced on, and off, on every device;
-- with ``--peers prima,rpc``: ``prima``, ``prima_same_windows`` and ``rpc``,
-  the peer systems on the same testbed, measured the same way
-  (:mod:`homering.bench.cluster_peers`); a run killed by a device's memory
+- ``halda_k1``: Halda limited to one round; ``halda_no_stream``: the Halda plan with no page-cache advice
+  (``--no-release``: an overflowing device leaves its windows to the kernel instead of streaming the layers
+  it cannot keep);
+- ``halda_one_batch`` (with ``prefill``): the Halda plan again, the prompt sent as one batch instead of
+  micro-batches, for the prefill TTFT comparison;
+- ``halda_release``/``halda_no_release`` (with ``release``): the Halda plan with page-cache release forced
+  on, and off, on every device;
+- with ``--peers prima,rpc``: ``prima``, ``prima_same_windows`` and ``rpc``, the peer systems on the same
+  testbed, measured the same way (:mod:`homering.bench.cluster_peers`); a run killed by a device's memory
   limit is ``{"oom": true}``.
 
-Each run starts from a cold page cache (every file of the model and the
-devices' windows dropped with ``POSIX_FADV_DONTNEED``), fresh processes and a
-fresh broker, waits until the cluster is ready, answers a short warm-up
-request, then the measured one: a ``prompt_tokens``-token prompt and
-``tokens`` greedy tokens (end-of-generation ignored).
+Before the runs every device is profiled alone (:mod:`homering.bench.profiles`). Each run starts from a cold
+page cache (every file of the model and the devices' windows dropped with ``POSIX_FADV_DONTNEED``), fresh
+processes and a fresh broker, waits until the cluster is ready, answers a short warm-up request, then the
+measured one: a ``prompt_tokens``-token prompt and ``tokens`` greedy tokens (end-of-generation ignored).
 
 Reported per run: ``ms_per_token`` (decode, the head's mean step after the first token), ``ttft_ms``
 (prompt in, first token out, at the head), and ``memory_pressure``: per device, the peak anonymous RSS of
@@ -52,6 +47,7 @@ from homering.bench.cluster_report import describe_testbed, report, summarize, w
 from homering.bench.disk import WindowDisk
 from homering.bench.memory import PeakSampler, drop_page_cache
 from homering.bench.peers import peer_binaries
+from homering.bench.profiles import profile_devices_alone
 from homering.bench.prompt import prompt_ids
 from homering.bench.reads import DecodeReads
 from homering.client.chat import ask
@@ -61,6 +57,8 @@ from homering.errors import HomeringError
 from homering.transport import mqtt
 from homering.wire import GenerateRequest, Sampling
 from homering.wire.security import load_key
+
+AGENT_THREADS = 1  # llama.cpp threads per agent: a device's CPU is its cgroup quota, not a thread count
 
 
 @dataclass
@@ -208,7 +206,7 @@ class ClusterBench:
         release = [] if cfg.release is None else ["--release" if cfg.release else "--no-release"]
         return [
             *(sys.executable, "-m", "homering", "-q", "agent", "--broker", url, "--name", dev),
-            *("--threads", "1", "--host", self.tb.address(dev), *release),
+            *("--threads", str(AGENT_THREADS), "--host", self.tb.address(dev), *release),
         ]
 
     def _controller_argv(self, cfg: RunConfig, url: str, n_agents: int) -> list[str]:
@@ -376,6 +374,7 @@ def run_cluster_bench(
         tb.up()
         results["testbed"] = describe_testbed(tb)
         bench = ClusterBench(tb, model_path, tokens=tokens, prompt_tokens=prompt_tokens, batch=batch, console=console)
+        results["profiles"] = profile_devices_alone(tb, model_path, threads=AGENT_THREADS, console=console)
         peer_runs = PeerRuns(bench, bins) if bins else None
         for cfg in configs:
             results["runs"][cfg.key] = _run_one(bench, cfg, console, peer_runs, results["runs"])
