@@ -207,12 +207,8 @@ def measure_compute(
         files, specs, info.n_embd, threads, n_gpu_layers=(2 * n + 1) if gpu else 0, warmup=warmup, tokens=tokens
     )
     per_layer = _per_layer(ms, n, double=len(specs) > (3 if n_out else 1))
-    return ComputeTimings(
-        ms_per_layer=per_layer,
-        ms_output=_output_ms(info, ms, per_layer, n_out, output),
-        probe_layers=n,
-        tokens=len(ms[0]),
-    )
+    ms_output = _output_ms(info, ms, per_layer, n_out, output)
+    return ComputeTimings(ms_per_layer=per_layer, ms_output=ms_output, probe_layers=n, tokens=len(ms[0]))
 
 
 def _per_layer(ms: list[list[float]], n: int, *, double: bool) -> float:
