@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from homering.models.gguf_file import read_gguf
 from homering.models.slicing import Role, WindowSpec, slice_window, swa_flags, window_tensor_bytes
 
@@ -90,3 +92,31 @@ def test_qwen2_bias_tensors_move_with_their_blocks(qwen2_small):
             b.seek(t.offset)
             assert a.read(t.n_bytes) == b.read(t.n_bytes)
     assert win.get("qwen2.block_count") == 2
+
+
+def test_slicing_leaves_neither_the_window_nor_what_it_copied_in_the_page_cache(smollm2, tmp_path):
+    """Slicing reads each copied byte once: the model's copied ranges and the window written leave the page cache
+    (a 32B model's windows would otherwise fill the memory cgroup of the process that slices them), while the
+    rest of the model stays where it was."""
+    import shutil
+
+    from homering.engine.pages import resident_pages
+
+    model = tmp_path / "m.gguf"
+    shutil.copyfile(smollm2, model)
+    with open(model, "rb+") as f:
+        os.fsync(f.fileno())  # clean pages, as a downloaded model's (the kernel keeps dirty ones)
+    model.read_bytes()  # all of it cached
+    assert resident_pages(model).all()
+    spec = WindowSpec(3, 9, Role.MIDDLE)
+    window = slice_window(model, spec, out=tmp_path / "w.gguf", progress=False)
+    after = resident_pages(model)
+    gf = read_gguf(model)
+    page = os.sysconf("SC_PAGE_SIZE")
+    copied = np.zeros_like(after)
+    for t in gf.tensors:
+        if t.name.startswith(tuple(f"blk.{i}." for i in range(3, 9))):
+            copied[t.offset // page : -(-(t.offset + t.n_bytes) // page)] = True  # offsets are absolute
+    assert after[copied].mean() < 0.5  # dropped (the kernel reads some back ahead of later copies: ~20%)
+    assert after[~copied].mean() > 0.9  # the other layers and the vocabulary stay cached
+    assert not resident_pages(window).any()

@@ -321,10 +321,20 @@ def write_gguf(
                     left -= len(chunk)
                     if on_bytes:
                         on_bytes(len(chunk))
+                _drop_read(src, t.src_offset, t.n_bytes)
             _pad(out, alignment)
     finally:
         for h in handles.values():
             h.close()
+
+
+def _drop_read(src: IO[bytes], offset: int, n_bytes: int) -> None:
+    """Drop a copied range of a source file from the page cache (``POSIX_FADV_DONTNEED``; the pages another
+    process maps stay). A copy reads each byte once: left cached, a 32B model's windows would fill the page
+    cache, and the memory cgroup, of the process that slices them (measured: a device profiled right after
+    slicing its probe windows timed 3.2-3.8 ms per layer, 2.16 when the windows were already there)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(src.fileno(), offset, n_bytes, os.POSIX_FADV_DONTNEED)
 
 
 def _pad(out: Writer, alignment: int) -> None:
