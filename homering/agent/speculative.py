@@ -166,6 +166,7 @@ class SpeculativeSession(HeadSession):
     ):
         super().__init__(ring, slot, job, emit)
         self.drafter, self.s, self.gamma = drafter, s, gamma
+        self._on_match = s.model_copy(update={"n_min": max(1, s.n_min)})  # a lookup that matched drafts ≥ 1
         self.drafted = self.accepted = self.trips = 0
         self.trip_ms = self.draft_ms = 0.0  # in all: around the ring, and drafting (or waiting for a draft ahead)
         self._last: tuple[int, int, float, float, float] | None = None  # γ, drafted, trip/draft/catch-up ms
@@ -255,8 +256,7 @@ class SpeculativeSession(HeadSession):
         history = list(self.job.prompt_token_ids) + self.tokens
         if self.drafter.kind == "ngram":  # a lookup is free: look first; where the history repeats, draft ≥ 1
             found = self.drafter.draft(self.slot.seq_id, history, room)
-            at_least_one = self.s.model_copy(update={"n_min": max(1, self.s.n_min)})
-            gamma = self.gamma.choose(min(room, len(found)), at_least_one) if found else 0
+            gamma = self.gamma.choose(min(room, len(found)), self._on_match) if found else 0
             drafts = found[:gamma]
         else:
             gamma = self.gamma.choose(room, self.s)

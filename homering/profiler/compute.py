@@ -107,11 +107,16 @@ def probe_plan(info: ModelInfo, ram_bytes: int | None, output: bool) -> tuple[in
     layer = max(info.layer_bytes, default=0) or 1
     budget = int(PROBE_RAM_FRACTION * ram_bytes)
     if output:
-        out_bytes = max(0, info.size_bytes - sum(info.layer_bytes))  # embeddings + head: an upper bound
+        out_bytes = _head_bytes(info)
         for k in range(n, 0, -1):
             if layer * 3 * k + out_bytes <= budget:
                 return k, k
     return max(1, min(n, budget // layer)), None
+
+
+def _head_bytes(info: ModelInfo) -> int:
+    """The bytes beyond the layers (embeddings, output norm and head): an upper bound of the output's."""
+    return max(0, info.size_bytes - sum(info.layer_bytes))
 
 
 WindowSource = Callable[[WindowSpec], Path]
@@ -138,7 +143,7 @@ def doubles(info: ModelInfo, ram_bytes: int | None, n: int, n_out: int | None) -
     if ram_bytes is None:
         return True
     layer = max(info.layer_bytes, default=0) or 1
-    used = layer * n + (layer * 2 * n_out + max(0, info.size_bytes - sum(info.layer_bytes)) if n_out else 0)
+    used = layer * n + (layer * 2 * n_out + _head_bytes(info) if n_out else 0)
     return used + layer * 2 * n <= PROBE_RAM_FRACTION * ram_bytes
 
 
@@ -282,7 +287,7 @@ def _output_ms(
     if not output:
         return None
     # decode is memory-bound: the head costs its bytes at the layers' rate (a MoE layer's: the bytes it uses)
-    out_bytes = max(0, info.size_bytes - sum(info.layer_bytes))
+    out_bytes = _head_bytes(info)
     ms_output = per_layer * out_bytes / (max(info.layer_active_bytes or info.layer_bytes, default=0) or 1)
     log.info("too little RAM to time the output head; estimated %.1f ms from its size", ms_output)
     return ms_output
