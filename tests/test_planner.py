@@ -274,6 +274,32 @@ def test_head_is_the_agent_whose_cgroup_leaves_the_most_ram():
     assert head_of([no_device, big.model_copy(update={"device": None})]).name == "a-phone"
 
 
+def test_a_head_that_drafts_is_the_fastest_agent_with_room_for_the_draft():
+    """With a draft model the head drafts every token on its CPU: the fastest agent whose RAM holds the draft
+    twice is the head; without a draft (or without room for it anywhere) the most RAM decides."""
+    from homering.controller.plans import head_of, make_plan
+
+    fast, slow_big, fastest_tiny = (
+        _agent("a-laptop", 9000, 0.35, 1.0),
+        _agent("b-desktop", 9001, 1.4, 1.2),
+        _agent("c-phone", 9002, 0.05, 0.5),
+    )
+    agents = [fast, slow_big, fastest_tiny]
+    draft = 100 * (1 << 20)  # 100 MiB: c-phone's 51 MiB cannot hold it
+    assert head_of(agents).name == "b-desktop"
+    assert head_of(agents, draft).name == "a-laptop"
+    assert head_of(agents, 10 * GIB).name == "b-desktop"
+    shape = ModelShape(
+        n_layers=30, layer_bytes=2_216_448, kv_bytes_per_layer=1 << 20, output_bytes=30_000_000, hidden_bytes=2304
+    )
+    plan = make_plan(
+        agents[:2], shape, model_path="m.gguf", model_fingerprint="f" * 16, n_ctx=512, planner="proportional",
+        draft_bytes=draft,
+    )  # fmt: skip
+    assert plan.ring[-1].name == "a-laptop" and plan.head.name == "a-laptop"
+    assert plan.ring[-1].windows[0].end == 30  # the head holds the last layers and the output
+
+
 def test_make_plan_builds_the_ring_from_profiles():
     shape = ModelShape(
         n_layers=30, layer_bytes=2_216_448, kv_bytes_per_layer=1 << 20, output_bytes=30_000_000, hidden_bytes=2304

@@ -20,6 +20,7 @@ from homering.agent.speculative import GammaChooser
 from homering.cli.drafting import DraftSettings
 from homering.engine.batches import EXACT_BATCH, exact_batch, tinyblas_batches
 from homering.engine.drafting import (
+    NGRAM_CONTEXT,
     ModelDrafter,
     NgramDrafter,
     Speculative,
@@ -36,13 +37,29 @@ IDS = np.array([1, *range(200, 240)], dtype=np.int32)
 L = 20
 
 
-def test_ngram_drafter_proposes_what_followed_the_latest_repeat():
+def test_ngram_drafter_proposes_what_followed_the_longest_match():
     d = NgramDrafter()
     assert d.draft(0, [1, 2, 3, 4, 9, 7, 2, 3], 3) == [4, 9, 7]  # "2 3" was followed by 4 9 7
-    assert d.draft(0, [5, 1, 2, 8, 1, 2, 9, 1, 2], 2) == [9, 1]  # the latest occurrence wins
+    assert d.draft(0, [5, 1, 2, 8, 1, 2, 9, 1, 2], 2) == [9, 1]  # equally long matches: the latest wins
+    # "3 4" twice; the first is preceded by "1 2" as the sequence's tail is: a match of 4 beats the latest's 2
+    assert d.lookup([1, 2, 3, 4, 5, 9, 3, 4, 6, 1, 2, 3, 4], 2) == (4, [5, 9])
+    assert d.lookup([7] * 100, 3) == (NGRAM_CONTEXT, [7, 7, 7])  # the match length is capped
     assert d.draft(0, [1, 2, 3, 4], 4) == []  # nothing repeats
     assert d.draft(0, [3, 1, 5, 9, 1], 2) == []  # a single repeated token is no match
     assert d.draft(0, [7, 7], 0) == []
+
+
+def test_a_lookup_drafts_one_token_less_than_it_matched():
+    """γ of a prompt lookup: m - 1 for a match of m tokens, within the request's n_min … n_max and what was
+    found; n_max when not adaptive."""
+    from homering.agent.speculative import _lookup_gamma
+
+    s = Speculative(draft="ngram")
+    assert [_lookup_gamma(s, m, 10) for m in (2, 3, 5, 32)] == [1, 2, 4, s.n_max]
+    assert _lookup_gamma(s, 8, 3) == 3 and _lookup_gamma(s, 8, 0) == 0
+    assert _lookup_gamma(Speculative(draft="ngram", n_min=3), 2, 10) == 3
+    assert _lookup_gamma(Speculative(draft="ngram", n_max=2), 9, 10) == 2
+    assert _lookup_gamma(Speculative(draft="ngram", n_max=4, adaptive=False), 2, 10) == 4
 
 
 def test_a_draft_models_catch_up_time_is_kept_per_sequence(smollm2, smollm2_ref):
@@ -357,3 +374,17 @@ def test_up_refuses_bad_drafts_in_one_line_before_starting(args, message, smollm
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_a_controller_with_a_draft_model_plans_a_head_for_it(smollm2, smollm2_f16):
+    """The controller's --draft MODEL reaches its plans (the head is chosen to draft: see
+    test_planner's head test); n-gram drafting and no draft leave the head to RAM alone."""
+    from homering.controller.controller import Controller
+    from homering.transport.mqtt import BrokerURL
+
+    def draft_bytes(s: Speculative | None) -> int:
+        return Controller(BrokerURL("127.0.0.1", 1), smollm2_f16, n_agents=1, speculative=s).settings.draft_bytes
+
+    assert draft_bytes(Speculative(draft="model", model_path=str(smollm2))) == os.path.getsize(smollm2)
+    assert draft_bytes(Speculative(draft="ngram")) == 0
+    assert draft_bytes(None) == 0

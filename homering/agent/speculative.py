@@ -166,7 +166,6 @@ class SpeculativeSession(HeadSession):
     ):
         super().__init__(ring, slot, job, emit)
         self.drafter, self.s, self.gamma = drafter, s, gamma
-        self._on_match = s.model_copy(update={"n_min": max(1, s.n_min)})  # a lookup that matched drafts ≥ 1
         self.drafted = self.accepted = self.trips = 0
         self.trip_ms = self.draft_ms = 0.0  # in all: around the ring, and drafting (or waiting for a draft ahead)
         self._last: tuple[int, int, float, float, float] | None = None  # γ, drafted, trip/draft/catch-up ms
@@ -254,9 +253,9 @@ class SpeculativeSession(HeadSession):
         room = min(room - 1, self.ring.plan.n_ctx - pos - 1, self.ring.plan.n_batch - 1)
         t0 = time.perf_counter()
         history = list(self.job.prompt_token_ids) + self.tokens
-        if self.drafter.kind == "ngram":  # a lookup is free: look first; where the history repeats, draft ≥ 1
-            found = self.drafter.draft(self.slot.seq_id, history, room)
-            gamma = self.gamma.choose(min(room, len(found)), self._on_match) if found else 0
+        if isinstance(self.drafter, NgramDrafter):  # a lookup is free: look first, draft as far as it is trusted
+            m, found = self.drafter.lookup(history, room)
+            gamma = _lookup_gamma(self.s, m, len(found))
             drafts = found[:gamma]
         else:
             gamma = self.gamma.choose(room, self.s)
@@ -305,6 +304,17 @@ class SpeculativeSession(HeadSession):
             out = ring.meter.timed(r, len(tokens), w.forward_many, [(x, pos, seq)], [True])[0]
             x, logits = out.hidden, out.logits
         return self._logits(logits, pos)
+
+
+def _lookup_gamma(s: Speculative, m: int, found: int) -> int:
+    """γ for a prompt lookup that matched ``m`` tokens of context and found ``found`` tokens after them: at
+    most ``m - 1`` (:class:`~homering.engine.drafting.NgramDrafter`), within the request's ``n_min`` …
+    ``n_max`` (``n_max`` when not adaptive), never more than were found; 0 without a match."""
+    if found <= 0:
+        return 0
+    if not s.adaptive:
+        return min(s.n_max, found)
+    return min(found, s.n_max, max(s.n_min, m - 1, 1))
 
 
 class Drafters:

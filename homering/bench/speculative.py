@@ -6,14 +6,15 @@ small models would fit on one device, where Halda keeps them, and the ring's hop
 decoding saves); every prompt is answered twice on it, one right after the other, plain (the request's
 ``speculative.draft`` off) and speculative, so each ratio compares the same prompts on the same plan:
 
-- ``ngram``: SmolLM2 with ``--draft ngram`` on edit, summary and JSON prompts;
+- ``ngram``: SmolLM2 with ``--draft ngram`` on edit, summary and JSON prompts, each answered to its end;
 - ``draft``: SmolLM2 dequantized to F16 (the target) with the Q4_1 original as its draft;
 - ``draft_no_agreement``: a random-weight llama3.2-1b (SmolLM2's tokenizer) with SmolLM2 as its draft: the
   drafts are never kept, which shows what adaptive γ loses.
 
 Reported per run: ``tokens_per_s`` and ``plain_tokens_per_s`` (decode, from the head's mean step after the
-first token), ``acceptance_rate`` (kept / drafted), ``mean_gamma`` (drafted / trips). Greedy, ``tokens``
-tokens per prompt, end-of-generation ignored.
+first token), ``acceptance_rate`` (kept / drafted), ``mean_gamma`` (drafted / trips). Greedy; the model
+pairs write ``tokens`` tokens per prompt (end-of-generation ignored), the n-gram answers end where the model
+ends them (at most :data:`NGRAM_TOKENS`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,24 @@ from homering.wire import ChatMessage, GenerateRequest, Sampling, Speculative
 from homering.wire.security import load_key
 
 NGRAM_PROMPTS = [
-    "Fix the spelling and repeat the sentence: Teh quick brwon fox jumsp over the lazy dgo near the rivr bank.",
-    'Return this JSON with "city" changed to "Rome": {"name": "Alice", "age": 30, "city": "Paris", "tags": ["x"]}',
+    'Return this JSON with "city" changed to "Rome": {"name": "Alice", "age": 30, "city": "Paris", '
+    '"email": "alice@example.com", "tags": ["admin", "editor"], "active": true}',
+    'Return this JSON with "age" set to 31: {"id": 7, "name": "Bob Smith", "age": 30, "address": {"street": '
+    '"12 Oak Road", "city": "Leeds", "zip": "LS1 4AB"}, "phone": "555-0100"}',
+    "Convert this to JSON: name Alice, age 30, city Paris, job engineer, hobby chess.",
+    'Fix the typo and repeat the code: for i in range(10):\n    if i % 2 == 0:\n        print(i, "is evn")\n'
+    '    else:\n        print(i, "is odd")',
+    "Repeat this list in lowercase: Apples, Bananas, Cherries, Dates, Elderberries, Figs, Grapes, Honeydew melons.",
+    "Correct the grammar of this sentence: She go to the market every morning and buy fresh bread, milk and eggs "
+    "for her family.",
     "Summarize in one sentence: The printing press was invented by Johannes Gutenberg around 1440. "
     "The printing press made books cheaper and spread literacy across Europe.",
-    "Add type hints to this function and repeat it: def add(a, b):\n    return a + b",
 ]
+"""Edits, JSON and a summary: answers that copy much of their prompt, where prompt lookup pays. Answered to
+their end of generation (SmolLM2's answers take 18-62 tokens); past it, the model invents further chat turns
+that no lookup predicts, which is not what a user of these prompts reads."""
+NGRAM_TOKENS = 80
+"""At most this many tokens per n-gram answer (they end before it)."""
 GENERAL_PROMPTS = [
     "Write a short story about a robot who learns to paint.",
     "Explain how photosynthesis works.",
@@ -51,9 +64,11 @@ class SpeculativeBench(ClusterBench):
     """A :class:`~homering.bench.cluster.ClusterBench` whose controller has ``--draft``, and whose measurement
     answers each prompt plain and speculative."""
 
-    def __init__(self, testbed, model_path: Path, *, draft: str, prompts: list[str], tokens: int, **kwargs):
+    def __init__(
+        self, testbed, model_path: Path, *, draft: str, prompts: list[str], tokens: int, ignore_eos: bool, **kwargs
+    ):
         super().__init__(testbed, model_path, tokens=tokens, prompt_tokens=8, n_ctx=512, **kwargs)
-        self.draft, self.prompts = draft, prompts
+        self.draft, self.prompts, self.ignore_eos = draft, prompts, ignore_eos
 
     def _controller_argv(self, cfg: RunConfig, url: str, n_agents: int) -> list[str]:
         return [*super()._controller_argv(cfg, url, n_agents), "--draft", self.draft]
@@ -86,7 +101,7 @@ class SpeculativeBench(ClusterBench):
         req = GenerateRequest(
             request_id=new_request_id(),
             messages=[ChatMessage(role="user", content=text)],
-            sampling=Sampling(max_tokens=tokens or self.tokens, temperature=0, ignore_eos=True),
+            sampling=Sampling(max_tokens=tokens or self.tokens, temperature=0, ignore_eos=self.ignore_eos),
             speculative=Speculative(draft="off") if plain else None,
         )
         return await ask(client, req)
@@ -120,9 +135,9 @@ def run_speculative_bench(
     console = console or Console(stderr=True)
     smollm2 = resolve_model("smollm2", quiet=True)
     runs = {
-        "ngram": (smollm2, "ngram", NGRAM_PROMPTS),
-        "draft": (dequantize_to_f16(smollm2), str(smollm2), GENERAL_PROMPTS),
-        "draft_no_agreement": (resolve_model("llama3.2-1b-q4_0", quiet=True), str(smollm2), GENERAL_PROMPTS),
+        "ngram": (smollm2, "ngram", NGRAM_PROMPTS, False),  # to the end of each answer
+        "draft": (dequantize_to_f16(smollm2), str(smollm2), GENERAL_PROMPTS, True),
+        "draft_no_agreement": (resolve_model("llama3.2-1b-q4_0", quiet=True), str(smollm2), GENERAL_PROMPTS, True),
     }
     runs = {k: v for k, v in runs.items() if only is None or k in only}
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -131,9 +146,12 @@ def run_speculative_bench(
     with Testbed(load_spec(spec_path), workdir=default_workdir(load_spec(spec_path))) as tb:
         tb.up()
         results["testbed"] = describe_testbed(tb)
-        for key, (model, draft, prompts) in runs.items():
+        for key, (model, draft, prompts, ignore_eos) in runs.items():
             console.print(f"[bold]{key}[/]: {model.name} with --draft {Path(draft).name}")
-            bench = SpeculativeBench(tb, model, draft=draft, prompts=prompts, tokens=tokens, console=console)
+            n = tokens if ignore_eos else NGRAM_TOKENS
+            bench = SpeculativeBench(
+                tb, model, draft=draft, prompts=prompts, tokens=n, ignore_eos=ignore_eos, console=console
+            )
             cfg = RunConfig(key, key, planner="proportional")  # a ring over every device, as for a big model
             results["runs"][key] = {"model": model.name, "draft": Path(draft).name, **bench.run_cluster(cfg)}
             r = results["runs"][key]

@@ -141,7 +141,15 @@ class Controller:
         self.broker, self.model_path, self.n_ctx, self.n_parallel = broker, Path(model_path), n_ctx, n_parallel
         self.api, self.api_key, self.ha_discovery, self.started = api, api_key, ha_discovery, time.time()
         self.settings = PlanSettings(
-            self.model_path, n_agents, n_ctx, n_batch, n_parallel, planner, rounds, join_timeout
+            self.model_path,
+            n_agents,
+            n_ctx,
+            n_batch,
+            n_parallel,
+            planner,
+            rounds,
+            join_timeout,
+            _draft_bytes(speculative),
         )
         self.changes, self.tasks = Changes(), Tasks("controller")
         self.bus = Bus(
@@ -368,3 +376,11 @@ class Controller:
     async def probe_window(self, label: str) -> WindowFile | None:
         """Slice a probe window for an agent without the model (see :class:`WindowStore`)."""
         return await self.windows.probe_window(label)
+
+
+def _draft_bytes(s: Speculative | None) -> int:
+    """The size of the draft model that requests use by default (0: none, or not a file here)."""
+    if s is None or s.draft != "model" or not s.model_path:
+        return 0
+    path = Path(s.model_path)
+    return path.stat().st_size if path.is_file() else 0

@@ -122,7 +122,9 @@ class PlanLoader:
         planning.begin()
         await self.publish_status()
         members = m.members(planning.planned)
-        agents = await self.probes.measure([p for p in m.profiled_agents() if identity(p) in members])
+        agents = await self.probes.measure(
+            [p for p in m.profiled_agents() if identity(p) in members], self.settings.draft_bytes
+        )
         if not agents:
             raise HomeringError("no agents left to plan for")
         plan = await self._make(agents, info)
@@ -172,6 +174,7 @@ class PlanLoader:
                 n_parallel=s.n_parallel,
                 planner=s.planner,
                 ks=[s.rounds] if s.rounds else None,
+                draft_bytes=s.draft_bytes,
             )
         except PlanError as exc:
             self.planning.fail(str(exc))

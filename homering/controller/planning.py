@@ -38,6 +38,9 @@ class PlanSettings:
     planner: str
     rounds: int | None
     join_timeout: float
+    draft_bytes: int = 0
+    """Bytes of the head's draft model (``--draft MODEL``; 0: none); it picks the head (see
+    :func:`~homering.controller.plans.head_of`)."""
 
     def made(self, plan: Plan, fingerprint: str | None) -> bool:
         """``plan`` was made for this model with these settings (a restarted controller may adopt it)."""

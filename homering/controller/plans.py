@@ -14,21 +14,35 @@ from homering.planner.model import Device, DevicePrediction, ModelShape, PlanErr
 from homering.wire import AgentProfile, Plan, PlanAgent, PredictedCost, WindowAssignment
 
 
-def head_of(profiles: list[AgentProfile]) -> AgentProfile:
+def head_of(profiles: list[AgentProfile], draft_bytes: int = 0) -> AgentProfile:
     """The head: the agent with the most available RAM (ties: by name).
 
     The measured device profile's RAM counts when there is one (it sees cgroup
     limits); the machine-wide ``ram_available`` otherwise.
+
+    With a draft model of ``draft_bytes`` (speculative decoding, ``--draft MODEL``), the head drafts every
+    token on its own CPU: a draft costs it about as much as a trip's share of the target's compute (SmolLM2
+    Q4_1 drafting for its F16 twin: 11.4 against 13.2 ms per token on one core here), so the head is then the
+    agent that computes fastest (least ``cpu_ms_per_layer``; ties: more RAM) among those whose RAM holds the
+    draft twice over (the draft beside its share of the target); the most RAM when none does. This is what
+    prima.cpp's speculative mode leaves to the user, who starts the draft on the head (rank 0).
     """
 
     def ram(p: AgentProfile) -> float:
         return p.device.ram_gib * (1 << 30) if p.device is not None else p.ram_available
 
-    return max(profiles, key=lambda p: (ram(p), [-ord(c) for c in p.name]))
+    most_ram = max(profiles, key=lambda p: (ram(p), [-ord(c) for c in p.name]))
+    if draft_bytes <= 0:
+        return most_ram
+    fits = [p for p in profiles if p.device is not None and ram(p) >= 2 * draft_bytes]
+    if not fits:
+        return most_ram
+    return min(fits, key=lambda p: (p.device.cpu_ms_per_layer if p.device else 0.0, -ram(p), p.name))
 
 
-def devices_from_profiles(profiles: list[AgentProfile]) -> list[Device]:
-    """Planner devices from agents' measured profiles, sorted by name, the head flagged.
+def devices_from_profiles(profiles: list[AgentProfile], draft_bytes: int = 0) -> list[Device]:
+    """Planner devices from agents' measured profiles, sorted by name, the head (:func:`head_of`, with a draft
+    model of ``draft_bytes``) flagged and last.
 
     The head's own ``link_*`` (its hop back to the ring's first device) is the
     median of the others' links to it, assuming a symmetric LAN.
@@ -40,7 +54,7 @@ def devices_from_profiles(profiles: list[AgentProfile]) -> list[Device]:
     missing = [p.name for p in profiles if p.name not in devices]
     if missing:
         raise PlanError(f"agents without a device profile: {', '.join(missing)}")
-    head = head_of(profiles)
+    head = head_of(profiles, draft_bytes)
     others = sorted((p for p in profiles if p.name != head.name), key=lambda p: p.name)
     links = sorted((d.link_ms, d.link_mbps) for p in others if (d := devices[p.name]).link_mbps > 0)
     mid = links[len(links) // 2] if links else (0.0, 10_000.0)
@@ -97,8 +111,10 @@ def make_plan(
     n_parallel: int = 1,
     planner: str = "halda",
     ks: list[int] | None = None,
+    draft_bytes: int = 0,
 ) -> Plan:
-    """Plan the agents' layer windows and build the ring message.
+    """Plan the agents' layer windows and build the ring message (the head drafts with a draft model of
+    ``draft_bytes``, 0: none; see :func:`head_of`).
 
     Agents the planner drops are left out of the ring. ``shape`` should
     count the KV cache of all ``n_parallel`` sequences and the compute buffers at ``n_batch`` (see
@@ -110,7 +126,7 @@ def make_plan(
     if not profiles:
         raise PlanError("no agents to plan for")
     spec = parse_cluster(
-        {"model": shape.model_dump(), "devices": [d.model_dump() for d in devices_from_profiles(profiles)]}
+        {"model": shape.model_dump(), "devices": [d.model_dump() for d in devices_from_profiles(profiles, draft_bytes)]}
     )
     result = plan_cluster(spec, planner, ks)
     by_name = {p.name: p for p in profiles}
