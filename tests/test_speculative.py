@@ -113,6 +113,13 @@ def test_a_draft_ahead_that_guessed_right_is_the_next_draft_without_decoding(smo
         d.draft_ahead(0, history, 3)
         wrong = history + [trip[0] + 1]  # the trip's extra token was not the guess
         assert d.draft(0, wrong, 2) == smollm2_ref.greedy(wrong, 2)[0]
+        d.forget(0)
+        for first in (smollm2_ref.greedy(history, 1)[0][0], 7):  # the draft's guess of the first token, and not
+            d.draft_ahead(0, history, 1)  # the prompt, read while the ring reads it
+            callers.clear()
+            assert d.draft(0, [*history, first], 2) == smollm2_ref.greedy([*history, first], 2)[0]
+            assert callers.count(threading.main_thread().name) == 2 and d.catch_up_ms(0) == 0.0  # no catch-up
+            d.forget(0)
         d.draft_ahead(0, history, 3)
         d.forget(0)  # waits for the draft ahead before dropping the sequence
         assert d.draft(0, history, 2) == trip
@@ -287,6 +294,7 @@ def test_gamma_follows_the_measured_cost_per_kept_token():
         g = good.choose(10, s)
         good.record(g, g, 20.0 + g, 0.1 * g, accepted=g)  # every draft kept, a draft token costs 1 ms
     assert good.choose(10, s) == 6 and good.choose(3, s) == 3
+    assert GammaChooser(20.0).drafting and good.drafting  # a fresh chooser tries drafts (the prior α ≈ 0.67)
     bad = GammaChooser(20.0)
     picks = []
     for _ in range(200):
@@ -295,6 +303,7 @@ def test_gamma_follows_the_measured_cost_per_kept_token():
         bad.record(g, g, 20.0 + g, 2.0 * g, accepted=0)  # never kept
     late = picks[100:]
     assert late.count(0) >= 85 and set(late) <= {0, 1}  # plain trips, a one-token probe now and then
+    assert not bad.drafting  # so a draft model need not read the next prompt ahead
     loss = sum(g * 3.0 for g in late) / (len(late) * 20.0)  # the time the probes add to plain trips
     assert loss <= 0.05
     catching_up = GammaChooser(20.0)  # never kept, and a probe's draft model catches up for 150 ms

@@ -97,6 +97,11 @@ class GammaChooser:
         a, t = min(self.alpha, 0.999), max(self.trip_ms, 1e-3)
         return (t + g * (VERIFY_SHARE * t + self.draft_ms)) * (1 - a) / (1 - a ** (g + 1))
 
+    @property
+    def drafting(self) -> bool:
+        """Whether drafts pay as measured so far (the best γ up to the longest worth trying is not 0)."""
+        return min(range(self._cap + 1), key=self.predicted) > 0
+
     def choose(self, room: int, s: Speculative) -> int:
         """γ for the next trip of a request with settings ``s``, at most ``room`` (what is left of
         max_tokens and the context)."""
@@ -199,6 +204,8 @@ class SpeculativeSession(HeadSession):
         max_new = min(job.sampling.max_tokens - len(self.resumed), n_ctx - len(self.prompt))
         self.t0 = time.perf_counter()
         if max_new > 0 and not self.stops.stopped:
+            if self.gamma.drafting:  # a draft model reads the prompt while the ring does (its first draft is warm)
+                self.drafter.draft_ahead(self.slot.seq_id, [int(t) for t in self.prompt], 1)
             rows, pos, new = self._prefill()[None, :], len(self.prompt), 0
             drafts: list[int] = []
             while True:
