@@ -55,14 +55,17 @@ at least this (:meth:`~homering.engine.drafting.ModelDrafter.draft_ahead`)."""
 class GammaChooser:
     """Chooses γ per trip: the draft length with the fewest milliseconds per kept token.
 
-    Each γ's cost is measured (trip and draft time over the tokens the trip kept, a moving average); a γ
-    not measured yet is predicted from the latency model of Leviathan et al. 2023, §3.4,
+    The cost of a γ is the latency model of Leviathan et al. 2023, §3.4, time per trip over the tokens a
+    trip keeps on average,
 
-        (T + γ (c_v + c_d)) / E(γ),   E(γ) = (1 - α^(γ+1)) / (1 - α),
+        t(γ) / E(γ),   E(γ) = (1 - α^(γ+1)) / (1 - α),
 
-    with α the measured per-token acceptance rate, T a plain trip's time (the plan's predicted time per token
-    until trips are measured), c_v a verified token's extra time (a prior share of T) and c_d a draft
-    token's measured time. Every :data:`EXPLORE_EVERY` trips a neighbour of the best γ is tried, so a γ
+    with α the per-token acceptance rate measured over all trips, and t(γ) the measured time of a trip
+    with γ drafts and its drafting (a moving average per γ); a γ not measured yet has t(γ) = T + γ (c_v +
+    c_d), with T a plain trip's time (the plan's predicted time per token until trips are measured), c_v a
+    verified token's extra time (a prior share of T) and c_d a draft token's measured time. The tokens a
+    trip happened to keep do not enter t(γ): they vary from trip to trip far more than its time does, and
+    α pools them over every γ. Every :data:`EXPLORE_EVERY` trips a neighbour of the best γ is tried, so a γ
     that got cheaper is found again; with drafts that are never kept γ settles at 0 (plain trips) and the
     loss is the occasional one-token probe, spaced so that what probes cost over plain trips (measured: a
     draft model catches up on every token since its last draft) stays within :data:`PROBE_BUDGET`. γ grows
@@ -78,7 +81,7 @@ class GammaChooser:
         self.acc, self.rej = 2.0, 1.0  # decayed counts of accepted and rejected draft tokens (prior α ≈ 0.6)
         self.trip_ms = trip_ms or 0.0
         self.draft_ms = 0.0
-        self.cost: dict[int, float] = {}  # γ → measured ms per kept token
+        self.time: dict[int, float] = {}  # γ → measured ms of a trip with γ drafts, drafting included
         self._trips = 0
         self._up = True
         self._probe_excess = 0.0  # ms a probe (a γ > 0 trip while plain trips were best) cost over a plain trip
@@ -91,11 +94,15 @@ class GammaChooser:
         return self.acc / (self.acc + self.rej)
 
     def predicted(self, g: int) -> float:
-        """Milliseconds per kept token with γ = ``g``, measured or predicted."""
-        if g in self.cost:
-            return self.cost[g]
+        """Milliseconds per kept token with γ = ``g``, from its measured trip time (predicted until measured)."""
         a, t = min(self.alpha, 0.999), max(self.trip_ms, 1e-3)
-        return (t + g * (VERIFY_SHARE * t + self.draft_ms)) * (1 - a) / (1 - a ** (g + 1))
+        time_ = self.time.get(g, t + g * (VERIFY_SHARE * t + self.draft_ms))
+        return time_ * (1 - a) / (1 - a ** (g + 1)) if g else time_
+
+    @property
+    def cost(self) -> dict[int, float]:
+        """γ → ms per kept token, for the γ measured so far."""
+        return {g: self.predicted(g) for g in self.time}
 
     @property
     def drafting(self) -> bool:
@@ -142,16 +149,15 @@ class GammaChooser:
             self.draft_ms = DECAY * self.draft_ms + (1 - DECAY) * steady / drafted
         else:
             self.trip_ms = trip_ms if not self.trip_ms else DECAY * self.trip_ms + (1 - DECAY) * trip_ms
-        per_token = (trip_ms + steady) / (accepted + 1)
         if (self._probing or not accepted) and gamma and self.trip_ms:  # a probe, or a draft that was all lost
             excess = max(0.0, trip_ms + draft_ms - (accepted + 1) * self.trip_ms)
             self._probe_excess = excess if not self._probe_excess else DECAY * self._probe_excess + (1 - DECAY) * excess
             spacing = int(self._probe_excess / (PROBE_BUDGET * self.trip_ms))
             self._next_probe = max(self._next_probe, self._trips + spacing)  # what it cost spaces the next one out
         self._probing = False
-        old = self.cost.get(gamma)
-        self.cost[gamma] = per_token if old is None else DECAY * old + (1 - DECAY) * per_token
-        if gamma >= self._cap and self.cost[gamma] < self.predicted(gamma - 1):  # the longer draft paid off
+        old = self.time.get(gamma)
+        self.time[gamma] = trip_ms + steady if old is None else DECAY * old + (1 - DECAY) * (trip_ms + steady)
+        if gamma >= self._cap and self.predicted(gamma) < self.predicted(gamma - 1):  # the longer draft pays off
             self._cap = gamma + 1
 
 
