@@ -294,7 +294,7 @@ def test_gamma_follows_the_measured_cost_per_kept_token():
         g = good.choose(10, s)
         good.record(g, g, 20.0 + g, 0.1 * g, accepted=g)  # every draft kept, a draft token costs 1 ms
     assert good.choose(10, s) == 6 and good.choose(3, s) == 3
-    assert GammaChooser(20.0).drafting and good.drafting  # a fresh chooser tries drafts (the prior α ≈ 0.67)
+    assert GammaChooser(20.0).best == 1 and good.best == 6  # a fresh chooser tries drafts (the prior α ≈ 0.67)
     bad = GammaChooser(20.0)
     picks = []
     for _ in range(200):
@@ -303,7 +303,7 @@ def test_gamma_follows_the_measured_cost_per_kept_token():
         bad.record(g, g, 20.0 + g, 2.0 * g, accepted=0)  # never kept
     late = picks[100:]
     assert late.count(0) >= 85 and set(late) <= {0, 1}  # plain trips, a one-token probe now and then
-    assert not bad.drafting  # so a draft model need not read the next prompt ahead
+    assert bad.best == 0  # so a draft model need not read the next prompt ahead
     loss = sum(g * 3.0 for g in late) / (len(late) * 20.0)  # the time the probes add to plain trips
     assert loss <= 0.05
     catching_up = GammaChooser(20.0)  # never kept, and a probe's draft model catches up for 150 ms

@@ -26,7 +26,7 @@ from homering.agent.embedding import EmbedSession
 from homering.agent.generation import Emit, HeadSession, Session
 from homering.agent.ring import Ring
 from homering.agent.slots import Slot
-from homering.engine.drafting import Drafter, ModelDrafter, NgramDrafter, Speculative, verify_rows
+from homering.engine.drafting import GAMMA_MAX, Drafter, ModelDrafter, NgramDrafter, Speculative, verify_rows
 from homering.engine.sampling import SamplerChain
 from homering.errors import HomeringError
 from homering.models.vocab import vocabulary_mismatch
@@ -105,9 +105,9 @@ class GammaChooser:
         return {g: self.predicted(g) for g in self.time}
 
     @property
-    def drafting(self) -> bool:
-        """Whether drafts pay as measured so far (the best γ up to the longest worth trying is not 0)."""
-        return min(range(self._cap + 1), key=self.predicted) > 0
+    def best(self) -> int:
+        """The γ that pays best as measured so far, up to the longest worth trying (0: plain trips)."""
+        return min(range(min(self._cap, GAMMA_MAX) + 1), key=self.predicted)
 
     def choose(self, room: int, s: Speculative) -> int:
         """γ for the next trip of a request with settings ``s``, at most ``room`` (what is left of
@@ -210,8 +210,9 @@ class SpeculativeSession(HeadSession):
         max_new = min(job.sampling.max_tokens - len(self.resumed), n_ctx - len(self.prompt))
         self.t0 = time.perf_counter()
         if max_new > 0 and not self.stops.stopped:
-            if self.gamma.drafting:  # a draft model reads the prompt while the ring does (its first draft is warm)
-                self.drafter.draft_ahead(self.slot.seq_id, [int(t) for t in self.prompt], 1)
+            ahead = min(self.gamma.best, self.s.n_max)
+            if ahead:  # a draft model reads the prompt and drafts the first trip's γ while the ring prefills
+                self.drafter.draft_ahead(self.slot.seq_id, [int(t) for t in self.prompt], ahead + 1)
             rows, pos, new = self._prefill()[None, :], len(self.prompt), 0
             drafts: list[int] = []
             while True:
@@ -221,6 +222,10 @@ class SpeculativeSession(HeadSession):
                 new += kept
                 if self._last is not None:  # what the last trip cost and how much of its draft was kept
                     g, drafted, trip_ms, draft_ms, catch_up = self._last
+                    log.debug(
+                        "trip: γ %d, %d drafted, %d kept, %.1f ms around the ring, %.1f drafting (%.1f catching up)",
+                        g, drafted, kept - 1, trip_ms, draft_ms, catch_up,
+                    )  # fmt: skip
                     self.gamma.record(
                         g, drafted, trip_ms, draft_ms, accepted=min(kept - 1, drafted), catch_up_ms=catch_up
                     )
