@@ -318,7 +318,13 @@ def bench_cluster(spec_path, model, tokens, prompt_tokens, batch, runs, peers, o
 
 @bench.command("speculative")
 @SPEC_OPTION
-@click.option("--tokens", type=click.IntRange(8, 512), default=48, show_default=True, help="Greedy tokens per prompt.")
+@click.option(
+    "--tokens",
+    type=click.IntRange(8, 512),
+    default=48,
+    show_default=True,
+    help="Greedy tokens per prompt of the model pairs (the n-gram answers run to their end of generation).",
+)
 @click.option(
     "--out-dir", type=click.Path(file_okay=False), default="bench/results", show_default=True, help="Where to write."
 )
