@@ -4,7 +4,9 @@ In one invocation, on one testbed (:mod:`homering.testbed`), three runs, each on
 has a ``--draft`` and whose plan spreads the layers over every device (``--planner proportional``: these
 small models would fit on one device, where Halda keeps them, and the ring's hops are what speculative
 decoding saves); every prompt is answered twice on it, one right after the other, plain (the request's
-``speculative.draft`` off) and speculative, so each ratio compares the same prompts on the same plan:
+``speculative.draft`` off) and speculative, so each ratio compares the same prompts on the same plan (after
+a warm-up answer each way: the γ chooser, one per plan and drafter on the head, learns from its first trips
+what a cluster serving for hours learns once):
 
 - ``ngram``: SmolLM2 with ``--draft ngram`` on edit, summary and JSON prompts, each answered to its end;
 - ``draft``: SmolLM2 dequantized to F16 (the target) with the Q4_1 original as its draft;
@@ -78,7 +80,8 @@ class SpeculativeBench(ClusterBench):
             await client.wait_ready(self.timeout)
             if client.plan is None:
                 raise HomeringError("the cluster is ready but has no plan")
-            await self._ask(client, self.prompts[0], plain=True, tokens=4)  # warm-up
+            await self._ask(client, self.prompts[0], plain=True, tokens=4)  # warm-up, both ways: the plan's
+            await self._ask(client, self.prompts[0], plain=False, tokens=16)  # first draft trips learn γ
             plain: list[Answer] = []
             spec: list[Answer] = []
             for p in self.prompts:  # interleaved: a drift of the machine's speed falls on both alike
