@@ -211,7 +211,8 @@ class SpeculativeSession(HeadSession):
         self.t0 = time.perf_counter()
         if max_new > 0 and not self.stops.stopped:
             ahead = min(self.gamma.best, self.s.n_max)
-            if ahead:  # a draft model reads the prompt and drafts the first trip's γ while the ring prefills
+            if ahead and self.gamma.alpha ** (ahead + 1) >= AHEAD_MIN:  # as a draft ahead during a trip: a draft
+                # model reads the prompt and drafts the first trip's γ while the ring prefills
                 self.drafter.draft_ahead(self.slot.seq_id, [int(t) for t in self.prompt], ahead + 1)
             rows, pos, new = self._prefill()[None, :], len(self.prompt), 0
             drafts: list[int] = []
