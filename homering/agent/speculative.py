@@ -109,12 +109,6 @@ class GammaChooser:
         """The γ that pays best as measured so far, up to the longest worth trying (0: plain trips)."""
         return min(range(min(self._cap, GAMMA_MAX) + 1), key=self.predicted)
 
-    @property
-    def probe_due(self) -> bool:
-        """Plain trips are best and the next :meth:`choose` probes a draft: a draft model may catch up on the
-        tokens since its last draft during the trip before (a draft ahead), not on the probe's."""
-        return self._trips + 1 >= self._next_probe and self.best == 0
-
     def choose(self, room: int, s: Speculative) -> int:
         """γ for the next trip of a request with settings ``s``, at most ``room`` (what is left of
         max_tokens and the context)."""
@@ -294,8 +288,6 @@ class SpeculativeSession(HeadSession):
         wait = self._verify(tokens, pos, hole > 0)
         if whole and self.gamma.alpha ** (gamma + 1) >= AHEAD_MIN:  # the next draft, while the trip runs
             self.drafter.draft_ahead(self.slot.seq_id, history + drafts, gamma + 1)
-        elif not gamma and self.gamma.probe_due:  # the next trip probes: catch up while this one runs
-            self.drafter.draft_ahead(self.slot.seq_id, history, 1)
         self.drafted += len(drafts)
         self.trips += 1
 
