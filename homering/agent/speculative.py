@@ -53,7 +53,8 @@ at least this (:meth:`~homering.engine.drafting.ModelDrafter.draft_ahead`)."""
 
 
 class GammaChooser:
-    """Chooses γ per trip: the draft length with the fewest milliseconds per kept token.
+    """Chooses a draft model's γ per trip: the draft length with the fewest milliseconds per kept token (a
+    prompt lookup drafts as far as its match is trusted instead: :func:`_lookup_gamma`).
 
     The cost of a γ is the latency model of Leviathan et al. 2023, §3.4, time per trip over the tokens a
     trip keeps on average,
