@@ -25,6 +25,7 @@ from homering.engine.drafting import (
     NgramDrafter,
     Speculative,
     accept_stochastic,
+    lookup_gamma,
     verify_rows,
     with_default,
 )
@@ -52,14 +53,14 @@ def test_ngram_drafter_proposes_what_followed_the_longest_match():
 def test_a_lookup_drafts_one_token_less_than_it_matched():
     """γ of a prompt lookup: m - 1 for a match of m tokens, within the request's n_min … n_max and what was
     found; n_max when not adaptive."""
-    from homering.agent.speculative import _lookup_gamma
-
     s = Speculative(draft="ngram")
-    assert [_lookup_gamma(s, m, 10) for m in (2, 3, 5, 32)] == [1, 2, 4, s.n_max]
-    assert _lookup_gamma(s, 8, 3) == 3 and _lookup_gamma(s, 8, 0) == 0
-    assert _lookup_gamma(Speculative(draft="ngram", n_min=3), 2, 10) == 3
-    assert _lookup_gamma(Speculative(draft="ngram", n_max=2), 9, 10) == 2
-    assert _lookup_gamma(Speculative(draft="ngram", n_max=4, adaptive=False), 2, 10) == 4
+    assert [lookup_gamma(s, m, 10) for m in (2, 3, 5, 32)] == [1, 2, 4, s.n_max]
+    assert lookup_gamma(s, 8, 3) == 3 and lookup_gamma(s, 8, 0) == 0
+    assert lookup_gamma(Speculative(draft="ngram", n_min=3), 2, 10) == 3
+    assert lookup_gamma(Speculative(draft="ngram", n_max=2), 9, 10) == 2
+    assert lookup_gamma(Speculative(draft="ngram", n_max=4, adaptive=False), 2, 10) == 4
+    history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 3, 4, 5]  # "3 4 5" recurs: m = 3, so 2 of the 5 tokens after it
+    assert NgramDrafter().propose(history, 10, s) == [6, 7]
 
 
 def test_a_draft_models_catch_up_time_is_kept_per_sequence(smollm2, smollm2_ref):

@@ -54,7 +54,8 @@ at least this (:meth:`~homering.engine.drafting.ModelDrafter.draft_ahead`)."""
 
 class GammaChooser:
     """Chooses a draft model's γ per trip: the draft length with the fewest milliseconds per kept token (a
-    prompt lookup drafts as far as its match is trusted instead: :func:`_lookup_gamma`).
+    prompt lookup drafts as far as its match is trusted instead:
+    :meth:`~homering.engine.drafting.NgramDrafter.propose`).
 
     The cost of a γ is the latency model of Leviathan et al. 2023, §3.4, time per trip over the tokens a
     trip keeps on average,
@@ -274,9 +275,8 @@ class SpeculativeSession(HeadSession):
         t0 = time.perf_counter()
         history = list(self.job.prompt_token_ids) + self.tokens
         if isinstance(self.drafter, NgramDrafter):  # a lookup is free: look first, draft as far as it is trusted
-            m, found = self.drafter.lookup(history, room)
-            gamma = _lookup_gamma(self.s, m, len(found))
-            drafts = found[:gamma]
+            drafts = self.drafter.propose(history, room, self.s)
+            gamma = len(drafts)
         else:
             gamma = self.gamma.choose(room, self.s)
             drafts = self.drafter.draft(self.slot.seq_id, history, gamma)[:gamma] if gamma else []
@@ -324,17 +324,6 @@ class SpeculativeSession(HeadSession):
             out = ring.meter.timed(r, len(tokens), w.forward_many, [(x, pos, seq)], [True])[0]
             x, logits = out.hidden, out.logits
         return self._logits(logits, pos)
-
-
-def _lookup_gamma(s: Speculative, m: int, found: int) -> int:
-    """γ for a prompt lookup that matched ``m`` tokens of context and found ``found`` tokens after them: at
-    most ``m - 1`` (:class:`~homering.engine.drafting.NgramDrafter`), within the request's ``n_min`` …
-    ``n_max`` (``n_max`` when not adaptive), never more than were found; 0 without a match."""
-    if found <= 0:
-        return 0
-    if not s.adaptive:
-        return min(s.n_max, found)
-    return min(found, s.n_max, max(s.n_min, m - 1, 1))
 
 
 class Drafters:

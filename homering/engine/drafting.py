@@ -141,6 +141,12 @@ class NgramDrafter:
         """Up to ``gamma`` tokens to follow ``history`` (token ids); [] when its last tokens do not repeat."""
         return self.lookup(history, gamma)[1]
 
+    def propose(self, history: list[int], room: int, s: Speculative) -> list[int]:
+        """A trip's drafts after ``history``: the lookup's tokens, as many as :func:`lookup_gamma` trusts for
+        its match and the request's settings ``s``, at most ``room``."""
+        m, found = self.lookup(history, room)
+        return found[: lookup_gamma(s, m, len(found))]
+
     def draft_ahead(self, seq_id: int, history: list[int], n: int) -> None:
         """Nothing to do ahead: a lookup costs microseconds."""
 
@@ -156,6 +162,17 @@ class NgramDrafter:
 
     def close(self) -> None:
         """Nothing to free."""
+
+
+def lookup_gamma(s: Speculative, m: int, found: int) -> int:
+    """γ for a prompt lookup that matched ``m`` tokens of context and found ``found`` tokens after them: at
+    most ``m - 1`` (:class:`NgramDrafter`), within the request's ``n_min`` …
+    ``n_max`` (``n_max`` when not adaptive), never more than were found; 0 without a match."""
+    if found <= 0:
+        return 0
+    if not s.adaptive:
+        return min(s.n_max, found)
+    return min(found, s.n_max, max(s.n_min, m - 1, 1))
 
 
 class ModelDrafter:
