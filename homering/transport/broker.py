@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import pwd
+import random
 import secrets
 import shutil
 import socket
@@ -28,10 +29,32 @@ log = logging.getLogger("homering.broker")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
+    """A TCP port that was free a moment ago on ``host``, below the kernel's ephemeral range where it can.
+
+    A port from ``bind(0)`` is an ephemeral one, which an outgoing connection may take as its source port
+    before the caller binds it (a test's API failed so: "Address already in use"); ports below
+    ``ip_local_port_range`` are never handed out that way.
+    """
+    low = _ephemeral_low()
+    for port in random.sample(range(10_000, low), min(50, max(0, low - 10_000))):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The lowest port of Linux's ephemeral range (``/proc/sys/net/ipv4/ip_local_port_range``); 10000
+    (no port below it is tried) where it cannot be read."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 10_000
 
 
 def mosquitto_binary() -> str | None:
