@@ -23,144 +23,18 @@ from pathlib import Path
 import numpy as np
 
 from homering.agent.embedding import EmbedSession
+from homering.agent.gamma import AHEAD_MIN, GammaChooser
 from homering.agent.generation import Emit, HeadSession, Session
 from homering.agent.ring import Ring
 from homering.agent.slots import Slot
-from homering.engine.drafting import GAMMA_MAX, Drafter, ModelDrafter, NgramDrafter, Speculative, verify_rows
+from homering.engine.draft_model import ModelDrafter
+from homering.engine.drafting import Drafter, NgramDrafter, Speculative, verify_rows
 from homering.engine.sampling import SamplerChain
 from homering.errors import HomeringError
 from homering.models.vocab import vocabulary_mismatch
 from homering.wire import Frame, GenerateJob, StreamEvent
 
 log = logging.getLogger("homering.agent")
-
-VERIFY_SHARE = 0.03
-"""Prior cost of one more token in a trip's batch, as a share of the trip (the ring's hops dominate)."""
-EXPLORE_EVERY = 8
-"""Every this many trips, γ next to the best one is tried (its measured cost may have changed)."""
-PLAIN_EXPLORE = 4
-"""... and only every PLAIN_EXPLORE times as many when plain trips (γ = 0) are best: drafts that are not kept
-cost their draft and verification time, which must stay a few percent of plain decoding."""
-DECAY = 0.8
-"""Weight of the past in the measured averages, per observation."""
-PROBE_BUDGET = 0.02
-"""While plain trips are best, probes may cost at most this share of the plain trips' time: a probe's measured
-excess (a draft model catching up on the tokens since its last draft, the verification's extra tokens) spaces
-the next one out."""
-AHEAD_MIN = 0.3
-"""A trip's next draft is drafted while the trip runs when the chance that it keeps every draft (α^(γ+1)) is
-at least this (:meth:`~homering.engine.drafting.ModelDrafter.draft_ahead`)."""
-
-
-class GammaChooser:
-    """Chooses a draft model's γ per trip: the draft length with the fewest milliseconds per kept token (a
-    prompt lookup drafts as far as its match is trusted instead:
-    :meth:`~homering.engine.drafting.NgramDrafter.propose`).
-
-    The cost of a γ is the latency model of Leviathan et al. 2023, §3.4, time per trip over the tokens a
-    trip keeps on average,
-
-        t(γ) / E(γ),   E(γ) = (1 - α^(γ+1)) / (1 - α),
-
-    with α the per-token acceptance rate measured over all trips, and t(γ) the measured time of a trip
-    with γ drafts and its drafting (a moving average per γ); a γ not measured yet has t(γ) = T + γ (c_v +
-    c_d), with T a plain trip's time (the plan's predicted time per token until trips are measured), c_v a
-    verified token's extra time (a prior share of T) and c_d a draft token's measured time. The tokens a
-    trip happened to keep do not enter t(γ): they vary from trip to trip far more than its time does, and
-    α pools them over every γ. Every :data:`EXPLORE_EVERY` trips a neighbour of the best γ is tried, so a γ
-    that got cheaper is found again; with drafts that are never kept γ settles at 0 (plain trips) and the
-    loss is the occasional one-token probe, spaced so that what probes cost over plain trips (measured: a
-    draft model catches up on every token since its last draft) stays within :data:`PROBE_BUDGET`. γ grows
-    by one at a time, like TCP's slow start: a longer draft is tried only once the longest so far paid off
-    (a first trip with γ = 6 that is all rejected costs six drafted tokens and a 7-token verification). One
-    chooser serves every request of a drafter on the head, so what one request measured helps the next.
-
-    Args:
-        trip_ms: the plan's predicted time of one trip (ms), or 0 when unknown.
-    """
-
-    def __init__(self, trip_ms: float) -> None:
-        self.acc, self.rej = 2.0, 1.0  # decayed counts of accepted and rejected draft tokens (prior α ≈ 0.6)
-        self.trip_ms = trip_ms or 0.0
-        self.draft_ms = 0.0
-        self.time: dict[int, float] = {}  # γ → measured ms of a trip with γ drafts, drafting included
-        self._trips = 0
-        self._up = True
-        self._probe_excess = 0.0  # ms a probe (a γ > 0 trip while plain trips were best) cost over a plain trip
-        self._next_probe = 0  # the trip count at which plain trips may be probed again
-        self._probing = False  # the last γ chosen was a probe
-        self._cap = 1  # the longest draft worth trying yet: one more than the longest that paid off (slow start)
-
-    @property
-    def alpha(self) -> float:
-        return self.acc / (self.acc + self.rej)
-
-    def predicted(self, g: int) -> float:
-        """Milliseconds per kept token with γ = ``g``, from its measured trip time (predicted until measured)."""
-        a, t = min(self.alpha, 0.999), max(self.trip_ms, 1e-3)
-        time_ = self.time.get(g, t + g * (VERIFY_SHARE * t + self.draft_ms))
-        return time_ * (1 - a) / (1 - a ** (g + 1)) if g else time_
-
-    @property
-    def cost(self) -> dict[int, float]:
-        """γ → ms per kept token, for the γ measured so far."""
-        return {g: self.predicted(g) for g in self.time}
-
-    @property
-    def best(self) -> int:
-        """The γ that pays best as measured so far, up to the longest worth trying (0: plain trips)."""
-        return min(range(min(self._cap, GAMMA_MAX) + 1), key=self.predicted)
-
-    def choose(self, room: int, s: Speculative) -> int:
-        """γ for the next trip of a request with settings ``s``, at most ``room`` (what is left of
-        max_tokens and the context)."""
-        top = min(s.n_max, room)
-        if top <= 0:
-            return 0
-        low = min(s.n_min, top)
-        if not s.adaptive:
-            return top
-        top = max(low, min(top, self._cap))
-        best = min(range(low, top + 1), key=self.predicted)
-        self._trips += 1
-        if best == 0:
-            if self._trips < self._next_probe:
-                return 0
-            budget = PROBE_BUDGET * max(self.trip_ms, 1e-3)  # ms of probing allowed per plain trip
-            self._next_probe = self._trips + max(EXPLORE_EVERY * PLAIN_EXPLORE, int(self._probe_excess / budget))
-            self._probing = top > 0
-            return min(top, 1)
-        if self._trips % EXPLORE_EVERY == 0:
-            self._up = not self._up
-            step = 1 if (self._up or best == low) and best < top else -1
-            return max(low, min(top, best + step))
-        return best
-
-    def record(
-        self, gamma: int, drafted: int, trip_ms: float, draft_ms: float, *, accepted: int, catch_up_ms: float = 0.0
-    ) -> None:
-        """A trip asked for ``gamma`` drafts, verified ``drafted`` (padding included) and kept ``accepted`` of
-        them; it took ``trip_ms`` around the ring after ``draft_ms`` of drafting, of which ``catch_up_ms``
-        brought a draft model up to the tokens since its last draft: a cost of drafting after a pause, which
-        counts against probes (:data:`PROBE_BUDGET`) but not in the cost of a γ while drafting goes on."""
-        steady = max(0.0, draft_ms - catch_up_ms)
-        gamma = gamma if drafted else 0  # nothing to draft (a lookup without a match): a plain trip
-        if drafted:
-            self.acc = DECAY * self.acc + accepted
-            self.rej = DECAY * self.rej + (1 if accepted < drafted else 0)
-            self.draft_ms = DECAY * self.draft_ms + (1 - DECAY) * steady / drafted
-        else:
-            self.trip_ms = trip_ms if not self.trip_ms else DECAY * self.trip_ms + (1 - DECAY) * trip_ms
-        if (self._probing or not accepted) and gamma and self.trip_ms:  # a probe, or a draft that was all lost
-            excess = max(0.0, trip_ms + draft_ms - (accepted + 1) * self.trip_ms)
-            self._probe_excess = excess if not self._probe_excess else DECAY * self._probe_excess + (1 - DECAY) * excess
-            spacing = int(self._probe_excess / (PROBE_BUDGET * self.trip_ms))
-            self._next_probe = max(self._next_probe, self._trips + spacing)  # what it cost spaces the next one out
-        self._probing = False
-        old = self.time.get(gamma)
-        self.time[gamma] = trip_ms + steady if old is None else DECAY * old + (1 - DECAY) * (trip_ms + steady)
-        if gamma >= self._cap and self.predicted(gamma) < self.predicted(gamma - 1):  # the longer draft pays off
-            self._cap = gamma + 1
 
 
 class SpeculativeSession(HeadSession):
@@ -230,8 +104,9 @@ class SpeculativeSession(HeadSession):
                         g, drafted, kept - 1, trip_ms, draft_ms, catch_up,
                     )  # fmt: skip
                     self.gamma.record(
-                        g, drafted, trip_ms, draft_ms, accepted=min(kept - 1, drafted), catch_up_ms=catch_up
-                    )
+                        g, drafted, trip_ms, draft_ms, accepted=min(kept - 1, drafted), catch_up_ms=catch_up,
+                        token_ms=self.drafter.token_ms if isinstance(self.drafter, ModelDrafter) else None,
+                    )  # fmt: skip
                 if not ended:
                     hole = len(drafts) + 1 - kept  # rejected positions the KV caches still hold
                     pos += kept
@@ -387,7 +262,9 @@ class Drafters:
             key = (ring.plan.plan_id, drafter.kind)
             if key not in self._choosers:
                 self._choosers = {k: v for k, v in self._choosers.items() if k[0] == key[0]}  # older plans' go
-                self._choosers[key] = GammaChooser(ring.plan.predicted_ms_per_token or 0.0)
+                self._choosers[key] = GammaChooser(
+                    ring.plan.predicted_ms_per_token or 0.0, ahead=isinstance(drafter, ModelDrafter)
+                )
             chooser = self._choosers[key]
         return SpeculativeSession(ring, slot, job, emit, drafter, s, chooser)
 

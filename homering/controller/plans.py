@@ -7,11 +7,14 @@ and turns the planner's answer into the retained plan message.
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 from homering.planner import DEFAULT_BATCH, plan_cluster, wants_release
 from homering.planner.model import Device, DevicePrediction, ModelShape, PlanError, parse_cluster
 from homering.wire import AgentProfile, Plan, PlanAgent, PredictedCost, WindowAssignment
+
+log = logging.getLogger("homering.controller")
 
 
 def head_of(profiles: list[AgentProfile], draft_bytes: int = 0) -> AgentProfile:
@@ -35,9 +38,14 @@ def head_of(profiles: list[AgentProfile], draft_bytes: int = 0) -> AgentProfile:
     if draft_bytes <= 0:
         return most_ram
     fits = [p for p in profiles if p.device is not None and ram(p) >= 2 * draft_bytes]
-    if not fits:
-        return most_ram
-    return min(fits, key=lambda p: (p.device.cpu_ms_per_layer if p.device else 0.0, -ram(p), p.name))
+    head = min(fits, key=lambda p: (p.device.cpu_ms_per_layer if p.device else 0.0, -ram(p), p.name), default=most_ram)
+    seen = ", ".join(
+        f"{p.name} {ram(p) / 2**20:.0f} MiB {p.device.cpu_ms_per_layer if p.device else 0:.3f} ms/layer"
+        for p in profiles
+    )
+    why = "the fastest with RAM for twice the draft" if fits else "no agent has RAM for twice the draft: the most RAM"
+    log.info("head %s (%s, %.0f MiB): %s", head.name, why, draft_bytes / 2**20, seen)
+    return head
 
 
 def devices_from_profiles(profiles: list[AgentProfile], draft_bytes: int = 0) -> list[Device]:
