@@ -46,7 +46,8 @@ def test_ngram_drafter_proposes_what_followed_the_longest_match():
     assert d.lookup([1, 2, 3, 4, 5, 9, 3, 4, 6, 1, 2, 3, 4], 2) == (4, [5, 9])
     assert d.lookup([7] * 100, 3) == (NGRAM_CONTEXT, [7, 7, 7])  # the match length is capped
     assert d.draft(0, [1, 2, 3, 4], 4) == []  # nothing repeats
-    assert d.draft(0, [3, 1, 5, 9, 1], 2) == []  # a single repeated token is no match
+    assert d.lookup([3, 1, 5, 9, 1], 2) == (1, [5, 9])  # no 2-token repeat, but a rare token: what followed it
+    assert d.draft(0, [1, 5, 1, 6, 1, 7, 1], 2) == []  # a common token (seen 3 times before) is no match
     assert d.draft(0, [7, 7], 0) == []
 
 
@@ -61,6 +62,7 @@ def test_a_lookup_drafts_one_token_less_than_it_matched():
     assert lookup_gamma(Speculative(draft="ngram", n_max=4, adaptive=False), 2, 10) == 4
     history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 3, 4, 5]  # "3 4 5" recurs: m = 3, so 2 of the 5 tokens after it
     assert NgramDrafter().propose(history, 10, s) == [6, 7]
+    assert NgramDrafter().propose([3, 1, 5, 9, 1], 10, s) == [5]  # a rare token's match: one draft
 
 
 def test_a_draft_models_catch_up_time_is_kept_per_sequence(smollm2, smollm2_ref):

@@ -105,7 +105,7 @@ class SpeculativeSession(HeadSession):
                     )  # fmt: skip
                     self.gamma.record(
                         g, drafted, trip_ms, draft_ms, accepted=min(kept - 1, drafted), catch_up_ms=catch_up,
-                        token_ms=self.drafter.token_ms if isinstance(self.drafter, ModelDrafter) else None,
+                        token_ms=(self.drafter.token_ms or None) if isinstance(self.drafter, ModelDrafter) else None,
                     )  # fmt: skip
                 if not ended:
                     hole = len(drafts) + 1 - kept  # rejected positions the KV caches still hold
