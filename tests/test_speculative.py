@@ -386,6 +386,28 @@ def test_gamma_comes_within_5_percent_of_the_best_fixed_draft_length():
     assert spent / kept <= 1.05 * best
 
 
+def test_probes_whose_draft_went_cold_are_spaced_out_at_once():
+    """Drafts never kept, on a head short of memory: a probe after 20 plain trips finds the draft model's
+    weights evicted and re-reads them (1.2 s against 100 ms trips; on home4 one probe made a 48-token answer
+    of the no-agreement pair 1.05 s slower). A costlier probe counts at once and lost drafts back the probes off, so the bench's
+    4 answers of 47 trips after a 15-trip warm-up hold one such probe (two before) and 2,000 trips lose
+    under 3% (4.4% before)."""
+
+    def run(trips: int, skip: int) -> tuple[float, int]:
+        chooser, s, spent, since, probes = GammaChooser(100.0), Speculative(draft="model"), 0.0, 0, 0
+        for i in range(trips):
+            g = chooser.choose(40, s)
+            draft_ms = ((30.0 if since < 20 else 1200.0) + 13.0 * g) if g else 0.0
+            since = 0 if g else since + 1
+            chooser.record(g, g, 100.0 + 9.0 * g, draft_ms, accepted=0, catch_up_ms=max(0.0, draft_ms - 13.0 * g))
+            if i >= skip:
+                spent, probes = spent + 100.0 + 9.0 * g + draft_ms, probes + (g > 0)
+        return spent / ((trips - skip) * 100.0) - 1, probes
+
+    assert run(15 + 4 * 47, 15)[1] <= 1
+    assert run(2000, 0)[0] <= 0.03
+
+
 def _ahead_world(a: float, trips: int, gamma: int | None = None) -> float:
     """Ms per kept token over 100 seeded runs of ``trips`` trips by a draft model that drafts ahead (13 ms a
     draft token, 49 + 11 γ ms around the ring ± 10%, plain trips 40 ms): the next draft is ready when a trip

@@ -19,6 +19,9 @@ EXPLORE_EVERY = 8
 PLAIN_EXPLORE = 4
 """... and only every PLAIN_EXPLORE times as many when plain trips (γ = 0) are best: drafts that are not kept
 cost their draft and verification time, which must stay a few percent of plain decoding."""
+BACKOFF_MAX = 3
+"""Each trip in a row whose drafts were all lost doubles that spacing, up to 2^BACKOFF_MAX times: a draft that
+never agrees is probed ever more rarely (a kept draft resets it)."""
 DECAY = 0.8
 """Weight of the past in the measured averages, per observation."""
 PROBE_BUDGET = 0.02
@@ -77,6 +80,7 @@ class GammaChooser:
         self._trips = 0
         self._up = True
         self._probe_excess = 0.0  # ms a probe (a γ > 0 trip while plain trips were best) cost over a plain trip
+        self._lost = 0  # trips in a row whose drafts were all lost
         self._next_probe = 0  # the trip count at which plain trips may be probed again
         self._probing = False  # the last γ chosen was a probe
         self._cap = 1  # the longest draft worth trying yet: one more than the longest that paid off (slow start)
@@ -123,7 +127,8 @@ class GammaChooser:
             if self._trips < self._next_probe:
                 return 0
             budget = PROBE_BUDGET * max(self.trip_ms, 1e-3)  # ms of probing allowed per plain trip
-            self._next_probe = self._trips + max(EXPLORE_EVERY * PLAIN_EXPLORE, int(self._probe_excess / budget))
+            least = EXPLORE_EVERY * PLAIN_EXPLORE << min(self._lost, BACKOFF_MAX)
+            self._next_probe = self._trips + max(least, int(self._probe_excess / budget))
             self._probing = top > 0
             return min(top, 1)
         if self._trips % EXPLORE_EVERY == 0:
@@ -155,11 +160,14 @@ class GammaChooser:
             self.acc = DECAY * self.acc + accepted
             self.rej = DECAY * self.rej + (1 if accepted < drafted else 0)
             self.draft_ms = _ema(self.draft_ms, token_ms if token_ms is not None else steady / drafted)
+            self._lost = 0 if accepted else self._lost + 1
         else:
             self.trip_ms = trip_ms if not self.trip_ms else _ema(self.trip_ms, trip_ms)
         if (self._probing or not accepted) and gamma and self.trip_ms:  # a probe, or a draft that was all lost
             excess = max(0.0, trip_ms + draft_ms - (accepted + 1) * self.trip_ms)
-            self._probe_excess = excess if not self._probe_excess else _ema(self._probe_excess, excess)
+            # a costlier probe counts at once (the draft model's weights may have left the page cache since the
+            # last one), a cheaper one only on average
+            self._probe_excess = max(excess, _ema(self._probe_excess or None, excess))
             spacing = int(self._probe_excess / (PROBE_BUDGET * self.trip_ms))
             self._next_probe = max(self._next_probe, self._trips + spacing)  # what it cost spaces the next one out
         self._probing = False
