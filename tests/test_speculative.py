@@ -389,9 +389,9 @@ def test_gamma_comes_within_5_percent_of_the_best_fixed_draft_length():
 def test_probes_whose_draft_went_cold_are_spaced_out_at_once():
     """Drafts never kept, on a head short of memory: a probe after 20 plain trips finds the draft model's
     weights evicted and re-reads them (1.2 s against 100 ms trips; on home4 one probe made a 48-token answer
-    of the no-agreement pair 1.05 s slower). A costlier probe counts at once and lost drafts back the probes off, so the bench's
-    4 answers of 47 trips after a 15-trip warm-up hold one such probe (two before) and 2,000 trips lose
-    under 3% (4.4% before)."""
+    of the no-agreement pair 1.05 s slower). A costlier probe counts at once and lost drafts back the probes
+    off, so the bench's 4 answers of 47 trips after a 15-trip warm-up hold one such probe (two before) and
+    2,000 trips lose under 3% (4.4% before)."""
 
     def run(trips: int, skip: int) -> tuple[float, int]:
         chooser, s, spent, since, probes = GammaChooser(100.0), Speculative(draft="model"), 0.0, 0, 0
