@@ -184,8 +184,8 @@ class ModelDrafter:
         return out
 
     def forget(self, seq_id: int) -> None:
-        """A request ended: its draft sequence starts over next time."""
-        self._settle(seq_id)
+        """A request ended: its draft sequence starts over next time (a draft ahead stops after its token)."""
+        self._settle(seq_id, [])
         with self._lock:
             self._cached.pop(seq_id, None)
             self._catch_up.pop(seq_id, None)
