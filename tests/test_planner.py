@@ -277,7 +277,7 @@ def test_head_is_the_agent_whose_cgroup_leaves_the_most_ram():
 def test_a_head_that_drafts_is_the_fastest_agent_with_room_for_the_draft():
     """With a draft model the head drafts every token on its CPU: the fastest agent whose RAM holds the draft
     twice is the head; without a draft (or without room for it anywhere) the most RAM decides."""
-    from homering.controller.plans import head_of, make_plan
+    from homering.controller.plans import devices_from_profiles, head_of, make_plan
 
     fast, slow_big, fastest_tiny = (
         _agent("a-laptop", 9000, 0.35, 1.0),
@@ -298,6 +298,9 @@ def test_a_head_that_drafts_is_the_fastest_agent_with_room_for_the_draft():
     )  # fmt: skip
     assert plan.ring[-1].name == "a-laptop" and plan.head.name == "a-laptop"
     assert plan.ring[-1].windows[0].end == 30  # the head holds the last layers and the output
+    devices = devices_from_profiles(agents[:2], draft)  # the planner sees what the draft leaves of the head's RAM
+    assert devices[-1].name == "a-laptop" and devices[-1].ram_gib == pytest.approx(fast.device.ram_gib - draft / GIB)
+    assert devices[0].ram_gib == slow_big.device.ram_gib
 
 
 def test_make_plan_builds_the_ring_from_profiles():

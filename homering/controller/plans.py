@@ -53,7 +53,8 @@ def devices_from_profiles(profiles: list[AgentProfile], draft_bytes: int = 0) ->
     model of ``draft_bytes``) flagged and last.
 
     The head's own ``link_*`` (its hop back to the ring's first device) is the
-    median of the others' links to it, assuming a symmetric LAN.
+    median of the others' links to it, assuming a symmetric LAN; its RAM is what the draft model (``draft_bytes``,
+    whole on the head) leaves.
 
     Raises:
         PlanError: an agent has not published a measured device profile.
@@ -74,7 +75,7 @@ def devices_from_profiles(profiles: list[AgentProfile], draft_bytes: int = 0) ->
             Device(
                 name=p.name,
                 os=d.os,
-                ram_gib=d.ram_gib,
+                ram_gib=max(0.0, d.ram_gib - draft_bytes / 2**30) if p is head else d.ram_gib,
                 disk_gbps=d.disk_gbps,
                 fault_gbps=d.fault_gbps,
                 cpu_ms_per_layer=d.cpu_ms_per_layer,
