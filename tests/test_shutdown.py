@@ -80,6 +80,19 @@ def pids_using(broker: str) -> list[int]:
     return out
 
 
+@contextlib.contextmanager
+def sigint_not_ignored():
+    """Processes started inside see SIGINT's default action, as a terminal's foreground job does, even when
+    pytest itself ignores SIGINT: a background job of a non-interactive shell (``sh -c 'make test &'``)
+    starts with SIGINT ignored, an exec keeps it ignored, and a non-interactive bash then silently drops
+    ``trap ... INT``. Python's own handler becomes the default action across an exec."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_three_agents_script_stops_quietly_on_ctrl_c(smollm2, tmp_path):
@@ -87,16 +100,17 @@ def test_three_agents_script_stops_quietly_on_ctrl_c(smollm2, tmp_path):
     terminal's process group) while the chat waits for input ends everything, in order, with no
     traceback or error on stderr, and leaves no process and no temporary folder behind."""
     env = {k: v for k, v in os.environ.items() if k != "BROKER"} | {"HR": HR, "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen(
-        ["bash", str(SCRIPT)],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )  # its own process group, as a terminal's foreground job
+    with sigint_not_ignored():  # bash cannot trap a SIGINT that was ignored when it started
+        proc = subprocess.Popen(
+            ["bash", str(SCRIPT)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )  # its own process group, as a terminal's foreground job
     err, out = Reader(proc.stderr), Reader(proc.stdout)
     try:
         broker = err.wait_for(r"three-agents\.sh: broker (mqtt://127\.0\.0\.1:\d+)", proc, 30).group(1)
