@@ -132,6 +132,52 @@ def test_a_draft_ahead_that_guessed_right_is_the_next_draft_without_decoding(smo
     assert d.window._closed
 
 
+def test_a_draft_model_behind_the_history_catches_up_in_the_background(smollm2, smollm2_ref):
+    """After plain trips the draft sequence lacks the tokens since its last draft: ``ready`` says so and
+    brings it up on the drafter's thread, so the probe that follows decodes at most its own few tokens on
+    the caller's thread (it decoded all 30 there before: 469 ms for 38 tokens on home4's head), and its draft
+    is still the greedy one."""
+    d = ModelDrafter(smollm2, n_ctx=128, n_seq=1, n_threads=1)
+    caller: list[int] = []
+    forward = d.window.forward
+
+    def counted(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            caller.append(len(args[0]))
+        return forward(*args, **kwargs)
+
+    d.window.forward = counted
+    try:
+        history = list(range(200, 230))
+        d.draft(0, history, 1)
+        later = history + list(range(300, 330))  # 30 plain trips later
+        assert not d.ready(0, later)
+        d._settle(0)  # the catch-up ends (a probe would have waited a trip or more)
+        assert d.ready(0, later) and d.ready(0, [*later, 7])
+        caller.clear()
+        assert d.draft(0, [*later, 7], 2) == smollm2_ref.greedy([*later, 7], 2)[0]
+        assert sum(caller) <= 3 and d.catch_up_ms(0) == 0.0
+    finally:
+        d.close()
+
+
+def test_a_deferred_probe_goes_on_the_next_trip():
+    """A probe whose drafter is not ready is a plain trip, and the next trip probes instead: the probe is
+    delayed by a trip, not skipped for a whole probe spacing."""
+    chooser, s = GammaChooser(100.0), Speculative(draft="model")
+    for _ in range(5):  # drafts never kept: plain trips become best
+        g = chooser.choose(40, s)
+        chooser.record(g, g, 100.0 + 9.0 * g, 13.0 * g, accepted=0)
+    for _ in range(500):
+        if chooser.choose(40, s):
+            break
+        chooser.record(0, 0, 100.0, 0.0, accepted=0)
+    assert chooser.probing
+    chooser.defer()
+    chooser.record(0, 0, 100.0, 0.0, accepted=0)
+    assert chooser.choose(40, s) == 1 and chooser.probing
+
+
 def test_a_draft_ahead_that_cannot_be_the_next_draft_stops_at_once(smollm2, smollm2_ref):
     """A trip that rejected a draft (or whose extra token was not the guess) stops the draft ahead after the
     token it is decoding: the head's next draft waits for one token, not for a wrong guess of six; the

@@ -137,6 +137,17 @@ class GammaChooser:
             return max(low, min(top, best + step))
         return best
 
+    @property
+    def probing(self) -> bool:
+        """Whether the last γ chosen is a probe: a draft while plain trips are best."""
+        return self._probing
+
+    def defer(self) -> None:
+        """The probe just chosen does not go (its drafter is not ready to draft cheaply): the next trip probes
+        instead, and this one is plain."""
+        self._probing = False
+        self._next_probe = self._trips + 1
+
     def record(
         self,
         gamma: int,

@@ -24,6 +24,9 @@ log = logging.getLogger("homering.engine")
 
 AHEAD_NICE = 19
 """The nice value of a draft model's draft-ahead thread (:meth:`ModelDrafter.draft_ahead`)."""
+READY_LAG = 2
+"""Tokens of a history a draft sequence may lack and still be :meth:`ModelDrafter.ready`: its next draft then
+decodes them with its own first token, in one batch."""
 
 
 @dataclass
@@ -35,6 +38,10 @@ class _Ahead:
     future: Future[list[int]] | None = None
     tokens: list[int] = field(default_factory=list)
     wanted: list[int] | None = None
+
+    def done(self) -> bool:
+        """Whether its drafting has ended (its tokens are all there)."""
+        return self.future is None or self.future.done()
 
     def useless(self) -> bool:
         """Whether it can no longer be the next draft: the trip came back with another history than the
@@ -91,6 +98,22 @@ class ModelDrafter:
         decodes; drafts ahead, at the lowest priority beside the ring, are not timed); 0 before the first."""
         with self._lock:
             return self._token_ms or 0.0
+
+    def ready(self, seq_id: int, history: list[int]) -> bool:
+        """Whether a draft after ``history`` would decode only its own tokens: the draft sequence lacks at most
+        :data:`READY_LAG` of them and no draft ahead of ``seq_id`` is in flight. If not, a draft ahead of one
+        token starts bringing the sequence up to ``history`` on the drafter's thread (unless one runs), so
+        that a caller who can wait a trip, such as a probe after plain trips, never waits for a catch-up (a
+        long history takes about a decode per 2 tokens: 469 ms for 38 tokens of SmolLM2 on home4's head)."""
+        with self._lock:
+            running = seq_id in self._ahead and not self._ahead[seq_id].done()
+            cached = self._cached.get(seq_id, [])
+        if running:
+            return False
+        if len(history) - _common_prefix(cached, history) <= READY_LAG:
+            return True
+        self.draft_ahead(seq_id, history, 1)
+        return False
 
     def draft(self, seq_id: int, history: list[int], gamma: int) -> list[int]:
         """Up to ``gamma`` greedy draft tokens to follow ``history``; fewer near the end of the context.
