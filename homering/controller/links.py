@@ -52,16 +52,19 @@ class LinkProber:
         if report.probe_id in self._pending:
             self._reports[report.probe_id] = report
 
-    async def measure(self, agents: list[AgentProfile], draft_bytes: int = 0) -> list[AgentProfile]:
+    async def measure(
+        self, agents: list[AgentProfile], draft_bytes: int = 0, output_bytes: int = 0
+    ) -> list[AgentProfile]:
         """The agents with ``device.link_*`` filled in by their measured link to the head (:func:`head_of`, with a
-        draft model of ``draft_bytes``); an agent whose probe fails is left out (it could not reach the head).
+        draft model of ``draft_bytes`` and the target's ``output_bytes``); an agent whose probe fails is left out
+        (it could not reach the head).
 
         Raises:
             AgentLost: the head-to-be was lost meanwhile.
         """
         if len(agents) < 2:
             return agents
-        head = head_of(agents, draft_bytes)
+        head = head_of(agents, draft_bytes, output_bytes)
         out = []
         for p in agents:
             if p.name == head.name:

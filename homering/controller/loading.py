@@ -24,7 +24,7 @@ from homering.controller.windows import WindowStore
 from homering.errors import HomeringError
 from homering.models.gguf_info import ModelInfo
 from homering.planner.cluster import with_read_share
-from homering.planner.model import PlanError, shape_from_gguf
+from homering.planner.model import ModelShape, PlanError, shape_from_gguf
 from homering.profiler.device import model_layer_routing
 from homering.profiler.experts import LayerRouting
 from homering.transport.bus import Bus
@@ -122,12 +122,14 @@ class PlanLoader:
         planning.begin()
         await self.publish_status()
         members = m.members(planning.planned)
+        s = self.settings
+        shape = shape_from_gguf(s.model_path, s.n_ctx, s.n_parallel, s.n_batch)
         agents = await self.probes.measure(
-            [p for p in m.profiled_agents() if identity(p) in members], self.settings.draft_bytes
+            [p for p in m.profiled_agents() if identity(p) in members], s.draft_bytes, shape.output_bytes
         )
         if not agents:
             raise HomeringError("no agents left to plan for")
-        plan = await self._make(agents, info)
+        plan = await self._make(agents, info, shape)
         await self.windows.prepare(plan)
         probed = {p.name for p in agents}
         for name in {x[0] for x in members} - probed:  # the link probe failed: it rejoins after a hold
@@ -151,8 +153,9 @@ class PlanLoader:
         await self.publish_status()
         log.info("cluster ready: %d agent(s), head %s", len(plan.ring), plan.head.name)
 
-    async def _make(self, agents: list[AgentProfile], info: ModelInfo) -> Plan:
-        """The planner's plan over ``agents`` (an infeasible one puts the controller in ``ERROR``)."""
+    async def _make(self, agents: list[AgentProfile], info: ModelInfo, base: ModelShape) -> Plan:
+        """The planner's plan over ``agents`` for the model of shape ``base`` (its read shares come from the agents'
+        profiles and the model's routing); an infeasible plan puts the controller in ``ERROR``."""
         s = self.settings
         shares = [
             (a.device.read_share, a.device.hot_share or 1.0, a.device.novel_share or 0.0)
@@ -162,7 +165,7 @@ class PlanLoader:
         ]
         routing = await asyncio.to_thread(self._layer_routing, info)
         layers = (routing.hot_share, routing.novel_share) if routing else None
-        shape = with_read_share(shape_from_gguf(s.model_path, s.n_ctx, s.n_parallel, s.n_batch), shares, layers)
+        shape = with_read_share(base, shares, layers)
         try:
             return make_plan(
                 agents,

@@ -17,7 +17,7 @@ from homering.wire import AgentProfile, Plan, PlanAgent, PredictedCost, WindowAs
 log = logging.getLogger("homering.controller")
 
 
-def head_of(profiles: list[AgentProfile], draft_bytes: int = 0) -> AgentProfile:
+def head_of(profiles: list[AgentProfile], draft_bytes: int = 0, output_bytes: int = 0) -> AgentProfile:
     """The head: the agent with the most available RAM (ties: by name).
 
     The measured device profile's RAM counts when there is one (it sees cgroup
@@ -27,8 +27,11 @@ def head_of(profiles: list[AgentProfile], draft_bytes: int = 0) -> AgentProfile:
     token on its own CPU: a draft costs it about as much as a trip's share of the target's compute (SmolLM2
     Q4_1 drafting for its F16 twin: 11.4 against 13.2 ms per token on one core here), so the head is then the
     agent that computes fastest (least ``cpu_ms_per_layer``; ties: more RAM) among those whose RAM holds the
-    draft twice over (the draft beside its share of the target); the most RAM when none does. This is what
-    prima.cpp's speculative mode leaves to the user, who starts the draft on the head (rank 0).
+    draft twice over (the draft beside its share of the target) and the target's ``output_bytes`` (its output
+    head, which the head holds whatever its share); the most RAM when none does. Without the output counted, a
+    small head was picked for the 1B no-agreement pair of ``bench speculative`` (148 MB of output head, 98 MB of
+    draft, 215 MiB available): its layers streamed from disk every token, 10x slower. This is what prima.cpp's
+    speculative mode leaves to the user, who starts the draft on the head (rank 0).
     """
 
     def ram(p: AgentProfile) -> float:
@@ -37,20 +40,20 @@ def head_of(profiles: list[AgentProfile], draft_bytes: int = 0) -> AgentProfile:
     most_ram = max(profiles, key=lambda p: (ram(p), [-ord(c) for c in p.name]))
     if draft_bytes <= 0:
         return most_ram
-    fits = [p for p in profiles if p.device is not None and ram(p) >= 2 * draft_bytes]
+    fits = [p for p in profiles if p.device is not None and ram(p) >= 2 * draft_bytes + output_bytes]
     head = min(fits, key=lambda p: (p.device.cpu_ms_per_layer if p.device else 0.0, -ram(p), p.name), default=most_ram)
     seen = ", ".join(
         f"{p.name} {ram(p) / 2**20:.0f} MiB {p.device.cpu_ms_per_layer if p.device else 0:.3f} ms/layer"
         for p in profiles
     )
-    why = "the fastest with RAM for twice the draft" if fits else "no agent has RAM for twice the draft: the most RAM"
-    log.info("head %s (%s, %.0f MiB): %s", head.name, why, draft_bytes / 2**20, seen)
+    why = "the fastest with RAM for twice the draft and the output" if fits else "no agent has that RAM: the most"
+    log.info("head %s (%s, %.0f + %.0f MiB): %s", head.name, why, draft_bytes / 2**20, output_bytes / 2**20, seen)
     return head
 
 
-def devices_from_profiles(profiles: list[AgentProfile], draft_bytes: int = 0) -> list[Device]:
+def devices_from_profiles(profiles: list[AgentProfile], draft_bytes: int = 0, output_bytes: int = 0) -> list[Device]:
     """Planner devices from agents' measured profiles, sorted by name, the head (:func:`head_of`, with a draft
-    model of ``draft_bytes``) flagged and last.
+    model of ``draft_bytes`` and a target whose output head takes ``output_bytes``) flagged and last.
 
     The head's own ``link_*`` (its hop back to the ring's first device) is the
     median of the others' links to it, assuming a symmetric LAN; its RAM is what the draft model (``draft_bytes``,
@@ -63,7 +66,7 @@ def devices_from_profiles(profiles: list[AgentProfile], draft_bytes: int = 0) ->
     missing = [p.name for p in profiles if p.name not in devices]
     if missing:
         raise PlanError(f"agents without a device profile: {', '.join(missing)}")
-    head = head_of(profiles, draft_bytes)
+    head = head_of(profiles, draft_bytes, output_bytes)
     others = sorted((p for p in profiles if p.name != head.name), key=lambda p: p.name)
     links = sorted((d.link_ms, d.link_mbps) for p in others if (d := devices[p.name]).link_mbps > 0)
     mid = links[len(links) // 2] if links else (0.0, 10_000.0)
@@ -135,7 +138,10 @@ def make_plan(
     if not profiles:
         raise PlanError("no agents to plan for")
     spec = parse_cluster(
-        {"model": shape.model_dump(), "devices": [d.model_dump() for d in devices_from_profiles(profiles, draft_bytes)]}
+        {
+            "model": shape.model_dump(),
+            "devices": [d.model_dump() for d in devices_from_profiles(profiles, draft_bytes, shape.output_bytes)],
+        }
     )
     result = plan_cluster(spec, planner, ks)
     by_name = {p.name: p for p in profiles}
