@@ -134,16 +134,22 @@ def test_a_draft_ahead_that_guessed_right_is_the_next_draft_without_decoding(smo
 
 def test_a_draft_model_behind_the_history_catches_up_in_the_background(smollm2, smollm2_ref):
     """After plain trips the draft sequence lacks the tokens since its last draft: ``ready`` says so and
-    brings it up on the drafter's thread, so the probe that follows decodes at most its own few tokens on
-    the caller's thread (it decoded all 30 there before: 469 ms for 38 tokens on home4's head), and its draft
-    is still the greedy one."""
+    brings it up on the drafter's thread (not ready while that runs, and only one catch-up at a time), so the
+    draft that follows decodes at most its own few tokens on the caller's thread (it decoded all 30 there
+    before: 469 ms for 38 tokens on home4's head), and it is still the greedy draft. A draft ahead that
+    drafts the next trip's tokens is worth waiting for: ready."""
     d = ModelDrafter(smollm2, n_ctx=128, n_seq=1, n_threads=1)
     caller: list[int] = []
+    ahead: list[int] = []
+    hold = threading.Event()
     forward = d.window.forward
 
     def counted(*args, **kwargs):
         if threading.current_thread() is threading.main_thread():
             caller.append(len(args[0]))
+        else:
+            ahead.append(len(args[0]))
+            hold.wait(30)
         return forward(*args, **kwargs)
 
     d.window.forward = counted
@@ -151,13 +157,21 @@ def test_a_draft_model_behind_the_history_catches_up_in_the_background(smollm2, 
         history = list(range(200, 230))
         d.draft(0, history, 1)
         later = history + list(range(300, 330))  # 30 plain trips later
-        assert not d.ready(0, later)
-        d._settle(0)  # the catch-up ends (a probe would have waited a trip or more)
-        assert d.ready(0, later) and d.ready(0, [*later, 7])
+        assert not d.ready(0, later) and not d.ready(0, [*later, 7])  # catching up, held
+        hold.set()
+        d._ahead[0].future.result()
+        assert ahead[0] >= 30  # one catch-up, of the whole lag
+        assert d.ready(0, [*later, 7])
         caller.clear()
-        assert d.draft(0, [*later, 7], 2) == smollm2_ref.greedy([*later, 7], 2)[0]
+        drafts = d.draft(0, [*later, 7], 2)
+        assert drafts == smollm2_ref.greedy([*later, 7], 2)[0]
         assert sum(caller) <= 3 and d.catch_up_ms(0) == 0.0
+        hold.clear()
+        d.draft_ahead(0, [*later, 7, *drafts], 3)  # the next trip's draft, held
+        assert d.ready(0, [*later, 7, drafts[0], 9])
+        hold.set()
     finally:
+        hold.set()
         d.close()
 
 

@@ -143,10 +143,11 @@ class GammaChooser:
         return self._probing
 
     def defer(self) -> None:
-        """The probe just chosen does not go (its drafter is not ready to draft cheaply): the next trip probes
-        instead, and this one is plain."""
-        self._probing = False
-        self._next_probe = self._trips + 1
+        """The γ just chosen does not go (its drafter is not ready to draft cheaply) and the trip is plain; a
+        probe goes on the next trip instead."""
+        if self._probing:
+            self._probing = False
+            self._next_probe = self._trips + 1
 
     def record(
         self,

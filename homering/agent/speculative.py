@@ -154,8 +154,8 @@ class SpeculativeSession(HeadSession):
             gamma = len(drafts)
         else:
             gamma = self.gamma.choose(room, self.s)
-            if gamma and self.gamma.probing and not self.drafter.ready(self.slot.seq_id, history):
-                self.gamma.defer()  # a probe goes once the draft model has caught up, which it does in the background
+            if gamma and not self.drafter.ready(self.slot.seq_id, history):
+                self.gamma.defer()  # no trip waits for the draft model to catch up: it does so in the background
                 gamma = 0
             drafts = self.drafter.draft(self.slot.seq_id, history, gamma)[:gamma] if gamma else []
         catch_up = self.drafter.catch_up_ms(self.slot.seq_id) if gamma else 0.0

@@ -38,6 +38,7 @@ class _Ahead:
     future: Future[list[int]] | None = None
     tokens: list[int] = field(default_factory=list)
     wanted: list[int] | None = None
+    catch_up: bool = False  # started to bring the sequence up to the history (ModelDrafter.ready), not for a draft
 
     def done(self) -> bool:
         """Whether its drafting has ended (its tokens are all there)."""
@@ -100,19 +101,20 @@ class ModelDrafter:
             return self._token_ms or 0.0
 
     def ready(self, seq_id: int, history: list[int]) -> bool:
-        """Whether a draft after ``history`` would decode only its own tokens: the draft sequence lacks at most
-        :data:`READY_LAG` of them and no draft ahead of ``seq_id`` is in flight. If not, a draft ahead of one
-        token starts bringing the sequence up to ``history`` on the drafter's thread (unless one runs), so
-        that a caller who can wait a trip, such as a probe after plain trips, never waits for a catch-up (a
-        long history takes about a decode per 2 tokens: 469 ms for 38 tokens of SmolLM2 on home4's head)."""
+        """Whether a draft after ``history`` would cost only its own tokens: a draft ahead of ``seq_id`` is
+        drafting (the draft waits for its tokens, as :meth:`draft` says), or the draft sequence lacks at most
+        :data:`READY_LAG` of the history's tokens. If not, a draft ahead of one token starts bringing the
+        sequence up to ``history`` on the drafter's thread (unless one does already), so that a head which
+        can decode plainly meanwhile never waits for a catch-up: a long history takes about a decode per 2
+        tokens (469 ms for 38 tokens of SmolLM2 on home4's head, a probe's stall before this check)."""
         with self._lock:
-            running = seq_id in self._ahead and not self._ahead[seq_id].done()
+            ahead = self._ahead.get(seq_id)
             cached = self._cached.get(seq_id, [])
-        if running:
-            return False
+        if ahead is not None and not ahead.done():
+            return not ahead.catch_up
         if len(history) - _common_prefix(cached, history) <= READY_LAG:
             return True
-        self.draft_ahead(seq_id, history, 1)
+        self.draft_ahead(seq_id, history, 1, catch_up=True)
         return False
 
     def draft(self, seq_id: int, history: list[int], gamma: int) -> list[int]:
@@ -124,10 +126,8 @@ class ModelDrafter:
         ``history`` part."""
         ahead = self._settle(seq_id, history)
         if ahead is not None:
-            assumed, toks = ahead
-            n = len(assumed)
-            if toks and len(history) == n + 1 and history[n] == toks[0] and history[:n] == assumed:
-                ready = toks[1 : 1 + gamma]
+            if ahead.tokens and not ahead.useless():
+                ready = ahead.tokens[1 : 1 + gamma]
                 with self._lock:
                     self._catch_up[seq_id] = 0.0
                     self.ahead_kept += 1
@@ -138,7 +138,7 @@ class ModelDrafter:
                 self.ahead_lost += 1
         return self._draft(seq_id, history, gamma, timed=True)
 
-    def draft_ahead(self, seq_id: int, history: list[int], n: int) -> None:
+    def draft_ahead(self, seq_id: int, history: list[int], n: int, *, catch_up: bool = False) -> None:
         """Start drafting ``n`` tokens to follow ``history`` on a thread of the drafter's own, while the trip
         that verifies ``history``'s drafts is in flight; the next :meth:`draft` of ``seq_id`` waits for it.
 
@@ -147,27 +147,29 @@ class ModelDrafter:
         compute instead of adding to them. A wrong guess costs the head CPU time during the trip, and the
         next draft drops its cache back to where it parts from the history (as after a rejection): the trip's
         outcome stops it after the token it is decoding (:meth:`draft`). The idea is the asynchronous drafting
-        of pipelined speculative decoding (e.g. PipeSpec, McDanel et al. 2025)."""
+        of pipelined speculative decoding (e.g. PipeSpec, McDanel et al. 2025). ``catch_up``: it is started
+        to bring the sequence up to ``history`` (:meth:`ready`)."""
         if n <= 0:
             return
         self._settle(seq_id)
-        ahead = _Ahead(list(history))
+        ahead = _Ahead(list(history), catch_up=catch_up)
         ahead.future = self._pool.submit(self._draft, seq_id, ahead.assumed, n, ahead=ahead)
         with self._lock:
             self._ahead[seq_id] = ahead
 
-    def _settle(self, seq_id: int, history: list[int] | None = None) -> tuple[list[int], list[int]] | None:
-        """Wait for ``seq_id``'s draft ahead, if any: (the history it assumed, its tokens), or None (none, or
-        it failed: a draft that follows starts over from the cache and says what is wrong). With the
-        ``history`` the next draft follows, a draft ahead that cannot lead to it stops at once (after the
-        token it is decoding): the head waits for what it needs, not for a wrong guess to finish."""
+    def _settle(self, seq_id: int, history: list[int] | None = None) -> _Ahead | None:
+        """Wait for ``seq_id``'s draft ahead, if any, and return it, ended; None: none, or it failed (a draft
+        that follows starts over from the cache and says what is wrong). With the ``history`` the next draft
+        follows (its ``wanted``), a draft ahead that cannot lead to it stops at once (after the token it is
+        decoding): the head waits for what it needs, not for a wrong guess to finish."""
         with self._lock:
             ahead = self._ahead.pop(seq_id, None)
         if ahead is None or ahead.future is None:
             return None
         ahead.wanted = history  # from now on it stops at the first token that shows it useless
         try:
-            return ahead.assumed, ahead.future.result()
+            ahead.future.result()
+            return ahead
         except Exception as e:  # noqa: BLE001 - the drafting that follows meets it again, on the caller's thread
             log.debug("a draft ahead failed: %s", e)
             return None
