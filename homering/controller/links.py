@@ -53,10 +53,10 @@ class LinkProber:
             self._reports[report.probe_id] = report
 
     async def measure(
-        self, agents: list[AgentProfile], draft_bytes: int = 0, output_bytes: int = 0
+        self, agents: list[AgentProfile], draft_bytes: int = 0, head_bytes: int = 0
     ) -> list[AgentProfile]:
         """The agents with ``device.link_*`` filled in by their measured link to the head (:func:`head_of`, with a
-        draft model of ``draft_bytes`` and the target's ``output_bytes``); an agent whose probe fails is left out
+        draft model of ``draft_bytes`` and the target's ``head_bytes``); an agent whose probe fails is left out
         (it could not reach the head).
 
         Raises:
@@ -64,7 +64,7 @@ class LinkProber:
         """
         if len(agents) < 2:
             return agents
-        head = head_of(agents, draft_bytes, output_bytes)
+        head = head_of(agents, draft_bytes, head_bytes)
         out = []
         for p in agents:
             if p.name == head.name:

@@ -125,7 +125,7 @@ class PlanLoader:
         s = self.settings
         shape = shape_from_gguf(s.model_path, s.n_ctx, s.n_parallel, s.n_batch)
         agents = await self.probes.measure(
-            [p for p in m.profiled_agents() if identity(p) in members], s.draft_bytes, shape.output_bytes
+            [p for p in m.profiled_agents() if identity(p) in members], s.draft_bytes, shape.head_bytes
         )
         if not agents:
             raise HomeringError("no agents left to plan for")

@@ -17,7 +17,7 @@ from homering.wire import AgentProfile, Plan, PlanAgent, PredictedCost, WindowAs
 log = logging.getLogger("homering.controller")
 
 
-def head_of(profiles: list[AgentProfile], draft_bytes: int = 0, output_bytes: int = 0) -> AgentProfile:
+def head_of(profiles: list[AgentProfile], draft_bytes: int = 0, head_bytes: int = 0) -> AgentProfile:
     """The head: the agent with the most available RAM (ties: by name).
 
     The measured device profile's RAM counts when there is one (it sees cgroup
@@ -27,11 +27,11 @@ def head_of(profiles: list[AgentProfile], draft_bytes: int = 0, output_bytes: in
     token on its own CPU: a draft costs it about as much as a trip's share of the target's compute (SmolLM2
     Q4_1 drafting for its F16 twin: 11.4 against 13.2 ms per token on one core here), so the head is then the
     agent that computes fastest (least ``cpu_ms_per_layer``; ties: more RAM) among those whose RAM holds the
-    draft twice over (the draft beside its share of the target) and the target's ``output_bytes`` (its output
-    head, which the head holds whatever its share); the most RAM when none does. Without the output counted, a
-    small head was picked for the 1B no-agreement pair of ``bench speculative`` (148 MB of output head, 98 MB of
-    draft, 215 MiB available): its layers streamed from disk every token, 10x slower. This is what prima.cpp's
-    speculative mode leaves to the user, who starts the draft on the head (rank 0).
+    draft and the least a head holds of the target, ``head_bytes`` (:attr:`ModelShape.head_bytes`: its output
+    head and one layer with its buffers); the most RAM when none does. On home4 (``bench speculative``), D1,
+    the fastest CPU, holds 214 MiB: the 94 MiB Q4_1 draft beside 83 MiB of SmolLM2 F16's head share or 110 of
+    the 1B no-agreement target's. A small head drafts well when the planner gives it few layers. This is what
+    prima.cpp's speculative mode leaves to the user, who starts the draft on the head (rank 0).
     """
 
     def ram(p: AgentProfile) -> float:
@@ -40,24 +40,27 @@ def head_of(profiles: list[AgentProfile], draft_bytes: int = 0, output_bytes: in
     most_ram = max(profiles, key=lambda p: (ram(p), [-ord(c) for c in p.name]))
     if draft_bytes <= 0:
         return most_ram
-    fits = [p for p in profiles if p.device is not None and ram(p) >= 2 * draft_bytes + output_bytes]
+    fits = [p for p in profiles if p.device is not None and ram(p) >= draft_bytes + head_bytes]
     head = min(fits, key=lambda p: (p.device.cpu_ms_per_layer if p.device else 0.0, -ram(p), p.name), default=most_ram)
     seen = ", ".join(
         f"{p.name} {ram(p) / 2**20:.0f} MiB {p.device.cpu_ms_per_layer if p.device else 0:.3f} ms/layer"
         for p in profiles
     )
-    why = "the fastest with RAM for twice the draft and the output" if fits else "no agent has that RAM: the most"
-    log.info("head %s (%s, %.0f + %.0f MiB): %s", head.name, why, draft_bytes / 2**20, output_bytes / 2**20, seen)
+    why = "the fastest with RAM for the draft and a head's share" if fits else "no agent has that RAM: the most"
+    log.info("head %s (%s, %.0f + %.0f MiB): %s", head.name, why, draft_bytes / 2**20, head_bytes / 2**20, seen)
     return head
 
 
-def devices_from_profiles(profiles: list[AgentProfile], draft_bytes: int = 0, output_bytes: int = 0) -> list[Device]:
+def devices_from_profiles(profiles: list[AgentProfile], draft_bytes: int = 0, head_bytes: int = 0) -> list[Device]:
     """Planner devices from agents' measured profiles, sorted by name, the head (:func:`head_of`, with a draft
-    model of ``draft_bytes`` and a target whose output head takes ``output_bytes``) flagged and last.
+    model of ``draft_bytes`` and a target of which a head holds at least ``head_bytes``) flagged and last.
 
     The head's own ``link_*`` (its hop back to the ring's first device) is the
-    median of the others' links to it, assuming a symmetric LAN; its RAM is what the draft model (``draft_bytes``,
-    whole on the head) leaves.
+    median of the others' links to it, assuming a symmetric LAN. Its RAM is not charged for the draft model: the
+    draft's weights are mapped pages that the kernel reclaims first while drafts are not kept (γ = 0), and a
+    plan made for a busy draft stays when the draft is idle. Charged, the 1B no-agreement pair of ``bench
+    speculative`` put its head in overflow mode, streaming its layers from disk every token (1.0 against 10.7
+    tokens/s); uncharged, a busy draft that crowds the head slows the trips it drafts for, and γ falls.
 
     Raises:
         PlanError: an agent has not published a measured device profile.
@@ -66,7 +69,7 @@ def devices_from_profiles(profiles: list[AgentProfile], draft_bytes: int = 0, ou
     missing = [p.name for p in profiles if p.name not in devices]
     if missing:
         raise PlanError(f"agents without a device profile: {', '.join(missing)}")
-    head = head_of(profiles, draft_bytes, output_bytes)
+    head = head_of(profiles, draft_bytes, head_bytes)
     others = sorted((p for p in profiles if p.name != head.name), key=lambda p: p.name)
     links = sorted((d.link_ms, d.link_mbps) for p in others if (d := devices[p.name]).link_mbps > 0)
     mid = links[len(links) // 2] if links else (0.0, 10_000.0)
@@ -78,7 +81,7 @@ def devices_from_profiles(profiles: list[AgentProfile], draft_bytes: int = 0, ou
             Device(
                 name=p.name,
                 os=d.os,
-                ram_gib=max(0.0, d.ram_gib - draft_bytes / 2**30) if p is head else d.ram_gib,
+                ram_gib=d.ram_gib,
                 disk_gbps=d.disk_gbps,
                 fault_gbps=d.fault_gbps,
                 cpu_ms_per_layer=d.cpu_ms_per_layer,
@@ -140,7 +143,7 @@ def make_plan(
     spec = parse_cluster(
         {
             "model": shape.model_dump(),
-            "devices": [d.model_dump() for d in devices_from_profiles(profiles, draft_bytes, shape.output_bytes)],
+            "devices": [d.model_dump() for d in devices_from_profiles(profiles, draft_bytes, shape.head_bytes)],
         }
     )
     result = plan_cluster(spec, planner, ks)

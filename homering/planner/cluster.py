@@ -115,6 +115,12 @@ class ModelShape(_Strict):
         return min(k, int(first) + int(head))
 
     @property
+    def head_bytes(self) -> int:
+        """The least the head of a ring holds: one layer with its KV cache (b'), its logits window's compute
+        buffer (c_v) and the output head (o)."""
+        return self.layer_kv_bytes + self.buffer_bytes(1, 1) + self.output_bytes
+
+    @property
     def layer_kv_bytes(self) -> int:
         """b' = b + kv."""
         return self.layer_bytes + self.kv_bytes_per_layer
