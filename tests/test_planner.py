@@ -275,9 +275,10 @@ def test_head_is_the_agent_whose_cgroup_leaves_the_most_ram():
 
 
 def test_a_head_that_drafts_is_the_fastest_agent_with_room_for_the_draft():
-    """With a draft model the head drafts every token on its CPU: the fastest agent whose RAM holds the draft
-    and the least a head holds of the target (its output head, one layer) is the head; without a draft (or
-    without room for it anywhere) the most RAM decides."""
+    """With a draft model the head drafts every token on its CPU beside its share of the ring: among the agents
+    whose RAM holds the draft and the least a head holds of the target (its output head, one layer), the one
+    with the least CPU time for a draft and its share is the head; without a draft (or without room for it
+    anywhere) the most RAM decides."""
     from homering.controller.plans import devices_from_profiles, head_of, make_plan
 
     fast, slow_big, fastest_tiny = (
@@ -291,6 +292,10 @@ def test_a_head_that_drafts_is_the_fastest_agent_with_room_for_the_draft():
     assert head_of(agents, draft).name == "a-laptop"
     assert head_of(agents, 10 * GIB).name == "b-desktop"
     assert head_of(agents, draft, 300 << 20).name == "b-desktop"  # a-laptop's 358 MiB: not a head's share beside it
+    d1, d2, d3 = _agent("d1", 9003, 0.21, 0.407), _agent("d2", 9004, 0.45, 0.506), _agent("d3", 9005, 1.16, 0.379)
+    assert (
+        head_of([d1, d2, d3], 94 << 20, 83 << 20).name == "d1"
+    )  # home4's F16 pair: d3 is 7% faster, with 5x the share
     shape = ModelShape(
         n_layers=30, layer_bytes=2_216_448, kv_bytes_per_layer=1 << 20, output_bytes=30_000_000, hidden_bytes=2304
     )

@@ -24,13 +24,15 @@ def head_of(profiles: list[AgentProfile], draft_bytes: int = 0, head_bytes: int 
     limits); the machine-wide ``ram_available`` otherwise.
 
     With a draft model of ``draft_bytes`` (speculative decoding, ``--draft MODEL``), the head drafts every
-    token on its own CPU: a draft costs it about as much as a trip's share of the target's compute (SmolLM2
-    Q4_1 drafting for its F16 twin: 11.4 against 13.2 ms per token on one core here), so the head is then the
-    agent that computes fastest (least ``cpu_ms_per_layer``; ties: more RAM) among those whose RAM holds the
-    draft and the least a head holds of the target, ``head_bytes`` (:attr:`ModelShape.head_bytes`: its output
-    head and one layer with its buffers); the most RAM when none does. On home4 (``bench speculative``), D1,
-    the fastest CPU, holds 214 MiB: the 94 MiB Q4_1 draft beside 83 MiB of SmolLM2 F16's head share or 110 of
-    the 1B no-agreement target's. A small head drafts well when the planner gives it few layers. This is what
+    token on its own CPU, beside its own share of the ring: a draft costs about as much as the whole target
+    on one core (SmolLM2 Q4_1 drafting for its F16 twin: 11.4 against 13.2 ms per token here). The head is
+    then, among the agents whose RAM holds the draft and the least a head holds of the target,
+    ``head_bytes`` (:attr:`ModelShape.head_bytes`: its output head and one layer with its buffers), the one
+    with the least CPU time per token for a draft and its share, ``cpu_ms_per_layer · (1 + share)``, its
+    share estimated as its part of the agents' RAM (as the memory-driven planners split the layers; ties:
+    more RAM); the most RAM when none fits. On home4 (``bench speculative``, 13 invocations) the F16 pair ran
+    1.51-1.74x plain decoding with D1 (1.0 core, 215 MiB: 4 of 30 layers) as head, 1.24-1.42x with D3
+    (0.875 core, 1187 MiB: 16 layers), which its profile measured 7% faster per layer. This is what
     prima.cpp's speculative mode leaves to the user, who starts the draft on the head (rank 0).
     """
 
@@ -41,12 +43,17 @@ def head_of(profiles: list[AgentProfile], draft_bytes: int = 0, head_bytes: int 
     if draft_bytes <= 0:
         return most_ram
     fits = [p for p in profiles if p.device is not None and ram(p) >= draft_bytes + head_bytes]
-    head = min(fits, key=lambda p: (p.device.cpu_ms_per_layer if p.device else 0.0, -ram(p), p.name), default=most_ram)
+    total = sum(ram(p) for p in profiles) or 1.0
+
+    def busy(p: AgentProfile) -> float:  # CPU time per token, per layer of the target: a draft and its share
+        return (p.device.cpu_ms_per_layer if p.device else 0.0) * (1 + ram(p) / total)
+
+    head = min(fits, key=lambda p: (busy(p), -ram(p), p.name), default=most_ram)
     seen = ", ".join(
         f"{p.name} {ram(p) / 2**20:.0f} MiB {p.device.cpu_ms_per_layer if p.device else 0:.3f} ms/layer"
         for p in profiles
     )
-    why = "the fastest with RAM for the draft and a head's share" if fits else "no agent has that RAM: the most"
+    why = "the least busy with RAM for the draft and a head's share" if fits else "no agent has that RAM: the most"
     log.info("head %s (%s, %.0f + %.0f MiB): %s", head.name, why, draft_bytes / 2**20, head_bytes / 2**20, seen)
     return head
 
