@@ -30,8 +30,8 @@ def head_of(profiles: list[AgentProfile], draft_bytes: int = 0, head_bytes: int 
     ``head_bytes`` (:attr:`ModelShape.head_bytes`: its output head and one layer with its buffers), the one
     with the least CPU time per token for a draft and its share, ``cpu_ms_per_layer · (1 + share)``, its
     share estimated as its part of the agents' RAM (as the memory-driven planners split the layers; ties:
-    more RAM); the most RAM when none fits. On home4 (``bench speculative``) the F16 pair ran 1.48-1.87x plain
-    decoding with D1 (1.0 core, 215 MiB: 4 of 30 layers) as head in 13 invocations, 1.24-1.42x with D3
+    more RAM); the most RAM when none fits. On home4 (``bench speculative``) the F16 pair ran 1.48-1.82x plain
+    decoding with D1 (1.0 core, 215 MiB: 4 of 30 layers) as head in 12 invocations, 1.24-1.42x with D3
     (0.875 core, 1187 MiB: 16 layers) in 4, although its profile measured D3 7% faster per layer. This is what
     prima.cpp's speculative mode leaves to the user, who starts the draft on the head (rank 0).
     """
