@@ -136,7 +136,7 @@ def test_a_draft_model_behind_the_history_catches_up_in_the_background(smollm2, 
     """After plain trips the draft sequence lacks the tokens since its last draft: ``ready`` says so and
     brings it up on the drafter's thread (not ready while that runs, and only one catch-up at a time), so the
     draft that follows decodes at most its own few tokens on the caller's thread (it decoded all 30 there
-    before: 469 ms for 38 tokens on home4's head), and it is still the greedy draft. A draft ahead that
+    before; 469 ms for a prompt and 37 tokens on home4's head), and it is still the greedy draft. A draft ahead that
     drafts the next trip's tokens is worth waiting for: ready."""
     d = ModelDrafter(smollm2, n_ctx=128, n_seq=1, n_threads=1)
     caller: list[int] = []

@@ -105,8 +105,8 @@ class ModelDrafter:
         drafting (the draft waits for its tokens, as :meth:`draft` says), or the draft sequence lacks at most
         :data:`READY_LAG` of the history's tokens. If not, a draft ahead of one token starts bringing the
         sequence up to ``history`` on the drafter's thread (unless one does already), so that a head which
-        can decode plainly meanwhile never waits for a catch-up: a long history takes about a decode per 2
-        tokens (469 ms for 38 tokens of SmolLM2 on home4's head, a probe's stall before this check)."""
+        can decode plainly meanwhile never waits for a catch-up (469 ms on home4's head for a prompt and the 37
+        tokens after it, a probe's stall before this check)."""
         with self._lock:
             ahead = self._ahead.get(seq_id)
             cached = self._cached.get(seq_id, [])
