@@ -6,7 +6,8 @@ last kept token plus γ draft tokens (:mod:`homering.engine.drafting`) as one FO
 n … n + γ, and the head's last window returns the logits of all of them. The head keeps the longest prefix
 of drafts its own sampler agrees with plus one token (:func:`~homering.engine.drafting.verify_rows`); the
 next trip starts with a KV_REMOVE frame in the same group, so every window drops the rejected positions
-(``llama_memory_seq_rm`` from the first one) before it decodes. γ adapts (:class:`GammaChooser`).
+(``llama_memory_seq_rm`` from the first one) before it decodes. γ adapts (:class:`GammaChooser`). A
+prompt lookup's next trip goes before this one is back (:meth:`SpeculativeSession._send_ahead`).
 
 Sources: Leviathan et al. 2023, "Fast inference from transformers via speculative decoding"; Chen et al.
 2023, "Accelerating large language model decoding with speculative sampling"; prima.cpp's speculative ring.
@@ -18,13 +19,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from homering.agent.embedding import EmbedSession
 from homering.agent.gamma import AHEAD_MIN, GammaChooser
-from homering.agent.generation import Emit, HeadSession, Session
+from homering.agent.generation import Emit, HeadSession, Session, ring_stall_s
 from homering.agent.ring import Ring
 from homering.agent.slots import Slot
 from homering.engine.draft_model import ModelDrafter
@@ -56,6 +58,10 @@ class SpeculativeSession(HeadSession):
         self.drafted = self.accepted = self.trips = 0
         self.trip_ms = self.draft_ms = 0.0  # in all: around the ring, and drafting (or waiting for a draft ahead)
         self._last: tuple[int, int, float, float, float] | None = None  # γ, drafted, trip/draft/catch-up ms
+        self._sent: _Sent | None = None  # the trip sent ahead (:meth:`_send_ahead`)
+        self.sent_ahead = self.ahead_kept = 0  # trips sent ahead, and those that were the next trip
+        self._stale = 0  # frames of stale trips sent ahead still to come back (dropped)
+        self._t_back = 0.0  # when the last trip's logits came back (perf_counter s)
 
     def run(self) -> StreamEvent:
         try:
@@ -72,6 +78,8 @@ class SpeculativeSession(HeadSession):
         if isinstance(self.drafter, ModelDrafter):
             d = self.drafter
             log.info("drafts ahead so far: %d were the next draft, %d not", d.ahead_kept, d.ahead_lost)
+        else:
+            log.info("trips sent ahead: %d, %d of them the next trip", self.sent_ahead, self.ahead_kept)
         return end
 
     def _generate(self, sampler: SamplerChain) -> None:
@@ -107,10 +115,10 @@ class SpeculativeSession(HeadSession):
                         g, drafted, trip_ms, draft_ms, accepted=min(kept - 1, drafted), catch_up_ms=catch_up,
                         token_ms=(self.drafter.token_ms or None) if isinstance(self.drafter, ModelDrafter) else None,
                     )  # fmt: skip
+                sent, self._sent = self._sent, None
                 if not ended:
-                    hole = len(drafts) + 1 - kept  # rejected positions the KV caches still hold
                     pos += kept
-                    pending, drafts = self._trip(pos - 1, hole, max_new - new)
+                    pending, drafts = self._next(sent, pos, len(drafts) + 1 - kept, max_new - new)
                 for event in events:
                     if event is not None:
                         self.emit(event)
@@ -118,6 +126,67 @@ class SpeculativeSession(HeadSession):
                     break
                 rows = pending()
         self.t_end = time.perf_counter()
+
+    def _next(self, sent: _Sent | None, pos: int, hole: int, room: int) -> tuple[Callable[[], np.ndarray], list[int]]:
+        """The next trip after a trip came back, whose last kept token is at ``pos - 1`` and whose ``hole``
+        rejected positions the KV caches still hold: the trip ``sent`` ahead if it is valid (it starts with
+        that token there), else a new one (:meth:`_trip`), after ``sent``'s positions too."""
+        if sent is not None and not hole and sent.pos == pos - 1 and sent.tokens[0] == self.tokens[-1]:
+            drafts = sent.tokens[1:]
+            self.drafted += len(drafts)
+            self.trips += 1
+            self.ahead_kept += 1
+            history = list(self.job.prompt_token_ids) + self.tokens + drafts
+            self._send_ahead(history, sent.pos + len(sent.tokens), len(drafts), room - len(sent.tokens))
+            return self._rows(sent.frames, sent.pos, len(drafts), 0.0, 0.0, self._t_back), drafts
+        if sent is not None:  # stale: its frames are dropped and its positions too
+            self._stale += len(sent.frames)
+            hole = sent.pos + len(sent.tokens) - (pos - 1)  # every position from the next trip's first on
+        return self._trip(pos - 1, hole, room)
+
+    def _send_ahead(self, history: list[int], pos: int, gamma: int, left: int) -> None:
+        """Pipelined speculation: send the next trip, at ``pos``, before the trip of ``gamma`` drafts in flight is
+        back, so that at most two are in flight; ``history`` is the sequence if that trip
+        keeps every draft, with ``left`` tokens left to generate after it.
+
+        A prompt lookup after ``history`` guesses the trip's extra token and the drafts that follow it; they go
+        around the ring at once as the next trip. When the first trip is back, the
+        one sent ahead is the next trip if the first kept every draft and its extra token is the guess: its
+        logits follow the same tokens at the same positions as a trip sent afterwards would, so answers do not
+        change, and they come back right after the first trip's instead of a trip later. Otherwise it is stale:
+        its frames are dropped when they come back, and the next trip's KV_REMOVE drops its positions in every
+        window (the ring is FIFO, so the KV_REMOVE follows the stale trip everywhere).
+
+        Only for prompt lookups (they cost the head nothing); while the request is alone on a ring of several
+        agents (with others, their trips keep the devices busy already) with one round (an agent drops
+        positions from all its windows when a KV_REMOVE passes it in the first round, and a stale trip still on
+        its way to a later round would put them back); when the trip drafted and its whole draft is likely
+        kept (α^(γ+1) ≥ :data:`~homering.agent.gamma.AHEAD_MIN`).
+
+        Measured on home4 (``bench speculative``): the n-gram prompts went 1.48-1.65× plain decoding with trips
+        ahead (9 invocations, 1.58× on average) against 1.44-1.47× without (4). A draft model's next draft
+        already overlaps the trip (:meth:`~homering.engine.draft_model.ModelDrafter.draft_ahead`); with its
+        trips sent ahead too, the F16/Q4_1 pair went 1.66-1.87× against 1.72-1.92× (5 each): the head's CPU
+        drafts at its limit there, and the drafts ahead that a rejection wastes only add to it.
+
+        The idea is pipelined speculative decoding's (PipeSpec, McDanel et al. 2025), with one trip ahead."""
+        ring = self.ring
+        if not (
+            isinstance(self.drafter, NgramDrafter)
+            and gamma > 0
+            and len(ring.plan.ring) > 1
+            and ring.plan.k == 1
+            and len(ring.slots) == 1
+            and self.gamma.alpha ** (gamma + 1) >= AHEAD_MIN
+        ):
+            return
+        ahead = self.drafter.propose(history, min(left, ring.plan.n_ctx - pos, ring.plan.n_batch), self.s)
+        if not ahead:
+            return
+        frames = [Frame.forward(self.slot.number, self.slot.seq_id, pos, np.asarray(ahead, dtype=np.int32), rows=True)]
+        self.ring.submit(self.slot, frames)
+        self._sent = _Sent(ahead, pos, frames)
+        self.sent_ahead += 1
 
     def _keep(
         self, sampler: SamplerChain, rows: np.ndarray, drafts: list[int], room: int
@@ -146,7 +215,7 @@ class SpeculativeSession(HeadSession):
         latest cells, and its logits then change (measured: up to 0.8 on SmolLM2), so answers would drift.
         Alone, no padding: a request that starts later fills the hole with its first cells, in its own order,
         and every later cell of either sequence lies beyond them."""
-        room = min(room - 1, self.ring.plan.n_ctx - pos - 1, self.ring.plan.n_batch - 1)
+        left, room = room, min(room - 1, self.ring.plan.n_ctx - pos - 1, self.ring.plan.n_batch - 1)
         t0 = time.perf_counter()
         history = list(self.job.prompt_token_ids) + self.tokens
         if isinstance(self.drafter, NgramDrafter):  # a lookup is free: look first, draft as far as it is trusted
@@ -164,32 +233,56 @@ class SpeculativeSession(HeadSession):
         drafts += [(drafts or self.tokens)[-1]] * (refill - len(drafts))
         t1 = time.perf_counter()
         tokens = np.asarray([self.tokens[-1], *drafts], dtype=np.int32)
-        wait = self._verify(tokens, pos, hole > 0)
+        frames = self._verify(tokens, pos, hole > 0)
         if whole and self.gamma.alpha ** (gamma + 1) >= AHEAD_MIN:  # the next draft, while the trip runs
             self.drafter.draft_ahead(self.slot.seq_id, history + drafts, gamma + 1)
+        if whole and frames is not None:
+            self._send_ahead(history + drafts, pos + len(tokens), gamma, left - len(tokens))
         self.drafted += len(drafts)
         self.trips += 1
+        if frames is None:  # a one-agent ring: the windows run when the logits are wanted
+            here = (t1 - t0) * 1000
+            return (lambda: self._timed(self._verify_here(tokens, pos, hole > 0), gamma, t1, here, catch_up)), drafts
+        return self._rows(frames, pos, gamma, (t1 - t0) * 1000, catch_up, t1), drafts
+
+    def _rows(
+        self, frames: list[Frame], pos: int, gamma: int, draft_ms: float, catch_up: float, t_start: float
+    ) -> Callable[[], np.ndarray]:
+        """A function that waits for the logits of a trip's ``frames`` (sent) ((γ + 1, n_vocab)) and notes its
+        time: around the ring since ``t_start`` (perf_counter s), after ``draft_ms`` of drafting."""
 
         def rows() -> np.ndarray:
-            out = np.atleast_2d(wait())
-            self._last = (gamma, len(drafts), (time.perf_counter() - t1) * 1000, (t1 - t0) * 1000, catch_up)
-            self.trip_ms += self._last[2]
-            self.draft_ms += self._last[3]
-            return out
+            return self._timed(self._logits(self._wait(frames), pos), gamma, t_start, draft_ms, catch_up)
 
-        return rows, drafts
+        return rows
 
-    def _verify(self, tokens: np.ndarray, pos: int, stale: bool) -> Callable[[], np.ndarray]:
-        """Start running ``tokens`` at ``pos`` … through every window (after dropping positions >= ``pos``
-        when ``stale``); a function that waits for (on a one-agent ring, computes) the logits of every
-        token."""
-        ring, seq = self.ring, self.slot.seq_id
-        if len(ring.plan.ring) == 1:
-            return lambda: self._verify_here(tokens, pos, stale)
-        frames = [Frame.kv_remove(self.slot.number, seq, pos)] if stale else []
-        frames.append(Frame.forward(self.slot.number, seq, pos, tokens, rows=True))
+    def _timed(self, logits: np.ndarray, gamma: int, t_start: float, draft_ms: float, catch_up: float) -> np.ndarray:
+        """A trip's logits are back ((γ + 1, n_vocab)): note its times for the γ chooser (around the ring since
+        ``t_start``, perf_counter s; ``draft_ms`` drafting before it, ``catch_up`` ms of which caught up)."""
+        self._t_back = time.perf_counter()
+        out = np.atleast_2d(logits)
+        self._last = (gamma, out.shape[0] - 1, (self._t_back - t_start) * 1000, draft_ms, catch_up)
+        self.trip_ms += self._last[2]
+        self.draft_ms += self._last[3]
+        return out
+
+    def _wait(self, frames: list[Frame]) -> np.ndarray | None:
+        """As :meth:`HeadSession._wait`, after dropping the frames of stale trips sent ahead (:meth:`_send_ahead`)."""
+        while self._stale:
+            self.slot.wait(ring_stall_s(self.ring.plan, frames))
+            self._stale -= 1
+        return super()._wait(frames)
+
+    def _verify(self, tokens: np.ndarray, pos: int, stale: bool) -> list[Frame] | None:
+        """Send ``tokens`` at ``pos`` … into the ring (after dropping positions >= ``pos`` when ``stale``); the
+        frames sent, or None on a one-agent ring (:meth:`_verify_here` computes them when wanted)."""
+        if len(self.ring.plan.ring) == 1:
+            return None
+        number, seq = self.slot.number, self.slot.seq_id
+        frames = [Frame.kv_remove(number, seq, pos)] if stale else []
+        frames.append(Frame.forward(number, seq, pos, tokens, rows=True))
         self.ring.submit(self.slot, frames)
-        return lambda: self._logits(self._wait(frames), pos)
+        return frames
 
     def _verify_here(self, tokens: np.ndarray, pos: int, stale: bool) -> np.ndarray:
         """Every window of a one-agent ring in turn; the logits of every token."""
@@ -202,6 +295,16 @@ class SpeculativeSession(HeadSession):
             out = ring.meter.timed(r, len(tokens), w.forward_many, [(x, pos, seq)], [True])[0]
             x, logits = out.hidden, out.logits
         return self._logits(logits, pos)
+
+
+@dataclass
+class _Sent:
+    """A trip sent ahead (:meth:`SpeculativeSession._send_ahead`): its tokens (the guessed last kept token, then
+    its drafts), their first position, and its frames."""
+
+    tokens: list[int]
+    pos: int
+    frames: list[Frame]
 
 
 class Drafters:
