@@ -166,8 +166,9 @@ class SpeculativeSession(HeadSession):
         Measured on home4 (``bench speculative``): the n-gram prompts went 1.48-1.65× plain decoding with trips
         ahead (9 invocations, 1.58× on average) against 1.44-1.47× without (4). A draft model's next draft
         already overlaps the trip (:meth:`~homering.engine.draft_model.ModelDrafter.draft_ahead`); with its
-        trips sent ahead too, the F16/Q4_1 pair went 1.66-1.87× (7 invocations) against 1.72-1.92× (5): the head's CPU
-        drafts at its limit there, and the drafts ahead that a rejection wastes only add to it.
+        trips sent ahead too, the F16/Q4_1 pair went 1.66-1.87× (7 invocations, 48 tokens per answer) against
+        1.72-1.92× (5): the head's CPU drafts at its limit there, and the drafts ahead that a rejection wastes
+        only add to it.
 
         The idea is pipelined speculative decoding's (PipeSpec, McDanel et al. 2025), with one trip ahead."""
         ring = self.ring

@@ -321,7 +321,7 @@ def bench_cluster(spec_path, model, tokens, prompt_tokens, batch, runs, peers, o
 @click.option(
     "--tokens",
     type=click.IntRange(8, 512),
-    default=48,
+    default=128,
     show_default=True,
     help="Greedy tokens per prompt of the model pairs (the n-gram answers run to their end of generation).",
 )
