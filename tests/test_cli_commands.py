@@ -127,3 +127,36 @@ def test_importing_the_command_line_imports_no_heavy_module():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"), [((), ("-q",)), (("-v",), ("-v",)), (("-v", "-v"), ("-v", "-v")), (("-q",), ("-q", "-q"))]
+)
+def test_bench_passes_its_verbosity_to_the_clusters_it_starts(monkeypatch, flags, expected):
+    """`homering -v bench speculative|cluster …` starts the testbed's agents and controllers at -v (the head then
+    logs every speculative trip), the default one step quieter; the flags reach their command lines."""
+    import homering.bench.cluster as bench_cluster
+    import homering.bench.speculative as bench_speculative
+    from homering.bench.cluster import ClusterBench, RunConfig
+
+    seen: dict[str, tuple[str, ...]] = {}
+    monkeypatch.setattr(bench_speculative, "run_speculative_bench", lambda *a, **k: seen.update(spec=k["log_args"]))
+    monkeypatch.setattr(bench_cluster, "run_cluster_bench", lambda *a, **k: seen.update(cluster=k["log_args"]))
+    spec = str(ROOT / "examples" / "clusters" / "home4.yaml")
+    for cmd in (["bench", "speculative", "--spec", spec], ["bench", "cluster", "--spec", spec]):
+        result = CliRunner().invoke(cli, [*flags, *cmd])
+        assert result.exit_code == 0, result.output
+    assert seen == {"spec": expected, "cluster": expected}
+
+    class Testbed:  # what the command lines read of a testbed
+        def address(self, dev: str) -> str:
+            return "10.0.0.2"
+
+    bench = object.__new__(ClusterBench)  # its argv only: no testbed, no model
+    bench.tb, bench.log_args, bench.model_path, bench.n_ctx, bench.batch, bench.timeout = (
+        Testbed(), expected, Path("m.gguf"), 128, 64, 60.0
+    )  # fmt: skip
+    agent = bench._agent_argv(RunConfig("halda", "halda", planner="halda"), "mqtt://x:1883", "d1")
+    controller = bench._controller_argv(RunConfig("halda", "halda", planner="halda"), "mqtt://x:1883", 4)
+    for argv in (agent, controller):
+        assert argv[3 : 3 + len(expected)] == list(expected) and argv[3 + len(expected)] in ("agent", "controller")

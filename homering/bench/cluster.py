@@ -100,8 +100,10 @@ class ClusterBench:
         batch: int = 64,
         timeout: float = 1800.0,
         console: Console | None = None,
+        log_args: tuple[str, ...] = ("-q",),
     ):
         self.tb = testbed
+        self.log_args = log_args  # the agents' and controllers' -v/-q flags (their logs go to ``logs``)
         self.model_path = Path(model_path)
         self.tokens = tokens
         self.prompt = prompt_ids(self.model_path, prompt_tokens)
@@ -205,7 +207,7 @@ class ClusterBench:
         """The command line of device ``dev``'s agent in run ``cfg``, on the broker at ``url``."""
         release = [] if cfg.release is None else ["--release" if cfg.release else "--no-release"]
         return [
-            *(sys.executable, "-m", "homering", "-q", "agent", "--broker", url, "--name", dev),
+            *(sys.executable, "-m", "homering", *self.log_args, "agent", "--broker", url, "--name", dev),
             *("--threads", str(AGENT_THREADS), "--host", self.tb.address(dev), *release),
         ]
 
@@ -218,7 +220,7 @@ class ClusterBench:
         if cfg.planner is None:
             raise HomeringError(f"run {cfg.key!r} has no planner: it is the single-device baseline")
         return [
-            *(sys.executable, "-m", "homering", "-q", "controller", "--broker", url),
+            *(sys.executable, "-m", "homering", *self.log_args, "controller", "--broker", url),
             *("--model", str(self.model_path), "--agents", str(n_agents), "--ctx", str(self.n_ctx)),
             *("--planner", cfg.planner, "--batch", str(cfg.batch or self.batch)),
             *("--parallel", "1"),  # one request at a time, one KV sequence: as the single-device baseline
@@ -335,10 +337,13 @@ def run_cluster_bench(
     peers: list[str] | None = None,
     out_dir: Path = Path("bench/results"),
     console: Console | None = None,
+    log_args: tuple[str, ...] = ("-q",),
 ) -> dict:
     """Bring the testbed up, run the configurations, print a table, write JSON and a PNG; return the results.
 
     ``peers`` (``prima``, ``rpc``) adds the peer systems' runs (:mod:`homering.bench.cluster_peers`).
+    ``log_args``: the -v/-q flags of homering's agents and controllers, whose logs stay in the testbed's
+    ``logs`` folder until its next ``up``.
 
     Raises:
         HomeringError: not root on Linux, a bad spec or model, a run that failed, an unknown run key, or a peer
@@ -373,7 +378,9 @@ def run_cluster_bench(
     with Testbed(spec, workdir=default_workdir(spec)) as tb:
         tb.up()
         results["testbed"] = describe_testbed(tb)
-        bench = ClusterBench(tb, model_path, tokens=tokens, prompt_tokens=prompt_tokens, batch=batch, console=console)
+        bench = ClusterBench(
+            tb, model_path, tokens=tokens, prompt_tokens=prompt_tokens, batch=batch, console=console, log_args=log_args
+        )
         results["profiles"] = profile_devices_alone(tb, model_path, threads=AGENT_THREADS, console=console)
         peer_runs = PeerRuns(bench, bins) if bins else None
         for cfg in configs:
@@ -382,6 +389,7 @@ def run_cluster_bench(
         results["peak_window_bytes"] = bench.disk.peak_bytes
     results["summary"] = summarize(results)
     report(results, out, console)
+    console.print(f"the processes' logs: {bench.logs}")
     out.with_suffix(".partial.json").unlink(missing_ok=True)
     return results
 

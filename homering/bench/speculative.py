@@ -128,9 +128,12 @@ def run_speculative_bench(
     out_dir: Path = Path("bench/results"),
     console: Console | None = None,
     only: list[str] | None = None,
+    log_args: tuple[str, ...] = ("-q",),
 ) -> dict:
     """Bring the testbed up, run ``ngram``, ``draft`` and ``draft_no_agreement`` (or the ``only`` ones), write
-    JSON and a PNG.
+    JSON and a PNG. ``log_args``: the agents' and controllers' -v/-q flags (with ``-v`` the head logs every
+    trip: γ, drafts kept, ms around the ring and drafting); their logs stay in the testbed's ``logs`` folder
+    until its next ``up``.
 
     Raises:
         HomeringError: not root on Linux, a bad spec, a run that failed.
@@ -157,8 +160,9 @@ def run_speculative_bench(
             console.print(f"[bold]{key}[/]: {model.name} with --draft {Path(draft).name}")
             n = tokens if ignore_eos else NGRAM_TOKENS
             bench = SpeculativeBench(
-                tb, model, draft=draft, prompts=prompts, tokens=n, ignore_eos=ignore_eos, console=console
-            )
+                tb, model, draft=draft, prompts=prompts, tokens=n, ignore_eos=ignore_eos, console=console,
+                log_args=log_args,
+            )  # fmt: skip
             cfg = RunConfig(key, key, planner="proportional")  # a ring over every device, as for a big model
             results["runs"][key] = {"model": model.name, "draft": Path(draft).name, **bench.run_cluster(cfg)}
             r = results["runs"][key]
@@ -171,7 +175,7 @@ def run_speculative_bench(
     write_results(results, out)
     out.with_suffix(".partial.json").unlink(missing_ok=True)
     _chart(results, out.with_suffix(".png"))
-    console.print(f"wrote {out} and {out.with_suffix('.png')}")
+    console.print(f"wrote {out} and {out.with_suffix('.png')}; the processes' logs: {Path(tb.workdir) / 'logs'}")
     return results
 
 

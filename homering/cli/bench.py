@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from homering.cli.options import MODEL_OPTION, Duration, broker_options
+from homering.cli.options import MODEL_OPTION, Duration, broker_options, child_log_args
 
 SPEC_OPTION = click.option(
     "--spec",
@@ -283,7 +283,8 @@ def bench_plan(device_counts, layers, repeats, seed, out) -> None:
 )
 @click.option("--out-dir", type=click.Path(file_okay=False), default="bench/results", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Also print the results as one JSON object on stdout.")
-def bench_cluster(spec_path, model, tokens, prompt_tokens, batch, runs, peers, out_dir, as_json) -> None:
+@click.pass_obj
+def bench_cluster(obj, spec_path, model, tokens, prompt_tokens, batch, runs, peers, out_dir, as_json) -> None:
     """The headline: a model bigger than any one device, on an emulated home cluster (needs root on Linux).
 
     Brings the testbed up, then runs plain llama-cpp-python on the largest
@@ -294,7 +295,8 @@ def bench_cluster(spec_path, model, tokens, prompt_tokens, batch, runs, peers, o
     chart.
 
     Example: `homering bench cluster --spec examples/clusters/home4.yaml --model llama3.2-3b-q4_0 --json`, or
-    `… --model qwen2.5-32b-q4_k_m --peers prima,rpc` (prima.cpp's profiler needs a K-quant).
+    `… --model qwen2.5-32b-q4_k_m --peers prima,rpc` (prima.cpp's profiler needs a K-quant). With
+    `homering -v bench cluster …` the agents and controllers log at -v in the testbed's logs folder.
     """
     import json
     from pathlib import Path
@@ -311,6 +313,7 @@ def bench_cluster(spec_path, model, tokens, prompt_tokens, batch, runs, peers, o
         keys=keys,
         peers=peers,
         out_dir=Path(out_dir),
+        log_args=child_log_args(obj["verbosity"]),
     )
     if as_json:
         click.echo(json.dumps(results, indent=2))
@@ -334,18 +337,27 @@ def bench_cluster(spec_path, model, tokens, prompt_tokens, batch, runs, peers, o
     multiple=True,
     help="Only this run (repeat the option for several) [default: all three].",
 )
-def bench_speculative(spec_path, tokens, out_dir, runs) -> None:
+@click.pass_obj
+def bench_speculative(obj, spec_path, tokens, out_dir, runs) -> None:
     """Speculative decoding on an emulated home cluster (needs root on Linux): n-gram drafts on edit/summary/JSON
     prompts, the F16/Q4_1 SmolLM2 pair, and a pair that never agrees; tokens/s against plain decoding of the same
     prompts on the same plan, acceptance rate, mean γ. Writes bench/results/speculative-*.json and a PNG.
 
-    Example: `homering bench speculative --spec examples/clusters/home4.yaml`.
+    Example: `homering bench speculative --spec examples/clusters/home4.yaml`. With `homering -v bench
+    speculative …` the head logs every trip (γ, drafts kept, ms around the ring and drafting) in the testbed's
+    logs folder.
     """
     from pathlib import Path
 
     from homering.bench.speculative import run_speculative_bench
 
-    run_speculative_bench(Path(spec_path), tokens=tokens, out_dir=Path(out_dir), only=list(runs) or None)
+    run_speculative_bench(
+        Path(spec_path),
+        tokens=tokens,
+        out_dir=Path(out_dir),
+        only=list(runs) or None,
+        log_args=child_log_args(obj["verbosity"]),
+    )
 
 
 @bench.command("grammar")

@@ -288,3 +288,9 @@ class Duration(click.ParamType):
         if seconds <= 0:
             self.fail(f"{value!r} must be positive", param, ctx)
         return seconds
+
+
+def child_log_args(verbosity: int) -> tuple[str, ...]:
+    """The -v/-q flags of the processes a command starts (agents, controllers) for the command's own
+    verbosity (``homering -v …``): at the default they run one step quieter (warnings only)."""
+    return ("-v",) * verbosity if verbosity > 0 else ("-q",) * (1 - verbosity)

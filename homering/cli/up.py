@@ -17,6 +17,7 @@ from homering.cli.options import (
     ServingSettings,
     api_key_option,
     broker_options,
+    child_log_args,
     cluster_key,
     given,
     sampling_options,
@@ -158,7 +159,7 @@ def up(
         planner=serving.planner,
         rounds=serving.rounds,
         n_batch=serving.n_batch,
-        log_args=_log_args(obj["verbosity"]),
+        log_args=child_log_args(obj["verbosity"]),
         controller_args=_controller_args(serving, session.api_port, ha_discovery, draft, draft_model),
         controller_env={ENV_API_KEY: http_key} if http_key else None,
         key=key,
@@ -177,11 +178,6 @@ def _controller_args(
         *(("--api-port", str(api_port)) if api_port else ()),
         *(("--ha-discovery",) if ha_discovery else ()),
     )
-
-
-def _log_args(verbosity: int) -> tuple[str, ...]:
-    """The children's -v/-q flags for this command's verbosity (at the default they run one step quieter)."""
-    return ("-v",) * verbosity if verbosity > 0 else ("-q",) * (1 - verbosity)
 
 
 def _cluster_key(key_file: str | None, *, private: bool):
