@@ -137,7 +137,8 @@ def test_bench_passes_its_verbosity_to_the_clusters_it_starts(monkeypatch, flags
     logs every speculative trip), the default one step quieter; the flags reach their command lines."""
     import homering.bench.cluster as bench_cluster
     import homering.bench.speculative as bench_speculative
-    from homering.bench.cluster import ClusterBench, RunConfig
+    from homering.bench.cluster import ClusterBench
+    from homering.bench.cluster_runs import RunConfig
 
     seen: dict[str, tuple[str, ...]] = {}
     monkeypatch.setattr(bench_speculative, "run_speculative_bench", lambda *a, **k: seen.update(spec=k["log_args"]))

@@ -37,13 +37,13 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from homering.bench.cluster_peers import PEER_RUNS, PeerRuns, check_peer_runs, peer_run_keys
+from homering.bench.cluster_peers import PeerRuns, check_peer_runs
 from homering.bench.cluster_report import describe_testbed, report, summarize, write_results
+from homering.bench.cluster_runs import RunConfig, bench_configs
 from homering.bench.disk import WindowDisk
 from homering.bench.memory import PeakSampler, drop_page_cache
 from homering.bench.peers import peer_binaries
@@ -59,20 +59,6 @@ from homering.wire import GenerateRequest, Sampling
 from homering.wire.security import load_key
 
 AGENT_THREADS = 1  # llama.cpp threads per agent: a device's CPU is its cgroup quota, not a thread count
-
-
-@dataclass
-class RunConfig:
-    """One measured run of the cluster (``planner`` None: the single-device baseline; ``peer``: a peer system's
-    run, :mod:`homering.bench.cluster_peers`)."""
-
-    key: str
-    label: str
-    planner: str | None = None
-    rounds: int | None = None
-    batch: int | None = None
-    release: bool | None = None
-    peer: bool = False
 
 
 class ClusterBench:
@@ -265,48 +251,6 @@ class ClusterBench:
         }
 
 
-def default_configs(*, prefill: bool, release: bool, batch: int, prompt_tokens: int, n_layers: int) -> list[RunConfig]:
-    """The runs of the benchmark, in order.
-
-    The release runs use the smallest k > 1 that divides ``n_layers``: with
-    one round a device has one window, needed again at every token, and
-    ``--release`` does nothing.
-    """
-    out = [
-        RunConfig("single", "llama-cpp-python, largest device"),
-        RunConfig("memory", "homering, memory planner, k=1", planner="memory", rounds=1),
-        RunConfig("halda", "homering, Halda (rounds + prefetch)", planner="halda"),
-        RunConfig("halda_k1", "homering, Halda with one round (k=1)", planner="halda", rounds=1),
-        RunConfig("halda_no_stream", "Halda, no page-cache advice (--no-release)", planner="halda", release=False),
-    ]
-    if prefill:
-        out.append(
-            RunConfig("halda_one_batch", "Halda, prompt as one batch", planner="halda", batch=max(batch, prompt_tokens))
-        )
-    if release:
-        k = next((d for d in range(2, n_layers + 1) if n_layers % d == 0), None)
-        if k is not None:
-            out += [
-                RunConfig("halda_release", f"Halda k={k}, --release", planner="halda", rounds=k, release=True),
-                RunConfig("halda_no_release", f"Halda k={k}, --no-release", planner="halda", rounds=k, release=False),
-            ]
-    return out
-
-
-def select_configs(configs: list[RunConfig], keys: list[str] | None) -> list[RunConfig]:
-    """The ``configs`` whose key is in ``keys``, in the benchmark's order (all of them for None).
-
-    Raises:
-        HomeringError: a key that names no run.
-    """
-    if keys is None:
-        return configs
-    unknown = sorted(set(keys) - {c.key for c in configs})
-    if unknown:
-        raise HomeringError(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(c.key for c in configs)}")
-    return [c for c in configs if c.key in keys]
-
-
 def _run_one(bench: ClusterBench, cfg: RunConfig, console: Console, peers: PeerRuns | None, runs: dict) -> dict:
     """One run, timed (``wall_s``), its result printed in one line; ``runs``: the runs so far."""
     with console.status(f"{cfg.key}: {cfg.label}…"):
@@ -342,8 +286,7 @@ def run_cluster_bench(
     """Bring the testbed up, run the configurations, print a table, write JSON and a PNG; return the results.
 
     ``peers`` (``prima``, ``rpc``) adds the peer systems' runs (:mod:`homering.bench.cluster_peers`).
-    ``log_args``: the -v/-q flags of homering's agents and controllers, whose logs stay in the testbed's
-    ``logs`` folder until its next ``up``.
+    ``log_args``: the -v/-q flags of its agents and controllers (their logs: the testbed's, till its next up).
 
     Raises:
         HomeringError: not root on Linux, a bad spec or model, a run that failed, an unknown run key, or a peer
@@ -360,7 +303,7 @@ def run_cluster_bench(
         raise HomeringError("no --model given and the spec names none")
     bins = peer_binaries(peers or [])
     model_path = resolve_model(model_name)
-    configs = _configs(model_path, batch=batch, prompt_tokens=prompt_tokens, keys=keys, peers=peers or [])
+    configs = bench_configs(model_path, batch=batch, prompt_tokens=prompt_tokens, keys=keys, peers=peers or [])
     check_peer_runs([c.key for c in configs], model_path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = out_dir / f"cluster-{Path(spec_path).stem}-{stamp}.json"
@@ -368,12 +311,8 @@ def run_cluster_bench(
         "spec": str(spec_path),
         **{"model": str(model_path), "model_name": model_name},
         "moe": inspect_gguf(model_path).n_expert > 0,  # issue 23's targets (summarize)
-        "tokens": tokens,
-        "prompt_tokens": prompt_tokens,
-        "batch": batch,
-        "peers": peers or [],
-        "started": stamp,
-        "runs": {},
+        **{"tokens": tokens, "prompt_tokens": prompt_tokens, "batch": batch},
+        **{"peers": peers or [], "started": stamp, "runs": {}},
     }
     with Testbed(spec, workdir=default_workdir(spec)) as tb:
         tb.up()
@@ -389,19 +328,5 @@ def run_cluster_bench(
         results["peak_window_bytes"] = bench.disk.peak_bytes
     results["summary"] = summarize(results)
     report(results, out, console)
-    console.print(f"the processes' logs: {bench.logs}")
     out.with_suffix(".partial.json").unlink(missing_ok=True)
     return results
-
-
-def _configs(
-    model_path: Path, *, batch: int, prompt_tokens: int, keys: list[str] | None, peers: list[str]
-) -> list[RunConfig]:
-    """The runs of the benchmark on ``model_path`` (the ``peers``' runs last) that ``keys`` selects (all of them
-    for None)."""
-    from homering.models.gguf_info import inspect_gguf
-
-    n_layers = inspect_gguf(model_path).n_layers
-    configs = default_configs(prefill=True, release=True, batch=batch, prompt_tokens=prompt_tokens, n_layers=n_layers)
-    configs += [RunConfig(k, PEER_RUNS[k][1], peer=True) for k in peer_run_keys(peers)]
-    return select_configs(configs, keys)

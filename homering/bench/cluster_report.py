@@ -153,8 +153,11 @@ def chart(results: dict, path: Path) -> Path:
 
 
 def describe_testbed(tb) -> dict:
-    """The testbed's part of the results: its traffic shaping, warnings and devices."""
-    return {"shaping": tb.shaping, "warnings": tb.warnings, "devices": {d: tb.describe(d) for d in tb.devices}}
+    """The testbed's part of the results: its traffic shaping, warnings, devices and where its logs are."""
+    return {
+        **{"shaping": tb.shaping, "warnings": tb.warnings, "devices": {d: tb.describe(d) for d in tb.devices}},
+        "logs": str(Path(tb.workdir) / "logs"),  # the processes' logs, until the testbed's next up
+    }
 
 
 def write_results(results: dict, out: Path) -> None:
@@ -173,4 +176,5 @@ def report(results: dict, out: Path, console: Console) -> None:
         console.print(f"wrote {out}")
         return
     png = chart(results, out.with_suffix(".png"))
-    console.print(f"wrote {out} and {png}")
+    logs = results.get("testbed", {}).get("logs")
+    console.print(f"wrote {out} and {png}" + (f"; the processes' logs: {logs}" if logs else ""))

@@ -30,8 +30,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from homering.bench.cluster import ClusterBench, RunConfig
+from homering.bench.cluster import ClusterBench
 from homering.bench.cluster_report import describe_testbed, write_results
+from homering.bench.cluster_runs import RunConfig
 from homering.client.chat import Answer, ask
 from homering.client.client import ClusterClient, new_request_id
 from homering.errors import HomeringError
@@ -175,7 +176,7 @@ def run_speculative_bench(
     write_results(results, out)
     out.with_suffix(".partial.json").unlink(missing_ok=True)
     _chart(results, out.with_suffix(".png"))
-    console.print(f"wrote {out} and {out.with_suffix('.png')}; the processes' logs: {Path(tb.workdir) / 'logs'}")
+    console.print(f"wrote {out} and {out.with_suffix('.png')}; the processes' logs: {results['testbed']['logs']}")
     return results
 
 
